@@ -1,0 +1,1 @@
+"""The harness: operations, traces, targets, state machines, fuzzers and the campaign CLI."""

@@ -1,0 +1,274 @@
+"""Trace format v1: JSON Lines, parsed strictly, never eval'd or unpickled.
+
+A trace is a header line ``{"format": "kvmspec-trace/1", "platform": "<profile>"}`` followed
+by one operation per line, each optionally carrying the observation it expects under
+``"expect"``. Blank lines and lines starting with ``#`` are ignored. Every problem is reported
+as a :class:`TraceError` naming the file and line, before anything is applied: a bad trace is
+rejected whole. The field kinds below are the single source of both the parser and the JSON
+Schema in docs/trace-schema.json (``kvmspec schema``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmspec.fuzz.ops import (
+    OPERATIONS,
+    Address,
+    CreateGuestMemfd,
+    JsonObject,
+    Mmap,
+    Observation,
+    Operation,
+    RegionAddr,
+    SetUserMemoryRegion2,
+)
+from kvmspec.spec.platforms import PROFILES
+from kvmspec.spec.uapi.constants import CAPABILITIES, U32_MAX, U64_MAX
+
+FORMAT = "kvmspec-trace/1"
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+MAX_BITMAP_WORDS = 1 << 20
+_NAME_RE = re.compile(NAME_PATTERN)
+
+# kind of each field: u32 / u64 / name / prot / address / gmem / cap / args / words
+FIELD_KINDS: dict[str, dict[str, str]] = {
+    "mmap": {"region": "name", "size": "u64", "prot": "prot"},
+    "set_user_memory_region": {
+        "slot": "u32",
+        "flags": "u32",
+        "guest_phys_addr": "u64",
+        "memory_size": "u64",
+        "userspace_addr": "address",
+    },
+    "set_user_memory_region2": {
+        "slot": "u32",
+        "flags": "u32",
+        "guest_phys_addr": "u64",
+        "memory_size": "u64",
+        "userspace_addr": "address",
+        "guest_memfd": "gmem",
+        "guest_memfd_offset": "u64",
+    },
+    "create_guest_memfd": {"gmem": "name", "size": "u64", "flags": "u64"},
+    "get_dirty_log": {"slot": "u32"},
+    "clear_dirty_log": {"slot": "u32", "first_page": "u64", "num_pages": "u32", "bitmap": "words"},
+    "enable_cap": {"cap": "cap", "args": "args", "flags": "u32"},
+    "check_extension": {"cap": "cap"},
+    "create_vcpu": {"id": "u32"},
+    "reset_dirty_rings": {},
+}
+REQUIRED: dict[str, frozenset[str]] = {
+    "mmap": frozenset({"region", "size"}),
+    "set_user_memory_region": frozenset(FIELD_KINDS["set_user_memory_region"]),
+    "set_user_memory_region2": frozenset(
+        {"slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr"}
+    ),
+    "create_guest_memfd": frozenset({"gmem", "size"}),
+    "get_dirty_log": frozenset({"slot"}),
+    "clear_dirty_log": frozenset({"slot", "first_page", "num_pages"}),
+    "enable_cap": frozenset({"cap"}),
+    "check_extension": frozenset({"cap"}),
+    "create_vcpu": frozenset(),
+    "reset_dirty_rings": frozenset(),
+}
+
+
+class TraceError(Exception):
+    """A trace that cannot be applied. ``str()`` is ``FILE:LINE: what is wrong``."""
+
+    def __init__(self, source: str, line: int, message: str) -> None:
+        super().__init__(f"{source}:{line}: {message}")
+        self.source = source
+        self.line = line
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    """One operation line: the operation, what it expects (if recorded), and its line."""
+
+    op: Operation
+    expect: Observation | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    platform: str
+    steps: tuple[TraceStep, ...]
+    source: str = "<trace>"
+
+
+def _field(source: str, lineno: int, op: str, name: str, kind: str, value: Any) -> Any:
+    where = f"{op}.{name}"
+
+    def fail(message: str) -> TraceError:
+        return TraceError(source, lineno, f"{where}: {message}")
+
+    def integer(limit: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"expected an integer, got {json.dumps(value)}")
+        if not 0 <= value <= limit:
+            raise fail(f"{value} is out of range 0..{limit:#x}")
+        return value
+
+    if kind == "u32":
+        return integer(U32_MAX)
+    if kind == "u64":
+        return integer(U64_MAX)
+    if kind == "name":
+        if not isinstance(value, str) or not _valid_name(value):
+            raise fail(f"expected a name matching {NAME_PATTERN}, got {json.dumps(value)}")
+        return value
+    if kind == "prot":
+        if value not in ("r", "rw", "none"):
+            raise fail(f'expected "r", "rw" or "none", got {json.dumps(value)}')
+        return value
+    if kind == "cap":
+        if value not in CAPABILITIES:
+            raise fail(f"unknown capability {json.dumps(value)}")
+        return value
+    if kind == "address":
+        if isinstance(value, dict):
+            extra = set(value) - {"region", "offset"}
+            if extra or "region" not in value:
+                raise fail('expected {"region": NAME, "offset": N} or an integer')
+            region = _field(source, lineno, op, name + ".region", "name", value["region"])
+            offset = _field(source, lineno, op, name + ".offset", "u64", value.get("offset", 0))
+            return RegionAddr(region, offset)
+        return integer(U64_MAX)
+    if kind == "gmem":
+        if isinstance(value, str):
+            return _field(source, lineno, op, name, "name", value)
+        return integer(U32_MAX)
+    if kind in ("args", "words"):
+        if not isinstance(value, list):
+            raise fail("expected a list of integers")
+        limit = 4 if kind == "args" else MAX_BITMAP_WORDS
+        if len(value) > limit:
+            raise fail(f"at most {limit} entries")
+        return tuple(
+            _field(source, lineno, op, f"{name}[{i}]", "u64", v) for i, v in enumerate(value)
+        )
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+def _valid_name(value: str) -> bool:
+    return _NAME_RE.fullmatch(value) is not None
+
+
+def parse_operation(source: str, lineno: int, obj: JsonObject) -> Operation:
+    """Build one operation from a decoded trace line (without its ``expect``)."""
+    name = obj.get("op")
+    if not isinstance(name, str):
+        raise TraceError(source, lineno, 'missing "op"')
+    if name not in OPERATIONS:
+        raise TraceError(source, lineno, f"unknown operation {json.dumps(name)}")
+    kinds = FIELD_KINDS[name]
+    given = {key: value for key, value in obj.items() if key not in ("op", "expect")}
+    unknown = sorted(set(given) - set(kinds))
+    if unknown:
+        raise TraceError(source, lineno, f"{name}: unknown field {json.dumps(unknown[0])}")
+    missing = sorted(REQUIRED[name] - set(given))
+    if missing:
+        raise TraceError(source, lineno, f"{name}: missing field {json.dumps(missing[0])}")
+    values = {
+        key: _field(source, lineno, name, key, kinds[key], value) for key, value in given.items()
+    }
+    return OPERATIONS[name](**values)
+
+
+def _parse_expect(source: str, lineno: int, value: Any) -> Observation:
+    if not isinstance(value, dict) or "errno" not in value:
+        raise TraceError(source, lineno, 'expect: must be an object with an "errno" field')
+    errno = value["errno"]
+    if not (errno == 0 and not isinstance(errno, bool)) and not (
+        isinstance(errno, str) and errno.startswith("E")
+    ):
+        raise TraceError(source, lineno, f'expect.errno: 0 or a name like "EINVAL", got {errno!r}')
+    return value
+
+
+def _check_names(source: str, steps: list[TraceStep]) -> None:
+    """Regions and guest_memfds must be created before they are used."""
+    regions: set[str] = set()
+    gmems: set[str] = set()
+    for step in steps:
+        op = step.op
+        if isinstance(op, Mmap):
+            if op.region in regions:
+                raise TraceError(source, step.line, f"region {op.region!r} is already mapped")
+            regions.add(op.region)
+        elif isinstance(op, CreateGuestMemfd):
+            if op.gmem in gmems:
+                raise TraceError(source, step.line, f"guest_memfd {op.gmem!r} already exists")
+            gmems.add(op.gmem)
+        address: Address | None = getattr(op, "userspace_addr", None)
+        if isinstance(address, RegionAddr) and address.region not in regions:
+            raise TraceError(source, step.line, f"no region named {address.region!r}")
+        if (
+            isinstance(op, SetUserMemoryRegion2)
+            and isinstance(op.guest_memfd, str)
+            and op.guest_memfd not in gmems
+        ):
+            raise TraceError(source, step.line, f"no guest_memfd named {op.guest_memfd!r}")
+
+
+def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
+    """Parse a whole trace; raise :class:`TraceError` on the first problem."""
+    platform: str | None = None
+    steps: list[TraceStep] = []
+    last = 0
+    for lineno, raw in enumerate(lines, start=1):
+        last = lineno
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as error:
+            message = getattr(error, "msg", "too deeply nested")
+            raise TraceError(source, lineno, f"not valid JSON ({message})") from None
+        if not isinstance(obj, dict):
+            raise TraceError(source, lineno, "each line must be a JSON object")
+        if platform is None:
+            if obj.get("format") != FORMAT:
+                raise TraceError(source, lineno, f'header must say "format": "{FORMAT}"')
+            platform = obj.get("platform")
+            if platform not in PROFILES:
+                known = ", ".join(sorted(PROFILES))
+                raise TraceError(source, lineno, f"unknown platform {platform!r} ({known})")
+            continue
+        op = parse_operation(source, lineno, obj)
+        expect = _parse_expect(source, lineno, obj["expect"]) if "expect" in obj else None
+        steps.append(TraceStep(op, expect, lineno))
+    if platform is None:
+        raise TraceError(source, max(last, 1), "empty trace: no header line")
+    _check_names(source, steps)
+    return Trace(platform, tuple(steps), source)
+
+
+def load(path: str | Path) -> Trace:
+    """Read and parse a trace file; unreadable or undecodable files are a TraceError too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TraceError(str(path), 0, f"cannot read: {error}") from None
+    return parse_lines(text.splitlines(), str(path))
+
+
+def dump(platform: str, steps: Iterable[tuple[Operation, Observation | None]]) -> str:
+    """Serialise a trace: the header, then one operation per line with its expectation."""
+    lines = [json.dumps({"format": FORMAT, "platform": platform})]
+    for op, expect in steps:
+        line = op.to_json()
+        if expect is not None:
+            line["expect"] = expect
+        lines.append(json.dumps(line))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""Explicit concurrency: kernel paths that can race are generators.
+
+A racy kernel operation is written as a generator that yields at every point where another CPU
+may run: a lock release, a sleep, an SRCU grace period, a wait. Run to completion, it behaves
+like the kernel's sequential code; a scheduler (the harness) can instead advance several
+operations one step at a time and explore their interleavings.
+
+Two things can be yielded:
+
+* :class:`Preempt`: "another CPU may run here". The operation can always continue.
+* :class:`WaitUntil`: "this CPU sleeps until ``ready()``". The step is not runnable until the
+  condition holds; if nothing else can run, that is a deadlock, and a finding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """Another CPU may run at this point of the operation."""
+
+    point: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaitUntil:
+    """The operation sleeps until ``ready()`` is true."""
+
+    point: str
+    ready: Callable[[], bool]
+
+
+Yielded = Preempt | WaitUntil
+KernelOp = Generator[Yielded, None, T]
+"""A kernel operation: yields where others may run, returns its result (often an errno)."""
+
+
+class Deadlock(Exception):
+    """A waiting operation can never continue because nothing else is running."""
+
+
+def run_to_completion(op: KernelOp[T]) -> T:
+    """Run one operation alone, as if no other CPU existed, and return its result.
+
+    With no other actor, a :class:`WaitUntil` whose condition is false can never become true.
+    """
+    try:
+        step = next(op)
+        while True:
+            if isinstance(step, WaitUntil) and not step.ready():
+                raise Deadlock(f"blocked forever at {step.point!r}")
+            step = op.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+
+
+class Mutex:
+    """A sleeping lock (struct mutex). Taking it is a step that blocks while another holds it."""
+
+    __slots__ = ("name", "owner")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.owner: object | None = None
+
+    def lock(self, owner: object) -> KernelOp[None]:
+        if self.owner is not None:
+            yield WaitUntil(f"{self.name}: wait for the holder", lambda: self.owner is None)
+        self.owner = owner
+
+    def unlock(self, owner: object) -> None:
+        if self.owner is not owner:
+            raise RuntimeError(f"{self.name} released by a CPU that does not hold it")
+        self.owner = None
+
+    @property
+    def locked(self) -> bool:
+        return self.owner is not None
