@@ -1,0 +1,36 @@
+"""The project's Hypothesis settings profiles, used deliberately.
+
+* ``kvmspec-fast``: for ``make test`` and CI; a few dozen examples per machine, no deadline
+  (a CI machine can be slow), derandomized so CI is reproducible.
+* ``kvmspec-thorough``: for campaigns; many examples and long runs of steps.
+
+Hypothesis registers its own ``ci`` profile and loads it when the ``CI`` environment variable
+is set; the test suite loads ``kvmspec-fast`` on top of it either way.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+
+FAST = "kvmspec-fast"
+THOROUGH = "kvmspec-thorough"
+
+
+def register_profiles() -> None:
+    settings.register_profile(
+        FAST,
+        max_examples=40,
+        stateful_step_count=30,
+        deadline=None,
+        derandomize=True,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile(
+        THOROUGH,
+        max_examples=2000,
+        stateful_step_count=80,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
