@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from errno import E2BIG, EINVAL, ENOENT, ENXIO
 
-from kvmspec.spec.contracts import ensure, require
+from kvmspec.spec.dbc import ensure, require
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import (
     KVM_DIRTY_GFN_ENTRY_SIZE,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from errno import EEXIST, EINVAL, EIO
 
-from kvmspec.spec.contracts import ensure, require
+from kvmspec.spec.dbc import ensure, require
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import (
     KVM_MEM_GUEST_MEMFD,
