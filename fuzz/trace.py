@@ -83,7 +83,7 @@ class TraceError(Exception):
     """A trace that cannot be applied. ``str()`` is ``FILE:LINE: what is wrong``."""
 
     def __init__(self, source: str, line: int, message: str) -> None:
-        super().__init__(f"{source}:{line}: {message}")
+        super().__init__(f"{source}:{line}: {message}" if line else f"{source}: {message}")
         self.source = source
         self.line = line
         self.message = message
@@ -259,7 +259,8 @@ def load(path: str | Path) -> Trace:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise TraceError(str(path), 0, f"cannot read: {error}") from None
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise TraceError(str(path), 0, f"cannot read: {reason}") from None
     return parse_lines(text.splitlines(), str(path))
 
 
