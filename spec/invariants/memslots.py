@@ -1,0 +1,269 @@
+"""White-box invariants of the memslot layer and the dirty ring, checked on reference state.
+
+:class:`InvariantMonitor` is attached to one model VM. It checks the state predicates after
+every step (``check()``), and it instruments two arch hooks so that the rules about the
+*moment* of an event (M12, S000, M6's step size) are checked when the event happens. Each
+violation names its rule from :mod:`kvmspec.spec.rules`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.memslots import KvmMemslots
+from kvmspec.spec.uapi.constants import (
+    KVM_DIRTY_GFN_F_DIRTY,
+    KVM_DIRTY_GFN_F_RESET,
+    KVM_MEM_SLOTS_NUM,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.message}"
+
+
+def _sets(kvm: Kvm) -> Iterator[tuple[int, KvmMemslots, KvmMemslots]]:
+    for as_id in range(kvm.profile.nr_address_spaces):
+        yield as_id, kvm.memslots(as_id), kvm.inactive_memslots(as_id)
+
+
+def check_m1_no_overlap(kvm: Kvm) -> Iterator[Violation]:
+    for as_id, active, _ in _sets(kvm):
+        previous: KvmMemorySlot | None = None
+        for slot in active:
+            if previous is not None and slot.base_gfn < previous.end_gfn:
+                yield Violation("M1", f"as {as_id}: {previous} overlaps {slot}")
+            previous = slot
+
+
+def check_m2_ids(kvm: Kvm) -> Iterator[Violation]:
+    internal = set(kvm.profile.internal_slot_ids())
+    for as_id, active, _ in _sets(kvm):
+        for slot_id, slot in active.id_hash.items():
+            if slot.id != slot_id or slot.as_id != as_id:
+                yield Violation("M2", f"id index {as_id}:{slot_id} holds {slot}")
+            elif slot_id >= KVM_MEM_SLOTS_NUM or (
+                slot_id >= kvm.profile.user_mem_slots and slot_id not in internal
+            ):
+                yield Violation("M2", f"slot id {slot_id} is neither a user nor internal id")
+
+
+def check_m3_m4_indexes(kvm: Kvm) -> Iterator[Violation]:
+    shift = kvm.profile.page_shift
+    for as_id, active, inactive in _sets(kvm):
+        for slots in (active, inactive):
+            by_id = set(map(id, slots.id_hash.values()))
+            by_gfn = set(map(id, slots.gfn_tree.values()))
+            if by_id != by_gfn:
+                yield Violation("M4", f"as {as_id}: id index and gfn tree disagree")
+            for base_gfn, slot in slots.gfn_tree.items():
+                if slot.npages <= 0:
+                    yield Violation("M3", f"{slot} has no pages")
+                if base_gfn != slot.base_gfn:
+                    yield Violation("M4", f"{slot} filed under gfn {base_gfn:#x}")
+                start = slot.userspace_addr
+                end = start + (slot.npages << shift)
+                for hva in (start, end - (1 << shift)):
+                    if slot not in slots.hva_tree.slots_at(hva):
+                        yield Violation("M4", f"{slot} missing from the hva index at {hva:#x}")
+                if slot in slots.hva_tree.slots_at(end):
+                    yield Violation("M4", f"{slot} covers {end:#x} past its end in the hva index")
+
+
+def check_m5_sets_agree(kvm: Kvm) -> Iterator[Violation]:
+    for as_id, active, inactive in _sets(kvm):
+        if active.id_hash != inactive.id_hash:
+            yield Violation("M5", f"as {as_id}: active and inactive sets differ between updates")
+
+
+def check_m7_m8_counters(kvm: Kvm) -> Iterator[Violation]:
+    pages = logging = 0
+    for _as_id, active, _ in _sets(kvm):
+        for slot in active:
+            pages += slot.npages
+            logging += slot.dirty_logging
+    if kvm.nr_memslot_pages != pages:
+        yield Violation("M7", f"nr_memslot_pages {kvm.nr_memslot_pages}, slots hold {pages}")
+    if kvm.nr_memslots_dirty_logging != logging:
+        yield Violation("M8", f"nr_memslots_dirty_logging {kvm.nr_memslots_dirty_logging}")
+
+
+def check_m9_bitmaps(kvm: Kvm) -> Iterator[Violation]:
+    uses_bitmap = kvm.use_dirty_bitmap()
+    for _as_id, active, _ in _sets(kvm):
+        for slot in active:
+            wanted = slot.dirty_logging and uses_bitmap
+            if wanted != (slot.dirty_bitmap is not None):
+                yield Violation("M9", f"{slot}: bitmap present={slot.dirty_bitmap is not None}")
+            if slot.is_gmem and (slot.dirty_logging or slot.readonly):
+                yield Violation("M9", f"{slot}: guest_memfd slot logged or read-only")
+            bitmap = slot.dirty_bitmap
+            if bitmap is not None and bitmap.npages != slot.npages:
+                yield Violation("D6", f"{slot}: bitmap sized for {bitmap.npages} pages")
+            tail_bits = slot.npages % 64
+            if bitmap is not None and tail_bits and bitmap.word(bitmap.nr_words - 1) >> tail_bits:
+                yield Violation("D6", f"{slot}: a dirty bit beyond npages")
+
+
+def check_m10_no_freed_slot(kvm: Kvm) -> Iterator[Violation]:
+    for _as_id, active, inactive in _sets(kvm):
+        for slots in (active, inactive):
+            for slot in slots.id_hash.values():
+                if slot.freed:
+                    yield Violation("M10", f"freed {slot} still reachable")
+            if slots.last_used_slot is not None and slots.last_used_slot.freed:
+                yield Violation("M10", "last_used_slot points at a freed slot")
+
+
+def check_d7_rings(kvm: Kvm) -> Iterator[Violation]:
+    for vcpu in kvm.vcpus.values():
+        ring = vcpu.dirty_ring
+        if ring is None:
+            continue
+        used = ring.used()
+        if not 0 <= used <= ring.size:
+            yield Violation("D7", f"vcpu {vcpu.vcpu_id}: {used} entries used of {ring.size}")
+        live = {index % ring.size for index in range(ring.reset_index, ring.dirty_index)}
+        for position, entry in ring.entries.items():
+            if position not in live:
+                yield Violation("D7", f"vcpu {vcpu.vcpu_id}: stale entry at {position}")
+            elif not entry.flags & KVM_DIRTY_GFN_F_DIRTY or entry.flags & ~(
+                KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET
+            ):
+                yield Violation("D7", f"vcpu {vcpu.vcpu_id}: entry flags {entry.flags:#x}")
+
+
+STATE_CHECKS: dict[str, Callable[[Kvm], Iterator[Violation]]] = {
+    "M1": check_m1_no_overlap,
+    "M2": check_m2_ids,
+    "M3/M4": check_m3_m4_indexes,
+    "M5": check_m5_sets_agree,
+    "M7/M8": check_m7_m8_counters,
+    "M9/D6": check_m9_bitmaps,
+    "M10": check_m10_no_freed_slot,
+    "D7": check_d7_rings,
+}
+
+
+class InvariantMonitor:
+    """Checks every memslot-layer invariant of one model VM.
+
+    Call :meth:`check` between operations (no update in flight). Violations observed at the
+    moment of an arch hook are collected as they happen and returned by the next ``check``.
+    """
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self.generations = [kvm.memslots(a).generation for a in range(len(kvm.memslot_sets))]
+        self.active_identity: dict[int, tuple[KvmMemorySlot, tuple[object, ...]]] = {}
+        self.pending: list[Violation] = []
+        self.checks_run = 0
+        self._snapshot_active()
+        self._instrument()
+
+    def _instrument(self) -> None:
+        """Wrap two hooks of this VM's arch object (any architecture) to check event rules."""
+        arch = self.kvm.arch
+        flush = arch.kvm_arch_flush_shadow_memslot
+        updated = arch.kvm_arch_memslots_updated
+
+        def checked_flush(kvm: Kvm, slot: KvmMemorySlot) -> None:
+            self._check_flush_moment(kvm, slot)
+            flush(kvm, slot)
+
+        def checked_updated(kvm: Kvm, generation: int) -> None:
+            self._check_generation_step(kvm, generation)
+            updated(kvm, generation)
+
+        arch.kvm_arch_flush_shadow_memslot = checked_flush  # type: ignore[method-assign]
+        arch.kvm_arch_memslots_updated = checked_updated  # type: ignore[method-assign]
+
+    def _check_flush_moment(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
+        active = kvm.memslots(slot.as_id)
+        copy = active.id_to_memslot(slot.id)
+        if copy is None or copy is slot or not copy.invalid:
+            self.pending.append(
+                Violation("M12", f"flush of {slot} while the active set holds {copy}")
+            )
+            return
+        # Seed 000: the INVALID slot must still be found, by gfn and by hva.
+        if active.search_memslots(slot.base_gfn) is not copy:
+            self.pending.append(Violation("S000-INVALID-FINDABLE", f"{copy} not found by gfn"))
+        if copy not in active.hva_tree.slots_at(copy.userspace_addr):
+            self.pending.append(Violation("S000-INVALID-FINDABLE", f"{copy} not found by hva"))
+
+    def _check_generation_step(self, kvm: Kvm, generation: int) -> None:
+        nr_as = kvm.profile.nr_address_spaces
+        as_id = generation % nr_as
+        expected = self.generations[as_id] + nr_as
+        if generation != expected:
+            self.pending.append(
+                Violation("M6", f"as {as_id}: generation {generation:#x}, expected {expected:#x}")
+            )
+        self.generations[as_id] = generation
+
+    def _snapshot_active(self) -> None:
+        self.active_identity = {
+            id(slot): (slot, slot.identity())
+            for _as_id, active, _ in _sets(self.kvm)
+            for slot in active.id_hash.values()
+        }
+
+    def _check_active_unmodified(self) -> Iterator[Violation]:
+        """Seed 003: objects that stayed in the active set must not have changed."""
+        for _as_id, active, _ in _sets(self.kvm):
+            for slot in active.id_hash.values():
+                before = self.active_identity.get(id(slot))
+                if before is not None and before[0] is slot and before[1] != slot.identity():
+                    yield Violation("S003-ACTIVE-IMMUTABLE", f"{slot} was modified while active")
+
+    def _check_generations(self) -> Iterator[Violation]:
+        for as_id, active, _ in _sets(self.kvm):
+            generation = active.generation
+            if generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+                yield Violation("M6", f"as {as_id}: update still marked in progress")
+            if generation % self.kvm.profile.nr_address_spaces != as_id:
+                yield Violation("M6", f"as {as_id}: generation {generation} not ≡ as_id")
+            if generation != self.generations[as_id]:
+                yield Violation("M6", f"as {as_id}: generation moved without a swap")
+
+    def check(self) -> list[Violation]:
+        """All violations since the last call; empty when the model is sound."""
+        self.checks_run += 1
+        violations = self.pending
+        self.pending = []
+        for checker in STATE_CHECKS.values():
+            violations.extend(checker(self.kvm))
+        violations.extend(self._check_active_unmodified())
+        violations.extend(self._check_generations())
+        self._snapshot_active()
+        return violations
+
+
+# Which rules this module checks (the docs' catalogue lists the checker of each rule).
+CHECKED_RULES = (
+    "M1",
+    "M2",
+    "M3",
+    "M4",
+    "M5",
+    "M6",
+    "M7",
+    "M8",
+    "M9",
+    "M10",
+    "M12",
+    "S003-ACTIVE-IMMUTABLE",
+    "S000-INVALID-FINDABLE",
+    "D6",
+    "D7",
+)

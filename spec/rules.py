@@ -1,0 +1,318 @@
+"""The rule catalogue: every contract and invariant, in plain words, with where it comes from.
+
+A rule is either a *contract* (black-box: stated over operations and observations, so it can
+judge any implementation) or an *invariant* (white-box: a predicate over the reference's state,
+checked after every step). Every rule cites at least one source: a seed thread (file name and
+the quoted sentence, which a test finds in the file), a kernel function with its version, a
+Documentation section, or a measurement on the real kernel. The docs list the catalogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class SeedCitation:
+    """A sentence from one of the five mailing-list threads in shared/seeds/."""
+
+    file: str
+    quote: str
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCitation:
+    """A kernel function: ``path`` relative to the tree root."""
+
+    path: str
+    function: str
+    version: str = "v6.18"
+
+
+@dataclass(frozen=True, slots=True)
+class DocCitation:
+    """A section of the kernel's Documentation/ (e.g. virt/kvm/api.rst 4.35)."""
+
+    document: str
+    section: str
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredCitation:
+    """Behaviour measured on the real KVM of the development machines."""
+
+    document: str
+    section: str
+
+
+Citation = SeedCitation | KernelCitation | DocCitation | MeasuredCitation
+Kind = Literal["contract", "invariant"]
+
+SEED_003 = "003_eb6627a3517d9845.txt"
+SEED_000 = "000_0a8749d2b21054bb.txt"
+FINDINGS = "shared/kvm-reference/linux-kvm-here/FINDINGS.md"
+KVM_MAIN = "virt/kvm/kvm_main.c"
+DIRTY_RING = "virt/kvm/dirty_ring.c"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    kind: Kind
+    area: str
+    statement: str
+    citations: tuple[Citation, ...]
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(id: str, kind: Kind, area: str, statement: str, *citations: Citation) -> Rule:
+    """Register a rule. Ids are unique; a rule without a citation is refused at import."""
+    if id in RULES:
+        raise ValueError(f"rule {id} registered twice")
+    if not citations:
+        raise ValueError(f"rule {id} has no citation")
+    registered = Rule(id, kind, area, " ".join(statement.split()), citations)
+    RULES[id] = registered
+    return registered
+
+
+# --- Contracts: the memslot uAPI -------------------------------------------------------------
+
+rule(
+    "C-MEMSLOT-ORDER",
+    "contract",
+    "memslots",
+    """KVM_SET_USER_MEMORY_REGION(2) answers with the errno of the first failing check, in the
+    order of kvmspec.spec.uapi.memslot_rules.decide_set_memory_region; an identical re-submit
+    of an existing slot returns 0 and changes nothing.""",
+    KernelCitation(KVM_MAIN, "kvm_set_memory_region"),
+    KernelCitation(KVM_MAIN, "kvm_vm_ioctl_set_memory_region"),
+    MeasuredCitation(FINDINGS, "3. KVM_SET_USER_MEMORY_REGION"),
+)
+rule(
+    "C-MEMSLOT-EEXIST",
+    "contract",
+    "memslots",
+    """EEXIST means the new range of a CREATE or MOVE overlaps a slot with another id in the
+    same address space; it is never returned for any other reason, and a MOVE may overlap its
+    own old range.""",
+    KernelCitation(KVM_MAIN, "kvm_check_memslot_overlap"),
+    MeasuredCitation(FINDINGS, "3. Which errno wins when an input has two faults"),
+)
+rule(
+    "C-GMEM-IMMUTABLE",
+    "contract",
+    "memslots",
+    """A guest_memfd slot can only be deleted: any other request for its id, even an identical
+    re-submit, is EINVAL; a plain slot cannot become a guest_memfd slot (G5).""",
+    KernelCitation(KVM_MAIN, "kvm_set_memory_region"),
+    MeasuredCitation(FINDINGS, "6. guest_memfd, KVM_SET_USER_MEMORY_REGION2"),
+)
+rule(
+    "C-DIRTY-API",
+    "contract",
+    "dirty-log",
+    """KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG answer ENXIO when the VM logs to rings only,
+    EINVAL for a bad slot number or range, ENOENT for a missing or unlogged slot; the bitmap
+    has ALIGN(npages, 64)/64 words and never a bit at or beyond npages; CLEAR works without
+    manual protection.""",
+    KernelCitation(KVM_MAIN, "kvm_get_dirty_log_protect"),
+    KernelCitation(KVM_MAIN, "kvm_clear_dirty_log_protect"),
+    MeasuredCitation(FINDINGS, "4. Dirty logging"),
+)
+rule(
+    "C-DIRTY-RING-ENABLE",
+    "contract",
+    "dirty-log",
+    """The dirty ring size is a power of two of at least one page and the reserved entries, at
+    most 65536 entries (E2BIG), set once and only before the first vCPU.""",
+    KernelCitation(KVM_MAIN, "kvm_vm_ioctl_enable_dirty_log_ring"),
+    MeasuredCitation(FINDINGS, "4. Dirty ring"),
+)
+
+# --- Invariants: memslots and generations (INVENTORY C.1) -----------------------------------
+
+rule(
+    "M1",
+    "invariant",
+    "memslots",
+    """Within one address space, slots never overlap in gfn space, so gfn to slot is a
+    function, and base_gfn is unique in the gfn tree.""",
+    KernelCitation(KVM_MAIN, "kvm_check_memslot_overlap"),
+    KernelCitation(KVM_MAIN, "kvm_replace_memslot"),
+)
+rule(
+    "M2",
+    "invariant",
+    "memslots",
+    """Slot ids are unique per address space; user slots have ids below KVM_USER_MEM_SLOTS and
+    internal slots ids at or above it, below KVM_MEM_SLOTS_NUM.""",
+    KernelCitation(KVM_MAIN, "kvm_vm_ioctl_set_memory_region"),
+    KernelCitation(KVM_MAIN, "kvm_set_internal_memslot"),
+)
+rule(
+    "M3",
+    "invariant",
+    "memslots",
+    "Every slot in a set has at least one page.",
+    KernelCitation(KVM_MAIN, "kvm_set_memory_region"),
+)
+rule(
+    "M4",
+    "invariant",
+    "memslots",
+    """The id index, the gfn tree and the hva index of a set describe the same slots, and a
+    slot's hva range is [userspace_addr, userspace_addr + npages pages).""",
+    KernelCitation(KVM_MAIN, "kvm_replace_memslot"),
+)
+rule(
+    "M5",
+    "invariant",
+    "memslots",
+    """When no update is in flight, the active and inactive sets of an address space hold the
+    same slots.""",
+    KernelCitation(KVM_MAIN, "kvm_activate_memslot"),
+)
+rule(
+    "M6",
+    "invariant",
+    "memslots",
+    """The generation of an address space's active set is congruent to its as_id modulo the
+    number of address spaces, only grows, advances by nr_as per swap, and has bit 63 clear
+    once the update returned.""",
+    KernelCitation(KVM_MAIN, "kvm_swap_active_memslots"),
+    KernelCitation(KVM_MAIN, "kvm_create_vm"),
+)
+rule(
+    "M7",
+    "invariant",
+    "memslots",
+    "nr_memslot_pages is the sum of npages over every slot of every address space.",
+    KernelCitation(KVM_MAIN, "kvm_commit_memory_region"),
+)
+rule(
+    "M8",
+    "invariant",
+    "memslots",
+    "nr_memslots_dirty_logging is the number of slots with KVM_MEM_LOG_DIRTY_PAGES.",
+    KernelCitation(KVM_MAIN, "kvm_commit_memory_region"),
+)
+rule(
+    "M9",
+    "invariant",
+    "memslots",
+    """A slot has a dirty bitmap exactly when it has LOG_DIRTY_PAGES and the VM uses bitmaps;
+    a guest_memfd slot is never dirty-logged or read-only.""",
+    KernelCitation(KVM_MAIN, "kvm_prepare_memory_region"),
+    KernelCitation(KVM_MAIN, "check_memory_region_flags"),
+)
+rule(
+    "M10",
+    "invariant",
+    "memslots",
+    "A slot object that was freed is never reachable from any memslot set.",
+    KernelCitation(KVM_MAIN, "kvm_swap_active_memslots"),
+    KernelCitation(KVM_MAIN, "kvm_commit_memory_region"),
+)
+rule(
+    "M11",
+    "invariant",
+    "memslots",
+    """A memslot swap never completes while an MMU-notifier invalidation is running
+    (mn_active_invalidate_count > 0).""",
+    KernelCitation(KVM_MAIN, "kvm_swap_active_memslots"),
+    DocCitation("Documentation/virt/kvm/locking.rst", "mn_active_invalidate_count"),
+)
+rule(
+    "M12",
+    "invariant",
+    "memslots",
+    """When the architecture is asked to drop a slot's mappings for DELETE or MOVE, the active
+    set already holds the INVALID copy, so no new mapping can be created through it.""",
+    KernelCitation(KVM_MAIN, "kvm_invalidate_memslot"),
+    SeedCitation(
+        SEED_003,
+        "From this point no new shadow pages pointing to a deleted, or moved, "
+        "memslot will be created.",
+    ),
+)
+rule(
+    "M14",
+    "invariant",
+    "memslots",
+    """A DELETE or MOVE that fails in arch prepare leaves the old slot active and unchanged,
+    with the generation advanced by two swaps.""",
+    KernelCitation(KVM_MAIN, "kvm_set_memslot"),
+    SeedCitation(
+        SEED_003,
+        "For DELETE/MOVE, revert the above INVALID change. No modifications required since "
+        "the original slot was preserved in the inactive slots.",
+    ),
+)
+rule(
+    "S003-ACTIVE-IMMUTABLE",
+    "invariant",
+    "memslots",
+    """KVM never modifies a slot object while it is in an active memslot set: a change is a
+    new object swapped in.""",
+    SeedCitation(
+        SEED_003,
+        "KVM can never directly modify a slot that is in the active memslots tree(s).",
+    ),
+    KernelCitation(KVM_MAIN, "kvm_set_memslot"),
+)
+rule(
+    "S000-INVALID-FINDABLE",
+    "invariant",
+    "memslots",
+    """An INVALID slot gives no new references, but stays findable by gfn and by hva, so that
+    references to its pages can still be removed while it goes away.""",
+    SeedCitation(
+        SEED_000,
+        "the KVM_MEMSLOT_INVALID flag indicates that we should not create any more "
+        "references to pages in the memslot, but we do still need to be able to "
+        "handle references going away",
+    ),
+    SeedCitation(SEED_000, "kvm_arch_flush_shadow requires functional memslot lookup"),
+)
+
+# --- Invariants: the dirty ring (INVENTORY C.3) -----------------------------------------------
+
+rule(
+    "D6",
+    "invariant",
+    "dirty-log",
+    """Bitmap bits at or beyond npages are never set; ring offsets are below the slot's npages
+    (an out-of-range entry is ignored at reset).""",
+    KernelCitation(KVM_MAIN, "mark_page_dirty_in_slot"),
+    KernelCitation(DIRTY_RING, "kvm_reset_dirty_gfn"),
+)
+rule(
+    "D7",
+    "invariant",
+    "dirty-log",
+    """0 <= dirty_index - reset_index <= size; the entries in [reset_index, dirty_index) are
+    DIRTY or DIRTY|RESET and every other entry is invalid.""",
+    KernelCitation(DIRTY_RING, "kvm_dirty_ring_push"),
+    KernelCitation(DIRTY_RING, "kvm_dirty_ring_used"),
+)
+rule(
+    "D9",
+    "invariant",
+    "dirty-log",
+    """A ring reset consumes only the contiguous prefix of RESET-flagged entries from
+    reset_index, in order.""",
+    KernelCitation(DIRTY_RING, "kvm_dirty_ring_reset"),
+)
+
+
+def normalize_thread_text(text: str) -> str:
+    """Thread text as one line of words: quote markers (``>``) and comment stars (``*``) at
+    the start of lines are dropped, so a quote can span wrapped lines."""
+    words = []
+    for line in text.splitlines():
+        words.append(line.strip().lstrip(">* \t"))
+    return " ".join(" ".join(words).split())
