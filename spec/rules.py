@@ -204,9 +204,12 @@ rule(
     "M9",
     "invariant",
     "memslots",
-    """A slot has a dirty bitmap exactly when it has LOG_DIRTY_PAGES and the VM uses bitmaps;
-    a guest_memfd slot is never dirty-logged or read-only.""",
+    """A slot without LOG_DIRTY_PAGES has no dirty bitmap; a logged slot has one whenever the
+    VM uses bitmaps (a slot logged before the dirty ring was enabled keeps its unused bitmap,
+    since enabling the ring does not look at memslots); a guest_memfd slot is never
+    dirty-logged or read-only.""",
     KernelCitation(KVM_MAIN, "kvm_prepare_memory_region"),
+    KernelCitation(KVM_MAIN, "kvm_vm_ioctl_enable_dirty_log_ring"),
     KernelCitation(KVM_MAIN, "check_memory_region_flags"),
 )
 rule(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from hypothesis import settings
-
 from kvmspec.fuzz.profiles import FAST, register_profiles
 
 register_profiles()

@@ -101,9 +101,12 @@ def check_m9_bitmaps(kvm: Kvm) -> Iterator[Violation]:
     uses_bitmap = kvm.use_dirty_bitmap()
     for _as_id, active, _ in _sets(kvm):
         for slot in active:
-            wanted = slot.dirty_logging and uses_bitmap
-            if wanted != (slot.dirty_bitmap is not None):
-                yield Violation("M9", f"{slot}: bitmap present={slot.dirty_bitmap is not None}")
+            has_bitmap = slot.dirty_bitmap is not None
+            # A slot logged before the ring was enabled keeps its (now unused) bitmap.
+            if (not slot.dirty_logging and has_bitmap) or (
+                slot.dirty_logging and uses_bitmap and not has_bitmap
+            ):
+                yield Violation("M9", f"{slot}: bitmap present={has_bitmap}")
             if slot.is_gmem and (slot.dirty_logging or slot.readonly):
                 yield Violation("M9", f"{slot}: guest_memfd slot logged or read-only")
             bitmap = slot.dirty_bitmap
