@@ -14,6 +14,7 @@ be written out with ``Session.trace_text()`` for ``kvmspec replay``.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 
 from hypothesis import note
@@ -27,6 +28,11 @@ from kvmspec.fuzz.targets import Target, make_target
 from kvmspec.spec.platforms import PlatformProfile
 
 TargetFactory = Callable[[PlatformProfile], Target]
+
+# Counters the campaign reports, and the trace of the most recent run (a failing run is the
+# last one Hypothesis executes, after shrinking).
+STATS: Counter[str] = Counter()
+LAST_RUN: dict[str, str] = {}
 
 
 class HypothesisChooser:
@@ -62,9 +68,13 @@ class _SessionMachine(RuleBasedStateMachine):
         note(json.dumps(op.to_json()))
         observed, violations = self.session.apply(op)
         note(f"  -> {json.dumps(observed)}")
+        STATS["steps"] += 1
+        if self.session.monitor is not None:
+            STATS["invariant_checks"] += 1
         self.violations.extend(violations)
 
     def teardown(self) -> None:
+        LAST_RUN["trace"] = self.session.trace_text()
         self.session.close()
 
 
@@ -113,6 +123,8 @@ class DifferentialMachine(RuleBasedStateMachine):
         note(json.dumps(op.to_json()))
         expected, violations = self.reference.apply(op)
         observed, other_violations = self.other_session.apply(op)
+        STATS["steps"] += 1
+        STATS["invariant_checks"] += 1
         note(f"  reference -> {json.dumps(expected)}")
         note(f"  {self.other_session.target.name} -> {json.dumps(observed)}")
         if expected != observed:
@@ -128,6 +140,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         assert not self.differences, "\n".join(self.differences)
 
     def teardown(self) -> None:
+        LAST_RUN["trace"] = self.reference.trace_text()
         self.reference.close()
         self.other_session.close()
 
