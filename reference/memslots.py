@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from sortedcontainers import SortedDict
+
 from kvmspec.reference.hva_index import HvaIndex
 from kvmspec.reference.memslot import KvmMemorySlot
-from sortedcontainers import SortedDict
 
 
 class KvmMemslots:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hypothesis import settings
+
 from kvmspec.fuzz.profiles import FAST, register_profiles
 
 register_profiles()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from errno import EEXIST, EINVAL, EIO
 
 from kvmspec.spec.dbc import ensure, require
-from kvmspec.spec.platforms import PlatformProfile
+from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.constants import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -326,13 +326,11 @@ def decide_for_crosshair(
     pre: 0 <= userspace_addr < 2**64
     pre: 0 < old_npages <= 2**31 - 1 and 0 <= old_base_gfn < 2**52
     pre: 0 <= nr_memslot_pages < 2**64
-    post: __return__.errno != 0 or __return__.change is None or memory_size > 0 \
-        or __return__.change.value == "delete"
+    post: __return__.change is None or memory_size > 0 or __return__.change.value == "delete"
+    post: __return__.change is None or __return__.errno == 0
     post: __return__.change is None or (slot & 0xFFFF) < 32764
     post: __return__.errno != 17 or overlap
     """
-    from kvmspec.spec.platforms import DEFAULT_PROFILE
-
     old = SlotView(old_base_gfn, old_npages, old_flags, old_userspace_addr) if old_exists else None
     return decide_set_memory_region(
         DEFAULT_PROFILE,
