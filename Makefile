@@ -33,8 +33,8 @@ typecheck: $(STAMP)
 	@ln -s ../../../spec build/mypy/kvmspec/spec
 	@ln -s ../../../reference build/mypy/kvmspec/reference
 	@ln -s ../../../fuzz build/mypy/kvmspec/fuzz
-	cd build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p kvmspec
-	$(VENV)/bin/mypy --config-file pyproject.toml tests bench
+	cd build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
+		kvmspec ../../tests $(if $(wildcard bench/*.py),../../bench)
 
 ## bench: the performance figures of the issues (a benchmark, not a timed test)
 bench: $(STAMP)

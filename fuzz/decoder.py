@@ -74,7 +74,10 @@ class SessionView(Protocol):
     gmems: list[str]
     slot_requests: dict[tuple[int, int], RegionOp]
     large_slots: bool
-    steps: int
+
+    @property
+    def steps(self) -> int:
+        """How many operations the session has applied (makes new names unique)."""
 
 
 def pick(chooser: Chooser, options: Sequence[T]) -> T:

@@ -12,7 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmspec.reference import kvm_main
-from kvmspec.reference.concurrency import Deadlock, Preempt, WaitUntil, run_to_completion
+from kvmspec.reference.concurrency import (
+    Deadlock,
+    KernelOp,
+    Preempt,
+    WaitUntil,
+    run_to_completion,
+)
 from kvmspec.reference.dirty_bitmap import DirtyBitmap
 from kvmspec.reference.dirty_ring import KvmDirtyRing
 from kvmspec.reference.hva_index import HvaIndex
@@ -98,7 +104,7 @@ def test_seed_003_modifying_an_active_slot_is_caught(monkeypatch: pytest.MonkeyP
 
     def in_place_update(
         kvm: Kvm, old: KvmMemorySlot, new: KvmMemorySlot, owner: object
-    ) -> kvm_main.KernelOp[None]:
+    ) -> KernelOp[None]:
         old.flags = new.flags
         old.dirty_bitmap = new.dirty_bitmap
         kvm.slots_arch_lock.unlock(owner)
@@ -123,7 +129,7 @@ def test_flushing_before_the_invalid_copy_is_published_is_caught(
 
     def flush_first(
         kvm: Kvm, old: KvmMemorySlot, invalid_slot: KvmMemorySlot, owner: object
-    ) -> kvm_main.KernelOp[None]:
+    ) -> KernelOp[None]:
         kvm.arch.kvm_arch_flush_shadow_memslot(kvm, old)
         yield from original(kvm, old, invalid_slot, owner)
 
@@ -200,7 +206,7 @@ def test_get_dirty_log_reprotects_then_flushes_before_copying() -> None:
     assert monitor.check() == []
 
 
-def kvm_main_get(kvm: Kvm) -> kvm_main.KernelOp[tuple[int, list[int]]]:
+def kvm_main_get(kvm: Kvm) -> KernelOp[tuple[int, list[int]]]:
     from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
 
     return kvm_get_dirty_log_protect(kvm, 0)
