@@ -13,7 +13,7 @@ from __future__ import annotations
 from errno import EINVAL
 
 from kvmspec.reference.kvm import Kvm
-from kvmspec.spec.uapi.constants import CAPABILITY_NAMES
+from kvmspec.spec.uapi.constants import CAPABILITY_NAMES, U32_MAX
 from kvmspec.spec.uapi.dirty_log_rules import (
     enable_dirty_log_ring_errno,
     enable_dirty_ring_with_bitmap_errno,
@@ -67,15 +67,17 @@ def kvm_vm_ioctl_enable_cap(kvm: Kvm, cap: int, flags: int, args: tuple[int, ...
         return errno
 
     if name in ("KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL"):
+        # The ring size parameter is a u32: the upper half of args[0] is dropped.
+        size = arg0 & U32_MAX
         errno = enable_dirty_log_ring_errno(
             profile,
             acq_rel=name == "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
-            size=arg0,
+            size=size,
             ring_already_enabled=bool(kvm.dirty_ring_size),
             vcpus_created=bool(kvm.created_vcpus),
         )
         if not errno:
-            kvm.dirty_ring_size = arg0
+            kvm.dirty_ring_size = size
         return errno
 
     if name == "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP":

@@ -23,6 +23,7 @@ from kvmspec.spec.uapi.constants import (
     CAPABILITIES,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
+    U32_MAX,
     errno_name,
 )
 from kvmspec.spec.uapi.dirty_log_rules import (
@@ -228,13 +229,13 @@ class MemslotUapiContract:
             expected = enable_dirty_log_ring_errno(
                 self.profile,
                 cap == "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
-                arg0,
+                arg0 & U32_MAX,
                 bool(self.ring_size),
                 bool(self.vcpus),
             )
 
             def apply() -> None:
-                self.ring_size = arg0
+                self.ring_size = arg0 & U32_MAX
 
         elif cap == "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP":
             rule = "C-DIRTY-RING-ENABLE"

@@ -126,11 +126,13 @@ def enable_dirty_log_ring_errno(
     ring_already_enabled: bool,
     vcpus_created: bool,
 ) -> int:
-    """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING or ..._ACQ_REL), ``size`` in bytes.
+    """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING or ..._ACQ_REL), ``size`` in bytes (the low 32
+    bits of args[0]: the kernel passes it on as a u32).
 
     The size must be a power of two, hold at least the reserved entries and one page, and at
     most KVM_DIRTY_RING_MAX_ENTRIES entries (E2BIG). The ring can be set once, and only
-    before any vCPU exists, because each vCPU allocates its ring at creation.
+    before any vCPU exists, because each vCPU allocates its ring at creation. Every size
+    error comes before those two; the capability's flags are not checked.
 
     kernel: virt/kvm/kvm_main.c:kvm_vm_ioctl_enable_dirty_log_ring (v6.18)
     """

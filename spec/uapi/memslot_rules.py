@@ -255,7 +255,8 @@ def decide_kvm_set_memory_region(
         change = MrChange.CREATE
     else:
         # 18. guest_memfd slots are immutable: they can only be deleted, and a plain slot
-        # cannot become one.
+        # cannot become one (nor the reverse: toggling GUEST_MEMFD was a use-after-free,
+        # refused since mainline 9935df5333aa, in 6.19-rc1 and backported to 6.18.3).
         if (region.flags | old.flags) & KVM_MEM_GUEST_MEMFD:
             return _reject(EINVAL, "18 gmem-immutable")
         # 19. No resize, no new host address, no READONLY toggle.
