@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path, PurePosixPath
 
-from kvmspec.spec.invariants.memslots import CHECKED_RULES
+from kvmspec.spec.invariants.memslots import CHECKED_RULES, SCENARIO_TESTS
 from kvmspec.spec.rules import (
     RULES,
     Citation,
@@ -49,6 +49,8 @@ How to read "checked by":
   dirty-log ioctls from the requests alone; every harness session runs it, on any target.
 * **InvariantMonitor** (`kvmspec.spec.invariants.memslots`) checks the reference's state after
   every step, and the moment of two events (the flush of an INVALID slot, a new generation).
+* **scenario test**: a named test drives the interleaving or the planted fault the rule is
+  about (a swap during an invalidation, a MOVE that fails after its INVALID step).
 * **not checked yet**: the rule is stated (and the reference is written to keep it), but no
   checker tests it automatically yet.
 
@@ -77,6 +79,8 @@ def checked_by(rule: Rule) -> str:
         return "MemslotUapiContract"
     if rule.id in CHECKED_RULES:
         return "InvariantMonitor"
+    if rule.id in SCENARIO_TESTS:
+        return f"scenario test `{SCENARIO_TESTS[rule.id]}`"
     return "not checked yet"
 
 

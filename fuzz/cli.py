@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
@@ -120,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvmspec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`kvmspec replay T | head`): stop quietly, as cat does.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - replaces the closed stream
+        return 141
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -59,8 +59,10 @@ class ReferenceTarget:
         """The model holds no outside resources."""
 
     def resolve(self, address: Address) -> int:
+        """The host address of a ``userspace_addr`` (mod 2^64). A region whose mmap failed
+        has no address; it counts from 0, as on every target."""
         if isinstance(address, RegionAddr):
-            return (self.regions[address.region] + address.offset) & U64_MAX
+            return (self.regions.get(address.region, 0) + address.offset) & U64_MAX
         return address
 
     def apply(self, op: Operation) -> Observation:
