@@ -300,3 +300,32 @@ def test_gfn_lookup_matches_brute_force(ranges: list[tuple[int, int]], data: st.
         found = slots.gfn_to_memslot(gfn)
         assert (found is None) == (not expected)
         assert found is None or found is expected[0]
+
+
+def test_gfn_to_hva_follows_the_invalid_and_readonly_rules() -> None:
+    from kvmspec.reference.gfn_to_hva import (
+        KVM_HVA_ERR_BAD,
+        KVM_HVA_ERR_RO_BAD,
+        gfn_to_hva_many,
+        gfn_to_hva_memslot_prot,
+        hva_to_gfn_memslot,
+        kvm_is_visible_memslot,
+    )
+    from kvmspec.spec.uapi.constants import KVM_MEM_READONLY, KVM_MEMSLOT_INVALID
+
+    kvm = Kvm(DEFAULT_PROFILE)
+    assert set_region(kvm, 0, 1 << 20, 16 * PAGE, KVM_MEM_READONLY) == 0
+    slot = kvm.memslots(0).gfn_to_memslot(0x105)
+    assert slot is not None
+    assert gfn_to_hva_many(slot, 0x105, write=False, page_shift=12) == (HVA + 5 * PAGE, 11)
+    assert gfn_to_hva_many(slot, 0x105, write=True, page_shift=12) == (KVM_HVA_ERR_RO_BAD, 0)
+    assert gfn_to_hva_memslot_prot(slot, 0x105, 12) == (HVA + 5 * PAGE, False)
+    assert hva_to_gfn_memslot(HVA + 5 * PAGE + 17, slot, 12) == 0x105
+    assert gfn_to_hva_many(None, 0x105, write=False, page_shift=12) == (KVM_HVA_ERR_BAD, 0)
+    assert kvm_is_visible_memslot(slot, DEFAULT_PROFILE.user_mem_slots)
+
+    invalid = KvmMemorySlot(as_id=0, id=0, base_gfn=0, npages=1, flags=0, userspace_addr=0)
+    kvm_main.kvm_copy_memslot(invalid, slot)
+    invalid.flags |= KVM_MEMSLOT_INVALID
+    assert gfn_to_hva_many(invalid, 0x105, write=False, page_shift=12) == (KVM_HVA_ERR_BAD, 0)
+    assert not kvm_is_visible_memslot(invalid, DEFAULT_PROFILE.user_mem_slots)
