@@ -71,6 +71,7 @@ class SessionView(Protocol):
     """What the decoder may know: what a VMM knows from its own successful requests."""
 
     regions: list[str]
+    region_sizes: dict[str, int]
     gmems: list[str]
     slot_requests: dict[tuple[int, int], RegionOp]
     large_slots: bool
@@ -123,7 +124,9 @@ def _known_or_new_slot(chooser: Chooser, view: SessionView) -> int:
 
 def _address(chooser: Chooser, view: SessionView) -> Address:
     if view.regions and chooser.below(6):
-        return RegionAddr(pick(chooser, view.regions), pick(chooser, b.REGION_OFFSETS))
+        region = pick(chooser, view.regions)
+        size = view.region_sizes[region]
+        return RegionAddr(region, pick(chooser, [o for o in b.REGION_OFFSETS if o < size]))
     return pick(chooser, b.RAW_HVAS)
 
 

@@ -48,6 +48,7 @@ class Session:
 
             self.monitor = InvariantMonitor(kvm)
         self.regions: list[str] = []
+        self.region_sizes: dict[str, int] = {}
         self.gmems: list[str] = []
         self.slot_requests: dict[tuple[int, int], RegionOp] = {}
         self.history: list[tuple[Operation, Observation]] = []
@@ -111,6 +112,7 @@ class Session:
             return
         if isinstance(op, Mmap):
             self.regions.append(op.region)
+            self.region_sizes[op.region] = op.size
         elif isinstance(op, CreateGuestMemfd):
             self.gmems.append(op.gmem)
         elif isinstance(op, SetUserMemoryRegion | SetUserMemoryRegion2):

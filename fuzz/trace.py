@@ -196,22 +196,32 @@ def _parse_expect(source: str, lineno: int, value: Any) -> Observation:
 
 
 def _check_names(source: str, steps: list[TraceStep]) -> None:
-    """Regions and guest_memfds must be created before they are used."""
-    regions: set[str] = set()
+    """Regions and guest_memfds must be created before they are used, and an address in a
+    region must lie inside it."""
+    regions: dict[str, int] = {}
     gmems: set[str] = set()
     for step in steps:
         op = step.op
         if isinstance(op, Mmap):
             if op.region in regions:
                 raise TraceError(source, step.line, f"region {op.region!r} is already mapped")
-            regions.add(op.region)
+            regions[op.region] = op.size
         elif isinstance(op, CreateGuestMemfd):
             if op.gmem in gmems:
                 raise TraceError(source, step.line, f"guest_memfd {op.gmem!r} already exists")
             gmems.add(op.gmem)
         address: Address | None = getattr(op, "userspace_addr", None)
-        if isinstance(address, RegionAddr) and address.region not in regions:
-            raise TraceError(source, step.line, f"no region named {address.region!r}")
+        if isinstance(address, RegionAddr):
+            if address.region not in regions:
+                raise TraceError(source, step.line, f"no region named {address.region!r}")
+            # Past its end, a region's address would depend on where each target placed it.
+            if address.offset >= max(regions[address.region], 1):
+                raise TraceError(
+                    source,
+                    step.line,
+                    f"offset {address.offset:#x} is not inside region {address.region!r} "
+                    f"({regions[address.region]:#x} bytes)",
+                )
         if (
             isinstance(op, SetUserMemoryRegion2)
             and isinstance(op.guest_memfd, str)

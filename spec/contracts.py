@@ -137,7 +137,9 @@ class MemslotUapiContract:
         )
         expected = verdict.errno
         gmem = self.gmems.get(gmem_name) if gmem_name is not None else None
-        if not expected and verdict.change is not None and region.flags & KVM_MEM_GUEST_MEMFD:
+        # A DELETE never looks at the guest_memfd descriptor.
+        binds = verdict.change not in (None, MrChange.DELETE)
+        if not expected and binds and region.flags & KVM_MEM_GUEST_MEMFD:
             pgoff = region.guest_memfd_offset >> self.profile.page_shift
             view = GmemFileView(True, True, gmem.size) if gmem is not None else None
             already = gmem is not None and gmem.overlaps(pgoff, verdict.npages)

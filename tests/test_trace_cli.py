@@ -44,6 +44,10 @@ BAD_TRACES = {
     "not an object": ([HEADER, "[1, 2]"], "must be a JSON object"),
     "empty": ([], "empty trace"),
     "duplicate region": ([HEADER, MMAP, MMAP], "already mapped"),
+    "offset outside region": (
+        [HEADER, MMAP, CREATE.replace('"offset": 0', '"offset": 16777216')],
+        "not inside region",
+    ),
 }
 
 
