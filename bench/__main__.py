@@ -1,0 +1,182 @@
+"""``python -m bench``: measure every figure and print it next to its goal.
+
+python -m bench                       # everything (about three minutes)
+python -m bench memslots lookup       # some sections only
+python -m bench --quick               # small sizes and short runs, to try the bench itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+from bench import Figure, fuzzer, lookup, memory, memslots
+from kvmspec.spec import dbc
+from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
+
+SECTIONS = ("memslots", "lookup", "memory", "fuzzer")
+RATIO_GOAL = 1.0
+LOOKUP_RATIO_GOAL = 2.0
+MEMORY_GOAL_MIB = 100.0
+FUZZ_GOAL = 3000.0
+
+
+def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain table: the first column left-aligned, the others right-aligned."""
+    print(f"\n{title}")
+    table = [list(header), *[list(row) for row in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = [
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
+        ]
+        print("  " + "  ".join(cells).rstrip())
+
+
+def section_memslots(profile: PlatformProfile, quick: bool) -> list[Figure]:
+    sizes = (100, 1000) if quick else memslots.SIZES
+    reference, kernel = memslots.measure_both(profile, sizes, repeats=1 if quick else 5)
+    figures: list[Figure] = []
+    rows = []
+    for nslots in sizes:
+        for phase in memslots.PHASES:
+            ours = reference.ops_per_second[nslots][phase]
+            row = [f"{nslots:>5} {phase}", f"{ours:,.0f}"]
+            if isinstance(kernel, str):
+                rows.append([*row, "-", "-", "", ""])
+                continue
+            theirs = kernel.ops_per_second[nslots][phase]
+            ratio = ours / theirs
+            figure = Figure(f"{phase} at {nslots} slots", f"{ratio:.2f}", ">= 1.0", ratio >= 1)
+            figures.append(figure)
+            rows.append([*row, f"{theirs:,.0f}", f"{ratio:.2f}", figure.goal, figure.verdict])
+    _print_table(
+        "Memslot updates, ops/s (median; slot i: 1 page at 16 MiB + 2i pages, MOVE into the gap)",
+        ["slots op", "reference", "linux-kvm", "ratio", "goal", ""],
+        rows,
+    )
+    if isinstance(kernel, str):
+        print(f"  linux-kvm: unavailable: {kernel}")
+    return figures
+
+
+def section_lookup(profile: PlatformProfile, quick: bool) -> list[Figure]:
+    cost = lookup.measure(profile)
+    few, many = sorted(cost.search_memslots)
+    figures = []
+    rows = []
+    for name, by_size in (
+        ("search_memslots", cost.search_memslots),
+        ("gfn_to_memslot (cache missed)", cost.gfn_to_memslot),
+    ):
+        ratio = by_size[many] / by_size[few]
+        figure = Figure(f"{name} {many}/{few}", f"{ratio:.2f}", "<= 2.0", ratio <= 2)
+        figures.append(figure)
+        costs = [f"{by_size[few]:.0f}", f"{by_size[many]:.0f}"]
+        rows.append([name, *costs, figure.value, figure.goal, figure.verdict])
+    _print_table(
+        "gfn lookup, ns per lookup (median of 5 x 200000 lookups of random slots)",
+        ["lookup", f"{few} slots", f"{many} slots", "ratio", "goal", ""],
+        rows,
+    )
+    return figures
+
+
+def section_memory(profile: PlatformProfile, quick: bool) -> list[Figure]:
+    cost = memory.measure()
+    figure = Figure(
+        "peak RSS growth",
+        f"{cost.growth_mib:.1f} MiB",
+        f"< {MEMORY_GOAL_MIB:.0f} MiB",
+        cost.growth_mib < MEMORY_GOAL_MIB,
+    )
+    dense_mib = cost.bitmap_words * 8 / (1 << 20)
+    _print_table(
+        f"Model memory: one 1 TiB LOG_DIRTY slot + {cost.small_slots} one-page slots "
+        f"({cost.slots} slots, every user slot; measured in a fresh process)",
+        ["figure", "value", "goal", ""],
+        [[figure.name, figure.value, figure.goal, figure.verdict]],
+    )
+    print(
+        f"  1 TiB slot dirty bitmap: {cost.bitmap_stored_words} words stored of "
+        f"{cost.bitmap_words:,} ({dense_mib:.0f} MiB if dense, as in the kernel)"
+    )
+    return [figure]
+
+
+def section_fuzzer(profile: PlatformProfile, quick: bool) -> list[Figure]:
+    seconds = 5 if quick else 20
+    figures = []
+    rows = []
+    notes: list[str] = []
+    for contracts in (True, False):
+        speed = fuzzer.measure(seconds, contracts)
+        label = f"fuzz_memslots.py, contracts {'on' if contracts else 'off'}"
+        if speed.error:
+            rows.append([label, f"failed: {speed.error}", "", ""])
+            continue
+        rate = speed.exec_per_second
+        # The fuzzer runs with its contracts on: that is the figure with the goal.
+        met = rate >= FUZZ_GOAL if contracts else None
+        figure = Figure(label, f"{rate:,.0f}", f">= {FUZZ_GOAL:,.0f}" if contracts else "", met)
+        figures.append(figure)
+        rows.append([label, figure.value, figure.goal, figure.verdict])
+        notes.extend(f"{label}: a run stopped ({finding[:160]})" for finding in speed.findings)
+    _print_table(
+        f"Atheris exec/s (-max_len=1024, about {seconds} s from corpus/seeds/memslots)",
+        ["fuzzer", "exec/s", "goal", ""],
+        rows,
+    )
+    for note in notes:
+        print(f"  {note}; continued with a new run")
+    return figures
+
+
+RUNNERS = {
+    "memslots": section_memslots,
+    "lookup": section_lookup,
+    "memory": section_memory,
+    "fuzzer": section_fuzzer,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="kvmspec's performance figures, each with its goal"
+    )
+    parser.add_argument("sections", nargs="*", help=f"some of: {' '.join(SECTIONS)} (all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and short runs")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)})")
+    sections: list[str] = args.sections or list(SECTIONS)
+
+    profile = DEFAULT_PROFILE
+    started = time.monotonic()
+    print(
+        f"kvmspec bench: profile {profile.name}, runtime contracts "
+        f"{'on' if dbc.ENABLED else 'off'} for the model figures, Python "
+        f"{platform.python_version()}, {platform.machine()}"
+    )
+    figures: list[Figure] = []
+    for name in sections:
+        figures.extend(RUNNERS[name](profile, args.quick))
+        sys.stdout.flush()
+
+    judged = [figure for figure in figures if figure.met is not None]
+    missed = [figure for figure in judged if not figure.met]
+    print(
+        f"\n{len(judged) - len(missed)} PASS, {len(missed)} MISS "
+        f"({time.monotonic() - started:.0f} s)"
+    )
+    for figure in missed:
+        print(f"  MISS {figure.name}: {figure.value} (goal {figure.goal})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
