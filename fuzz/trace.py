@@ -131,7 +131,7 @@ def _field(source: str, lineno: int, op: str, name: str, kind: str, value: Any) 
             raise fail(f'expected "r", "rw" or "none", got {json.dumps(value)}')
         return value
     if kind == "cap":
-        if value not in CAPABILITIES:
+        if not isinstance(value, str) or value not in CAPABILITIES:
             raise fail(f"unknown capability {json.dumps(value)}")
         return value
     if kind == "address":
@@ -188,7 +188,7 @@ def _parse_expect(source: str, lineno: int, value: Any) -> Observation:
     if not isinstance(value, dict) or "errno" not in value:
         raise TraceError(source, lineno, 'expect: must be an object with an "errno" field')
     errno = value["errno"]
-    if not (errno == 0 and not isinstance(errno, bool)) and not (
+    if not (type(errno) is int and errno == 0) and not (
         isinstance(errno, str) and errno.startswith("E")
     ):
         raise TraceError(source, lineno, f'expect.errno: 0 or a name like "EINVAL", got {errno!r}')
@@ -242,8 +242,10 @@ def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
             continue
         try:
             obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as error:
-            message = getattr(error, "msg", "too deeply nested")
+        except (ValueError, RecursionError) as error:
+            # JSONDecodeError has .msg; other ValueErrors (an integer of thousands of digits)
+            # and RecursionError (deep nesting) do not.
+            message = getattr(error, "msg", None) or str(error).split(";")[0] or "too deep"
             raise TraceError(source, lineno, f"not valid JSON ({message})") from None
         if not isinstance(obj, dict):
             raise TraceError(source, lineno, "each line must be a JSON object")
@@ -251,7 +253,7 @@ def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
             if obj.get("format") != FORMAT:
                 raise TraceError(source, lineno, f'header must say "format": "{FORMAT}"')
             platform = obj.get("platform")
-            if platform not in PROFILES:
+            if not isinstance(platform, str) or platform not in PROFILES:
                 known = ", ".join(sorted(PROFILES))
                 raise TraceError(source, lineno, f"unknown platform {platform!r} ({known})")
             continue

@@ -23,7 +23,7 @@ from kvmspec.reference.dirty_bitmap import DirtyBitmap
 from kvmspec.reference.dirty_ring import KvmDirtyRing
 from kvmspec.reference.hva_index import HvaIndex
 from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.memslot import KvmMemorySlot, kvm_copy_memslot
 from kvmspec.spec.invariants.memslots import InvariantMonitor
 from kvmspec.spec.platforms import DEFAULT_PROFILE, X86_64
 from kvmspec.spec.uapi.constants import KVM_DIRTY_GFN_F_RESET, KVM_MEM_LOG_DIRTY_PAGES
@@ -325,7 +325,7 @@ def test_gfn_to_hva_follows_the_invalid_and_readonly_rules() -> None:
     assert kvm_is_visible_memslot(slot, DEFAULT_PROFILE.user_mem_slots)
 
     invalid = KvmMemorySlot(as_id=0, id=0, base_gfn=0, npages=1, flags=0, userspace_addr=0)
-    kvm_main.kvm_copy_memslot(invalid, slot)
+    kvm_copy_memslot(invalid, slot)
     invalid.flags |= KVM_MEMSLOT_INVALID
     assert gfn_to_hva_many(invalid, 0x105, write=False, page_shift=12) == (KVM_HVA_ERR_BAD, 0)
     assert not kvm_is_visible_memslot(invalid, DEFAULT_PROFILE.user_mem_slots)
