@@ -64,9 +64,11 @@ def kvm_replace_memslot(kvm: Kvm, old: KvmMemorySlot | None, new: KvmMemorySlot 
 
     if old is not None:
         del slots.id_hash[old.id]
-        slots.hva_tree.remove(
-            old.userspace_addr, old.userspace_addr + (old.npages << page_shift), old
-        )
+        # The hva index holds ids, and a slot's host range never changes (userspace_addr and
+        # npages are fixed for its id), so a copy with the same id needs no hva update.
+        if new is None or new.id != old.id:
+            start = old.userspace_addr
+            slots.hva_tree.remove(start, start + (old.npages << page_shift), old.id)
         # The gfn tree is keyed by base_gfn; a FLAGS_ONLY or INVALID copy keeps the key and
         # is swapped in place, anything else is an erase and an insert.
         if new is None or new.base_gfn != old.base_gfn:
@@ -74,9 +76,9 @@ def kvm_replace_memslot(kvm: Kvm, old: KvmMemorySlot | None, new: KvmMemorySlot 
 
     if new is not None:
         slots.id_hash[new.id] = new
-        slots.hva_tree.insert(
-            new.userspace_addr, new.userspace_addr + (new.npages << page_shift), new
-        )
+        if old is None or old.id != new.id:
+            start = new.userspace_addr
+            slots.hva_tree.insert(start, start + (new.npages << page_shift), new.id)
         if new.base_gfn in slots.gfn_tree and slots.gfn_tree[new.base_gfn] is not old:
             raise AssertionError("two slots with one base_gfn: overlap check missed (M1)")
         slots.gfn_tree[new.base_gfn] = new
@@ -400,10 +402,7 @@ def _validate(kvm: Kvm, region: MemoryRegion, version: int, user: bool) -> Memsl
         return _slot_view(kvm.memslots(as_id).id_to_memslot(slot_id))
 
     def overlaps(as_id: int, slot_id: int, start: int, end: int) -> bool:
-        # kvm_check_memslot_overlap: any slot with another id in [start, end)?
-        return any(
-            slot.id != slot_id for slot in kvm.memslots(as_id).slots_in_gfn_range(start, end)
-        )
+        return kvm.memslots(as_id).kvm_check_memslot_overlap(slot_id, start, end)
 
     if user:
         return decide_set_memory_region(

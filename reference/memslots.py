@@ -6,7 +6,7 @@ three ways: by id, by guest frame number (an ordered tree, so a gfn lookup is O(
 by host virtual address (an interval index, since several slots may alias one hva).
 
 kernel: include/linux/kvm_host.h:struct kvm_memslots, search_memslots, id_to_memslot,
-kvm_for_each_memslot_in_gfn_range (v6.18)
+kvm_check_memslot_overlap (v6.18)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from sortedcontainers import SortedDict
 
 from kvmspec.reference.hva_index import HvaIndex
 from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.ordered import floor_item
 
 
 class KvmMemslots:
@@ -45,22 +46,18 @@ class KvmMemslots:
         """kernel: include/linux/kvm_host.h:id_to_memslot (v6.18)"""
         return self.id_hash.get(slot_id)
 
-    def search_memslots(self, gfn: int, approx: bool = False) -> KvmMemorySlot | None:
+    def search_memslots(self, gfn: int) -> KvmMemorySlot | None:
         """The slot containing ``gfn``, or None.
-
-        With ``approx``, return the slot that would be next in gfn order when no slot
-        contains ``gfn`` (the start point of a range walk).
 
         kernel: include/linux/kvm_host.h:search_memslots (v6.18)
         """
-        index = self.gfn_tree.bisect_right(gfn) - 1
-        if index >= 0:
-            slot: KvmMemorySlot = self.gfn_tree.peekitem(index)[1]
+        # The last slot starting at or below gfn is the only one that can contain it, since
+        # slots never overlap (M1).
+        floor = floor_item(self.gfn_tree, gfn)
+        if floor is not None:
+            slot: KvmMemorySlot = floor[1]
             if gfn < slot.end_gfn:
                 return slot
-        if approx and index + 1 < len(self.gfn_tree):
-            following: KvmMemorySlot = self.gfn_tree.peekitem(index + 1)[1]
-            return following
         return None
 
     def gfn_to_memslot(self, gfn: int) -> KvmMemorySlot | None:
@@ -76,17 +73,24 @@ class KvmMemslots:
             self.last_used_slot = slot
         return slot
 
-    def slots_in_gfn_range(self, start: int, end: int) -> Iterator[KvmMemorySlot]:
-        """Every slot that intersects [start, end), in gfn order.
+    def kvm_check_memslot_overlap(self, slot_id: int, start: int, end: int) -> bool:
+        """Does [start, end) intersect a slot with another id?
 
-        kernel: include/linux/kvm_host.h:kvm_for_each_memslot_in_gfn_range (v6.18)
+        Walking down from the last slot that starts below ``end``, the first slot that ends
+        at or before ``start`` proves every earlier one does too (slots never overlap).
+
+        kernel: virt/kvm/kvm_main.c:kvm_check_memslot_overlap (v6.18)
         """
-        first = self.search_memslots(start, approx=True)
-        if first is None:
-            return
-        for slot in self.gfn_tree.irange(minimum=first.base_gfn, maximum=end - 1):
-            yield self.gfn_tree[slot]
+        below = end - 1
+        while (floor := floor_item(self.gfn_tree, below)) is not None:
+            slot: KvmMemorySlot = floor[1]
+            if slot.end_gfn <= start:
+                return False
+            if slot.id != slot_id:
+                return True
+            below = slot.base_gfn - 1  # the slot itself (a MOVE): look further down
+        return False
 
     def hva_to_memslots(self, start: int, end: int) -> list[KvmMemorySlot]:
         """Every slot whose host range intersects [start, end) (the notifier lookup)."""
-        return self.hva_tree.slots_overlapping(start, end)
+        return [self.id_hash[slot_id] for slot_id in self.hva_tree.ids_overlapping(start, end)]

@@ -266,24 +266,17 @@ def test_sparse_bitmap_matches_a_plain_bitmap(
 )
 def test_hva_index_matches_brute_force(actions: list[tuple[bool, int, int, int]]) -> None:
     index = HvaIndex()
-    live: dict[int, tuple[int, int, KvmMemorySlot]] = {}
+    live: dict[int, tuple[int, int]] = {}
     for insert, start, length, key in actions:
         if insert and key not in live:
-            slot = KvmMemorySlot(
-                as_id=0, id=key, base_gfn=0, npages=length, flags=0, userspace_addr=start
-            )
-            live[key] = (start, start + length, slot)
-            index.insert(start, start + length, slot)
+            live[key] = (start, start + length)
+            index.insert(start, start + length, key)
         elif not insert and key in live:
-            start, end, slot = live.pop(key)
-            index.remove(start, end, slot)
+            index.remove(*live.pop(key), key)
     for point in range(0, 30):
-        expected = {key for key, (s, e, _) in live.items() if s <= point < e}
-        assert {slot.id for slot in index.slots_at(point)} == expected
-        overlapping = {slot.id for slot in index.slots_overlapping(point, point + 3)}
-        assert overlapping == {
-            key for key, (s, e, _) in live.items() if s < point + 3 and point < e
-        }
+        assert set(index.ids_at(point)) == {k for k, (s, e) in live.items() if s <= point < e}
+        expected = {k for k, (s, e) in live.items() if s < point + 3 and point < e}
+        assert index.ids_overlapping(point, point + 3) == expected
     if not live:
         assert index.segments() == 0
 
@@ -329,3 +322,16 @@ def test_gfn_to_hva_follows_the_invalid_and_readonly_rules() -> None:
     invalid.flags |= KVM_MEMSLOT_INVALID
     assert gfn_to_hva_many(invalid, 0x105, write=False, page_shift=12) == (KVM_HVA_ERR_BAD, 0)
     assert not kvm_is_visible_memslot(invalid, DEFAULT_PROFILE.user_mem_slots)
+
+
+@given(st.lists(st.integers(-50, 5000), max_size=3000), st.lists(st.integers(-60, 5100)))
+def test_fast_floor_lookup_equals_its_definition(keys: list[int], probes: list[int]) -> None:
+    from sortedcontainers import SortedDict
+
+    from kvmspec.reference.ordered import floor_item, floor_item_plain
+
+    tree = SortedDict((key, key * 2) for key in keys)
+    for key in keys[::3]:  # deletions leave sublists of uneven sizes
+        tree.pop(key, None)
+    for probe in [*probes, *keys]:
+        assert floor_item(tree, probe) == floor_item_plain(tree, probe)

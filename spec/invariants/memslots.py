@@ -73,9 +73,9 @@ def check_m3_m4_indexes(kvm: Kvm) -> Iterator[Violation]:
                 start = slot.userspace_addr
                 end = start + (slot.npages << shift)
                 for hva in (start, end - (1 << shift)):
-                    if slot not in slots.hva_tree.slots_at(hva):
+                    if slot.id not in slots.hva_tree.ids_at(hva):
                         yield Violation("M4", f"{slot} missing from the hva index at {hva:#x}")
-                if slot in slots.hva_tree.slots_at(end):
+                if slot.id in slots.hva_tree.ids_at(end):
                     yield Violation("M4", f"{slot} covers {end:#x} past its end in the hva index")
 
 
@@ -201,7 +201,7 @@ class InvariantMonitor:
         # Seed 000: the INVALID slot must still be found, by gfn and by hva.
         if active.search_memslots(slot.base_gfn) is not copy:
             self.pending.append(Violation("S000-INVALID-FINDABLE", f"{copy} not found by gfn"))
-        if copy not in active.hva_tree.slots_at(copy.userspace_addr):
+        if copy.id not in active.hva_tree.ids_at(copy.userspace_addr):
             self.pending.append(Violation("S000-INVALID-FINDABLE", f"{copy} not found by hva"))
 
     def _check_generation_step(self, kvm: Kvm, generation: int) -> None:
