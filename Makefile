@@ -42,7 +42,7 @@ bench: $(STAMP)
 
 ## fuzz: run the memslot Atheris fuzzer for 60 seconds
 fuzz: $(STAMP)
-	KVMSPEC_CONTRACTS=off $(PY) fuzz/fuzz_memslots.py -max_total_time=60 -max_len=1024
+	$(PY) fuzz/fuzz_memslots.py -max_total_time=60 -max_len=1024 corpus/seeds/memslots
 
 ## crosshair: check the pure contracts of the uAPI decision functions symbolically.
 # CrossHair walks package parents, so it sees kvmspec as a regular package through a symlink

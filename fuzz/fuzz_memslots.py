@@ -8,9 +8,9 @@ into at most :data:`MAX_OPERATIONS` operations, which a fresh
 and the white-box invariants. A broken rule is a finding: the session's trace is written to
 ``corpus/regressions/memslots-<sha1 of the input>.jsonl`` and a
 :class:`~kvmspec.fuzz.atheris_support.SpecViolation` (an AssertionError naming the rules) is
-raised for libFuzzer to report. So is a runtime contract (icontract) or a model self-check
-failing inside the model. Any other exception is a bug in the harness or the model and
-propagates as it is.
+raised for libFuzzer to report. So is a runtime contract (a PEP 316 condition, spec/dbc.py)
+or a model self-check failing inside the model. Any other exception is a bug in the harness
+or the model and propagates as it is.
 
     ./fuzz/fuzz_memslots.py -max_total_time=60 -max_len=1024 corpus/seeds/memslots
 
@@ -90,9 +90,9 @@ def apply_input(
         try:
             _, violations = session.apply(op)
         except AssertionError as error:
-            # An icontract condition (icontract.ViolationError is an AssertionError) or an
+            # A contract condition (dbc.ContractViolation is an AssertionError) or an
             # assertion of the model itself failed while the model ran the operation.
-            rule = "CONTRACT" if type(error).__name__ == "ViolationError" else "MODEL-ASSERT"
+            rule = "CONTRACT" if type(error).__name__ == "ContractViolation" else "MODEL-ASSERT"
             message = " ".join(str(error).split())
             trace = dump(session.profile.name, [*session.history, (op, None)])
             return Finding([f"{rule}: {type(error).__name__} in {op.NAME}: {message}"], trace)

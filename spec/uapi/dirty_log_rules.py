@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from errno import E2BIG, EINVAL, ENOENT, ENXIO
 
-from kvmspec.spec.dbc import ensure, require
+from kvmspec.spec.dbc import checked
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import (
     KVM_DIRTY_GFN_ENTRY_SIZE,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_DIRTY_RING_RSVD_ENTRIES,
-    U64_MAX,
 )
 
 BITS_PER_LONG = 64
@@ -43,12 +42,14 @@ def slot_address_errno(profile: PlatformProfile, slot: int) -> int:
     return 0
 
 
-@ensure(lambda result: result in (0, ENXIO, EINVAL, ENOENT), "GET_DIRTY_LOG's errnos")
+@checked
 def get_dirty_log_errno(
     profile: PlatformProfile, uses_dirty_bitmap: bool, slot: int, slot_has_bitmap: bool
 ) -> int:
     """KVM_GET_DIRTY_LOG: ENXIO when the VM logs to rings only, EINVAL for a bad slot number,
     ENOENT when the slot does not exist or is not dirty-logged.
+
+    post: __return__ in (0, ENXIO, EINVAL, ENOENT)
 
     kernel: virt/kvm/kvm_main.c:kvm_get_dirty_log_protect (v6.18)
     """
@@ -61,9 +62,7 @@ def get_dirty_log_errno(
     return 0
 
 
-@require(lambda first_page: 0 <= first_page <= U64_MAX, "first_page is a u64")
-@require(lambda num_pages: 0 <= num_pages < 2**32, "num_pages is a u32")
-@ensure(lambda result: result in (0, ENXIO, EINVAL, ENOENT), "CLEAR_DIRTY_LOG's errnos")
+@checked
 def clear_dirty_log_errno(
     profile: PlatformProfile,
     uses_dirty_bitmap: bool,
@@ -77,6 +76,11 @@ def clear_dirty_log_errno(
     The range must start on a 64-page boundary and stay inside the slot, and may end short of
     the slot's end only on a 64-page boundary (whole bitmap words). Manual protection does not
     have to be enabled: the kernel does not check it.
+
+    pre: 0 <= first_page < 2**64 and 0 <= num_pages < 2**32
+    pre: slot_npages is None or 0 < slot_npages < 2**31
+    post: __return__ in (0, ENXIO, EINVAL, ENOENT)
+    post: __return__ != 0 or (slot_npages is not None and first_page + num_pages <= slot_npages)
 
     kernel: virt/kvm/kvm_main.c:kvm_clear_dirty_log_protect, kvm_vm_ioctl_clear_dirty_log (v6.18)
     """

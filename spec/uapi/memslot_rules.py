@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from errno import EEXIST, EINVAL, EIO
 
-from kvmspec.spec.dbc import ensure, require
+from kvmspec.spec.dbc import checked
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.constants import (
     KVM_MEM_GUEST_MEMFD,
@@ -30,7 +30,6 @@ from kvmspec.spec.uapi.constants import (
     KVM_MEM_MAX_NR_PAGES,
     KVM_MEM_READONLY,
     KVM_MEM_SLOTS_NUM,
-    U32_MAX,
     U64_MAX,
 )
 
@@ -130,13 +129,7 @@ def check_memory_region_flags(profile: PlatformProfile, flags: int) -> int:
     return 0
 
 
-@require(lambda version: version in (1, 2), "the ioctl is KVM_SET_USER_MEMORY_REGION or ...2")
-@require(lambda region: 0 <= region.slot <= U32_MAX, "slot is a u32")
-@require(lambda region: 0 <= region.flags <= U32_MAX, "flags is a u32")
-@ensure(
-    lambda profile, region, result: result.errno != 0 or region.id < profile.user_mem_slots,
-    "userspace can never reach an internal slot id",
-)
+@checked
 def decide_set_memory_region(
     profile: PlatformProfile,
     region: MemoryRegion,
@@ -149,6 +142,10 @@ def decide_set_memory_region(
 
     The v1 struct has no guest_memfd fields, so v1 refuses that flag; and userspace may only
     name user slot ids (the internal ones above them belong to the architecture).
+
+    pre: version in (1, 2)
+    pre: 0 <= region.slot <= 0xFFFFFFFF and 0 <= region.flags <= 0xFFFFFFFF
+    post: __return__.errno != 0 or region.id < profile.user_mem_slots
 
     kernel: virt/kvm/kvm_main.c:kvm_vm_ioctl, kvm_vm_ioctl_set_memory_region (v6.18)
     """
@@ -165,30 +162,7 @@ def decide_set_memory_region(
     )
 
 
-@require(lambda region: 0 <= region.slot <= U32_MAX, "slot is a u32")
-@require(lambda region: 0 <= region.flags <= U32_MAX, "flags is a u32")
-@require(lambda region: 0 <= region.guest_phys_addr <= U64_MAX, "guest_phys_addr is a u64")
-@require(lambda region: 0 <= region.memory_size <= U64_MAX, "memory_size is a u64")
-@require(lambda region: 0 <= region.userspace_addr <= U64_MAX, "userspace_addr is a u64")
-@require(lambda region: 0 <= region.guest_memfd_offset <= U64_MAX, "offset is a u64")
-@ensure(lambda result: result.errno in (0, EINVAL, EIO, EEXIST), "the generic checks' errnos")
-@ensure(
-    lambda result: (result.errno == 0) or result.change is None,
-    "a rejected request changes nothing",
-)
-@ensure(
-    lambda region, result: (
-        result.errno != 0
-        or result.change is None
-        or region.memory_size > 0
-        or result.change is MrChange.DELETE
-    ),
-    "a change needs a size, except DELETE",
-)
-@ensure(
-    lambda region, result: result.change is not MrChange.DELETE or region.memory_size == 0,
-    "only a zero size deletes",
-)
+@checked
 def decide_kvm_set_memory_region(
     profile: PlatformProfile,
     region: MemoryRegion,
@@ -202,6 +176,14 @@ def decide_kvm_set_memory_region(
     re-submit of an existing (non-guest_memfd) slot succeeds with no change and no generation
     bump. The later checks (guest_memfd binding, arch prepare) are separate functions. The
     internal-slot path (kvm_set_internal_memslot) enters here directly.
+
+    pre: 0 <= region.slot <= 0xFFFFFFFF and 0 <= region.flags <= 0xFFFFFFFF
+    pre: 0 <= region.guest_phys_addr < 2**64 and 0 <= region.memory_size < 2**64
+    pre: 0 <= region.userspace_addr < 2**64 and 0 <= region.guest_memfd_offset < 2**64
+    post: __return__.errno in (0, EINVAL, EIO, EEXIST)
+    post: __return__.errno == 0 or __return__.change is None
+    post: __return__.change is not MrChange.DELETE or region.memory_size == 0
+    post: __return__.change in (None, MrChange.DELETE) or region.memory_size > 0
 
     kernel: virt/kvm/kvm_main.c:kvm_set_memory_region (v6.18)
     """
@@ -304,6 +286,7 @@ def kvm_arch_prepare_memory_region_errno(
     return 0
 
 
+@checked
 def decide_for_crosshair(
     slot: int,
     flags: int,
