@@ -71,7 +71,7 @@ class Session:
         errno = errno_code(observed["errno"])
         violations = [str(v) for v in self._judge(op, observed, errno)]
         if self.monitor is not None:
-            violations.extend(str(v) for v in self.monitor.check())
+            violations.extend(str(v) for v in self.monitor.check(failed=errno != 0))
         self._remember(op, errno)
         return observed, violations
 

@@ -256,6 +256,21 @@ rule(
     ),
 )
 rule(
+    "ERR-NO-CHANGE",
+    "invariant",
+    "memslots",
+    """An ioctl that fails changes nothing: every check runs before the first change, so the
+    same slots stay active with the same contents. The one documented exception is a DELETE
+    or MOVE that fails in arch prepare: it has already swapped twice (the generation moved),
+    but the slot it swaps back is the untouched original.""",
+    KernelCitation(KVM_MAIN, "kvm_set_memory_region"),
+    KernelCitation(KVM_MAIN, "kvm_set_memslot"),
+    SeedCitation(
+        SEED_003,
+        "No modifications required since the original slot was preserved in the inactive slots.",
+    ),
+)
+rule(
     "S003-ACTIVE-IMMUTABLE",
     "invariant",
     "memslots",

@@ -31,13 +31,19 @@ class Violation:
         return f"{self.rule}: {self.message}"
 
 
-def _sets(kvm: Kvm) -> Iterator[tuple[int, KvmMemslots, KvmMemslots]]:
-    for as_id in range(kvm.profile.nr_address_spaces):
-        yield as_id, kvm.memslots(as_id), kvm.inactive_memslots(as_id)
+Sets = list[tuple[int, KvmMemslots, KvmMemslots]]
+"""(as_id, active set, inactive set) for every address space, gathered once per check."""
 
 
-def check_m1_no_overlap(kvm: Kvm) -> Iterator[Violation]:
-    for as_id, active, _ in _sets(kvm):
+def _sets(kvm: Kvm) -> Sets:
+    return [
+        (as_id, kvm.memslots(as_id), kvm.inactive_memslots(as_id))
+        for as_id in range(kvm.profile.nr_address_spaces)
+    ]
+
+
+def check_m1_no_overlap(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
+    for as_id, active, _ in sets:
         previous: KvmMemorySlot | None = None
         for slot in active:
             if previous is not None and slot.base_gfn < previous.end_gfn:
@@ -45,9 +51,9 @@ def check_m1_no_overlap(kvm: Kvm) -> Iterator[Violation]:
             previous = slot
 
 
-def check_m2_ids(kvm: Kvm) -> Iterator[Violation]:
+def check_m2_ids(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
     internal = set(kvm.profile.internal_slot_ids())
-    for as_id, active, _ in _sets(kvm):
+    for as_id, active, _ in sets:
         for slot_id, slot in active.id_hash.items():
             if slot.id != slot_id or slot.as_id != as_id:
                 yield Violation("M2", f"id index {as_id}:{slot_id} holds {slot}")
@@ -57,9 +63,9 @@ def check_m2_ids(kvm: Kvm) -> Iterator[Violation]:
                 yield Violation("M2", f"slot id {slot_id} is neither a user nor internal id")
 
 
-def check_m3_m4_indexes(kvm: Kvm) -> Iterator[Violation]:
+def check_m3_m4_indexes(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
     shift = kvm.profile.page_shift
-    for as_id, active, inactive in _sets(kvm):
+    for as_id, active, inactive in sets:
         for slots in (active, inactive):
             by_id = set(map(id, slots.id_hash.values()))
             by_gfn = set(map(id, slots.gfn_tree.values()))
@@ -79,15 +85,15 @@ def check_m3_m4_indexes(kvm: Kvm) -> Iterator[Violation]:
                     yield Violation("M4", f"{slot} covers {end:#x} past its end in the hva index")
 
 
-def check_m5_sets_agree(kvm: Kvm) -> Iterator[Violation]:
-    for as_id, active, inactive in _sets(kvm):
+def check_m5_sets_agree(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
+    for as_id, active, inactive in sets:
         if active.id_hash != inactive.id_hash:
             yield Violation("M5", f"as {as_id}: active and inactive sets differ between updates")
 
 
-def check_m7_m8_counters(kvm: Kvm) -> Iterator[Violation]:
+def check_m7_m8_counters(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
     pages = logging = 0
-    for _as_id, active, _ in _sets(kvm):
+    for _as_id, active, _ in sets:
         for slot in active:
             pages += slot.npages
             logging += slot.dirty_logging
@@ -97,9 +103,9 @@ def check_m7_m8_counters(kvm: Kvm) -> Iterator[Violation]:
         yield Violation("M8", f"nr_memslots_dirty_logging {kvm.nr_memslots_dirty_logging}")
 
 
-def check_m9_bitmaps(kvm: Kvm) -> Iterator[Violation]:
+def check_m9_bitmaps(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
     uses_bitmap = kvm.use_dirty_bitmap()
-    for _as_id, active, _ in _sets(kvm):
+    for _as_id, active, _ in sets:
         for slot in active:
             has_bitmap = slot.dirty_bitmap is not None
             # A slot logged before the ring was enabled keeps its (now unused) bitmap.
@@ -117,8 +123,8 @@ def check_m9_bitmaps(kvm: Kvm) -> Iterator[Violation]:
                 yield Violation("D6", f"{slot}: a dirty bit beyond npages")
 
 
-def check_m10_no_freed_slot(kvm: Kvm) -> Iterator[Violation]:
-    for _as_id, active, inactive in _sets(kvm):
+def check_m10_no_freed_slot(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
+    for _as_id, active, inactive in sets:
         for slots in (active, inactive):
             for slot in slots.id_hash.values():
                 if slot.freed:
@@ -127,7 +133,7 @@ def check_m10_no_freed_slot(kvm: Kvm) -> Iterator[Violation]:
                 yield Violation("M10", "last_used_slot points at a freed slot")
 
 
-def check_d7_rings(kvm: Kvm) -> Iterator[Violation]:
+def check_d7_rings(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
     for vcpu in kvm.vcpus.values():
         ring = vcpu.dirty_ring
         if ring is None:
@@ -145,7 +151,7 @@ def check_d7_rings(kvm: Kvm) -> Iterator[Violation]:
                 yield Violation("D7", f"vcpu {vcpu.vcpu_id}: entry flags {entry.flags:#x}")
 
 
-STATE_CHECKS: dict[str, Callable[[Kvm], Iterator[Violation]]] = {
+STATE_CHECKS: dict[str, Callable[[Kvm, Sets], Iterator[Violation]]] = {
     "M1": check_m1_no_overlap,
     "M2": check_m2_ids,
     "M3/M4": check_m3_m4_indexes,
@@ -170,7 +176,7 @@ class InvariantMonitor:
         self.active_identity: dict[int, tuple[KvmMemorySlot, tuple[object, ...]]] = {}
         self.pending: list[Violation] = []
         self.checks_run = 0
-        self._snapshot_active()
+        self._check_active_unmodified(_sets(kvm))
         self._instrument()
 
     def _instrument(self) -> None:
@@ -214,23 +220,25 @@ class InvariantMonitor:
             )
         self.generations[as_id] = generation
 
-    def _snapshot_active(self) -> None:
-        self.active_identity = {
-            id(slot): (slot, slot.identity())
-            for _as_id, active, _ in _sets(self.kvm)
-            for slot in active.id_hash.values()
-        }
-
-    def _check_active_unmodified(self) -> Iterator[Violation]:
-        """Seed 003: objects that stayed in the active set must not have changed."""
-        for _as_id, active, _ in _sets(self.kvm):
+    def _check_active_unmodified(self, sets: Sets) -> list[Violation]:
+        """Seed 003: objects that stayed in the active set must not have changed. Takes the
+        snapshot the next check compares against."""
+        violations = []
+        snapshot = {}
+        for _as_id, active, _ in sets:
             for slot in active.id_hash.values():
+                identity = slot.identity()
                 before = self.active_identity.get(id(slot))
-                if before is not None and before[0] is slot and before[1] != slot.identity():
-                    yield Violation("S003-ACTIVE-IMMUTABLE", f"{slot} was modified while active")
+                if before is not None and before[0] is slot and before[1] != identity:
+                    violations.append(
+                        Violation("S003-ACTIVE-IMMUTABLE", f"{slot} was modified while active")
+                    )
+                snapshot[id(slot)] = (slot, identity)
+        self.active_identity = snapshot
+        return violations
 
-    def _check_generations(self) -> Iterator[Violation]:
-        for as_id, active, _ in _sets(self.kvm):
+    def _check_generations(self, sets: Sets) -> Iterator[Violation]:
+        for as_id, active, _ in sets:
             generation = active.generation
             if generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
                 yield Violation("M6", f"as {as_id}: update still marked in progress")
@@ -239,16 +247,30 @@ class InvariantMonitor:
             if generation != self.generations[as_id]:
                 yield Violation("M6", f"as {as_id}: generation moved without a swap")
 
-    def check(self) -> list[Violation]:
-        """All violations since the last call; empty when the model is sound."""
+    def check(self, failed: bool = False) -> list[Violation]:
+        """All violations since the last call; empty when the model is sound.
+
+        ``failed`` says the step was an ioctl that returned an error. Such a step must leave
+        the memslots as they were (only a failing DELETE or MOVE moves the generation, by its
+        two swaps), so instead of re-deriving every index the monitor checks that the active
+        slots are the same objects with the same contents. Any index it corrupted anyway is
+        still caught by the next full check, because a broken index stays broken.
+        """
         self.checks_run += 1
         violations = self.pending
         self.pending = []
+        sets = _sets(self.kvm)
+        before = self.active_identity
+        violations.extend(self._check_active_unmodified(sets))
+        violations.extend(self._check_generations(sets))
+        if failed:
+            if self.active_identity.keys() != before.keys():
+                violations.append(
+                    Violation("ERR-NO-CHANGE", "a failed ioctl added or removed a memslot")
+                )
+            return violations
         for checker in STATE_CHECKS.values():
-            violations.extend(checker(self.kvm))
-        violations.extend(self._check_active_unmodified())
-        violations.extend(self._check_generations())
-        self._snapshot_active()
+            violations.extend(checker(self.kvm, sets))
         return violations
 
 
@@ -267,6 +289,7 @@ CHECKED_RULES = (
     "M12",
     "S003-ACTIVE-IMMUTABLE",
     "S000-INVALID-FINDABLE",
+    "ERR-NO-CHANGE",
     "D6",
     "D7",
 )
