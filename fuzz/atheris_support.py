@@ -90,9 +90,21 @@ def profile_from_env() -> PlatformProfile:
 # ---------------------------------------------------------------------------------------------
 
 
+# The checkers: their branches only differ when a rule is broken, so their coverage would
+# only add noise to what guides the fuzzer (the model's and the rules' decisions).
+CHECKER_MODULES = [
+    "kvmspec.spec.invariants",
+    "kvmspec.spec.invariants.memslots",
+    "kvmspec.spec.contracts",
+    "kvmspec.spec.dbc",
+    "kvmspec.spec.rules",
+]
+
+
 def _harness_modules() -> list[str]:
-    """Every module of kvmspec.fuzz, found on disk without importing any of them."""
-    names = ["kvmspec.fuzz"]
+    """Every module of kvmspec.fuzz, found on disk without importing any of them, and the
+    rule checkers of kvmspec.spec."""
+    names = ["kvmspec.fuzz", *CHECKER_MODULES]
     for module in pkgutil.iter_modules([str(Path(__file__).parent)], "kvmspec.fuzz."):
         names.append(module.name)
         if module.ispkg:
@@ -107,9 +119,9 @@ def instrumentation(
     """The context to import kvmspec in, so that Atheris sees coverage of what it imports.
 
     ``$KVMSPEC_INSTRUMENT`` (else ``default``) chooses what: ``model`` (kvmspec.reference and
-    kvmspec.spec), ``kvmspec`` (the harness too), ``all`` (every module imported inside,
-    libraries included) or ``none``. Disabled (``enabled`` False, e.g. when a test imports
-    a fuzz target) it does nothing.
+    the rules of kvmspec.spec, without the checkers), ``kvmspec`` (the harness too), ``all``
+    (every module imported inside, libraries included) or ``none``. Disabled (``enabled``
+    False, e.g. when a test imports a fuzz target) it does nothing.
     """
     mode = os.environ.get(INSTRUMENT_ENV, default)
     if not enabled or mode == "none":

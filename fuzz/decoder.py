@@ -57,9 +57,12 @@ class BytesChooser:
     def below(self, n: int) -> int:
         if n <= 1:
             return 0
-        width = 1 if n <= 256 else 2
-        chunk = self.data[self.position : self.position + width]
-        self.position += width
+        data, position = self.data, self.position
+        if n <= 256:  # one byte
+            self.position = position + 1
+            return data[position] % n if position < len(data) else 0
+        chunk = data[position : position + 2]
+        self.position = position + 2
         return int.from_bytes(chunk, "little") % n if chunk else 0
 
     @property
