@@ -41,7 +41,7 @@ def conditions(function: Callable[..., Any]) -> tuple[list[Condition], list[Cond
     """The compiled ``pre:`` and ``post:`` lines of ``function``'s docstring."""
     pres: list[Condition] = []
     posts: list[Condition] = []
-    for line in inspect.getdoc(function).splitlines() if function.__doc__ else []:
+    for line in (inspect.getdoc(function) or "").splitlines():
         kind, _, text = line.strip().partition(":")
         if kind in ("pre", "post") and text.strip():
             source = text.strip()

@@ -224,7 +224,7 @@ class InvariantMonitor:
         """Seed 003: objects that stayed in the active set must not have changed. Takes the
         snapshot the next check compares against."""
         violations = []
-        snapshot = {}
+        snapshot: dict[int, tuple[KvmMemorySlot, tuple[object, ...]]] = {}
         for _as_id, active, _ in sets:
             for slot in active.id_hash.values():
                 identity = slot.identity()
