@@ -71,7 +71,9 @@ class Session:
         errno = errno_code(observed["errno"])
         violations = [str(v) for v in self._judge(op, observed, errno)]
         if self.monitor is not None:
-            violations.extend(str(v) for v in self.monitor.check(failed=errno != 0))
+            updated = isinstance(op, SetUserMemoryRegion | SetUserMemoryRegion2)
+            checked = self.monitor.check(failed=errno != 0, memslots_changed=updated)
+            violations.extend(str(v) for v in checked)
         self._remember(op, errno)
         return observed, violations
 

@@ -48,12 +48,15 @@ class HvaIndex:
             del self._segments[at]
 
     def insert(self, start: int, end: int, slot_id: int) -> None:
+        """Add a slot id (not already present) over [start, end).
+
+        No boundary needs merging afterwards: ``slot_id`` is now on the inside of both ends
+        and on neither outside, so the covers on either side of ``start`` and ``end`` differ.
+        """
         self._split(start)
         self._split(end)
         for key in list(self._segments.irange(start, end, inclusive=(True, False))):
             self._segments[key] = (*self._segments[key], slot_id)
-        self._merge(end)
-        self._merge(start)
 
     def remove(self, start: int, end: int, slot_id: int) -> None:
         for key in list(self._segments.irange(start, end, inclusive=(True, False))):
