@@ -350,12 +350,6 @@ def kvm_set_memslot(
     return 0
 
 
-def _slot_view(slot: KvmMemorySlot | None) -> SlotView | None:
-    if slot is None:
-        return None
-    return SlotView(slot.base_gfn, slot.npages, slot.flags, slot.userspace_addr)
-
-
 def kvm_set_memory_region(
     kvm: Kvm,
     region: MemoryRegion,
@@ -399,7 +393,7 @@ def _validate(kvm: Kvm, region: MemoryRegion, version: int, user: bool) -> Memsl
     """Run the pure rules against the live memslots of ``kvm``."""
 
     def lookup(as_id: int, slot_id: int) -> SlotView | None:
-        return _slot_view(kvm.memslots(as_id).id_to_memslot(slot_id))
+        return kvm.memslots(as_id).id_to_memslot(slot_id)
 
     def overlaps(as_id: int, slot_id: int, start: int, end: int) -> bool:
         return kvm.memslots(as_id).kvm_check_memslot_overlap(slot_id, start, end)

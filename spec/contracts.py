@@ -43,7 +43,7 @@ from kvmspec.spec.uapi.guest_memfd_rules import (
 from kvmspec.spec.uapi.memslot_rules import (
     MemoryRegion,
     MrChange,
-    SlotView,
+    SlotRecord,
     decide_set_memory_region,
     kvm_arch_prepare_memory_region_errno,
 )
@@ -86,7 +86,7 @@ class MemslotUapiContract:
 
     def __init__(self, profile: PlatformProfile) -> None:
         self.profile = profile
-        self.slots: dict[tuple[int, int], SlotView] = {}
+        self.slots: dict[tuple[int, int], SlotRecord] = {}
         self.slot_gmem: dict[tuple[int, int], str] = {}
         self.gmems: dict[str, GmemState] = {}
         self.nr_memslot_pages = 0
@@ -167,7 +167,7 @@ class MemslotUapiContract:
             return violations
         if change is MrChange.CREATE:
             self.nr_memslot_pages += verdict.npages
-        self.slots[key] = SlotView(
+        self.slots[key] = SlotRecord(
             verdict.base_gfn, verdict.npages, region.flags, region.userspace_addr
         )
         if region.flags & KVM_MEM_GUEST_MEMFD and gmem is not None and gmem_name is not None:

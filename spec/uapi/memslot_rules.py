@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from errno import EEXIST, EINVAL, EIO
+from typing import NamedTuple, Protocol
 
 from kvmspec.spec.dbc import checked
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
@@ -45,11 +45,12 @@ class MrChange(enum.Enum):
     FLAGS_ONLY = "flags_only"
 
 
-@dataclass(frozen=True, slots=True)
-class MemoryRegion:
+class MemoryRegion(NamedTuple):
     """struct kvm_userspace_memory_region2 as userspace passed it (v1 leaves the offset 0).
 
-    The guest_memfd descriptor is not here: the caller resolves it to a file.
+    The guest_memfd descriptor is not here: the caller resolves it to a file. (Requests and
+    verdicts are immutable named tuples: they are made for every ioctl, and a tuple is the
+    cheapest immutable record Python has.)
     """
 
     slot: int
@@ -70,9 +71,26 @@ class MemoryRegion:
         return self.slot & 0xFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class SlotView:
-    """What the rules need to know about an existing slot."""
+class SlotView(Protocol):
+    """What the rules need to know about an existing slot. The reference's memslot objects
+    have these fields, so they are passed as they are; the black-box contract keeps its own
+    :class:`SlotRecord` for what a VMM knows."""
+
+    @property
+    def base_gfn(self) -> int: ...
+
+    @property
+    def npages(self) -> int: ...
+
+    @property
+    def flags(self) -> int: ...
+
+    @property
+    def userspace_addr(self) -> int: ...
+
+
+class SlotRecord(NamedTuple):
+    """A slot as a VMM remembers it from the request that created or last changed it."""
 
     base_gfn: int
     npages: int
@@ -80,8 +98,7 @@ class SlotView:
     userspace_addr: int
 
 
-@dataclass(frozen=True, slots=True)
-class MemslotVerdict:
+class MemslotVerdict(NamedTuple):
     """The outcome of the generic checks.
 
     ``errno`` is 0 on success. ``change`` is None when the request is rejected or changes
@@ -315,7 +332,9 @@ def decide_for_crosshair(
     post: __return__.change is None or (slot & 0xFFFF) < 32764
     post: __return__.errno != 17 or overlap
     """
-    old = SlotView(old_base_gfn, old_npages, old_flags, old_userspace_addr) if old_exists else None
+    old = (
+        SlotRecord(old_base_gfn, old_npages, old_flags, old_userspace_addr) if old_exists else None
+    )
     return decide_set_memory_region(
         DEFAULT_PROFILE,
         MemoryRegion(slot, flags, guest_phys_addr, memory_size, userspace_addr),
