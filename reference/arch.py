@@ -71,6 +71,14 @@ class KvmArch:
         next guest write to each is logged."""
         self.events.append(("reprotect", (slot, gfn_offset, mask)))
 
+    def kvm_flush_remote_tlbs(self, kvm: Kvm) -> None:
+        """Make every vCPU drop every stale translation before userspace is answered."""
+        self.events.append(("flush_tlbs", None))
+
+    def kvm_arch_free_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
+        """Release the architecture's per-slot metadata (rmaps, lpage_info, ...)."""
+        self.events.append(("free_memslot", slot))
+
     def kvm_flush_remote_tlbs_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
         """Make every vCPU drop stale translations of ``slot`` before userspace is answered."""
         self.events.append(("flush_tlbs_memslot", slot))

@@ -17,7 +17,6 @@ from errno import EINVAL
 from kvmspec.reference.concurrency import KernelOp, Preempt
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
-from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 from kvmspec.spec.uapi.dirty_log_rules import (
     BITS_PER_LONG,
     clear_dirty_log_errno,
@@ -53,7 +52,7 @@ def kvm_get_dirty_log_protect(kvm: Kvm, slot: int) -> KernelOp[tuple[int, list[i
         bitmap = memslot.dirty_bitmap
 
         # With manual protection, GET is a plain copy; CLEAR does the re-protection.
-        if kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+        if kvm.manual_dirty_log_protect:
             return 0, bitmap.words()
 
         # harvest: swap each word with zero and re-protect its pages (under mmu_lock).
@@ -108,9 +107,6 @@ def kvm_clear_dirty_log_protect(
         nr_words = (num_pages + BITS_PER_LONG - 1) // BITS_PER_LONG
         for offset in range(nr_words):
             mask = user_bitmap[offset] if offset < len(user_bitmap) else 0
-            remaining = num_pages - offset * BITS_PER_LONG
-            if remaining < BITS_PER_LONG:
-                mask &= (1 << remaining) - 1
             if not mask:
                 continue
             index = first_page // BITS_PER_LONG + offset
@@ -125,6 +121,22 @@ def kvm_clear_dirty_log_protect(
         return 0
     finally:
         kvm.slots_lock.unlock(owner)
+
+
+def kvm_reset_dirty_gfn(kvm: Kvm, slot: int, offset: int) -> None:
+    """Write-protect one harvested page again. The entry lives in memory userspace can write,
+    so its slot and offset are checked first: a bad address space, an internal or missing
+    slot, or an offset past the slot is ignored (D6).
+
+    kernel: virt/kvm/dirty_ring.c:kvm_reset_dirty_gfn (v6.18)
+    """
+    as_id, slot_id = slot >> 16, slot & 0xFFFF
+    if as_id >= kvm.profile.nr_address_spaces or slot_id >= kvm.profile.user_mem_slots:
+        return
+    memslot = kvm.memslots(as_id).id_to_memslot(slot_id)
+    if memslot is None or offset >= memslot.npages:
+        return
+    kvm.arch.kvm_arch_mmu_enable_log_dirty_pt_masked(kvm, memslot, offset, 1)
 
 
 def kvm_vm_ioctl_reset_dirty_pages(kvm: Kvm) -> KernelOp[tuple[int, int]]:
@@ -143,11 +155,10 @@ def kvm_vm_ioctl_reset_dirty_pages(kvm: Kvm) -> KernelOp[tuple[int, int]]:
             assert vcpu.dirty_ring is not None
             for entry in vcpu.dirty_ring.reset():
                 cleared += 1
-                memslot = kvm.memslots(entry.slot >> 16).id_to_memslot(entry.slot & 0xFFFF)
-                # An entry userspace corrupted, or of a slot deleted since, is skipped (D6).
-                if memslot is None or entry.offset >= memslot.npages:
-                    continue
-                kvm.arch.kvm_arch_mmu_enable_log_dirty_pt_masked(kvm, memslot, entry.offset, 1)
+                kvm_reset_dirty_gfn(kvm, entry.slot, entry.offset)
+        # Pages were write-protected again: no vCPU may keep writing through an old entry.
+        if cleared:
+            kvm.arch.kvm_flush_remote_tlbs(kvm)
         return 0, cleared
     finally:
         kvm.slots_lock.unlock(owner)

@@ -28,7 +28,6 @@ from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot, kvm_copy_memslot
 from kvmspec.spec.uapi.constants import (
     KVM_DIRTY_LOG_INITIALLY_SET,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
@@ -59,7 +58,7 @@ def kvm_replace_memslot(kvm: Kvm, old: KvmMemorySlot | None, new: KvmMemorySlot 
     page_shift = kvm.profile.page_shift
 
     # A lookup cache must never point at a slot that is leaving the set.
-    if slots.last_used_slot is old:
+    if old is not None and slots.last_used_slot is old:
         slots.last_used_slot = new
 
     if old is not None:
@@ -235,10 +234,10 @@ def kvm_prepare_memory_region(
         elif old is not None and old.dirty_bitmap is not None:
             new.dirty_bitmap = old.dirty_bitmap
         elif kvm.use_dirty_bitmap():
-            manual_and_init_set = kvm.manual_dirty_log_protect == (
-                KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
-            )
-            new.dirty_bitmap = DirtyBitmap(new.npages, initially_set=manual_and_init_set)
+            # kvm_dirty_log_manual_protect_and_init_set(): INITIALLY_SET is only accepted
+            # together with manual protection, so its bit alone decides.
+            initially_set = bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
+            new.dirty_bitmap = DirtyBitmap(new.npages, initially_set=initially_set)
             allocated = True
 
     errno = kvm.arch.kvm_arch_prepare_memory_region(kvm, old, new, change)
@@ -269,20 +268,21 @@ def kvm_commit_memory_region(
 
     # The swaps already waited for SRCU readers, so the detached slot can be freed.
     if change is MrChange.DELETE and old is not None:
-        kvm_free_memslot(old)
+        kvm_free_memslot(kvm, old)
     elif change in (MrChange.MOVE, MrChange.FLAGS_ONLY) and old is not None:
         if old.dirty_bitmap is not None and new is not None and new.dirty_bitmap is None:
             old.dirty_bitmap = None
         old.freed = True
 
 
-def kvm_free_memslot(slot: KvmMemorySlot) -> None:
-    """Free a deleted slot with its bitmap and guest_memfd binding.
+def kvm_free_memslot(kvm: Kvm, slot: KvmMemorySlot) -> None:
+    """Free a deleted slot with its guest_memfd binding, arch metadata and bitmap.
 
     kernel: virt/kvm/kvm_main.c:kvm_free_memslot (v6.18)
     """
     if slot.is_gmem:
         kvm_gmem_unbind(slot)
+    kvm.arch.kvm_arch_free_memslot(kvm, slot)
     slot.dirty_bitmap = None
     slot.freed = True
 

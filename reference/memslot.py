@@ -106,8 +106,9 @@ class KvmMemorySlot:
 
 
 def kvm_copy_memslot(dest: KvmMemorySlot, src: KvmMemorySlot) -> None:
-    """Copy every field of ``src`` into ``dest`` (the tree nodes are not copied: ``dest`` is
-    not in any set yet).
+    """Copy the slot's identity, range, flags, bitmap and arch data into ``dest`` (not the
+    tree nodes: ``dest`` is in no set yet; and not the guest_memfd binding, which stays with
+    the slot that was bound, so an INVALID copy of a guest_memfd slot has no file).
 
     kernel: virt/kvm/kvm_main.c:kvm_copy_memslot (v6.18)
     """
@@ -119,5 +120,3 @@ def kvm_copy_memslot(dest: KvmMemorySlot, src: KvmMemorySlot) -> None:
     dest.userspace_addr = src.userspace_addr
     dest.dirty_bitmap = src.dirty_bitmap
     dest.arch = dict(src.arch)
-    dest.gmem_file = src.gmem_file
-    dest.gmem_pgoff = src.gmem_pgoff

@@ -230,7 +230,7 @@ def decide_kvm_set_memory_region(
     if region.guest_phys_addr + region.memory_size > U64_MAX:
         return _reject(EINVAL, "11 gpa-wrap")
     npages = region.memory_size >> profile.page_shift
-    if npages > KVM_MEM_MAX_NR_PAGES:
+    if region.id < profile.user_mem_slots and npages > KVM_MEM_MAX_NR_PAGES:
         return _reject(EINVAL, "12 max-nr-pages")
 
     # 13. The old slot comes from the active set: that is what vCPUs see right now.
