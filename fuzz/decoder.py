@@ -162,7 +162,9 @@ def _create(chooser: Chooser, view: SessionView) -> Operation:
 
 
 def _modify(chooser: Chooser, view: SessionView) -> Operation:
-    """Re-submit a known slot with one change: move, flags, nothing, size, hva or READONLY."""
+    """Re-submit a known slot with one change (move, flags, nothing, size, hva or READONLY),
+    and sometimes a LOG toggle on top: a MOVE that changes logging too, or a flags change
+    undone into an identical re-submit."""
     if not view.slot_requests:
         return _create(chooser, view)
     request = view.slot_requests[pick(chooser, sorted(view.slot_requests))]
@@ -180,7 +182,7 @@ def _modify(chooser: Chooser, view: SessionView) -> Operation:
     elif variant == 5:
         flags ^= KVM_MEM_READONLY
     if chooser.below(4) == 0:
-        flags ^= KVM_MEM_LOG_DIRTY_PAGES  # MOVE and a LOG toggle in one request
+        flags ^= KVM_MEM_LOG_DIRTY_PAGES
     if isinstance(request, SetUserMemoryRegion2):
         return SetUserMemoryRegion2(
             request.slot, flags, gpa, size, address, request.guest_memfd, request.guest_memfd_offset

@@ -71,7 +71,7 @@ class Session:
         errno = errno_code(observed["errno"])
         violations = [str(v) for v in self._judge(op, observed, errno)]
         if self.monitor is not None:
-            updated = isinstance(op, SetUserMemoryRegion | SetUserMemoryRegion2)
+            updated = isinstance(op, RegionOp)
             checked = self.monitor.check(failed=errno != 0, memslots_changed=updated)
             violations.extend(str(v) for v in checked)
         self._remember(op, errno)
@@ -79,7 +79,7 @@ class Session:
 
     def _judge(self, op: Operation, observed: Observation, errno: int) -> list[object]:
         contract = self.contract
-        if isinstance(op, SetUserMemoryRegion | SetUserMemoryRegion2):
+        if isinstance(op, RegionOp):
             resolve = getattr(self.target, "resolve", None)
             address = resolve(op.userspace_addr) if resolve is not None else op.userspace_addr
             if not isinstance(address, int):
@@ -117,7 +117,7 @@ class Session:
             self.region_sizes[op.region] = op.size
         elif isinstance(op, CreateGuestMemfd):
             self.gmems.append(op.gmem)
-        elif isinstance(op, SetUserMemoryRegion | SetUserMemoryRegion2):
+        elif isinstance(op, RegionOp):
             key = (op.slot >> 16, op.slot & 0xFFFF)
             if op.memory_size == 0:
                 self.slot_requests.pop(key, None)

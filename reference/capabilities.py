@@ -22,7 +22,12 @@ from kvmspec.spec.uapi.dirty_log_rules import (
 
 
 def kvm_vm_ioctl_check_extension(kvm: Kvm, cap: int) -> int:
-    """The value KVM_CHECK_EXTENSION returns on the VM fd (0: not supported or unknown)."""
+    """The value KVM_CHECK_EXTENSION returns on the VM fd (0: not supported or unknown).
+
+    kernel: virt/kvm/kvm_main.c:kvm_vm_ioctl_check_extension_generic, then the
+    architecture's kvm_vm_ioctl_check_extension for what the generic code does not know
+    (v6.18)
+    """
     profile = kvm.profile
     name = CAPABILITY_NAMES.get(cap)
     if name is None:
@@ -55,7 +60,12 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm, cap: int) -> int:
 
 
 def kvm_vm_ioctl_enable_cap(kvm: Kvm, cap: int, flags: int, args: tuple[int, ...]) -> int:
-    """KVM_ENABLE_CAP on the VM fd: 0 or an errno; an error changes nothing."""
+    """KVM_ENABLE_CAP on the VM fd: 0 or an errno; an error changes nothing.
+
+    kernel: virt/kvm/kvm_main.c:kvm_vm_ioctl_enable_cap_generic (manual protection and the
+    dirty ring), which passes every other capability to the architecture's
+    kvm_vm_ioctl_enable_cap (arch/x86/kvm/x86.c: KVM_CAP_DISABLE_QUIRKS2) (v6.18)
+    """
     name = CAPABILITY_NAMES.get(cap)
     arg0 = args[0] if args else 0
     profile = kvm.profile

@@ -8,7 +8,8 @@ nothing touches two keys. The index holds slot *ids* (unique within a set, M2): 
 range never changes, so replacing a slot by an updated copy with the same id leaves the index
 as it is, exactly as the kernel's remove-and-insert would.
 
-kernel: virt/kvm/kvm_main.c:kvm_replace_memslot (hva_tree), __kvm_handle_hva_range (v6.18)
+kernel: virt/kvm/kvm_main.c:kvm_replace_memslot (hva_tree); queried as in
+__kvm_handle_hva_range (v6.18)
 """
 
 from __future__ import annotations

@@ -34,11 +34,10 @@ from kvmspec.spec.uapi.constants import (
 )
 from kvmspec.spec.uapi.memslot_rules import (
     MemoryRegion,
-    MemslotVerdict,
     MrChange,
     SlotView,
+    decide_ioctl_set_memory_region,
     decide_kvm_set_memory_region,
-    decide_set_memory_region,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -351,16 +350,27 @@ def kvm_set_memslot(
 
 
 def kvm_set_memory_region(
-    kvm: Kvm,
-    region: MemoryRegion,
-    verdict: MemslotVerdict,
-    gmem_file: GmemFile | None,
-    owner: object,
+    kvm: Kvm, region: MemoryRegion, gmem_file: GmemFile | None, owner: object
 ) -> KernelOp[int]:
-    """Build the new slot for an accepted request, bind its guest_memfd, and set it.
+    """Validate a memslot request, build the new slot, bind its guest_memfd, and set it.
+
+    The caller holds slots_lock. ``gmem_file`` is the file behind the request's guest_memfd
+    descriptor (None when that descriptor is not open).
 
     kernel: virt/kvm/kvm_main.c:kvm_set_memory_region (v6.18)
     """
+
+    def lookup(as_id: int, slot_id: int) -> SlotView | None:
+        return kvm.memslots(as_id).id_to_memslot(slot_id)
+
+    def overlaps(as_id: int, slot_id: int, start: int, end: int) -> bool:
+        return kvm.memslots(as_id).kvm_check_memslot_overlap(slot_id, start, end)
+
+    # validate: the pure rules decide the errno or the kind of change (or that an identical
+    # re-submit changes nothing).
+    verdict = decide_kvm_set_memory_region(
+        kvm.profile, region, lookup, overlaps, kvm.nr_memslot_pages
+    )
     change = verdict.change
     if change is None:
         return verdict.errno
@@ -389,41 +399,26 @@ def kvm_set_memory_region(
     return errno
 
 
-def _validate(kvm: Kvm, region: MemoryRegion, version: int, user: bool) -> MemslotVerdict:
-    """Run the pure rules against the live memslots of ``kvm``."""
-
-    def lookup(as_id: int, slot_id: int) -> SlotView | None:
-        return kvm.memslots(as_id).id_to_memslot(slot_id)
-
-    def overlaps(as_id: int, slot_id: int, start: int, end: int) -> bool:
-        return kvm.memslots(as_id).kvm_check_memslot_overlap(slot_id, start, end)
-
-    if user:
-        return decide_set_memory_region(
-            kvm.profile, region, version, lookup, overlaps, kvm.nr_memslot_pages
-        )
-    return decide_kvm_set_memory_region(kvm.profile, region, lookup, overlaps, kvm.nr_memslot_pages)
-
-
 def kvm_vm_ioctl_set_memory_region(
     kvm: Kvm, region: MemoryRegion, version: int, gmem_file: GmemFile | None = None
 ) -> KernelOp[int]:
     """KVM_SET_USER_MEMORY_REGION (``version`` 1) and ..._REGION2 (``version`` 2).
 
-    ``gmem_file`` is the file behind ``region.guest_memfd`` (None when that descriptor is not
-    open). Returns 0 or an errno; on an error nothing changed, except the documented case of
-    a MOVE that fails in arch prepare.
+    ``gmem_file`` is the file behind the request's guest_memfd descriptor (None when that
+    descriptor is not open). Returns 0 or an errno; on an error nothing changed, except the
+    documented case of a DELETE or MOVE that fails in arch prepare.
 
     kernel: virt/kvm/kvm_main.c:kvm_vm_ioctl, kvm_vm_ioctl_set_memory_region (v6.18)
     """
+    # validate: the entry point's own checks come before the lock.
+    rejected = decide_ioctl_set_memory_region(kvm.profile, region, version)
+    if rejected is not None:
+        return rejected.errno
+
     owner = object()
     yield from kvm.slots_lock.lock(owner)
     try:
-        # validate: the pure rules decide the errno or the kind of change.
-        verdict = _validate(kvm, region, version, user=True)
-        if verdict.errno:
-            return verdict.errno
-        return (yield from kvm_set_memory_region(kvm, region, verdict, gmem_file, owner))
+        return (yield from kvm_set_memory_region(kvm, region, gmem_file, owner))
     finally:
         kvm.slots_lock.unlock(owner)
 
@@ -443,9 +438,6 @@ def kvm_set_internal_memslot(
     owner = object()
     yield from kvm.slots_lock.lock(owner)
     try:
-        verdict = _validate(kvm, region, 2, user=False)
-        if verdict.errno:
-            return verdict.errno
-        return (yield from kvm_set_memory_region(kvm, region, verdict, None, owner))
+        return (yield from kvm_set_memory_region(kvm, region, None, owner))
     finally:
         kvm.slots_lock.unlock(owner)

@@ -63,7 +63,8 @@ class KvmMemslots:
     def gfn_to_memslot(self, gfn: int) -> KvmMemorySlot | None:
         """A lookup that tries the last slot found first: most accesses hit the same slot.
 
-        kernel: include/linux/kvm_host.h:____gfn_to_memslot (v6.18)
+        kernel: include/linux/kvm_host.h:____gfn_to_memslot (called as __gfn_to_memslot on
+        one set; the kernel's gfn_to_memslot picks the set from the vCPU first) (v6.18)
         """
         slot = self.last_used_slot
         if slot is not None and slot.base_gfn <= gfn < slot.end_gfn:
@@ -92,5 +93,11 @@ class KvmMemslots:
         return False
 
     def hva_to_memslots(self, start: int, end: int) -> list[KvmMemorySlot]:
-        """Every slot whose host range intersects [start, end) (the notifier lookup)."""
+        """Every slot whose host range intersects [start, end): the lookup MMU notifiers make
+        to turn a host range into the gfns it backs (the generic-machinery layer calls it; the
+        invariants check the index behind it now).
+
+        kernel: virt/kvm/kvm_main.c:__kvm_handle_hva_range (kvm_for_each_memslot_in_hva_range)
+        (v6.18)
+        """
         return [self.id_hash[slot_id] for slot_id in self.hva_tree.ids_overlapping(start, end)]

@@ -297,6 +297,17 @@ rule(
     SeedCitation(SEED_000, "kvm_arch_flush_shadow requires functional memslot lookup"),
 )
 
+rule(
+    "G1",
+    "invariant",
+    "memslots",
+    """Each guest_memfd page is bound to at most one memslot, the binding lies within the
+    file, and a binding exists exactly while its live slot points at the file.""",
+    KernelCitation("virt/kvm/guest_memfd.c", "kvm_gmem_bind"),
+    KernelCitation("virt/kvm/guest_memfd.c", "kvm_gmem_unbind"),
+    MeasuredCitation(FINDINGS, "6. guest_memfd, KVM_SET_USER_MEMORY_REGION2"),
+)
+
 # --- Invariants: the dirty ring (INVENTORY C.3) -----------------------------------------------
 
 rule(
@@ -312,8 +323,9 @@ rule(
     "D7",
     "invariant",
     "dirty-log",
-    """0 <= dirty_index - reset_index <= size; the entries in [reset_index, dirty_index) are
-    DIRTY or DIRTY|RESET and every other entry is invalid.""",
+    """0 <= dirty_index - reset_index <= size; the entries in [reset_index, dirty_index) carry
+    DIRTY (as KVM wrote them) or RESET (as userspace harvested them), and every other entry is
+    invalid.""",
     KernelCitation(DIRTY_RING, "kvm_dirty_ring_push"),
     KernelCitation(DIRTY_RING, "kvm_dirty_ring_used"),
 )

@@ -71,6 +71,9 @@ def check_m3_m4_indexes(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
             by_gfn = set(map(id, slots.gfn_tree.values()))
             if by_id != by_gfn:
                 yield Violation("M4", f"as {as_id}: id index and gfn tree disagree")
+            stale = slots.hva_tree.ids_overlapping(0, 1 << 64) - slots.id_hash.keys()
+            if stale:
+                yield Violation("M4", f"as {as_id}: hva index holds ids {sorted(stale)}")
             for base_gfn, slot in slots.gfn_tree.items():
                 if slot.npages <= 0:
                     yield Violation("M3", f"{slot} has no pages")
@@ -145,10 +148,31 @@ def check_d7_rings(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
         for position, entry in ring.entries.items():
             if position not in live:
                 yield Violation("D7", f"vcpu {vcpu.vcpu_id}: stale entry at {position}")
-            elif not entry.flags & KVM_DIRTY_GFN_F_DIRTY or entry.flags & ~(
-                KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET
-            ):
+            # KVM writes DIRTY; userspace may then write RESET, with or without DIRTY.
+            elif not entry.flags or entry.flags & ~(KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET):
                 yield Violation("D7", f"vcpu {vcpu.vcpu_id}: entry flags {entry.flags:#x}")
+
+
+def check_g1_gmem_bindings(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
+    """Every bound guest_memfd range belongs to the active slot of that id, and every active
+    guest_memfd slot holds its binding (nothing leaked by a failed create or a delete)."""
+    for file in kvm.gmem_files:
+        for pgoff, (npages, slot) in file.bindings.items():
+            active = kvm.memslots(slot.as_id).id_to_memslot(slot.id)
+            if slot.freed or active is not slot:
+                yield Violation("G1", f"pages {pgoff}+{npages} bound to a dead slot {slot}")
+            elif (
+                slot.gmem_pgoff != pgoff
+                or slot.npages != npages
+                or pgoff + npages > (file.size >> kvm.profile.page_shift)
+            ):
+                yield Violation("G1", f"{slot}: binding {pgoff}+{npages} does not match")
+    for _as_id, active_set, _ in sets:
+        for slot in active_set.id_hash.values():
+            if slot.is_gmem and (
+                slot.gmem_file is None or slot.gmem_file.bindings.get(slot.gmem_pgoff) is None
+            ):
+                yield Violation("G1", f"{slot} is a guest_memfd slot without its binding")
 
 
 STATE_CHECKS: dict[str, Callable[[Kvm, Sets], Iterator[Violation]]] = {
@@ -160,9 +184,10 @@ STATE_CHECKS: dict[str, Callable[[Kvm, Sets], Iterator[Violation]]] = {
     "M9/D6": check_m9_bitmaps,
     "M10": check_m10_no_freed_slot,
     "D7": check_d7_rings,
+    "G1": check_g1_gmem_bindings,
 }
 # What a step that is not a memslot update can change: bitmaps, the ring, the log mode.
-CONTENT_CHECKS = {name: STATE_CHECKS[name] for name in ("M9/D6", "D7")}
+CONTENT_CHECKS = {name: STATE_CHECKS[name] for name in ("M9/D6", "D7", "G1")}
 
 
 class InvariantMonitor:
@@ -209,7 +234,7 @@ class InvariantMonitor:
         # Seed 000: the INVALID slot must still be found, by gfn and by hva.
         if active.search_memslots(slot.base_gfn) is not copy:
             self.pending.append(Violation("S000-INVALID-FINDABLE", f"{copy} not found by gfn"))
-        if copy.id not in active.hva_tree.ids_at(copy.userspace_addr):
+        if copy not in active.hva_to_memslots(copy.userspace_addr, copy.userspace_addr + 1):
             self.pending.append(Violation("S000-INVALID-FINDABLE", f"{copy} not found by hva"))
 
     def _check_generation_step(self, kvm: Kvm, generation: int) -> None:
@@ -258,8 +283,9 @@ class InvariantMonitor:
         same contents (ERR-NO-CHANGE) instead of re-deriving every index.
         ``memslots_changed`` False says the step was not a memslot update (a dirty-log ioctl,
         a capability): the indexes are then only re-derived after the next update, while the
-        slots' contents, bitmaps and rings are checked now. Either way nothing is missed: an
-        index broken by any step stays broken until the next full check finds it.
+        slots' contents, bitmaps and rings are checked now. An index broken by such a step
+        stays broken, so the next full check finds it; after a failed update the two sets are
+        compared at once (M5, M10), since the next update could otherwise repair the damage.
         """
         self.checks_run += 1
         violations = self.pending
@@ -273,6 +299,10 @@ class InvariantMonitor:
                 violations.append(
                     Violation("ERR-NO-CHANGE", "a failed ioctl added or removed a memslot")
                 )
+            # A failing DELETE or MOVE swapped twice: both sets must agree again, and the
+            # INVALID copy it swapped out must be gone from both.
+            for checker in (check_m5_sets_agree, check_m10_no_freed_slot):
+                violations.extend(checker(self.kvm, sets))
             return violations
         checks = STATE_CHECKS if memslots_changed else CONTENT_CHECKS
         for checker in checks.values():
@@ -296,6 +326,7 @@ CHECKED_RULES = (
     "S003-ACTIVE-IMMUTABLE",
     "S000-INVALID-FINDABLE",
     "ERR-NO-CHANGE",
+    "G1",
     "D6",
     "D7",
 )

@@ -146,6 +146,26 @@ def check_memory_region_flags(profile: PlatformProfile, flags: int) -> int:
     return 0
 
 
+def decide_ioctl_set_memory_region(
+    profile: PlatformProfile, region: MemoryRegion, version: int
+) -> MemslotVerdict | None:
+    """The checks the ioctl entry points make before taking slots_lock: a rejection, or None.
+
+    The v1 struct has no guest_memfd fields, so v1 refuses that flag; and userspace may only
+    name user slot ids (the internal ones above them belong to the architecture). Only the
+    low 16 bits, the id, are checked here; the address space comes later (check 10).
+
+    kernel: virt/kvm/kvm_main.c:kvm_vm_ioctl, kvm_vm_ioctl_set_memory_region (v6.18)
+    """
+    # 2. The v1 ioctl only knows LOG_DIRTY_PAGES and READONLY (kvm_vm_ioctl).
+    if version == 1 and region.flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
+        return _reject(EINVAL, "2 v1-flags")
+    # 3. No internal slot ids through the uAPI.
+    if region.id >= profile.user_mem_slots:
+        return _reject(EINVAL, "3 slot-id")
+    return None
+
+
 @checked
 def decide_set_memory_region(
     profile: PlatformProfile,
@@ -155,25 +175,16 @@ def decide_set_memory_region(
     overlaps_other_slot: Overlaps,
     nr_memslot_pages: int,
 ) -> MemslotVerdict:
-    """The checks of the ioctl entry points, then :func:`decide_kvm_set_memory_region`.
-
-    The v1 struct has no guest_memfd fields, so v1 refuses that flag; and userspace may only
-    name user slot ids (the internal ones above them belong to the architecture).
+    """A whole KVM_SET_USER_MEMORY_REGION(2) request as userspace sees it: the ioctl's own
+    checks (:func:`decide_ioctl_set_memory_region`), then :func:`decide_kvm_set_memory_region`.
 
     pre: version in (1, 2)
     pre: 0 <= region.slot <= 0xFFFFFFFF and 0 <= region.flags <= 0xFFFFFFFF
     post: __return__.errno != 0 or region.id < profile.user_mem_slots
-
-    kernel: virt/kvm/kvm_main.c:kvm_vm_ioctl, kvm_vm_ioctl_set_memory_region (v6.18)
     """
-    # 2. The v1 ioctl only knows LOG_DIRTY_PAGES and READONLY (kvm_vm_ioctl).
-    if version == 1 and region.flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
-        return _reject(EINVAL, "2 v1-flags")
-
-    # 3. Only the low 16 bits, the id, are checked before slots_lock is taken.
-    if region.id >= profile.user_mem_slots:
-        return _reject(EINVAL, "3 slot-id")
-
+    rejected = decide_ioctl_set_memory_region(profile, region, version)
+    if rejected is not None:
+        return rejected
     return decide_kvm_set_memory_region(
         profile, region, lookup_active_slot, overlaps_other_slot, nr_memslot_pages
     )
