@@ -216,6 +216,7 @@ def decide_kvm_set_memory_region(
     kernel: virt/kvm/kvm_main.c:kvm_set_memory_region (v6.18)
     """
     page_size = profile.page_size
+    as_id, slot_id = region.as_id, region.id
 
     # 4. Flags this platform does not allow (check_memory_region_flags).
     if check_memory_region_flags(profile, region.flags):
@@ -236,16 +237,16 @@ def decide_kvm_set_memory_region(
         or region.guest_memfd_offset + region.memory_size > U64_MAX
     ):
         return _reject(EINVAL, "9 guest_memfd_offset")
-    if region.as_id >= profile.nr_address_spaces or region.id >= KVM_MEM_SLOTS_NUM:
+    if as_id >= profile.nr_address_spaces or slot_id >= KVM_MEM_SLOTS_NUM:
         return _reject(EINVAL, "10 as_id")
     if region.guest_phys_addr + region.memory_size > U64_MAX:
         return _reject(EINVAL, "11 gpa-wrap")
     npages = region.memory_size >> profile.page_shift
-    if region.id < profile.user_mem_slots and npages > KVM_MEM_MAX_NR_PAGES:
+    if slot_id < profile.user_mem_slots and npages > KVM_MEM_MAX_NR_PAGES:
         return _reject(EINVAL, "12 max-nr-pages")
 
     # 13. The old slot comes from the active set: that is what vCPUs see right now.
-    old = lookup_active_slot(region.as_id, region.id)
+    old = lookup_active_slot(as_id, slot_id)
 
     # 14-16. A zero size deletes; the remaining fields are ignored.
     if region.memory_size == 0:
@@ -288,7 +289,7 @@ def decide_kvm_set_memory_region(
     # 21. Overlap is checked only for CREATE and MOVE, against slots with other ids, so a MOVE
     # may overlap its own old range.
     if change in (MrChange.CREATE, MrChange.MOVE) and overlaps_other_slot(
-        region.as_id, region.id, base_gfn, base_gfn + npages
+        as_id, slot_id, base_gfn, base_gfn + npages
     ):
         return _reject(EEXIST, "21 overlap")
 
