@@ -19,6 +19,7 @@ from kvmspec.spec.uapi.memslot_rules import MrChange, kvm_arch_prepare_memory_re
 if TYPE_CHECKING:
     from kvmspec.reference.kvm import Kvm
     from kvmspec.reference.memslot import KvmMemorySlot
+    from kvmspec.reference.mmu_notifier import KvmGfnRange
 
 ArchEvent = tuple[str, object]
 
@@ -70,6 +71,22 @@ class KvmArch:
         """Write-protect the pages of ``mask`` (bit i = page gfn_offset + i) again, so that the
         next guest write to each is logged."""
         self.events.append(("reprotect", (slot, gfn_offset, mask)))
+
+    def kvm_unmap_gfn_range(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        """Drop every mapping of the range (an MMU-notifier invalidation); True if the TLBs
+        must be flushed. With no MMU there is nothing mapped."""
+        self.events.append(("unmap_gfn_range", gfn_range))
+        return False
+
+    def kvm_age_gfn(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        """Clear the accessed state of the range's mappings; True if any was accessed."""
+        self.events.append(("age_gfn", gfn_range))
+        return False
+
+    def kvm_test_age_gfn(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        """Was any mapping of the range accessed? Changes nothing."""
+        self.events.append(("test_age_gfn", gfn_range))
+        return False
 
     def kvm_flush_remote_tlbs(self, kvm: Kvm) -> None:
         """Make every vCPU drop every stale translation before userspace is answered."""

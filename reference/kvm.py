@@ -36,6 +36,12 @@ class Kvm:
         # MMU notifier invalidations that have started and not ended; a memslot swap waits
         # for zero so that every start/end pair sees the same memslots (invariant M11).
         self.mn_active_invalidate_count = 0
+        # The fault-exclusion counters of mmu_notifier.py: finished invalidations, open
+        # ones, and the union of the open ones' gfn ranges ([start, end), -1 when unset).
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self.mmu_invalidate_range_start = -1
+        self.mmu_invalidate_range_end = -1
         self.manual_dirty_log_protect = 0
         self.dirty_ring_size = 0
         self.dirty_ring_with_bitmap = False

@@ -308,6 +308,45 @@ rule(
     MeasuredCitation(FINDINGS, "6. guest_memfd, KVM_SET_USER_MEMORY_REGION2"),
 )
 
+# --- Invariants: MMU-notifier exclusion (INVENTORY C.2) --------------------------------------
+
+rule(
+    "N1",
+    "invariant",
+    "notifiers",
+    """mmu_invalidate_in_progress is never negative: every invalidate_begin is matched by
+    exactly one invalidate_end.""",
+    KernelCitation(KVM_MAIN, "kvm_mmu_invalidate_end"),
+)
+rule(
+    "N2",
+    "invariant",
+    "notifiers",
+    """mmu_invalidate_seq never decreases, and it moves before in_progress drops, so a fault
+    that saw the old sequence retries after any end.""",
+    KernelCitation(KVM_MAIN, "kvm_mmu_invalidate_end"),
+    KernelCitation("include/linux/kvm_host.h", "mmu_invalidate_retry_gfn"),
+)
+rule(
+    "N3",
+    "invariant",
+    "notifiers",
+    """While an invalidation is open, the recorded range is either not set yet (which forces
+    every fault to retry) or a non-empty gfn range covering every range added since it
+    opened.""",
+    KernelCitation(KVM_MAIN, "kvm_mmu_invalidate_range_add"),
+    KernelCitation("include/linux/kvm_host.h", "mmu_invalidate_retry_gfn"),
+)
+rule(
+    "N6",
+    "invariant",
+    "notifiers",
+    """mn_active_invalidate_count is never negative and returns to zero; a memslot writer
+    waits while it is not zero.""",
+    KernelCitation(KVM_MAIN, "kvm_mmu_notifier_invalidate_range_start"),
+    KernelCitation(KVM_MAIN, "kvm_swap_active_memslots"),
+)
+
 # --- Invariants: the dirty ring (INVENTORY C.3) -----------------------------------------------
 
 rule(

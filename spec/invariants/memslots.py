@@ -9,27 +9,18 @@ violation names its rule from :mod:`kvmspec.spec.rules`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.memslots import KvmMemslots
+from kvmspec.spec.invariants import Violation
+from kvmspec.spec.invariants.notifiers import NotifierCounters
 from kvmspec.spec.uapi.constants import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_GFN_F_RESET,
     KVM_MEM_SLOTS_NUM,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    rule: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.rule}: {self.message}"
-
 
 Sets = list[tuple[int, KvmMemslots, KvmMemslots]]
 """(as_id, active set, inactive set) for every address space, gathered once per check."""
@@ -205,6 +196,7 @@ class InvariantMonitor:
         self.generations = [kvm.memslots(a).generation for a in range(len(kvm.memslot_sets))]
         self.active_identity: dict[int, tuple[KvmMemorySlot, tuple[object, ...]]] = {}
         self.pending: list[Violation] = []
+        self.notifiers = NotifierCounters(kvm)
         self.checks_run = 0
         self._check_active_unmodified(_sets(kvm))
         self._instrument()
@@ -297,6 +289,7 @@ class InvariantMonitor:
         before = self.active_identity
         violations.extend(self._check_active_unmodified(sets))
         violations.extend(self._check_generations(sets))
+        violations.extend(self.notifiers.check())
         if failed:
             if self.active_identity.keys() != before.keys():
                 violations.append(
@@ -329,6 +322,10 @@ CHECKED_RULES = (
     "S000-INVALID-FINDABLE",
     "ERR-NO-CHANGE",
     "G1",
+    "N1",
+    "N2",
+    "N3",
+    "N6",
     "D6",
     "D7",
 )
