@@ -206,3 +206,26 @@ def kvm_mmu_notifier_test_young(kvm: Kvm, address: int) -> bool:
         kvm.arch.kvm_test_age_gfn(kvm, gfn_range)
         for gfn_range in kvm_hva_range_to_gfn_ranges(kvm, address, address + page)
     )
+
+
+class KvmMmuNotifier:
+    """KVM's registration with the host's MMU notifier: the host calls these methods, each
+    forwarding to the callback above.
+
+    kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_ops, kvm_init_mmu_notifier (v6.18)
+    """
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+
+    def invalidate_range_start(self, start: int, end: int) -> None:
+        kvm_mmu_notifier_invalidate_range_start(self.kvm, start, end)
+
+    def invalidate_range_end(self, start: int, end: int) -> None:
+        kvm_mmu_notifier_invalidate_range_end(self.kvm, start, end)
+
+    def clear_flush_young(self, start: int, end: int) -> bool:
+        return kvm_mmu_notifier_clear_flush_young(self.kvm, start, end)
+
+    def test_young(self, address: int) -> bool:
+        return kvm_mmu_notifier_test_young(self.kvm, address)
