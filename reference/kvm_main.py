@@ -158,7 +158,9 @@ def kvm_invalidate_memslot(
     kvm.arch.kvm_arch_flush_shadow_memslot(kvm, old)
     kvm.arch.kvm_arch_guest_memory_reclaimed(kvm)
 
-    # The swap released slots_arch_lock; take it again before touching the inactive set.
+    # The swap released slots_arch_lock; take it again (a sleep: vCPUs keep running and
+    # find the INVALID slot) before touching the inactive set.
+    yield Preempt("invalidate: mappings dropped, re-taking slots_arch_lock")
     yield from kvm.slots_arch_lock.lock(owner)
     # Arch data may have changed while the lock was dropped; the active copy is the fresh one.
     old.arch = dict(invalid_slot.arch)

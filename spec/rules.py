@@ -338,6 +338,31 @@ rule(
     KernelCitation("include/linux/kvm_host.h", "mmu_invalidate_retry_gfn"),
 )
 rule(
+    "N4",
+    "invariant",
+    "notifiers",
+    """Fault exclusion: a translation for gfn g is installed only if, at install time under
+    mmu_lock, no open invalidation covers g and the sequence count still equals the value read
+    before the pfn was resolved; so once invalidations are closed, every translation points at
+    the page the host maps at g's address, never at one the host took away.""",
+    KernelCitation("include/linux/kvm_host.h", "mmu_invalidate_retry_gfn"),
+    KernelCitation("arch/x86/kvm/mmu/mmu.c", "is_page_fault_stale"),
+    SeedCitation(
+        "004_70af8c61b2875192.txt",
+        "have to be unmap from process address space during migration. At this point mmu "
+        "notifiers will be called.",
+    ),
+)
+rule(
+    "M13",
+    "invariant",
+    "memslots",
+    """After DELETE or MOVE completes, no translation refers to the old slot's gfns: every
+    translation goes through a usable (present, not INVALID) slot.""",
+    KernelCitation(KVM_MAIN, "kvm_invalidate_memslot"),
+    SeedCitation(SEED_000, "It removes all translations mapped via memslots."),
+)
+rule(
     "N6",
     "invariant",
     "notifiers",
