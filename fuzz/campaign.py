@@ -31,10 +31,11 @@ from rich.live import Live
 from rich.table import Table
 
 from kvmspec.fuzz import machines
+from kvmspec.fuzz.generic_machine import generic_machine
 from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.fuzz.targets import TargetUnavailable, make_target
 from kvmspec.spec.invariants.memslots import CHECKED_RULES
-from kvmspec.spec.platforms import DEFAULT_PROFILE, PROFILES
+from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PROFILES
 from kvmspec.spec.rules import RULES
 
 REGRESSIONS = Path("corpus/regressions")
@@ -69,6 +70,8 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
     if target in (None, "reference"):
         for name, profile in PROFILES.items():
             areas.append(Area(f"memslots/{name}", "reference", machines.memslot_machine(profile)))
+        for profile in (DEFAULT_PROFILE, ARM64):
+            areas.append(Area(f"generic/{profile.name}", "reference", generic_machine(profile)))
     kvm_wanted = target == "linux-kvm" or (target is None and (not wanted or "linux-kvm" in wanted))
     if kvm_wanted:
         try:
@@ -122,7 +125,8 @@ def _record_failure(area: Area, error: BaseException) -> str:
     trace = machines.LAST_RUN.get("trace", "")
     digest = hashlib.sha1(trace.encode()).hexdigest()[:12]
     REGRESSIONS.mkdir(parents=True, exist_ok=True)
-    path = REGRESSIONS / f"{area.name.replace('/', '-')}-{digest}.jsonl"
+    suffix = machines.LAST_RUN.get("suffix", ".jsonl")
+    path = REGRESSIONS / f"{area.name.replace('/', '-')}-{digest}{suffix}"
     path.write_text(trace)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{first} (trace: {path})"

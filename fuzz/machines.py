@@ -75,6 +75,7 @@ class _SessionMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         LAST_RUN["trace"] = self.session.trace_text()
+        LAST_RUN["suffix"] = ".jsonl"
         self.session.close()
 
 
@@ -141,6 +142,7 @@ class DifferentialMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         LAST_RUN["trace"] = self.reference.trace_text()
+        LAST_RUN["suffix"] = ".jsonl"
         self.reference.close()
         self.other_session.close()
 

@@ -83,3 +83,39 @@ class Mutex:
     @property
     def locked(self) -> bool:
         return self.owner is not None
+
+
+class Srcu:
+    """Sleepable RCU (struct srcu_struct): readers never block; a writer's synchronize
+    waits for every reader that was already inside when it started (new readers do not
+    hold it up). KVM's memslot readers (vCPUs faulting, walking memslots) are such readers,
+    so a memslot set is never freed under one of them (M10).
+
+    kernel: kernel/rcu/srcutree.c:srcu_read_lock, srcu_read_unlock,
+    synchronize_srcu_expedited (v6.18)
+    """
+
+    __slots__ = ("_next", "active", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active: set[int] = set()
+        self._next = 0
+
+    def read_lock(self) -> int:
+        self._next += 1
+        self.active.add(self._next)
+        return self._next
+
+    def read_unlock(self, token: int) -> None:
+        self.active.remove(token)
+
+    def synchronize(self, point: str) -> KernelOp[None]:
+        """Wait out the readers that are inside now (a grace period)."""
+        inside = set(self.active)
+        yield Preempt(point)
+        if inside & self.active:
+            yield WaitUntil(
+                f"{self.name}: grace period waits for readers",
+                lambda: not inside & self.active,
+            )

@@ -12,7 +12,8 @@ kernel's order, so that KVM can drop its mappings in between. Errors are errnos,
 system calls return them, never exceptions.
 
 kernel: mm/mmap.c:do_mmap, mm/vma.c:do_vmi_munmap, mm/mprotect.c:do_mprotect_pkey,
-mm/madvise.c:madvise_dontneed_free, mm/migrate.c:migrate_pages, mm/gup.c (pins),
+mm/madvise.c:madvise_dontneed_free, mm/migrate.c:migrate_pages, mm/memory.c:wp_page_copy,
+mm/gup.c (pins),
 mm/mmu_notifier.c (v6.18)
 """
 
@@ -233,14 +234,18 @@ class HostMm:
             return EFAULT, None
         page_hva = hva - hva % self.page_size
         pte = self.ptes.get(page_hva)
-        if pte is None or (write and pte.pfn == ZERO_PFN):
-            if pte is not None:
-                self.ptes.pop(page_hva)  # the zero page needs no put
+        if pte is None:
             pte = HostPte(ZERO_PFN, writable=False)
             if write:
-                page = self._alloc_page()
-                pte = HostPte(page.pfn, writable=True)
+                pte = HostPte(self._alloc_page().pfn, writable=True)
             self.ptes[page_hva] = pte
+        elif write and pte.pfn == ZERO_PFN:
+            # Breaking copy-on-write changes the page behind the address: secondary MMUs
+            # that mapped the zero page must let go of it first (wp_page_copy).
+            self._invalidate_start(page_hva, page_hva + self.page_size)
+            pte = HostPte(self._alloc_page().pfn, writable=True)
+            self.ptes[page_hva] = pte
+            self._invalidate_end(page_hva, page_hva + self.page_size)
         if write:
             pte.dirty = True
         pte.young = True

@@ -6,7 +6,7 @@ kernel: include/linux/kvm_host.h:struct kvm; virt/kvm/kvm_main.c:kvm_create_vm (
 from __future__ import annotations
 
 from kvmspec.reference.arch import KvmArch
-from kvmspec.reference.concurrency import Mutex
+from kvmspec.reference.concurrency import Mutex, Srcu
 from kvmspec.reference.guest_memfd import GmemFile
 from kvmspec.reference.memslots import KvmMemslots
 from kvmspec.reference.vcpu import KvmVcpu
@@ -33,6 +33,8 @@ class Kvm:
         self.slots_lock = Mutex("slots_lock")
         # Held from copying the active set until the new one is published (slots_arch_lock).
         self.slots_arch_lock = Mutex("slots_arch_lock")
+        # Readers of the memslots (vCPUs, faults) hold kvm->srcu; a swap waits them out.
+        self.srcu = Srcu("kvm->srcu")
         # MMU notifier invalidations that have started and not ended; a memslot swap waits
         # for zero so that every start/end pair sees the same memslots (invariant M11).
         self.mn_active_invalidate_count = 0

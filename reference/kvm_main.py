@@ -108,7 +108,7 @@ def kvm_swap_active_memslots(kvm: Kvm, as_id: int, owner: object) -> KernelOp[No
     kvm.slots_arch_lock.unlock(owner)
 
     # synchronize_srcu_expedited: every reader that could see the old set finishes here.
-    yield Preempt("memslot swap: SRCU grace period")
+    yield from kvm.srcu.synchronize("memslot swap: SRCU grace period")
 
     generation = slots.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
     generation += kvm.profile.nr_address_spaces

@@ -59,6 +59,16 @@ def mark_page_dirty_in_slot(kvm: Kvm, slot: KvmMemorySlot, gfn: int) -> None:
 
 def kvm_page_fault(kvm: Kvm, host: HostMm, as_id: int, gpa: int, write: bool) -> KernelOp[Fault]:
     """Handle one fault on ``gpa`` with the flat MMU: MAPPED, RETRY, MMIO or EFAULT."""
+    # The whole fault reads the memslots inside an SRCU read section: a memslot update
+    # cannot finish (and free what the fault looked at) until the fault is done.
+    srcu = kvm.srcu.read_lock()
+    try:
+        return (yield from _kvm_page_fault(kvm, host, as_id, gpa, write))
+    finally:
+        kvm.srcu.read_unlock(srcu)
+
+
+def _kvm_page_fault(kvm: Kvm, host: HostMm, as_id: int, gpa: int, write: bool) -> KernelOp[Fault]:
     mmu = kvm.arch
     assert isinstance(mmu, FlatMmu)
     shift = kvm.profile.page_shift

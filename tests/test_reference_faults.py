@@ -61,6 +61,17 @@ def test_guest_and_host_see_the_same_memory() -> None:
     assert vm.sound()
 
 
+def test_breaking_copy_on_write_of_the_zero_page_tells_kvm() -> None:
+    """Found by the generic machine: a guest read maps the shared zero page; a host write
+    then gives the address its own page, and KVM must drop the zero-page translation first
+    (the host invalidates around wp_page_copy), or the guest keeps reading zeroes."""
+    vm = Vm()
+    assert vm.read(GPA) == (Fault.MAPPED, bytes(4))
+    assert vm.host.host_write(vm.hva, b"host") == 0
+    assert vm.sound()
+    assert vm.read(GPA) == (Fault.MAPPED, b"host")
+
+
 def test_mmio_and_efault_exits() -> None:
     vm = Vm(flags=KVM_MEM_READONLY)
     vm.host.host_write(vm.hva, b"ro")

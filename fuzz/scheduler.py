@@ -1,0 +1,68 @@
+"""A scheduler for in-flight kernel operations: one step of one actor at a time.
+
+Each racy kernel path in the reference is a generator that yields where another CPU may run
+(``Preempt``) or where it sleeps until a condition holds (``WaitUntil``). The scheduler keeps
+the operations that have started and not finished, runs the step a state machine chooses,
+and records the schedule so a failure prints which actor ran which step. No runnable actor
+while some are in flight is a deadlock, and a finding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmspec.reference.concurrency import KernelOp, Preempt, WaitUntil, Yielded
+
+
+class DeadlockFound(AssertionError):
+    """Operations are in flight and none can run."""
+
+
+@dataclass
+class Actor:
+    name: str
+    op: KernelOp[Any]
+    on_done: Callable[[Any], None]
+    pending: Yielded | None = None
+
+
+@dataclass
+class Scheduler:
+    actors: dict[str, Actor] = field(default_factory=dict)
+    schedule: list[str] = field(default_factory=list)
+
+    def start(self, name: str, op: KernelOp[Any], on_done: Callable[[Any], None]) -> None:
+        """Run ``op`` up to its first yield (or to its end)."""
+        actor = Actor(name, op, on_done)
+        self.actors[name] = actor
+        self._advance(actor, first=True)
+
+    def runnable(self) -> list[str]:
+        return sorted(
+            name
+            for name, actor in self.actors.items()
+            if not isinstance(actor.pending, WaitUntil) or actor.pending.ready()
+        )
+
+    def step(self, name: str) -> None:
+        """Let actor ``name`` run to its next yield. It must be in flight and runnable."""
+        actor = self.actors[name]
+        self._advance(actor, first=False)
+
+    def check_progress(self) -> None:
+        if self.actors and not self.runnable():
+            waits = {n: a.pending.point for n, a in self.actors.items() if a.pending}
+            raise DeadlockFound(f"no actor can run: {waits}")
+
+    def _advance(self, actor: Actor, first: bool) -> None:
+        try:
+            actor.pending = next(actor.op) if first else actor.op.send(None)
+        except StopIteration as done:
+            del self.actors[actor.name]
+            self.schedule.append(f"{actor.name}: done -> {done.value!r}")
+            actor.on_done(done.value)
+            return
+        point = actor.pending.point if isinstance(actor.pending, Preempt | WaitUntil) else "?"
+        self.schedule.append(f"{actor.name}: {point}")
