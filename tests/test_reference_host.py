@@ -67,7 +67,10 @@ def test_contents_zero_pages_and_protections() -> None:
     assert mm.host_write(base + 8, b"abcd") == 0
     assert mm.host_read(base + 8, 4) == (0, b"abcd")
     assert mm.ptes[base].pfn != ZERO_PFN and mm.ptes[base].dirty
+    # The write replaced the zero page: secondary MMUs were told before and after.
+    assert recorder.events == [("start", base, base + PAGE), ("end", base, base + PAGE)]
 
+    recorder.events.clear()
     assert mm.mprotect(base, 4 * PAGE, PROT_READ) == 0
     assert recorder.events == [("start", base, base + 4 * PAGE), ("end", base, base + 4 * PAGE)]
     assert mm.host_write(base, b"y") == EFAULT
