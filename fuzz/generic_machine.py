@@ -146,12 +146,20 @@ class GenericMachine(RuleBasedStateMachine):
         assert self.host.madvise_dontneed(hva, PAGE) == 0
         self.shadow.pop(hva, None)
 
-    @precondition(lambda self: bool(self.faulting))
+    def _resolved(self) -> list[int]:
+        """Host pages whose pfn an in-flight fault has resolved and not yet installed."""
+        return sorted(
+            hva
+            for name, hva in self.faulting.items()
+            if "pfn resolved" in getattr(self.scheduler.actors[name].pending, "point", "")
+        )
+
+    @precondition(lambda self: bool(self._resolved()))
     @rule(data=st.data())
     def drop_a_page_under_a_fault(self, data: st.DataObject) -> None:
         """The race the retry check exists for: the host takes away the very page an
-        in-flight fault is resolving (MADV_DONTNEED, then the VMM writes a new page)."""
-        hva = data.draw(st.sampled_from(sorted(self.faulting.values())))
+        in-flight fault has resolved (MADV_DONTNEED, then the VMM writes a new page)."""
+        hva = data.draw(st.sampled_from(self._resolved()))
         assert self.host.madvise_dontneed(hva, PAGE) == 0
         assert self.host.host_write(hva, b"\x5a") == 0
         self.shadow[hva] = 0x5A
