@@ -25,6 +25,7 @@ from typing import Protocol
 
 from sortedcontainers import SortedDict
 
+from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.ordered import floor_item
 
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
@@ -170,7 +171,7 @@ class HostMm:
             return EINVAL
         end = start + -(-length // self.page_size) * self.page_size
         if self._vmas_in(start, end):
-            self._zap(start, end)
+            run_to_completion(self._zap(start, end))
         self._carve(start, end)
         return 0
 
@@ -194,20 +195,27 @@ class HostMm:
 
     def madvise_dontneed(self, start: int, length: int) -> int:
         """madvise(MADV_DONTNEED): the pages are dropped; the next access reads zeroes."""
+        return run_to_completion(self.madvise_dontneed_op(start, length))
+
+    def madvise_dontneed_op(self, start: int, length: int) -> KernelOp[int]:
+        """:meth:`madvise_dontneed` as a racy path: other CPUs may run between the notifier's
+        start and the zap, and between the zap and the end (a memslot update must wait)."""
         if not self._aligned(start, length):
             return EINVAL
         end = start + -(-length // self.page_size) * self.page_size
         if not self._covered(start, end):
             return ENOMEM
-        self._zap(start, end)
+        yield from self._zap(start, end)
         return 0
 
-    def _zap(self, start: int, end: int) -> None:
+    def _zap(self, start: int, end: int) -> KernelOp[None]:
         """Unmap every page of [start, end) between the notifier's start and end: secondary
         MMUs drop their mappings before the pages can be freed."""
         self._invalidate_start(start, end)
+        yield Preempt("host: invalidation started, zapping the host PTEs")
         for hva in self._pages_in(start, end):
             self._drop_pte(hva)
+        yield Preempt("host: host PTEs zapped, ending the invalidation")
         self._invalidate_end(start, end)
 
     def _carve(self, start: int, end: int, prot: int | None = None) -> None:
