@@ -55,6 +55,17 @@ class KvmDirtyRing:
         )
         self.dirty_index += 1
 
+    def harvest(self) -> int:
+        """What userspace does with the ring it mmap()ed: read every published entry and
+        flag it RESET for the next KVM_RESET_DIRTY_RINGS. Returns how many it took."""
+        taken = 0
+        for index in range(self.reset_index, self.dirty_index):
+            entry = self.entries[index % self.size]
+            if not entry.flags & KVM_DIRTY_GFN_F_RESET:
+                entry.flags |= KVM_DIRTY_GFN_F_RESET
+                taken += 1
+        return taken
+
     def reset(self) -> list[KvmDirtyGfn]:
         """Consume harvested entries in ring order, stopping at the first one userspace has
         not flagged RESET. Returns the consumed entries, whose pages the caller re-protects.

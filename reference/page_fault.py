@@ -33,42 +33,56 @@ from kvmspec.reference.host import HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.mmu_notifier import mmu_invalidate_retry_gfn
+from kvmspec.reference.vcpu import KvmVcpu
 
 MAX_FAULTS_PER_ACCESS = 8
 """A guest access that needs more faults than this does not make progress: a finding."""
 
 
 class Fault(enum.Enum):
+    DIRTY_RING_FULL = "dirty_ring_full"
     MAPPED = "mapped"
     RETRY = "retry"
     MMIO = "mmio"
     EFAULT = "efault"
 
 
-def mark_page_dirty_in_slot(kvm: Kvm, slot: KvmMemorySlot, gfn: int) -> None:
-    """Record a guest write for dirty logging: a bit in the slot's bitmap, or an entry in
-    the running vCPU's ring.
+def mark_page_dirty_in_slot(
+    kvm: Kvm, slot: KvmMemorySlot, gfn: int, vcpu: KvmVcpu | None = None
+) -> None:
+    """Record a guest write for dirty logging: an entry in the running vCPU's ring when the
+    VM uses rings, else a bit in the slot's bitmap. A ring that reaches its soft limit asks
+    the vCPU to exit before it enters the guest again (KVM_REQ_DIRTY_RING_SOFT_FULL).
 
-    kernel: virt/kvm/kvm_main.c:mark_page_dirty_in_slot (v6.18)
+    kernel: virt/kvm/kvm_main.c:mark_page_dirty_in_slot; virt/kvm/dirty_ring.c:
+    kvm_dirty_ring_push (v6.18)
     """
     if not slot.dirty_logging:
         return
-    if slot.dirty_bitmap is not None:
-        slot.dirty_bitmap.set_bit(gfn - slot.base_gfn)
+    offset = gfn - slot.base_gfn
+    if kvm.dirty_ring_size and vcpu is not None and vcpu.dirty_ring is not None:
+        vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, offset)
+    elif slot.dirty_bitmap is not None:
+        slot.dirty_bitmap.set_bit(offset)
 
 
-def kvm_page_fault(kvm: Kvm, host: HostMm, as_id: int, gpa: int, write: bool) -> KernelOp[Fault]:
-    """Handle one fault on ``gpa`` with the flat MMU: MAPPED, RETRY, MMIO or EFAULT."""
+def kvm_page_fault(
+    kvm: Kvm, host: HostMm, as_id: int, gpa: int, write: bool, vcpu: KvmVcpu | None = None
+) -> KernelOp[Fault]:
+    """Handle one fault on ``gpa`` with the flat MMU: MAPPED, RETRY, MMIO or EFAULT.
+    ``vcpu`` is the vCPU that faulted (its dirty ring logs the write), if it was created."""
     # The whole fault reads the memslots inside an SRCU read section: a memslot update
     # cannot finish (and free what the fault looked at) until the fault is done.
     srcu = kvm.srcu.read_lock()
     try:
-        return (yield from _kvm_page_fault(kvm, host, as_id, gpa, write))
+        return (yield from _kvm_page_fault(kvm, host, as_id, gpa, write, vcpu))
     finally:
         kvm.srcu.read_unlock(srcu)
 
 
-def _kvm_page_fault(kvm: Kvm, host: HostMm, as_id: int, gpa: int, write: bool) -> KernelOp[Fault]:
+def _kvm_page_fault(
+    kvm: Kvm, host: HostMm, as_id: int, gpa: int, write: bool, vcpu: KvmVcpu | None
+) -> KernelOp[Fault]:
     mmu = kvm.arch
     assert isinstance(mmu, FlatMmu)
     shift = kvm.profile.page_shift
@@ -103,7 +117,7 @@ def _kvm_page_fault(kvm: Kvm, host: HostMm, as_id: int, gpa: int, write: bool) -
     # through it will not fault again.
     mmu.map(as_id, gfn, pfn, writable)
     if writable:
-        mark_page_dirty_in_slot(kvm, slot, gfn)
+        mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
     return Fault.MAPPED
 
 
@@ -114,13 +128,19 @@ def guest_access(
 
     The hardware translates through the vCPU's TLB; a miss or a write through a read-only
     translation faults, and the access is tried again, up to MAX_FAULTS_PER_ACCESS times.
-    Returns (MAPPED, bytes read or b"") or the fault outcome that stopped the access.
+    Returns (MAPPED, bytes read or b"") or the outcome that stopped the access (an MMIO or
+    EFAULT exit, or the dirty-ring-full exit before the guest is entered).
     """
     mmu = kvm.arch
     assert isinstance(mmu, FlatMmu)
     write = data is not None
     as_id = 0
     gfn = gpa >> kvm.profile.page_shift
+    vcpu = kvm.vcpus.get(vcpu_id)
+    # Entering the guest: a soft-full dirty ring keeps the vCPU out until userspace harvests
+    # and resets it (kvm_dirty_ring_check_request; the exit repeats until then).
+    if vcpu is not None and vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
+        return Fault.DIRTY_RING_FULL, b""
     for _ in range(MAX_FAULTS_PER_ACCESS):
         entry = mmu.translate(vcpu_id, as_id, gfn)
         if entry is not None and (entry.writable or not write):
@@ -136,7 +156,7 @@ def guest_access(
                 return Fault.MAPPED, bytes(size)
             return Fault.MAPPED, bytes(page.data[offset : offset + size])
         mmu.drop_faulting_entry(vcpu_id, as_id, gfn)
-        outcome = run_to_completion(kvm_page_fault(kvm, host, as_id, gpa, write))
+        outcome = run_to_completion(kvm_page_fault(kvm, host, as_id, gpa, write, vcpu))
         if outcome in (Fault.MMIO, Fault.EFAULT):
             return outcome, b""
     raise AssertionError(f"guest access to {gpa:#x} made no progress")

@@ -187,3 +187,43 @@ def test_a_fault_on_an_invalid_slot_follows_the_architecture(
         while True:
             delete.send(None)
     assert vm.read(GPA) == (Fault.MMIO, b"")
+
+
+def test_the_dirty_ring_fills_exits_and_resets() -> None:
+    """D7-D9 from guest writes: each first write of a page pushes one entry; at the soft limit
+    (ring size minus 64 reserved) the vCPU exits with DIRTY_RING_FULL until userspace harvests
+    and resets, which write-protects the pages again so the next write is logged again."""
+    from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
+    from kvmspec.reference.dirty_log import kvm_vm_ioctl_reset_dirty_pages
+    from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
+    from kvmspec.spec.invariants.memslots import InvariantMonitor
+    from kvmspec.spec.uapi.constants import CAPABILITIES
+
+    mmu = FlatMmu()
+    kvm = Kvm(DEFAULT_PROFILE, mmu)
+    host = HostMm(PAGE, DEFAULT_PROFILE.user_address_limit)
+    host.notifier = KvmMmuNotifier(kvm)
+    assert kvm_vm_ioctl_enable_cap(kvm, CAPABILITIES["KVM_CAP_DIRTY_LOG_RING"], 0, (4096,)) == 0
+    assert kvm_vm_ioctl_create_vcpu(kvm, 0) == 0
+    monitor = InvariantMonitor(kvm)
+    _, hva = host.mmap(256 * PAGE, RW)
+    region = MemoryRegion(0, KVM_MEM_LOG_DIRTY_PAGES, GPA, 256 * PAGE, hva)
+    assert run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(kvm, region, 1)) == 0
+    ring = kvm.vcpus[0].dirty_ring
+    assert ring is not None and ring.size == 256 and ring.soft_limit == 192
+
+    for page in range(192):
+        assert guest_access(kvm, host, 0, GPA + page * PAGE, b"w")[0] == Fault.MAPPED
+    assert ring.used() == 192 and ring.soft_full()
+    assert guest_access(kvm, host, 0, GPA + 200 * PAGE, b"w")[0] == Fault.DIRTY_RING_FULL
+    assert guest_access(kvm, host, 0, GPA, b"w")[0] == Fault.DIRTY_RING_FULL  # until reset
+    assert monitor.check() == []
+
+    assert ring.harvest() == 192
+    assert run_to_completion(kvm_vm_ioctl_reset_dirty_pages(kvm)) == (0, 192)
+    assert ring.used() == 0 and monitor.check() == []
+    assert not mmu.ptes[(0, GPA >> 12)].writable  # re-protected by the reset
+    assert guest_access(kvm, host, 0, GPA, b"x")[0] == Fault.MAPPED
+    assert ring.used() == 1 and ring.entries[192].offset == 0  # logged again, in order
+    assert guest_access(kvm, host, 0, GPA, b"y")[0] == Fault.MAPPED
+    assert ring.used() == 1  # writable now: no second entry until the next reset
