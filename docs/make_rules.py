@@ -47,6 +47,8 @@ How to read "checked by":
 
 * **MemslotUapiContract** (`kvmspec.spec.contracts`) predicts every answer of the memslot and
   dirty-log ioctls from the requests alone; every harness session runs it, on any target.
+* **MemoryCoherenceContract** (`kvmspec.spec.memory_contract`) judges guest loads and stores
+  from outside: coherence with every other writer, and MMIO exactly where there is no RAM.
 * **InvariantMonitor** (`kvmspec.spec.invariants.memslots`) checks the reference's state after
   every step, and the moment of two events (the flush of an INVALID slot, a new generation).
 * **scenario test**: a named test drives the interleaving or the planted fault the rule is
@@ -75,6 +77,8 @@ def format_citation(citation: Citation) -> str:
 
 
 def checked_by(rule: Rule) -> str:
+    if rule.kind == "contract" and rule.area == "memory":
+        return "MemoryCoherenceContract (the generic machine)"
     if rule.kind == "contract":
         return "MemslotUapiContract"
     if rule.id in CHECKED_RULES:

@@ -7,9 +7,11 @@ explores their interleavings (and shrinks a failure to the shortest schedule, pr
 actor). Host actions (writes, MADV_DONTNEED, migration) run whole, with KVM's MMU notifier
 called inside them. Guest accesses run when nothing is in flight.
 
-After every rule: no deadlock; the MMU-notifier counters; and, when no memslot update is in
-flight, every memslot invariant, that every translation points at the page the host maps
-(N4, M13), and that guest reads return the last value written through any path (coherence).
+After every rule: no deadlock; the black-box contracts (every memslot answer as the uAPI
+rules predict; guest loads return the last value stored through any path; MMIO exactly where
+there is no slot or a store hits a READONLY one); the MMU-notifier counters; and, when no
+memslot update is in flight, every memslot invariant and that every translation points at the
+page the host maps (N4, M13).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.page_fault import Fault, guest_access, kvm_page_fault
+from kvmspec.spec.contracts import MemslotUapiContract
 from kvmspec.spec.invariants.memslots import InvariantMonitor
 from kvmspec.spec.invariants.translations import check_translations_match_host
+from kvmspec.spec.memory_contract import MemoryCoherenceContract
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
@@ -54,27 +58,23 @@ class GenericMachine(RuleBasedStateMachine):
         _, self.base = self.host.mmap(REGION_PAGES * PAGE, PROT_READ | PROT_WRITE)
         self.monitor = InvariantMonitor(self.kvm)
         self.scheduler = Scheduler()
-        self.shadow: dict[int, int] = {}  # host page address -> the byte at its offset 0
-        self.slots: dict[int, int] = {}  # slot id -> gpa, as the VMM knows after success
+        # The black-box contracts: the memslot uAPI, and what guest accesses must observe.
+        self.memslots = MemslotUapiContract(self.profile)
+        self.memory = MemoryCoherenceContract(self.memslots)
+        self.violations: list[str] = []
         self.faulting: dict[str, int] = {}  # fault actor -> the host page it is resolving
         self.zapping: dict[str, int] = {}  # madvise actor -> the host page it drops
         self.counter = 0
         self.rules_run = 0
         # The VM starts with slot 0 in place, as a VMM sets up RAM before running vCPUs.
         region = MemoryRegion(0, 0, GPAS[0][0], SLOT_PAGES * PAGE, self.base)
-        assert run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1)) == 0
-        self.slots[0] = GPAS[0][0]
+        errno = run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
+        assert errno == 0 and not self.memslots.on_set_memory_region(region, 1, None, errno)
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _memslot_in_flight(self) -> bool:
         return any(name.startswith("memslot") for name in self.scheduler.actors)
-
-    def _hva_of(self, gpa: int) -> int | None:
-        for slot_id, slot_gpa in self.slots.items():
-            if slot_gpa <= gpa < slot_gpa + SLOT_PAGES * PAGE:
-                return self.base + HOST_OFFSET[slot_id] + (gpa - slot_gpa)
-        return None
 
     def _name(self, kind: str) -> str:
         self.counter += 1
@@ -98,11 +98,9 @@ class GenericMachine(RuleBasedStateMachine):
         note(f"{name}: start set_user_memory_region {region}")
 
         def done(errno: int) -> None:
-            if errno == 0:
-                if size:
-                    self.slots[slot_id] = gpa
-                else:
-                    self.slots.pop(slot_id, None)
+            # Updates hold slots_lock, so they finish in the order they took effect.
+            found = self.memslots.on_set_memory_region(region, 1, None, errno)
+            self.violations.extend(map(str, found))
 
         op = kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1)
         self.scheduler.start(name, op, done)
@@ -141,7 +139,7 @@ class GenericMachine(RuleBasedStateMachine):
         if hva in self.zapping.values():
             return  # the zap in flight would race the write: which wins is not specified
         assert self.host.host_write(hva, bytes([value])) == 0
-        self.shadow[hva] = value
+        self.memory.on_host_write(hva, value)
 
     @precondition(lambda self: len(self.scheduler.actors) < 3)
     @rule(page=st.integers(0, REGION_PAGES - 1))
@@ -151,7 +149,7 @@ class GenericMachine(RuleBasedStateMachine):
         hva = self.base + page * PAGE
         name = self._name("madvise")
         note(f"{name}: start MADV_DONTNEED of host page {page}")
-        self.shadow.pop(hva, None)
+        self.memory.on_host_drop(hva, hva + PAGE)
         self.zapping[name] = hva
 
         def done(errno: int) -> None:
@@ -175,8 +173,9 @@ class GenericMachine(RuleBasedStateMachine):
         in-flight fault has resolved (MADV_DONTNEED, then the VMM writes a new page)."""
         hva = data.draw(st.sampled_from(self._resolved()))
         assert self.host.madvise_dontneed(hva, PAGE) == 0
+        self.memory.on_host_drop(hva, hva + PAGE)
         assert self.host.host_write(hva, b"\x5a") == 0
-        self.shadow[hva] = 0x5A
+        self.memory.on_host_write(hva, 0x5A)
 
     @rule(page=st.integers(0, REGION_PAGES - 1))
     def migrate(self, page: int) -> None:
@@ -199,18 +198,14 @@ class GenericMachine(RuleBasedStateMachine):
         """A store of ``value`` (0 means a load) at offset 0 of a page; a load must return
         the last value stored there through any path (coherence)."""
         gpa = GPAS[slot_id][where] + page * PAGE
-        hva = self._hva_of(gpa)
         data = bytes([value]) if value else None
         outcome, read = guest_access(self.kvm, self.host, 0, gpa, data)
         note(f"guest {'store' if data else 'load'} {gpa:#x} -> {outcome} {read!r}")
-        if hva is None:
-            assert outcome == Fault.MMIO, f"no slot at {gpa:#x} but {outcome}"
-            return
-        assert outcome == Fault.MAPPED, f"{gpa:#x} is RAM but the access gave {outcome}"
         if data:
-            self.shadow[hva - hva % PAGE] = value
+            found = self.memory.on_guest_store(gpa, value, outcome.value)
         else:
-            assert read == bytes([self.shadow.get(hva - hva % PAGE, 0)]), "coherence"
+            found = self.memory.on_guest_load(gpa, outcome.value, read[0] if read else None)
+        self.violations.extend(map(str, found))
 
     # -- the rules, after every step ------------------------------------------------------------
 
@@ -225,6 +220,7 @@ class GenericMachine(RuleBasedStateMachine):
     def rules_hold(self) -> None:
         self.rules_run += 1
         self.scheduler.check_progress()
+        assert not self.violations, "\n".join(self.violations)
         if self._memslot_in_flight():
             return
         violations = self.monitor.check()

@@ -133,6 +133,28 @@ rule(
     MeasuredCitation(FINDINGS, "4. Dirty ring"),
 )
 
+# --- Contracts: guest memory -----------------------------------------------------------------
+
+rule(
+    "C-COHERENCE",
+    "contract",
+    "memory",
+    """A guest load returns the last value stored at that guest-physical address, by the guest
+    or through the host mapping behind it (aliases included), or zero after the host dropped
+    the page with MADV_DONTNEED.""",
+    MeasuredCitation(FINDINGS, "5.5 Host mm operations on the hva"),
+    KernelCitation("include/linux/kvm_host.h", "mmu_invalidate_retry_gfn"),
+)
+rule(
+    "C-MMIO",
+    "contract",
+    "memory",
+    """An access with no memslot, or a store to a READONLY slot, exits as MMIO and changes no
+    memory; an access to a slot backed by readable and writable host memory completes.""",
+    MeasuredCitation(FINDINGS, "5.3 MMIO and read-only slots"),
+    KernelCitation(KVM_MAIN, "__gfn_to_hva_many"),
+)
+
 # --- Invariants: memslots and generations (INVENTORY C.1) -----------------------------------
 
 rule(
