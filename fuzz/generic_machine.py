@@ -31,7 +31,10 @@ from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.page_fault import Fault, guest_access, kvm_page_fault
 from kvmspec.spec.contracts import MemslotUapiContract
 from kvmspec.spec.invariants.memslots import InvariantMonitor
-from kvmspec.spec.invariants.translations import check_translations_match_host
+from kvmspec.spec.invariants.translations import (
+    check_open_invalidations,
+    check_translations_match_host,
+)
 from kvmspec.spec.memory_contract import MemoryCoherenceContract
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
@@ -221,6 +224,8 @@ class GenericMachine(RuleBasedStateMachine):
         self.rules_run += 1
         self.scheduler.check_progress()
         assert not self.violations, "\n".join(self.violations)
+        open_ranges = check_open_invalidations(self.kvm, self.mmu, self.host)
+        assert not open_ranges, "\n".join(map(str, open_ranges))
         if self._memslot_in_flight():
             return
         violations = self.monitor.check()

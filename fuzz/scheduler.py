@@ -48,7 +48,11 @@ class Scheduler:
 
     def step(self, name: str) -> None:
         """Let actor ``name`` run to its next yield. It must be in flight and runnable."""
-        actor = self.actors[name]
+        actor = self.actors.get(name)
+        if actor is None:
+            raise ValueError(f"no actor {name!r} is in flight (in flight: {sorted(self.actors)})")
+        if name not in self.runnable():
+            raise ValueError(f"actor {name!r} is waiting: {getattr(actor.pending, 'point', '?')}")
         self._advance(actor, first=False)
 
     def check_progress(self) -> None:

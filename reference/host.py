@@ -87,6 +87,8 @@ class HostMm:
     ptes: dict[int, HostPte] = field(default_factory=dict)  # page-aligned hva -> pte
     pages: dict[int, HostPage] = field(default_factory=dict)  # pfn -> page
     notifier: MmuNotifier | None = None
+    invalidating: list[tuple[int, int]] = field(default_factory=list)
+    """Host ranges between their notifier start and end right now."""
     next_pfn: int = 1
     next_top: int = 0
 
@@ -134,12 +136,14 @@ class HostMm:
     # -- notifier plumbing --------------------------------------------------------------------
 
     def _invalidate_start(self, start: int, end: int) -> None:
+        self.invalidating.append((start, end))
         if self.notifier is not None:
             self.notifier.invalidate_range_start(start, end)
 
     def _invalidate_end(self, start: int, end: int) -> None:
         if self.notifier is not None:
             self.notifier.invalidate_range_end(start, end)
+        self.invalidating.remove((start, end))
 
     def _drop_pte(self, hva: int) -> None:
         """Unmap one page; a dirty PTE makes the page dirty; the last reference frees it."""

@@ -376,6 +376,16 @@ rule(
     ),
 )
 rule(
+    "N5",
+    "invariant",
+    "notifiers",
+    """When invalidate_range_start returns, no translation and no TLB entry maps a gfn whose
+    host address lies in the range, until the matching end: the start dropped them and flushed,
+    and the retry check refuses new ones.""",
+    KernelCitation(KVM_MAIN, "kvm_mmu_notifier_invalidate_range_start"),
+    KernelCitation("include/linux/kvm_host.h", "mmu_invalidate_retry_gfn"),
+)
+rule(
     "M13",
     "invariant",
     "memslots",

@@ -31,5 +31,22 @@ def test_a_fault_without_the_retry_check_is_caught(monkeypatch: pytest.MonkeyPat
         phases=[Phase.explicit, Phase.generate],
         database=None,
     )
-    with pytest.raises(AssertionError, match=r"N4|coherence"):
+    with pytest.raises(AssertionError, match=r"N4|N5|COHERENCE"):
         machine.TestCase().runTest()
+
+
+def test_the_scheduler_refuses_actors_that_cannot_step() -> None:
+    from kvmspec.fuzz.scheduler import Scheduler
+    from kvmspec.reference.concurrency import KernelOp, WaitUntil
+
+    def waits_forever() -> KernelOp[None]:
+        yield WaitUntil("never", lambda: False)
+
+    scheduler = Scheduler()
+    with pytest.raises(ValueError, match="no actor 'ghost' is in flight"):
+        scheduler.step("ghost")
+    scheduler.start("stuck", waits_forever(), lambda result: None)
+    with pytest.raises(ValueError, match="is waiting: never"):
+        scheduler.step("stuck")
+    with pytest.raises(AssertionError, match="no actor can run"):
+        scheduler.check_progress()
