@@ -184,9 +184,9 @@ class GenericMachine(RuleBasedStateMachine):
     def migrate(self, page: int) -> None:
         assert self.host.migrate_page(self.base + page * PAGE) == 0
 
-    @rule(page=st.integers(0, REGION_PAGES - 1))
-    def age(self, page: int) -> None:
-        self.host.age(self.base + page * PAGE)
+    @rule(page=st.integers(0, REGION_PAGES - 1), flush=st.booleans())
+    def age(self, page: int, flush: bool) -> None:
+        self.host.age(self.base + page * PAGE, flush)
 
     # -- the guest, when nothing is in flight -------------------------------------------------
 

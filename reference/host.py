@@ -48,6 +48,8 @@ class MmuNotifier(Protocol):
 
     def clear_flush_young(self, start: int, end: int) -> bool: ...
 
+    def clear_young(self, start: int, end: int) -> bool: ...
+
     def test_young(self, address: int) -> bool: ...
 
 
@@ -312,16 +314,21 @@ class HostMm:
         self._invalidate_end(page_hva, page_hva + self.page_size)
         return 0
 
-    def age(self, hva: int) -> bool:
+    def age(self, hva: int, flush: bool = True) -> bool:
         """Reclaim's aging of one page: was it used (by the VMM or, through the notifier, by
-        a guest) since the last look? Clears both."""
+        a guest) since the last look? Clears both. Classic reclaim flushes secondary TLBs so
+        the next access is seen; the multi-gen LRU walk does not (``flush`` False)."""
         page_hva = hva - hva % self.page_size
         pte = self.ptes.get(page_hva)
         young = pte is not None and pte.young
         if pte is not None:
             pte.young = False
         if self.notifier is not None:
-            young |= self.notifier.clear_flush_young(page_hva, page_hva + self.page_size)
+            end = page_hva + self.page_size
+            if flush:
+                young |= self.notifier.clear_flush_young(page_hva, end)
+            else:
+                young |= self.notifier.clear_young(page_hva, end)
         return young
 
 

@@ -170,29 +170,26 @@ def kvm_mmu_notifier_invalidate_range_end(kvm: Kvm, start: int, end: int) -> Non
         raise AssertionError("mn_active_invalidate_count went negative (N6)")
 
 
-def kvm_mmu_notifier_clear_flush_young(kvm: Kvm, start: int, end: int) -> bool:
-    """Reclaim asks whether [start, end) was accessed, clearing the accessed state, and
-    flushes so that the next access is seen.
-
-    kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_clear_flush_young (v6.18)
-    """
-    young = False
-    for gfn_range in kvm_hva_range_to_gfn_ranges(kvm, start, end):
-        young |= kvm.arch.kvm_age_gfn(kvm, gfn_range)
-    if young:
-        kvm.arch.kvm_flush_remote_tlbs(kvm)
-    return young
-
-
 def kvm_mmu_notifier_clear_young(kvm: Kvm, start: int, end: int) -> bool:
-    """The same without the flush: aging is best-effort, a missed access only costs a
-    slightly wrong reclaim decision.
+    """Was [start, end) accessed through a guest mapping? Clears the accessed state, without
+    a flush: aging is best-effort, a missed access only costs a slightly wrong reclaim choice.
 
     kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_clear_young (v6.18)
     """
     young = False
     for gfn_range in kvm_hva_range_to_gfn_ranges(kvm, start, end):
         young |= kvm.arch.kvm_age_gfn(kvm, gfn_range)
+    return young
+
+
+def kvm_mmu_notifier_clear_flush_young(kvm: Kvm, start: int, end: int) -> bool:
+    """The same, then a TLB flush, so that the next access is seen (classic reclaim).
+
+    kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_clear_flush_young (v6.18)
+    """
+    young = kvm_mmu_notifier_clear_young(kvm, start, end)
+    if young:
+        kvm.arch.kvm_flush_remote_tlbs(kvm)
     return young
 
 
@@ -226,6 +223,9 @@ class KvmMmuNotifier:
 
     def clear_flush_young(self, start: int, end: int) -> bool:
         return kvm_mmu_notifier_clear_flush_young(self.kvm, start, end)
+
+    def clear_young(self, start: int, end: int) -> bool:
+        return kvm_mmu_notifier_clear_young(self.kvm, start, end)
 
     def test_young(self, address: int) -> bool:
         return kvm_mmu_notifier_test_young(self.kvm, address)

@@ -72,6 +72,20 @@ def test_breaking_copy_on_write_of_the_zero_page_tells_kvm() -> None:
     assert vm.read(GPA) == (Fault.MAPPED, b"host")
 
 
+def test_aging_sees_guest_accesses_and_clears_them() -> None:
+    """Aging soundness on the flat MMU: an access since the last look is reported once, with
+    or without the TLB flush, and aging never changes the translation (N7)."""
+    vm = Vm()
+    assert vm.read(GPA) == (Fault.MAPPED, bytes(4))
+    pfn = vm.mmu.ptes[(0, GPA >> 12)].pfn
+    assert vm.host.age(vm.hva, flush=False)  # the guest's access (and the host's fault-in)
+    assert not vm.host.age(vm.hva, flush=False)
+    vm.mmu.tlbs.clear()  # a TLB miss makes the walker set the accessed bit again
+    assert vm.read(GPA) == (Fault.MAPPED, bytes(4))
+    assert vm.host.age(vm.hva)
+    assert vm.mmu.ptes[(0, GPA >> 12)].pfn == pfn and vm.sound()
+
+
 def test_mmio_and_efault_exits() -> None:
     vm = Vm(flags=KVM_MEM_READONLY)
     vm.host.host_write(vm.hva, b"ro")

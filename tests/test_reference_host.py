@@ -33,6 +33,10 @@ class Recorder:
         self.events.append(("clear_flush_young", start, end))
         return False
 
+    def clear_young(self, start: int, end: int) -> bool:
+        self.events.append(("clear_young", start, end))
+        return False
+
     def test_young(self, address: int) -> bool:
         return False
 

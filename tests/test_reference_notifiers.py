@@ -16,6 +16,7 @@ from kvmspec.reference.mmu_notifier import (
     kvm_mmu_invalidate_end,
     kvm_mmu_invalidate_range_add,
     kvm_mmu_notifier_clear_flush_young,
+    kvm_mmu_notifier_clear_young,
     kvm_mmu_notifier_invalidate_range_end,
     kvm_mmu_notifier_invalidate_range_start,
     kvm_mmu_notifier_test_young,
@@ -111,6 +112,7 @@ def test_a_memslot_update_waits_for_a_running_invalidation() -> None:
 
 def test_aging_without_an_mmu_reports_nothing_young() -> None:
     kvm = vm_with_slots((0, 0x100000, 16 * PAGE, HVA))
+    assert not kvm_mmu_notifier_clear_young(kvm, HVA, HVA + 4 * PAGE)
     assert not kvm_mmu_notifier_clear_flush_young(kvm, HVA, HVA + 4 * PAGE)
     assert not kvm_mmu_notifier_test_young(kvm, HVA)
     names = [name for name, _ in kvm.arch.events]
