@@ -73,8 +73,8 @@ class BytesChooser:
 class SessionView(Protocol):
     """What the decoder may know: what a VMM knows from its own successful requests."""
 
-    regions: list[str]
     region_sizes: dict[str, int]
+    """The regions mapped so far, in mapping order, with their sizes."""
     gmems: list[str]
     slot_requests: dict[tuple[int, int], RegionOp]
     large_slots: bool
@@ -126,8 +126,8 @@ def _known_or_new_slot(chooser: Chooser, view: SessionView) -> int:
 
 
 def _address(chooser: Chooser, view: SessionView) -> Address:
-    if view.regions and chooser.below(6):
-        region = pick(chooser, view.regions)
+    if view.region_sizes and chooser.below(6):
+        region = pick(chooser, list(view.region_sizes))
         size = view.region_sizes[region]
         return RegionAddr(region, pick(chooser, [o for o in b.REGION_OFFSETS if o < size]))
     return pick(chooser, b.RAW_HVAS)
@@ -229,7 +229,7 @@ def _enable_cap(chooser: Chooser) -> Operation:
 def decode_operation(chooser: Chooser, view: SessionView) -> Operation:
     """The next operation for this session, from the chooser's answers."""
     kind = pick(chooser, _KINDS)
-    if kind == "mmap" or (not view.regions and chooser.below(2)):
+    if kind == "mmap" or (not view.region_sizes and chooser.below(2)):
         return Mmap(
             f"r{view.steps}", pick(chooser, b.MMAP_SIZES), pick(chooser, ("rw", "rw", "r", "none"))
         )

@@ -47,8 +47,7 @@ class Session:
             from kvmspec.spec.invariants.memslots import InvariantMonitor
 
             self.monitor = InvariantMonitor(kvm)
-        self.regions: list[str] = []
-        self.region_sizes: dict[str, int] = {}
+        self.region_sizes: dict[str, int] = {}  # mapped regions, in mapping order
         self.gmems: list[str] = []
         self.slot_requests: dict[tuple[int, int], RegionOp] = {}
         self.history: list[tuple[Operation, Observation]] = []
@@ -113,7 +112,6 @@ class Session:
         if errno:
             return
         if isinstance(op, Mmap):
-            self.regions.append(op.region)
             self.region_sizes[op.region] = op.size
         elif isinstance(op, CreateGuestMemfd):
             self.gmems.append(op.gmem)
