@@ -55,15 +55,16 @@ class KvmDirtyRing:
         )
         self.dirty_index += 1
 
-    def harvest(self) -> int:
-        """What userspace does with the ring it mmap()ed: read every published entry and
-        flag it RESET for the next KVM_RESET_DIRTY_RINGS. Returns how many it took."""
-        taken = 0
+    def harvest(self) -> list[KvmDirtyGfn]:
+        """What userspace does with the ring it mmap()ed: read every published entry it has
+        not taken yet and flag it RESET for the next KVM_RESET_DIRTY_RINGS. Returns copies
+        of the entries taken, in ring order."""
+        taken = []
         for index in range(self.reset_index, self.dirty_index):
             entry = self.entries[index % self.size]
             if not entry.flags & KVM_DIRTY_GFN_F_RESET:
                 entry.flags |= KVM_DIRTY_GFN_F_RESET
-                taken += 1
+                taken.append(KvmDirtyGfn(entry.flags, entry.slot, entry.offset))
         return taken
 
     def reset(self) -> list[KvmDirtyGfn]:
