@@ -29,10 +29,13 @@ import enum
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
-from kvmspec.reference.host import HostMm
+from kvmspec.reference.host import HostMm, HostPage, get_page, put_page
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
-from kvmspec.reference.mmu_notifier import mmu_invalidate_retry_gfn
+from kvmspec.reference.mmu_notifier import (
+    mmu_invalidate_retry_gfn,
+    mmu_invalidate_retry_gfn_unsafe,
+)
 from kvmspec.reference.vcpu import KvmVcpu
 
 MAX_FAULTS_PER_ACCESS = 8
@@ -100,25 +103,55 @@ def _kvm_page_fault(
     if slot is None or kvm_is_error_hva(hva):
         return Fault.MMIO
 
-    # 3. Resolve the pfn from the host; this may sleep.
+    # The lockless pre-check: while an invalidation covering the gfn is open, resolving a
+    # pfn is wasted work (it would be retried anyway), and would only contend with the host.
+    if mmu_invalidate_retry_gfn_unsafe(kvm, seq, gfn):
+        return Fault.RETRY
+
+    # 3. Resolve the pfn from the host; this may sleep. The fault holds a reference to the
+    # page from here to step 7, so the page cannot be freed (or migrated) under it.
     yield Preempt("fault: resolving the pfn (get_user_pages may sleep)")
     errno, host_pte = host.fault_in(hva, write)
     if errno or host_pte is None:
         return Fault.EFAULT
     pfn = host_pte.pfn
+    page = host.pages.get(pfn)  # None for the shared zero page, which is never refcounted
+    if page is not None:
+        get_page(page)
     writable = write or (host_pte.writable and not slot.readonly)
-    yield Preempt("fault: pfn resolved, taking mmu_lock")
+    mapped = False
+    try:
+        yield Preempt("fault: pfn resolved, taking mmu_lock")
 
-    # 4-5. Under mmu_lock: give up if an invalidation covering the gfn ran meanwhile (N4).
-    if mmu_invalidate_retry_gfn(kvm, seq, gfn):
-        return Fault.RETRY
+        # 4-5. Under mmu_lock: give up if an invalidation covering the gfn ran meanwhile (N4).
+        if mmu_invalidate_retry_gfn(kvm, seq, gfn):
+            return Fault.RETRY
 
-    # 6. Install; 7. a writable mapping is logged as dirty when it is created, since writes
-    # through it will not fault again.
-    mmu.map(as_id, gfn, pfn, writable)
-    if writable:
-        mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
-    return Fault.MAPPED
+        # 6. Install; a writable mapping is logged as dirty when it is created, since writes
+        # through it will not fault again.
+        mmu.map(as_id, gfn, pfn, writable)
+        mapped = True
+        if writable:
+            mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
+        return Fault.MAPPED
+    finally:
+        # 7. Release the page (N8).
+        if page is not None:
+            kvm_release_faultin_page(host, page, unused=not mapped, dirty=mapped and writable)
+
+
+def kvm_release_faultin_page(host: HostMm, page: HostPage, unused: bool, dirty: bool) -> None:
+    """Drop the fault's reference. A page mapped writable is marked dirty now, while the
+    reference is still held: the guest may write it at any moment without KVM seeing the
+    write, so the host must treat it as dirty (write it back, not discard it) from here on.
+    An unused page (the fault retried) is released clean.
+
+    kernel: include/linux/kvm_host.h:kvm_release_faultin_page; virt/kvm/kvm_main.c:
+    kvm_release_page_dirty, kvm_set_page_dirty (v6.18)
+    """
+    if dirty and not unused:
+        page.dirty = True
+    put_page(host, page)
 
 
 def guest_access(
@@ -129,7 +162,8 @@ def guest_access(
     The hardware translates through the vCPU's TLB; a miss or a write through a read-only
     translation faults, and the access is tried again, up to MAX_FAULTS_PER_ACCESS times.
     Returns (MAPPED, bytes read or b"") or the outcome that stopped the access (an MMIO or
-    EFAULT exit, or the dirty-ring-full exit before the guest is entered).
+    EFAULT exit, the dirty-ring-full exit before the guest is entered, or RETRY when the
+    vCPU is still faulting because an invalidation or a memslot update is in progress).
     """
     mmu = kvm.arch
     assert isinstance(mmu, FlatMmu)
@@ -159,4 +193,10 @@ def guest_access(
         outcome = run_to_completion(kvm_page_fault(kvm, host, as_id, gpa, write, vcpu))
         if outcome in (Fault.MMIO, Fault.EFAULT):
             return outcome, b""
+    # Still retrying. That is progress deferred, not lost, while something the fault must
+    # wait for is open: an invalidation of the page, or an update of its memslot (INVALID);
+    # the vCPU keeps faulting until it ends. Otherwise the access is livelocked: a finding.
+    slot = kvm.memslots(as_id).gfn_to_memslot(gfn)
+    if kvm.mmu_invalidate_in_progress or (slot is not None and slot.invalid):
+        return Fault.RETRY, b""
     raise AssertionError(f"guest access to {gpa:#x} made no progress")
