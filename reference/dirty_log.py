@@ -1,4 +1,8 @@
-"""The dirty-log ioctls: harvesting a slot's bitmap, clearing it, resetting rings.
+"""Dirty logging: recording a written page, and the ioctls that harvest the record.
+
+Every write KVM lets happen without a fault (a writable mapping it installs, or a write KVM
+makes itself) is recorded by mark_page_dirty_in_slot: in the running vCPU's dirty ring when
+the VM uses rings, otherwise in the slot's bitmap.
 
 Without manual protection, KVM_GET_DIRTY_LOG is get-and-clear: under mmu_lock each bitmap word
 is swapped with zero and its pages are write-protected again, the slot's TLB entries are
@@ -6,8 +10,8 @@ flushed, and only then is the snapshot copied to userspace (invariant D2). With
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, GET only copies, and KVM_CLEAR_DIRTY_LOG clears and
 re-protects exactly the pages that were dirty and selected (D3).
 
-kernel: virt/kvm/kvm_main.c:kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect,
-kvm_vm_ioctl_reset_dirty_pages (v6.18)
+kernel: virt/kvm/kvm_main.c:mark_page_dirty_in_slot, kvm_get_dirty_log_protect,
+kvm_clear_dirty_log_protect, kvm_vm_ioctl_reset_dirty_pages (v6.18)
 """
 
 from __future__ import annotations
@@ -17,11 +21,48 @@ from errno import EINVAL
 from kvmspec.reference.concurrency import KernelOp, Preempt
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.vcpu import KvmVcpu
 from kvmspec.spec.uapi.dirty_log_rules import (
     BITS_PER_LONG,
     clear_dirty_log_errno,
     get_dirty_log_errno,
 )
+
+
+def kvm_arch_allow_write_without_running_vcpu(kvm: Kvm) -> bool:
+    """May KVM dirty guest memory with no vCPU running? Only arm64, and only while it saves
+    the vgic ITS tables (with a dirty ring, those writes go to the backup bitmap).
+
+    kernel: arch/arm64/kvm/mmu.c:kvm_arch_allow_write_without_running_vcpu (v6.18)
+    """
+    return kvm.profile.arch == "arm64" and kvm.save_its_tables_in_progress
+
+
+def mark_page_dirty_in_slot(
+    kvm: Kvm, slot: KvmMemorySlot | None, gfn: int, vcpu: KvmVcpu | None
+) -> None:
+    """Record that ``gfn`` was written: an entry in the running vCPU's ring when the VM uses
+    rings, else a bit in the slot's bitmap. A ring that reaches its soft limit makes the vCPU
+    exit before it enters the guest again (KVM_REQ_DIRTY_RING_SOFT_FULL).
+
+    A write with no running vCPU has no ring to go to; outside the arm64 exception it is a
+    kernel bug (a WARN), and with rings and no backup bitmap the write is not logged at all,
+    which is why D10 makes it a finding.
+
+    kernel: virt/kvm/kvm_main.c:mark_page_dirty_in_slot; virt/kvm/dirty_ring.c:
+    kvm_dirty_ring_push (v6.18)
+    """
+    kvm.warn_on(
+        vcpu is None and not kvm_arch_allow_write_without_running_vcpu(kvm),
+        "mark_page_dirty_in_slot: guest memory dirtied with no running vCPU",
+    )
+    if slot is None or not slot.dirty_logging:
+        return
+    offset = gfn - slot.base_gfn
+    if kvm.dirty_ring_size and vcpu is not None and vcpu.dirty_ring is not None:
+        vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, offset)
+    elif slot.dirty_bitmap is not None:
+        slot.dirty_bitmap.set_bit(offset)
 
 
 def _logged_slot(kvm: Kvm, slot: int) -> KvmMemorySlot | None:

@@ -51,6 +51,12 @@ class Kvm:
         self.created_vcpus = 0
         self.vcpus: dict[int, KvmVcpu] = {}
         self.gmem_files: list[GmemFile] = []
+        # arm64 saves the vgic ITS tables into guest memory from an ioctl, with no vCPU
+        # running; only then may KVM dirty guest memory without a vCPU (D10).
+        self.save_its_tables_in_progress = False
+        # Every WARN_ON that fired. The kernel keeps running after a WARN, so does the model;
+        # each one is a finding, and the invariants report them.
+        self.warnings: list[str] = []
 
     # Accessors named as in the kernel ------------------------------------------------------
 
@@ -69,6 +75,12 @@ class Kvm:
     def all_memslots_empty(self) -> bool:
         """kernel: virt/kvm/kvm_main.c:kvm_are_all_memslots_empty (v6.18)"""
         return all(len(self.memslots(as_id)) == 0 for as_id in range(len(self.memslot_sets)))
+
+    def warn_on(self, condition: bool, message: str) -> bool:
+        """WARN_ON_ONCE: record ``message`` when ``condition`` holds; returns ``condition``."""
+        if condition and message not in self.warnings:
+            self.warnings.append(message)
+        return condition
 
     def quirk_slot_zap_all(self) -> bool:
         """KVM_X86_QUIRK_SLOT_ZAP_ALL is on unless userspace disabled it (x86 only)."""

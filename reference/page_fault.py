@@ -27,11 +27,11 @@ from __future__ import annotations
 import enum
 
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
+from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
 from kvmspec.reference.host import HostMm, HostPage, get_page, put_page
 from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.mmu_notifier import (
     mmu_invalidate_retry_gfn,
     mmu_invalidate_retry_gfn_unsafe,
@@ -48,25 +48,6 @@ class Fault(enum.Enum):
     RETRY = "retry"
     MMIO = "mmio"
     EFAULT = "efault"
-
-
-def mark_page_dirty_in_slot(
-    kvm: Kvm, slot: KvmMemorySlot, gfn: int, vcpu: KvmVcpu | None = None
-) -> None:
-    """Record a guest write for dirty logging: an entry in the running vCPU's ring when the
-    VM uses rings, else a bit in the slot's bitmap. A ring that reaches its soft limit asks
-    the vCPU to exit before it enters the guest again (KVM_REQ_DIRTY_RING_SOFT_FULL).
-
-    kernel: virt/kvm/kvm_main.c:mark_page_dirty_in_slot; virt/kvm/dirty_ring.c:
-    kvm_dirty_ring_push (v6.18)
-    """
-    if not slot.dirty_logging:
-        return
-    offset = gfn - slot.base_gfn
-    if kvm.dirty_ring_size and vcpu is not None and vcpu.dirty_ring is not None:
-        vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, offset)
-    elif slot.dirty_bitmap is not None:
-        slot.dirty_bitmap.set_bit(offset)
 
 
 def kvm_page_fault(
