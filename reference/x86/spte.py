@@ -125,6 +125,8 @@ class SpteMasks:
     """
 
     ept: bool
+    maxphyaddr: int
+    """The host's physical-address width (kvm_host.maxphyaddr): no pfn reaches 2^(it - 12)."""
     ad_enabled: bool
     """kvm_ad_enabled: the hardware keeps A/D bits (always, except EPT without them)."""
     present_mask: int
@@ -206,6 +208,7 @@ def kvm_mmu_reset_all_pte_masks(
         nonpresent_or_rsvd_mask = rsvd_bits(low_phys_bits, l1tf_cache_bits - 1)
     masks = SpteMasks(
         ept=False,
+        maxphyaddr=maxphyaddr,
         ad_enabled=True,
         present_mask=PT_PRESENT_MASK,
         user_mask=PT_USER_MASK,
@@ -500,16 +503,21 @@ def make_spte(
     writable and the slot logs dirty pages: kernel make_spte does it itself); memory types
     other than mt_mask (host MMIO pfns, non-coherent DMA); memory encryption (shadow_me_value);
     SPTE_TDP_AD_WRPROT_ONLY (nested PML); tracking host MMIO mappings for the MMIO stale data
-    mitigation; the WARN on reserved bits.
+    mitigation. Of the WARN on reserved bits, only the pfn's width is checked.
 
     kernel: arch/x86/kvm/mmu/spte.c:make_spte (v6.18)
     """
     if not PG_LEVEL_4K <= level <= KVM_MAX_HUGEPAGE_LEVEL:
         raise ValueError(f"no leaf SPTE at level {level}")
-    if pte_access & ~ACC_ALL or (pfn << PAGE_SHIFT) & ~SPTE_BASE_ADDR_MASK:
-        raise ValueError(f"bad access {pte_access:#x} or pfn {pfn:#x}")
+    if pte_access & ~ACC_ALL:
+        raise ValueError(f"bad access {pte_access:#x}")
+    if not 0 <= pfn < 1 << (masks.maxphyaddr - PAGE_SHIFT):
+        raise KvmMmuWarn(f"pfn {pfn:#x} sets reserved bits above MAXPHYADDR {masks.maxphyaddr}")
     if ad_disabled and not masks.acc_track_mask:
         raise ValueError("only EPT SPTEs can be without A/D bits")
+    # Exec-only EPT has no "present" bit of its own: an SPTE without rights would look empty.
+    if (pte_access | masks.present_mask) == SHADOW_NONPRESENT_VALUE:
+        raise KvmMmuWarn("an SPTE without any access right")
     wrprot = False
     spte = SPTE_MMU_PRESENT_MASK
     if ad_disabled:
