@@ -126,7 +126,7 @@ class RsvdBitsValidate:
     """``rsvd_bits_mask[ps][level - 1]``: the bits that must be zero in a present entry at
     ``level``, where ``ps`` is the entry's bit 7 (huge pages have their own reserved bits).
 
-    kernel: arch/x86/kvm/mmu/mmu.h:struct rsvd_bits_validate (v6.18)
+    kernel: arch/x86/include/asm/kvm_host.h:struct rsvd_bits_validate (v6.18)
     """
 
     rsvd_bits_mask: tuple[tuple[int, ...], tuple[int, ...]]

@@ -4,12 +4,12 @@ x86-64 paging translates an address through up to five tables of 512 eight-byte 
 level consumes 9 bits of the address above the 12-bit page offset. Guest page tables and
 KVM's shadow page tables (in the legacy format) use the same entry layout, so both
 :mod:`~kvmspec.reference.x86.guest_walk` and :mod:`~kvmspec.reference.x86.spte` take their
-bits from here. The ``ACC_*`` and ``PFERR_*`` values are KVM's own encodings of access rights
-and of the page-fault error code.
+bits from here. ``ACC_*`` is KVM's own encoding of access rights; ``PFERR_*`` are the bits of
+the hardware's page-fault error code, the form in which KVM also describes an access.
 
 kernel: arch/x86/kvm/mmu.h (PT_* masks, rsvd_bits); arch/x86/kvm/mmu/mmu_internal.h
 (__PT_LEVEL_SHIFT, __PT_INDEX, __PT_LVL_ADDR_MASK); arch/x86/kvm/mmu/spte.h (ACC_*);
-arch/x86/include/asm/kvm_host.h (PFERR_*, KVM_PAGES_PER_HPAGE) (v6.18)
+arch/x86/include/asm/kvm_host.h (PFERR_*) (v6.18)
 """
 
 from __future__ import annotations
@@ -106,16 +106,9 @@ def pt_lvl_addr_mask(level: int) -> int:
 
 
 def pt_lvl_offset_mask(level: int) -> int:
-    """The address bits that select a byte inside a leaf at ``level``, within 51:0.
+    """The address bits above the 4 KiB offset that select a 4 KiB page inside a leaf at
+    ``level`` (bits 20:12 for a 2 MiB leaf, none for a 4 KiB one).
 
     kernel: arch/x86/kvm/mmu/mmu_internal.h:__PT_LVL_OFFSET_MASK (v6.18)
     """
     return PT64_BASE_ADDR_MASK & ((1 << pt_level_shift(level)) - 1)
-
-
-def kvm_pages_per_hpage(level: int) -> int:
-    """How many 4 KiB pages a leaf at ``level`` covers (1, 512, 262144).
-
-    kernel: arch/x86/include/asm/kvm_host.h:KVM_PAGES_PER_HPAGE (v6.18)
-    """
-    return 1 << ((level - 1) * PT64_LEVEL_BITS)

@@ -280,9 +280,10 @@ TDP profiles' default until profiles name a CPU)."""
 
 
 def spte_masks_for_profile(profile: PlatformProfile) -> SpteMasks:
-    """The masks of a profile's x86 MMU: the shadow MMU always uses the legacy format; TDP is
-    taken to be Intel's EPT. (NPT would use the legacy format: the profiles do not name the
-    CPU vendor yet.)"""
+    """The masks of a profile's x86 MMU. The shadow MMU always uses the legacy format; the
+    one shadow profile is this machine's, so it gets LEGACY_MASKS_HERE. TDP is taken to be
+    Intel's EPT (NPT would keep the legacy format: the profiles do not name a CPU vendor, a
+    MAXPHYADDR or MMIO caching yet)."""
     if profile.arch != "x86_64":
         raise ValueError(f"{profile.name} is not an x86 profile")
     return LEGACY_MASKS_HERE if profile.mmu == "shadow" else EPT_MASKS
@@ -488,8 +489,9 @@ def make_spte(
     """Build the leaf SPTE that maps ``pfn`` at ``level`` with the rights ``pte_access``
     (ACC_*), replacing ``old_spte``.
 
-    * A/D: the SPTE is born accessed, unless it is prefetched (not asked for by the guest),
-      in which case it is born access-tracked so that aging is not fooled.
+    * A/D: the SPTE is born accessed, unless it is prefetched (mapped ahead of the guest's
+      access): then it is born old (A clear, or access-tracked without A/D bits), so that
+      aging does not count an access that never happened.
     * Exec: the NX huge page mitigation forbids fetches through huge pages when enabled.
     * Write: only if the host allows it (Host-writable); then only if no shadowed guest page
       table lives in the gfn, which mmu_try_to_unsync_pages decides (and may unsync shadow
@@ -497,10 +499,10 @@ def make_spte(
       Replacing a writable leaf skips the question: its gfn was settled when it was made.
 
     ``level`` and ``ad_disabled`` come from the shadow page's role; ``synchronizing`` is true
-    when the shadow MMU re-syncs an unsync page (it was ``can_unsync``, inverted, before 6.13).
+    when the shadow MMU re-syncs an unsync page (older kernels passed the inverse, can_unsync).
 
-    Left out: the gfn and memslot (the caller marks the page dirty, when the result is
-    writable and the slot logs dirty pages: kernel make_spte does it itself); memory types
+    Left out: the gfn and memslot (kernel make_spte marks the gfn dirty in the slot when the
+    new SPTE is writable and the slot logs dirty pages; here the caller does); memory types
     other than mt_mask (host MMIO pfns, non-coherent DMA); memory encryption (shadow_me_value);
     SPTE_TDP_AD_WRPROT_ONLY (nested PML); tracking host MMIO mappings for the MMIO stale data
     mitigation. Of the WARN on reserved bits, only the pfn's width is checked.
