@@ -25,11 +25,13 @@ architecture) (v6.18)
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
+from kvmspec.reference.guest_memory import kvm_read_guest_page, kvm_write_guest_page
 from kvmspec.reference.host import HostMm, HostPage, get_page, put_page
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import (
@@ -135,49 +137,160 @@ def kvm_release_faultin_page(host: HostMm, page: HostPage, unused: bool, dirty: 
     put_page(host, page)
 
 
+@dataclass(frozen=True, slots=True)
+class MmioExit:
+    """KVM_EXIT_MMIO: the part of an access that went to the VMM, [gpa, gpa + length), with
+    a store's bytes (``data`` None for a load, which the VMM answers with zeroes)."""
+
+    gpa: int
+    length: int
+    data: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class GuestAccess:
+    """How a guest instruction's access ended: the outcome, a completed load's bytes, and
+    the MMIO exit when the outcome is MMIO."""
+
+    outcome: Fault
+    data: bytes = b""
+    mmio: MmioExit | None = None
+
+
 def guest_access(
     kvm: Kvm, host: HostMm, vcpu_id: int, gpa: int, data: bytes | None, size: int = 1
 ) -> tuple[Fault, bytes]:
-    """A guest load (``data`` None, ``size`` bytes) or store at ``gpa`` within one page.
+    """A guest load (``data`` None, ``size`` bytes) or store at ``gpa``: (MAPPED, bytes read
+    or b"") or the outcome that stopped the access. :func:`guest_instruction` tells more."""
+    access = guest_instruction(kvm, host, vcpu_id, gpa, data, size)
+    return access.outcome, access.data
 
-    The hardware translates through the vCPU's TLB; a miss or a write through a read-only
-    translation faults, and the access is tried again, up to MAX_FAULTS_PER_ACCESS times.
-    Returns (MAPPED, bytes read or b"") or the outcome that stopped the access (an MMIO or
-    EFAULT exit, the dirty-ring-full exit before the guest is entered, or RETRY when the
-    vCPU is still faulting because an invalidation or a memslot update is in progress).
+
+def guest_instruction(
+    kvm: Kvm, host: HostMm, vcpu_id: int, gpa: int, data: bytes | None, size: int = 1
+) -> GuestAccess:
+    """One guest instruction that loads ``size`` bytes at ``gpa`` (``data`` None) or stores
+    ``data`` there; up to 8 bytes, which may cross into the next page.
+
+    The hardware translates every page of the access through the vCPU's TLB before any byte
+    moves, the lower page first. A miss, or a store through a read-only translation, faults;
+    the fault handler runs and the guest is entered again, up to MAX_FAULTS_PER_ACCESS
+    times. Each entry first checks the dirty ring: once a fault's write filled it to the
+    soft limit, the vCPU exits with DIRTY_RING_FULL before the instruction runs again, and
+    the store is not done (measured: the write that publishes the 192nd entry of a 256-entry
+    ring exits and leaves memory unchanged). A fault that ends in EFAULT stops the access
+    with nothing moved; one that ends in MMIO has the instruction emulated
+    (:func:`_emulate`).
+
+    kernel: arch/x86/kvm/x86.c:vcpu_enter_guest; virt/kvm/dirty_ring.c:
+    kvm_dirty_ring_check_request; arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault (v6.18)
     """
     mmu = kvm.arch
     assert isinstance(mmu, FlatMmu)
-    write = data is not None
     as_id = 0
-    gfn = gpa >> kvm.profile.page_shift
+    write = data is not None
+    parts = _page_parts(gpa, len(data) if data is not None else size, kvm.profile.page_size)
     vcpu = kvm.vcpus.get(vcpu_id)
-    # Entering the guest: a soft-full dirty ring keeps the vCPU out until userspace harvests
-    # and resets it (kvm_dirty_ring_check_request; the exit repeats until then).
-    if vcpu is not None and vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
-        return Fault.DIRTY_RING_FULL, b""
     for _ in range(MAX_FAULTS_PER_ACCESS):
-        entry = mmu.translate(vcpu_id, as_id, gfn)
-        if entry is not None and (entry.writable or not write):
-            page = host.pages.get(entry.pfn)
-            offset = gpa % kvm.profile.page_size
-            if write:
-                assert page is not None and data is not None
-                if page.data is None:
-                    page.data = bytearray(kvm.profile.page_size)
-                page.data[offset : offset + len(data)] = data
-                return Fault.MAPPED, b""
-            if page is None or page.data is None:
-                return Fault.MAPPED, bytes(size)
-            return Fault.MAPPED, bytes(page.data[offset : offset + size])
-        mmu.drop_faulting_entry(vcpu_id, as_id, gfn)
-        outcome = run_to_completion(kvm_page_fault(kvm, host, as_id, gpa, write, vcpu))
-        if outcome in (Fault.MMIO, Fault.EFAULT):
-            return outcome, b""
+        # Entering the guest: a soft-full ring keeps the vCPU out until userspace harvests
+        # and resets it (the exit repeats until then).
+        if vcpu is not None and vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
+            return GuestAccess(Fault.DIRTY_RING_FULL)
+        faulting = None
+        for part_gpa, _start, _length in parts:
+            entry = mmu.translate(vcpu_id, as_id, part_gpa >> kvm.profile.page_shift)
+            if entry is None or (write and not entry.writable):
+                faulting = part_gpa
+                break
+        if faulting is None:
+            return _transfer(kvm, host, vcpu_id, parts, data)
+        mmu.drop_faulting_entry(vcpu_id, as_id, faulting >> kvm.profile.page_shift)
+        outcome = run_to_completion(kvm_page_fault(kvm, host, as_id, faulting, write, vcpu))
+        if outcome == Fault.EFAULT:
+            return GuestAccess(Fault.EFAULT)
+        if outcome == Fault.MMIO:
+            access = _emulate(kvm, host, vcpu, parts, data)
+            # Re-entering to complete the MMIO exit checks the ring as well.
+            if vcpu is not None and vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
+                return GuestAccess(Fault.DIRTY_RING_FULL)
+            return access
     # Still retrying. That is progress deferred, not lost, while something the fault must
     # wait for is open: an invalidation of the page, or an update of its memslot (INVALID);
     # the vCPU keeps faulting until it ends. Otherwise the access is livelocked: a finding.
-    slot = kvm.memslots(as_id).gfn_to_memslot(gfn)
-    if kvm.mmu_invalidate_in_progress or (slot is not None and slot.invalid):
-        return Fault.RETRY, b""
+    for part_gpa, _start, _length in parts:
+        slot = kvm.memslots(as_id).gfn_to_memslot(part_gpa >> kvm.profile.page_shift)
+        if kvm.mmu_invalidate_in_progress or (slot is not None and slot.invalid):
+            return GuestAccess(Fault.RETRY)
     raise AssertionError(f"guest access to {gpa:#x} made no progress")
+
+
+Part = tuple[int, int, int]
+"""One page's share of an access: (gpa, offset into the access, length)."""
+
+
+def _page_parts(gpa: int, size: int, page_size: int) -> list[Part]:
+    """Split [gpa, gpa + size) at the page boundary: one part, or two."""
+    first = min(size, page_size - gpa % page_size)
+    parts = [(gpa, 0, first)]
+    if first < size:
+        parts.append((gpa + first, first, size - first))
+    return parts
+
+
+def _transfer(
+    kvm: Kvm, host: HostMm, vcpu_id: int, parts: list[Part], data: bytes | None
+) -> GuestAccess:
+    """Every page is translated: the bytes move through the translations' pfns."""
+    mmu = kvm.arch
+    assert isinstance(mmu, FlatMmu)
+    page_size = kvm.profile.page_size
+    loaded = b""
+    for part_gpa, start, length in parts:
+        entry = mmu.translate(vcpu_id, 0, part_gpa // page_size)
+        assert entry is not None
+        page = host.pages.get(entry.pfn)
+        offset = part_gpa % page_size
+        if data is not None:
+            assert page is not None
+            if page.data is None:
+                page.data = bytearray(page_size)
+            page.data[offset : offset + length] = data[start : start + length]
+        elif page is None or page.data is None:
+            loaded += bytes(length)
+        else:
+            loaded += bytes(page.data[offset : offset + length])
+    return GuestAccess(Fault.MAPPED, loaded)
+
+
+def _emulate(
+    kvm: Kvm, host: HostMm, vcpu: KvmVcpu | None, parts: list[Part], data: bytes | None
+) -> GuestAccess:
+    """x86 emulates an instruction whose fault ended in MMIO. The emulator splits the access
+    at the page boundary and moves each part itself: through KVM's own copy to or from guest
+    memory where that works (a store is logged as dirty, as any KVM write), otherwise as an
+    MMIO fragment for the VMM: no slot, a store to a READONLY slot, or a host address that
+    faults. The fragments of one access are contiguous, so they form one exit here (the
+    kernel exits once per fragment).
+
+    kernel: arch/x86/kvm/x86.c:emulator_read_write, emulator_read_write_onepage,
+    emulator_write_phys (v6.18)
+    """
+    shift = kvm.profile.page_shift
+    mmio: list[Part] = []
+    loaded = b""
+    for part_gpa, start, length in parts:
+        gfn, offset = part_gpa >> shift, part_gpa % (1 << shift)
+        if data is not None:
+            chunk = data[start : start + length]
+            errno = kvm_write_guest_page(kvm, host, 0, gfn, offset, chunk, vcpu)
+        else:
+            errno, chunk = kvm_read_guest_page(kvm, host, 0, gfn, offset, length)
+            loaded += chunk if not errno else bytes(length)
+        if errno:
+            mmio.append((part_gpa, start, length))
+    if not mmio:
+        return GuestAccess(Fault.MAPPED, loaded)
+    mmio_gpa, first, _ = mmio[0]
+    length = sum(part[2] for part in mmio)
+    stored = data[first : first + length] if data is not None else None
+    return GuestAccess(Fault.MMIO, b"", MmioExit(mmio_gpa, length, stored))
