@@ -147,6 +147,121 @@ class ResetDirtyRings(Operation):
     NAME: ClassVar[str] = "reset_dirty_rings"
 
 
+# --------------------------------------------------------------------------- the guest
+#
+# A guest operation runs one instruction in the harness's guest (see kvmspec.fuzz.guest_layout
+# for the memory it reserves). Its observation is {"errno": 0, "exit": ...}: "none" when the
+# access completed (a load adds "value"), "mmio" with the MMIO exit's gpa, len, write and
+# data, or "dirty_ring_full"; or {"errno": "EFAULT"} when KVM_RUN itself failed.
+
+
+@dataclass(frozen=True, slots=True)
+class GuestWrite(Operation):
+    """The guest stores ``value`` (``size`` bytes, little-endian) at guest-physical ``gpa``."""
+
+    NAME: ClassVar[str] = "guest_write"
+    gpa: int
+    size: int
+    value: int
+    vcpu: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GuestRead(Operation):
+    """The guest loads ``size`` bytes at guest-physical ``gpa``."""
+
+    NAME: ClassVar[str] = "guest_read"
+    gpa: int
+    size: int
+    vcpu: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HarvestDirtyRing(Operation):
+    """The VMM reads ``vcpu``'s dirty ring: every entry published since the last harvest, as
+    ``{"errno": 0, "entries": [[slot, offset], ...]}``, each flagged for the next
+    KVM_RESET_DIRTY_RINGS."""
+
+    NAME: ClassVar[str] = "harvest_dirty_ring"
+    vcpu: int = 0
+
+
+# --------------------------------------------------------------------------- the host
+#
+# The VMM acting on its own memory, addressed inside a named ``mmap`` region. Errors are the
+# errno of the system call (or EFAULT where a plain load or store would fault).
+
+
+@dataclass(frozen=True, slots=True)
+class HostWrite(Operation):
+    """The VMM stores ``value`` (``size`` bytes, little-endian) at ``offset`` in ``region``."""
+
+    NAME: ClassVar[str] = "host_write"
+    region: str
+    size: int
+    value: int
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HostRead(Operation):
+    """The VMM loads ``size`` bytes at ``offset`` in ``region``: ``{"errno": 0, "value": V}``."""
+
+    NAME: ClassVar[str] = "host_read"
+    region: str
+    size: int
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MadviseDontneed(Operation):
+    """madvise(region + offset, length, MADV_DONTNEED)."""
+
+    NAME: ClassVar[str] = "madvise_dontneed"
+    region: str
+    length: int
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Mprotect(Operation):
+    """mprotect(region + offset, length, prot) (``prot``: "r", "rw" or "none")."""
+
+    NAME: ClassVar[str] = "mprotect"
+    region: str
+    length: int
+    prot: str
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Munmap(Operation):
+    """munmap(region + offset, length)."""
+
+    NAME: ClassVar[str] = "munmap"
+    region: str
+    length: int
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MmapFixed(Operation):
+    """mmap(region + offset, length, prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS): fresh
+    zeroed memory replaces that part of the region (the region keeps its name)."""
+
+    NAME: ClassVar[str] = "mmap_fixed"
+    region: str
+    length: int
+    offset: int = 0
+    prot: str = "rw"
+
+
+GUEST_OPERATIONS = (GuestWrite, GuestRead)
+"""The operations that run the guest (and create the harness's private slot first)."""
+HostOperation = HostWrite | HostRead | MadviseDontneed | Mprotect | Munmap | MmapFixed
+HOST_OPERATIONS = (HostWrite, HostRead, MadviseDontneed, Mprotect, Munmap, MmapFixed)
+"""The operations on a part of a named region."""
+
 OPERATIONS: dict[str, type[Operation]] = {
     cls.NAME: cls
     for cls in (
@@ -160,5 +275,14 @@ OPERATIONS: dict[str, type[Operation]] = {
         CheckExtension,
         CreateVcpu,
         ResetDirtyRings,
+        GuestWrite,
+        GuestRead,
+        HarvestDirtyRing,
+        HostWrite,
+        HostRead,
+        MadviseDontneed,
+        Mprotect,
+        Munmap,
+        MmapFixed,
     )
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvmspec.fuzz.guest_layout import ACCESS_SIZES
 from kvmspec.fuzz.trace import FIELD_KINDS, FORMAT, MAX_BITMAP_WORDS, NAME_PATTERN, REQUIRED
 from kvmspec.spec.platforms import PROFILES
 from kvmspec.spec.uapi.constants import CAPABILITIES, U32_MAX, U64_MAX
@@ -18,6 +19,7 @@ _KINDS: dict[str, dict[str, Any]] = {
     "u64": _U64,
     "name": _NAME,
     "prot": {"enum": ["r", "rw", "none"]},
+    "width": {"enum": list(ACCESS_SIZES)},
     "cap": {"enum": sorted(CAPABILITIES)},
     "address": {
         "oneOf": [
@@ -42,6 +44,15 @@ _EXPECT = {
     "required": ["errno"],
 }
 
+# A "value" must fit in its "size" bytes.
+_VALUE_FITS_SIZE = [
+    {
+        "if": {"properties": {"size": {"const": size}}},
+        "then": {"properties": {"value": {"maximum": (1 << (8 * size)) - 1}}},
+    }
+    for size in ACCESS_SIZES
+]
+
 
 def trace_schema() -> dict[str, Any]:
     """A JSON Schema (draft 2020-12) that every line of a v1 trace satisfies."""
@@ -54,14 +65,15 @@ def trace_schema() -> dict[str, Any]:
     for name, kinds in FIELD_KINDS.items():
         properties: dict[str, Any] = {"op": {"const": name}, "expect": _EXPECT}
         properties.update({field: _KINDS[kind] for field, kind in kinds.items()})
-        operations.append(
-            {
-                "type": "object",
-                "properties": properties,
-                "required": ["op", *sorted(REQUIRED[name])],
-                "additionalProperties": False,
-            }
-        )
+        operation: dict[str, Any] = {
+            "type": "object",
+            "properties": properties,
+            "required": ["op", *sorted(REQUIRED[name])],
+            "additionalProperties": False,
+        }
+        if "value" in kinds and kinds.get("size") == "width":
+            operation["allOf"] = _VALUE_FITS_SIZE
+        operations.append(operation)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "kvmspec-trace/1",

@@ -8,7 +8,9 @@ the reference model, the white-box invariants on its state. It also keeps what a
 
 from __future__ import annotations
 
+from kvmspec.fuzz.guest_layout import PRIVATE_GPA, PRIVATE_SIZE, private_slot_id
 from kvmspec.fuzz.ops import (
+    GUEST_OPERATIONS,
     ClearDirtyLog,
     CreateGuestMemfd,
     CreateVcpu,
@@ -51,6 +53,7 @@ class Session:
         self.gmems: list[str] = []
         self.slot_requests: dict[tuple[int, int], RegionOp] = {}
         self.history: list[tuple[Operation, Observation]] = []
+        self.private_slot_known = False  # the contract has been told of the guest's slot
 
     @property
     def steps(self) -> int:
@@ -67,6 +70,8 @@ class Session:
         """Apply one operation; return its observation and every rule it broke."""
         observed = self.target.apply(op)
         self.history.append((op, observed))
+        if isinstance(op, GUEST_OPERATIONS) and not self.private_slot_known:
+            self._learn_private_slot()
         errno = errno_code(observed["errno"])
         violations = [str(v) for v in self._judge(op, observed, errno)]
         if self.monitor is not None:
@@ -75,6 +80,20 @@ class Session:
             violations.extend(str(v) for v in checked)
         self._remember(op, errno)
         return observed, violations
+
+    def _learn_private_slot(self) -> None:
+        """The first guest operation made the target create the harness's private slot
+        (kvmspec.fuzz.guest_layout) outside any operation: the contract must know it, or
+        it would not expect EEXIST from a later overlap. A target shows it by its
+        ``private_hva``."""
+        hva = getattr(self.target, "private_hva", 0)
+        if not hva:
+            return
+        slot = private_slot_id(self.profile)
+        region = MemoryRegion(slot, 0, PRIVATE_GPA, PRIVATE_SIZE, hva, 0)
+        found = self.contract.on_set_memory_region(region, 1, None, 0)
+        assert not found, found  # the parser's guest rules leave room for it
+        self.private_slot_known = True
 
     def _judge(self, op: Operation, observed: Observation, errno: int) -> list[object]:
         contract = self.contract

@@ -17,18 +17,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmspec.fuzz.guest_layout import (
+    ACCESS_SIZES,
+    GPA_LIMIT,
+    MAX_GIGABYTES,
+    MAX_REGION_BYTES,
+    MMAP_MIN_ADDR,
+    PRIVATE_END,
+    PRIVATE_GPA,
+    gigabytes,
+    overlaps_private,
+    private_slot_id,
+)
 from kvmspec.fuzz.ops import (
+    GUEST_OPERATIONS,
+    HOST_OPERATIONS,
     OPERATIONS,
     Address,
     CreateGuestMemfd,
+    CreateVcpu,
+    GuestRead,
+    GuestWrite,
+    HarvestDirtyRing,
+    HostRead,
+    HostWrite,
     JsonObject,
     Mmap,
     Observation,
     Operation,
     RegionAddr,
+    SetUserMemoryRegion,
     SetUserMemoryRegion2,
 )
-from kvmspec.spec.platforms import PROFILES
+from kvmspec.spec.platforms import PROFILES, PlatformProfile
 from kvmspec.spec.uapi.constants import CAPABILITIES, U32_MAX, U64_MAX
 
 FORMAT = "kvmspec-trace/1"
@@ -36,7 +57,7 @@ NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
 MAX_BITMAP_WORDS = 1 << 20
 _NAME_RE = re.compile(NAME_PATTERN)
 
-# kind of each field: u32 / u64 / name / prot / address / gmem / cap / args / words
+# kind of each field: u32 / u64 / name / prot / address / gmem / cap / args / words / width
 FIELD_KINDS: dict[str, dict[str, str]] = {
     "mmap": {"region": "name", "size": "u64", "prot": "prot"},
     "set_user_memory_region": {
@@ -62,6 +83,15 @@ FIELD_KINDS: dict[str, dict[str, str]] = {
     "check_extension": {"cap": "cap"},
     "create_vcpu": {"id": "u32"},
     "reset_dirty_rings": {},
+    "guest_write": {"gpa": "u64", "size": "width", "value": "u64", "vcpu": "u32"},
+    "guest_read": {"gpa": "u64", "size": "width", "vcpu": "u32"},
+    "harvest_dirty_ring": {"vcpu": "u32"},
+    "host_write": {"region": "name", "size": "width", "value": "u64", "offset": "u64"},
+    "host_read": {"region": "name", "size": "width", "offset": "u64"},
+    "madvise_dontneed": {"region": "name", "length": "u64", "offset": "u64"},
+    "mprotect": {"region": "name", "length": "u64", "prot": "prot", "offset": "u64"},
+    "munmap": {"region": "name", "length": "u64", "offset": "u64"},
+    "mmap_fixed": {"region": "name", "length": "u64", "offset": "u64", "prot": "prot"},
 }
 REQUIRED: dict[str, frozenset[str]] = {
     "mmap": frozenset({"region", "size"}),
@@ -76,6 +106,15 @@ REQUIRED: dict[str, frozenset[str]] = {
     "check_extension": frozenset({"cap"}),
     "create_vcpu": frozenset(),
     "reset_dirty_rings": frozenset(),
+    "guest_write": frozenset({"gpa", "size", "value"}),
+    "guest_read": frozenset({"gpa", "size"}),
+    "harvest_dirty_ring": frozenset(),
+    "host_write": frozenset({"region", "size", "value"}),
+    "host_read": frozenset({"region", "size"}),
+    "madvise_dontneed": frozenset({"region", "length"}),
+    "mprotect": frozenset({"region", "length", "prot"}),
+    "munmap": frozenset({"region", "length"}),
+    "mmap_fixed": frozenset({"region", "length"}),
 }
 
 
@@ -125,6 +164,10 @@ def _field(source: str, lineno: int, op: str, name: str, kind: str, value: Any) 
     if kind == "name":
         if not isinstance(value, str) or not _valid_name(value):
             raise fail(f"expected a name matching {NAME_PATTERN}, got {json.dumps(value)}")
+        return value
+    if kind == "width":
+        if isinstance(value, bool) or value not in ACCESS_SIZES:
+            raise fail(f"expected 1, 2, 4 or 8, got {json.dumps(value)}")
         return value
     if kind == "prot":
         if value not in ("r", "rw", "none"):
@@ -181,6 +224,12 @@ def parse_operation(source: str, lineno: int, obj: JsonObject) -> Operation:
     values = {
         key: _field(source, lineno, name, key, kinds[key], value) for key, value in given.items()
     }
+    if "value" in values and values["value"] >> (8 * values["size"]):
+        raise TraceError(
+            source,
+            lineno,
+            f"{name}.value: {values['value']:#x} does not fit in {values['size']} bytes",
+        )
     return OPERATIONS[name](**values)
 
 
@@ -195,11 +244,23 @@ def _parse_expect(source: str, lineno: int, value: Any) -> Observation:
     return value
 
 
-def _check_names(source: str, steps: list[TraceStep]) -> None:
-    """Regions and guest_memfds must be created before they are used, and an address in a
-    region must lie inside it."""
+def _page_round(size: int, profile: PlatformProfile) -> int:
+    """The length of the mapping an ``mmap`` of ``size`` bytes creates (whole pages)."""
+    return -(-size // profile.page_size) * profile.page_size
+
+
+def _check_names(source: str, profile: PlatformProfile, steps: list[TraceStep]) -> None:
+    """Regions, guest_memfds and vCPUs must be created before they are used, and an address
+    in a region must lie inside it."""
     regions: dict[str, int] = {}
     gmems: set[str] = set()
+    vcpus: set[int] = set()
+
+    def region_size(name: str, line: int) -> int:
+        if name not in regions:
+            raise TraceError(source, line, f"no region named {name!r}")
+        return regions[name]
+
     for step in steps:
         op = step.op
         if isinstance(op, Mmap):
@@ -210,17 +271,33 @@ def _check_names(source: str, steps: list[TraceStep]) -> None:
             if op.gmem in gmems:
                 raise TraceError(source, step.line, f"guest_memfd {op.gmem!r} already exists")
             gmems.add(op.gmem)
+        elif isinstance(op, CreateVcpu):
+            vcpus.add(op.id)
+        elif isinstance(op, HOST_OPERATIONS):
+            size = region_size(op.region, step.line)
+            end = op.offset + (op.size if isinstance(op, HostWrite | HostRead) else op.length)
+            # The whole range must be the region's: past its end each target has other memory.
+            if end > _page_round(size, profile):
+                raise TraceError(
+                    source,
+                    step.line,
+                    f"{op.NAME}: [{op.offset:#x}, {end:#x}) is not inside region "
+                    f"{op.region!r} ({size:#x} bytes)",
+                )
+        elif isinstance(op, GuestWrite | GuestRead | HarvestDirtyRing) and op.vcpu not in vcpus:
+            raise TraceError(
+                source, step.line, f"{op.NAME}.vcpu: no create_vcpu with id {op.vcpu} before"
+            )
         address: Address | None = getattr(op, "userspace_addr", None)
         if isinstance(address, RegionAddr):
-            if address.region not in regions:
-                raise TraceError(source, step.line, f"no region named {address.region!r}")
+            size = region_size(address.region, step.line)
             # Past its end, a region's address would depend on where each target placed it.
-            if address.offset >= max(regions[address.region], 1):
+            if address.offset >= max(size, 1):
                 raise TraceError(
                     source,
                     step.line,
                     f"offset {address.offset:#x} is not inside region {address.region!r} "
-                    f"({regions[address.region]:#x} bytes)",
+                    f"({size:#x} bytes)",
                 )
         if (
             isinstance(op, SetUserMemoryRegion2)
@@ -228,6 +305,71 @@ def _check_names(source: str, steps: list[TraceStep]) -> None:
             and op.guest_memfd not in gmems
         ):
             raise TraceError(source, step.line, f"no guest_memfd named {op.guest_memfd!r}")
+
+
+def _check_guest(source: str, profile: PlatformProfile, steps: list[TraceStep]) -> None:
+    """The rules of :mod:`kvmspec.fuzz.guest_layout` for a trace with guest operations: the
+    harness's private slot stays out of the trace's way, and the guest can reach no memory
+    but the trace's own regions."""
+    first = next((s.line for s in steps if isinstance(s.op, GUEST_OPERATIONS)), None)
+    if first is None:
+        return
+    regions: dict[str, int] = {}
+    reached: set[int] = set()
+    for step in steps:
+        op = step.op
+        if isinstance(op, Mmap):
+            regions[op.region] = _page_round(op.size, profile)
+        problem = None
+        if isinstance(op, Mmap) and sum(regions.values()) > MAX_REGION_BYTES:
+            problem = f"the regions total more than {MAX_REGION_BYTES:#x} bytes"
+        elif isinstance(op, SetUserMemoryRegion | SetUserMemoryRegion2):
+            problem = _slot_problem(op, profile, regions, before_guest=step.line < first)
+        elif isinstance(op, GuestWrite | GuestRead):
+            reached |= gigabytes(op.gpa, op.size)
+            problem = _access_problem(op.gpa, op.size, len(reached))
+        if problem:
+            raise TraceError(
+                source, step.line, f"{op.NAME}: {problem} (in a trace with guest operations)"
+            )
+
+
+def _slot_problem(
+    op: SetUserMemoryRegion | SetUserMemoryRegion2,
+    profile: PlatformProfile,
+    regions: dict[str, int],
+    before_guest: bool,
+) -> str | None:
+    """Why a memslot request breaks the guest rules, or None."""
+    private = private_slot_id(profile)
+    if op.slot == private:
+        return f"slot {private} is the harness's private slot"
+    if not op.memory_size:
+        return None  # a delete reaches no memory
+    gpa, size = op.guest_phys_addr, op.memory_size
+    if before_guest and op.slot >> 16 == 0 and overlaps_private(gpa, size):
+        return (
+            f"the slot overlaps the harness's private guest memory [{PRIVATE_GPA:#x}, "
+            f"{PRIVATE_END:#x}), mapped at the first guest operation"
+        )
+    address = op.userspace_addr
+    if isinstance(address, RegionAddr):
+        if address.offset + size > regions[address.region]:
+            return f"the slot's host memory runs past the end of region {address.region!r}"
+    elif address + size > MMAP_MIN_ADDR and address < profile.user_address_limit:
+        return f"the raw userspace_addr {address:#x} could reach the harness's own memory"
+    return None
+
+
+def _access_problem(gpa: int, size: int, gigabytes_reached: int) -> str | None:
+    """Why a guest access breaks the guest rules, or None."""
+    if gpa + size > GPA_LIMIT:
+        return f"[{gpa:#x}, {gpa + size:#x}) is not below {GPA_LIMIT:#x}"
+    if overlaps_private(gpa, size):
+        return f"{gpa:#x} is in the harness's private guest memory"
+    if gigabytes_reached > MAX_GIGABYTES:
+        return f"the accesses reach more than {MAX_GIGABYTES} distinct 1 GiB ranges"
+    return None
 
 
 def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
@@ -262,7 +404,9 @@ def parse_lines(lines: Iterable[str], source: str = "<trace>") -> Trace:
         steps.append(TraceStep(op, expect, lineno))
     if platform is None:
         raise TraceError(source, max(last, 1), "empty trace: no header line")
-    _check_names(source, steps)
+    profile = PROFILES[platform]
+    _check_names(source, profile, steps)
+    _check_guest(source, profile, steps)
     return Trace(platform, tuple(steps), source)
 
 

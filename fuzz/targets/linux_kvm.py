@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from kvmspec.fuzz.guest_layout import PRIVATE_GPA, PRIVATE_SIZE, private_slot_id
 from kvmspec.fuzz.ops import (
     Address,
     CheckExtension,
@@ -35,7 +36,17 @@ from kvmspec.fuzz.ops import (
     CreateVcpu,
     EnableCap,
     GetDirtyLog,
+    GuestRead,
+    GuestWrite,
+    HarvestDirtyRing,
+    HostOperation,
+    HostRead,
+    HostWrite,
+    MadviseDontneed,
     Mmap,
+    MmapFixed,
+    Mprotect,
+    Munmap,
     Observation,
     Operation,
     RegionAddr,
@@ -44,6 +55,27 @@ from kvmspec.fuzz.ops import (
     SetUserMemoryRegion2,
 )
 from kvmspec.fuzz.targets.base import TargetUnavailable
+from kvmspec.fuzz.targets.kvm_guest import DirtyRingReader, GuestRunner
+from kvmspec.fuzz.targets.syscalls import (
+    IOC_NONE,
+    IOC_RW,
+    IOC_WRITE,
+    MADV_DONTNEED,
+    MAP_FIXED,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+    PROTECTIONS,
+    copy_from_process,
+    copy_to_process,
+    ioc,
+    ioctl,
+    ioctl_errno,
+    madvise,
+    mmap_anon,
+    mprotect,
+    munmap,
+)
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import (
     CAPABILITIES,
@@ -53,56 +85,22 @@ from kvmspec.spec.uapi.constants import (
     errno_name,
 )
 
-# --------------------------------------------------------------------------- libc
+# --------------------------------------------------------------------------- regions
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-# No argtypes for ioctl: every call passes a ready-made c_ulong request and a ctypes buffer
-# (by pointer) or c_ulong value, which ctypes hands over without a per-call conversion.
-_ioctl = _libc.ioctl
-_ioctl.restype = ctypes.c_int
-
-_mmap = _libc.mmap
-_mmap.argtypes = (
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-)
-_mmap.restype = ctypes.c_void_p
-
-_munmap = _libc.munmap
-_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_munmap.restype = ctypes.c_int
-
-_mprotect = _libc.mprotect
-_mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_mprotect.restype = ctypes.c_int
-
-PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
-MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
-MAP_FAILED = U64_MAX  # (void *)-1 as ctypes returns it
-_PROTECTIONS = {"none": PROT_NONE, "r": PROT_READ, "rw": PROT_READ | PROT_WRITE}
-# MAP_NORESERVE: like the model's host, which has no commit limit, a large writable region
-# must not be refused by overcommit accounting; KVM never looks at it before a guest runs.
-_ANON_FLAGS = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
 REGION_ALIGN = 2 << 20
 """Regions start on a 2 MiB boundary and have at least 2 MiB of reserved, inaccessible
 address space on each side, as in the model's host (:mod:`kvmspec.reference.host`)."""
+REGION_WINDOW_TOP = 1 << 46
+"""Regions are placed top-down below 64 TiB. The kernel puts everything else of this process
+(the executable, its heap, libraries, other mappings) at 85 TiB and above, and fills its own
+free space from the top, so it never reaches this window while other space is left. That
+matters once guests run: a hole a trace munmaps inside a region must never be reused for the
+harness's own memory, or a guest write through a slot over the hole would land in it."""
 
 
-def _mmap_anon(size: int, prot: int, fixed: int = 0) -> tuple[int, int]:
-    """mmap(fixed or NULL, size, prot, private anonymous): (errno, address)."""
-    address = _mmap(fixed or None, size, prot, _ANON_FLAGS | (MAP_FIXED if fixed else 0), -1, 0)
-    if address is None or address == MAP_FAILED:
-        return ctypes.get_errno() or errno.ENOMEM, 0
-    return 0, address
-
-
-def _mmap_region(size: int, prot: int) -> tuple[int, int, tuple[int, int]]:
-    """A region for an Mmap operation: (errno, address, (reservation start, length)).
+def _mmap_region(size: int, prot: int, below: int) -> tuple[int, int, tuple[int, int]]:
+    """A region for an Mmap operation: (errno, address, (reservation start, length)), placed
+    just below ``below`` if that space is free.
 
     The kernel packs anonymous mappings next to each other, so ``region + size`` would be
     the start of the region mapped before it; the model leaves a gap. To keep "an offset
@@ -113,13 +111,14 @@ def _mmap_region(size: int, prot: int) -> tuple[int, int, tuple[int, int]]:
     span = -(-size // REGION_ALIGN) * REGION_ALIGN + 3 * REGION_ALIGN
     if span > U64_MAX:
         span = size  # no reservation can be that large: let mmap itself refuse the size
-    code, reserved = _mmap_anon(span, PROT_NONE)
+    hint = below - span if span < below else 0  # a hint; the kernel chooses if it is taken
+    code, reserved = mmap_anon(span, PROT_NONE, hint)
     if code:
         return code, 0, (0, 0)
     start = -(-(reserved + REGION_ALIGN) // REGION_ALIGN) * REGION_ALIGN
-    code, address = _mmap_anon(size, prot, fixed=start)
+    code, address = mmap_anon(size, prot, start, MAP_FIXED)
     if code:
-        _munmap(reserved, span)
+        munmap(reserved, span)
         return code, 0, (0, 0)
     return 0, address, (reserved, span)
 
@@ -127,13 +126,7 @@ def _mmap_region(size: int, prot: int) -> tuple[int, int, tuple[int, int]]:
 # --------------------------------------------------------------------------- ioctls
 
 
-def _ioc(direction: int, nr: int, size: int) -> ctypes.c_ulong:
-    """_IOC(dir, KVMIO, nr, size) of <asm-generic/ioctl.h> (dir 1 = write, 2 = read), as the
-    C unsigned long that ioctl takes."""
-    return ctypes.c_ulong((direction << 30) | (size << 16) | (0xAE << 8) | nr)
-
-
-_NONE, _W, _RW = 0, 1, 3
+_NONE, _W, _RW = IOC_NONE, IOC_WRITE, IOC_RW
 
 # struct kvm_userspace_memory_region {u32 slot; u32 flags; u64 guest_phys_addr;
 #                                     u64 memory_size; u64 userspace_addr;}
@@ -155,31 +148,20 @@ _CREATE_GMEM = struct.Struct("<QQ")
 _CREATE_GMEM_SIZE = 64
 
 KVM_API_VERSION = 12
-KVM_GET_API_VERSION = _ioc(_NONE, 0x00, 0)
-KVM_CREATE_VM = _ioc(_NONE, 0x01, 0)
-KVM_CHECK_EXTENSION = _ioc(_NONE, 0x03, 0)
-KVM_CREATE_VCPU = _ioc(_NONE, 0x41, 0)
-KVM_GET_DIRTY_LOG = _ioc(_W, 0x42, _DIRTY_LOG.size)
-KVM_SET_USER_MEMORY_REGION = _ioc(_W, 0x46, _REGION_SIZE)
-KVM_SET_USER_MEMORY_REGION2 = _ioc(_W, 0x49, _REGION2_SIZE)
-KVM_ENABLE_CAP = _ioc(_W, 0xA3, _ENABLE_CAP_SIZE)
-KVM_CLEAR_DIRTY_LOG = _ioc(_RW, 0xC0, _CLEAR_DIRTY_LOG.size)
-KVM_RESET_DIRTY_RINGS = _ioc(_NONE, 0xC7, 0)
-KVM_CREATE_GUEST_MEMFD = _ioc(_RW, 0xD4, _CREATE_GMEM_SIZE)
+KVM_GET_API_VERSION = ioc(_NONE, 0x00, 0)
+KVM_CREATE_VM = ioc(_NONE, 0x01, 0)
+KVM_CHECK_EXTENSION = ioc(_NONE, 0x03, 0)
+KVM_CREATE_VCPU = ioc(_NONE, 0x41, 0)
+KVM_GET_DIRTY_LOG = ioc(_W, 0x42, _DIRTY_LOG.size)
+KVM_SET_USER_MEMORY_REGION = ioc(_W, 0x46, _REGION_SIZE)
+KVM_SET_USER_MEMORY_REGION2 = ioc(_W, 0x49, _REGION2_SIZE)
+KVM_ENABLE_CAP = ioc(_W, 0xA3, _ENABLE_CAP_SIZE)
+KVM_CLEAR_DIRTY_LOG = ioc(_RW, 0xC0, _CLEAR_DIRTY_LOG.size)
+KVM_RESET_DIRTY_RINGS = ioc(_NONE, 0xC7, 0)
+KVM_CREATE_GUEST_MEMFD = ioc(_RW, 0xD4, _CREATE_GMEM_SIZE)
 
 _VM_TYPE_DEFAULT = ctypes.c_ulong(0)  # KVM_X86_DEFAULT_VM, the only type this kernel has
 _NR_MEMSLOTS = ctypes.c_ulong(CAPABILITIES["KVM_CAP_NR_MEMSLOTS"])
-
-_IoctlArg = ctypes.c_ulong | ctypes.Array[ctypes.c_char]
-_NO_ARG = ctypes.c_ulong(0)
-
-
-def _ioctl_errno(fd: int, request: ctypes.c_ulong, arg: _IoctlArg = _NO_ARG) -> tuple[int, int]:
-    """ioctl(fd, request, arg) -> (errno, result); arg is a value or a struct buffer."""
-    result: int = _ioctl(fd, request, arg)
-    if result < 0:
-        return ctypes.get_errno(), 0
-    return 0, result
 
 
 def _bitmap_bytes(npages: int) -> int:
@@ -187,8 +169,12 @@ def _bitmap_bytes(npages: int) -> int:
     return (npages + 63) // 64 * 8
 
 
-def _failure(code: int) -> Observation:
+def _result(code: int) -> Observation:
+    """The observation of a call that returns nothing else: ``{"errno": 0}`` or the name."""
     return {"errno": errno_name(code)}
+
+
+_DIRTY_RING_CAPS = ("KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL")
 
 
 # --------------------------------------------------------------------------- user buffers
@@ -217,17 +203,18 @@ class _GuardedBuffer:
     def _grow(self, nbytes: int) -> None:
         self.release()
         capacity = max(PAGE_SIZE, -(-nbytes // PAGE_SIZE) * PAGE_SIZE)
-        code, base = _mmap_anon(capacity + PAGE_SIZE, PROT_READ | PROT_WRITE)
+        code, base = mmap_anon(capacity + PAGE_SIZE, PROT_READ | PROT_WRITE)
         if code:
             raise MemoryError(f"cannot map a {capacity}-byte bitmap buffer: {os.strerror(code)}")
-        if _mprotect(base + capacity, PAGE_SIZE, PROT_NONE):
-            _munmap(base, capacity + PAGE_SIZE)
-            raise MemoryError(f"mprotect of a guard page: {os.strerror(ctypes.get_errno())}")
+        code = mprotect(base + capacity, PAGE_SIZE, PROT_NONE)
+        if code:
+            munmap(base, capacity + PAGE_SIZE)
+            raise MemoryError(f"mprotect of a guard page: {os.strerror(code)}")
         self._base, self._capacity = base, capacity
 
     def release(self) -> None:
         if self._base:
-            _munmap(self._base, self._capacity + PAGE_SIZE)
+            munmap(self._base, self._capacity + PAGE_SIZE)
             self._base, self._capacity = 0, 0
 
 
@@ -258,18 +245,19 @@ class LinuxKvmTarget:
                 "x86-64 KVM"
             )
         self.profile = profile
+        self.device = device
         self.vm_fd = -1
         try:
             system_fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
         except OSError as error:
             raise TargetUnavailable(f"{device}: {error.strerror}") from None
         try:
-            code, version = _ioctl_errno(system_fd, KVM_GET_API_VERSION)
+            code, version = ioctl_errno(system_fd, KVM_GET_API_VERSION)
             if code:
                 raise TargetUnavailable(f"{device}: KVM_GET_API_VERSION: {os.strerror(code)}")
             if version != KVM_API_VERSION:
                 raise TargetUnavailable(f"{device}: KVM API version {version}, not 12")
-            code, vm_fd = _ioctl_errno(system_fd, KVM_CREATE_VM, _VM_TYPE_DEFAULT)
+            code, vm_fd = ioctl_errno(system_fd, KVM_CREATE_VM, _VM_TYPE_DEFAULT)
             if code:
                 raise TargetUnavailable(f"{device}: KVM_CREATE_VM: {os.strerror(code)}")
         finally:
@@ -279,9 +267,14 @@ class LinuxKvmTarget:
 
         self._regions: dict[str, int] = {}  # region name -> start address
         self._mappings: list[tuple[int, int]] = []  # (start, length) of every reservation
+        self._next_region_top = REGION_WINDOW_TOP
         self._gmems: dict[str, int] = {}  # guest_memfd name -> descriptor
         self._gmem_fds: list[int] = []  # every guest_memfd created, for close()
-        self._vcpu_fds: list[int] = []
+        self._vcpus: dict[int, int] = {}  # vCPU id -> descriptor
+        self._ring_bytes = 0  # the dirty ring's size, once KVM_ENABLE_CAP accepted one
+        self._rings: dict[int, DirtyRingReader] = {}  # vCPU id -> its mapped ring
+        self._guest: GuestRunner | None = None  # created by the first guest operation
+        self.private_hva = 0  # the memory of the harness's private slot, once created
         self._slot_pages: dict[int, int] = {}  # slot (as_id << 16 | id) -> npages
         self._closed_fd = 4096  # a descriptor number believed closed; see _closed_descriptor
         self._scratch = 0  # one page, the hva of the probe slot
@@ -303,6 +296,15 @@ class LinuxKvmTarget:
             CheckExtension: self._check_extension,
             CreateVcpu: self._create_vcpu,
             ResetDirtyRings: self._reset_dirty_rings,
+            GuestWrite: self._guest_access,
+            GuestRead: self._guest_access,
+            HarvestDirtyRing: self._harvest_dirty_ring,
+            HostWrite: self._host_write,
+            HostRead: self._host_read,
+            MadviseDontneed: self._madvise_dontneed,
+            Mprotect: self._mprotect,
+            Munmap: self._munmap,
+            MmapFixed: self._mmap_fixed,
         }
 
     def __enter__(self) -> LinuxKvmTarget:
@@ -326,19 +328,28 @@ class LinuxKvmTarget:
         """Release every vCPU, guest_memfd, the VM and every mapping. Safe to call again."""
         if self.vm_fd < 0:
             return
-        for fd in self._vcpu_fds + self._gmem_fds + [self.vm_fd]:
+        if self._guest is not None:
+            self._guest.close()
+            self._guest = None
+        for ring in self._rings.values():
+            ring.close()
+        self._rings.clear()
+        for fd in [*self._vcpus.values(), *self._gmem_fds, self.vm_fd]:
             os.close(fd)
-        self._vcpu_fds.clear()
+        self._vcpus.clear()
         self._gmem_fds.clear()
         self._gmems.clear()
         self.vm_fd = -1
         for address, size in self._mappings:
-            _munmap(address, size)
+            munmap(address, size)
         self._mappings.clear()
         self._regions.clear()
         if self._scratch:
-            _munmap(self._scratch, PAGE_SIZE)
+            munmap(self._scratch, PAGE_SIZE)
             self._scratch = 0
+        if self.private_hva:
+            munmap(self.private_hva, PRIVATE_SIZE)
+            self.private_hva = 0
         self._bitmap.release()
 
     def resolve(self, address: Address) -> int:
@@ -351,10 +362,13 @@ class LinuxKvmTarget:
     # ------------------------------------------------------------------ operations
 
     def _mmap(self, op: Mmap) -> Observation:
-        code, address, reservation = _mmap_region(op.size, _PROTECTIONS[op.prot])
+        code, address, reservation = _mmap_region(
+            op.size, PROTECTIONS[op.prot], self._next_region_top
+        )
         if code:
-            return _failure(code)
+            return _result(code)
         self._mappings.append(reservation)
+        self._next_region_top = min(self._next_region_top, reservation[0])
         self._regions[op.region] = address
         return {"errno": 0}
 
@@ -368,8 +382,8 @@ class LinuxKvmTarget:
             op.memory_size,
             self.resolve(op.userspace_addr),
         )
-        if _ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, self._region) < 0:
-            return _failure(ctypes.get_errno())
+        if ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, self._region) < 0:
+            return _result(ctypes.get_errno())
         self._track(op.slot, op.memory_size)
         return {"errno": 0}
 
@@ -390,8 +404,8 @@ class LinuxKvmTarget:
             op.guest_memfd_offset,
             fd,
         )
-        if _ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION2, self._region2) < 0:
-            return _failure(ctypes.get_errno())
+        if ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION2, self._region2) < 0:
+            return _result(ctypes.get_errno())
         self._track(op.slot, op.memory_size)
         return {"errno": 0}
 
@@ -406,9 +420,9 @@ class LinuxKvmTarget:
     def _create_guest_memfd(self, op: CreateGuestMemfd) -> Observation:
         _CREATE_GMEM.pack_into(self._arg, 0, op.size, op.flags)
         ctypes.memset(self._arg_addr + _CREATE_GMEM.size, 0, _CREATE_GMEM_SIZE - _CREATE_GMEM.size)
-        code, fd = _ioctl_errno(self.vm_fd, KVM_CREATE_GUEST_MEMFD, self._arg)
+        code, fd = ioctl_errno(self.vm_fd, KVM_CREATE_GUEST_MEMFD, self._arg)
         if code:
-            return _failure(code)
+            return _result(code)
         # The kernel opens a guest_memfd without O_CLOEXEC (the VM and vCPU fds have it).
         os.set_inheritable(fd, False)
         self._gmem_fds.append(fd)
@@ -421,8 +435,8 @@ class LinuxKvmTarget:
         nbytes = _bitmap_bytes(npages) if npages is not None else 8
         address = self._bitmap.place(nbytes)
         _DIRTY_LOG.pack_into(self._arg, 0, op.slot, address)
-        if _ioctl(self.vm_fd, KVM_GET_DIRTY_LOG, self._arg) < 0:
-            return _failure(ctypes.get_errno())
+        if ioctl(self.vm_fd, KVM_GET_DIRTY_LOG, self._arg) < 0:
+            return _result(ctypes.get_errno())
         return {"errno": 0, "bitmap": _read_words(address, nbytes)}
 
     def _clear_dirty_log(self, op: ClearDirtyLog) -> Observation:
@@ -437,38 +451,115 @@ class LinuxKvmTarget:
         ctypes.memmove(address, struct.pack(f"<{len(words)}Q", *words), len(words) * 8)
         ctypes.memset(address + len(words) * 8, 0, (nwords - len(words)) * 8)
         _CLEAR_DIRTY_LOG.pack_into(self._arg, 0, op.slot, op.num_pages, op.first_page, address)
-        if _ioctl(self.vm_fd, KVM_CLEAR_DIRTY_LOG, self._arg) < 0:
-            return _failure(ctypes.get_errno())
+        if ioctl(self.vm_fd, KVM_CLEAR_DIRTY_LOG, self._arg) < 0:
+            return _result(ctypes.get_errno())
         return {"errno": 0}
 
     def _enable_cap(self, op: EnableCap) -> Observation:
         args = op.args + (0,) * (4 - len(op.args))
         _ENABLE_CAP.pack_into(self._arg, 0, CAPABILITIES[op.cap], op.flags, *args)
         ctypes.memset(self._arg_addr + _ENABLE_CAP.size, 0, _ENABLE_CAP_SIZE - _ENABLE_CAP.size)
-        if _ioctl(self.vm_fd, KVM_ENABLE_CAP, self._arg) < 0:
-            return _failure(ctypes.get_errno())
+        if ioctl(self.vm_fd, KVM_ENABLE_CAP, self._arg) < 0:
+            return _result(ctypes.get_errno())
+        if op.cap in _DIRTY_RING_CAPS:
+            self._ring_bytes = args[0]
         return {"errno": 0}
 
     def _check_extension(self, op: CheckExtension) -> Observation:
-        code, result = _ioctl_errno(
+        code, result = ioctl_errno(
             self.vm_fd, KVM_CHECK_EXTENSION, ctypes.c_ulong(CAPABILITIES[op.cap])
         )
         if code:
-            return _failure(code)
+            return _result(code)
         return {"errno": 0, "result": result}
 
     def _create_vcpu(self, op: CreateVcpu) -> Observation:
-        code, fd = _ioctl_errno(self.vm_fd, KVM_CREATE_VCPU, ctypes.c_ulong(op.id))
+        code, fd = ioctl_errno(self.vm_fd, KVM_CREATE_VCPU, ctypes.c_ulong(op.id))
         if code:
-            return _failure(code)
-        self._vcpu_fds.append(fd)
+            return _result(code)
+        self._vcpus[op.id] = fd
         return {"errno": 0}
 
     def _reset_dirty_rings(self, op: ResetDirtyRings) -> Observation:
-        code, count = _ioctl_errno(self.vm_fd, KVM_RESET_DIRTY_RINGS)
+        code, count = ioctl_errno(self.vm_fd, KVM_RESET_DIRTY_RINGS)
         if code:
-            return _failure(code)
+            return _result(code)
         return {"errno": 0, "result": count}
+
+    # ------------------------------------------------------------------ the guest
+
+    def _guest_access(self, op: GuestWrite | GuestRead) -> Observation:
+        """Run the guest's load or store (:mod:`kvmspec.fuzz.targets.kvm_guest`). The first
+        guest operation creates the harness's private slot; if the VM refuses it (a trace
+        applied without the parser's checks), the operation answers that errno."""
+        fd = self._vcpus.get(op.vcpu)
+        if fd is None:
+            return _result(errno.EBADF)  # the vCPU was never created: no fd to run
+        if self._guest is None:
+            code = self._start_guest()
+            if code:
+                return _result(code)
+        assert self._guest is not None
+        vcpu = self._guest.vcpu(op.vcpu, fd)
+        value = op.value if isinstance(op, GuestWrite) else None
+        return self._guest.access(vcpu, op.gpa, op.size, value)
+
+    def _start_guest(self) -> int:
+        """Map the private slot's memory, register the slot, build the guest: the errno."""
+        code, self.private_hva = mmap_anon(PRIVATE_SIZE, PROT_READ | PROT_WRITE)
+        if code:
+            return code
+        slot = private_slot_id(self.profile)
+        _REGION.pack_into(self._region, 0, slot, 0, PRIVATE_GPA, PRIVATE_SIZE, self.private_hva)
+        code, _ = ioctl_errno(self.vm_fd, KVM_SET_USER_MEMORY_REGION, self._region)
+        if code:
+            munmap(self.private_hva, PRIVATE_SIZE)
+            self.private_hva = 0
+            return code
+        self._track(slot, PRIVATE_SIZE)
+        self._guest = GuestRunner(self.device, self.private_hva)
+        return 0
+
+    def _harvest_dirty_ring(self, op: HarvestDirtyRing) -> Observation:
+        """Read the vCPU's ring. A VM without a ring has nothing to map: EINVAL, the answer
+        KVM_RESET_DIRTY_RINGS gives then; a vCPU that was never created has no fd: EBADF."""
+        fd = self._vcpus.get(op.vcpu)
+        if fd is None:
+            return _result(errno.EBADF)
+        if not self._ring_bytes:
+            return _result(errno.EINVAL)
+        ring = self._rings.get(op.vcpu)
+        if ring is None:
+            ring = self._rings[op.vcpu] = DirtyRingReader(fd, self._ring_bytes)
+        return {"errno": 0, "entries": ring.harvest()}
+
+    # ------------------------------------------------------------------ the host
+
+    def _host_address(self, op: HostOperation) -> int:
+        return self.resolve(RegionAddr(op.region, op.offset))
+
+    def _host_write(self, op: HostWrite) -> Observation:
+        data = op.value.to_bytes(op.size, "little")
+        return _result(copy_to_process(self._host_address(op), data))
+
+    def _host_read(self, op: HostRead) -> Observation:
+        code, data = copy_from_process(self._host_address(op), op.size)
+        if code:
+            return _result(code)
+        return {"errno": 0, "value": int.from_bytes(data, "little")}
+
+    def _madvise_dontneed(self, op: MadviseDontneed) -> Observation:
+        return _result(madvise(self._host_address(op), op.length, MADV_DONTNEED))
+
+    def _mprotect(self, op: Mprotect) -> Observation:
+        return _result(mprotect(self._host_address(op), op.length, PROTECTIONS[op.prot]))
+
+    def _munmap(self, op: Munmap) -> Observation:
+        return _result(munmap(self._host_address(op), op.length))
+
+    def _mmap_fixed(self, op: MmapFixed) -> Observation:
+        code, _ = mmap_anon(op.length, PROTECTIONS[op.prot], self._host_address(op), MAP_FIXED)
+        return _result(code)
 
     def _closed_descriptor(self) -> int:
         """A descriptor number that is not open in this process, so that the kernel's fget()
@@ -497,23 +588,23 @@ class LinuxKvmTarget:
         if self.vm_fd < 0:
             raise ValueError("covered() on a closed linux-kvm target")
         if not self._scratch:
-            code, self._scratch = _mmap_anon(PAGE_SIZE, PROT_READ | PROT_WRITE)
+            code, self._scratch = mmap_anon(PAGE_SIZE, PROT_READ | PROT_WRITE)
             if code:
                 raise OSError(code, f"scratch page: {os.strerror(code)}")
         if not self._nr_memslots:
-            _, self._nr_memslots = _ioctl_errno(self.vm_fd, KVM_CHECK_EXTENSION, _NR_MEMSLOTS)
+            _, self._nr_memslots = ioctl_errno(self.vm_fd, KVM_CHECK_EXTENSION, _NR_MEMSLOTS)
         spare = self._nr_memslots - 1
         while spare in self._slot_pages:
             spare -= 1
         page = gpa & ~(PAGE_SIZE - 1)
         _REGION.pack_into(self._region, 0, spare, 0, page, PAGE_SIZE, self._scratch)
-        code, _ = _ioctl_errno(self.vm_fd, KVM_SET_USER_MEMORY_REGION, self._region)
+        code, _ = ioctl_errno(self.vm_fd, KVM_SET_USER_MEMORY_REGION, self._region)
         if code == errno.EEXIST:
             return True
         if code:
             raise OSError(code, f"covered({gpa:#x}): {errno_name(code)}")
         _REGION.pack_into(self._region, 0, spare, 0, page, 0, self._scratch)
-        code, _ = _ioctl_errno(self.vm_fd, KVM_SET_USER_MEMORY_REGION, self._region)
+        code, _ = ioctl_errno(self.vm_fd, KVM_SET_USER_MEMORY_REGION, self._region)
         if code:
             raise OSError(code, f"covered({gpa:#x}): deleting the probe slot: {errno_name(code)}")
         return False
@@ -541,7 +632,7 @@ class LinuxKvmTarget:
                     address = probe.place(capacity)
                     ctypes.memset(address, pattern, capacity)
                     _DIRTY_LOG.pack_into(self._arg, 0, slot, address)
-                    code, _ = _ioctl_errno(self.vm_fd, KVM_GET_DIRTY_LOG, self._arg)
+                    code, _ = ioctl_errno(self.vm_fd, KVM_GET_DIRTY_LOG, self._arg)
                     if code:
                         break
                     data = ctypes.string_at(address, capacity)

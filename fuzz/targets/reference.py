@@ -1,9 +1,19 @@
 """The reference model as a target: each operation runs the model's kernel path to
-completion and reports the same observation the real kernel would."""
+completion and reports the same observation the real kernel would.
+
+The VM has the minimal flat MMU (:mod:`kvmspec.reference.flat_mmu`) and its MMU notifier
+registered with the model's host address space, so guest operations take the generic
+page-fault path (:func:`kvmspec.reference.page_fault.guest_instruction`) and host operations
+reach KVM the way the VMM's system calls reach the kernel's.
+"""
 
 from __future__ import annotations
 
+from errno import EBADF, EFAULT, EINVAL, ENOMEM
+
+from kvmspec.fuzz.guest_layout import PRIVATE_GPA, PRIVATE_SIZE, private_slot_id
 from kvmspec.fuzz.ops import (
+    HOST_OPERATIONS,
     Address,
     CheckExtension,
     ClearDirtyLog,
@@ -11,7 +21,16 @@ from kvmspec.fuzz.ops import (
     CreateVcpu,
     EnableCap,
     GetDirtyLog,
+    GuestRead,
+    GuestWrite,
+    HarvestDirtyRing,
+    HostOperation,
+    HostRead,
+    HostWrite,
+    MadviseDontneed,
     Mmap,
+    Mprotect,
+    Munmap,
     Observation,
     Operation,
     RegionAddr,
@@ -26,10 +45,13 @@ from kvmspec.reference.dirty_log import (
     kvm_get_dirty_log_protect,
     kvm_vm_ioctl_reset_dirty_pages,
 )
+from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.guest_memfd import GmemFile, kvm_gmem_create
-from kvmspec.reference.host import PROTECTIONS, HostMm
+from kvmspec.reference.host import PROTECTIONS, HostMm, Vma
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.kvm_main import kvm_vm_ioctl_set_memory_region
+from kvmspec.reference.mmu_notifier import KvmMmuNotifier
+from kvmspec.reference.page_fault import Fault, GuestAccess, guest_instruction
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import CAPABILITIES, U64_MAX, errno_name
@@ -50,10 +72,12 @@ class ReferenceTarget:
 
     def __init__(self, profile: PlatformProfile) -> None:
         self.profile = profile
-        self.kvm = Kvm(profile)
+        self.kvm = Kvm(profile, FlatMmu())
         self.host = HostMm(profile.page_size, profile.user_address_limit)
+        self.host.notifier = KvmMmuNotifier(self.kvm)
         self.regions: dict[str, int] = {}
         self.gmems: dict[str, GmemFile] = {}
+        self.private_hva = 0  # the memory of the harness's private slot, once created
 
     def close(self) -> None:
         """The model holds no outside resources."""
@@ -99,6 +123,12 @@ class ReferenceTarget:
         if isinstance(op, ResetDirtyRings):
             errno, count = run_to_completion(kvm_vm_ioctl_reset_dirty_pages(kvm))
             return _result(errno, result=count)
+        if isinstance(op, GuestWrite | GuestRead):
+            return self._guest_access(op)
+        if isinstance(op, HarvestDirtyRing):
+            return self._harvest_dirty_ring(op)
+        if isinstance(op, HOST_OPERATIONS):
+            return self._host_operation(op)
         raise TypeError(f"reference target cannot apply {op!r}")
 
     def _set_region(self, op: SetUserMemoryRegion | SetUserMemoryRegion2) -> int:
@@ -122,3 +152,134 @@ class ReferenceTarget:
         return run_to_completion(
             kvm_vm_ioctl_set_memory_region(self.kvm, region, version, gmem_file)
         )
+
+    # -- the guest ------------------------------------------------------------------------------
+
+    def _guest_access(self, op: GuestWrite | GuestRead) -> Observation:
+        """The guest's load or store, through the model's fault path. As on linux-kvm, the
+        first guest operation creates the harness's private slot (its errno, if refused)."""
+        if op.vcpu not in self.kvm.vcpus:
+            return _result(EBADF)  # the vCPU was never created: no fd to run
+        if not self.private_hva:
+            errno = self._start_guest()
+            if errno:
+                return _result(errno)
+        data = op.value.to_bytes(op.size, "little") if isinstance(op, GuestWrite) else None
+        access = guest_instruction(self.kvm, self.host, op.vcpu, op.gpa, data, op.size)
+        return _guest_observation(access)
+
+    def _start_guest(self) -> int:
+        """The private slot of kvmspec.fuzz.guest_layout, over 16 MiB of host memory. The
+        guest's code and page tables live there on linux-kvm; the model needs no code."""
+        errno, hva = self.host.mmap(PRIVATE_SIZE, PROTECTIONS["rw"])
+        if errno:
+            return errno
+        region = MemoryRegion(private_slot_id(self.profile), 0, PRIVATE_GPA, PRIVATE_SIZE, hva)
+        errno = run_to_completion(kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
+        if not errno:
+            self.private_hva = hva
+        return errno
+
+    def _harvest_dirty_ring(self, op: HarvestDirtyRing) -> Observation:
+        """The VMM reads the vCPU's ring (EBADF without the vCPU, EINVAL without a ring, as
+        on linux-kvm)."""
+        vcpu = self.kvm.vcpus.get(op.vcpu)
+        if vcpu is None:
+            return _result(EBADF)
+        if vcpu.dirty_ring is None:
+            return _result(EINVAL)
+        return _result(0, entries=[[e.slot, e.offset] for e in vcpu.dirty_ring.harvest()])
+
+    # -- the host -------------------------------------------------------------------------------
+
+    def _host_operation(self, op: HostOperation) -> Observation:
+        host = self.host
+        start = self.resolve(RegionAddr(op.region, op.offset))
+        if isinstance(op, HostWrite):
+            return _result(_store(host, start, op.value.to_bytes(op.size, "little")))
+        if isinstance(op, HostRead):
+            errno, data = _load(host, start, op.size)
+            return _result(errno, value=int.from_bytes(data, "little"))
+        if isinstance(op, MadviseDontneed):
+            return _result(host.madvise_dontneed(start, op.length))
+        if isinstance(op, Mprotect):
+            return _result(host.mprotect(start, op.length, PROTECTIONS[op.prot]))
+        if isinstance(op, Munmap):
+            return _result(host.munmap(start, op.length))
+        return _result(mmap_fixed(host, start, op.length, PROTECTIONS[op.prot]))
+
+
+def _guest_observation(access: GuestAccess) -> Observation:
+    """A guest operation's observation, in the form linux-kvm reports (docs/trace-format.md)."""
+    if access.outcome == Fault.EFAULT:
+        return _result(EFAULT)  # KVM_RUN failed
+    if access.outcome == Fault.DIRTY_RING_FULL:
+        return {"errno": 0, "exit": "dirty_ring_full"}
+    if access.outcome == Fault.MMIO:
+        assert access.mmio is not None
+        mmio = access.mmio
+        data = mmio.data or b""
+        return {
+            "errno": 0,
+            "exit": "mmio",
+            "gpa": mmio.gpa,
+            "len": mmio.length,
+            "write": mmio.data is not None,
+            "data": data.hex(),
+        }
+    # Run alone, an access never meets an open invalidation or an INVALID slot: no RETRY.
+    assert access.outcome == Fault.MAPPED, access
+    if access.data:
+        return {"errno": 0, "exit": "none", "value": int.from_bytes(access.data, "little")}
+    return {"errno": 0, "exit": "none"}
+
+
+def _pieces(host: HostMm, start: int, size: int) -> list[tuple[int, int]]:
+    """[start, start + size) split at page boundaries: (address, length) pairs."""
+    pieces = []
+    while size:
+        length = min(size, host.page_size - start % host.page_size)
+        pieces.append((start, length))
+        start, size = start + length, size - length
+    return pieces
+
+
+def _store(host: HostMm, start: int, data: bytes) -> int:
+    """The VMM stores ``data``, page by page in address order; the first page that faults
+    ends it with EFAULT, the bytes before it stored (as on linux-kvm)."""
+    done = 0
+    for address, length in _pieces(host, start, len(data)):
+        if host.host_write(address, data[done : done + length]):
+            return EFAULT
+        done += length
+    return 0
+
+
+def _load(host: HostMm, start: int, size: int) -> tuple[int, bytes]:
+    """The VMM loads ``size`` bytes, page by page: (0, bytes) or (EFAULT, b"")."""
+    loaded = b""
+    for address, length in _pieces(host, start, size):
+        errno, data = host.host_read(address, length)
+        if errno:
+            return EFAULT, b""
+        loaded += data
+    return 0, loaded
+
+
+def mmap_fixed(host: HostMm, start: int, length: int, prot: int) -> int:
+    """mmap(start, length, prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS): EINVAL for an
+    unaligned start or a zero length, ENOMEM past the address space; otherwise whatever was
+    mapped there is unmapped first (with its MMU-notifier invalidation), and fresh zeroed
+    memory takes its place. (HostMm has no MAP_FIXED; this belongs there.)
+
+    kernel: mm/mmap.c:do_mmap, __get_unmapped_area; mm/vma.c:mmap_region (v6.18)
+    """
+    if start % host.page_size or length == 0:
+        return EINVAL
+    end = start + -(-length // host.page_size) * host.page_size
+    if end > host.task_size:
+        return ENOMEM
+    errno = host.munmap(start, end - start)
+    assert errno == 0, errno
+    host.vmas[start] = Vma(start, end, prot)
+    return 0
