@@ -225,7 +225,11 @@ NEW_OPERATIONS: list[Operation] = [
 
 
 def test_every_new_operation_round_trips() -> None:
-    steps = [(Mmap("ram", 1 << 20), None), (CreateVcpu(0), None), (CreateVcpu(3), None)]
+    steps: list[tuple[Operation, Observation | None]] = [
+        (Mmap("ram", 1 << 20), None),
+        (CreateVcpu(0), None),
+        (CreateVcpu(3), None),
+    ]
     steps += [(op, {"errno": 0}) for op in NEW_OPERATIONS]
     trace = parse_lines(dump("x86_64-linux-6.18-pvm", steps).splitlines())
     assert [(s.op, s.expect) for s in trace.steps] == steps
