@@ -24,8 +24,11 @@ The rules for a trace with at least one guest operation, checked by the parser
    grow inside the private slot and are never freed);
 5. the guest can only reach the trace's own memory: a slot's host range lies inside the
    region it names, or a raw ``userspace_addr`` range lies where no mapping can be (below
-   MMAP_MIN_ADDR, or at or above the profile's user address limit), and the regions total at
-   most MAX_REGION_BYTES, so every region fits the linux-kvm target's region window.
+   MMAP_MIN_ADDR, or at or above the profile's user address limit);
+6. the regions total at most MAX_REGION_BYTES, so every region fits the linux-kvm target's
+   region window. This one binds a trace with host operations too: their addresses are
+   region + offset, and a region whose mmap failed counts from 0, so with small regions no
+   such address can be the harness's own memory.
 """
 
 from __future__ import annotations

@@ -308,12 +308,16 @@ def _check_names(source: str, profile: PlatformProfile, steps: list[TraceStep]) 
 
 
 def _check_guest(source: str, profile: PlatformProfile, steps: list[TraceStep]) -> None:
-    """The rules of :mod:`kvmspec.fuzz.guest_layout` for a trace with guest operations: the
+    """The rules of :mod:`kvmspec.fuzz.guest_layout` for a trace with guest operations (the
     harness's private slot stays out of the trace's way, and the guest can reach no memory
-    but the trace's own regions."""
+    but the trace's own regions), and the one for a trace with host operations (the regions
+    fit the linux-kvm target's window, so no address a host operation computes can be the
+    harness's own memory)."""
     first = next((s.line for s in steps if isinstance(s.op, GUEST_OPERATIONS)), None)
-    if first is None:
+    host = any(isinstance(s.op, HOST_OPERATIONS) for s in steps)
+    if first is None and not host:
         return
+    kind = "guest" if first is not None else "host"
     regions: dict[str, int] = {}
     reached: set[int] = set()
     for step in steps:
@@ -323,6 +327,8 @@ def _check_guest(source: str, profile: PlatformProfile, steps: list[TraceStep]) 
         problem = None
         if isinstance(op, Mmap) and sum(regions.values()) > MAX_REGION_BYTES:
             problem = f"the regions total more than {MAX_REGION_BYTES:#x} bytes"
+        elif first is None:
+            continue
         elif isinstance(op, SetUserMemoryRegion | SetUserMemoryRegion2):
             problem = _slot_problem(op, profile, regions, before_guest=step.line < first)
         elif isinstance(op, GuestWrite | GuestRead):
@@ -330,7 +336,7 @@ def _check_guest(source: str, profile: PlatformProfile, steps: list[TraceStep]) 
             problem = _access_problem(op.gpa, op.size, len(reached))
         if problem:
             raise TraceError(
-                source, step.line, f"{op.NAME}: {problem} (in a trace with guest operations)"
+                source, step.line, f"{op.NAME}: {problem} (in a trace with {kind} operations)"
             )
 
 

@@ -167,6 +167,13 @@ BAD_LINES: dict[str, tuple[list[str], str]] = {
         [VCPU, '{"op": "mmap", "region": "big", "size": 35184372088833}', WRITE],
         "mmap: the regions total more than 0x200000000000 bytes",
     ),
+    "regions of more than 32 TiB with a host operation": (
+        [
+            '{"op": "mmap", "region": "big", "size": 35184372088833}',
+            '{"op": "munmap", "region": "big", "length": 4096}',
+        ],
+        "mmap: the regions total more than 0x200000000000 bytes (in a trace with host",
+    ),
     "more than 1024 gigabytes": (
         [VCPU] + [f'{{"op": "guest_read", "gpa": {n << 30}, "size": 1}}' for n in range(1025)],
         "the accesses reach more than 1024 distinct 1 GiB ranges",
