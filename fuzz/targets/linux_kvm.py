@@ -2,8 +2,15 @@
 
 The target opens ``/dev/kvm``, creates one VM of type 0 (KVM_X86_DEFAULT_VM) and turns every
 operation into the system call a VMM would make, through libc's ``ioctl``/``mmap``/``munmap``
-called with ctypes. Its observations have exactly the form of the reference target's, so the
-two can be compared operation by operation.
+called with ctypes (:mod:`kvmspec.fuzz.targets.syscalls`). Its observations have exactly the
+form of the reference target's, so the two can be compared operation by operation.
+
+Guest operations run the CPL3 guest of :mod:`kvmspec.fuzz.targets.kvm_guest`; the first one
+creates the harness's private slot (:mod:`kvmspec.fuzz.guest_layout`). Host operations act on
+the target's own regions, which it places in a window of the address space the kernel never
+fills with the process's other mappings (REGION_WINDOW_TOP), so that a hole a trace munmaps
+is never reused for the harness's memory, where a guest write could reach it. The VMM's own
+loads and stores go through process_vm_readv/writev, so a fault is EFAULT, not SIGSEGV.
 
 A VMM has no ioctl that reads memslots back, so the target keeps what a VMM keeps: the
 address of each host region, the descriptor of each guest_memfd, and the page count of each
