@@ -57,6 +57,10 @@ class KvmArch:
         """Remove every mapping that goes through ``slot`` (which is INVALID by now)."""
         self.events.append(("flush_shadow_memslot", slot))
 
+    def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
+        """Remove every mapping of guest memory (the VMM's address space is going away)."""
+        self.events.append(("flush_shadow_all", None))
+
     def kvm_arch_guest_memory_reclaimed(self, kvm: Kvm) -> None:
         """Memory that guests could reach was taken away (cache maintenance on some arches)."""
         self.events.append(("guest_memory_reclaimed", None))

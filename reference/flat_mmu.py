@@ -6,7 +6,8 @@ POWER HPT) keep trees or hash tables of translations; this one keeps a dictionar
 
 * the fault path installs a translation (:meth:`FlatMmu.map`);
 * MMU notifiers and memslot flushes remove them (``kvm_unmap_gfn_range``,
-  ``kvm_arch_flush_shadow_memslot``) and ask for a TLB flush;
+  ``kvm_arch_flush_shadow_memslot``, and all of them at once ``kvm_arch_flush_shadow_all``)
+  and ask for a TLB flush;
 * dirty logging write-protects them again (``kvm_arch_mmu_enable_log_dirty_pt_masked``);
 * aging reads and clears an accessed bit.
 
@@ -86,6 +87,11 @@ class FlatMmu(KvmArch):
         super().kvm_arch_flush_shadow_memslot(kvm, slot)
         if self._remove(slot.as_id, slot.base_gfn, slot.end_gfn):
             self.kvm_flush_remote_tlbs(kvm)
+
+    def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
+        super().kvm_arch_flush_shadow_all(kvm)
+        self.ptes.clear()
+        self.kvm_flush_remote_tlbs(kvm)
 
     def kvm_arch_mmu_enable_log_dirty_pt_masked(
         self, kvm: Kvm, slot: KvmMemorySlot, gfn_offset: int, mask: int

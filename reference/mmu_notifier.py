@@ -18,8 +18,9 @@ a new memslot set (invariant M11), so a start/end pair always sees the same mems
 kernel: virt/kvm/kvm_main.c:kvm_mmu_invalidate_begin, kvm_mmu_invalidate_range_add,
 kvm_mmu_invalidate_end, kvm_mmu_notifier_invalidate_range_start/_end, __kvm_handle_hva_range,
 kvm_mmu_notifier_clear_flush_young, kvm_mmu_notifier_clear_young,
-kvm_mmu_notifier_test_young; include/linux/kvm_host.h:mmu_invalidate_retry,
-mmu_invalidate_retry_gfn, mmu_invalidate_retry_gfn_unsafe (v6.18)
+kvm_mmu_notifier_test_young, kvm_mmu_notifier_release, kvm_flush_shadow_all;
+include/linux/kvm_host.h:mmu_invalidate_retry, mmu_invalidate_retry_gfn,
+mmu_invalidate_retry_gfn_unsafe (v6.18)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmspec.reference.gfn_to_hva import hva_to_gfn_memslot
+from kvmspec.reference.host_notifier import MmuNotifierEvent
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 
@@ -205,9 +207,37 @@ def kvm_mmu_notifier_test_young(kvm: Kvm, address: int) -> bool:
     )
 
 
+def kvm_flush_shadow_all(kvm: Kvm) -> None:
+    """Remove every mapping of guest memory, in every address space, and say so.
+
+    kernel: virt/kvm/kvm_main.c:kvm_flush_shadow_all (v6.18)
+    """
+    kvm.arch.kvm_arch_flush_shadow_all(kvm)
+    kvm.arch.kvm_arch_guest_memory_reclaimed(kvm)
+
+
+def kvm_mmu_notifier_release(kvm: Kvm) -> None:
+    """The VMM's address space is being torn down (exit_mmap): no host page will stay, so KVM
+    drops every mapping at once, inside an SRCU read section since it walks the memslots.
+    No invalidation is opened: a fault after this finds no host page to map, and the host
+    calls nothing after this.
+
+    kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_release (v6.18)
+    """
+    srcu = kvm.srcu.read_lock()
+    try:
+        kvm_flush_shadow_all(kvm)
+    finally:
+        kvm.srcu.read_unlock(srcu)
+
+
 class KvmMmuNotifier:
     """KVM's registration with the host's MMU notifier: the host calls these methods, each
     forwarding to the callback above.
+
+    KVM unmaps on every invalidation whatever the event: its range_start handler reads only
+    the range's addresses and whether it may sleep (mmu_notifier_range_blockable), never
+    ``range->event``, so an mprotect, a migration and an munmap all look the same to it.
 
     kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_ops, kvm_init_mmu_notifier (v6.18)
     """
@@ -215,10 +245,10 @@ class KvmMmuNotifier:
     def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
 
-    def invalidate_range_start(self, start: int, end: int) -> None:
+    def invalidate_range_start(self, start: int, end: int, event: MmuNotifierEvent) -> None:
         kvm_mmu_notifier_invalidate_range_start(self.kvm, start, end)
 
-    def invalidate_range_end(self, start: int, end: int) -> None:
+    def invalidate_range_end(self, start: int, end: int, event: MmuNotifierEvent) -> None:
         kvm_mmu_notifier_invalidate_range_end(self.kvm, start, end)
 
     def clear_flush_young(self, start: int, end: int) -> bool:
@@ -229,3 +259,6 @@ class KvmMmuNotifier:
 
     def test_young(self, address: int) -> bool:
         return kvm_mmu_notifier_test_young(self.kvm, address)
+
+    def release(self) -> None:
+        kvm_mmu_notifier_release(self.kvm)

@@ -7,10 +7,15 @@ from __future__ import annotations
 import pytest
 
 from kvmspec.reference import kvm_main
+from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.concurrency import WaitUntil, run_to_completion
+from kvmspec.reference.flat_mmu import FlatMmu
+from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.host_notifier import MmuNotifierEvent
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import (
     INVALID_GPA,
+    KvmMmuNotifier,
     kvm_hva_range_to_gfn_ranges,
     kvm_mmu_invalidate_begin,
     kvm_mmu_invalidate_end,
@@ -19,10 +24,12 @@ from kvmspec.reference.mmu_notifier import (
     kvm_mmu_notifier_clear_young,
     kvm_mmu_notifier_invalidate_range_end,
     kvm_mmu_notifier_invalidate_range_start,
+    kvm_mmu_notifier_release,
     kvm_mmu_notifier_test_young,
     mmu_invalidate_retry,
     mmu_invalidate_retry_gfn,
 )
+from kvmspec.reference.page_fault import Fault, guest_access
 from kvmspec.spec.invariants.memslots import InvariantMonitor
 from kvmspec.spec.platforms import DEFAULT_PROFILE
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
@@ -31,9 +38,9 @@ HVA = 0x7F00_0000_0000
 PAGE = 4096
 
 
-def vm_with_slots(*regions: tuple[int, int, int, int]) -> Kvm:
+def vm_with_slots(*regions: tuple[int, int, int, int], arch: KvmArch | None = None) -> Kvm:
     """(slot, gpa, size, hva) per slot."""
-    kvm = Kvm(DEFAULT_PROFILE)
+    kvm = Kvm(DEFAULT_PROFILE, arch)
     for slot, gpa, size, hva in regions:
         request = MemoryRegion(slot, 0, gpa, size, hva)
         assert run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(kvm, request, 1)) == 0
@@ -117,3 +124,59 @@ def test_aging_without_an_mmu_reports_nothing_young() -> None:
     assert not kvm_mmu_notifier_test_young(kvm, HVA)
     names = [name for name, _ in kvm.arch.events]
     assert "age_gfn" in names and "test_age_gfn" in names
+
+
+def test_kvm_unmaps_whatever_the_event_says() -> None:
+    """KVM's range_start never looks at the event: an mprotect, a migration and an munmap
+    each drop the range's mappings, open and close one invalidation."""
+    kvm = vm_with_slots((0, 0x100000, 16 * PAGE, HVA))
+    notifier = KvmMmuNotifier(kvm)
+    for event in MmuNotifierEvent:
+        kvm.arch.events.clear()
+        seq = kvm.mmu_invalidate_seq
+        notifier.invalidate_range_start(HVA, HVA + PAGE, event)
+        assert kvm.mmu_invalidate_in_progress == 1
+        notifier.invalidate_range_end(HVA, HVA + PAGE, event)
+        assert kvm.mmu_invalidate_seq == seq + 1 and kvm.mmu_invalidate_in_progress == 0
+        assert [name for name, _ in kvm.arch.events] == [
+            "unmap_gfn_range",
+            "guest_memory_reclaimed",
+        ]
+
+
+def test_release_drops_every_translation_without_an_invalidation() -> None:
+    """The VMM's mm goes away: the host calls release first, and the flat MMU drops every
+    translation (all slots, all address spaces) and flushes every TLB. No invalidation is
+    opened, so the fault-exclusion counters do not move."""
+    mmu = FlatMmu()
+    host = HostMm(PAGE, DEFAULT_PROFILE.user_address_limit)
+    _, hva = host.mmap(32 * PAGE, PROT_READ | PROT_WRITE)
+    kvm = vm_with_slots(
+        (0, 0x100000, 16 * PAGE, hva), (1, 0x4000000, 16 * PAGE, hva + 16 * PAGE), arch=mmu
+    )
+    host.notifier = KvmMmuNotifier(kvm)
+    for gpa in (0x100000, 0x100000 + 3 * PAGE, 0x4000000):
+        assert guest_access(kvm, host, 0, gpa, b"v")[0] == Fault.MAPPED
+    assert len(mmu.ptes) == 3 and mmu.tlbs[0]
+    counters = (kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress)
+    mmu.events.clear()
+
+    host.exit_mmap()
+    assert not mmu.ptes and not mmu.tlbs[0]
+    assert [name for name, _ in mmu.events] == [
+        "flush_shadow_all",
+        "flush_tlbs",
+        "guest_memory_reclaimed",
+    ]
+    assert (kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress) == counters
+    assert kvm.mn_active_invalidate_count == 0
+    assert guest_access(kvm, host, 0, 0x100000, None) == (Fault.EFAULT, b"")  # nothing left
+
+
+def test_release_on_the_memslot_layer_records_the_hook() -> None:
+    kvm = vm_with_slots((0, 0x100000, 16 * PAGE, HVA))
+    kvm_mmu_notifier_release(kvm)
+    assert [name for name, _ in kvm.arch.events][-2:] == [
+        "flush_shadow_all",
+        "guest_memory_reclaimed",
+    ]
