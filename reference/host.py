@@ -370,7 +370,7 @@ class HostMm:
         madvise_dontneed_free_valid_vma; mm/memory.c:zap_page_range_single (v6.18)
         """
         errno, end = self.madvise_range(start, length)
-        if errno:
+        if errno or end == start:
             return errno
         parts, holes = self.madvise_walk(start, end)
         for part_start, part_end, vma in parts:
@@ -387,7 +387,7 @@ class HostMm:
         kernel: mm/madvise.c:madvise_vma_behavior; mm/khugepaged.c:hugepage_madvise (v6.18)
         """
         errno, end = self.madvise_range(start, length)
-        if errno:
+        if errno or end == start:
             return errno
         parts, holes = self.madvise_walk(start, end)
         for part_start, part_end, vma in parts:
@@ -485,7 +485,7 @@ class HostMm:
         file's (allocated on first touch). A device page is the device's pfn.
 
         kernel: mm/memory.c:handle_mm_fault, do_anonymous_page, do_shared_fault,
-        do_swap_page, wp_page_copy; mm/huge_memory.c:do_huge_pmd_wp_page (v6.18)
+        do_swap_page, wp_page_copy (v6.18)
         """
         vma = self.find_vma(hva)
         if vma is None or not vma.prot & PROT_READ or (write and not vma.prot & PROT_WRITE):

@@ -49,8 +49,7 @@ class Reclaim(enum.Enum):
     """Used since the last look (by the VMM, or by a guest as the notifier says): kept, and
     now aged (young bits cleared)."""
     PINNED = "pinned"
-    """A long-term pin keeps the page. A small page was unmapped under an invalidation and
-    mapped back when the pin was found; a huge page is kept before anything is unmapped."""
+    """A long-term pin keeps the page: reclaim gives up before unmapping anything."""
     BUSY = "busy"
     """A huge page with references beyond its mappings: kept (it could not be split)."""
     SKIPPED = "skipped"
@@ -91,17 +90,18 @@ def reclaim(mm: HostMm, hva: int) -> Reclaim:
     """Reclaim (kswapd, or direct reclaim) picks the anonymous page at ``hva``.
 
     First it ages the page (clear_flush_young through the notifier): a used page is kept.
+    A pinned page is kept too, before anything is unmapped (its contents may be under DMA).
     Then a small page is unmapped under a CLEAR invalidation of that page: its PTE becomes a
     swap entry holding the contents, and the page is freed, or stays in the swap cache while
-    someone else holds a reference. A pinned page cannot be unmapped: the kernel notices the
-    pin only after the invalidation has started, and puts the PTE back.
+    someone else holds a reference.
 
-    A huge page mapped by its PMD goes to swap whole (THP swap-out): pinned or otherwise
-    referenced, it is kept untouched; else one CLEAR invalidation of the block turns the PMD
-    into HPAGE_NR swap entries. A huge page already split into PTEs is split itself first (a
-    CLEAR invalidation of the block; its pages become ordinary pages with the same frames),
-    then the page at ``hva`` is reclaimed; the kernel goes on with the other pages in the
-    same pass, the model leaves them mapped until reclaim picks them.
+    A huge page mapped by its PMD goes to swap whole (THP swap-out): with references beyond
+    its mapping it is kept untouched (it could not be split if need be); else one CLEAR
+    invalidation of the block turns the PMD into HPAGE_NR swap entries. A huge page already
+    split into PTEs is split itself first (a CLEAR invalidation of the block; its pages
+    become ordinary pages with the same frames), then the page at ``hva`` is reclaimed; the
+    kernel goes on with the other pages in the same pass, the model leaves them mapped
+    until reclaim picks them.
 
     kernel: mm/vmscan.c:shrink_folio_list, folio_check_references; mm/rmap.c:
     try_to_unmap_one; mm/swap_state.c:add_to_swap; mm/huge_memory.c:__folio_split (v6.18)
@@ -133,12 +133,11 @@ def reclaim(mm: HostMm, hva: int) -> Reclaim:
         page = mm.memory.pages[pte.pfn]
     if age(mm, page_hva):
         return Reclaim.REFERENCED
+    if page.pins:
+        return Reclaim.PINNED
 
     end = page_hva + mm.page_size
     mm.invalidate_start(page_hva, end, MmuNotifierEvent.CLEAR)
-    if page.pins:
-        mm.invalidate_end(page_hva, end, MmuNotifierEvent.CLEAR)
-        return Reclaim.PINNED
     # The mapping's reference passes to the swap cache (add_to_swap, then the unmap); is
     # anyone else still holding the page?
     page.dirty |= pte.dirty
