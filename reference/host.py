@@ -491,17 +491,17 @@ class HostMm:
         if vma is None or not vma.prot & PROT_READ or (write and not vma.prot & PROT_WRITE):
             return EFAULT, None
         page_hva = hva - hva % self.page_size
-        haddr = hva - hva % self.hpage_size
-        pmd: HostPte | None = self.pmds.get(haddr)
+        pmd: HostPte | None = self.pmds.get(hva - hva % self.hpage_size)
+        pte: HostPte | None = self.ptes.get(page_hva)
         if pmd is not None:
-            self.memory.page(pmd.pfn + (page_hva - haddr) // self.page_size)  # now touched
             pmd.dirty |= write
             pmd.young = True
-            return 0, self.lookup(hva)
-        pte: HostPte | None = self.ptes.get(page_hva)
-        if pte is None:
-            return self._fault_missing(vma, page_hva, write)
-        if write and pte.pfn == ZERO_PFN:
+            pte = self.lookup(hva)
+        elif pte is None:
+            errno, pte = self._fault_missing(vma, page_hva, write)
+            if errno:
+                return errno, None
+        elif write and pte.pfn == ZERO_PFN:
             # Breaking copy-on-write changes the page behind the address: secondary MMUs
             # that mapped the zero page must let go of it first.
             end = page_hva + self.page_size
@@ -511,8 +511,10 @@ class HostMm:
             page.index = page_hva // self.page_size
             pte = self.map_page(page_hva, page, vma, write)
             self.invalidate_end(page_hva, end, MmuNotifierEvent.CLEAR)
+        assert pte is not None
         pte.dirty |= write
         pte.young = True
+        self.memory.page(pte.pfn)  # a page of a huge page gets its record when touched
         return 0, pte
 
     def _fault_missing(self, vma: Vma, hva: int, write: bool) -> tuple[int, HostPte | None]:

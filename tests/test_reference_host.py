@@ -617,3 +617,32 @@ def test_khugepaged_gives_up_on_a_page_only_the_guest_uses() -> None:
     assert [name for name, _ in kvm.arch.events].count("test_age_gfn") == 2
     assert kvm.mmu_invalidate_seq == seq + 1 and (0, 0x100) not in mmu.ptes
     assert mm.mapping_level(base) == LEVEL_PTE
+
+
+def test_the_guest_keeps_its_data_through_collapse_and_split() -> None:
+    """KVM maps pages of a huge page one by one here (the flat MMU has no large mappings):
+    the collapse moves the guest's data to new frames and the guest refaults to them; the
+    split keeps the frames, yet KVM is invalidated and refaults to the same ones."""
+    mmu = FlatMmu()
+    kvm = Kvm(DEFAULT_PROFILE, mmu)
+    mm = HostMm(PAGE, DEFAULT_PROFILE.user_address_limit)
+    mm.notifier = KvmMmuNotifier(kvm)
+    _, base = mm.mmap(HUGE, RW)
+    region = MemoryRegion(0, 0, 0x100000, HUGE, base)
+    assert run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(kvm, region, 1)) == 0
+    gfn = 0x100 + 9
+    assert guest_access(kvm, mm, 0, gfn * PAGE, b"guest")[0] == Fault.MAPPED
+    small = mmu.ptes[(0, gfn)].pfn
+
+    assert mm.madvise_collapse(base, HUGE) == 0
+    assert (0, gfn) not in mmu.ptes  # invalidated: the frame changed
+    assert guest_access(kvm, mm, 0, gfn * PAGE, None, 5) == (Fault.MAPPED, b"guest")
+    huge = mmu.ptes[(0, gfn)].pfn
+    assert huge == mm.pmds[base].pfn + 9 != small and mm.mapping_level(base) == LEVEL_PMD
+    assert guest_access(kvm, mm, 0, (gfn + 1) * PAGE, b"tail")[0] == Fault.MAPPED
+    assert mm.host_read(base + 10 * PAGE, 4) == (0, b"tail")
+
+    assert mm.split_huge_pmd(base)
+    assert not mmu.ptes  # invalidated although no frame changed
+    assert guest_access(kvm, mm, 0, gfn * PAGE, None, 5) == (Fault.MAPPED, b"guest")
+    assert mmu.ptes[(0, gfn)].pfn == huge and mm.mapping_level(base) == LEVEL_PTE
