@@ -445,7 +445,10 @@ class HostMm:
     def _zap(self, start: int, end: int, event: MmuNotifierEvent) -> KernelOp[None]:
         """Unmap every page of [start, end) between the notifier's start and end: secondary
         MMUs drop their mappings before the pages can be freed. A huge page only partly in
-        the range is split first (inside the zap, with its own CLEAR invalidation)."""
+        the range is split first (inside the zap, with its own CLEAR invalidation).
+
+        kernel: mm/memory.c:unmap_vmas, zap_page_range_single, zap_pmd_range (v6.18)
+        """
         self.invalidate_start(start, end, event)
         yield Preempt("host: invalidation started, zapping the host PTEs")
         for haddr in self.keys_in(self.pmds, start - self.hpage_size + 1, end):

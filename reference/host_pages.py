@@ -12,7 +12,8 @@ What a host PTE can point at:
 * **Device memory** (a PCI BAR, a VFIO region): pfns a driver maps with remap_pfn_range into
   a VM_PFNMAP VMA. They have no struct page: nothing to refcount, pin, migrate or reclaim.
 * **Swap**: an anonymous page that reclaim took away leaves a swap entry in the page table,
-  holding its contents until the next access brings them back in a new page.
+  holding its contents until the next access brings them back, in a new page (or in the
+  same one, if the swap cache still holds it).
 
 Contents are sparse everywhere: ``data`` None (or no record at all) means all zeroes.
 
