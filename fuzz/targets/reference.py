@@ -166,7 +166,7 @@ class ReferenceTarget:
                 return _result(errno)
         data = op.value.to_bytes(op.size, "little") if isinstance(op, GuestWrite) else None
         access = guest_instruction(self.kvm, self.host, op.vcpu, op.gpa, data, op.size)
-        return _guest_observation(access)
+        return _guest_observation(access, loaded=data is None)
 
     def _start_guest(self) -> int:
         """The private slot of kvmspec.fuzz.guest_layout, over 16 MiB of host memory. The
@@ -193,6 +193,7 @@ class ReferenceTarget:
     # -- the host -------------------------------------------------------------------------------
 
     def _host_operation(self, op: HostOperation) -> Observation:
+        """The VMM's system call or access on [region + offset, ...), in the model's host."""
         host = self.host
         start = self.resolve(RegionAddr(op.region, op.offset))
         if isinstance(op, HostWrite):
@@ -206,11 +207,12 @@ class ReferenceTarget:
             return _result(host.mprotect(start, op.length, PROTECTIONS[op.prot]))
         if isinstance(op, Munmap):
             return _result(host.munmap(start, op.length))
-        return _result(mmap_fixed(host, start, op.length, PROTECTIONS[op.prot]))
+        return _result(_mmap_fixed(host, start, op.length, PROTECTIONS[op.prot]))
 
 
-def _guest_observation(access: GuestAccess) -> Observation:
-    """A guest operation's observation, in the form linux-kvm reports (docs/trace-format.md)."""
+def _guest_observation(access: GuestAccess, loaded: bool) -> Observation:
+    """A guest operation's observation, in the form linux-kvm reports (docs/trace-format.md);
+    ``loaded`` says the access was a load, whose completion reports the value."""
     if access.outcome == Fault.EFAULT:
         return _result(EFAULT)  # KVM_RUN failed
     if access.outcome == Fault.DIRTY_RING_FULL:
@@ -229,7 +231,7 @@ def _guest_observation(access: GuestAccess) -> Observation:
         }
     # Run alone, an access never meets an open invalidation or an INVALID slot: no RETRY.
     assert access.outcome == Fault.MAPPED, access
-    if access.data:
+    if loaded:
         return {"errno": 0, "exit": "none", "value": int.from_bytes(access.data, "little")}
     return {"errno": 0, "exit": "none"}
 
@@ -266,7 +268,7 @@ def _load(host: HostMm, start: int, size: int) -> tuple[int, bytes]:
     return 0, loaded
 
 
-def mmap_fixed(host: HostMm, start: int, length: int, prot: int) -> int:
+def _mmap_fixed(host: HostMm, start: int, length: int, prot: int) -> int:
     """mmap(start, length, prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS): EINVAL for an
     unaligned start or a zero length, ENOMEM past the address space; otherwise whatever was
     mapped there is unmapped first (with its MMU-notifier invalidation), and fresh zeroed
