@@ -543,6 +543,7 @@ class LinuxKvmTarget:
     # ------------------------------------------------------------------ the host
 
     def _host_address(self, op: HostOperation) -> int:
+        """Where a host operation acts: its region's start plus its offset."""
         return self.resolve(RegionAddr(op.region, op.offset))
 
     def _host_write(self, op: HostWrite) -> Observation:
