@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path, PurePosixPath
 
-from kvmspec.spec.invariants.memslots import CHECKED_RULES, SCENARIO_TESTS
+from kvmspec.spec.checked_by import CHECKED_BY
 from kvmspec.spec.rules import (
     RULES,
     Citation,
@@ -47,14 +47,18 @@ How to read "checked by":
 
 * **MemslotUapiContract** (`kvmspec.spec.contracts`) predicts every answer of the memslot and
   dirty-log ioctls from the requests alone; every harness session runs it, on any target.
-* **MemoryCoherenceContract** (`kvmspec.spec.memory_contract`) judges guest loads and stores
-  from outside: coherence with every other writer, and MMIO exactly where there is no RAM.
+* **MemoryCoherenceContract** (`kvmspec.spec.memory_contract`), **DirtyLogContract**
+  (`kvmspec.spec.dirty_contract`) and **AgingContract** (`kvmspec.spec.aging_contract`) judge
+  guest accesses, dirty-log harvests and aging from outside.
 * **InvariantMonitor** (`kvmspec.spec.invariants.memslots`) checks the reference's state after
   every step, and the moment of two events (the flush of an INVALID slot, a new generation).
+* **translation checks** and **dirty checks** (`kvmspec.spec.invariants.translations`,
+  `.dirty`) compare the MMU's translations with the host and with the dirty record after
+  every step of the generic machine.
 * **scenario test**: a named test drives the interleaving or the planted fault the rule is
   about (a swap during an invalidation, a MOVE that fails after its INVALID step).
 * **not checked yet**: the rule is stated (and the reference is written to keep it), but no
-  checker tests it automatically yet.
+  checker tests it automatically yet; the reason follows.
 
 """
 
@@ -77,15 +81,7 @@ def format_citation(citation: Citation) -> str:
 
 
 def checked_by(rule: Rule) -> str:
-    if rule.kind == "contract" and rule.area == "memory":
-        return "MemoryCoherenceContract (the generic machine)"
-    if rule.kind == "contract":
-        return "MemslotUapiContract"
-    if rule.id in CHECKED_RULES:
-        return "InvariantMonitor"
-    if rule.id in SCENARIO_TESTS:
-        return f"scenario test `{SCENARIO_TESTS[rule.id]}`"
-    return "not checked yet"
+    return "<br>".join(_cell(checker) for checker in CHECKED_BY[rule.id])
 
 
 def render() -> str:

@@ -8,7 +8,8 @@ POWER HPT) keep trees or hash tables of translations; this one keeps a dictionar
 * MMU notifiers and memslot flushes remove them (``kvm_unmap_gfn_range``,
   ``kvm_arch_flush_shadow_memslot``, and all of them at once ``kvm_arch_flush_shadow_all``)
   and ask for a TLB flush;
-* dirty logging write-protects them again (``kvm_arch_mmu_enable_log_dirty_pt_masked``);
+* dirty logging write-protects them when it starts (``kvm_arch_commit_memory_region``) and
+  after each harvest (``kvm_arch_mmu_enable_log_dirty_pt_masked``);
 * aging reads and clears an accessed bit.
 
 Each vCPU has a TLB that caches translations as the guest uses them. Removing or
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.arch import KvmArch
+from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET
+from kvmspec.spec.uapi.memslot_rules import MrChange
 
 if TYPE_CHECKING:
     from kvmspec.reference.kvm import Kvm
@@ -87,6 +90,32 @@ class FlatMmu(KvmArch):
         super().kvm_arch_flush_shadow_memslot(kvm, slot)
         if self._remove(slot.as_id, slot.base_gfn, slot.end_gfn):
             self.kvm_flush_remote_tlbs(kvm)
+
+    def kvm_arch_commit_memory_region(
+        self,
+        kvm: Kvm,
+        old: KvmMemorySlot | None,
+        new: KvmMemorySlot | None,
+        change: MrChange,
+    ) -> None:
+        """When a slot starts dirty logging, write-protect every translation of it and flush,
+        so the next guest write to each page faults and is logged (D1). With manual
+        protection and INITIALLY_SET the bitmap starts all ones, so there is nothing to
+        protect yet: CLEAR protects pages as userspace clears them (D5)."""
+        super().kvm_arch_commit_memory_region(kvm, old, new, change)
+        if new is None or change is MrChange.DELETE or not new.dirty_logging:
+            return
+        if old is not None and old.dirty_logging:
+            return  # logging was already on: nothing changes for dirty tracking
+        if kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
+            return
+        protected = False
+        for (as_id, gfn), pte in self.ptes.items():
+            if as_id == new.as_id and new.base_gfn <= gfn < new.end_gfn and pte.writable:
+                pte.writable = False
+                protected = True
+        if protected:
+            self.kvm_flush_remote_tlbs_memslot(kvm, new)
 
     def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
         super().kvm_arch_flush_shadow_all(kvm)

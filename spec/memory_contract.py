@@ -3,20 +3,30 @@
 Stated over operations and observations only (it imports nothing from the reference), so it
 judges any implementation that reports guest accesses:
 
-* **coherence**: a guest load returns the last value stored at that guest-physical address,
-  by the guest or through the host mapping behind it, or zero once the host dropped the page
-  (MADV_DONTNEED);
-* **MMIO**: an access with no memslot, or a store to a READONLY slot, exits as MMIO, and the
-  store changes nothing;
-* **RAM**: any other access to a slot backed by readable, writable host memory completes.
+* **coherence** (C-COHERENCE): a guest load returns the last value stored at that
+  guest-physical address, by the guest or through the host mapping behind it, or zero once
+  the host dropped the page (MADV_DONTNEED, munmap);
+* **MMIO** (C-MMIO): an access with no memslot, or a store to a READONLY slot, exits as MMIO,
+  and the store changes nothing;
+* **EFAULT** (C-EFAULT): an access to a slot whose host address has no mapping, or a mapping
+  without the permission the access needs, fails with EFAULT;
+* **notifier exclusion** (C-NOTIFIER-EXCLUSION, the outside view of N4 and N5): while the host
+  is invalidating the page behind a gfn, no access to that gfn completes (the vCPU keeps
+  faulting and retrying), so no access can use a page the host is taking away;
+* **RAM**: any other access completes.
 
-The contract keeps the VMM's view of memory by host address (several gfns may alias one
-host page, and the host may write it directly), and learns the memslot layout from
-:class:`~kvmspec.spec.contracts.MemslotUapiContract`.
+The contract keeps the VMM's view of memory by host address (several gfns may alias one host
+page, and the host may write it directly), its mappings and their protections, and learns the
+memslot layout from :class:`~kvmspec.spec.contracts.MemslotUapiContract`.
 
-Where the kernel is deliberately loose the contract says so: an access racing a memslot
-update may retry (x86) or exit as MMIO (arm64, POWER) while the slot is INVALID, so the
-harness only judges accesses made while no update is in flight.
+Where the kernel is deliberately loose the contract says so rather than being silently weak:
+
+* while any invalidation is open, any access may retry: KVM records only the union of the
+  open ranges, which can cover more than the host's exact ranges;
+* an access to the old or new range of a memslot update in flight may retry (x86) or exit as
+  MMIO (arm64, POWER) while the slot is INVALID; such loads are not judged, and the harness
+  makes no stores there (which hva they reach is not determined until the update ends);
+* a vCPU whose dirty ring is full exits before it runs the access.
 """
 
 from __future__ import annotations
@@ -26,15 +36,77 @@ from dataclasses import dataclass, field
 from kvmspec.spec.contracts import ContractViolation, MemslotUapiContract
 from kvmspec.spec.uapi.constants import KVM_MEM_READONLY
 
-MAPPED, MMIO = "mapped", "mmio"
+MAPPED, MMIO, EFAULT, RETRY, RING_FULL = "mapped", "mmio", "efault", "retry", "dirty_ring_full"
+PROT_READ, PROT_WRITE = 1, 2
 
 
 @dataclass
 class MemoryCoherenceContract:
-    """Byte values by host address, as the VMM and its guest wrote them."""
+    """Byte values by host address, the VMM's mappings, and the windows where it is loose."""
 
     memslots: MemslotUapiContract
     values: dict[int, int] = field(default_factory=dict)
+    mappings: list[tuple[int, int, int]] | None = None
+    """The VMM's mapped ranges (start, end, prot), disjoint. None: not tracked (every slot
+    is assumed to be backed by read-write memory)."""
+    invalidating: list[tuple[int, int]] = field(default_factory=list)
+    """Host ranges between their invalidation start and end."""
+    updating: list[tuple[int, int]] = field(default_factory=list)
+    """gpa ranges memslot updates in flight may change (old and new place); the harness
+    keeps it current."""
+
+    # -- what the VMM and the host do ---------------------------------------------------------
+
+    def on_host_map(self, start: int, end: int, prot: int) -> None:
+        """mmap, or mprotect of a mapped range: [start, end) now has ``prot``."""
+        self._carve(start, end)
+        self.mappings = sorted([*(self.mappings or []), (start, end, prot)])
+
+    def on_host_unmap(self, start: int, end: int) -> None:
+        """munmap: the range is gone, and reads as zero if it is ever mapped again."""
+        self._carve(start, end)
+        self.on_host_drop(start, end)
+
+    def _carve(self, start: int, end: int) -> None:
+        kept = []
+        for lo, hi, prot in self.mappings or []:
+            if hi <= start or end <= lo:
+                kept.append((lo, hi, prot))
+                continue
+            if lo < start:
+                kept.append((lo, start, prot))
+            if end < hi:
+                kept.append((end, hi, prot))
+        self.mappings = sorted(kept)
+
+    def prot_at(self, hva: int) -> int | None:
+        """The protection at ``hva``, or None when nothing is mapped there."""
+        if self.mappings is None:
+            return PROT_READ | PROT_WRITE
+        for lo, hi, prot in self.mappings:
+            if lo <= hva < hi:
+                return prot
+        return None
+
+    def on_host_write(self, hva: int, value: int) -> None:
+        self.values[hva] = value
+
+    def on_host_drop(self, start: int, end: int) -> None:
+        """MADV_DONTNEED or munmap: the pages read as zero afterwards."""
+        for hva in [h for h in self.values if start <= h < end]:
+            del self.values[hva]
+
+    def on_invalidate_start(self, start: int, end: int) -> None:
+        self.invalidating.append((start, end))
+
+    def on_invalidate_end(self, start: int, end: int) -> None:
+        self.invalidating.remove((start, end))
+
+    def in_update(self, gpa: int) -> bool:
+        """Is ``gpa`` in the old or new range of a memslot update in flight?"""
+        return any(lo <= gpa < hi for lo, hi in self.updating)
+
+    # -- what guest accesses must observe -----------------------------------------------------
 
     def _slot_of(self, gpa: int) -> tuple[int, int] | None:
         """(hva of ``gpa``, the slot's flags), or None when no slot covers it."""
@@ -46,29 +118,47 @@ class MemoryCoherenceContract:
                 return hva, view.flags
         return None
 
-    def on_host_write(self, hva: int, value: int) -> None:
-        self.values[hva] = value
-
-    def on_host_drop(self, start: int, end: int) -> None:
-        """MADV_DONTNEED or munmap: the pages read as zero afterwards."""
-        for hva in [h for h in self.values if start <= h < end]:
-            del self.values[hva]
+    def _expected(self, gpa: int, write: bool) -> tuple[set[str], str, int | None]:
+        """(the outcomes allowed, the rule they come from, the hva the access reaches)."""
+        found = self._slot_of(gpa)
+        may_retry = {RETRY} if self.invalidating else set()
+        if self.memslots.ring_size:
+            may_retry.add(RING_FULL)
+        if found is None:
+            return {MMIO} | may_retry, "C-MMIO", None
+        hva, flags = found
+        if write and flags & KVM_MEM_READONLY:
+            return {MMIO} | may_retry, "C-MMIO", None
+        page = hva - hva % self.memslots.profile.page_size
+        if any(lo <= page < hi for lo, hi in self.invalidating):
+            return {RETRY} | may_retry, "C-NOTIFIER-EXCLUSION", None
+        prot = self.prot_at(hva)
+        needed = PROT_WRITE if write else PROT_READ
+        if prot is None or not prot & needed:
+            return {EFAULT} | may_retry, "C-EFAULT", None
+        return {MAPPED} | may_retry, "C-MMIO", hva
 
     def on_guest_store(self, gpa: int, value: int, outcome: str) -> list[ContractViolation]:
-        found = self._slot_of(gpa)
-        expected = MMIO if found is None or found[1] & KVM_MEM_READONLY else MAPPED
-        if outcome != expected:
-            return [ContractViolation("C-MMIO", f"store to {gpa:#x}: {outcome}, not {expected}")]
-        if found is not None and expected == MAPPED:
-            self.values[found[0]] = value
+        """A store of ``value`` at ``gpa`` ended with ``outcome``. The harness makes none
+        inside a memslot update in flight."""
+        allowed, rule, hva = self._expected(gpa, write=True)
+        if outcome not in allowed:
+            wanted = " or ".join(sorted(allowed))
+            return [ContractViolation(rule, f"store to {gpa:#x}: {outcome}, not {wanted}")]
+        if outcome == MAPPED and hva is not None:
+            self.values[hva] = value
         return []
 
     def on_guest_load(self, gpa: int, outcome: str, value: int | None) -> list[ContractViolation]:
-        found = self._slot_of(gpa)
-        expected = MMIO if found is None else MAPPED
-        if outcome != expected:
-            return [ContractViolation("C-MMIO", f"load from {gpa:#x}: {outcome}, not {expected}")]
-        if found is not None and value != self.values.get(found[0], 0):
-            wanted = self.values.get(found[0], 0)
-            return [ContractViolation("C-COHERENCE", f"load {gpa:#x} gave {value}, not {wanted}")]
+        if self.in_update(gpa):
+            return []  # the slot may be INVALID: retry, MMIO, or the old mapping (see above)
+        allowed, rule, hva = self._expected(gpa, write=False)
+        if outcome not in allowed:
+            wanted = " or ".join(sorted(allowed))
+            return [ContractViolation(rule, f"load from {gpa:#x}: {outcome}, not {wanted}")]
+        if outcome == MAPPED and hva is not None and value != self.values.get(hva, 0):
+            wanted_value = self.values.get(hva, 0)
+            return [
+                ContractViolation("C-COHERENCE", f"load {gpa:#x} gave {value}, not {wanted_value}")
+            ]
         return []

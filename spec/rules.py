@@ -51,6 +51,7 @@ Kind = Literal["contract", "invariant"]
 
 SEED_003 = "003_eb6627a3517d9845.txt"
 SEED_000 = "000_0a8749d2b21054bb.txt"
+SEED_001 = "001_54ba1c77039f4a98.txt"
 FINDINGS = "shared/kvm-reference/linux-kvm-here/FINDINGS.md"
 KVM_MAIN = "virt/kvm/kvm_main.c"
 DIRTY_RING = "virt/kvm/dirty_ring.c"
@@ -153,6 +154,80 @@ rule(
     memory; an access to a slot backed by readable and writable host memory completes.""",
     MeasuredCitation(FINDINGS, "5.3 MMIO and read-only slots"),
     KernelCitation(KVM_MAIN, "__gfn_to_hva_many"),
+)
+
+rule(
+    "C-EFAULT",
+    "contract",
+    "memory",
+    """A guest access to a slot whose host address has no mapping, or a mapping without the
+    permission the access needs (a store into PROT_READ memory), fails with EFAULT: KVM_RUN
+    returns it, with no exit reason.""",
+    KernelCitation(KVM_MAIN, "hva_to_pfn"),
+    KernelCitation("arch/x86/kvm/mmu/mmu.c", "kvm_handle_error_pfn"),
+    MeasuredCitation(FINDINGS, "5.5 Host mm operations on the hva"),
+)
+rule(
+    "C-NOTIFIER-EXCLUSION",
+    "contract",
+    "memory",
+    """While the host is invalidating the page behind a gfn (between the MMU notifier's start
+    and end), no guest access to that gfn completes: the vCPU faults and retries until the
+    end, so no access can use a page the host is taking away. While any invalidation is open,
+    any access may retry (KVM records only the union of the open ranges).""",
+    KernelCitation("include/linux/kvm_host.h", "mmu_invalidate_retry_gfn"),
+    KernelCitation(KVM_MAIN, "kvm_mmu_notifier_invalidate_range_start"),
+)
+rule(
+    "C-AGING",
+    "contract",
+    "memory",
+    """Aging is sound: a host page used by the VMM or by a guest since its last aging is
+    reported young. Loose where the kernel is best-effort: after clear_young (no TLB flush)
+    a page's guest uses are not judged until the host invalidates the page, and the accessed
+    bits of translations KVM zaps (an invalidation, a memslot DELETE or MOVE) may be
+    dropped.""",
+    KernelCitation(KVM_MAIN, "kvm_mmu_notifier_clear_flush_young"),
+    KernelCitation(KVM_MAIN, "kvm_mmu_notifier_clear_young"),
+    SeedCitation(
+        SEED_001,
+        "Regardless of whether software or hardware is responsible for updating the PTE that "
+        "information is available in the page tables.",
+    ),
+)
+rule(
+    "C-DIRTY-COMPLETE",
+    "contract",
+    "dirty-log",
+    """Dirty-log completeness, seen from outside (D1): a store to a dirty-logged slot is
+    reported by the next KVM_GET_DIRTY_LOG (by every GET until a CLEAR covers it, with manual
+    protection), or, for a vCPU's store in a VM with rings, by the rings harvested before the
+    next KVM_RESET_DIRTY_RINGS once every ring was harvested after the store. Reporting pages
+    that were not written is allowed.""",
+    KernelCitation(KVM_MAIN, "mark_page_dirty_in_slot"),
+    KernelCitation(KVM_MAIN, "kvm_get_dirty_log_protect"),
+    DocCitation("virt/kvm/api.rst", "8.29 KVM_CAP_DIRTY_LOG_RING"),
+)
+rule(
+    "D5",
+    "contract",
+    "dirty-log",
+    """INITIALLY_SET: with manual protection and KVM_DIRTY_LOG_INITIALLY_SET, a bitmap
+    allocated when logging starts is all ones, so GET reports every page until userspace
+    clears it (and enabling logging need not write-protect anything).""",
+    KernelCitation(KVM_MAIN, "kvm_prepare_memory_region"),
+    KernelCitation(KVM_MAIN, "kvm_alloc_dirty_bitmap"),
+    DocCitation("virt/kvm/api.rst", "7.18 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"),
+)
+rule(
+    "D11",
+    "contract",
+    "dirty-log",
+    """A dirty-ring entry names its slot as (as_id << 16) | id and its page as an offset from
+    the slot's base_gfn, so every harvested entry decodes to a slot that was dirty-logged,
+    at an offset inside it.""",
+    KernelCitation(KVM_MAIN, "mark_page_dirty_in_slot"),
+    KernelCitation(DIRTY_RING, "kvm_reset_dirty_gfn"),
 )
 
 # --- Invariants: memslots and generations (INVENTORY C.1) -----------------------------------
@@ -432,6 +507,87 @@ rule(
     """A ring reset consumes only the contiguous prefix of RESET-flagged entries from
     reset_index, in order.""",
     KernelCitation(DIRTY_RING, "kvm_dirty_ring_reset"),
+)
+
+
+rule(
+    "N7",
+    "invariant",
+    "notifiers",
+    """Aging never changes a translation or its permissions: it only reads or clears accessed
+    state (a flush may drop TLB entries, never change one).""",
+    KernelCitation(KVM_MAIN, "kvm_mmu_notifier_clear_flush_young"),
+    KernelCitation("arch/x86/kvm/mmu/mmu.c", "kvm_age_gfn"),
+)
+rule(
+    "N8",
+    "invariant",
+    "notifiers",
+    """Dirty state is not lost: the host page behind a writable translation is marked dirty
+    (KVM marks it when it creates the writable mapping, since the guest then writes without
+    KVM seeing it), so a zap or an unmap never discards guest writes.""",
+    KernelCitation("include/linux/kvm_host.h", "kvm_release_faultin_page"),
+    KernelCitation("arch/x86/kvm/mmu/mmu.c", "mmu_spte_clear_track_bits"),
+)
+
+# --- Invariants: dirty logging (INVENTORY C.3) ------------------------------------------------
+
+rule(
+    "D1",
+    "invariant",
+    "dirty-log",
+    """In a dirty-logged slot, every gfn with a writable translation (in the table or in any
+    vCPU's TLB) is recorded as dirty: its bitmap bit is set or a ring entry for it has not been
+    reset. A guest writes without KVM noticing only through such a translation, so this is
+    what makes every write reach a report.""",
+    KernelCitation(KVM_MAIN, "mark_page_dirty_in_slot"),
+    KernelCitation(KVM_MAIN, "kvm_get_dirty_log_protect"),
+)
+rule(
+    "D2",
+    "invariant",
+    "dirty-log",
+    """Without manual protection, GET_DIRTY_LOG swaps each bitmap word with zero, write-protects
+    those pages and flushes the TLBs, all before userspace sees the snapshot: a write after the
+    report faults and is logged again.""",
+    KernelCitation(KVM_MAIN, "kvm_get_dirty_log_protect"),
+)
+rule(
+    "D3",
+    "invariant",
+    "dirty-log",
+    """With manual protection, GET neither clears nor re-protects; CLEAR clears and
+    write-protects exactly the pages set both in the user's mask and in the bitmap.""",
+    KernelCitation(KVM_MAIN, "kvm_clear_dirty_log_protect"),
+)
+rule(
+    "D4",
+    "invariant",
+    "dirty-log",
+    """While a slot is dirty-logged, new mappings in it are base-page sized and existing huge
+    ones are write-protected or split, so reports have base-page granularity (x86, arm64).""",
+    KernelCitation("arch/x86/kvm/mmu/mmu.c", "kvm_mmu_hugepage_adjust"),
+    KernelCitation("arch/x86/kvm/x86.c", "kvm_mmu_slot_apply_flags"),
+)
+rule(
+    "D8",
+    "invariant",
+    "dirty-log",
+    """Soft-full: a vCPU whose ring has reached size minus the reserved entries does not enter
+    the guest (KVM_RUN exits with KVM_EXIT_DIRTY_RING_FULL) until a reset frees entries, so
+    the ring never overflows.""",
+    KernelCitation(DIRTY_RING, "kvm_dirty_ring_check_request"),
+    KernelCitation(DIRTY_RING, "kvm_dirty_ring_soft_full"),
+)
+rule(
+    "D10",
+    "invariant",
+    "dirty-log",
+    """A VM with rings and no backup bitmap has no bitmaps; KVM dirties guest memory with no
+    running vCPU only where the architecture allows it (arm64 saving ITS tables), and then into
+    the backup bitmap. Anywhere else the kernel WARNs, and with rings the write is lost.""",
+    KernelCitation(DIRTY_RING, "kvm_use_dirty_bitmap"),
+    KernelCitation(KVM_MAIN, "mark_page_dirty_in_slot"),
 )
 
 

@@ -19,12 +19,7 @@ from kvmspec.spec.platforms import PROFILES
 CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "conformance"
 TRACES = sorted(CORPUS.glob("**/*.jsonl"))
 
-REFERENCE_XFAIL: dict[str, str] = {
-    "x86_64-linux-6.18-pvm/s4-log-on-write-protects.jsonl": (
-        "the flat MMU does not write-protect a slot's writable mappings when LOG_DIRTY is "
-        "switched on (kvm_arch_commit_memory_region), so the next guest write is not logged"
-    ),
-}
+REFERENCE_XFAIL: dict[str, str] = {}
 """Traces on which the reference model is known to disagree with the kernel, by pytest id
 (``<profile>/<file>.jsonl``), with the reason. Each is a strict xfail: once the model is
 fixed the entry must go."""

@@ -24,6 +24,7 @@ import pytest
 from kvmspec.fuzz.schema import trace_schema
 from kvmspec.fuzz.targets import make_target
 from kvmspec.fuzz.trace import parse_lines
+from kvmspec.spec.checked_by import CHECKED_BY
 from kvmspec.spec.platforms import PROFILES
 from kvmspec.spec.rules import RULES, KernelCitation, SeedCitation, normalize_thread_text
 
@@ -55,6 +56,26 @@ def test_rules_md_lists_every_rule() -> None:
     current = (DOCS / "rules.md").read_text(encoding="utf-8")
     missing = [rule_id for rule_id in RULES if f"\n| {rule_id} |" not in current]
     assert not missing, f"docs/rules.md lacks {missing}: {REGENERATE}"
+
+
+def test_every_rule_says_what_checks_it() -> None:
+    assert set(CHECKED_BY) == set(RULES), (
+        f"rules without a checker entry: {sorted(set(RULES) - set(CHECKED_BY))}; "
+        f"checker entries without a rule: {sorted(set(CHECKED_BY) - set(RULES))}"
+    )
+
+
+def test_named_scenario_tests_exist() -> None:
+    named = [
+        checker.split("`")[1]
+        for checkers in CHECKED_BY.values()
+        for checker in checkers
+        if checker.startswith("scenario test `")
+    ]
+    for test in named:
+        path, _, name = test.partition("::")
+        source = (ROOT / path).read_text(encoding="utf-8")
+        assert f"def {name}(" in source, f"{test} is named as a checker but does not exist"
 
 
 # --- (b) citations -------------------------------------------------------------------------

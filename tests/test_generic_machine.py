@@ -7,6 +7,7 @@ import pytest
 from hypothesis import Phase, settings
 
 from kvmspec.fuzz.generic_machine import generic_machine
+from kvmspec.fuzz.profiles import FAST
 from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PlatformProfile
 
 
@@ -24,8 +25,8 @@ def test_a_fault_without_the_retry_check_is_caught(monkeypatch: pytest.MonkeyPat
     machine = generic_machine(DEFAULT_PROFILE)
     # Finding the bug is the point here; shrinking it would only cost time.
     machine.TestCase.settings = settings(
-        settings.default,
-        max_examples=400,
+        settings.get_profile(FAST),
+        max_examples=2000,
         derandomize=True,
         print_blob=False,
         phases=[Phase.explicit, Phase.generate],

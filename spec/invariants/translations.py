@@ -1,4 +1,4 @@
-"""Translations agree with the host (N4, N5): checks for MMUs that expose their translations.
+"""Translations agree with the host (N4, N5, N7, N8): checks for MMUs that expose them.
 
 Once no invalidation is open, every translation KVM holds for a gfn must point at the page
 the host maps at that gfn's hva. A translation to any other pfn is exactly the bug the
@@ -27,7 +27,7 @@ def check_translations_match_host(kvm: Kvm, mmu: FlatMmu, host: HostMm) -> list[
         if slot is None or kvm_is_error_hva(hva):
             violations.append(Violation("M13", f"gfn {gfn:#x} mapped without a usable slot"))
             continue
-        host_pte = host.ptes.get(hva - hva % host.page_size)
+        host_pte = host.lookup(hva)
         if host_pte is None or host_pte.pfn != pte.pfn:
             found = host_pte.pfn if host_pte is not None else None
             violations.append(
@@ -64,4 +64,50 @@ def check_open_invalidations(kvm: Kvm, mmu: FlatMmu, host: HostMm) -> list[Viola
             for as_id, gfn in tlb
             if invalidated(as_id, gfn)
         )
+    return violations
+
+
+Snapshot = dict[tuple[str, int, int], tuple[int, bool]]
+"""(where: "table" or "tlb<vcpu>", as_id, gfn) -> (pfn, writable)."""
+
+
+def translation_snapshot(mmu: FlatMmu) -> Snapshot:
+    """Every translation KVM holds, in the table and in each vCPU's TLB."""
+    snapshot = {("table", a, g): (pte.pfn, pte.writable) for (a, g), pte in mmu.ptes.items()}
+    for vcpu_id, tlb in mmu.tlbs.items():
+        for (a, g), pte in tlb.items():
+            snapshot[(f"tlb{vcpu_id}", a, g)] = (pte.pfn, pte.writable)
+    return snapshot
+
+
+def check_aging_keeps_translations(before: Snapshot, after: Snapshot) -> list[Violation]:
+    """N7: aging reads and clears accessed state only. Every translation is still there with
+    the same pfn and permissions (a TLB may have been flushed, which removes entries but
+    never changes one)."""
+    violations = [
+        Violation("N7", f"aging changed {key}: {before.get(key)} -> {value}")
+        for key, value in after.items()
+        if before.get(key) != value
+    ]
+    violations.extend(
+        Violation("N7", f"aging removed {key} from the table")
+        for key in before
+        if key[0] == "table" and key not in after
+    )
+    return violations
+
+
+def check_writable_pages_dirty(mmu: FlatMmu, host: HostMm) -> list[Violation]:
+    """N8: the host page behind every writable translation is marked dirty. The guest can
+    write it at any moment without the host seeing the write, so the host must not treat
+    it as clean (drop it instead of writing it back); KVM marks it dirty when it creates
+    the writable mapping."""
+    writable = {pte.pfn for pte in mmu.ptes.values() if pte.writable}
+    for tlb in mmu.tlbs.values():
+        writable.update(pte.pfn for pte in tlb.values() if pte.writable)
+    violations = []
+    for pfn in sorted(writable):
+        page = host.pages.get(pfn)
+        if page is not None and not page.dirty:
+            violations.append(Violation("N8", f"pfn {pfn} mapped writable, host page clean"))
     return violations

@@ -1,0 +1,86 @@
+"""The black-box aging contract: reclaim sees every use of a page, where the kernel promises.
+
+The host's reclaim asks, page by page, "was this used since I last looked?" and clears the
+answer. For a page a guest uses, KVM answers for the guest through the MMU notifier (the
+accessed bits of its own page tables). Soundness (C-AGING): a page accessed, by the guest or
+by the VMM, since the last aging of that page is reported young. A young answer for an idle
+page is allowed: it only keeps a page in memory a little longer.
+
+The kernel is best-effort in two documented places, and the contract is loose exactly there:
+
+* clear_young (the multi-gen LRU's walk) clears accessed bits without flushing TLBs, so a
+  translation still cached in a TLB can be used again without setting any bit. After such an
+  aging, the page's guest accesses are not judged until the host invalidates the page
+  (MADV_DONTNEED, mprotect, migration, munmap), which removes every translation of it;
+* when KVM zaps translations (for an invalidation, or a memslot DELETE or MOVE), their
+  accessed bits are dropped, not handed to the host (since v6.13 KVM no longer marks pages
+  accessed on zap), so guest uses before such a zap are not judged.
+
+Stated over operations and observations only, by host page address.
+
+kernel: mm/rmap.c:folio_referenced_one; mm/mmu_notifier.c:__mmu_notifier_clear_flush_young,
+__mmu_notifier_clear_young; virt/kvm/kvm_main.c:kvm_mmu_notifier_clear_young (v6.18)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmspec.spec.contracts import ContractViolation
+
+
+@dataclass
+class AgingContract:
+    """Per host page: used since its last aging? Judged strictly?"""
+
+    page_size: int
+    used: set[int] = field(default_factory=set)
+    """Pages the VMM used since their last aging."""
+    guest_used: set[int] = field(default_factory=set)
+    """Pages a guest used since their last aging."""
+    loose: set[int] = field(default_factory=set)
+    """Pages aged without a TLB flush since the host last took them away."""
+
+    def _page(self, hva: int) -> int:
+        return hva - hva % self.page_size
+
+    def on_host_access(self, hva: int) -> None:
+        self.used.add(self._page(hva))
+
+    def on_guest_access(self, hva: int) -> None:
+        """A guest access that completed through the page at ``hva``."""
+        self.guest_used.add(self._page(hva))
+
+    def on_host_drop(self, start: int, end: int) -> None:
+        """MADV_DONTNEED or munmap: the pages are gone, and so is what they were used for."""
+        for pages in (self.loose, self.used, self.guest_used):
+            pages.difference_update([page for page in pages if start <= page < end])
+
+    def on_invalidate(self, start: int, end: int) -> None:
+        """The host invalidated [start, end) (MADV_DONTNEED, mprotect, migration, munmap):
+        KVM dropped every translation of it, and their accessed bits with them; no TLB
+        holds a stale one any more."""
+        for pages in (self.loose, self.guest_used):
+            pages.difference_update([page for page in pages if start <= page < end])
+
+    def on_translations_dropped(self) -> None:
+        """A memslot DELETE or MOVE succeeded: KVM may have zapped any translation."""
+        self.guest_used.clear()
+
+    def on_age(self, hva: int, flush: bool, young: bool) -> list[ContractViolation]:
+        """Reclaim aged the page at ``hva`` (with a TLB flush or not) and got ``young``."""
+        page = self._page(hva)
+        violations = []
+        if not young and page in self.used:
+            violations.append(
+                ContractViolation("C-AGING", f"host page {page:#x} used by the VMM, aged idle")
+            )
+        elif not young and page in self.guest_used and page not in self.loose:
+            violations.append(
+                ContractViolation("C-AGING", f"host page {page:#x} used by a guest, aged idle")
+            )
+        self.used.discard(page)
+        self.guest_used.discard(page)
+        if not flush:
+            self.loose.add(page)
+        return violations
