@@ -92,8 +92,9 @@ def invalidation_costs(profile: PlatformProfile, repeats: int = 7) -> list[Inval
         first = GPA // PAGE
         times = []
         for _ in range(repeats):
-            for index in range(pages):
-                mmu.map(0, first + index * stride, 1000 + index, True)
+            with kvm.mmu_lock.write():
+                for index in range(pages):
+                    mmu.map(kvm, 0, first + index * stride, 1000 + index, True)
             start = time.perf_counter()
             kvm_mmu_notifier_invalidate_range_start(kvm, hva, hva + size)
             kvm_mmu_notifier_invalidate_range_end(kvm, hva, hva + size)

@@ -1,98 +1,36 @@
-"""The generic-layer state machine: memslot updates, page faults, dirty logging, host memory
-actions and guest accesses on the minimal flat MMU, interleaved step by step.
+"""The generic-layer state machine: Hypothesis drives the
+:class:`~kvmspec.fuzz.generic_harness.GenericHarness`.
 
-Memslot updates, page faults, MADV_DONTNEED and the dirty-log ioctls are actors of a
-:class:`~kvmspec.fuzz.scheduler.Scheduler`: a rule starts one, another rule advances any
-in-flight actor by one step, so Hypothesis explores their interleavings (and shrinks a failure
-to the shortest schedule, printed actor by actor). Other host actions (writes, mprotect,
-munmap, migration, aging) run whole, with KVM's MMU notifier called inside them. Guest
-accesses run at any time, on one of two vCPUs.
-
-Each run picks a dirty-logging mode first: the plain bitmap, manual protection (with or
-without INITIALLY_SET), the dirty ring, or the ring with a backup bitmap where the platform
-has it.
-
-After every rule: no deadlock; the black-box contracts (every memslot answer as the uAPI rules
-predict; guest accesses coherent, MMIO, EFAULT and notifier exclusion exactly where due; every
-write reported by the dirty log; aging sound); the MMU-notifier counters; dirty-tracking
-(D1, D10) and, when no memslot update is in flight, every memslot invariant and that every
-translation points at the page the host maps (N4, M13) and that writable pages are dirty (N8).
+Each rule draws the arguments of one harness action and calls it; each precondition is the
+harness's own. Starting an actor and stepping one are separate rules, so Hypothesis explores
+the interleavings of memslot updates, page faults, MADV_DONTNEED and the dirty-log ioctls,
+and shrinks a failure to the shortest schedule. The harness's log lines become Hypothesis
+``note`` lines, so a failure prints what each actor did, step by step; after every rule the
+harness checks every rule it knows (see :mod:`kvmspec.fuzz.generic_harness`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
-from errno import EBUSY
 
 from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvmspec.fuzz import machines
-from kvmspec.fuzz.scheduler import Scheduler
-from kvmspec.reference import kvm_main
-from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
-from kvmspec.reference.concurrency import run_to_completion
-from kvmspec.reference.dirty_log import (
-    kvm_clear_dirty_log_protect,
-    kvm_get_dirty_log_protect,
-    kvm_vm_ioctl_reset_dirty_pages,
+from kvmspec.fuzz.generic_harness import (
+    DIRTY_MODES,
+    PROT_NAMES,
+    REGION_PAGES,
+    SLOT_IDS,
+    SLOT_PAGES,
+    VCPUS,
+    GenericHarness,
 )
-from kvmspec.reference.flat_mmu import FlatMmu
-from kvmspec.reference.guest_memory import vgic_its_save_tables
-from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
-from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.mmu_notifier import KvmMmuNotifier
-from kvmspec.reference.page_fault import Fault, guest_access, kvm_page_fault
-from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
-from kvmspec.spec.aging_contract import AgingContract
-from kvmspec.spec.contracts import MemslotUapiContract
-from kvmspec.spec.dirty_contract import DirtyLogContract
-from kvmspec.spec.invariants.dirty import (
-    check_ring_full_keeps_vcpu_out,
-    check_rings_and_bitmaps,
-    check_writable_translations_logged,
-)
-from kvmspec.spec.invariants.memslots import InvariantMonitor
-from kvmspec.spec.invariants.translations import (
-    check_aging_keeps_translations,
-    check_open_invalidations,
-    check_translations_match_host,
-    check_writable_pages_dirty,
-    translation_snapshot,
-)
-from kvmspec.spec.memory_contract import MemoryCoherenceContract
 from kvmspec.spec.platforms import PlatformProfile
-from kvmspec.spec.uapi.constants import (
-    CAPABILITIES,
-    KVM_DIRTY_LOG_INITIALLY_SET,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-    KVM_MEM_LOG_DIRTY_PAGES,
-)
-from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
-PAGE = 4096
-REGION_PAGES = 8
-SLOT_PAGES = 4
-VCPUS = (0, 1)
-# Where each slot id may sit in guest-physical space (two places, so MOVE has somewhere to go)
-# and which part of the host region backs it (slot 2 aliases slot 0's pages).
-GPAS = {0: (0x100000, 0x200000), 1: (0x300000, 0x108000), 2: (0x400000, 0x500000)}
-HOST_OFFSET = {0: 0, 1: SLOT_PAGES * PAGE, 2: 0}
-RING_BYTES = 1 << 12  # the smallest ring: 256 entries, 192 before the soft-full exit
-PROT_NAMES = {0: "none", PROT_READ: "r", PROT_READ | PROT_WRITE: "rw"}
-
-
-def dirty_modes(profile: PlatformProfile) -> list[str]:
-    """The dirty-logging set-ups this platform offers."""
-    modes = ["bitmap"]
-    if profile.manual_dirty_log_protect:
-        modes += ["manual", "manual-initially-set"]
-    if profile.dirty_ring_supported:
-        modes.append("ring")
-        if profile.dirty_ring_with_bitmap:
-            modes.append("ring-with-bitmap")
-    return modes
+SLOTS = st.sampled_from(SLOT_IDS)
+SLOT_PAGE = st.integers(0, SLOT_PAGES - 1)
+HOST_PAGE = st.integers(0, REGION_PAGES - 1)
+VCPU = st.sampled_from(VCPUS)
 
 
 class GenericMachine(RuleBasedStateMachine):
@@ -100,412 +38,125 @@ class GenericMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mmu = FlatMmu()
-        self.kvm = Kvm(self.profile, self.mmu)
-        self.host = HostMm(PAGE, self.profile.user_address_limit)
-        self.host.notifier = KvmMmuNotifier(self.kvm)
-        _, self.base = self.host.mmap(REGION_PAGES * PAGE, PROT_READ | PROT_WRITE)
-        self.monitor = InvariantMonitor(self.kvm)
-        self.scheduler = Scheduler()
-        # The black-box contracts: the memslot uAPI, what guest accesses must observe, what
-        # the dirty log must report, and what aging must see.
-        self.memslots = MemslotUapiContract(self.profile)
-        self.memory = MemoryCoherenceContract(self.memslots)
-        self.memory.on_host_map(self.base, self.base + REGION_PAGES * PAGE, PROT_READ | PROT_WRITE)
-        self.dirty = DirtyLogContract(self.memslots)
-        self.aging = AgingContract(PAGE)
-        self.violations: list[str] = []
-        self.faulting: dict[str, int] = {}  # fault actor -> the host page it is resolving
-        self.zapping: dict[str, int] = {}  # madvise actor -> the host page it drops
-        self.updating: dict[str, MemoryRegion] = {}  # memslot actor -> its request
-        self.counter = 0
-        self.rules_run = 0
+        self.harness = GenericHarness(self.profile, log=note)
 
-    @initialize(
-        mode=st.sampled_from(["bitmap", "manual", "manual-initially-set", "ring"]),
-        logged=st.booleans(),
-    )
+    @initialize(mode=st.sampled_from(DIRTY_MODES), logged=st.booleans())
     def set_up(self, mode: str, logged: bool) -> None:
-        """Pick the dirty-logging mode (capabilities must come before vCPUs and memslots),
-        create the vCPUs, and put slot 0 in place (dirty-logged or not), as a VMM sets up RAM
-        before running."""
-        if mode not in dirty_modes(self.profile):
-            mode = "bitmap"
-        if mode == "ring" and "ring-with-bitmap" in dirty_modes(self.profile):
-            mode = "ring-with-bitmap"  # arm64 needs the backup bitmap to save ITS tables
-        note(f"dirty logging: {mode}")
-        caps: list[tuple[str, int]] = []
-        if mode.startswith("manual"):
-            initially_set = KVM_DIRTY_LOG_INITIALLY_SET if mode.endswith("set") else 0
-            manual = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | initially_set
-            caps.append(("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", manual))
-        if mode.startswith("ring"):
-            acq_rel = not self.profile.dirty_ring_tso
-            name = "KVM_CAP_DIRTY_LOG_RING_ACQ_REL" if acq_rel else "KVM_CAP_DIRTY_LOG_RING"
-            caps.append((name, RING_BYTES))
-        if mode == "ring-with-bitmap":
-            caps.append(("KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP", 0))
-        for name, arg in caps:
-            errno = kvm_vm_ioctl_enable_cap(self.kvm, CAPABILITIES[name], 0, (arg,))
-            self._judge(self.memslots.on_enable_cap(name, 0, (arg,), errno))
-        for vcpu_id in VCPUS:
-            errno = kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id)
-            self.memslots.on_create_vcpu(vcpu_id, errno)
-        flags = KVM_MEM_LOG_DIRTY_PAGES if logged else 0
-        region = MemoryRegion(0, flags, GPAS[0][0], SLOT_PAGES * PAGE, self.base)
-        errno = run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
-        self._judge(self.memslots.on_set_memory_region(region, 1, None, errno))
-        self.dirty.on_memslots_changed()
-
-    # -- helpers ------------------------------------------------------------------------------
-
-    def _judge(self, found: Iterable[object]) -> None:
-        self.violations.extend(map(str, found))
-
-    def _in_flight(self, kind: str) -> bool:
-        return any(name.startswith(kind) for name in self.scheduler.actors)
-
-    def _name(self, kind: str) -> str:
-        self.counter += 1
-        return f"{kind}#{self.counter}"
-
-    def _room(self) -> bool:
-        return len(self.scheduler.actors) < 3
-
-    def _sync_invalidations(self) -> None:
-        """The harness is the host: it knows which of its invalidations are open."""
-        self.memory.invalidating = list(self.host.invalidating)
-
-    def _sync_updates(self) -> None:
-        """The gpa ranges memslot updates in flight may change: each one's new place, and
-        where its slot is now as the VMM knows it (an earlier update may still be running,
-        so that is recomputed whenever one ends)."""
-        ranges = []
-        for region in self.updating.values():
-            ranges.append((region.guest_phys_addr, region.guest_phys_addr + region.memory_size))
-            old = self.memslots.slots.get((0, region.id))
-            if old is not None:
-                ranges.append((old.base_gfn * PAGE, (old.base_gfn + old.npages) * PAGE))
-        self.memory.updating = ranges
+        self.harness.set_up(mode, logged)
 
     # -- memslot updates and faults as actors ---------------------------------------------------
 
-    @precondition(lambda self: self._room())
-    @rule(slot_id=st.sampled_from(sorted(GPAS)), where=st.integers(0, 1), action=st.integers(0, 2))
+    @precondition(lambda self: self.harness.can_start())
+    @rule(slot_id=SLOTS, where=st.integers(0, 1), action=st.integers(0, 2))
     def start_memslot_update(self, slot_id: int, where: int, action: int) -> None:
-        """CREATE or MOVE (to one of the slot's two places), DELETE, or toggle logging."""
-        gpa = GPAS[slot_id][where]
-        flags = 0
-        if action == 1:
-            size = 0  # delete
-        else:
-            size = SLOT_PAGES * PAGE
-            flags = KVM_MEM_LOG_DIRTY_PAGES if action == 2 else 0
-        region = MemoryRegion(slot_id, flags, gpa, size, self.base + HOST_OFFSET[slot_id])
-        self._start_memslot_update(region)
+        self.harness.start_memslot_update(slot_id, where, action)
 
-    @precondition(lambda self: self._room())
-    @rule(slot_id=st.sampled_from(sorted(GPAS)))
+    @precondition(lambda self: self.harness.can_start())
+    @rule(slot_id=SLOTS)
     def start_toggle_logging(self, slot_id: int) -> None:
-        """Switch dirty logging on or off for a slot where it is (a flags-only change: how a
-        VMM starts and ends a live migration)."""
-        view = self.memslots.slots.get((0, slot_id))
-        if view is None:
-            return
-        flags = view.flags ^ KVM_MEM_LOG_DIRTY_PAGES
-        gpa, size = view.base_gfn * PAGE, view.npages * PAGE
-        self._start_memslot_update(MemoryRegion(slot_id, flags, gpa, size, view.userspace_addr))
+        self.harness.start_toggle_logging(slot_id)
 
-    def _start_memslot_update(self, region: MemoryRegion) -> None:
-        slot_id = region.id
-        name = self._name("memslot")
-        note(f"{name}: start set_user_memory_region {region}")
-        self.updating[name] = region
-        self.dirty.on_memslot_update_start((0, slot_id), region.memory_size // PAGE, region.flags)
-
-        def done(errno: int) -> None:
-            # Updates hold slots_lock, so they finish in the order they took effect.
-            del self.updating[name]
-            old = self.memslots.slots.get((0, slot_id))
-            self._judge(self.memslots.on_set_memory_region(region, 1, None, errno))
-            if errno:
-                return
-            self.dirty.on_memslots_changed()
-            new = self.memslots.slots.get((0, slot_id))
-            if old is not None and (new is None or new.base_gfn != old.base_gfn):
-                self.aging.on_translations_dropped()  # DELETE or MOVE zaps
-            self._sync_updates()
-
-        op = kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1)
-        self.scheduler.start(name, op, done)
-        self._sync_updates()
-
-    @precondition(lambda self: self._room())
-    @rule(
-        slot_id=st.sampled_from(sorted(GPAS)),
-        page=st.integers(0, SLOT_PAGES - 1),
-        write=st.booleans(),
-        vcpu_id=st.sampled_from(VCPUS),
-    )
+    @precondition(lambda self: self.harness.can_start())
+    @rule(slot_id=SLOTS, page=SLOT_PAGE, write=st.booleans(), vcpu_id=VCPU)
     def start_fault(self, slot_id: int, page: int, write: bool, vcpu_id: int) -> None:
-        gpa = GPAS[slot_id][0] + page * PAGE
-        name = self._name("fault")
-        note(f"{name}: start vcpu {vcpu_id} {'write' if write else 'read'} fault at {gpa:#x}")
-        op = kvm_page_fault(self.kvm, self.host, 0, gpa, write, self.kvm.vcpus[vcpu_id])
-        self.faulting[name] = self.base + HOST_OFFSET[slot_id] + page * PAGE
+        self.harness.start_fault(slot_id, page, write, vcpu_id)
 
-        def done(outcome: Fault) -> None:
-            note(f"{name} -> {outcome}")
-            self.faulting.pop(name, None)
-
-        self.scheduler.start(name, op, done)
-
-    @precondition(lambda self: bool(self.scheduler.runnable()))
+    @precondition(lambda self: self.harness.can_step())
     @rule(data=st.data())
     def step_an_actor(self, data: st.DataObject) -> None:
-        name = data.draw(st.sampled_from(self.scheduler.runnable()))
-        self.scheduler.step(name)
-        note(self.scheduler.schedule[-1])
-        self._sync_invalidations()
+        self.harness.step_actor(data.draw(st.sampled_from(self.harness.scheduler.runnable())))
 
-    @precondition(lambda self: bool(self.scheduler.runnable()))
+    @precondition(lambda self: self.harness.can_step())
     @rule(data=st.data())
     def finish_an_actor(self, data: st.DataObject) -> None:
-        """Run one actor until it is done or waits (reaching deeper states in fewer rules)."""
-        name = data.draw(st.sampled_from(self.scheduler.runnable()))
-        while name in self.scheduler.runnable():
-            self.scheduler.step(name)
-            note(self.scheduler.schedule[-1])
-            self._sync_invalidations()
+        self.harness.finish_actor(data.draw(st.sampled_from(self.harness.scheduler.runnable())))
 
     # -- dirty logging ------------------------------------------------------------------------
 
-    @precondition(lambda self: self._room() and self.kvm.use_dirty_bitmap())
-    @rule(slot_id=st.sampled_from(sorted(GPAS)))
+    @precondition(lambda self: self.harness.can_get_dirty_log())
+    @rule(slot_id=SLOTS)
     def start_get_dirty_log(self, slot_id: int) -> None:
-        name = self._name("get_dirty_log")
-        since = self.dirty.now()
+        self.harness.start_get_dirty_log(slot_id)
 
-        def done(result: tuple[int, list[int]]) -> None:
-            errno, bitmap = result
-            note(f"{name} -> {errno} {[hex(word) for word in bitmap]}")
-            self._judge(self.memslots.on_get_dirty_log(slot_id, errno, bitmap))
-            if not errno:
-                self._judge(self.dirty.on_get_dirty_log(slot_id, bitmap, since))
-
-        self.scheduler.start(name, kvm_get_dirty_log_protect(self.kvm, slot_id), done)
-
-    @precondition(
-        lambda self: self._room() and self.kvm.use_dirty_bitmap() and self.memslots.manual_protect
-    )
-    @rule(slot_id=st.sampled_from(sorted(GPAS)), mask=st.integers(0, (1 << SLOT_PAGES) - 1))
+    @precondition(lambda self: self.harness.can_clear_dirty_log())
+    @rule(slot_id=SLOTS, mask=st.integers(0, (1 << SLOT_PAGES) - 1))
     def start_clear_dirty_log(self, slot_id: int, mask: int) -> None:
-        name = self._name("clear_dirty_log")
-        note(f"{name}: slot {slot_id} mask {mask:#x}")
+        self.harness.start_clear_dirty_log(slot_id, mask)
 
-        def done(errno: int) -> None:
-            self._judge(self.memslots.on_clear_dirty_log(slot_id, 0, SLOT_PAGES, errno))
-            if not errno:
-                self.dirty.on_clear_dirty_log(slot_id, 0, SLOT_PAGES, [mask])
-
-        op = kvm_clear_dirty_log_protect(self.kvm, slot_id, 0, SLOT_PAGES, [mask])
-        self.scheduler.start(name, op, done)
-
-    @precondition(lambda self: bool(self.kvm.dirty_ring_size) and not self._in_flight("reset"))
-    @rule(vcpu_id=st.sampled_from(VCPUS))
+    @precondition(lambda self: self.harness.can_harvest_ring())
+    @rule(vcpu_id=VCPU)
     def harvest_ring(self, vcpu_id: int) -> None:
-        ring = self.kvm.vcpus[vcpu_id].dirty_ring
-        assert ring is not None
-        entries = [(entry.slot, entry.offset) for entry in ring.harvest()]
-        note(f"harvest vcpu {vcpu_id}: {entries}")
-        self._judge(self.dirty.on_harvest_ring(vcpu_id, entries))
+        self.harness.harvest_ring(vcpu_id)
 
-    @precondition(lambda self: self._room() and bool(self.kvm.dirty_ring_size))
+    @precondition(lambda self: self.harness.can_reset_dirty_rings())
     @rule()
     def start_reset_dirty_rings(self) -> None:
-        name = self._name("reset_dirty_rings")
+        self.harness.start_reset_dirty_rings()
 
-        def done(result: tuple[int, int]) -> None:
-            errno, _cleared = result
-            self._judge(self.memslots.on_reset_dirty_rings(errno))
-            if not errno:
-                self._judge(self.dirty.on_reset_dirty_rings())
-
-        self.scheduler.start(name, kvm_vm_ioctl_reset_dirty_pages(self.kvm), done)
-
-    @precondition(lambda self: self.profile.arch == "arm64")
-    @rule(slot_id=st.sampled_from(sorted(GPAS)), page=st.integers(0, SLOT_PAGES - 1))
+    @precondition(lambda self: self.harness.can_save_its_tables())
+    @rule(slot_id=SLOTS, page=SLOT_PAGE)
     def save_its_tables(self, slot_id: int, page: int) -> None:
-        """arm64: KVM writes the vgic ITS tables into guest RAM with no vCPU running."""
-        gpa = GPAS[slot_id][0] + page * PAGE
-        if self.memory.in_update(gpa) or self._hva_of(gpa) in self.zapping.values():
-            return
-        errno = vgic_its_save_tables(self.kvm, self.host, [(gpa, b"\x17")])
-        note(f"ITS save to {gpa:#x} -> {errno}")
-        if not errno:
-            hva = self._hva_of(gpa)
-            assert hva is not None
-            self.memory.on_host_write(hva, 0x17)
-            self.aging.on_host_access(hva)
-            self.dirty.on_guest_store(gpa, None, completed=True)
-
-    def _hva_of(self, gpa: int) -> int | None:
-        for (_as_id, _slot_id), view in self.memslots.slots.items():
-            if view.base_gfn * PAGE <= gpa < (view.base_gfn + view.npages) * PAGE:
-                return view.userspace_addr + gpa - view.base_gfn * PAGE
-        return None
+        self.harness.save_its_tables(slot_id, page)
 
     # -- the host -----------------------------------------------------------------------------
 
-    @rule(page=st.integers(0, REGION_PAGES - 1), value=st.integers(1, 255))
+    @rule(page=HOST_PAGE, value=st.integers(1, 255))
     def host_write(self, page: int, value: int) -> None:
-        hva = self.base + page * PAGE
-        if hva in self.zapping.values():
-            return  # the zap in flight would race the write: which wins is not specified
-        errno = self.host.host_write(hva, bytes([value]))
-        if errno:
-            return  # not mapped, or not writable: the VMM's own EFAULT
-        self.memory.on_host_write(hva, value)
-        self.aging.on_host_access(hva)
+        self.harness.host_write(page, value)
 
-    @precondition(lambda self: self._room())
-    @rule(page=st.integers(0, REGION_PAGES - 1))
+    @precondition(lambda self: self.harness.can_start())
+    @rule(page=HOST_PAGE)
     def start_madvise_dontneed(self, page: int) -> None:
-        """MADV_DONTNEED as an actor: its notifier start and end are separate steps, so
-        faults and memslot updates run while the invalidation is open."""
-        hva = self.base + page * PAGE
-        if self.memory.prot_at(hva) is None:
-            return
-        name = self._name("madvise")
-        note(f"{name}: start MADV_DONTNEED of host page {page}")
-        self.memory.on_host_drop(hva, hva + PAGE)
-        self.aging.on_host_drop(hva, hva + PAGE)
-        self.zapping[name] = hva
+        self.harness.start_madvise_dontneed(page)
 
-        def done(errno: int) -> None:
-            assert errno == 0
-            self.zapping.pop(name, None)
-
-        self.scheduler.start(name, self.host.madvise_dontneed_op(hva, PAGE), done)
-        self._sync_invalidations()
-
-    def _resolved(self) -> list[int]:
-        """Host pages whose pfn an in-flight fault has resolved and not yet installed."""
-        return sorted(
-            hva
-            for name, hva in self.faulting.items()
-            if "pfn resolved" in getattr(self.scheduler.actors[name].pending, "point", "")
-            and self.memory.prot_at(hva) == PROT_READ | PROT_WRITE
-        )
-
-    @precondition(lambda self: bool(self._resolved()))
+    @precondition(lambda self: bool(self.harness.resolved()))
     @rule(data=st.data())
     def drop_a_page_under_a_fault(self, data: st.DataObject) -> None:
-        """The race the retry check exists for: the host takes away the very page an
-        in-flight fault has resolved (MADV_DONTNEED, then the VMM writes a new page)."""
-        hva = data.draw(st.sampled_from(self._resolved()))
-        if hva in self.zapping.values():
-            return
-        assert self.host.madvise_dontneed(hva, PAGE) == 0
-        self.memory.on_host_drop(hva, hva + PAGE)
-        self.aging.on_host_drop(hva, hva + PAGE)
-        assert self.host.host_write(hva, b"\x5a") == 0
-        self.memory.on_host_write(hva, 0x5A)
-        self.aging.on_host_access(hva)
+        self.harness.drop_a_page_under_a_fault(data.draw(st.sampled_from(self.harness.resolved())))
 
-    @precondition(lambda self: not self.zapping)
-    @rule(page=st.integers(0, REGION_PAGES - 1), prot=st.sampled_from(sorted(PROT_NAMES)))
+    @precondition(lambda self: self.harness.can_remap())
+    @rule(page=HOST_PAGE, prot=st.sampled_from(sorted(PROT_NAMES)))
     def mprotect(self, page: int, prot: int) -> None:
-        hva = self.base + page * PAGE
-        errno = self.host.mprotect(hva, PAGE, prot)
-        note(f"mprotect host page {page} {PROT_NAMES[prot]} -> {errno}")
-        if not errno:
-            self.memory.on_host_map(hva, hva + PAGE, prot)
-            self.aging.on_invalidate(hva, hva + PAGE)
+        self.harness.mprotect(page, prot)
 
-    @precondition(lambda self: not self.zapping)
-    @rule(page=st.integers(0, REGION_PAGES - 1))
+    @precondition(lambda self: self.harness.can_remap())
+    @rule(page=HOST_PAGE)
     def munmap(self, page: int) -> None:
-        hva = self.base + page * PAGE
-        assert self.host.munmap(hva, PAGE) == 0  # unmapping a hole is not an error
-        self.memory.on_host_unmap(hva, hva + PAGE)
-        self.aging.on_host_drop(hva, hva + PAGE)
+        self.harness.munmap(page)
 
-    @rule(page=st.integers(0, REGION_PAGES - 1))
+    @rule(page=HOST_PAGE)
     def migrate(self, page: int) -> None:
-        hva = self.base + page * PAGE
-        errno = self.host.migrate_page(hva)
-        # A fault between resolving the page and releasing it holds a reference, and a
-        # page with extra references cannot move (it is retried later).
-        assert errno == 0 or (errno == EBUSY and hva in self.faulting.values()), errno
-        if not errno:
-            self.aging.on_invalidate(hva, hva + PAGE)
+        self.harness.migrate(page)
 
-    @rule(page=st.integers(0, REGION_PAGES - 1), flush=st.booleans())
+    @rule(page=HOST_PAGE, flush=st.booleans())
     def age(self, page: int, flush: bool) -> None:
-        hva = self.base + page * PAGE
-        before = translation_snapshot(self.mmu)
-        young = self.host.age(hva, flush)
-        self._judge(check_aging_keeps_translations(before, translation_snapshot(self.mmu)))
-        self._judge(self.aging.on_age(hva, flush, young))
+        self.harness.age(page, flush)
 
     # -- the guest ----------------------------------------------------------------------------
 
     @rule(
-        slot_id=st.sampled_from(sorted(GPAS)),
+        slot_id=SLOTS,
         where=st.integers(0, 1),
-        page=st.integers(0, SLOT_PAGES - 1),
+        page=SLOT_PAGE,
         value=st.integers(0, 255),
-        vcpu_id=st.sampled_from(VCPUS),
+        vcpu_id=VCPU,
     )
     def guest_access(self, slot_id: int, where: int, page: int, value: int, vcpu_id: int) -> None:
-        """A store of ``value`` (0 means a load) at offset 0 of a page; a load must return
-        the last value stored there through any path (coherence)."""
-        gpa = GPAS[slot_id][where] + page * PAGE
-        data = bytes([value]) if value else None
-        hva = self._hva_of(gpa)
-        zapping = hva is not None and hva - hva % PAGE in self.zapping.values()
-        if data and (self.memory.in_update(gpa) or zapping):
-            return  # which page such a store reaches is not determined (see the contract)
-        ring = self.kvm.vcpus[vcpu_id].dirty_ring
-        was_soft_full = ring is not None and ring.soft_full()
-        outcome, read = guest_access(self.kvm, self.host, vcpu_id, gpa, data)
-        note(f"vcpu {vcpu_id} {'store' if data else 'load'} {gpa:#x} -> {outcome} {read!r}")
-        completed = outcome is Fault.MAPPED
-        self._judge(check_ring_full_keeps_vcpu_out(vcpu_id, was_soft_full, completed))
-        if data:
-            self._judge(self.memory.on_guest_store(gpa, value, outcome.value))
-            self.dirty.on_guest_store(gpa, vcpu_id, completed)
-        else:
-            self._judge(self.memory.on_guest_load(gpa, outcome.value, read[0] if read else None))
-        if completed and hva is not None:
-            self.aging.on_guest_access(hva)
+        self.harness.guest_access(slot_id, where, page, value, vcpu_id)
 
     # -- the rules, after every step ------------------------------------------------------------
 
     def teardown(self) -> None:
-        machines.STATS["steps"] += self.rules_run
-        machines.STATS["invariant_checks"] += self.rules_run
+        checks = self.harness.checks
+        machines.STATS["steps"] += checks
+        machines.STATS["invariant_checks"] += checks
         # Guest accesses are not in trace format v1 yet: a failure keeps the schedule.
-        machines.LAST_RUN["trace"] = "\n".join(self.scheduler.schedule) + "\n"
+        machines.LAST_RUN["trace"] = "\n".join(self.harness.scheduler.schedule) + "\n"
         machines.LAST_RUN["suffix"] = ".schedule.txt"
 
     @invariant()
     def rules_hold(self) -> None:
-        self.rules_run += 1
-        self.scheduler.check_progress()
-        assert not self.violations, "\n".join(self.violations)
-        found = check_open_invalidations(self.kvm, self.mmu, self.host)
-        found += check_rings_and_bitmaps(self.kvm)
-        if not self._in_flight("memslot"):
-            # Logging that is being switched on protects the slot at commit, after the new
-            # slot is published: writes in between are covered by the VMM's first full copy
-            # (it cannot harvest before the ioctl returns), so D1 holds from the return on.
-            found += check_writable_translations_logged(self.kvm, self.mmu)
-            found += self.monitor.check()
-            found += check_translations_match_host(self.kvm, self.mmu, self.host)
-            found += check_writable_pages_dirty(self.mmu, self.host)
-        assert not found, "\n".join(map(str, found))
+        self.harness.check()
 
 
 def generic_machine(profile: PlatformProfile) -> type[GenericMachine]:

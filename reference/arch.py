@@ -25,7 +25,15 @@ ArchEvent = tuple[str, object]
 
 
 class KvmArch:
-    """Architecture hooks. ``events`` keeps the most recent hook calls, oldest first."""
+    """Architecture hooks. ``events`` keeps the most recent hook calls, oldest first.
+
+    ``lockless_aging`` says the architecture ages without mmu_lock (an RCU walk and a
+    compare-and-exchange on each accessed bit; x86's TDP MMU and arm64 select
+    CONFIG_KVM_MMU_LOCKLESS_AGING): the generic notifier then calls kvm_age_gfn and
+    kvm_test_age_gfn without taking the lock (seed 001).
+    """
+
+    lockless_aging = False
 
     def __init__(self) -> None:
         self.events: deque[ArchEvent] = deque(maxlen=256)

@@ -14,7 +14,8 @@ Two things can be yielded:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -119,3 +120,89 @@ class Srcu:
                 f"{self.name}: grace period waits for readers",
                 lambda: not inside & self.active,
             )
+
+
+class RwLock:
+    """A reader-writer spinlock (rwlock_t), as x86 and arm64 build kvm->mmu_lock: page-table
+    changes take it for write; paths that only need the tables to stay (the TDP MMU's
+    faults, arm64's shared walks) take it for read.
+
+    A spinlock section never sleeps, so the model takes it inside one step: ``write()`` and
+    ``read()`` are context managers for code that does not yield inside. If the lock cannot
+    be taken at that moment, some path yielded while holding it, which a spinlock forbids:
+    the model raises :class:`Deadlock`. ``held_for_write`` is what lockdep assertions ask.
+
+    kernel: include/linux/rwlock.h; virt/kvm/kvm_mm.h:KVM_MMU_LOCK (v6.18)
+    """
+
+    __slots__ = ("name", "readers", "writer")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.writer = False
+        self.readers = 0
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        if self.writer or self.readers:
+            raise Deadlock(f"{self.name}: taken for write while held (held across a yield?)")
+        self.writer = True
+        try:
+            yield
+        finally:
+            self.writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        if self.writer:
+            raise Deadlock(f"{self.name}: taken for read while held for write")
+        self.readers += 1
+        try:
+            yield
+        finally:
+            self.readers -= 1
+
+    @property
+    def held_for_write(self) -> bool:
+        return self.writer
+
+
+class Rcu:
+    """RCU: readers never block, and an object a writer unpublished is freed only after every
+    reader that might still see it has left (a grace period). Walkers of lockless page
+    tables (arm64 stage-2 shared walks, seed 001's lockless aging) are readers; freeing a
+    table page waits for them through ``call_rcu``.
+
+    kernel: include/linux/rcupdate.h:rcu_read_lock, call_rcu (v6.18)
+    """
+
+    __slots__ = ("_next", "active", "callbacks", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active: set[int] = set()
+        self.callbacks: list[tuple[frozenset[int], Callable[[], None]]] = []
+        self._next = 0
+
+    def read_lock(self) -> int:
+        self._next += 1
+        self.active.add(self._next)
+        return self._next
+
+    def read_unlock(self, token: int) -> None:
+        self.active.remove(token)
+        self._run_callbacks()
+
+    def call_rcu(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once every reader inside now has left (at once if none is)."""
+        self.callbacks.append((frozenset(self.active), callback))
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        waiting = []
+        for readers, callback in self.callbacks:
+            if readers & self.active:
+                waiting.append((readers, callback))
+            else:
+                callback()
+        self.callbacks = waiting

@@ -54,6 +54,7 @@ def mark_page_dirty_in_slot(
     """
     kvm.warn_on(
         vcpu is None and not kvm_arch_allow_write_without_running_vcpu(kvm),
+        "D10",
         "mark_page_dirty_in_slot: guest memory dirtied with no running vCPU",
     )
     if slot is None or not slot.dirty_logging:
@@ -99,14 +100,15 @@ def kvm_get_dirty_log_protect(kvm: Kvm, slot: int) -> KernelOp[tuple[int, list[i
         # harvest: swap each word with zero and re-protect its pages (under mmu_lock).
         snapshot = []
         flush = False
-        for index in range(bitmap.nr_words):
-            word = bitmap.xchg_word(index)
-            snapshot.append(word)
-            if word:
-                flush = True
-                kvm.arch.kvm_arch_mmu_enable_log_dirty_pt_masked(
-                    kvm, memslot, index * BITS_PER_LONG, word
-                )
+        with kvm.mmu_lock.write():
+            for index in range(bitmap.nr_words):
+                word = bitmap.xchg_word(index)
+                snapshot.append(word)
+                if word:
+                    flush = True
+                    kvm.arch.kvm_arch_mmu_enable_log_dirty_pt_masked(
+                        kvm, memslot, index * BITS_PER_LONG, word
+                    )
         # flush before userspace sees the snapshot: a vCPU must not keep writing through a
         # stale writable TLB entry to a page reported clean.
         if flush:
@@ -146,17 +148,18 @@ def kvm_clear_dirty_log_protect(
         # clear: only bits set both in the user mask and in the bitmap are re-protected.
         flush = False
         nr_words = (num_pages + BITS_PER_LONG - 1) // BITS_PER_LONG
-        for offset in range(nr_words):
-            mask = user_bitmap[offset] if offset < len(user_bitmap) else 0
-            if not mask:
-                continue
-            index = first_page // BITS_PER_LONG + offset
-            cleared = bitmap.fetch_andnot_word(index, mask)
-            if cleared:
-                flush = True
-                kvm.arch.kvm_arch_mmu_enable_log_dirty_pt_masked(
-                    kvm, memslot, index * BITS_PER_LONG, cleared
-                )
+        with kvm.mmu_lock.write():
+            for offset in range(nr_words):
+                mask = user_bitmap[offset] if offset < len(user_bitmap) else 0
+                if not mask:
+                    continue
+                index = first_page // BITS_PER_LONG + offset
+                cleared = bitmap.fetch_andnot_word(index, mask)
+                if cleared:
+                    flush = True
+                    kvm.arch.kvm_arch_mmu_enable_log_dirty_pt_masked(
+                        kvm, memslot, index * BITS_PER_LONG, cleared
+                    )
         if flush:
             kvm.arch.kvm_flush_remote_tlbs_memslot(kvm, memslot)
         return 0
@@ -194,9 +197,10 @@ def kvm_vm_ioctl_reset_dirty_pages(kvm: Kvm) -> KernelOp[tuple[int, int]]:
         cleared = 0
         for vcpu in kvm.vcpus.values():
             assert vcpu.dirty_ring is not None
-            for entry in vcpu.dirty_ring.reset():
-                cleared += 1
-                kvm_reset_dirty_gfn(kvm, entry.slot, entry.offset)
+            with kvm.mmu_lock.write():
+                for entry in vcpu.dirty_ring.reset():
+                    cleared += 1
+                    kvm_reset_dirty_gfn(kvm, entry.slot, entry.offset)
         # Pages were write-protected again: no vCPU may keep writing through an old entry.
         if cleared:
             kvm.arch.kvm_flush_remote_tlbs(kvm)

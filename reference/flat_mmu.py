@@ -52,9 +52,10 @@ class FlatMmu(KvmArch):
 
     # -- what the fault path and the guest use ----------------------------------------------
 
-    def map(self, as_id: int, gfn: int, pfn: int, writable: bool) -> None:
+    def map(self, kvm: Kvm, as_id: int, gfn: int, pfn: int, writable: bool) -> None:
         """Install a translation (under mmu_lock, after the retry check). A present
         translation is never pointed at another pfn in place (X4): it is replaced whole."""
+        kvm.lockdep_assert_mmu_lock_held_write("installing a translation")
         self.ptes[(as_id, gfn)] = FlatPte(pfn, writable)
 
     def translate(self, vcpu_id: int, as_id: int, gfn: int) -> FlatPte | None:
@@ -74,7 +75,8 @@ class FlatMmu(KvmArch):
         both drop it), so the retried access sees what the fault installed."""
         self.tlbs.setdefault(vcpu_id, {}).pop((as_id, gfn), None)
 
-    def _remove(self, as_id: int, start: int, end: int) -> bool:
+    def _remove(self, kvm: Kvm, as_id: int, start: int, end: int) -> bool:
+        kvm.lockdep_assert_mmu_lock_held_write("removing translations")
         keys = [key for key in self.ptes if key[0] == as_id and start <= key[1] < end]
         for key in keys:
             del self.ptes[key]
@@ -84,11 +86,13 @@ class FlatMmu(KvmArch):
 
     def kvm_unmap_gfn_range(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
         super().kvm_unmap_gfn_range(kvm, gfn_range)
-        return self._remove(gfn_range.slot.as_id, gfn_range.start, gfn_range.end)
+        return self._remove(kvm, gfn_range.slot.as_id, gfn_range.start, gfn_range.end)
 
     def kvm_arch_flush_shadow_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
         super().kvm_arch_flush_shadow_memslot(kvm, slot)
-        if self._remove(slot.as_id, slot.base_gfn, slot.end_gfn):
+        with kvm.mmu_lock.write():
+            removed = self._remove(kvm, slot.as_id, slot.base_gfn, slot.end_gfn)
+        if removed:
             self.kvm_flush_remote_tlbs(kvm)
 
     def kvm_arch_commit_memory_region(
@@ -110,22 +114,25 @@ class FlatMmu(KvmArch):
         if kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
             return
         protected = False
-        for (as_id, gfn), pte in self.ptes.items():
-            if as_id == new.as_id and new.base_gfn <= gfn < new.end_gfn and pte.writable:
-                pte.writable = False
-                protected = True
+        with kvm.mmu_lock.write():
+            for (as_id, gfn), pte in self.ptes.items():
+                if as_id == new.as_id and new.base_gfn <= gfn < new.end_gfn and pte.writable:
+                    pte.writable = False
+                    protected = True
         if protected:
             self.kvm_flush_remote_tlbs_memslot(kvm, new)
 
     def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
         super().kvm_arch_flush_shadow_all(kvm)
-        self.ptes.clear()
+        with kvm.mmu_lock.write():
+            self.ptes.clear()
         self.kvm_flush_remote_tlbs(kvm)
 
     def kvm_arch_mmu_enable_log_dirty_pt_masked(
         self, kvm: Kvm, slot: KvmMemorySlot, gfn_offset: int, mask: int
     ) -> None:
         super().kvm_arch_mmu_enable_log_dirty_pt_masked(kvm, slot, gfn_offset, mask)
+        kvm.lockdep_assert_mmu_lock_held_write("write-protecting for dirty logging")
         bit = 0
         while mask >> bit:
             if mask >> bit & 1:
@@ -136,6 +143,7 @@ class FlatMmu(KvmArch):
 
     def kvm_age_gfn(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
         super().kvm_age_gfn(kvm, gfn_range)
+        kvm.lockdep_assert_mmu_lock_held_write("aging translations")
         young = False
         for (as_id, gfn), pte in self.ptes.items():
             if as_id == gfn_range.slot.as_id and gfn_range.start <= gfn < gfn_range.end:

@@ -6,7 +6,7 @@ kernel: include/linux/kvm_host.h:struct kvm; virt/kvm/kvm_main.c:kvm_create_vm (
 from __future__ import annotations
 
 from kvmspec.reference.arch import KvmArch
-from kvmspec.reference.concurrency import Mutex, Srcu
+from kvmspec.reference.concurrency import Mutex, Rcu, RwLock, Srcu
 from kvmspec.reference.guest_memfd import GmemFile
 from kvmspec.reference.memslots import KvmMemslots
 from kvmspec.reference.vcpu import KvmVcpu
@@ -35,6 +35,10 @@ class Kvm:
         self.slots_arch_lock = Mutex("slots_arch_lock")
         # Readers of the memslots (vCPUs, faults) hold kvm->srcu; a swap waits them out.
         self.srcu = Srcu("kvm->srcu")
+        # Every change to the MMU's translations happens under mmu_lock (a reader-writer
+        # lock on x86 and arm64); lockless walkers are RCU readers instead.
+        self.mmu_lock = RwLock("kvm->mmu_lock")
+        self.rcu = Rcu("rcu")
         # MMU notifier invalidations that have started and not ended; a memslot swap waits
         # for zero so that every start/end pair sees the same memslots (invariant M11).
         self.mn_active_invalidate_count = 0
@@ -54,9 +58,10 @@ class Kvm:
         # arm64 saves the vgic ITS tables into guest memory from an ioctl, with no vCPU
         # running; only then may KVM dirty guest memory without a vCPU (D10).
         self.save_its_tables_in_progress = False
-        # Every WARN_ON that fired. The kernel keeps running after a WARN, so does the model;
-        # each one is a finding, and the invariants report them.
-        self.warnings: list[str] = []
+        # Every WARN_ON (and lockdep assertion) that fired, as (rule, message). The kernel
+        # keeps running after a WARN, so does the model; each one is a finding, and the
+        # invariants report it under the rule it breaks.
+        self.warnings: list[tuple[str, str]] = []
 
     # Accessors named as in the kernel ------------------------------------------------------
 
@@ -76,11 +81,16 @@ class Kvm:
         """kernel: virt/kvm/kvm_main.c:kvm_are_all_memslots_empty (v6.18)"""
         return all(len(self.memslots(as_id)) == 0 for as_id in range(len(self.memslot_sets)))
 
-    def warn_on(self, condition: bool, message: str) -> bool:
-        """WARN_ON_ONCE: record ``message`` when ``condition`` holds; returns ``condition``."""
-        if condition and message not in self.warnings:
-            self.warnings.append(message)
+    def warn_on(self, condition: bool, rule: str, message: str) -> bool:
+        """WARN_ON_ONCE: record ``message`` against ``rule`` when ``condition`` holds;
+        returns ``condition``."""
+        if condition and (rule, message) not in self.warnings:
+            self.warnings.append((rule, message))
         return condition
+
+    def lockdep_assert_mmu_lock_held_write(self, what: str) -> None:
+        """lockdep_assert_held_write(&kvm->mmu_lock): ``what`` changes translations."""
+        self.warn_on(not self.mmu_lock.held_for_write, "LOCKING", f"{what} without mmu_lock")
 
     def quirk_slot_zap_all(self) -> bool:
         """KVM_X86_QUIRK_SLOT_ZAP_ALL is on unless userspace disabled it (x86 only)."""

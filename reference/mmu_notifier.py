@@ -25,6 +25,7 @@ mmu_invalidate_retry_gfn_unsafe (v6.18)
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from kvmspec.reference.gfn_to_hva import hva_to_gfn_memslot
@@ -144,11 +145,12 @@ def kvm_mmu_notifier_invalidate_range_start(kvm: Kvm, start: int, end: int) -> b
     kvm.mn_active_invalidate_count += 1
     ranges = kvm_hva_range_to_gfn_ranges(kvm, start, end)
     flush = False
-    for index, gfn_range in enumerate(ranges):
-        if index == 0:
-            kvm_mmu_invalidate_begin(kvm)
-        kvm_mmu_invalidate_range_add(kvm, gfn_range.start, gfn_range.end)
-        flush |= kvm.arch.kvm_unmap_gfn_range(kvm, gfn_range)
+    with kvm.mmu_lock.write():
+        for index, gfn_range in enumerate(ranges):
+            if index == 0:
+                kvm_mmu_invalidate_begin(kvm)
+            kvm_mmu_invalidate_range_add(kvm, gfn_range.start, gfn_range.end)
+            flush |= kvm.arch.kvm_unmap_gfn_range(kvm, gfn_range)
     if flush:
         kvm.arch.kvm_flush_remote_tlbs(kvm)
     if ranges:
@@ -166,7 +168,8 @@ def kvm_mmu_notifier_invalidate_range_end(kvm: Kvm, start: int, end: int) -> Non
     kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_invalidate_range_end (v6.18)
     """
     if kvm_hva_range_to_gfn_ranges(kvm, start, end):
-        kvm_mmu_invalidate_end(kvm)
+        with kvm.mmu_lock.write():
+            kvm_mmu_invalidate_end(kvm)
     kvm.mn_active_invalidate_count -= 1
     if kvm.mn_active_invalidate_count < 0:
         raise AssertionError("mn_active_invalidate_count went negative (N6)")
@@ -179,9 +182,17 @@ def kvm_mmu_notifier_clear_young(kvm: Kvm, start: int, end: int) -> bool:
     kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_clear_young (v6.18)
     """
     young = False
-    for gfn_range in kvm_hva_range_to_gfn_ranges(kvm, start, end):
-        young |= kvm.arch.kvm_age_gfn(kvm, gfn_range)
+    with _aging_lock(kvm):
+        for gfn_range in kvm_hva_range_to_gfn_ranges(kvm, start, end):
+            young |= kvm.arch.kvm_age_gfn(kvm, gfn_range)
     return young
+
+
+def _aging_lock(kvm: Kvm) -> AbstractContextManager[None]:
+    """Aging takes mmu_lock for write, unless the architecture ages locklessly (x86's TDP MMU
+    and arm64 with CONFIG_KVM_MMU_LOCKLESS_AGING: an RCU walk and a compare-and-exchange on
+    each accessed bit, seed 001), in which case it takes nothing here."""
+    return nullcontext() if kvm.arch.lockless_aging else kvm.mmu_lock.write()
 
 
 def kvm_mmu_notifier_clear_flush_young(kvm: Kvm, start: int, end: int) -> bool:
@@ -201,10 +212,11 @@ def kvm_mmu_notifier_test_young(kvm: Kvm, address: int) -> bool:
     kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_test_young (v6.18)
     """
     page = 1 << kvm.profile.page_shift
-    return any(
-        kvm.arch.kvm_test_age_gfn(kvm, gfn_range)
-        for gfn_range in kvm_hva_range_to_gfn_ranges(kvm, address, address + page)
-    )
+    with _aging_lock(kvm):
+        return any(
+            kvm.arch.kvm_test_age_gfn(kvm, gfn_range)
+            for gfn_range in kvm_hva_range_to_gfn_ranges(kvm, address, address + page)
+        )
 
 
 def kvm_flush_shadow_all(kvm: Kvm) -> None:

@@ -107,16 +107,17 @@ def _kvm_page_fault(
         yield Preempt("fault: pfn resolved, taking mmu_lock")
 
         # 4-5. Under mmu_lock: give up if an invalidation covering the gfn ran meanwhile (N4).
-        if mmu_invalidate_retry_gfn(kvm, seq, gfn):
-            return Fault.RETRY
+        with kvm.mmu_lock.write():
+            if mmu_invalidate_retry_gfn(kvm, seq, gfn):
+                return Fault.RETRY
 
-        # 6. Install; a writable mapping is logged as dirty when it is created, since writes
-        # through it will not fault again.
-        mmu.map(as_id, gfn, pfn, writable)
-        mapped = True
-        if writable:
-            mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
-        return Fault.MAPPED
+            # 6. Install; a writable mapping is logged as dirty when it is created, since
+            # writes through it will not fault again.
+            mmu.map(kvm, as_id, gfn, pfn, writable)
+            mapped = True
+            if writable:
+                mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
+            return Fault.MAPPED
     finally:
         # 7. Release the page (N8).
         if page is not None:

@@ -53,5 +53,13 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "D3": (f"scenario test `{_GENERIC_TESTS}test_d3_clear_reprotects_exactly`",),
     "D4": (f"{NOT_CHECKED}: the flat MMU maps base pages only; the x86 and arm64 MMUs check it",),
     "D8": (DIRTY_CHECKS,),
-    "D10": (DIRTY_CHECKS, f"scenario test `{_GENERIC_TESTS}test_d10_write_without_vcpu`"),
+    "D10": (
+        DIRTY_CHECKS,
+        MONITOR + ": the WARN",
+        f"scenario test `{_GENERIC_TESTS}test_d10_write_without_vcpu`",
+    ),
+    "LOCKING": (
+        MONITOR + ": the lockdep assertions",
+        "scenario test `tests/test_concurrency.py::test_the_machine_catches_a_missing_mmu_lock`",
+    ),
 }

@@ -591,6 +591,25 @@ rule(
 )
 
 
+# --- Invariants: locking ------------------------------------------------------------------------
+
+rule(
+    "LOCKING",
+    "invariant",
+    "notifiers",
+    """Translations change only under mmu_lock held for write: faults install, notifiers
+    unmap, harvests write-protect and aging clears accessed bits with the lock held, so each
+    of them sees the others' changes whole. Only an architecture that ages locklessly (RCU
+    and compare-and-exchange, seed 001) may age without it.""",
+    KernelCitation("virt/kvm/kvm_mm.h", "KVM_MMU_LOCK"),
+    KernelCitation(KVM_MAIN, "kvm_handle_hva_range"),
+    SeedCitation(
+        SEED_001,
+        "techniques, RCU and cmpxchg, to safely test and clear the accessed",
+    ),
+)
+
+
 def normalize_thread_text(text: str) -> str:
     """Thread text as one line of words: quote markers (``>``) and comment stars (``*``) at
     the start of lines are dropped, so a quote can span wrapped lines."""

@@ -15,6 +15,7 @@ from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.memslots import KvmMemslots
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.notifiers import NotifierCounters
+from kvmspec.spec.invariants.warnings import check_no_warnings
 from kvmspec.spec.uapi.constants import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_GFN_F_RESET,
@@ -290,6 +291,7 @@ class InvariantMonitor:
         violations.extend(self._check_active_unmodified(sets))
         violations.extend(self._check_generations(sets))
         violations.extend(self.notifiers.check())
+        violations.extend(check_no_warnings(self.kvm))
         if failed:
             if self.active_identity.keys() != before.keys():
                 violations.append(
@@ -328,6 +330,7 @@ CHECKED_RULES = (
     "N6",
     "D6",
     "D7",
+    "LOCKING",
 )
 
 # Rules that need a particular interleaving or a planted fault are checked by named scenario
