@@ -90,6 +90,8 @@ class FlatMmu(KvmArch):
 
     def kvm_arch_flush_shadow_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
         super().kvm_arch_flush_shadow_memslot(kvm, slot)
+        if not self.ptes:
+            return  # nothing is mapped anywhere (a VM whose guest never ran)
         with kvm.mmu_lock.write():
             removed = self._remove(kvm, slot.as_id, slot.base_gfn, slot.end_gfn)
         if removed:
@@ -111,7 +113,7 @@ class FlatMmu(KvmArch):
             return
         if old is not None and old.dirty_logging:
             return  # logging was already on: nothing changes for dirty tracking
-        if kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
+        if kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET or not self.ptes:
             return
         protected = False
         with kvm.mmu_lock.write():
