@@ -1,12 +1,15 @@
-"""``kvmspec campaign``: run the state machines and the fuzzer for a time budget, summarise.
+"""``kvmspec campaign``: run the state machines and the fuzzers for a time budget, summarise.
 
 Each area is a state machine bound to a profile and a target. The campaign runs them in turn
 in short slices under the ``kvmspec-thorough`` Hypothesis profile, sharing Hypothesis's example
 database in ``.hypothesis/`` (so a failure found once is retried first next time). Meanwhile
-a second process runs the Atheris memslot fuzzer (fuzz/fuzz_memslots.py) for the same budget,
-so both cores work. The campaign shows live progress and ends with a summary table: steps,
-steps per second, invariant checks, failures. Each failure is written as a replayable trace
-under corpus/regressions/.
+a second process runs the Atheris fuzzers one after the other, sharing the same budget: the
+memslot fuzzer (fuzz/fuzz_memslots.py), then the generic-layer fuzzer (fuzz/fuzz_generic.py),
+so both cores work and each layer is fuzzed by both engines. The campaign shows live progress
+and ends with a summary table: steps (rules for a state machine, operations or actions for a
+fuzzer), steps per second, invariant checks, failures. Each failure is written as a
+replayable trace (or, for the generic fuzzer, the input and its report) under
+corpus/regressions/.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +43,6 @@ from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PROFILES
 from kvmspec.spec.rules import RULES
 
 REGRESSIONS = Path("corpus/regressions")
-FUZZ_SEEDS = Path("corpus/seeds/memslots")
 SLICE_EXAMPLES = 10
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.MULTILINE)
 
@@ -63,6 +66,52 @@ class Area:
     name: str
     target: str
     machine: type[RuleBasedStateMachine]
+
+
+@dataclass(frozen=True)
+class FuzzArea:
+    """An Atheris fuzz target of the campaign: its module, seed corpus and input size, and
+    the family of state-machine areas it fuzzes too (``kvmspec campaign generic`` picks it)."""
+
+    name: str
+    family: str
+    module: str
+    seeds: Path
+    max_len: int
+    counts_actions: bool = False
+    """Whether the target writes its action counters (``KVMSPEC_FUZZ_STATS``): its steps are
+    then harness actions, else executions."""
+
+
+FUZZ_AREAS = (
+    FuzzArea(
+        "atheris/memslots",
+        "memslots",
+        "kvmspec.fuzz.fuzz_memslots",
+        Path("corpus/seeds/memslots"),
+        1024,
+    ),
+    FuzzArea(
+        "atheris/generic",
+        "generic",
+        "kvmspec.fuzz.fuzz_generic",
+        Path("corpus/seeds/generic"),
+        512,
+        counts_actions=True,
+    ),
+)
+
+
+def _fuzz_areas(wanted: Sequence[str], target: str | None) -> list[FuzzArea]:
+    """The Atheris areas to run: all of them unless areas are named ("atheris", an area's
+    name, its family or "reference" name it); none without atheris or off the reference."""
+    if target not in (None, "reference") or importlib.util.find_spec("atheris") is None:
+        return []
+    return [
+        area
+        for area in FUZZ_AREAS
+        if not wanted or any(w in ("atheris", "reference", area.name, area.family) for w in wanted)
+    ]
 
 
 def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[Area]:
@@ -133,30 +182,37 @@ def _record_failure(area: Area, error: BaseException) -> str:
 
 
 class AtherisWorker:
-    """fuzz_memslots.py in its own process for the whole budget (when atheris is installed).
+    """One Atheris fuzz target in its own process, for ``seconds``.
 
     New inputs go to a scratch corpus (libFuzzer writes into its first corpus folder), so the
-    seed corpus in the repository is only read. A finding stops libFuzzer; its trace is in
+    seed corpus in the repository is only read. A finding stops libFuzzer; what it keeps is in
     corpus/regressions/ like every other finding.
     """
 
-    def __init__(self, seconds: float, scratch: Path) -> None:
-        self.result = AreaResult("atheris/memslots", "reference")
-        corpus = scratch / "corpus"
-        corpus.mkdir()
+    def __init__(self, area: FuzzArea, seconds: float, scratch: Path) -> None:
+        self.area = area
+        self.result = AreaResult(area.name, "reference")
+        folder = scratch / area.family
+        corpus = folder / "corpus"
+        corpus.mkdir(parents=True)
+        self.counters = folder / "counters.json"
         command = [
             sys.executable,
             "-m",
-            "kvmspec.fuzz.fuzz_memslots",
-            "-max_len=1024",
+            area.module,
+            f"-max_len={area.max_len}",
             f"-max_total_time={max(int(seconds), 1)}",
             "-print_final_stats=1",
-            f"-artifact_prefix={scratch}/",
+            f"-artifact_prefix={folder}/",
             str(corpus),
         ]
-        if FUZZ_SEEDS.is_dir():
-            command.append(str(FUZZ_SEEDS))
-        environment = dict(os.environ, KVMSPEC_REGRESSIONS=str(REGRESSIONS.resolve()))
+        if area.seeds.is_dir():
+            command.append(str(area.seeds))
+        environment = dict(
+            os.environ,
+            KVMSPEC_REGRESSIONS=str(REGRESSIONS.resolve()),
+            KVMSPEC_FUZZ_STATS=str(self.counters),
+        )
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             command,
@@ -167,7 +223,8 @@ class AtherisWorker:
         )
 
     def finish(self) -> AreaResult:
-        """Wait for the fuzzer to stop and read libFuzzer's final statistics."""
+        """Wait for the fuzzer to stop and read libFuzzer's final statistics (and, for a
+        target that counts its actions, its counters)."""
         try:
             _, stderr = self.process.communicate(timeout=120)
         except subprocess.TimeoutExpired:
@@ -178,11 +235,40 @@ class AtherisWorker:
         self.result.steps = self.result.examples = units
         rate = stats.get("average_exec_per_sec", 0)
         self.result.seconds = units / rate if rate else time.monotonic() - self.started
+        if self.area.counts_actions and self.counters.exists():
+            counters = json.loads(self.counters.read_text())
+            if counters["executions"]:
+                # The counters are written at most once a second: scale them to the final
+                # number of executions.
+                per_execution = counters["actions"] / counters["executions"]
+                self.result.steps = round(per_execution * units)
         if self.process.returncode:
             lines = [line for line in stderr.splitlines() if line.strip()]
             finding = next((line for line in lines if "SpecViolation" in line), None)
             self.result.failures.append(finding or (lines[-1] if lines else "fuzzer failed"))
         return self.result
+
+
+class AtherisWorkers:
+    """The Atheris areas one after the other, in one process at a time, within ``seconds``:
+    each gets an equal share of the time left when it starts (a fuzzer stopped early by a
+    finding leaves its time to the next)."""
+
+    def __init__(self, areas: Sequence[FuzzArea], seconds: float, scratch: Path) -> None:
+        self.results: list[AreaResult] = []
+        deadline = time.monotonic() + seconds
+        self.thread = threading.Thread(target=self._run, args=(areas, deadline, scratch))
+        self.thread.start()
+
+    def _run(self, areas: Sequence[FuzzArea], deadline: float, scratch: Path) -> None:
+        for index, area in enumerate(areas):
+            share = (deadline - time.monotonic()) / (len(areas) - index)
+            self.results.append(AtherisWorker(area, share, scratch).finish())
+
+    def finish(self) -> list[AreaResult]:
+        """Wait for the last fuzzer; the results, in the order the areas ran."""
+        self.thread.join()
+        return self.results
 
 
 def run_campaign(
@@ -196,21 +282,20 @@ def run_campaign(
     # A report piped to a file or CI log gets a width that fits the table.
     console = Console(width=None if sys.stdout.isatty() else 110)
     areas = _areas(wanted, target, console)
-    if not areas:
+    fuzz_areas = _fuzz_areas(wanted, target)
+    if not areas and not fuzz_areas:
         console.print("kvmspec: error: no area matches, or no usable target")
         return 2
     results = [AreaResult(area.name, area.target) for area in areas]
     budget = max(minutes * 60.0, 1.0)
     scratch = tempfile.TemporaryDirectory(prefix="kvmspec-campaign-")
-    fuzzer = None
-    if target in (None, "reference") and importlib.util.find_spec("atheris") is not None:
-        fuzzer = AtherisWorker(budget, Path(scratch.name))
+    fuzzers = AtherisWorkers(fuzz_areas, budget, Path(scratch.name)) if fuzz_areas else None
     start = time.monotonic()
     base = settings.get_profile(THOROUGH)
     with Live(
         _table(results, 0, budget), console=console, refresh_per_second=2, transient=True
     ) as live:
-        while time.monotonic() - start < budget:
+        while areas and time.monotonic() - start < budget:
             for area, result in zip(areas, results, strict=True):
                 if time.monotonic() - start >= budget:
                     break
@@ -227,8 +312,8 @@ def run_campaign(
                 result.steps += machines.STATS["steps"] - before
                 result.examples += SLICE_EXAMPLES
                 live.update(_table(results, time.monotonic() - start, budget))
-    if fuzzer is not None:
-        results.append(fuzzer.finish())
+    if fuzzers is not None:
+        results.extend(fuzzers.finish())
     scratch.cleanup()
     elapsed = time.monotonic() - start
     console.print()

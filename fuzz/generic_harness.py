@@ -189,7 +189,7 @@ class GenericHarness:
         return self.can_start() and self.kvm.use_dirty_bitmap()
 
     def can_clear_dirty_log(self) -> bool:
-        return self.can_get_dirty_log() and self.memslots.manual_protect
+        return self.can_get_dirty_log() and bool(self.memslots.manual_protect)
 
     def can_harvest_ring(self) -> bool:
         return bool(self.kvm.dirty_ring_size) and not self._in_flight("reset")
