@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MINUTES ?= 1
 
-.PHONY: run test lint typecheck bench fuzz crosshair clean
+.PHONY: run test lint typecheck bench fuzz fuzz-generic crosshair clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ bench: $(STAMP)
 ## fuzz: run the memslot Atheris fuzzer for 60 seconds
 fuzz: $(STAMP)
 	$(PY) fuzz/fuzz_memslots.py -max_total_time=60 -max_len=1024 corpus/seeds/memslots
+
+## fuzz-generic: run the generic-layer Atheris fuzzer for 60 seconds; new inputs go to
+# build/corpus/generic, the seeds are only read
+fuzz-generic: $(STAMP)
+	@mkdir -p build/corpus/generic
+	$(PY) fuzz/fuzz_generic.py -max_total_time=60 -max_len=512 build/corpus/generic \
+		corpus/seeds/generic
 
 ## crosshair: check the pure contracts of the uAPI decision functions symbolically.
 # CrossHair walks package parents, so it sees kvmspec as a regular package through a symlink
