@@ -8,7 +8,10 @@ One run measures, each next to its goal:
 * :mod:`bench.lookup`: the cost of a gfn lookup with 10 slots against 32764 slots;
 * :mod:`bench.memory`: the peak RSS growth of the model for a 1 TiB slot plus a full set of
   one-page slots, and the sparse dirty-bitmap cost of the 1 TiB slot;
-* :mod:`bench.fuzzer`: the executions per second of ``fuzz/fuzz_memslots.py`` under libFuzzer.
+* :mod:`bench.fuzzer`: the executions per second of ``fuzz/fuzz_memslots.py`` under libFuzzer;
+* :mod:`bench.generic`: the generic layer: scheduler steps and harness actions per second (and
+  ``fuzz/fuzz_generic.py``'s executions and actions per second under libFuzzer), and what an
+  MMU-notifier invalidation costs as its range grows.
 
 The figures are medians of repeated measurements. ``make bench`` sets ``KVMSPEC_CONTRACTS=off``
 for the model measurements; the fuzzer is measured with the contracts on (as it runs) and off.

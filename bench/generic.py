@@ -4,6 +4,10 @@ costs as its range grows while the number of mapped pages stays the same.
 * Steps per second: page-fault actors (reads and writes over 64 pages of one slot) advanced
   one step at a time by the harness's Scheduler, with host writes in between: the overhead a
   state machine pays per interleaving step.
+* Harness actions per second: the generic harness (kvmspec.fuzz.generic_harness) driven by
+  the Atheris target's decoder in this process, on random inputs: each input sets up a fresh
+  VM, and every action is decoded, applied and followed by every check, as the fuzzer and the
+  state machine run it. This is the scheduler and machine overhead per interleaving step.
 * Invalidation cost: one slot as large as the range, 1000 pages mapped through the flat MMU
   (all of them if the range has fewer), then invalidate_range_start and _end over the whole
   range. The cost should follow the mapped pages, not the range: nothing is sized by guest
@@ -17,6 +21,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from kvmspec.fuzz.fuzz_generic import run_input
 from kvmspec.fuzz.scheduler import Scheduler
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
@@ -73,6 +78,41 @@ def scheduler_steps_per_second(profile: PlatformProfile, seconds: float = 3.0) -
                 host.host_write(hva + rng.randrange(64) * PAGE, b"x")
         scheduler.schedule.clear()
     return steps / (time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class HarnessSpeed:
+    """Inputs run, actions applied and rejected by the decoder, and the seconds it took."""
+
+    executions: int
+    actions: int
+    rejected: int
+    seconds: float
+
+    @property
+    def actions_per_second(self) -> float:
+        return self.actions / self.seconds
+
+    @property
+    def executions_per_second(self) -> float:
+        return self.executions / self.seconds
+
+
+def harness_speed(profile: PlatformProfile, seconds: float = 3.0, size: int = 256) -> HarnessSpeed:
+    """Run random ``size``-byte inputs (seeded) through the generic fuzz target's decoder and
+    harness for about ``seconds``; fail if one breaks a rule (the figure would be wrong)."""
+    rng = random.Random(0)
+    executions = actions = rejected = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(20):
+            run = run_input(rng.randbytes(size), profile)
+            assert not run.violations, run.violations
+            executions += 1
+            actions += run.actions
+            rejected += run.rejected.total()
+    return HarnessSpeed(executions, actions, rejected, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
