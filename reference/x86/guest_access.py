@@ -1,0 +1,230 @@
+"""A guest instruction on a vCPU with shadow paging: the hardware, the fault, the emulator.
+
+The guest's load or store names a guest *virtual* address. The hardware translates it
+through the vCPU's TLB, and on a miss walks the shadow tables from the vCPU's root (never
+the guest's own tables), setting the A bit (and D on a store) of the leaf as it goes and
+caching what it found. A miss or a refused right is a page fault, which goes to KVM
+(paging_tmpl.fname_page_fault); KVM either fixed the shadow tables (the instruction runs
+again), injected the guest's own #PF (the model's guest has no handler: the vCPU shuts
+down), or asks for the instruction to be emulated: an access with no memslot or a store
+to a READONLY one (MMIO), or a store to a page KVM keeps read-only because it holds a
+guest page table. The emulator translates the address through the guest's tables,
+writes guest memory itself, and tells the shadow MMU (kvm_mmu_track_write).
+
+kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, x86_emulate_instruction, emulator_read_write,
+emulator_read_write_onepage, emulator_write_phys; arch/x86/kvm/mmu/mmu.c:
+kvm_mmu_page_fault, kvm_mmu_write_protect_fault; the hardware page walk (SDM vol. 3, 4.10)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from kvmspec.reference.concurrency import run_to_completion
+from kvmspec.reference.guest_memory import kvm_read_guest_page, kvm_write_guest_page
+from kvmspec.reference.host import HostMm
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.page_fault import MmioExit
+from kvmspec.reference.vcpu import KvmVcpu
+from kvmspec.reference.x86.guest_walk import X86Exception, walk_addr_generic
+from kvmspec.reference.x86.mmu_page import ShadowMmuState, shadow_of
+from kvmspec.reference.x86.paging import (
+    PFERR_PRESENT_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    PT_PRESENT_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+    pt_index,
+)
+from kvmspec.reference.x86.paging_tmpl import KvmGuestMemory, RetPf, fname_page_fault
+from kvmspec.reference.x86.roots import vcpu_enter_guest
+from kvmspec.reference.x86.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
+from kvmspec.reference.x86.tlb import TlbEntry, VcpuMmu
+from kvmspec.reference.x86.zap import kvm_mmu_track_write
+from kvmspec.spec.uapi.constants import PAGE_SHIFT, PAGE_SIZE
+
+MAX_FAULTS_PER_ACCESS = 8
+"""More faults than this for one instruction is no progress: a finding (unless something
+the fault waits for, an invalidation or an INVALID slot, is still open)."""
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    MMIO = "mmio"
+    EFAULT = "efault"
+    """KVM_RUN fails with EFAULT (the host cannot provide the page)."""
+    SHUTDOWN = "shutdown"
+    """The guest's walk failed: its #PF has no handler (FINDINGS 5.1)."""
+    RETRY = "retry"
+    """Still faulting while an invalidation or a memslot update is open."""
+    DIRTY_RING_FULL = "dirty_ring_full"
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowAccess:
+    outcome: Outcome
+    data: bytes = b""
+    mmio: MmioExit | None = None
+    exception: X86Exception | None = None
+
+
+def hardware_translate(
+    mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, gva: int, write: bool
+) -> TlbEntry | int:
+    """The CPU translating ``gva`` for a user-mode access (the guest runs at CPL3): the
+    TLB, else a walk of the shadow tables that fills the TLB. Returns the entry, or the
+    page-fault error code.
+    """
+    error_code = PFERR_USER_MASK | (PFERR_WRITE_MASK if write else 0)
+    vpn = gva >> PAGE_SHIFT
+    entry = vcpu_mmu.tlb.get(vpn)
+    if entry is not None and (entry.writable or not write):
+        return entry
+    vcpu_mmu.tlb.pop(vpn, None)  # a faulting translation is not kept
+    sp = vcpu_mmu.root.sp
+    if sp is None:
+        return error_code
+    rights = PT_WRITABLE_MASK | PT_USER_MASK
+    while True:
+        index = pt_index(gva, sp.role.level)
+        spte = sp.spt.get(index, 0)
+        if not spte & PT_PRESENT_MASK or not is_shadow_present_pte(spte):
+            return error_code
+        rights &= spte
+        if is_last_spte(spte, sp.role.level):
+            break
+        sp = mmu.sp_by_pfn[spte_to_pfn(spte)]
+    if not rights & PT_USER_MASK or (write and not rights & PT_WRITABLE_MASK):
+        return error_code | PFERR_PRESENT_MASK
+    # The hardware sets A (and D for a store) in the leaf, atomically, outside mmu_lock.
+    accessed = spte | mmu.masks.accessed_mask | (mmu.masks.dirty_mask if write else 0)
+    sp.set_spte(index, accessed)
+    entry = TlbEntry(spte_to_pfn(spte), bool(rights & PT_WRITABLE_MASK))
+    vcpu_mmu.tlb[vpn] = entry
+    return entry
+
+
+Part = tuple[int, int, int]
+"""One page's share of an access: (gva, offset into the access, length)."""
+
+
+def _page_parts(gva: int, size: int) -> list[Part]:
+    first = min(size, PAGE_SIZE - gva % PAGE_SIZE)
+    parts = [(gva, 0, first)]
+    if first < size:
+        parts.append((gva + first, first, size - first))
+    return parts
+
+
+def guest_instruction(
+    kvm: Kvm, host: HostMm, vcpu_id: int, gva: int, data: bytes | None, size: int = 1
+) -> ShadowAccess:
+    """One guest instruction that loads ``size`` bytes at ``gva`` (``data`` None) or
+    stores ``data`` there (up to 8 bytes, possibly across a page boundary). Every page is
+    translated before any byte moves; each fault is handled and the guest entered again.
+
+    kernel: arch/x86/kvm/x86.c:vcpu_enter_guest; arch/x86/kvm/mmu/mmu.c:
+    kvm_mmu_page_fault (v6.18)
+    """
+    mmu = shadow_of(kvm)
+    vcpu = kvm.vcpus[vcpu_id]
+    vcpu_mmu = mmu.vcpu_mmu(vcpu_id)
+    write = data is not None
+    parts = _page_parts(gva, len(data) if data is not None else size)
+    for _ in range(MAX_FAULTS_PER_ACCESS):
+        if vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
+            return ShadowAccess(Outcome.DIRTY_RING_FULL)
+        vcpu_enter_guest(kvm, mmu, vcpu_mmu)
+        entries: list[TlbEntry] = []
+        fault: tuple[int, int] | None = None
+        for part_gva, _start, _length in parts:
+            found = hardware_translate(mmu, vcpu_mmu, part_gva, write)
+            if isinstance(found, int):
+                fault = (part_gva, found)
+                break
+            entries.append(found)
+        if fault is None:
+            return _transfer(host, parts, entries, data)
+        op = fname_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, fault[0], fault[1])
+        result = run_to_completion(op)
+        if result.exception is not None:
+            return ShadowAccess(Outcome.SHUTDOWN, exception=result.exception)
+        if result.ret is RetPf.EFAULT:
+            return ShadowAccess(Outcome.EFAULT)
+        if result.ret in (RetPf.EMULATE, RetPf.WRITE_PROTECTED):
+            mmu.stat["pf_emulate"] += 1
+            return _emulate(kvm, host, mmu, vcpu_mmu, vcpu, parts, data)
+    for part_gva, _start, _length in parts:
+        walk = run_to_completion(
+            walk_addr_generic(KvmGuestMemory(kvm, host), vcpu_mmu.mode, vcpu_mmu.cr3, part_gva, 0)
+        )
+        slot = None if isinstance(walk, X86Exception) else kvm.memslots(0).gfn_to_memslot(walk.gfn)
+        if kvm.mmu_invalidate_in_progress or (slot is not None and slot.invalid):
+            return ShadowAccess(Outcome.RETRY)
+    raise AssertionError(f"guest access to {gva:#x} made no progress")
+
+
+def _transfer(
+    host: HostMm, parts: list[Part], entries: list[TlbEntry], data: bytes | None
+) -> ShadowAccess:
+    """Every page is translated: the bytes move through the translations' pfns."""
+    loaded = b""
+    for (part_gva, start, length), entry in zip(parts, entries, strict=True):
+        offset = part_gva % PAGE_SIZE
+        if data is not None:
+            host.memory.write(entry.pfn, offset, data[start : start + length])
+        else:
+            loaded += host.memory.read(entry.pfn, offset, length)
+    return ShadowAccess(Outcome.DONE, loaded)
+
+
+def _emulate(
+    kvm: Kvm,
+    host: HostMm,
+    mmu: ShadowMmuState,
+    vcpu_mmu: VcpuMmu,
+    vcpu: KvmVcpu,
+    parts: list[Part],
+    data: bytes | None,
+) -> ShadowAccess:
+    """x86_emulate_instruction for a load or store: translate each page through the
+    guest's tables, then move the bytes with KVM's own guest-memory copy; a store tells
+    the shadow MMU which guest PTE it may have changed. A page that copy cannot reach
+    (no slot, a READONLY slot for a store, a host address that faults) is an MMIO
+    fragment for the VMM; the fragments form one exit.
+
+    kernel: arch/x86/kvm/x86.c:emulator_read_write_onepage, emulator_write_phys;
+    arch/x86/kvm/mmu/page_track.c:kvm_page_track_write (v6.18)
+    """
+    access = PFERR_USER_MASK | (PFERR_WRITE_MASK if data is not None else 0)
+    mem = KvmGuestMemory(kvm, host)
+    gpas = []
+    for part_gva, _start, _length in parts:
+        walk = run_to_completion(
+            walk_addr_generic(mem, vcpu_mmu.mode, vcpu_mmu.cr3, part_gva, access)
+        )
+        if isinstance(walk, X86Exception):
+            return ShadowAccess(Outcome.SHUTDOWN, exception=walk)
+        gpas.append(walk.gpa)
+    mmio: list[tuple[int, int, int]] = []
+    loaded = b""
+    for gpa, (_gva, start, length) in zip(gpas, parts, strict=True):
+        gfn, offset = gpa >> PAGE_SHIFT, gpa % PAGE_SIZE
+        if data is not None:
+            chunk = data[start : start + length]
+            errno = kvm_write_guest_page(kvm, host, 0, gfn, offset, chunk, vcpu)
+            if not errno:
+                kvm_mmu_track_write(kvm, mmu, gpa, length)
+        else:
+            errno, chunk = kvm_read_guest_page(kvm, host, 0, gfn, offset, length)
+            loaded += chunk if not errno else bytes(length)
+        if errno:
+            mmio.append((gpa, start, length))
+    if not mmio:
+        return ShadowAccess(Outcome.DONE, loaded)
+    mmio_gpa, first, _ = mmio[0]
+    length = sum(part[2] for part in mmio)
+    stored = data[first : first + length] if data is not None else None
+    return ShadowAccess(Outcome.MMIO, b"", MmioExit(mmio_gpa, length, stored))

@@ -1,0 +1,412 @@
+"""The shadow MMU's page fault: walk the guest's tables, resolve the page, build the shadow.
+
+A guest access faults when the shadow tables have no (or too weak) a translation of its
+virtual address. KVM then does in software what the hardware would have done with the
+guest's own tables, and records the result where the hardware looks:
+
+1. walk the guest's page tables (guest_walk.walk_addr_generic): a failed walk is the
+   guest's own page fault, injected into it;
+2. a write to a write-tracked gfn (an upper-level guest page table) cannot be mapped:
+   it is emulated (RET_PF_WRITE_PROTECTED);
+3. resolve the pfn with the generic protocol (kvm_mmu_faultin_pfn): snapshot
+   mmu_invalidate_seq, look up the memslot (none or a write to a READONLY one: emulate;
+   INVALID: retry), get the page from the host (EFAULT if it cannot);
+4. under mmu_lock: give up if the root became obsolete or an invalidation covered the gfn
+   since the snapshot (is_page_fault_stale), else build the shadow pages down to the leaf
+   (FNAME(fetch)), each shadowing the guest table the walk read at that level, and set
+   the leaf (mmu_set_spte).
+
+Only 4K leaves are made: a guest huge page is mapped 4K by 4K through *direct* shadow
+pages (what the kernel does when the host cannot back it with a huge page). Not modelled:
+huge SPTEs (kvm_mmu_hugepage_adjust), prefetching neighbouring guest PTEs, MMIO SPTEs
+(MMIO caching is off on this machine), unsync pages, CR0.WP=0 supervisor writes.
+
+kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(page_fault), FNAME(fetch),
+FNAME(gpte_changed); arch/x86/kvm/mmu/mmu.c:kvm_mmu_faultin_pfn, __kvm_mmu_faultin_pfn,
+kvm_handle_error_pfn, kvm_handle_noslot_fault, is_page_fault_stale,
+page_fault_handle_page_track, mmu_set_spte, kvm_mmu_finish_page_fault (v6.18)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from kvmspec.reference.concurrency import KernelOp, Preempt
+from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
+from kvmspec.reference.gfn_to_hva import (
+    gfn_to_hva_many,
+    gfn_to_hva_memslot_prot,
+    kvm_is_error_hva,
+)
+from kvmspec.reference.guest_memory import kvm_read_guest_page
+from kvmspec.reference.host import HostMm, HostPage, get_page
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.mmu_notifier import (
+    mmu_invalidate_retry_gfn,
+    mmu_invalidate_retry_gfn_unsafe,
+)
+from kvmspec.reference.page_fault import kvm_release_faultin_page
+from kvmspec.reference.vcpu import KvmVcpu
+from kvmspec.reference.x86.guest_walk import (
+    PTE_SIZE,
+    GuestWalker,
+    X86Exception,
+    gpte_access,
+    walk_addr_generic,
+)
+from kvmspec.reference.x86.mmu_page import (
+    ShadowMmuState,
+    SptePtr,
+    gfn_round_for_level,
+    is_obsolete_sp,
+    kvm_mmu_page_set_translation,
+)
+from kvmspec.reference.x86.mmu_spte import (
+    drop_parent_pte,
+    drop_spte,
+    link_shadow_page,
+    mmu_spte_update,
+)
+from kvmspec.reference.x86.page_track import kvm_gfn_is_write_tracked, mmu_try_to_unsync_pages
+from kvmspec.reference.x86.paging import (
+    ACC_ALL,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_WRITE_MASK,
+    PG_LEVEL_4K,
+    pt_index,
+)
+from kvmspec.reference.x86.rmap import rmap_add
+from kvmspec.reference.x86.roots import kvm_mmu_get_child_sp
+from kvmspec.reference.x86.spte import (
+    is_large_pte,
+    is_last_spte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    make_spte,
+    spte_to_pfn,
+)
+from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, VcpuMmu
+from kvmspec.spec.uapi.constants import PAGE_SHIFT, PAGE_SIZE
+
+
+class RetPf(enum.Enum):
+    """enum ret_pf, and the negative errno the kernel returns to KVM_RUN."""
+
+    RETRY = "retry"
+    """Enter the guest again (also after injecting the guest's own #PF)."""
+    EMULATE = "emulate"
+    """No slot, or a write to a READONLY one: emulate (MMIO for the VMM)."""
+    WRITE_PROTECTED = "write_protected"
+    """A write to a gfn KVM keeps read-only (a shadowed guest page table): emulate it."""
+    FIXED = "fixed"
+    SPURIOUS = "spurious"
+    EFAULT = "efault"
+    """KVM_RUN fails with EFAULT: the host cannot provide the page."""
+
+
+@dataclass(frozen=True, slots=True)
+class PageFaultResult:
+    ret: RetPf
+    exception: X86Exception | None = None
+    """The guest's own page fault, when its walk failed (injected; ``ret`` is RETRY)."""
+
+
+@dataclass(slots=True)
+class KvmPageFault:
+    """struct kvm_page_fault, the fields the shadow MMU uses."""
+
+    addr: int
+    error_code: int
+    gfn: int = 0
+    slot: KvmMemorySlot | None = None
+    pfn: int = 0
+    map_writable: bool = False
+    mmu_seq: int = 0
+    page: HostPage | None = None
+    """The page's reference held by the fault (the kernel's refcounted_page)."""
+
+    @property
+    def write(self) -> bool:
+        return bool(self.error_code & PFERR_WRITE_MASK)
+
+    @property
+    def present(self) -> bool:
+        return bool(self.error_code & PFERR_PRESENT_MASK)
+
+
+class KvmGuestMemory:
+    """Guest memory as the walker reads it: through the memslots and the VMM's mapping.
+    The A/D updates go straight to the host page (the kernel's cmpxchg on the user
+    address); the walker lists the pages it dirtied, and the fault marks them."""
+
+    def __init__(self, kvm: Kvm, host: HostMm) -> None:
+        self.kvm = kvm
+        self.host = host
+
+    def read_u64(self, gpa: int) -> int | None:
+        errno, data = kvm_read_guest_page(
+            self.kvm, self.host, 0, gpa >> PAGE_SHIFT, gpa % PAGE_SIZE, PTE_SIZE
+        )
+        return None if errno else int.from_bytes(data, "little")
+
+    def writable(self, gpa: int) -> bool:
+        slot = self.kvm.memslots(0).gfn_to_memslot(gpa >> PAGE_SHIFT)
+        return gfn_to_hva_memslot_prot(slot, gpa >> PAGE_SHIFT, PAGE_SHIFT)[1]
+
+    def cmpxchg_u64(self, gpa: int, old: int, new: int) -> bool | None:
+        current = self.read_u64(gpa)
+        if current is None:
+            return None
+        if current != old:
+            return False
+        slot = self.kvm.memslots(0).gfn_to_memslot(gpa >> PAGE_SHIFT)
+        hva, _ = gfn_to_hva_many(slot, gpa >> PAGE_SHIFT, True, PAGE_SHIFT)
+        if kvm_is_error_hva(hva):
+            return None
+        return self.host.host_write(hva + gpa % PAGE_SIZE, new.to_bytes(8, "little")) == 0
+
+
+def walker_pt_access(walker: GuestWalker, level: int) -> int:
+    """The rights (ACC_*) that the guest entries above a level-``level`` table grant: the
+    role.access of the shadow page of that table (the kernel's pt_access[level - 1])."""
+    access = ACC_ALL
+    for step in walker.steps:
+        if step.level > level:
+            access &= gpte_access(step.pte)
+    return access
+
+
+def gpte_changed(mem: KvmGuestMemory, walker: GuestWalker, level: int) -> bool:
+    """Does the guest entry the walk used at ``level`` still hold what it read? Another
+    vCPU may have rewritten it before its table was write-protected.
+
+    kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(gpte_changed) (v6.18)
+    """
+    for step in walker.steps:
+        if step.level == level:
+            return mem.read_u64(step.pte_gpa) != step.pte
+    return False
+
+
+def kvm_mmu_faultin_pfn(kvm: Kvm, host: HostMm, fault: KvmPageFault) -> KernelOp[RetPf | None]:
+    """Resolve the fault's gfn to a host page, with the generic exclusion protocol; None
+    (RET_PF_CONTINUE) when ``fault`` now holds the pfn and a reference to its page.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_faultin_pfn, __kvm_mmu_faultin_pfn,
+    kvm_handle_error_pfn, kvm_handle_noslot_fault (v6.18)
+    """
+    fault.mmu_seq = kvm.mmu_invalidate_seq
+    yield Preempt("x86 fault: sequence snapshot taken")
+    slot = fault.slot
+    if slot is None:
+        return RetPf.EMULATE  # no MMIO caching: emulate every access to MMIO
+    if slot.invalid:
+        return RetPf.RETRY  # being deleted or moved: its SPTEs must go before new ones
+    if mmu_invalidate_retry_gfn_unsafe(kvm, fault.mmu_seq, fault.gfn):
+        return RetPf.RETRY
+    hva, _ = gfn_to_hva_many(slot, fault.gfn, fault.write, PAGE_SHIFT)
+    if kvm_is_error_hva(hva):
+        return RetPf.EMULATE  # KVM_PFN_ERR_RO_FAULT: a write to a READONLY slot
+    yield Preempt("x86 fault: resolving the pfn (get_user_pages may sleep)")
+    errno, host_pte = host.fault_in(hva, fault.write)
+    if errno or host_pte is None:
+        return RetPf.EFAULT
+    fault.pfn = host_pte.pfn
+    fault.map_writable = host_pte.writable and not slot.readonly
+    fault.page = host.pages.get(fault.pfn)  # None: the zero page, never refcounted
+    if fault.page is not None:
+        get_page(fault.page)
+    yield Preempt("x86 fault: pfn resolved, taking mmu_lock")
+    return None
+
+
+def is_page_fault_stale(
+    kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, fault: KvmPageFault
+) -> bool:
+    """Under mmu_lock: the root became obsolete (a fast zap), or an invalidation covering
+    the gfn ran since the snapshot (N4). Either way the fault installs nothing.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:is_page_fault_stale (v6.18)
+    """
+    sp = vcpu_mmu.root.sp
+    if sp is not None and sp is not mmu.dummy_root and is_obsolete_sp(mmu, sp):
+        return True
+    if sp is mmu.dummy_root and KVM_REQ_MMU_FREE_OBSOLETE_ROOTS in vcpu_mmu.requests:
+        return True
+    return fault.slot is not None and mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn)
+
+
+def mmu_set_spte(
+    kvm: Kvm,
+    mmu: ShadowMmuState,
+    slot: KvmMemorySlot,
+    sptep: SptePtr,
+    pte_access: int,
+    gfn: int,
+    fault: KvmPageFault,
+    vcpu: KvmVcpu | None,
+) -> RetPf:
+    """Install the leaf for ``gfn`` at ``sptep``. A leaf for another pfn is dropped first
+    (and the TLBs flushed: X4); an identical one is SPURIOUS; a write the gfn cannot take
+    (a shadowed page table) leaves a read-only leaf and returns WRITE_PROTECTED. A new
+    leaf enters its rmap; a writable one is logged dirty.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:mmu_set_spte; arch/x86/kvm/mmu/spte.c:make_spte (v6.18)
+    """
+    level = sptep.sp.role.level
+    was_rmapped = False
+    flush = False
+    old_spte = sptep.get()
+    if is_shadow_present_pte(old_spte):
+        if level > PG_LEVEL_4K and not is_large_pte(old_spte):
+            drop_parent_pte(kvm, mmu, mmu.spte_to_child_sp(old_spte), sptep)
+            flush = True
+        elif fault.pfn != spte_to_pfn(old_spte):
+            kvm.warn_on(not is_last_spte(old_spte, level), "X2", f"{sptep} is not a leaf")
+            drop_spte(kvm, mmu, sptep)
+            flush = True
+        else:
+            was_rmapped = True
+
+    def unsync_hook(*, synchronizing: bool, prefetch: bool) -> bool:
+        return mmu_try_to_unsync_pages(kvm, mmu, slot, gfn)
+
+    made = make_spte(
+        mmu.masks,
+        level=level,
+        ad_disabled=False,
+        pte_access=pte_access,
+        pfn=fault.pfn,
+        old_spte=sptep.get(),
+        prefetch=False,
+        synchronizing=False,
+        host_writable=fault.map_writable,
+        mmu_try_to_unsync_pages=unsync_hook,
+    )
+    ret = RetPf.FIXED
+    if sptep.get() == made.spte:
+        ret = RetPf.SPURIOUS
+    else:
+        flush |= mmu_spte_update(kvm, mmu, sptep, made.spte)
+    if is_writable_pte(made.spte):
+        mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
+    if made.wrprot and fault.write:
+        ret = RetPf.WRITE_PROTECTED
+    if flush:
+        kvm.arch.kvm_flush_remote_tlbs(kvm)
+    if not was_rmapped:
+        kvm.warn_on(ret is RetPf.SPURIOUS, "X1", f"spurious fault on unmapped {sptep}")
+        rmap_add(kvm, slot, sptep, gfn, pte_access)
+    else:
+        kvm_mmu_page_set_translation(sptep.sp, sptep.index, gfn, pte_access)
+    return ret
+
+
+def fname_fetch(
+    kvm: Kvm,
+    mmu: ShadowMmuState,
+    mem: KvmGuestMemory,
+    vcpu_mmu: VcpuMmu,
+    fault: KvmPageFault,
+    walker: GuestWalker,
+    vcpu: KvmVcpu | None,
+) -> RetPf:
+    """Build the shadow path for the walk, under mmu_lock. From the root down to the
+    guest leaf's level, each level links the shadow page of the guest table the walk read
+    there (re-reading the guest entry after the page is created: if it changed, retry);
+    below a guest huge leaf, direct pages cover its range; then the leaf.
+
+    kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(fetch) (v6.18)
+    """
+    root = vcpu_mmu.root.sp
+    top_level = vcpu_mmu.mode.root_level
+    if gpte_changed(mem, walker, top_level):
+        return RetPf.RETRY
+    if root is None:
+        return RetPf.RETRY
+    if root is mmu.dummy_root:
+        vcpu_mmu.requests.add(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+        return RetPf.RETRY
+    tables = {step.level: step.table_gfn for step in walker.steps}
+    sp = root
+    level = sp.role.level
+    sptep = SptePtr(sp, pt_index(fault.addr, level))
+    # The levels backed by guest tables.
+    while level > walker.level:
+        sp.write_flooding_count = 0
+        table_gfn = tables[level - 1]
+        child = kvm_mmu_get_child_sp(
+            kvm, mmu, sptep, table_gfn, direct=False, access=walker_pt_access(walker, level - 1)
+        )
+        if gpte_changed(mem, walker, level - 1):
+            return RetPf.RETRY
+        if child is not None:
+            link_shadow_page(kvm, mmu, sptep, child)
+        sp = mmu.spte_to_child_sp(sptep.get())
+        level -= 1
+        sptep = SptePtr(sp, pt_index(fault.addr, level))
+    sp.write_flooding_count = 0
+    # Below a guest huge page: direct pages, down to 4K.
+    while level > PG_LEVEL_4K:
+        base_gfn = gfn_round_for_level(fault.gfn, level - 1)
+        child = kvm_mmu_get_child_sp(
+            kvm, mmu, sptep, base_gfn, direct=True, access=walker.pte_access
+        )
+        if child is not None:
+            link_shadow_page(kvm, mmu, sptep, child)
+        sp = mmu.spte_to_child_sp(sptep.get())
+        level -= 1
+        sptep = SptePtr(sp, pt_index(fault.addr, level))
+    assert fault.slot is not None
+    return mmu_set_spte(kvm, mmu, fault.slot, sptep, walker.pte_access, fault.gfn, fault, vcpu)
+
+
+def fname_page_fault(
+    kvm: Kvm,
+    host: HostMm,
+    mmu: ShadowMmuState,
+    vcpu_mmu: VcpuMmu,
+    vcpu: KvmVcpu | None,
+    addr: int,
+    error_code: int,
+) -> KernelOp[PageFaultResult]:
+    """Handle a shadow page fault at guest virtual ``addr`` (see the module docstring).
+
+    kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(page_fault) (v6.18)
+    """
+    srcu = kvm.srcu.read_lock()  # vcpu_run holds kvm->srcu around every fault
+    try:
+        mem = KvmGuestMemory(kvm, host)
+        walk = yield from walk_addr_generic(
+            mem, vcpu_mmu.mode, vcpu_mmu.cr3, addr, error_code & ~PFERR_RSVD_MASK
+        )
+        for gfn in walk.dirtied_gfns:  # the walk's A/D updates (kvm_vcpu_mark_page_dirty)
+            mark_page_dirty_in_slot(kvm, kvm.memslots(0).gfn_to_memslot(gfn), gfn, vcpu)
+        if isinstance(walk, X86Exception):
+            return PageFaultResult(RetPf.RETRY, walk)
+        fault = KvmPageFault(addr, error_code, walk.gfn)
+        fault.slot = kvm.memslots(0).gfn_to_memslot(walk.gfn)
+        if fault.present and fault.write and kvm_gfn_is_write_tracked(fault.slot, fault.gfn):
+            return PageFaultResult(RetPf.WRITE_PROTECTED)
+        ret = yield from kvm_mmu_faultin_pfn(kvm, host, fault)
+        if ret is not None:
+            return PageFaultResult(ret)
+        ret = RetPf.RETRY
+        try:
+            with kvm.mmu_lock.write():
+                if not is_page_fault_stale(kvm, mmu, vcpu_mmu, fault):
+                    ret = fname_fetch(kvm, mmu, mem, vcpu_mmu, fault, walk, vcpu)
+        finally:
+            # kvm_mmu_finish_page_fault: release the page, dirty if it may be written.
+            if fault.page is not None:
+                kvm_release_faultin_page(
+                    host, fault.page, unused=ret is RetPf.RETRY, dirty=fault.map_writable
+                )
+        if ret is RetPf.FIXED:
+            mmu.stat["pf_fixed"] += 1
+        return PageFaultResult(ret)
+    finally:
+        kvm.srcu.read_unlock(srcu)

@@ -1,0 +1,181 @@
+"""The x86 shadow MMU as the generic layer sees it: the KvmArch hooks.
+
+The memslot layer, the MMU notifiers and the dirty log call these hooks at fixed points
+(reference/arch.py). Each one does here what x86 does with shadow paging:
+
+* a new slot (CREATE, or the new copy of a MOVE) gets empty rmaps and write-track
+  counts; a FLAGS_ONLY copy shares the old slot's; a MOVE frees the old slot's at commit;
+* switching dirty logging on write-protects the slot's leaves and flushes (D1);
+  harvesting write-protects the harvested pages again;
+* DELETE and MOVE flush the slot: with KVM_X86_QUIRK_SLOT_ZAP_ALL (the default) by a
+  fast zap of *every* shadow page (FINDINGS 5.4 measured the refaults), otherwise by
+  zapping the slot's leaves and the pages that shadow its gfns;
+* an MMU-notifier invalidation zaps the leaves of the range through the rmaps;
+* aging reads and clears the A bits of the range's leaves;
+* a TLB flush flushes every vCPU's TLB (the shadow MMU has no ranged flush here).
+
+kernel: arch/x86/kvm/x86.c:kvm_arch_prepare_memory_region, kvm_alloc_memslot_metadata,
+kvm_arch_commit_memory_region, kvm_mmu_slot_apply_flags, kvm_arch_free_memslot;
+arch/x86/kvm/mmu/mmu.c:kvm_arch_flush_shadow_memslot, kvm_memslot_flush_zap_all,
+kvm_mmu_zap_memslot, kvm_arch_flush_shadow_all, kvm_unmap_gfn_range, kvm_age_gfn,
+kvm_test_age_gfn, kvm_mmu_slot_remove_write_access, kvm_arch_mmu_enable_log_dirty_pt_masked,
+kvm_mmu_write_protect_pt_masked (v6.18)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmspec.reference.arch import KvmArch
+from kvmspec.reference.x86.mmu_page import ShadowMmuState
+from kvmspec.reference.x86.mmu_spte import (
+    kvm_rmap_age_gfn_range,
+    kvm_rmap_zap_gfn_range,
+    rmap_write_protect,
+)
+from kvmspec.reference.x86.paging import KVM_MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K
+from kvmspec.reference.x86.rmap import kvm_alloc_memslot_rmaps, slot_rmap_heads, slot_rmaps
+from kvmspec.reference.x86.spte import SpteMasks
+from kvmspec.reference.x86.zap import (
+    kvm_mmu_zap_all,
+    kvm_mmu_zap_all_fast,
+    kvm_mmu_zap_memslot_pages_and_flush,
+)
+from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET
+from kvmspec.spec.uapi.memslot_rules import MrChange
+
+if TYPE_CHECKING:
+    from kvmspec.reference.kvm import Kvm
+    from kvmspec.reference.memslot import KvmMemorySlot
+    from kvmspec.reference.mmu_notifier import KvmGfnRange
+
+
+class ShadowMmu(ShadowMmuState, KvmArch):
+    """``kvm->arch`` of a VM with shadow paging: the state of mmu_page.ShadowMmuState and
+    the generic layer's hooks."""
+
+    def __init__(self, masks: SpteMasks) -> None:
+        KvmArch.__init__(self)
+        ShadowMmuState.__init__(self, masks)
+
+    # -- memslot metadata ----------------------------------------------------------------
+
+    def kvm_arch_prepare_memory_region(
+        self,
+        kvm: Kvm,
+        old: KvmMemorySlot | None,
+        new: KvmMemorySlot | None,
+        change: MrChange,
+    ) -> int:
+        errno = super().kvm_arch_prepare_memory_region(kvm, old, new, change)
+        if errno or new is None:
+            return errno
+        if change in (MrChange.CREATE, MrChange.MOVE):
+            kvm_alloc_memslot_rmaps(new)
+            new.arch["gfn_write_track"] = {}
+        elif change is MrChange.FLAGS_ONLY and old is not None:
+            # The kernel copies the arch struct: both slots point at the same arrays.
+            new.arch = dict(old.arch)
+        return 0
+
+    def kvm_arch_commit_memory_region(
+        self,
+        kvm: Kvm,
+        old: KvmMemorySlot | None,
+        new: KvmMemorySlot | None,
+        change: MrChange,
+    ) -> None:
+        super().kvm_arch_commit_memory_region(kvm, old, new, change)
+        if new is not None and change is not MrChange.DELETE:
+            self.kvm_mmu_slot_apply_flags(kvm, old, new)
+        if change is MrChange.MOVE and old is not None:
+            self.kvm_arch_free_memslot(kvm, old)
+
+    def kvm_mmu_slot_apply_flags(
+        self, kvm: Kvm, old: KvmMemorySlot | None, new: KvmMemorySlot
+    ) -> None:
+        """Dirty logging switched on: write-protect every leaf of the slot (unless the
+        bitmap starts all set, D5), and flush unconditionally, so each page's next write
+        faults and is logged (D1). (Switching it off would let huge pages back: the model
+        maps 4K only.)
+
+        kernel: arch/x86/kvm/x86.c:kvm_mmu_slot_apply_flags;
+        arch/x86/kvm/mmu/mmu.c:kvm_mmu_slot_remove_write_access (v6.18)
+        """
+        if not new.dirty_logging or (old is not None and old.dirty_logging):
+            return
+        if not kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
+            with kvm.mmu_lock.write():
+                for level, gfn, _head in slot_rmap_heads(new, new.base_gfn, new.end_gfn):
+                    rmap_write_protect(kvm, self, new, gfn, level, pt_protect=False)
+        self.kvm_flush_remote_tlbs_memslot(kvm, new)
+
+    def kvm_arch_free_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
+        super().kvm_arch_free_memslot(kvm, slot)
+        if "rmap" in slot.arch:
+            slot_rmaps(slot).freed = True
+
+    # -- removing mappings ---------------------------------------------------------------
+
+    def kvm_arch_flush_shadow_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
+        """kernel: arch/x86/kvm/mmu/mmu.c:kvm_arch_flush_shadow_memslot,
+        kvm_mmu_zap_memslot (v6.18)"""
+        super().kvm_arch_flush_shadow_memslot(kvm, slot)
+        if kvm.quirk_slot_zap_all():
+            kvm_mmu_zap_all_fast(kvm, self)
+            return
+        with kvm.mmu_lock.write():
+            flush = kvm_rmap_zap_gfn_range(kvm, self, slot, slot.base_gfn, slot.end_gfn)
+            kvm_mmu_zap_memslot_pages_and_flush(kvm, self, slot, flush)
+
+    def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
+        super().kvm_arch_flush_shadow_all(kvm)
+        kvm_mmu_zap_all(kvm, self)
+
+    def kvm_unmap_gfn_range(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        """The caller (the notifier, under mmu_lock) flushes when True is returned."""
+        super().kvm_unmap_gfn_range(kvm, gfn_range)
+        return kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
+
+    # -- aging and dirty logging ---------------------------------------------------------
+
+    def kvm_age_gfn(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        super().kvm_age_gfn(kvm, gfn_range)
+        return kvm_rmap_age_gfn_range(
+            kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end, test_only=False
+        )
+
+    def kvm_test_age_gfn(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        super().kvm_test_age_gfn(kvm, gfn_range)
+        return kvm_rmap_age_gfn_range(
+            kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end, test_only=True
+        )
+
+    def kvm_arch_mmu_enable_log_dirty_pt_masked(
+        self, kvm: Kvm, slot: KvmMemorySlot, gfn_offset: int, mask: int
+    ) -> None:
+        """Write-protect the leaves of the harvested pages (the caller holds mmu_lock and
+        flushes). MMU-writable stays, so only W is cleared.
+
+        kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_write_protect_pt_masked (v6.18)
+        """
+        super().kvm_arch_mmu_enable_log_dirty_pt_masked(kvm, slot, gfn_offset, mask)
+        bit = 0
+        while mask >> bit:
+            if mask >> bit & 1:
+                gfn = slot.base_gfn + gfn_offset + bit
+                for level in range(PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL + 1):
+                    rmap_write_protect(kvm, self, slot, gfn, level, pt_protect=False)
+            bit += 1
+
+    # -- TLB flushes ---------------------------------------------------------------------
+
+    def kvm_flush_remote_tlbs(self, kvm: Kvm) -> None:
+        super().kvm_flush_remote_tlbs(kvm)
+        for vcpu_mmu in self.vcpus.values():
+            vcpu_mmu.flush_tlb()
+
+    def kvm_flush_remote_tlbs_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
+        super().kvm_flush_remote_tlbs_memslot(kvm, slot)
+        for vcpu_mmu in self.vcpus.values():
+            vcpu_mmu.flush_tlb()
