@@ -1,5 +1,5 @@
-"""The generic layer's figures: scheduler throughput, and what an MMU-notifier invalidation
-costs as its range grows while the number of mapped pages stays the same.
+"""The generic layer's figures: scheduler and harness throughput, and what an MMU-notifier
+invalidation costs as its range grows while the number of mapped pages stays the same.
 
 * Steps per second: page-fault actors (reads and writes over 64 pages of one slot) advanced
   one step at a time by the harness's Scheduler, with host writes in between: the overhead a
