@@ -23,7 +23,7 @@ The runtime contracts stay as ``KVMSPEC_CONTRACTS`` says (on unless set off). Co
 collected from the model (``KVMSPEC_INSTRUMENT``, see
 :func:`~kvmspec.fuzz.atheris_support.instrumentation`). ``KVMSPEC_FUZZ_STATS=FILE`` makes
 the target write its counters there (executions, actions applied, actions rejected by rule),
-as JSON, at most once a second: libFuzzer only counts executions.
+as JSON: libFuzzer only counts executions.
 """
 
 from __future__ import annotations
@@ -158,7 +158,10 @@ def write_reproducer(data: bytes, text: str) -> Path:
 
 
 class Stats:
-    """The target's counters, written to ``$KVMSPEC_FUZZ_STATS`` at most once a second."""
+    """The target's counters, written to ``$KVMSPEC_FUZZ_STATS`` after executions 1, 2, 4, 8,
+    ... and then whenever a second has passed. libFuzzer ends the process without telling
+    the target, so the file may miss the last second: readers scale it to libFuzzer's final
+    count of executions."""
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
@@ -171,7 +174,10 @@ class Stats:
         self.executions += 1
         self.actions += run.actions
         self.rejected.update(run.rejected)
-        if self.path is not None and time.monotonic() - self.written >= 1.0:
+        if self.path is None:
+            return
+        power_of_two = self.executions & (self.executions - 1) == 0
+        if power_of_two or time.monotonic() - self.written >= 1.0:
             self.write()
 
     def write(self) -> None:

@@ -1,10 +1,12 @@
-"""The Atheris fuzz targets: seeds and random inputs run clean, libFuzzer runs both scripts, and
-a broken model is caught with the rule it breaks. Known findings of the fuzzers are kept as
-strict xfails until they are fixed."""
+"""The Atheris fuzz targets: seeds and random inputs run clean, libFuzzer runs the scripts, and
+a broken model is caught with the rule it breaks; the generic-layer decoder rejects (and
+counts) every action the state does not allow, never raising. Known findings of the fuzzers
+are kept as strict xfails until they are fixed."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -13,9 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmspec.fuzz import atheris_support as support
-from kvmspec.fuzz import fuzz_memslots, fuzz_trace
+from kvmspec.fuzz import campaign, fuzz_generic, fuzz_memslots, fuzz_trace, generic_decoder
+from kvmspec.fuzz.generic_decoder import SEED_SCENARIOS, SetUp, encode
 from kvmspec.fuzz.ops import (
     GetDirtyLog,
     Mmap,
@@ -33,12 +38,13 @@ from kvmspec.reference import kvm_main
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
-from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
+from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.memslot_rules import MrChange
 
 REPO = Path(__file__).resolve().parents[1]
 MEMSLOT_SEEDS = support.seed_files("memslots")
 TRACE_SEEDS = support.seed_files("trace")
+GENERIC_SEEDS = support.seed_files("generic")
 HAS_ATHERIS = importlib.util.find_spec("atheris") is not None
 
 
@@ -127,7 +133,7 @@ def run_fuzzer(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedP
     )
 
 
-@pytest.mark.parametrize("script", ["fuzz_memslots.py", "fuzz_trace.py"])
+@pytest.mark.parametrize("script", ["fuzz_memslots.py", "fuzz_trace.py", "fuzz_generic.py"])
 def test_fuzz_scripts_are_executable(script: str) -> None:
     path = REPO / "fuzz" / script
     assert path.read_text().startswith("#!/usr/bin/env python3\n")
@@ -150,6 +156,32 @@ def test_libfuzzer_runs_fuzz_trace(tmp_path: Path) -> None:
     result = run_fuzzer("fuzz_trace.py", "-runs=2000", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Done 2000 runs" in result.stderr
+
+
+@pytest.mark.skipif(not HAS_ATHERIS, reason="atheris cannot be imported")
+def test_libfuzzer_runs_fuzz_generic_on_the_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counters = tmp_path / "counters.json"
+    monkeypatch.setenv(fuzz_generic.STATS_ENV, str(counters))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    result = run_fuzzer(
+        "fuzz_generic.py", "-runs=300", str(corpus), "corpus/seeds/generic", tmp_path=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Done 300 runs" in result.stderr
+    counted = json.loads(counters.read_text())
+    assert counted["executions"] >= 1 and counted["actions"] >= 1
+
+
+@pytest.mark.skipif(not HAS_ATHERIS, reason="atheris cannot be imported")
+def test_the_campaign_runs_the_generic_fuzzer(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    assert campaign.run_campaign(["atheris/generic"], 0.02, "reference", str(report)) == 0
+    (area,) = json.loads(report.read_text())["areas"]
+    assert area["area"] == "atheris/generic" and not area["failures"]
+    assert area["examples"] > 0 and area["steps"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +285,116 @@ def test_any_other_exception_is_a_harness_bug_and_propagates(
     monkeypatch.setattr(fuzz_memslots, "new_target", _target_raising(KeyError("bug")))
     with pytest.raises(KeyError):
         fuzz_memslots.TestOneInput((REPO / "corpus/seeds/memslots/dirty-log.bin").read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) The generic layer: the decoder, its seeds, and a broken fault path found by fuzzing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_generic_seed_is_its_scenario_encoded() -> None:
+    assert {path.stem for path in GENERIC_SEEDS} == set(SEED_SCENARIOS)
+    for path in GENERIC_SEEDS:
+        assert path.read_bytes() == encode(*SEED_SCENARIOS[path.stem]), (
+            f"{path.name} is stale; rebuild the seeds with: "
+            ".venv/bin/python -m kvmspec.fuzz.generic_decoder seeds"
+        )
+
+
+@pytest.mark.parametrize("profile", [DEFAULT_PROFILE, ARM64], ids=lambda p: p.name)
+@pytest.mark.parametrize("seed", GENERIC_SEEDS, ids=lambda path: path.stem)
+def test_generic_seed_runs_every_action_clean(seed: Path, profile: PlatformProfile) -> None:
+    """A seed is a scenario of allowed actions only: none is rejected, no rule is broken."""
+    run = fuzz_generic.run_input(seed.read_bytes(), profile)
+    assert run.violations == []
+    assert run.rejected.total() == 0
+    assert run.actions == len(SEED_SCENARIOS[seed.stem][1])
+
+
+@pytest.mark.parametrize("profile", [DEFAULT_PROFILE, ARM64], ids=lambda p: p.name)
+@settings(max_examples=150)
+@given(data=st.binary(min_size=16, max_size=400))
+def test_the_generic_decoder_never_raises(profile: PlatformProfile, data: bytes) -> None:
+    """Any bytes: every decoded action is allowed or rejected, so the scheduler never refuses
+    a step (it would raise ValueError), and the correct model breaks no rule."""
+    run = fuzz_generic.run_input(data, profile)
+    assert run.violations == []
+    assert run.actions + run.rejected.total() <= fuzz_generic.MAX_ACTIONS
+
+
+def test_fuzz_generic_runs_random_inputs_clean() -> None:
+    for data in random_inputs(300, 256):
+        fuzz_generic.TestOneInput(data)
+
+
+def test_rejected_actions_are_counted_and_never_reach_the_scheduler() -> None:
+    read = False
+    data = encode(
+        SetUp("bitmap", False),
+        [
+            ("step_actor", (0,)),  # nothing in flight
+            ("drop_a_page_under_a_fault", (0,)),  # no fault has resolved a page
+            ("harvest_ring", (0,)),  # no dirty ring in bitmap mode
+            ("start_fault", (0, 0, read, 0)),  # holds kvm->srcu from its first step
+            ("start_memslot_update", (0, 0, 1)),  # DELETE slot 0: waits for the fault's SRCU
+            ("finish_actor", (1,)),
+            ("step_actor", (1,)),  # the DELETE waits
+            ("step_actor", (2,)),  # only two actors are in flight
+            ("finish_actor", (0,)),  # the fault ends, so the DELETE may go on
+            ("finish_actor", (0,)),
+        ],
+    )
+    lines: list[str] = []
+    run = fuzz_generic.run_input(data, DEFAULT_PROFILE, lines.append)
+    assert run.violations == []
+    assert run.rejected == {
+        "not in flight": 2,
+        "nothing resolved": 1,
+        "not allowed": 1,
+        "waiting": 1,
+    }
+    assert run.actions == 5
+    assert (
+        "step_actor rejected (waiting): memslot#2 waits: kvm->srcu: grace period waits for readers"
+        in lines
+    )
+    assert run.schedule[-1] == "memslot#2: done -> 0"
+
+
+def test_a_fault_without_the_retry_check_is_found_by_fuzzing_the_generic_decoder(
+    monkeypatch: pytest.MonkeyPatch, regressions: Path
+) -> None:
+    """Random inputs alone (no seed) reach the race the retry check exists for; the finding
+    names the rule, prints the schedule and keeps the input and its report."""
+    import kvmspec.reference.page_fault as page_fault
+
+    monkeypatch.setattr(page_fault, "mmu_invalidate_retry_gfn", lambda kvm, seq, gfn: False)
+    found = next(
+        (
+            data
+            for data in random_inputs(2000, 256)
+            if fuzz_generic.run_input(data, DEFAULT_PROFILE).violations
+        ),
+        None,
+    )
+    assert found is not None, "2000 random inputs did not find the missing retry check"
+    with pytest.raises(support.SpecViolation) as raised:
+        fuzz_generic.TestOneInput(found)
+    finding = raised.value
+    assert set(finding.rules) & {"N4", "N5", "COHERENCE"}, finding.violations
+    report = finding.trace.read_text()
+    assert finding.trace.parent == regressions and finding.trace.name.startswith("generic-")
+    assert "schedule (which actor ran which step):" in report and "fault#" in report
+    reproducer = finding.trace.with_suffix(".bin")
+    assert reproducer.read_bytes() == found
+    assert fuzz_generic.run_input(found, DEFAULT_PROFILE).violations == finding.violations
+
+
+def test_the_generic_seed_command_wants_its_one_argument(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert generic_decoder.main(["seed"]) == 2
+    assert capsys.readouterr().err == "usage: python -m kvmspec.fuzz.generic_decoder seeds\n"
 
 
 # ---------------------------------------------------------------------------------------------
