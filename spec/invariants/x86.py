@@ -1,0 +1,230 @@
+"""White-box invariants of the x86 shadow MMU (INVENTORY C.4), recomputed from scratch.
+
+Each check rebuilds what the MMU's bookkeeping should say from the shadow page tables
+themselves and compares: the rmaps (X1), the parent links and root counts (X2), the
+writable-bit states of every leaf (X3), the write protection of shadowed guest page
+tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' TLBs (X5), and
+the leaves against the host's page tables (N4). ``check_shadow_mmu`` runs them all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
+from kvmspec.reference.host import HostMm
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.x86.mmu_page import (
+    KvmMmuPage,
+    SptePtr,
+    is_obsolete_sp,
+    kvm_mmu_page_get_gfn,
+    sp_has_gptes,
+)
+from kvmspec.reference.x86.rmap import gfn_to_index, slot_rmaps
+from kvmspec.reference.x86.shadow_mmu import ShadowMmu
+from kvmspec.reference.x86.spte import (
+    check_spte_writable_invariants,
+    is_last_spte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    spte_to_pfn,
+)
+from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH
+from kvmspec.spec.invariants import Violation
+
+
+def _leaves(mmu: ShadowMmu) -> list[tuple[SptePtr, int]]:
+    """Every shadow-present leaf of every page not freed, with its SPTE."""
+    leaves = []
+    for sp in mmu.sp_by_pfn.values():
+        for index, spte in sorted(sp.spt.items()):
+            if is_shadow_present_pte(spte) and is_last_spte(spte, sp.role.level):
+                leaves.append((SptePtr(sp, index), spte))
+    return leaves
+
+
+def check_rmaps(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
+    """X1: every shadow-present leaf is exactly once in the rmap of its slot, level and
+    gfn, and every rmap entry is such a leaf."""
+    expected: Counter[tuple[int, int, int, SptePtr]] = Counter()
+    violations = []
+    for sptep, _spte in _leaves(mmu):
+        gfn = kvm_mmu_page_get_gfn(sptep.sp, sptep.index)
+        slot = kvm.memslots(0).gfn_to_memslot(gfn)
+        if slot is None:
+            violations.append(Violation("X1", f"{sptep} maps gfn {gfn:#x} with no memslot"))
+            continue
+        level = sptep.sp.role.level
+        expected[(slot.id, level, gfn_to_index(gfn, slot.base_gfn, level), sptep)] += 1
+    found: Counter[tuple[int, int, int, SptePtr]] = Counter()
+    for slot in kvm.memslots(0):
+        rmaps = slot_rmaps(slot)
+        if rmaps.freed:
+            violations.append(Violation("X1", f"{slot} uses freed rmaps"))
+        for (level, index), head in rmaps.heads.items():
+            for sptep in head:
+                found[(slot.id, level, index, sptep)] += 1
+    for key in sorted(set(expected) | set(found), key=repr):
+        if expected[key] != found[key]:
+            violations.append(
+                Violation(
+                    "X1",
+                    f"{key[3]} (slot {key[0]}, level {key[1]}, index {key[2]}): "
+                    f"{expected[key]} leaf, {found[key]} rmap entries",
+                )
+            )
+    return violations
+
+
+def check_parent_ptes(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
+    """X2: each page's parent_ptes are exactly the present links to it; roots have none;
+    root_count is the number of vCPU roots (current and cached) that hold the page."""
+    parents: dict[KvmMmuPage, Counter[SptePtr]] = {sp: Counter() for sp in mmu.sp_by_pfn.values()}
+    violations = []
+    for sp in mmu.sp_by_pfn.values():
+        for index, spte in sp.spt.items():
+            if is_shadow_present_pte(spte) and not is_last_spte(spte, sp.role.level):
+                child = mmu.sp_by_pfn.get(spte_to_pfn(spte))
+                if child is None:
+                    violations.append(Violation("X2", f"{SptePtr(sp, index)} links a freed page"))
+                else:
+                    parents[child][SptePtr(sp, index)] += 1
+    roots: Counter[KvmMmuPage] = Counter()
+    for vcpu_mmu in mmu.vcpus.values():
+        for root in [vcpu_mmu.root, *vcpu_mmu.prev_roots]:
+            if root.sp is not None and root.sp is not mmu.dummy_root:
+                roots[root.sp] += 1
+    for sp, links in parents.items():
+        if Counter(sp.parent_ptes) != links:
+            violations.append(Violation("X2", f"{sp}: parent_ptes disagree with the links"))
+        if sp.root_count != roots[sp]:
+            violations.append(
+                Violation("X2", f"{sp}: root_count {sp.root_count}, held by {roots[sp]}")
+            )
+        if sp.root_count and sp.parent_ptes:
+            violations.append(Violation("X2", f"root {sp} has parents"))
+    violations.extend(
+        Violation("X2", f"freed {sp} is still a vCPU root") for sp in roots if sp.freed
+    )
+    return violations
+
+
+def check_leaf_writability(mmu: ShadowMmu) -> list[Violation]:
+    """X3 as a state: every present leaf is in one of the legal H/M/W states."""
+    violations = []
+    for sptep, spte in _leaves(mmu):
+        problem = check_spte_writable_invariants(mmu.masks, spte)
+        if problem is not None:
+            violations.append(Violation("X3", f"{sptep}: {problem}"))
+    return violations
+
+
+def check_shadowed_tables_write_protected(mmu: ShadowMmu) -> list[Violation]:
+    """X6: no writable leaf maps a gfn that a valid, synced page shadows as a guest table."""
+    shadowed = {
+        sp.gfn
+        for sp in mmu.sp_by_pfn.values()
+        if sp_has_gptes(sp) and not sp.unsync and not is_obsolete_sp(mmu, sp)
+    }
+    return [
+        Violation("X6", f"{sptep} maps shadowed guest table gfn {gfn:#x} writable")
+        for sptep, spte in _leaves(mmu)
+        if is_writable_pte(spte)
+        and (gfn := kvm_mmu_page_get_gfn(sptep.sp, sptep.index)) in shadowed
+    ]
+
+
+def check_obsolete(mmu: ShadowMmu) -> list[Violation]:
+    """X10: no current page links to an obsolete one (no new translation goes through an
+    obsolete page), and a vCPU whose root is obsolete has been asked to drop it."""
+    violations = []
+    for sp in mmu.sp_by_pfn.values():
+        if is_obsolete_sp(mmu, sp):
+            continue
+        for index, spte in sp.spt.items():
+            if is_shadow_present_pte(spte) and not is_last_spte(spte, sp.role.level):
+                child = mmu.sp_by_pfn.get(spte_to_pfn(spte))
+                if child is not None and is_obsolete_sp(mmu, child):
+                    violations.append(Violation("X10", f"{SptePtr(sp, index)} links {child}"))
+    for vcpu_id, vcpu_mmu in mmu.vcpus.items():
+        root = vcpu_mmu.root.sp
+        if root is None or root is mmu.dummy_root or not is_obsolete_sp(mmu, root):
+            continue
+        if KVM_REQ_MMU_FREE_OBSOLETE_ROOTS not in vcpu_mmu.requests:
+            violations.append(Violation("X10", f"vcpu {vcpu_id} keeps obsolete root {root}"))
+    return violations
+
+
+def _walk(mmu: ShadowMmu, root: KvmMmuPage, gva: int) -> tuple[int, bool] | None:
+    """What the hardware would find for ``gva`` under ``root`` now: (pfn, writable)."""
+    sp = root
+    writable = True
+    while True:
+        index = (gva >> (12 + 9 * (sp.role.level - 1))) & 511
+        spte = sp.spt.get(index, 0)
+        if not is_shadow_present_pte(spte) or not spte & 1:
+            return None
+        writable &= is_writable_pte(spte)
+        if is_last_spte(spte, sp.role.level):
+            return spte_to_pfn(spte), writable
+        child = mmu.sp_by_pfn.get(spte_to_pfn(spte))
+        if child is None:
+            return None
+        sp = child
+
+
+def check_tlbs(mmu: ShadowMmu) -> list[Violation]:
+    """X5: at a point where the kernel has done its flushes (after an ioctl, a notifier or
+    a guest access returns), every TLB entry is what the vCPU's root translates now, and
+    no more writable. A vCPU with a flush or a root reload pending is exempt: it flushes
+    before it next runs guest code."""
+    violations = []
+    for vcpu_id, vcpu_mmu in mmu.vcpus.items():
+        if vcpu_mmu.requests & {KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS}:
+            continue
+        root = vcpu_mmu.root.sp
+        for vpn, entry in vcpu_mmu.tlb.items():
+            now = _walk(mmu, root, vpn << 12) if root is not None else None
+            if now is None or now[0] != entry.pfn or (entry.writable and not now[1]):
+                violations.append(
+                    Violation(
+                        "X5",
+                        f"vcpu {vcpu_id} TLB: gva page {vpn:#x} -> {entry}, shadow tables: {now}",
+                    )
+                )
+    return violations
+
+
+def check_leaves_match_host(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
+    """N4 for the shadow MMU: once no invalidation is open, every leaf maps the page the
+    host maps at its gfn's hva, and is writable only if the host PTE is."""
+    if kvm.mmu_invalidate_in_progress:
+        return []
+    violations = []
+    for sptep, spte in _leaves(mmu):
+        gfn = kvm_mmu_page_get_gfn(sptep.sp, sptep.index)
+        slot = kvm.memslots(0).gfn_to_memslot(gfn)
+        hva, _ = gfn_to_hva_many(slot, gfn, write=False, page_shift=12)
+        if slot is None or kvm_is_error_hva(hva):
+            continue  # reported by X1, or a slot being deleted whose leaves go next
+        host_pte = host.lookup(hva)
+        if host_pte is None or host_pte.pfn != spte_to_pfn(spte):
+            violations.append(Violation("N4", f"{sptep} gfn {gfn:#x}: host maps {host_pte}"))
+        elif is_writable_pte(spte) and not host_pte.writable:
+            violations.append(Violation("N4", f"{sptep} writable over a read-only host page"))
+    return violations
+
+
+def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
+    """Every shadow-MMU invariant above, and the VM's WARNs."""
+    return [
+        *check_rmaps(kvm, mmu),
+        *check_parent_ptes(kvm, mmu),
+        *check_leaf_writability(mmu),
+        *check_shadowed_tables_write_protected(mmu),
+        *check_obsolete(mmu),
+        *check_tlbs(mmu),
+        *check_leaves_match_host(kvm, mmu, host),
+        *(Violation(rule, f"WARN: {message}") for rule, message in kvm.warnings),
+    ]
