@@ -242,8 +242,8 @@ page_index = st.integers(0, DATA_PAGES - 1)
 
 
 class ShadowMmuMachine(RuleBasedStateMachine):
-    """Guest loads and stores on two vCPUs, guest PTE rewrites (emulated writes to
-    write-protected tables), CR3 switches, host writes and MADV_DONTNEED (notifier
+    """Guest loads and stores on two vCPUs, guest PTE rewrites and writes to upper-level
+    tables (emulated writes to write-protected tables, flooding), CR3 switches, host writes and MADV_DONTNEED (notifier
     invalidations), and DELETE, re-CREATE and MOVE of the data slot, with or without the
     zap-all quirk. After every step: the shadow invariants, and every guest load returns
     what the host holds at the gfn the guest's page tables name."""
@@ -304,6 +304,19 @@ class ShadowMmuMachine(RuleBasedStateMachine):
         flags = PTE & ~(A | D) if clean else PTE
         value = 0 if to is None else to * PAGE | flags
         assert self.vm.guest_set_pte(DATA_GFN + i, value, vcpu).outcome is Outcome.DONE
+
+    @rule(
+        vcpu=st.sampled_from([0, 1]),
+        table=st.sampled_from([PML4, PDPT, PD]),
+        index=st.integers(100, 103),
+    )
+    def guest_clear_unused_upper_entries(self, vcpu: int, table: int, index: int) -> None:
+        """The guest clears three unused entries of an upper-level table: emulated
+        writes, and the third in a row without a fault through the page is flooding, which
+        zaps the whole shadow page (and unlinks everything below it)."""
+        for entry in range(index, index + 3):
+            access = self.vm.write(table * PAGE + 8 * entry, bytes(8), vcpu)
+            assert access.outcome is Outcome.DONE
 
     @rule(vcpu=st.sampled_from([0, 1]), pml4=st.sampled_from([PML4, PML4_B]))
     def switch_cr3(self, vcpu: int, pml4: int) -> None:
