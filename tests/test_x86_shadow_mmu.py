@@ -243,10 +243,11 @@ page_index = st.integers(0, DATA_PAGES - 1)
 
 class ShadowMmuMachine(RuleBasedStateMachine):
     """Guest loads and stores on two vCPUs, guest PTE rewrites and writes to upper-level
-    tables (emulated writes to write-protected tables, flooding), CR3 switches, host writes and MADV_DONTNEED (notifier
-    invalidations), and DELETE, re-CREATE and MOVE of the data slot, with or without the
-    zap-all quirk. After every step: the shadow invariants, and every guest load returns
-    what the host holds at the gfn the guest's page tables name."""
+    tables (emulated writes to write-protected tables, flooding), CR3 switches, host
+    writes and MADV_DONTNEED (notifier invalidations), and DELETE, re-CREATE and MOVE of
+    the data slot, with or without the zap-all quirk. After every step: the shadow
+    invariants, and every guest load returns what the host holds at the gfn the guest's
+    page tables name."""
 
     def __init__(self) -> None:
         super().__init__()
