@@ -1,8 +1,14 @@
 """The x86 MMU, built up piece by piece (issue 4).
 
-So far: :mod:`~kvmspec.reference.x86.paging` (the bits of a 64-bit paging entry, levels and
-index arithmetic), :mod:`~kvmspec.reference.x86.spte` (how KVM encodes its shadow PTEs, in
-the legacy and the EPT format) and :mod:`~kvmspec.reference.x86.guest_walk` (the guest's own
-page tables, walked as the hardware does). The shadow MMU proper (shadow pages, rmaps, the
-fault path) is built on these.
+The encodings: :mod:`~kvmspec.reference.x86.paging` (the bits of a 64-bit paging entry,
+levels and index arithmetic), :mod:`~kvmspec.reference.x86.spte` (KVM's shadow PTEs, in the
+legacy and the EPT format), :mod:`~kvmspec.reference.x86.mmio_spte` and
+:mod:`~kvmspec.reference.x86.guest_walk` (the guest's own page tables, walked as the
+hardware does). The shadow MMU on top of them, in reading order:
+:mod:`~kvmspec.reference.x86.shadow_mmu` (the KvmArch hooks, start here),
+:mod:`~kvmspec.reference.x86.paging_tmpl` (the page fault), ``mmu_page`` (shadow pages and
+their hash), ``rmap`` and ``mmu_spte`` (reverse maps and every SPTE write), ``page_track``
+(write-protecting shadowed guest tables), ``zap`` (two-phase zaps, the fast zap, emulated
+guest page-table writes), ``roots`` and ``tlb`` (each vCPU's roots, requests and TLB) and
+``guest_access`` (a guest instruction: the hardware walk, the fault, the emulator).
 """
