@@ -32,8 +32,12 @@ def test_a_fault_without_the_retry_check_is_caught(monkeypatch: pytest.MonkeyPat
         phases=[Phase.explicit, Phase.generate],
         database=None,
     )
-    with pytest.raises(AssertionError, match=r"N4|N5|COHERENCE"):
+    with pytest.raises(AssertionError, match=r"N4|N5|COHERENCE") as raised:
         machine.TestCase().runTest()
+    # The failure reads as a story: the rules Hypothesis ran, and the harness's notes on what
+    # each actor did.
+    report = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "state.start_fault(" in report and ": start vcpu " in report
 
 
 def test_the_scheduler_refuses_actors_that_cannot_step() -> None:
