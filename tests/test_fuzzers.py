@@ -6,6 +6,7 @@ are kept as strict xfails until they are fixed."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from kvmspec.fuzz import atheris_support as support
 from kvmspec.fuzz import campaign, fuzz_generic, fuzz_memslots, fuzz_trace, generic_decoder
 from kvmspec.fuzz.generic_decoder import SEED_SCENARIOS, SetUp, encode
+from kvmspec.fuzz.generic_harness import GenericHarness
 from kvmspec.fuzz.ops import (
     GetDirtyLog,
     Mmap,
@@ -290,6 +292,12 @@ def test_any_other_exception_is_a_harness_bug_and_propagates(
 # ---------------------------------------------------------------------------------------------
 # (4) The generic layer: the decoder, its seeds, and a broken fault path found by fuzzing
 # ---------------------------------------------------------------------------------------------
+
+
+def test_every_kind_of_generic_action_is_a_harness_method_with_its_arguments() -> None:
+    for kind in generic_decoder.KINDS:
+        parameters = list(inspect.signature(getattr(GenericHarness, kind.method)).parameters)
+        assert parameters == ["self", *(name for name, _ in kind.params)], kind.method
 
 
 def test_every_generic_seed_is_its_scenario_encoded() -> None:
