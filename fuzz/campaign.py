@@ -121,6 +121,8 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
             areas.append(Area(f"memslots/{name}", "reference", machines.memslot_machine(profile)))
         for profile in (DEFAULT_PROFILE, ARM64):
             areas.append(Area(f"generic/{profile.name}", "reference", generic_machine(profile)))
+        guest = machines.memslot_machine(DEFAULT_PROFILE, mix="guest")
+        areas.append(Area(f"guest/{DEFAULT_PROFILE.name}", "reference", guest))
     kvm_wanted = target == "linux-kvm" or (target is None and (not wanted or "linux-kvm" in wanted))
     if kvm_wanted:
         try:
@@ -140,6 +142,13 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
                     "differential/linux-kvm",
                     "linux-kvm",
                     machines.differential_machine(DEFAULT_PROFILE),
+                )
+            )
+            areas.append(
+                Area(
+                    "guest/linux-kvm",
+                    "linux-kvm",
+                    machines.differential_machine(DEFAULT_PROFILE, mix="guest"),
                 )
             )
     if wanted:

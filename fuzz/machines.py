@@ -21,13 +21,18 @@ from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvmspec.fuzz.decoder import decode_operation
+from kvmspec.fuzz.decoder import Chooser, decode_operation
+from kvmspec.fuzz.guest_decoder import decode_guest_operation
 from kvmspec.fuzz.ops import Operation
 from kvmspec.fuzz.session import Session
 from kvmspec.fuzz.targets import Target, make_target
 from kvmspec.spec.platforms import PlatformProfile
 
 TargetFactory = Callable[[PlatformProfile], Target]
+Decoder = Callable[[Chooser, Session], Operation]
+DECODERS: dict[str, Decoder] = {"memslots": decode_operation, "guest": decode_guest_operation}
+"""The operation mixes a machine can draw from: the whole memslot uAPI, or a running guest
+with its memslots, the VMM's memory and dirty logging (kvmspec.fuzz.guest_decoder)."""
 
 # Counters the campaign reports, and the trace of the most recent run (a failing run is the
 # last one Hypothesis executes, after shrinking).
@@ -57,6 +62,7 @@ class _SessionMachine(RuleBasedStateMachine):
 
     profile: PlatformProfile
     factory: TargetFactory
+    decode: Decoder
     large_slots: bool = True
 
     def __init__(self) -> None:
@@ -82,7 +88,7 @@ class _SessionMachine(RuleBasedStateMachine):
 class MemslotMachine(_SessionMachine):
     @rule(data=st.data())
     def apply_operation(self, data: st.DataObject) -> None:
-        self._step(decode_operation(HypothesisChooser(data), self.session))
+        self._step(self.decode(HypothesisChooser(data), self.session))
 
     @invariant()
     def rules_hold(self) -> None:
@@ -93,16 +99,19 @@ def memslot_machine(
     profile: PlatformProfile,
     target: str | TargetFactory = "reference",
     large_slots: bool | None = None,
+    mix: str = "memslots",
 ) -> type[MemslotMachine]:
-    """A MemslotMachine class bound to a profile and a target (a name or a factory)."""
+    """A MemslotMachine class bound to a profile, a target (a name or a factory) and an
+    operation mix (a key of DECODERS)."""
     factory = _factory(target) if isinstance(target, str) else target
     attributes = {
         "profile": profile,
         "factory": staticmethod(factory),
+        "decode": staticmethod(DECODERS[mix]),
         # A real kernel spends ~2.5 MiB per GiB of slot: keep accepted slots small there.
         "large_slots": target == "reference" if large_slots is None else large_slots,
     }
-    return type(f"MemslotMachine[{profile.name}]", (MemslotMachine,), attributes)
+    return type(f"MemslotMachine[{profile.name}, {mix}]", (MemslotMachine,), attributes)
 
 
 class DifferentialMachine(RuleBasedStateMachine):
@@ -110,6 +119,7 @@ class DifferentialMachine(RuleBasedStateMachine):
 
     profile: PlatformProfile
     other: TargetFactory
+    decode: Decoder
 
     def __init__(self) -> None:
         super().__init__()
@@ -120,7 +130,7 @@ class DifferentialMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.differences)
     @rule(data=st.data())
     def apply_to_both(self, data: st.DataObject) -> None:
-        op = decode_operation(HypothesisChooser(data), self.reference)
+        op = self.decode(HypothesisChooser(data), self.reference)
         note(json.dumps(op.to_json()))
         expected, violations = self.reference.apply(op)
         observed, other_violations = self.other_session.apply(op)
@@ -148,8 +158,14 @@ class DifferentialMachine(RuleBasedStateMachine):
 
 
 def differential_machine(
-    profile: PlatformProfile, other: str | TargetFactory = "linux-kvm"
+    profile: PlatformProfile, other: str | TargetFactory = "linux-kvm", mix: str = "memslots"
 ) -> type[DifferentialMachine]:
+    """The reference against ``other`` in lockstep, on an operation mix of DECODERS."""
     factory = _factory(other) if isinstance(other, str) else other
-    attributes = {"profile": profile, "other": staticmethod(factory)}
-    return type(f"DifferentialMachine[{profile.name}]", (DifferentialMachine,), attributes)
+    attributes = {
+        "profile": profile,
+        "other": staticmethod(factory),
+        "decode": staticmethod(DECODERS[mix]),
+    }
+    name = f"DifferentialMachine[{profile.name}, {mix}]"
+    return type(name, (DifferentialMachine,), attributes)

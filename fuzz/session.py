@@ -11,14 +11,26 @@ from __future__ import annotations
 from kvmspec.fuzz.guest_layout import PRIVATE_GPA, PRIVATE_SIZE, private_slot_id
 from kvmspec.fuzz.ops import (
     GUEST_OPERATIONS,
+    HOST_OPERATIONS,
     ClearDirtyLog,
     CreateGuestMemfd,
     CreateVcpu,
     EnableCap,
     GetDirtyLog,
+    GuestRead,
+    GuestWrite,
+    HarvestDirtyRing,
+    HostOperation,
+    HostRead,
+    HostWrite,
+    MadviseDontneed,
     Mmap,
+    MmapFixed,
+    Mprotect,
+    Munmap,
     Observation,
     Operation,
+    RegionAddr,
     ResetDirtyRings,
     SetUserMemoryRegion,
     SetUserMemoryRegion2,
@@ -26,11 +38,16 @@ from kvmspec.fuzz.ops import (
 from kvmspec.fuzz.targets import Target, make_target
 from kvmspec.fuzz.trace import dump
 from kvmspec.spec.contracts import MemslotUapiContract
+from kvmspec.spec.dirty_contract import DirtyLogContract
+from kvmspec.spec.memory_contract import MemoryCoherenceContract
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import errno_code
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 RegionOp = SetUserMemoryRegion | SetUserMemoryRegion2
+_OUTCOMES = {"none": "mapped", "mmio": "mmio", "dirty_ring_full": "dirty_ring_full"}
+"""A guest observation's exit, as the memory contract names outcomes."""
+_PROT_BITS = {"none": 0, "r": 1, "rw": 3}
 
 
 class Session:
@@ -43,6 +60,10 @@ class Session:
         self.target = make_target(target, profile) if isinstance(target, str) else target
         self.large_slots = large_slots
         self.contract = MemslotUapiContract(profile)
+        # What guest accesses must observe and what the dirty log must report, judged from
+        # the observations of any target (the real kernel included).
+        self.memory = MemoryCoherenceContract(self.contract)
+        self.dirty = DirtyLogContract(self.contract)
         self.monitor = None
         kvm = getattr(self.target, "kvm", None)
         if kvm is not None:
@@ -58,6 +79,11 @@ class Session:
     @property
     def steps(self) -> int:
         return len(self.history)
+
+    @property
+    def vcpus(self) -> set[int]:
+        """The vCPUs created so far."""
+        return self.contract.vcpus
 
     def close(self) -> None:
         self.target.close()
@@ -112,19 +138,96 @@ class Session:
             region = MemoryRegion(
                 op.slot, op.flags, op.guest_phys_addr, op.memory_size, address, offset
             )
-            return list(contract.on_set_memory_region(region, version, gmem_name, errno))
+            found: list[object] = [
+                *contract.on_set_memory_region(region, version, gmem_name, errno)
+            ]
+            if not errno:
+                self.dirty.on_memslots_changed()
+            return found
         if isinstance(op, CreateGuestMemfd):
             return list(contract.on_create_guest_memfd(op.gmem, op.size, op.flags, errno))
         if isinstance(op, GetDirtyLog):
-            return list(contract.on_get_dirty_log(op.slot, errno, observed.get("bitmap")))
+            got: list[object] = [*contract.on_get_dirty_log(op.slot, errno, observed.get("bitmap"))]
+            if not errno and not got:
+                got += self.dirty.on_get_dirty_log(op.slot, observed["bitmap"])
+            return got
         if isinstance(op, ClearDirtyLog):
-            return list(contract.on_clear_dirty_log(op.slot, op.first_page, op.num_pages, errno))
+            cleared: list[object] = [
+                *contract.on_clear_dirty_log(op.slot, op.first_page, op.num_pages, errno)
+            ]
+            if not errno and not cleared:
+                self.dirty.on_clear_dirty_log(op.slot, op.first_page, op.num_pages, list(op.bitmap))
+            return cleared
+        if isinstance(op, Mmap):
+            resolve = getattr(self.target, "resolve", None)
+            if not errno and resolve is not None:
+                start = resolve(RegionAddr(op.region, 0))
+                size = -(-op.size // self.profile.page_size) * self.profile.page_size
+                self.memory.on_host_map(start, start + size, _PROT_BITS[op.prot])
+            return []
         if isinstance(op, EnableCap):
             return list(contract.on_enable_cap(op.cap, op.flags, op.args, errno))
         if isinstance(op, CreateVcpu):
             contract.on_create_vcpu(op.id, errno)
         elif isinstance(op, ResetDirtyRings):
-            return list(contract.on_reset_dirty_rings(errno))
+            reset: list[object] = [*contract.on_reset_dirty_rings(errno)]
+            return reset + (list(self.dirty.on_reset_dirty_rings()) if not errno else [])
+        elif isinstance(op, HarvestDirtyRing) and not errno:
+            entries = [(slot, offset) for slot, offset in observed["entries"]]
+            return list(self.dirty.on_harvest_ring(op.vcpu, entries))
+        elif isinstance(op, GUEST_OPERATIONS):
+            return self._judge_guest(op, observed, errno)
+        elif isinstance(op, HOST_OPERATIONS):
+            return self._judge_host(op, observed, errno)
+        return []
+
+    def _judge_guest(
+        self, op: GuestWrite | GuestRead, observed: Observation, errno: int
+    ) -> list[object]:
+        """The memory and dirty-log contracts on a guest access. An access that spans two
+        pages is not judged (KVM may complete part of it); what it may have written becomes
+        unknown."""
+        if errno and errno_code("EFAULT") != errno:
+            return []  # no such vCPU: nothing ran
+        outcome = "efault" if errno else _OUTCOMES[observed["exit"]]
+        page = self.profile.page_size
+        if op.gpa % page + op.size > page:
+            if isinstance(op, GuestWrite):
+                self.memory.on_unjudged_store(op.gpa, op.size)
+                self.dirty.on_guest_store(op.gpa, op.vcpu, False)
+            return []
+        if isinstance(op, GuestWrite):
+            self.dirty.on_guest_store(op.gpa, op.vcpu, outcome == "mapped")
+            return list(self.memory.on_guest_store(op.gpa, op.value, outcome, op.size))
+        value = observed.get("value")
+        return list(self.memory.on_guest_load(op.gpa, outcome, value, op.size))
+
+    def _judge_host(self, op: HostOperation, observed: Observation, errno: int) -> list[object]:
+        """Keep the memory contract's view of the VMM's memory; judge the VMM's own loads."""
+        resolve = getattr(self.target, "resolve", None)
+        if resolve is None:
+            return []
+        start = resolve(RegionAddr(op.region, op.offset))
+        memory = self.memory
+        if isinstance(op, HostWrite):
+            if not errno:
+                memory.on_host_write(start, op.value, op.size)
+            return []
+        if isinstance(op, HostRead):
+            return list(memory.on_host_read(start, observed["value"], op.size)) if not errno else []
+        end = start + -(-op.length // self.profile.page_size) * self.profile.page_size
+        if isinstance(op, MadviseDontneed) and not errno:
+            memory.on_host_drop(start, end)
+        elif isinstance(op, Munmap) and not errno:
+            memory.on_host_unmap(start, end)
+        elif isinstance(op, MmapFixed) and not errno:
+            memory.on_host_unmap(start, end)
+            memory.on_host_map(start, end, _PROT_BITS[op.prot])
+        elif isinstance(op, Mprotect):
+            if errno:
+                memory.on_host_unknown(start, end)  # it may have changed a part
+            else:
+                memory.on_host_map(start, end, _PROT_BITS[op.prot])
         return []
 
     def _remember(self, op: Operation, errno: int) -> None:

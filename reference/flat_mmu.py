@@ -93,7 +93,15 @@ class FlatMmu(KvmArch):
         if not self.ptes:
             return  # nothing is mapped anywhere (a VM whose guest never ran)
         with kvm.mmu_lock.write():
-            removed = self._remove(kvm, slot.as_id, slot.base_gfn, slot.end_gfn)
+            if kvm.quirk_slot_zap_all():
+                # x86 with KVM_X86_QUIRK_SLOT_ZAP_ALL (the default): every DELETE or MOVE
+                # drops every translation, not only the slot's (FINDINGS 5.4). Found by the
+                # guest differential machine: a write-protected translation of another slot
+                # survived here, so a later read did not fault and was not logged.
+                removed = bool(self.ptes)
+                self.ptes.clear()
+            else:
+                removed = self._remove(kvm, slot.as_id, slot.base_gfn, slot.end_gfn)
         if removed:
             self.kvm_flush_remote_tlbs(kvm)
 

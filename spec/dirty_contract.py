@@ -167,7 +167,9 @@ class DirtyLogContract:
                     )
                 )
         if not self.memslots.manual_protect:
-            # Get-and-clear: what was reported is owed again only if written again.
+            # Get-and-clear: what was reported is owed again only if written again, and an
+            # all-ones bitmap (manual protection was switched off since) is all zeroes now.
+            self.not_cleared.pop(key, None)
             pending = self.bitmap_pending.get(key, {})
             for offset in [offset for offset in pending if reported(offset)]:
                 del pending[offset]

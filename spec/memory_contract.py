@@ -38,6 +38,8 @@ from kvmspec.spec.uapi.constants import KVM_MEM_READONLY
 
 MAPPED, MMIO, EFAULT, RETRY, RING_FULL = "mapped", "mmio", "efault", "retry", "dirty_ring_full"
 PROT_READ, PROT_WRITE = 1, 2
+UNKNOWN = -1
+"""A protection the contract cannot know."""
 
 
 @dataclass
@@ -45,7 +47,9 @@ class MemoryCoherenceContract:
     """Byte values by host address, the VMM's mappings, and the windows where it is loose."""
 
     memslots: MemslotUapiContract
-    values: dict[int, int] = field(default_factory=dict)
+    values: dict[int, int | None] = field(default_factory=dict)
+    """Byte values by host address; None marks a byte whose value the harness cannot know
+    (an access the contract does not judge wrote it, or did not)."""
     mappings: list[tuple[int, int, int]] | None = None
     """The VMM's mapped ranges (start, end, prot), disjoint. None: not tracked (every slot
     is assumed to be backed by read-write memory)."""
@@ -79,8 +83,21 @@ class MemoryCoherenceContract:
                 kept.append((end, hi, prot))
         self.mappings = sorted(kept)
 
+    def on_host_unknown(self, start: int, end: int) -> None:
+        """Something changed [start, end) that the contract cannot follow (an mprotect that
+        failed half-way): from now on any access there may complete or fault, with any
+        value."""
+        self._carve(start, end)
+        self.mappings = sorted([*(self.mappings or []), (start, end, UNKNOWN)])
+        self.on_bytes_unknown(start, end)
+
+    def on_bytes_unknown(self, start: int, end: int) -> None:
+        for hva in range(start, end):
+            self.values[hva] = None
+
     def prot_at(self, hva: int) -> int | None:
-        """The protection at ``hva``, or None when nothing is mapped there."""
+        """The protection at ``hva`` (UNKNOWN if it cannot be told), or None when nothing is
+        mapped there."""
         if self.mappings is None:
             return PROT_READ | PROT_WRITE
         for lo, hi, prot in self.mappings:
@@ -88,8 +105,26 @@ class MemoryCoherenceContract:
                 return prot
         return None
 
-    def on_host_write(self, hva: int, value: int) -> None:
-        self.values[hva] = value
+    def on_host_write(self, hva: int, value: int, size: int = 1) -> None:
+        """The VMM stored ``value`` (``size`` bytes, little-endian) at ``hva``."""
+        for index, byte in enumerate(value.to_bytes(size, "little")):
+            self.values[hva + index] = byte
+
+    def on_host_read(self, hva: int, value: int, size: int = 1) -> list[ContractViolation]:
+        """The VMM loaded ``value``: what the guest and the VMM stored there last."""
+        wanted = self._known(hva, size)
+        if wanted is not None and wanted != value:
+            return [
+                ContractViolation("C-COHERENCE", f"host load {hva:#x} gave {value}, not {wanted}")
+            ]
+        return []
+
+    def _known(self, hva: int, size: int) -> int | None:
+        """The little-endian value of [hva, hva + size), or None if a byte is unknown."""
+        found = [self.values.get(hva + index, 0) for index in range(size)]
+        if any(byte is None for byte in found):
+            return None
+        return int.from_bytes(bytes(byte for byte in found if byte is not None), "little")
 
     def on_host_drop(self, start: int, end: int) -> None:
         """MADV_DONTNEED or munmap: the pages read as zero afterwards."""
@@ -134,31 +169,55 @@ class MemoryCoherenceContract:
             return {RETRY} | may_retry, "C-NOTIFIER-EXCLUSION", None
         prot = self.prot_at(hva)
         needed = PROT_WRITE if write else PROT_READ
+        if prot == UNKNOWN:
+            return {MAPPED, EFAULT} | may_retry, "C-EFAULT", hva
         if prot is None or not prot & needed:
             return {EFAULT} | may_retry, "C-EFAULT", None
         return {MAPPED} | may_retry, "C-MMIO", hva
 
-    def on_guest_store(self, gpa: int, value: int, outcome: str) -> list[ContractViolation]:
-        """A store of ``value`` at ``gpa`` ended with ``outcome``. The harness makes none
-        inside a memslot update in flight."""
+    def on_guest_store(
+        self, gpa: int, value: int, outcome: str, size: int = 1
+    ) -> list[ContractViolation]:
+        """A store of ``value`` (``size`` bytes, within one page) at ``gpa`` ended with
+        ``outcome``. The harness makes none inside a memslot update in flight."""
         allowed, rule, hva = self._expected(gpa, write=True)
         if outcome not in allowed:
             wanted = " or ".join(sorted(allowed))
             return [ContractViolation(rule, f"store to {gpa:#x}: {outcome}, not {wanted}")]
         if outcome == MAPPED and hva is not None:
-            self.values[hva] = value
+            self.on_host_write(hva, value, size)
         return []
 
-    def on_guest_load(self, gpa: int, outcome: str, value: int | None) -> list[ContractViolation]:
+    def on_guest_load(
+        self, gpa: int, outcome: str, value: int | None, size: int = 1
+    ) -> list[ContractViolation]:
+        """A load of ``size`` bytes (within one page) at ``gpa`` ended with ``outcome``,
+        reading ``value`` if it completed."""
         if self.in_update(gpa):
             return []  # the slot may be INVALID: retry, MMIO, or the old mapping (see above)
         allowed, rule, hva = self._expected(gpa, write=False)
         if outcome not in allowed:
             wanted = " or ".join(sorted(allowed))
             return [ContractViolation(rule, f"load from {gpa:#x}: {outcome}, not {wanted}")]
-        if outcome == MAPPED and hva is not None and value != self.values.get(hva, 0):
-            wanted_value = self.values.get(hva, 0)
-            return [
-                ContractViolation("C-COHERENCE", f"load {gpa:#x} gave {value}, not {wanted_value}")
-            ]
+        if outcome == MAPPED and hva is not None:
+            wanted_value = self._known(hva, size)
+            if wanted_value is not None and value != wanted_value:
+                return [
+                    ContractViolation(
+                        "C-COHERENCE", f"load {gpa:#x} gave {value}, not {wanted_value}"
+                    )
+                ]
         return []
+
+    def on_unjudged_store(self, gpa: int, size: int) -> None:
+        """A store the contract does not judge (one that spans two pages, which KVM may
+        complete in part): the bytes it may have written become unknown."""
+        page_size = self.memslots.profile.page_size
+        address = gpa
+        while address < gpa + size:
+            found = self._slot_of(address)
+            page_end = address - address % page_size + page_size
+            if found is not None:
+                hva = found[0]
+                self.on_bytes_unknown(hva, hva + min(page_end, gpa + size) - address)
+            address = page_end
