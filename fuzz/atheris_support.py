@@ -81,7 +81,9 @@ def profile_from_env() -> PlatformProfile:
     if name is None:
         return DEFAULT_PROFILE
     if name not in PROFILES:
-        raise SystemExit(f"{PROFILE_ENV}={name!r}: unknown profile ({', '.join(sorted(PROFILES))})")
+        known = ", ".join(sorted(PROFILES))
+        print(f"kvmspec: error: {PROFILE_ENV}={name!r}: unknown profile ({known})", file=sys.stderr)
+        raise SystemExit(2)
     return PROFILES[name]
 
 
@@ -93,10 +95,18 @@ def profile_from_env() -> PlatformProfile:
 # The checkers: their branches only differ when a rule is broken, so their coverage would
 # only add noise to what guides the fuzzer (the model's and the rules' decisions).
 CHECKER_MODULES = [
-    "kvmspec.spec.invariants",
-    "kvmspec.spec.invariants.memslots",
+    "kvmspec.spec.aging_contract",
+    "kvmspec.spec.checked_by",
     "kvmspec.spec.contracts",
     "kvmspec.spec.dbc",
+    "kvmspec.spec.dirty_contract",
+    "kvmspec.spec.invariants",
+    "kvmspec.spec.invariants.dirty",
+    "kvmspec.spec.invariants.memslots",
+    "kvmspec.spec.invariants.notifiers",
+    "kvmspec.spec.invariants.translations",
+    "kvmspec.spec.invariants.warnings",
+    "kvmspec.spec.memory_contract",
     "kvmspec.spec.rules",
 ]
 

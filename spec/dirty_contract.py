@@ -8,9 +8,9 @@ judges any implementation that reports guest writes and dirty-log harvests:
   manual protection), or, in a VM with dirty rings, by the rings harvested before the next
   KVM_RESET_DIRTY_RINGS. Reporting a page that was not written is allowed, as the kernel's
   own dirty_log_test allows it: the contract only asks for a superset.
-* **initially set** (C-DIRTY-INITIALLY-SET, D5): with manual protection and
+* **initially set** (D5): with manual protection and
   KVM_DIRTY_LOG_INITIALLY_SET, a new bitmap reports every page until userspace clears it.
-* **ring entries** (C-DIRTY-RING-ENTRY, D11): an entry names its slot as (as_id << 16) | id
+* **ring entries** (D11): an entry names its slot as (as_id << 16) | id
   and its page as an offset from the slot's base, so it decodes to a slot that was
   dirty-logged, at an offset inside it.
 
@@ -162,7 +162,7 @@ class DirtyLogContract:
             if missing is not None:
                 violations.append(
                     ContractViolation(
-                        "C-DIRTY-INITIALLY-SET",
+                        "D5",
                         f"slot {slot:#x} page {missing} never cleared, but reported clean",
                     )
                 )
@@ -203,7 +203,7 @@ class DirtyLogContract:
             if npages is None or offset >= npages:
                 violations.append(
                     ContractViolation(
-                        "C-DIRTY-RING-ENTRY",
+                        "D11",
                         f"entry slot {slot:#x} offset {offset} names no page of a logged slot",
                     )
                 )
