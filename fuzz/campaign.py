@@ -187,6 +187,13 @@ def _record_failure(area: Area, error: BaseException) -> str:
     path = REGRESSIONS / f"{area.name.replace('/', '-')}-{digest}{suffix}"
     path.write_text(trace)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reproducer = machines.LAST_RUN.get("reproducer")
+    if reproducer is not None:
+        # The generic machine's run as a fuzz_generic input: ./fuzz/fuzz_generic.py FILE
+        # replays it and prints the broken rules with every actor's steps.
+        binary = path.with_name(f"{area.name.replace('/', '-')}-{digest}.bin")
+        binary.write_bytes(bytes.fromhex(reproducer))
+        return f"{first} (trace: {path}; replay: ./fuzz/fuzz_generic.py {binary})"
     return f"{first} (trace: {path})"
 
 

@@ -57,9 +57,10 @@ with support.instrumentation(enabled=__name__ == "__main__"):
     from kvmspec.fuzz.scheduler import DeadlockFound
     from kvmspec.spec.platforms import PlatformProfile
 
-MAX_ACTIONS = 64
+MAX_ACTIONS = 100
 """Actions per input at most (rejected ones included): enough for several interleaved
-actors to start and finish, and a bound on the time one input can take."""
+actors to start and finish, and for a campaign's generic-machine run (80 rules at most) to
+replay whole, and a bound on the time one input can take."""
 STATS_ENV = "KVMSPEC_FUZZ_STATS"
 
 PROFILE = support.profile_from_env()

@@ -35,7 +35,8 @@ DECODERS: dict[str, Decoder] = {"memslots": decode_operation, "guest": decode_gu
 with its memslots, the VMM's memory and dirty logging (kvmspec.fuzz.guest_decoder)."""
 
 # Counters the campaign reports, and the trace of the most recent run (a failing run is the
-# last one Hypothesis executes, after shrinking).
+# last one Hypothesis executes, after shrinking); "reproducer", when present, is the run as an
+# Atheris input (hex) that the area's fuzzer replays.
 STATS: Counter[str] = Counter()
 LAST_RUN: dict[str, str] = {}
 
@@ -82,6 +83,7 @@ class _SessionMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         LAST_RUN["trace"] = self.session.trace_text()
         LAST_RUN["suffix"] = ".jsonl"
+        LAST_RUN.pop("reproducer", None)
         self.session.close()
 
 
@@ -153,6 +155,7 @@ class DifferentialMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         LAST_RUN["trace"] = self.reference.trace_text()
         LAST_RUN["suffix"] = ".jsonl"
+        LAST_RUN.pop("reproducer", None)
         self.reference.close()
         self.other_session.close()
 

@@ -38,6 +38,12 @@ def test_a_fault_without_the_retry_check_is_caught(monkeypatch: pytest.MonkeyPat
     # each actor did.
     report = "\n".join(getattr(raised.value, "__notes__", []))
     assert "state.start_fault(" in report and ": start vcpu " in report
+    # The failing run is also an input of fuzz/fuzz_generic.py that replays to a failure.
+    from kvmspec.fuzz import machines
+    from kvmspec.fuzz.fuzz_generic import run_input
+
+    replayed = run_input(bytes.fromhex(machines.LAST_RUN["reproducer"]), DEFAULT_PROFILE)
+    assert replayed.violations and not replayed.rejected
 
 
 def test_the_scheduler_refuses_actors_that_cannot_step() -> None:
