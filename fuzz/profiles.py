@@ -10,7 +10,7 @@ is set; the test suite loads ``kvmspec-fast`` on top of it either way.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 FAST = "kvmspec-fast"
 THOROUGH = "kvmspec-thorough"
@@ -33,4 +33,18 @@ def register_profiles() -> None:
         deadline=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def bug_hunt(examples: int) -> settings:
+    """Settings for a test that must find a planted bug: the fast profile's runs, many of
+    them, reproducible (derandomized), and no shrinking (finding the bug is the point, and a
+    shrunk example would only cost time)."""
+    return settings(
+        settings.get_profile(FAST),
+        max_examples=examples,
+        derandomize=True,
+        print_blob=False,
+        phases=[Phase.explicit, Phase.generate],
+        database=None,
     )

@@ -86,15 +86,9 @@ class Mutex:
         return self.owner is not None
 
 
-class Srcu:
-    """Sleepable RCU (struct srcu_struct): readers never block; a writer's synchronize
-    waits for every reader that was already inside when it started (new readers do not
-    hold it up). KVM's memslot readers (vCPUs faulting, walking memslots) are such readers,
-    so a memslot set is never freed under one of them (M10).
-
-    kernel: kernel/rcu/srcutree.c:srcu_read_lock, srcu_read_unlock,
-    synchronize_srcu_expedited (v6.18)
-    """
+class Readers:
+    """The read side every RCU flavour shares: readers enter and leave without blocking, each
+    with a token, and the set of readers inside is what a grace period waits out."""
 
     __slots__ = ("_next", "active", "name")
 
@@ -110,6 +104,19 @@ class Srcu:
 
     def read_unlock(self, token: int) -> None:
         self.active.remove(token)
+
+
+class Srcu(Readers):
+    """Sleepable RCU (struct srcu_struct): readers never block; a writer's synchronize
+    waits for every reader that was already inside when it started (new readers do not
+    hold it up). KVM's memslot readers (vCPUs faulting, walking memslots) are such readers,
+    so a memslot set is never freed under one of them (M10).
+
+    kernel: kernel/rcu/srcutree.c:srcu_read_lock, srcu_read_unlock,
+    synchronize_srcu_expedited (v6.18)
+    """
+
+    __slots__ = ()
 
     def synchronize(self, point: str) -> KernelOp[None]:
         """Wait out the readers that are inside now (a grace period)."""
@@ -167,7 +174,7 @@ class RwLock:
         return self.writer
 
 
-class Rcu:
+class Rcu(Readers):
     """RCU: readers never block, and an object a writer unpublished is freed only after every
     reader that might still see it has left (a grace period). Walkers of lockless page
     tables (arm64 stage-2 shared walks, seed 001's lockless aging) are readers; freeing a
@@ -176,21 +183,14 @@ class Rcu:
     kernel: include/linux/rcupdate.h:rcu_read_lock, call_rcu (v6.18)
     """
 
-    __slots__ = ("_next", "active", "callbacks", "name")
+    __slots__ = ("callbacks",)
 
     def __init__(self, name: str) -> None:
-        self.name = name
-        self.active: set[int] = set()
+        super().__init__(name)
         self.callbacks: list[tuple[frozenset[int], Callable[[], None]]] = []
-        self._next = 0
-
-    def read_lock(self) -> int:
-        self._next += 1
-        self.active.add(self._next)
-        return self._next
 
     def read_unlock(self, token: int) -> None:
-        self.active.remove(token)
+        super().read_unlock(token)
         self._run_callbacks()
 
     def call_rcu(self, callback: Callable[[], None]) -> None:

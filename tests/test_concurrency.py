@@ -4,10 +4,9 @@ frees, aging with or without the lock, and the harness catching a path that forg
 from __future__ import annotations
 
 import pytest
-from hypothesis import Phase, settings
 
 from kvmspec.fuzz.generic_machine import generic_machine
-from kvmspec.fuzz.profiles import FAST
+from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.reference import kvm_main
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.concurrency import Deadlock, Rcu, RwLock, run_to_completion
@@ -77,13 +76,6 @@ def test_the_machine_catches_a_missing_mmu_lock(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(RwLock, "write", lambda self: nullcontext())
     machine = generic_machine(DEFAULT_PROFILE)
-    machine.TestCase.settings = settings(
-        settings.get_profile(FAST),
-        max_examples=500,
-        derandomize=True,
-        print_blob=False,
-        phases=[Phase.explicit, Phase.generate],
-        database=None,
-    )
+    machine.TestCase.settings = bug_hunt(500)
     with pytest.raises(AssertionError, match="LOCKING"):
         machine.TestCase().runTest()

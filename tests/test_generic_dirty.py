@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from hypothesis import Phase, settings
 
 from kvmspec.fuzz.generic_machine import generic_machine
-from kvmspec.fuzz.profiles import FAST
+from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.reference import kvm_main
 from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
 from kvmspec.reference.concurrency import run_to_completion
@@ -169,14 +168,7 @@ def test_d10_write_without_vcpu() -> None:
 def _machine_finds(profile: PlatformProfile, pattern: str, examples: int = 2000) -> None:
     machine = generic_machine(profile)
     # Finding the bug is the point; shrinking it would only cost time.
-    machine.TestCase.settings = settings(
-        settings.get_profile(FAST),
-        max_examples=examples,
-        derandomize=True,
-        print_blob=False,
-        phases=[Phase.explicit, Phase.generate],
-        database=None,
-    )
+    machine.TestCase.settings = bug_hunt(examples)
     with pytest.raises(AssertionError, match=pattern):
         machine.TestCase().runTest()
 

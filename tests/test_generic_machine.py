@@ -4,10 +4,10 @@ the flat MMU keep every rule; and a model whose fault skips the retry check is c
 from __future__ import annotations
 
 import pytest
-from hypothesis import Phase, settings
+from hypothesis import settings
 
 from kvmspec.fuzz.generic_machine import generic_machine
-from kvmspec.fuzz.profiles import FAST
+from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PlatformProfile
 
 
@@ -24,14 +24,7 @@ def test_a_fault_without_the_retry_check_is_caught(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(page_fault, "mmu_invalidate_retry_gfn", lambda kvm, seq, gfn: False)
     machine = generic_machine(DEFAULT_PROFILE)
     # Finding the bug is the point here; shrinking it would only cost time.
-    machine.TestCase.settings = settings(
-        settings.get_profile(FAST),
-        max_examples=2000,
-        derandomize=True,
-        print_blob=False,
-        phases=[Phase.explicit, Phase.generate],
-        database=None,
-    )
+    machine.TestCase.settings = bug_hunt(2000)
     with pytest.raises(AssertionError, match=r"N4|N5|COHERENCE") as raised:
         machine.TestCase().runTest()
     # The failure reads as a story: the rules Hypothesis ran, and the harness's notes on what
