@@ -11,9 +11,16 @@ to a READONLY one (MMIO), or a store to a page KVM keeps read-only because it ho
 guest page table. The emulator translates the address through the guest's tables,
 writes guest memory itself, and tells the shadow MMU (kvm_mmu_track_write).
 
+The emulator does not know every instruction. When it fails on a store to a write-protected
+page, KVM may instead stop shadowing the page and let the CPU run the instruction again
+(unprotect and retry); the same fault at the same instruction a second time is not retried
+but reported (KVM_EXIT_INTERNAL_ERROR), or seed 002's loop would never end: the retry's
+own fault can shadow the page again when it is a table on the path to itself.
+
 kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, x86_emulate_instruction, emulator_read_write,
-emulator_read_write_onepage, emulator_write_phys; arch/x86/kvm/mmu/mmu.c:
-kvm_mmu_page_fault, kvm_mmu_write_protect_fault; the hardware page walk (SDM vol. 3, 4.10)
+emulator_read_write_onepage, emulator_write_phys, kvm_unprotect_and_retry_on_failure;
+arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault, kvm_mmu_write_protect_fault,
+__kvm_mmu_unprotect_gfn_and_retry; the hardware page walk (SDM vol. 3, 4.10)
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.page_fault import MmioExit
 from kvmspec.reference.vcpu import KvmVcpu
 from kvmspec.reference.x86.guest_walk import X86Exception, walk_addr_generic
+from kvmspec.reference.x86.lpage import kvm_pages_per_hpage
 from kvmspec.reference.x86.mmu_page import ShadowMmuState, shadow_of
 from kvmspec.reference.x86.paging import (
     PFERR_PRESENT_MASK,
@@ -42,7 +50,7 @@ from kvmspec.reference.x86.paging_tmpl import KvmGuestMemory, RetPf, fname_page_
 from kvmspec.reference.x86.roots import vcpu_enter_guest
 from kvmspec.reference.x86.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
 from kvmspec.reference.x86.tlb import TlbEntry, VcpuMmu
-from kvmspec.reference.x86.zap import kvm_mmu_track_write
+from kvmspec.reference.x86.zap import kvm_mmu_track_write, kvm_mmu_unprotect_gfn
 from kvmspec.spec.uapi.constants import PAGE_SHIFT, PAGE_SIZE
 
 MAX_FAULTS_PER_ACCESS = 8
@@ -59,6 +67,9 @@ class Outcome(enum.Enum):
     """The guest's walk failed: its #PF has no handler (FINDINGS 5.1)."""
     RETRY = "retry"
     """Still faulting while an invalidation or a memslot update is open."""
+    EMULATION_FAILED = "emulation_failed"
+    """KVM_EXIT_INTERNAL_ERROR (KVM_INTERNAL_ERROR_EMULATION): the instruction had to be
+    emulated, the emulator failed, and retrying it could not help."""
     DIRTY_RING_FULL = "dirty_ring_full"
 
 
@@ -101,7 +112,9 @@ def hardware_translate(
     # The hardware sets A (and D for a store) in the leaf, atomically, outside mmu_lock.
     accessed = spte | mmu.masks.accessed_mask | (mmu.masks.dirty_mask if write else 0)
     sp.set_spte(index, accessed)
-    entry = TlbEntry(spte_to_pfn(spte), bool(rights & PT_WRITABLE_MASK))
+    # A huge leaf maps its frame: the page's offset inside it comes from the address.
+    offset = vpn & (kvm_pages_per_hpage(sp.role.level) - 1)
+    entry = TlbEntry(spte_to_pfn(spte) + offset, bool(rights & PT_WRITABLE_MASK))
     vcpu_mmu.tlb[vpn] = entry
     return entry
 
@@ -118,15 +131,63 @@ def _page_parts(gva: int, size: int) -> list[Part]:
     return parts
 
 
-def guest_instruction(
-    kvm: Kvm, host: HostMm, vcpu_id: int, gva: int, data: bytes | None, size: int = 1
-) -> ShadowAccess:
-    """One guest instruction that loads ``size`` bytes at ``gva`` (``data`` None) or
-    stores ``data`` there (up to 8 bytes, possibly across a page boundary). Every page is
-    translated before any byte moves; each fault is handled and the guest entered again.
+def kvm_mmu_write_protect_fault(vcpu_mmu: VcpuMmu, rip: int, addr: int) -> bool:
+    """A store hit a write-protected page: may a failed emulation unprotect and retry? Not
+    when this very instruction was retried at this very address already; otherwise the
+    guard is reset (the model's guest never runs nested, which also forbids retrying).
 
-    kernel: arch/x86/kvm/x86.c:vcpu_enter_guest; arch/x86/kvm/mmu/mmu.c:
-    kvm_mmu_page_fault (v6.18)
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_write_protect_fault (v6.18)
+    """
+    if vcpu_mmu.last_retry_eip == rip and vcpu_mmu.last_retry_addr == addr:
+        return False
+    vcpu_mmu.last_retry_eip = 0
+    vcpu_mmu.last_retry_addr = 0
+    return True
+
+
+def kvm_mmu_unprotect_gfn_and_retry(
+    kvm: Kvm, host: HostMm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, rip: int, addr: int
+) -> None:
+    """The emulator failed on a store at guest virtual ``addr``: stop shadowing the page it
+    writes (translated through the guest's tables) and remember the instruction and
+    address, so that the same fault is not retried twice. The kernel retries even when
+    nothing was unprotected: another vCPU may have done it.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:__kvm_mmu_unprotect_gfn_and_retry;
+    arch/x86/kvm/x86.c:kvm_unprotect_and_retry_on_failure (v6.18)
+    """
+    if mmu.indirect_shadow_pages:
+        walk = run_to_completion(
+            walk_addr_generic(
+                KvmGuestMemory(kvm, host), vcpu_mmu.mode, vcpu_mmu.cr3, addr, PFERR_WRITE_MASK
+            )
+        )
+        if not isinstance(walk, X86Exception):
+            kvm_mmu_unprotect_gfn(kvm, mmu, walk.gfn)
+    vcpu_mmu.last_retry_eip = rip
+    vcpu_mmu.last_retry_addr = addr
+
+
+def guest_instruction(
+    kvm: Kvm,
+    host: HostMm,
+    vcpu_id: int,
+    gva: int,
+    data: bytes | None,
+    size: int = 1,
+    *,
+    rip: int = 0,
+    emulatable: bool = True,
+) -> ShadowAccess:
+    """One guest instruction at ``rip`` that loads ``size`` bytes at ``gva`` (``data``
+    None) or stores ``data`` there (up to 8 bytes, possibly across a page boundary). Every
+    page is translated before any byte moves; each fault is handled and the guest entered
+    again. ``emulatable`` False is an instruction KVM's emulator fails on: a fault that
+    needs emulation then unprotects and retries once (stores to write-protected pages)
+    or ends in EMULATION_FAILED.
+
+    kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, x86_emulate_instruction;
+    arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault (v6.18)
     """
     mmu = shadow_of(kvm)
     vcpu = kvm.vcpus[vcpu_id]
@@ -155,7 +216,14 @@ def guest_instruction(
             return ShadowAccess(Outcome.EFAULT)
         if result.ret in (RetPf.EMULATE, RetPf.WRITE_PROTECTED):
             mmu.stat["pf_emulate"] += 1
-            return _emulate(kvm, host, mmu, vcpu_mmu, vcpu, parts, data)
+            allow_retry = result.ret is RetPf.WRITE_PROTECTED and kvm_mmu_write_protect_fault(
+                vcpu_mmu, rip, fault[0]
+            )
+            if emulatable:
+                return _emulate(kvm, host, mmu, vcpu_mmu, vcpu, parts, data)
+            if not allow_retry:
+                return ShadowAccess(Outcome.EMULATION_FAILED)
+            kvm_mmu_unprotect_gfn_and_retry(kvm, host, mmu, vcpu_mmu, rip, fault[0])
     for part_gva, _start, _length in parts:
         walk = run_to_completion(
             walk_addr_generic(KvmGuestMemory(kvm, host), vcpu_mmu.mode, vcpu_mmu.cr3, part_gva, 0)

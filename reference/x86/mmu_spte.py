@@ -12,7 +12,7 @@ memslot flushes), write-protecting a gfn (shadowed page tables, dirty logging), 
 
 kernel: arch/x86/kvm/mmu/mmu.c:mmu_spte_set, mmu_spte_update, mmu_spte_clear_track_bits,
 mmu_spte_clear_no_track, drop_spte, mmu_page_add_parent_pte, mmu_page_remove_parent_pte,
-drop_parent_pte, __link_shadow_page, spte_write_protect, rmap_write_protect,
+drop_parent_pte, drop_large_spte, __link_shadow_page, spte_write_protect, rmap_write_protect,
 kvm_zap_rmap, __kvm_rmap_zap_gfn_range, kvm_rmap_age_gfn_range (v6.18)
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr
-from kvmspec.reference.x86.paging import KVM_MAX_HUGEPAGE_LEVEL, PT_WRITABLE_MASK
+from kvmspec.reference.x86.paging import KVM_MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, PT_WRITABLE_MASK
 from kvmspec.reference.x86.rmap import rmap_head, rmap_remove, slot_rmap_heads
 from kvmspec.reference.x86.spte import (
     SHADOW_NONPRESENT_VALUE,
@@ -121,14 +121,28 @@ def drop_parent_pte(kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage, parent_pte: S
     mmu_spte_clear_no_track(kvm, mmu, parent_pte)
 
 
+def drop_large_spte(kvm: Kvm, mmu: ShadowMmuState, sptep: SptePtr, flush: bool) -> None:
+    """Drop a huge leaf that a table of smaller pages replaces, and flush (when asked) so no
+    vCPU keeps translating through the huge page once the table is linked.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:drop_large_spte (v6.18)
+    """
+    kvm.warn_on(sptep.sp.role.level == PG_LEVEL_4K, "X2", f"{sptep} is not a huge leaf")
+    drop_spte(kvm, mmu, sptep)
+    if flush:
+        kvm.arch.kvm_flush_remote_tlbs(kvm)
+
+
 def link_shadow_page(kvm: Kvm, mmu: ShadowMmuState, sptep: SptePtr, sp: KvmMmuPage) -> None:
-    """Point the non-present SPTE ``sptep`` at the child page ``sp`` and record the link in
-    the child. (In the kernel a present SPTE here can only be a huge leaf, dropped first;
-    the model never makes huge leaves, so a present one is a broken caller.)
+    """Point ``sptep`` at the child page ``sp`` and record the link in the child. A present
+    SPTE here can only be a huge leaf (kvm_mmu_get_child_sp follows existing links): the
+    fault needs smaller pages under it, so it is dropped first (seed 002: a write-protected
+    huge leaf lives until a fault has to map inside it).
 
     kernel: arch/x86/kvm/mmu/mmu.c:link_shadow_page, __link_shadow_page (v6.18)
     """
-    kvm.warn_on(is_shadow_present_pte(sptep.get()), "X2", f"linking over present {sptep}")
+    if is_shadow_present_pte(sptep.get()):
+        drop_large_spte(kvm, mmu, sptep, flush=True)
     mmu_spte_set(kvm, mmu, sptep, make_nonleaf_spte(mmu.masks, sp.pfn, ad_disabled=False))
     mmu_page_add_parent_pte(sp, sptep)
 

@@ -15,11 +15,14 @@ Two mechanisms, by level of the shadow page (account_shadowed):
   mmu_try_to_unsync_pages, which in the kernel may let the page go *unsync* (writable,
   resynchronized at the guest's next TLB flush) instead.
 
+Both also raise the disallow_lpage count of the gfn's huge frames (lpage.py, X8), so no
+new huge leaf covers a shadowed table. A huge leaf that covers it already is write-protected
+with the gfn's other leaves, not dropped: reads keep going through it, and the next write
+fault replaces it with smaller pages (seed 002, "lazily drop large spte").
+
 The model does not make pages unsync: mmu_try_to_unsync_pages refuses wherever the kernel
 would unsync, as the kernel itself does while synchronizing. Writes to last-level tables
 are then emulated like the others; the guest sees the same memory, KVM takes more exits.
-Not modelled either: the lpage_info counts (disallow_lpage, invariant X8) that also keep
-huge mappings off shadowed gfns, since the model maps 4K pages only.
 
 kernel: arch/x86/kvm/mmu/mmu.c:account_shadowed, unaccount_shadowed,
 mmu_try_to_unsync_pages; arch/x86/kvm/mmu/page_track.c:__kvm_write_track_add_gfn,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvmspec.reference.x86.lpage import kvm_mmu_gfn_allow_lpage, kvm_mmu_gfn_disallow_lpage
 from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
     ShadowMmuState,
@@ -73,12 +77,14 @@ def kvm_gfn_is_write_tracked(slot: KvmMemorySlot | None, gfn: int) -> bool:
 
 
 def __kvm_write_track_add_gfn(kvm: Kvm, mmu: ShadowMmuState, slot: KvmMemorySlot, gfn: int) -> None:
-    """Take a write-track reference on ``gfn`` and remove its writable mappings now.
+    """Take a write-track reference on ``gfn``, forbid huge mappings over it, and remove
+    its writable mappings now (huge ones included: they are write-protected).
 
     kernel: arch/x86/kvm/mmu/page_track.c:__kvm_write_track_add_gfn (v6.18)
     """
     kvm.lockdep_assert_mmu_lock_held_write("write-tracking a gfn")
     update_gfn_write_track(kvm, slot, gfn, 1)
+    kvm_mmu_gfn_disallow_lpage(kvm, slot, gfn)
     if kvm_mmu_slot_gfn_write_protect(kvm, mmu, slot, gfn, PG_LEVEL_4K):
         kvm.arch.kvm_flush_remote_tlbs(kvm)
 
@@ -87,11 +93,13 @@ def __kvm_write_track_remove_gfn(kvm: Kvm, slot: KvmMemorySlot, gfn: int) -> Non
     """kernel: arch/x86/kvm/mmu/page_track.c:__kvm_write_track_remove_gfn (v6.18)"""
     kvm.lockdep_assert_mmu_lock_held_write("write-untracking a gfn")
     update_gfn_write_track(kvm, slot, gfn, -1)
+    kvm_mmu_gfn_allow_lpage(kvm, slot, gfn)
 
 
 def account_shadowed(kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage) -> None:
     """A new page shadows the guest table at ``sp.gfn``: count it, and protect the gfn
-    (write-tracked for an upper level, its SPTEs write-protected for the last level).
+    (write-tracked for an upper level; for the last level, huge mappings disallowed and
+    its SPTEs write-protected).
 
     kernel: arch/x86/kvm/mmu/mmu.c:account_shadowed (v6.18)
     """
@@ -103,6 +111,7 @@ def account_shadowed(kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage) -> None:
     if sp.role.level > PG_LEVEL_4K:
         __kvm_write_track_add_gfn(kvm, mmu, slot, sp.gfn)
         return
+    kvm_mmu_gfn_disallow_lpage(kvm, slot, sp.gfn)
     if kvm_mmu_slot_gfn_write_protect(kvm, mmu, slot, sp.gfn, PG_LEVEL_4K):
         kvm.arch.kvm_flush_remote_tlbs(kvm)
 
@@ -120,6 +129,8 @@ def unaccount_shadowed(kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage) -> None:
     assert slot is not None
     if sp.role.level > PG_LEVEL_4K:
         __kvm_write_track_remove_gfn(kvm, slot, sp.gfn)
+    else:
+        kvm_mmu_gfn_allow_lpage(kvm, slot, sp.gfn)
 
 
 def mmu_try_to_unsync_pages(

@@ -13,13 +13,13 @@ guest's own tables, and records the result where the hardware looks:
    INVALID: retry), get the page from the host (EFAULT if it cannot);
 4. under mmu_lock: give up if the root became obsolete or an invalidation covered the gfn
    since the snapshot (is_page_fault_stale), else build the shadow pages down to the leaf
-   (FNAME(fetch)), each shadowing the guest table the walk read at that level, and set
-   the leaf (mmu_set_spte).
+   (FNAME(fetch)), each shadowing the guest table the walk read at that level, choose the
+   leaf's size (lpage.kvm_mmu_hugepage_adjust), and set the leaf (mmu_set_spte).
 
-Only 4K leaves are made: a guest huge page is mapped 4K by 4K through *direct* shadow
-pages (what the kernel does when the host cannot back it with a huge page). Not modelled:
-huge SPTEs (kvm_mmu_hugepage_adjust), prefetching neighbouring guest PTEs, MMIO SPTEs
-(MMIO caching is off on this machine), unsync pages, CR0.WP=0 supervisor writes.
+A guest huge page is mapped with a huge leaf when the host backs it with a huge page and
+nothing forbids it (lpage.py); otherwise in smaller pieces through *direct* shadow pages.
+Not modelled: prefetching neighbouring guest PTEs, MMIO SPTEs (MMIO caching is off on
+this machine), unsync pages, CR0.WP=0 supervisor writes.
 
 kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(page_fault), FNAME(fetch),
 FNAME(gpte_changed); arch/x86/kvm/mmu/mmu.c:kvm_mmu_faultin_pfn, __kvm_mmu_faultin_pfn,
@@ -56,6 +56,7 @@ from kvmspec.reference.x86.guest_walk import (
     gpte_access,
     walk_addr_generic,
 )
+from kvmspec.reference.x86.lpage import kvm_mmu_hugepage_adjust
 from kvmspec.reference.x86.mmu_page import (
     ShadowMmuState,
     SptePtr,
@@ -127,6 +128,12 @@ class KvmPageFault:
     mmu_seq: int = 0
     page: HostPage | None = None
     """The page's reference held by the fault (the kernel's refcounted_page)."""
+    max_level: int = PG_LEVEL_4K
+    """The largest leaf the fault may install: the guest's page size (walker.level)."""
+    req_level: int = PG_LEVEL_4K
+    """What kvm_mmu_max_mapping_level allowed."""
+    goal_level: int = PG_LEVEL_4K
+    """The level of the leaf FNAME(fetch) installs."""
 
     @property
     def write(self) -> bool:
@@ -316,8 +323,11 @@ def fname_fetch(
 ) -> RetPf:
     """Build the shadow path for the walk, under mmu_lock. From the root down to the
     guest leaf's level, each level links the shadow page of the guest table the walk read
-    there (re-reading the guest entry after the page is created: if it changed, retry);
-    below a guest huge leaf, direct pages cover its range; then the leaf.
+    there (re-reading the guest entry after the page is created: if it changed, retry).
+    Only then is the leaf's size chosen, since shadowing those tables may have forbidden
+    a huge leaf over them. Below a guest huge leaf, direct pages cover its range down to
+    that size (replacing a huge leaf found on the way); then the leaf, for the first gfn
+    of its frame.
 
     kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(fetch) (v6.18)
     """
@@ -349,8 +359,9 @@ def fname_fetch(
         level -= 1
         sptep = SptePtr(sp, pt_index(fault.addr, level))
     sp.write_flooding_count = 0
-    # Below a guest huge page: direct pages, down to 4K.
-    while level > PG_LEVEL_4K:
+    kvm_mmu_hugepage_adjust(kvm, mem.host, fault)
+    # Below a guest huge page: direct pages, down to the leaf's level.
+    while level > fault.goal_level:
         base_gfn = gfn_round_for_level(fault.gfn, level - 1)
         child = kvm_mmu_get_child_sp(
             kvm, mmu, sptep, base_gfn, direct=True, access=walker.pte_access
@@ -361,7 +372,8 @@ def fname_fetch(
         level -= 1
         sptep = SptePtr(sp, pt_index(fault.addr, level))
     assert fault.slot is not None
-    return mmu_set_spte(kvm, mmu, fault.slot, sptep, walker.pte_access, fault.gfn, fault, vcpu)
+    base_gfn = gfn_round_for_level(fault.gfn, level)
+    return mmu_set_spte(kvm, mmu, fault.slot, sptep, walker.pte_access, base_gfn, fault, vcpu)
 
 
 def fname_page_fault(
@@ -387,7 +399,7 @@ def fname_page_fault(
             mark_page_dirty_in_slot(kvm, kvm.memslots(0).gfn_to_memslot(gfn), gfn, vcpu)
         if isinstance(walk, X86Exception):
             return PageFaultResult(RetPf.RETRY, walk)
-        fault = KvmPageFault(addr, error_code, walk.gfn)
+        fault = KvmPageFault(addr, error_code, walk.gfn, max_level=walk.level)
         fault.slot = kvm.memslots(0).gfn_to_memslot(walk.gfn)
         if fault.present and fault.write and kvm_gfn_is_write_tracked(fault.slot, fault.gfn):
             return PageFaultResult(RetPf.WRITE_PROTECTED)

@@ -67,6 +67,10 @@ class VcpuMmu:
     requests: set[str] = field(default_factory=set)
     tlb: dict[int, TlbEntry] = field(default_factory=dict)
     """Guest virtual page number -> translation."""
+    last_retry_eip: int = 0
+    last_retry_addr: int = 0
+    """The instruction (rip) and address of the last unprotect-and-retry: the same fault
+    again is emulated, never retried, so a vCPU cannot loop between the two (seed 002)."""
 
     def flush_tlb(self) -> None:
         """The hardware TLB flush (kvm_vcpu_flush_tlb_all / flush_tlb_current: with shadow

@@ -22,7 +22,8 @@ kernel: arch/x86/kvm/mmu/mmu.c:__kvm_mmu_prepare_zap_page, kvm_mmu_prepare_zap_p
 kvm_mmu_commit_zap_page, kvm_mmu_remote_flush_or_zap, mmu_page_zap_pte,
 kvm_mmu_page_unlink_children, kvm_mmu_unlink_parents, kvm_mmu_zap_all_fast,
 kvm_zap_obsolete_pages, kvm_mmu_zap_all, kvm_mmu_zap_memslot_pages_and_flush,
-kvm_mmu_track_write, detect_write_misaligned, detect_write_flooding (v6.18)
+__kvm_mmu_unprotect_gfn_and_retry, kvm_mmu_track_write, detect_write_misaligned,
+detect_write_flooding (v6.18)
 """
 
 from __future__ import annotations
@@ -210,6 +211,24 @@ def kvm_mmu_zap_memslot_pages_and_flush(
             for sp in for_each_valid_sp(mmu, gfn):
                 kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list)
     kvm_mmu_remote_flush_or_zap(kvm, mmu, invalid_list, flush)
+
+
+def kvm_mmu_unprotect_gfn(kvm: Kvm, mmu: ShadowMmuState, gfn: int) -> bool:
+    """Stop shadowing ``gfn``: zap every valid page that shadows it as a guest table, so
+    its write protection (and the disallowed huge frames) go with them. True if a page
+    was zapped. Huge leaves that cover the gfn read-only stay: the next write fault makes
+    them writable again, unless the fault shadows the gfn anew (seed 002).
+
+    kernel: arch/x86/kvm/mmu/mmu.c:__kvm_mmu_unprotect_gfn_and_retry (the zap) (v6.18)
+    """
+    invalid_list: list[KvmMmuPage] = []
+    with kvm.mmu_lock.write():
+        for sp in for_each_valid_sp(mmu, gfn):
+            if sp_has_gptes(sp):
+                kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list)
+        zapped = bool(invalid_list)
+        kvm_mmu_commit_zap_page(kvm, mmu, invalid_list)
+    return zapped
 
 
 def detect_write_misaligned(gpa: int, nbytes: int) -> bool:
