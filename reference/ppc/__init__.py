@@ -1,0 +1,12 @@
+"""POWER Book3S HV with a hashed page table (HPT), built piece by piece (issue 6).
+
+In reading order: :mod:`~kvmspec.reference.ppc.hpte` (the two words of a hashed page-table
+entry, the guest's view of one, page sizes and protections), :mod:`~kvmspec.reference.ppc.hpt`
+(the table itself: groups, the hash, HPTE locks, the reverse map entries and the per-slot
+rmap words that chain them), :mod:`~kvmspec.reference.ppc.tlb` (the hardware: TLBs, the
+R and C bits it sets, tlbie), :mod:`~kvmspec.reference.ppc.hcalls` (the guest's hypercalls
+H_ENTER, H_REMOVE, H_BULK_REMOVE, H_PROTECT, H_READ, H_CLEAR_REF, H_CLEAR_MOD),
+:mod:`~kvmspec.reference.ppc.rmap_walk` (what the host does through the rmaps: unmap for
+notifiers and slot flushes, aging, dirty harvest) and :mod:`~kvmspec.reference.ppc.hpt_mmu`
+(the KvmArch hooks, start here for how the generic layer reaches all of it).
+"""
