@@ -362,7 +362,7 @@ def fname_fetch(
     kvm_mmu_hugepage_adjust(kvm, mem.host, fault)
     # Below a guest huge page: direct pages, down to the leaf's level.
     while level > fault.goal_level:
-        base_gfn = gfn_round_for_level(fault.gfn, level - 1)
+        base_gfn = gfn_round_for_level(fault.gfn, level)
         child = kvm_mmu_get_child_sp(
             kvm, mmu, sptep, base_gfn, direct=True, access=walker.pte_access
         )

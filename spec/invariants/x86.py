@@ -3,17 +3,20 @@
 Each check rebuilds what the MMU's bookkeeping should say from the shadow page tables
 themselves and compares: the rmaps (X1), the parent links and root counts (X2), the
 writable-bit states of every leaf (X3), the write protection of shadowed guest page
-tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' TLBs (X5), and
-the leaves against the host's page tables (N4). ``check_shadow_mmu`` runs them all.
+tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' TLBs (X5), the
+leaves against the host's page tables (N4), the huge-page counts (X8), every huge leaf
+(X9), and dirty-logged slots mapping nothing writable larger than 4K (D4).
+``check_shadow_mmu`` runs them all.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
-from kvmspec.reference.host import HostMm
+from kvmspec.reference.gfn_to_hva import __gfn_to_hva_memslot, gfn_to_hva_many, kvm_is_error_hva
+from kvmspec.reference.host import LEVEL_PMD, HostMm
 from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.x86.lpage import kvm_pages_per_hpage, slot_lpage_info
 from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
     SptePtr,
@@ -21,6 +24,8 @@ from kvmspec.reference.x86.mmu_page import (
     kvm_mmu_page_get_gfn,
     sp_has_gptes,
 )
+from kvmspec.reference.x86.page_track import slot_write_track
+from kvmspec.reference.x86.paging import KVM_MAX_HUGEPAGE_LEVEL, PG_LEVEL_2M, PG_LEVEL_4K
 from kvmspec.reference.x86.rmap import gfn_to_index, slot_rmaps
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.spte import (
@@ -32,6 +37,7 @@ from kvmspec.reference.x86.spte import (
 )
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH
 from kvmspec.spec.invariants import Violation
+from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SHIFT
 
 
 def _leaves(mmu: ShadowMmu) -> list[tuple[SptePtr, int]]:
@@ -120,19 +126,119 @@ def check_leaf_writability(mmu: ShadowMmu) -> list[Violation]:
     return violations
 
 
-def check_shadowed_tables_write_protected(mmu: ShadowMmu) -> list[Violation]:
-    """X6: no writable leaf maps a gfn that a valid, synced page shadows as a guest table."""
-    shadowed = {
+def _shadowed_gfns(mmu: ShadowMmu) -> set[int]:
+    """The gfns a valid, synced page shadows as a guest table."""
+    return {
         sp.gfn
         for sp in mmu.sp_by_pfn.values()
         if sp_has_gptes(sp) and not sp.unsync and not is_obsolete_sp(mmu, sp)
     }
-    return [
-        Violation("X6", f"{sptep} maps shadowed guest table gfn {gfn:#x} writable")
-        for sptep, spte in _leaves(mmu)
-        if is_writable_pte(spte)
-        and (gfn := kvm_mmu_page_get_gfn(sptep.sp, sptep.index)) in shadowed
-    ]
+
+
+def _frame(sptep: SptePtr) -> range:
+    """The gfns a leaf maps: one, or a huge leaf's whole frame."""
+    gfn = kvm_mmu_page_get_gfn(sptep.sp, sptep.index)
+    return range(gfn, gfn + kvm_pages_per_hpage(sptep.sp.role.level))
+
+
+def check_shadowed_tables_write_protected(mmu: ShadowMmu) -> list[Violation]:
+    """X6: no writable leaf maps a gfn that a valid, synced page shadows as a guest table
+    (a huge leaf maps every gfn of its frame: seed 002's write-protected large SPTE)."""
+    shadowed = sorted(_shadowed_gfns(mmu))
+    violations = []
+    for sptep, spte in _leaves(mmu):
+        if not is_writable_pte(spte):
+            continue
+        frame = _frame(sptep)
+        for gfn in shadowed:
+            if gfn in frame:
+                violations.append(
+                    Violation("X6", f"{sptep} maps shadowed guest table gfn {gfn:#x} writable")
+                )
+    return violations
+
+
+def check_lpage_info(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
+    """X8: every frame's disallow_lpage count is what the slot's layout gives it, plus one
+    per 4K shadow page with gptes whose gfn is in the frame, plus one per write-track
+    reference on a gfn of the frame; and the write-track references are one per
+    upper-level shadow page with gptes. Pages count until they are zapped (role.invalid),
+    obsolete or not: unaccount_shadowed runs when a page is zapped."""
+    accounted = [sp for sp in mmu.sp_by_pfn.values() if sp_has_gptes(sp) and not sp.role.invalid]
+    violations = []
+    for slot in kvm.memslots(0):
+        if slot.invalid:
+            continue  # being deleted or moved: its pages are zapped before it goes
+        in_slot = [sp for sp in accounted if slot.base_gfn <= sp.gfn < slot.end_gfn]
+        tracked: Counter[int] = Counter()
+        for sp in in_slot:
+            if sp.role.level > PG_LEVEL_4K:
+                tracked[gfn_to_index(sp.gfn, slot.base_gfn, PG_LEVEL_4K)] += 1
+        if dict(tracked) != slot_write_track(slot):
+            violations.append(
+                Violation("X8", f"{slot}: write-track {slot_write_track(slot)}, pages {tracked}")
+            )
+        info = slot_lpage_info(slot)
+        for level in range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            expected: Counter[int] = Counter()
+            for sp in in_slot:  # a 4K page counts once, an upper one through its tracking
+                expected[gfn_to_index(sp.gfn, slot.base_gfn, level)] += 1
+            indexes = {i for lvl, i in info.added if lvl == level} | set(expected)
+            for index in sorted(indexes):
+                if info.added.get((level, index), 0) != expected[index]:
+                    violations.append(
+                        Violation(
+                            "X8",
+                            f"{slot} L{level} frame {index}: disallow_lpage "
+                            f"{info.disallow_lpage(level, index)}, recomputed "
+                            f"{info.initial(level, index) + expected[index]}",
+                        )
+                    )
+    return violations
+
+
+def check_huge_leaves(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
+    """X9 and D4 for every huge leaf: its frame lies wholly in one slot, the slot's gpa and
+    hva agree modulo the size, and (once no invalidation is open) the host maps the frame
+    with one huge page at the leaf's pfn. A writable huge leaf also needs a frame whose
+    disallow_lpage count is 0 (a read-only one may outlive the count: seed 002 keeps it
+    for reads), and a slot that is not dirty-logged (D4: a logged slot is write-protected
+    when logging starts and then maps 4K; INITIALLY_SET slots are exempt until the first
+    CLEAR reaches the frame, D5)."""
+    violations = []
+    for sptep, spte in _leaves(mmu):
+        level = sptep.sp.role.level
+        if level == PG_LEVEL_4K:
+            continue
+        frame = _frame(sptep)
+        slot = kvm.memslots(0).gfn_to_memslot(frame.start)
+        if slot is None or slot.invalid:
+            continue  # X1 reports a leaf without a slot; an INVALID slot's leaves go next
+        if frame.stop > slot.end_gfn:
+            violations.append(Violation("X9", f"{sptep} L{level} sticks out of {slot}"))
+            continue
+        hva = __gfn_to_hva_memslot(slot, frame.start, PAGE_SHIFT)
+        if (hva >> PAGE_SHIFT) % len(frame):
+            violations.append(Violation("X9", f"{sptep} L{level} over unaligned hva {hva:#x}"))
+        host_pte = host.lookup(hva)
+        if not kvm.mmu_invalidate_in_progress and (
+            host.mapping_level(hva) != LEVEL_PMD
+            or host_pte is None
+            or host_pte.pfn != spte_to_pfn(spte)
+        ):
+            violations.append(Violation("X9", f"{sptep} L{level}: host maps {host_pte}"))
+        if not is_writable_pte(spte):
+            continue
+        disallowed = slot_lpage_info(slot).disallow_lpage(
+            level, gfn_to_index(frame.start, slot.base_gfn, level)
+        )
+        if disallowed:
+            violations.append(
+                Violation("X9", f"{sptep} writable L{level} over disallow_lpage {disallowed}")
+            )
+        if slot.dirty_logging and not kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
+            violations.append(Violation("D4", f"{sptep} writable L{level} in logged {slot}"))
+    return violations
 
 
 def check_obsolete(mmu: ShadowMmu) -> list[Violation]:
@@ -167,7 +273,8 @@ def _walk(mmu: ShadowMmu, root: KvmMmuPage, gva: int) -> tuple[int, bool] | None
             return None
         writable &= is_writable_pte(spte)
         if is_last_spte(spte, sp.role.level):
-            return spte_to_pfn(spte), writable
+            offset = (gva >> PAGE_SHIFT) % kvm_pages_per_hpage(sp.role.level)
+            return spte_to_pfn(spte) + offset, writable
         child = mmu.sp_by_pfn.get(spte_to_pfn(spte))
         if child is None:
             return None
@@ -203,6 +310,8 @@ def check_leaves_match_host(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Viol
         return []
     violations = []
     for sptep, spte in _leaves(mmu):
+        if sptep.sp.role.level > PG_LEVEL_4K:
+            continue  # check_huge_leaves compares the whole frame with the host's huge page
         gfn = kvm_mmu_page_get_gfn(sptep.sp, sptep.index)
         slot = kvm.memslots(0).gfn_to_memslot(gfn)
         hva, _ = gfn_to_hva_many(slot, gfn, write=False, page_shift=12)
@@ -226,5 +335,7 @@ def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
         *check_obsolete(mmu),
         *check_tlbs(mmu),
         *check_leaves_match_host(kvm, mmu, host),
+        *check_lpage_info(kvm, mmu),
+        *check_huge_leaves(kvm, mmu, host),
         *(Violation(rule, f"WARN: {message}") for rule, message in kvm.warnings),
     ]
