@@ -51,7 +51,12 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "D1": (DIRTY_CHECKS, DIRTY_CONTRACT),
     "D2": (DIRTY_CHECKS, f"scenario test `{_GENERIC_TESTS}test_d2_write_after_get_is_logged`"),
     "D3": (f"scenario test `{_GENERIC_TESTS}test_d3_clear_reprotects_exactly`",),
-    "D4": (f"{NOT_CHECKED}: the flat MMU maps base pages only; the x86 and arm64 MMUs check it",),
+    "D4": (
+        "x86 shadow MMU checks of spec/invariants/x86.py (check_huge_leaves: no writable huge"
+        " leaf in a dirty-logged slot), after every step of tests/test_x86_huge.py's machine",
+        "scenario test `tests/test_x86_huge.py::"
+        "test_dirty_logging_splits_the_huge_spte_and_stopping_it_recovers_it`",
+    ),
     "D8": (DIRTY_CHECKS,),
     "D10": (
         DIRTY_CHECKS,
