@@ -2,11 +2,15 @@
 
 The session applies an operation, records it with its observation (so any run can be written
 out as a trace), checks the black-box contracts on the observation, and, when the target is
-the reference model, the white-box invariants on its state. It also keeps what a VMM knows
-(regions, guest_memfds, the last accepted request of each slot) for the decoder.
+the reference model, the white-box invariants on its state (those of the x86 shadow MMU too,
+when the model VM runs it). It also keeps what a VMM knows (regions, guest_memfds, the last
+accepted request of each slot) for the decoder.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kvmspec.fuzz.guest_layout import PRIVATE_GPA, PRIVATE_SIZE, private_slot_id
 from kvmspec.fuzz.ops import (
@@ -44,10 +48,28 @@ from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import errno_code
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
+if TYPE_CHECKING:
+    from kvmspec.reference.host import HostMm
+    from kvmspec.reference.kvm import Kvm
+    from kvmspec.spec.invariants import Violation
+
 RegionOp = SetUserMemoryRegion | SetUserMemoryRegion2
 _OUTCOMES = {"none": "mapped", "mmio": "mmio", "dirty_ring_full": "dirty_ring_full"}
 """A guest observation's exit, as the memory contract names outcomes."""
 _PROT_BITS = {"none": 0, "r": 1, "rw": 3}
+
+
+def _arch_checks(kvm: Kvm, host: HostMm | None) -> Callable[[], list[Violation]] | None:
+    """The white-box checks of the model VM's MMU, run after every step, if it has any: the
+    x86 shadow MMU's (:func:`kvmspec.spec.invariants.x86.check_shadow_mmu`, the X rules,
+    N4 and D4), which read the VM's host too."""
+    from kvmspec.reference.x86.shadow_mmu import ShadowMmu
+    from kvmspec.spec.invariants.x86 import check_shadow_mmu
+
+    arch = kvm.arch
+    if not isinstance(arch, ShadowMmu) or host is None:
+        return None
+    return lambda: check_shadow_mmu(kvm, arch, host)
 
 
 class Session:
@@ -65,11 +87,13 @@ class Session:
         self.memory = MemoryCoherenceContract(self.contract)
         self.dirty = DirtyLogContract(self.contract)
         self.monitor = None
+        self.arch_checks: Callable[[], list[Violation]] | None = None
         kvm = getattr(self.target, "kvm", None)
         if kvm is not None:
             from kvmspec.spec.invariants.memslots import InvariantMonitor
 
             self.monitor = InvariantMonitor(kvm)
+            self.arch_checks = _arch_checks(kvm, getattr(self.target, "host", None))
         self.region_sizes: dict[str, int] = {}  # mapped regions, in mapping order
         self.gmems: list[str] = []
         self.slot_requests: dict[tuple[int, int], RegionOp] = {}
@@ -96,30 +120,38 @@ class Session:
         """Apply one operation; return its observation and every rule it broke."""
         observed = self.target.apply(op)
         self.history.append((op, observed))
+        created = False  # this step created the guest's private slot
         if isinstance(op, GUEST_OPERATIONS) and not self.private_slot_known:
-            self._learn_private_slot()
+            created = self._learn_private_slot()
         errno = errno_code(observed["errno"])
         violations = [str(v) for v in self._judge(op, observed, errno)]
         if self.monitor is not None:
-            updated = isinstance(op, RegionOp)
-            checked = self.monitor.check(failed=errno != 0, memslots_changed=updated)
+            # A guest access that fails (EFAULT from KVM_RUN) after creating the private
+            # slot did change the memslots.
+            updated = isinstance(op, RegionOp) or created
+            failed = errno != 0 and not created
+            checked = self.monitor.check(failed=failed, memslots_changed=updated)
             violations.extend(str(v) for v in checked)
+            if self.arch_checks is not None:
+                # The VM's WARNs are in both lists: report each once.
+                violations.extend(str(v) for v in self.arch_checks() if v not in checked)
         self._remember(op, errno)
         return observed, violations
 
-    def _learn_private_slot(self) -> None:
+    def _learn_private_slot(self) -> bool:
         """The first guest operation made the target create the harness's private slot
         (kvmspec.fuzz.guest_layout) outside any operation: the contract must know it, or
         it would not expect EEXIST from a later overlap. A target shows it by its
-        ``private_hva``."""
+        ``private_hva``. Returns whether the slot was there to learn."""
         hva = getattr(self.target, "private_hva", 0)
         if not hva:
-            return
+            return False
         slot = private_slot_id(self.profile)
         region = MemoryRegion(slot, 0, PRIVATE_GPA, PRIVATE_SIZE, hva, 0)
         found = self.contract.on_set_memory_region(region, 1, None, 0)
         assert not found, found  # the parser's guest rules leave room for it
         self.private_slot_known = True
+        return True
 
     def _judge(self, op: Operation, observed: Observation, errno: int) -> list[object]:
         contract = self.contract
@@ -189,7 +221,9 @@ class Session:
         unknown."""
         if errno and errno_code("EFAULT") != errno:
             return []  # no such vCPU: nothing ran
-        outcome = "efault" if errno else _OUTCOMES[observed["exit"]]
+        # Another exit (a shutdown) is no outcome the contracts allow: they report it.
+        exit_name: str = "" if errno else observed["exit"]
+        outcome = "efault" if errno else _OUTCOMES.get(exit_name, exit_name)
         page = self.profile.page_size
         if op.gpa % page + op.size > page:
             if isinstance(op, GuestWrite):

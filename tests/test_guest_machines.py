@@ -21,7 +21,7 @@ from kvmspec.fuzz.profiles import FAST
 from kvmspec.fuzz.session import Session
 from kvmspec.fuzz.targets import TargetUnavailable, make_target
 from kvmspec.fuzz.trace import load, parse_lines
-from kvmspec.reference.flat_mmu import FlatMmu
+from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PROFILES
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "conformance"
@@ -75,10 +75,11 @@ def test_the_guest_machine_keeps_every_contract() -> None:
 def test_the_contracts_catch_a_harvest_that_forgets_to_reprotect(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def forgets(self: FlatMmu, kvm: object, slot: object, gfn_offset: int, mask: int) -> None:
+    def forgets(self: ShadowMmu, kvm: object, slot: object, gfn_offset: int, mask: int) -> None:
         """A harvest that reports pages without write-protecting them again."""
 
-    monkeypatch.setattr(FlatMmu, "kvm_arch_mmu_enable_log_dirty_pt_masked", forgets)
+    # The reference runs the default profile on the shadow MMU.
+    monkeypatch.setattr(ShadowMmu, "kvm_arch_mmu_enable_log_dirty_pt_masked", forgets)
     machine = machines.memslot_machine(DEFAULT_PROFILE, mix="guest")
     machine.TestCase.settings = _settings(2000)
     with pytest.raises(AssertionError, match="C-DIRTY-COMPLETE"):

@@ -1,10 +1,15 @@
 """The reference model as a target: each operation runs the model's kernel path to
 completion and reports the same observation the real kernel would.
 
-The VM has the minimal flat MMU (:mod:`kvmspec.reference.flat_mmu`) and its MMU notifier
-registered with the model's host address space, so guest operations take the generic
-page-fault path (:func:`kvmspec.reference.page_fault.guest_instruction`) and host operations
-reach KVM the way the VMM's system calls reach the kernel's.
+The VM's MMU is the profile's, as far as the model has it (:func:`make_arch`): the x86
+shadow MMU (:mod:`kvmspec.reference.x86`) for a profile whose ``mmu`` is ``"shadow"`` (the
+default profile, this machine's KVM), else the minimal flat MMU
+(:mod:`kvmspec.reference.flat_mmu`). Its MMU notifier is registered with the model's host
+address space, so host operations reach KVM the way the VMM's system calls reach the
+kernel's. Guest operations take the MMU's own path: on the shadow MMU, a CPL 3 guest with
+the linux-kvm guest's page tables (:mod:`kvmspec.fuzz.targets.shadow_guest`); on the flat
+MMU, the generic page-fault path with guest virtual == guest physical
+(:func:`kvmspec.reference.page_fault.guest_instruction`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from kvmspec.fuzz.ops import (
     SetUserMemoryRegion,
     SetUserMemoryRegion2,
 )
+from kvmspec.fuzz.targets.shadow_guest import ShadowGuest
+from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.capabilities import kvm_vm_ioctl_check_extension, kvm_vm_ioctl_enable_cap
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.dirty_log import (
@@ -51,8 +58,11 @@ from kvmspec.reference.host import PROTECTIONS, HostMm, Vma
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.kvm_main import kvm_vm_ioctl_set_memory_region
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
-from kvmspec.reference.page_fault import Fault, GuestAccess, guest_instruction
+from kvmspec.reference.page_fault import Fault, GuestAccess, MmioExit, guest_instruction
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
+from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess
+from kvmspec.reference.x86.shadow_mmu import ShadowMmu
+from kvmspec.reference.x86.spte import spte_masks_for_profile
 from kvmspec.spec.platforms import PlatformProfile
 from kvmspec.spec.uapi.constants import CAPABILITIES, U64_MAX, errno_name
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
@@ -65,6 +75,14 @@ def _result(errno: int, **extra: object) -> Observation:
     return observation
 
 
+def make_arch(profile: PlatformProfile) -> KvmArch:
+    """The MMU of a model VM for ``profile``: the shadow MMU where the profile's KVM uses
+    shadow paging, else the flat MMU (the TDP, stage-2 and HPT MMUs are not modelled yet)."""
+    if profile.mmu == "shadow":
+        return ShadowMmu(spte_masks_for_profile(profile))
+    return FlatMmu()
+
+
 class ReferenceTarget:
     """One model VM plus the VMM's host address space, driven by operations."""
 
@@ -72,12 +90,13 @@ class ReferenceTarget:
 
     def __init__(self, profile: PlatformProfile) -> None:
         self.profile = profile
-        self.kvm = Kvm(profile, FlatMmu())
+        self.kvm = Kvm(profile, make_arch(profile))
         self.host = HostMm(profile.page_size, profile.user_address_limit)
         self.host.notifier = KvmMmuNotifier(self.kvm)
         self.regions: dict[str, int] = {}
         self.gmems: dict[str, GmemFile] = {}
         self.private_hva = 0  # the memory of the harness's private slot, once created
+        self.guest: ShadowGuest | None = None  # on the shadow MMU, once the slot exists
 
     def close(self) -> None:
         """The model holds no outside resources."""
@@ -165,12 +184,16 @@ class ReferenceTarget:
             if errno:
                 return _result(errno)
         data = op.value.to_bytes(op.size, "little") if isinstance(op, GuestWrite) else None
+        if self.guest is not None:
+            shadow = self.guest.access(op.vcpu, op.gpa, op.size, data)
+            return _shadow_observation(shadow, loaded=data is None)
         access = guest_instruction(self.kvm, self.host, op.vcpu, op.gpa, data, op.size)
         return _guest_observation(access, loaded=data is None)
 
     def _start_guest(self) -> int:
         """The private slot of kvmspec.fuzz.guest_layout, over 16 MiB of host memory. The
-        guest's code and page tables live there on linux-kvm; the model needs no code."""
+        guest's code and page tables live there on linux-kvm; on the shadow MMU the model's
+        guest puts its page tables there too (it needs no code), on the flat MMU nothing."""
         errno, hva = self.host.mmap(PRIVATE_SIZE, PROTECTIONS["rw"])
         if errno:
             return errno
@@ -178,6 +201,8 @@ class ReferenceTarget:
         errno = run_to_completion(kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
         if not errno:
             self.private_hva = hva
+            if isinstance(self.kvm.arch, ShadowMmu):
+                self.guest = ShadowGuest(self.kvm, self.host, hva)
         return errno
 
     def _harvest_dirty_ring(self, op: HarvestDirtyRing) -> Observation:
@@ -219,21 +244,45 @@ def _guest_observation(access: GuestAccess, loaded: bool) -> Observation:
         return {"errno": 0, "exit": "dirty_ring_full"}
     if access.outcome == Fault.MMIO:
         assert access.mmio is not None
-        mmio = access.mmio
-        data = mmio.data or b""
-        return {
-            "errno": 0,
-            "exit": "mmio",
-            "gpa": mmio.gpa,
-            "len": mmio.length,
-            "write": mmio.data is not None,
-            "data": data.hex(),
-        }
+        return _mmio_observation(access.mmio)
     # Run alone, an access never meets an open invalidation or an INVALID slot: no RETRY.
     assert access.outcome == Fault.MAPPED, access
     if loaded:
         return {"errno": 0, "exit": "none", "value": int.from_bytes(access.data, "little")}
     return {"errno": 0, "exit": "none"}
+
+
+def _shadow_observation(access: ShadowAccess, loaded: bool) -> Observation:
+    """A guest operation's observation from the shadow MMU's outcome, in the form linux-kvm
+    reports. SHUTDOWN (the guest's walk failed, and the guest has no #PF handler) is what
+    linux-kvm reports as the shutdown exit; no access a trace may make should end so."""
+    if access.outcome is Outcome.EFAULT:
+        return _result(EFAULT)  # KVM_RUN failed
+    if access.outcome is Outcome.DIRTY_RING_FULL:
+        return {"errno": 0, "exit": "dirty_ring_full"}
+    if access.outcome is Outcome.SHUTDOWN:
+        return {"errno": 0, "exit": "shutdown"}
+    if access.outcome is Outcome.MMIO:
+        assert access.mmio is not None
+        return _mmio_observation(access.mmio)
+    # Run alone, an access never meets an open invalidation or an INVALID slot: no RETRY.
+    assert access.outcome is Outcome.DONE, access
+    if loaded:
+        return {"errno": 0, "exit": "none", "value": int.from_bytes(access.data, "little")}
+    return {"errno": 0, "exit": "none"}
+
+
+def _mmio_observation(mmio: MmioExit) -> Observation:
+    """An MMIO exit as linux-kvm reports it: a load's ``data`` is empty."""
+    data = mmio.data or b""
+    return {
+        "errno": 0,
+        "exit": "mmio",
+        "gpa": mmio.gpa,
+        "len": mmio.length,
+        "write": mmio.data is not None,
+        "data": data.hex(),
+    }
 
 
 def _pieces(host: HostMm, start: int, size: int) -> list[tuple[int, int]]:
