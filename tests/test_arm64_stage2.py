@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kvmspec.reference.arm64 import stage2
+from kvmspec.reference.arm64 import split, stage2
 from kvmspec.reference.arm64.descriptors import (
     KVM_PGTABLE_PROT_RW,
     KVM_PTE_LEAF_ATTR_LO_S2_AF,
@@ -34,11 +34,11 @@ from kvmspec.reference.arm64.pgtable import (
     kvm_pgtable_stage2_free_unlinked,
 )
 from kvmspec.reference.arm64.s2_mmu import Stage2Features, __kvm_tlb_flush_vmid
+from kvmspec.reference.arm64.split import kvm_pgtable_stage2_split
 from kvmspec.reference.arm64.stage2 import (
     kvm_pgtable_stage2_init,
     kvm_pgtable_stage2_map,
     kvm_pgtable_stage2_mkyoung,
-    kvm_pgtable_stage2_split,
     kvm_pgtable_stage2_test_clear_young,
     kvm_pgtable_stage2_unmap,
     kvm_pgtable_stage2_wrprotect,
@@ -307,7 +307,7 @@ def test_splitting_a_1g_block_one_level_at_a_time_when_pages_are_short() -> None
     ones); with fewer, the block becomes a table of 2 MB blocks and the walk splits those
     it reaches as it descends."""
     pgt = new_pgt()
-    assert stage2.stage2_block_get_nr_page_tables(pgt, 1) == 513
+    assert split.stage2_block_get_nr_page_tables(pgt, 1) == 513
     assert run_to_completion(map_op(pgt, 1 << 30, 1 << 30, 0x8000_0000)) == 0
     mc = KvmMmuMemoryCache(2)
     assert run_to_completion(kvm_pgtable_stage2_split(pgt, 1 << 30, MB2, mc)) == 0
