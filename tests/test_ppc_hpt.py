@@ -1,0 +1,682 @@
+"""POWER Book3S HV with a hashed page table: the hypercalls' return codes, table by table;
+the guest's view through H_READ (P4); R and C read after the tlbie (P3); the H_ENTER race
+with an MMU notifier (P5); seed 000 (a deleted or moved slot leaves no translation); and a
+state machine that checks the chains and the P-invariants after every step.
+
+``check_hpt`` below is the white-box check of the HPT (P1, P2, P4-P7, P9, seed 000). It
+belongs in spec/invariants/ next to the x86 one; it lives here until that file exists.
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvmspec.reference import kvm_main
+from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
+from kvmspec.reference.gfn_to_hva import __gfn_to_hva_memslot
+from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.mmu_notifier import KvmMmuNotifier, kvm_mmu_notifier_clear_young
+from kvmspec.reference.ppc.hcalls import (
+    H_ANDCOND,
+    H_AVPN,
+    H_BULK_REMOVE_AVPN,
+    H_BULK_REMOVE_END,
+    H_BULK_REMOVE_REQUEST,
+    H_EXACT,
+    H_NOT_FOUND,
+    H_PARAMETER,
+    H_PTEG_FULL,
+    H_READ_4,
+    H_SUCCESS,
+    kvmppc_do_h_enter,
+    kvmppc_do_h_remove,
+    kvmppc_h_bulk_remove,
+    kvmppc_h_clear_mod,
+    kvmppc_h_clear_ref,
+    kvmppc_h_protect,
+    kvmppc_h_read,
+)
+from kvmspec.reference.ppc.hpt import (
+    KVMPPC_RMAP_INDEX,
+    KVMPPC_RMAP_LOCK,
+    KVMPPC_RMAP_PRESENT,
+    Segment,
+    chain_members,
+    hpt_hash,
+    hpte_encode_v,
+    hpte_valid_in_hardware,
+    kvmppc_hv_find_lock_hpte,
+    slot_rmap,
+    unlock_hpte,
+)
+from kvmspec.reference.ppc.hpt_mmu import HptMmu, kvm_vm_ioctl_get_dirty_log_hv
+from kvmspec.reference.ppc.hpte import (
+    HPTE_GR_RESERVED,
+    HPTE_R_C,
+    HPTE_R_I,
+    HPTE_R_KEY,
+    HPTE_R_M,
+    HPTE_R_R,
+    HPTE_R_RPN,
+    HPTE_V_ABSENT,
+    HPTE_V_HVLOCK,
+    HPTE_V_LARGE,
+    HPTE_V_SOFTWARE,
+    HPTE_V_VALID,
+    PP_RWXX,
+    PP_RXRX,
+    PP_RXXX,
+    hpte_is_writable,
+    hpte_rpn,
+    is_mmio_hpte,
+    kvmppc_actual_pgsz,
+)
+from kvmspec.spec.platforms import PPC64_HV
+from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
+from kvmspec.spec.uapi.memslot_rules import MemoryRegion
+
+PAGE = PPC64_HV.page_size  # 64 KiB host pages: a gfn is 64 KiB
+RW = PROT_READ | PROT_WRITE
+SLOT_PAGES = 4
+RAM0_GFN, RAM1_GFN, MMIO_GFN = 0, 8, 4
+"""Slot 0 at gfn 0, slot 1 at gfn 8 (dirty-logged), nothing at gfn 4..7 (emulated MMIO)."""
+ORDER = 18
+"""The smallest table: 2048 groups, 16384 entries."""
+
+
+def ram_r(gfn: int, pp: int = PP_RWXX, offset: int = 0) -> int:
+    """The guest's "r" word for a 4 KiB page at ``offset`` in ``gfn``: M only, as RAM."""
+    return (gfn * PAGE + offset) | HPTE_R_M | pp
+
+
+def avpn_v(n: int) -> int:
+    """A "v" word with AVPN ``n`` (H_ENTER does not check that it hashes to the group)."""
+    return n << 7
+
+
+class PpcVm:
+    """An HPT guest with the VMM's memory behind two slots, its pages faulted in."""
+
+    def __init__(self, mmu: HptMmu | None = None) -> None:
+        self.mmu = mmu if mmu is not None else HptMmu(ORDER)
+        self.kvm = Kvm(PPC64_HV, self.mmu)
+        self.host = HostMm(PAGE, PPC64_HV.user_address_limit)
+        self.host.notifier = KvmMmuNotifier(self.kvm)
+        self.hvas = {}
+        for slot, gfn, flags in ((0, RAM0_GFN, 0), (1, RAM1_GFN, KVM_MEM_LOG_DIRTY_PAGES)):
+            _, hva = self.host.mmap(SLOT_PAGES * PAGE, RW)
+            for page in range(SLOT_PAGES):
+                assert self.host.host_write(hva + page * PAGE, b"x") == 0
+            self.hvas[slot] = hva
+            assert self.set_region(slot, flags, gfn, hva) == 0
+
+    def set_region(self, slot: int, flags: int, gfn: int, hva: int, pages: int = SLOT_PAGES) -> int:
+        region = MemoryRegion(slot, flags, gfn * PAGE, pages * PAGE, hva)
+        return run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
+
+    def enter(self, pte_index: int, v: int, r: int, flags: int = 0) -> tuple[int, int]:
+        return run_to_completion(kvmppc_do_h_enter(self.kvm, self.host, flags, pte_index, v, r))
+
+    def violations(self) -> list[str]:
+        return check_hpt(self.kvm, self.mmu, self.host)
+
+
+# -- the white-box check -----------------------------------------------------------------------
+
+
+def usable_slot(kvm: Kvm, gfn: int) -> KvmMemorySlot | None:
+    slot = kvm.memslots(0).search_memslots(gfn)
+    return slot if slot is not None and not slot.invalid else None
+
+
+def check_hpt(kvm: Kvm, mmu: HptMmu, host: HostMm) -> list[str]:
+    """Every HPT invariant the model can check between operations."""
+    hpt, shift = mmu.hpt, kvm.profile.page_shift
+    found = [f"{rule}: {message}" for rule, message in kvm.warnings]
+    chained: dict[int, tuple[KvmMemorySlot, int]] = {}
+    for slot in kvm.memslots(0):
+        rmap = slot_rmap(slot)
+        for offset, word in rmap.words.items():
+            if word & KVMPPC_RMAP_LOCK:
+                found.append(f"P1: rmap word {slot.id}:{offset} left locked")
+            if not word & KVMPPC_RMAP_PRESENT and word & KVMPPC_RMAP_INDEX:
+                found.append(f"P2: empty chain {slot.id}:{offset} still names a head")
+            for index in chain_members(hpt, word):
+                rev = hpt.rev_entry(index)
+                if hpt.rev_entry(rev.forw).back != index:
+                    found.append(f"P2: chain {slot.id}:{offset} broken after {index:#x}")
+                if index in chained:
+                    found.append(f"P2: HPTE {index:#x} on two chains")
+                chained[index] = (slot, offset)
+    for index, (v, r) in sorted(hpt.hptes.items()):
+        if v & HPTE_V_HVLOCK:
+            found.append(f"P1: HPTE {index:#x} left locked")
+        guest_r = hpt.rev_entry(index).guest_rpte
+        if v & (HPTE_V_VALID | HPTE_V_ABSENT):
+            view_v, view_r = kvmppc_h_read(kvm, 0, index)[1][0]
+            if view_v & HPTE_V_SOFTWARE or view_r & HPTE_GR_RESERVED:
+                found.append(f"P4: H_READ of {index:#x} shows software bits")
+            if (view_r ^ guest_r) & HPTE_R_RPN:
+                found.append(f"P4: H_READ of {index:#x} shows a host address")
+        if is_mmio_hpte(v, r) and v & HPTE_V_VALID:
+            found.append(f"P7: MMIO HPTE {index:#x} is valid")
+        if not hpte_valid_in_hardware(hpt, index):
+            if index in chained:
+                found.append(f"P2: HPTE {index:#x} is on a chain but not valid")
+            continue
+        psize = kvmppc_actual_pgsz(v, guest_r)
+        gfn = hpte_rpn(guest_r, psize, shift)
+        owner = usable_slot(kvm, gfn)
+        if owner is None:
+            found.append(f"seed 000: valid HPTE {index:#x} maps gfn {gfn:#x}, in no usable slot")
+            continue
+        if chained.get(index) != (owner, gfn - owner.base_gfn):
+            found.append(f"P2: valid HPTE {index:#x} is not on the chain of gfn {gfn:#x}")
+        host_pte = host.lookup(__gfn_to_hva_memslot(owner, gfn, shift))
+        if host_pte is None or (r & HPTE_R_RPN) >> shift != host_pte.pfn:
+            found.append(f"P5: valid HPTE {index:#x} maps a page the host no longer maps there")
+        elif hpte_is_writable(r) and not host_pte.writable:
+            found.append(f"P9: HPTE {index:#x} is writable, the host page is not")
+    for index in sorted(mmu.tlbs.cached()):
+        if not hpt.v(index) & HPTE_V_VALID:
+            found.append(f"P6: a TLB still caches invalidated HPTE {index:#x}")
+    return found
+
+
+def test_the_check_sees_a_broken_chain_and_a_leaked_lock() -> None:
+    vm = PpcVm()
+    assert vm.enter(0, avpn_v(1), ram_r(RAM0_GFN)) == (H_SUCCESS, 0)
+    assert vm.enter(8, avpn_v(2), ram_r(RAM0_GFN)) == (H_SUCCESS, 8)
+    assert vm.violations() == []
+    vm.mmu.hpt.rev_entry(8).back = 5
+    vm.mmu.hpt.store(16, HPTE_V_HVLOCK, 0)
+    assert vm.violations() == [
+        "P2: chain 0:0 broken after 0x0",
+        "P1: HPTE 0x10 left locked",
+    ]
+
+
+# -- hypercall return codes, one table per call ---------------------------------------------
+
+
+def test_h_enter_return_codes() -> None:
+    vm = PpcVm()
+    large_bad_lp = (HPTE_V_LARGE, 2 << 12)
+    cases = [
+        # (index, v, r, flags, status, index used)
+        (0, avpn_v(1), ram_r(RAM0_GFN), 0, H_SUCCESS, 0),
+        (3, avpn_v(2), ram_r(RAM0_GFN, offset=0x1000), 0, H_SUCCESS, 1),  # first free slot
+        (5, avpn_v(3), ram_r(RAM0_GFN), H_EXACT, H_SUCCESS, 5),
+        (5, avpn_v(4), ram_r(RAM0_GFN), H_EXACT, H_PTEG_FULL, 0),
+        (0, large_bad_lp[0], large_bad_lp[1], 0, H_PARAMETER, 0),  # no such page size
+        (1 << 14, avpn_v(5), ram_r(RAM0_GFN), 0, H_PARAMETER, 0),  # past the table
+        (0, avpn_v(6) | HPTE_V_LARGE, RAM0_GFN * PAGE, 0, H_PARAMETER, 0),  # 16M in 4 pages
+        (8, avpn_v(7), ram_r(MMIO_GFN), 0, H_SUCCESS, 8),  # emulated MMIO
+    ]
+    for index, v, r, flags, status, used in cases:
+        assert vm.enter(index, v, r, flags) == (status, used), (index, v, r, flags)
+    for i in range(8):
+        assert vm.enter(16, avpn_v(10 + i), ram_r(RAM1_GFN))[0] == H_SUCCESS
+    assert vm.enter(16, avpn_v(20), ram_r(RAM1_GFN)) == (H_PTEG_FULL, 0)
+    assert vm.violations() == []
+
+
+def test_h_enter_entries_are_only_as_good_as_the_host_page() -> None:
+    vm = PpcVm()
+    hpt = vm.mmu.hpt
+    # RAM: valid, with the host's address, on the chain of its gfn.
+    assert vm.enter(0, avpn_v(1), ram_r(RAM1_GFN + 1, offset=0x3000))[0] == H_SUCCESS
+    host_pfn = vm.host.lookup(vm.hvas[1] + PAGE)
+    assert host_pfn is not None
+    assert hpt.v(0) & HPTE_V_VALID and (hpt.r(0) & HPTE_R_RPN) == host_pfn.pfn * PAGE | 0x3000
+    slot1 = vm.kvm.memslots(0).id_to_memslot(1)
+    assert slot1 is not None and chain_members(hpt, slot_rmap(slot1).get(1)) == [0]
+    # MMIO: absent, key 31, on no chain (P7).
+    assert vm.enter(8, avpn_v(2), ram_r(MMIO_GFN))[0] == H_SUCCESS
+    assert is_mmio_hpte(hpt.v(8), hpt.r(8))
+    # A page the host has not faulted in: absent, no key, H_READ still shows it valid.
+    assert vm.host.madvise_dontneed(vm.hvas[0], PAGE) == 0
+    assert vm.enter(16, avpn_v(3), ram_r(RAM0_GFN))[0] == H_SUCCESS
+    assert hpt.v(16) & HPTE_V_ABSENT and not hpt.r(16) & HPTE_R_KEY
+    assert kvmppc_h_read(vm.kvm, 0, 16) == (H_SUCCESS, [(avpn_v(3) | HPTE_V_VALID, ram_r(0))])
+    # A read-only host page (P9): the guest asked for RW, the hardware gets RO.
+    assert vm.host.mprotect(vm.hvas[1] + 2 * PAGE, PAGE, PROT_READ) == 0
+    assert vm.enter(24, avpn_v(4), ram_r(RAM1_GFN + 2))[0] == H_SUCCESS
+    assert hpt.v(24) & HPTE_V_VALID and not hpte_is_writable(hpt.r(24))
+    assert kvmppc_h_read(vm.kvm, 0, 24)[1][0][1] == ram_r(RAM1_GFN + 2)  # the guest's RW
+    # Cache-inhibited device memory mapped as RAM is refused; mapped I, accepted.
+    device = vm.host.memory.add_device("bar", PAGE)
+    _, bar = vm.host.mmap(PAGE, RW, device)
+    assert vm.set_region(2, 0, 32, bar, pages=1) == 0
+    assert vm.host.lookup(bar) is None and vm.host.fault_in(bar, write=True)[0] == 0
+    assert vm.enter(32, avpn_v(5), ram_r(32)) == (H_PARAMETER, 0)
+    assert vm.enter(32, avpn_v(5), 32 * PAGE | HPTE_R_I)[0] == H_SUCCESS
+    assert vm.violations() == []
+
+
+def test_h_remove_return_codes() -> None:
+    vm = PpcVm()
+    vm.enter(0, avpn_v(1) | 0x10, ram_r(RAM0_GFN))
+    cases = [
+        # (flags, index, avpn, status)
+        (0, 1 << 14, 0, H_PARAMETER),
+        (0, 1, 0, H_NOT_FOUND),  # free
+        (H_AVPN, 0, avpn_v(2), H_NOT_FOUND),
+        (H_ANDCOND, 0, 0x10, H_NOT_FOUND),  # the entry has the bit
+        (H_AVPN, 0, avpn_v(1) | 0x10, H_NOT_FOUND),  # the low 7 bits are not compared
+        (H_ANDCOND, 0, 0x08, H_SUCCESS),
+        (0, 0, 0, H_NOT_FOUND),  # removed already
+    ]
+    for flags, index, avpn, status in cases:
+        assert kvmppc_do_h_remove(vm.kvm, flags, index, avpn)[0] == status, (flags, index)
+    vm.enter(0, avpn_v(1), ram_r(RAM0_GFN))
+    assert kvmppc_do_h_remove(vm.kvm, H_AVPN, 0, avpn_v(1)) == (
+        H_SUCCESS,
+        avpn_v(1) | HPTE_V_VALID,
+        ram_r(RAM0_GFN),
+    )
+    assert vm.violations() == []
+
+
+def bulk(kind: int, condition: int, index: int) -> int:
+    return kind | condition | index
+
+
+def test_h_bulk_remove_answers_each_request() -> None:
+    vm = PpcVm()
+    vm.enter(0, avpn_v(1), ram_r(RAM0_GFN))
+    vm.enter(8, avpn_v(2), ram_r(MMIO_GFN))
+    assert vm.mmu.guest_access(0, 0, write=True)  # R and C set in the hardware entry
+    request = H_BULK_REMOVE_REQUEST
+    args = [
+        bulk(request, 0, 0), 0,
+        bulk(request, H_BULK_REMOVE_AVPN, 8), avpn_v(9),  # wrong AVPN
+        bulk(request, 0, 16), 0,  # free
+        bulk(H_BULK_REMOVE_END, 0, 0), 0,
+    ]  # fmt: skip
+    status, out = kvmppc_h_bulk_remove(vm.kvm, args)
+    assert status == H_SUCCESS
+    assert out[0] == 0x80 << 56 | 3 << 58  # removed, with R and C
+    assert out[2] == 0x92 << 56 | 8
+    assert out[4] == 0x90 << 56 | 16
+    assert out[6] == H_BULK_REMOVE_END
+    # A bad request type or condition stops the call with a parameter error.
+    args = [bulk(request, 0, 8), 0, bulk(2 << 62, 0, 1), 0, bulk(request, 0, 1), 0, 0, 0]
+    status, out = kvmppc_h_bulk_remove(vm.kvm, args)
+    assert status == H_PARAMETER
+    assert out[0] == 0x80 << 56 | 8 and out[2] == 0xA0 << 56 | 1 and out[4] == args[4]
+    assert kvmppc_h_bulk_remove(vm.kvm, [bulk(request, 3 << 56, 0), 0] + [0] * 6)[0] == (
+        H_PARAMETER
+    )
+    assert vm.violations() == []
+
+
+def test_h_protect_return_codes_and_no_upgrade() -> None:
+    vm = PpcVm()
+    vm.enter(0, avpn_v(1), ram_r(RAM0_GFN, pp=PP_RXRX))
+    cases = [
+        (0, 1 << 14, 0, H_PARAMETER),
+        (0, 1, 0, H_NOT_FOUND),
+        (H_AVPN, 0, avpn_v(2), H_NOT_FOUND),
+        (H_AVPN, 0, avpn_v(1), H_SUCCESS),
+    ]
+    for flags, index, avpn, status in cases:
+        assert kvmppc_h_protect(vm.kvm, flags | PP_RWXX, index, avpn) == status
+    # The guest sees RW; the hardware keeps the valid entry read-only (P8): a store traps.
+    assert kvmppc_h_read(vm.kvm, 0, 0)[1][0][1] & 3 == PP_RWXX
+    assert not hpte_is_writable(vm.mmu.hpt.r(0))
+    assert not vm.mmu.guest_access(0, 0, write=True)
+    # Downgrades reach the hardware, after a tlbie, keeping the R the hardware set.
+    vm.enter(8, avpn_v(3), ram_r(RAM0_GFN))
+    assert vm.mmu.guest_access(0, 8, write=False)
+    assert kvmppc_h_protect(vm.kvm, PP_RXXX & 3 | 1 << 8, 8, 0) == H_SUCCESS  # PP0 via bit 8
+    assert vm.mmu.hpt.r(8) & HPTE_R_R and not hpte_is_writable(vm.mmu.hpt.r(8))
+    assert vm.violations() == []
+
+
+def test_h_read_return_codes_and_the_quad() -> None:
+    vm = PpcVm()
+    vm.enter(4, avpn_v(1), ram_r(RAM0_GFN), H_EXACT)
+    vm.enter(6, avpn_v(2), ram_r(MMIO_GFN), H_EXACT)
+    assert kvmppc_h_read(vm.kvm, 0, 1 << 14) == (H_PARAMETER, [])
+    status, quad = kvmppc_h_read(vm.kvm, H_READ_4, 7)
+    assert status == H_SUCCESS
+    assert quad == [
+        (avpn_v(1) | HPTE_V_VALID, ram_r(RAM0_GFN)),
+        (0, 0),
+        (avpn_v(2) | HPTE_V_VALID, ram_r(MMIO_GFN)),  # absent MMIO reads as entered
+        (0, 0),
+    ]
+
+
+def test_h_clear_ref_and_h_clear_mod() -> None:
+    vm = PpcVm()
+    hpt = vm.mmu.hpt
+    vm.enter(0, avpn_v(1), ram_r(RAM1_GFN))
+    assert kvmppc_h_clear_ref(vm.kvm, 0, 1 << 14) == (H_PARAMETER, 0)
+    assert kvmppc_h_clear_mod(vm.kvm, 0, 1) == (H_NOT_FOUND, 0)
+    assert vm.mmu.guest_access(0, 0, write=True)
+    assert kvmppc_h_clear_ref(vm.kvm, 0, 0) == (H_SUCCESS, ram_r(RAM1_GFN) | HPTE_R_R | HPTE_R_C)
+    assert not hpt.r(0) & HPTE_R_R  # cleared in the hardware entry, with a tlbie
+    assert kvmppc_h_clear_mod(vm.kvm, 0, 0) == (H_SUCCESS, ram_r(RAM1_GFN) | HPTE_R_C)
+    assert not hpt.r(0) & HPTE_R_C and hpt.v(0) & HPTE_V_VALID
+    # The guest cleared C, but the host's dirty log still has the page (P3).
+    assert run_to_completion(kvm_vm_ioctl_get_dirty_log_hv(vm.kvm, 1)) == (0, [1])
+    assert vm.violations() == []
+
+
+def test_rc_are_read_after_the_tlbie() -> None:
+    """P3/P6: a store through a TLB entry owes the HPTE its C until a tlbie completes.
+    H_REMOVE reads C after its tlbie, so the guest's view and the dirty log both get it."""
+    vm = PpcVm()
+    vm.enter(0, avpn_v(1), ram_r(RAM1_GFN + 2))
+    assert vm.mmu.guest_access(0, 0, write=False)  # TLB filled, R set
+    assert vm.mmu.guest_access(0, 0, write=True)  # C still pending in the TLB
+    assert not vm.mmu.hpt.r(0) & HPTE_R_C
+    status, _, r = kvmppc_do_h_remove(vm.kvm, 0, 0, 0)
+    assert status == H_SUCCESS and r & HPTE_R_C
+    assert run_to_completion(kvm_vm_ioctl_get_dirty_log_hv(vm.kvm, 1)) == (0, [1 << 2])
+    assert vm.violations() == []
+
+
+def test_dirty_harvest_collects_a_pending_c_and_leaves_the_entry_valid() -> None:
+    vm = PpcVm()
+    vm.enter(0, avpn_v(1), ram_r(RAM1_GFN + 3))
+    assert vm.mmu.guest_access(0, 0, write=False)
+    assert vm.mmu.guest_access(1, 0, write=True)  # vCPU 1 fills with C set at once
+    assert vm.mmu.guest_access(0, 0, write=True)  # vCPU 0 already had it: nothing owed
+    assert run_to_completion(kvm_vm_ioctl_get_dirty_log_hv(vm.kvm, 1)) == (0, [1 << 3])
+    assert run_to_completion(kvm_vm_ioctl_get_dirty_log_hv(vm.kvm, 1)) == (0, [0])
+    assert vm.mmu.hpt.v(0) & HPTE_V_VALID
+    assert vm.mmu.guest_access(0, 0, write=True)  # refills: the tlbie dropped it
+    assert run_to_completion(kvm_vm_ioctl_get_dirty_log_hv(vm.kvm, 1)) == (0, [1 << 3])
+    assert vm.violations() == []
+
+
+def test_the_hash_finds_an_entry_the_guest_entered_in_its_group() -> None:
+    vm = PpcVm()
+    hpt = vm.mmu.hpt
+    segment = Segment(vsid=0x1234)
+    for ea in (0x5000, 0x0FFF_F000):
+        group = hpt_hash(hpt, segment, ea)
+        status, index = vm.enter(group * 8, hpte_encode_v(segment, ea), ram_r(RAM0_GFN))
+        assert status == H_SUCCESS
+        found = kvmppc_hv_find_lock_hpte(vm.kvm, hpt, segment, ea, HPTE_V_VALID | HPTE_V_ABSENT)
+        assert found == index
+        unlock_hpte(vm.kvm, hpt, found, hpt.v(found))
+    assert kvmppc_hv_find_lock_hpte(vm.kvm, hpt, segment, 0x7000, HPTE_V_VALID) == -1
+    assert vm.violations() == []
+
+
+def test_aging_reads_and_clears_r() -> None:
+    vm = PpcVm()
+    vm.enter(0, avpn_v(1), ram_r(RAM0_GFN))
+    hva = vm.hvas[0]
+    assert not kvm_mmu_notifier_clear_young(vm.kvm, hva, hva + PAGE)  # no access yet
+    assert vm.mmu.guest_access(0, 0, write=False)
+    assert vm.host.notifier is not None and vm.host.notifier.test_young(hva)
+    assert kvm_mmu_notifier_clear_young(vm.kvm, hva, hva + PAGE)
+    assert not vm.host.notifier.test_young(hva)
+    # R moved into the guest's view, which H_READ still shows.
+    assert kvmppc_h_read(vm.kvm, 0, 0)[1][0][1] & HPTE_R_R
+    assert vm.violations() == []
+
+
+# -- P5: H_ENTER racing an invalidation ---------------------------------------------------------
+
+
+def h_enter_racing_dontneed(vm: PpcVm, h_enter: KernelOp[tuple[int, int]]) -> tuple[int, int]:
+    """H_ENTER reads the host PTE; the VMM drops the page before H_ENTER takes the rmap
+    lock; H_ENTER finishes."""
+    assert isinstance(next(h_enter), Preempt)
+    assert vm.host.madvise_dontneed(vm.hvas[0], PAGE) == 0
+    return run_to_completion(h_enter)
+
+
+def test_h_enter_racing_an_invalidation_enters_the_entry_absent() -> None:
+    vm = PpcVm()
+    h_enter = kvmppc_do_h_enter(vm.kvm, vm.host, 0, 0, avpn_v(1), ram_r(RAM0_GFN))
+    assert h_enter_racing_dontneed(vm, h_enter) == (H_SUCCESS, 0)
+    assert vm.mmu.hpt.v(0) & HPTE_V_ABSENT
+    assert vm.violations() == []
+
+
+def test_without_the_retry_check_the_race_leaves_a_stale_translation() -> None:
+    """The planted bug: skip the sequence check (pretend no invalidation ever ran)."""
+    vm = PpcVm()
+    h_enter = kvmppc_do_h_enter(vm.kvm, vm.host, 0, 0, avpn_v(1), ram_r(RAM0_GFN))
+    assert isinstance(next(h_enter), Preempt)
+    assert vm.host.madvise_dontneed(vm.hvas[0], PAGE) == 0
+    vm.kvm.mmu_invalidate_seq -= 1  # as if the snapshot had been taken after the invalidation
+    assert run_to_completion(h_enter) == (H_SUCCESS, 0)
+    assert vm.violations() == [
+        "P5: valid HPTE 0x0 maps a page the host no longer maps there",
+    ]
+
+
+# -- seed 000: deleting or moving a slot removes every translation through it -------------------
+
+
+def enter_everywhere(vm: PpcVm) -> list[int]:
+    """Two entries for each page of both slots (two chains' worth), and one MMIO entry."""
+    used = []
+    for n, gfn in enumerate([RAM0_GFN + i for i in range(SLOT_PAGES)] * 2):
+        used.append(vm.enter(8 * n, avpn_v(n), ram_r(gfn, offset=0x1000 * n))[1])
+    for n, gfn in enumerate([RAM1_GFN + i for i in range(SLOT_PAGES)] * 2, start=16):
+        used.append(vm.enter(8 * n, avpn_v(n), ram_r(gfn))[1])
+    used.append(vm.enter(8 * 40, avpn_v(40), ram_r(MMIO_GFN))[1])
+    assert vm.violations() == []
+    return used
+
+
+def test_seed_000_delete_removes_every_translation() -> None:
+    """Seed 000: kvm_arch_flush_shadow "removes all translations mapped via memslots";
+    on POWER that is every hardware entry found through the slot's rmaps, made ABSENT, and
+    the rmaps emptied. The guest's entries stay (it still reads them as valid); an access
+    traps and finds no memory there. Slot 0 is not touched."""
+    vm = PpcVm()
+    used = enter_everywhere(vm)
+    slot1 = vm.kvm.memslots(0).id_to_memslot(1)
+    assert slot1 is not None
+    rmap = slot_rmap(slot1)
+    assert vm.mmu.guest_access(0, used[8], write=True)
+    assert vm.set_region(1, 0, RAM1_GFN, vm.hvas[1], pages=0) == 0  # DELETE
+    hpt = vm.mmu.hpt
+    for index in used[8:16]:
+        assert hpt.v(index) & HPTE_V_ABSENT and not hpt.v(index) & HPTE_V_VALID
+        assert kvmppc_h_read(vm.kvm, 0, index)[1][0][0] & HPTE_V_VALID
+        assert not vm.mmu.guest_access(0, index, write=False)
+    for index in used[:8]:
+        assert hpt.v(index) & HPTE_V_VALID
+    assert not any(word & KVMPPC_RMAP_PRESENT for word in rmap.words.values())
+    assert rmap.freed
+    # The store made before the deletion was harvested into the entry's guest view.
+    assert kvmppc_h_read(vm.kvm, 0, used[8])[1][0][1] & HPTE_R_C
+    assert vm.violations() == []
+
+
+def test_seed_000_move_removes_every_translation_and_keeps_the_rmap() -> None:
+    vm = PpcVm()
+    used = enter_everywhere(vm)
+    slot1 = vm.kvm.memslots(0).id_to_memslot(1)
+    assert slot1 is not None
+    rmap = slot_rmap(slot1)
+    assert vm.set_region(1, KVM_MEM_LOG_DIRTY_PAGES, 16, vm.hvas[1]) == 0  # MOVE to gfn 16
+    moved = vm.kvm.memslots(0).id_to_memslot(1)
+    assert moved is not None and moved.base_gfn == 16 and slot_rmap(moved) is rmap
+    assert not any(word & KVMPPC_RMAP_PRESENT for word in rmap.words.values())
+    assert all(vm.mmu.hpt.v(index) & HPTE_V_ABSENT for index in used[8:16])
+    # New entries at the new place chain into the same array.
+    assert vm.enter(8 * 50, avpn_v(50), ram_r(16))[0] == H_SUCCESS
+    assert chain_members(vm.mmu.hpt, rmap.get(0)) == [8 * 50]
+    assert vm.violations() == []
+
+
+class SkipsTheSlotFlush(HptMmu):
+    """A planted bug: DELETE and MOVE do not flush the slot."""
+
+    def kvm_arch_flush_shadow_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
+        self.events.append(("flush_shadow_memslot", slot))
+
+
+def test_seed_000_a_missing_flush_is_caught() -> None:
+    vm = PpcVm(SkipsTheSlotFlush(ORDER))
+    used = enter_everywhere(vm)
+    assert vm.set_region(1, 0, RAM1_GFN, vm.hvas[1], pages=0) == 0
+    problems = vm.violations()
+    assert len(problems) == 8
+    assert (
+        problems[0]
+        == f"seed 000: valid HPTE {used[8]:#x} maps gfn {RAM1_GFN:#x}, in no usable slot"
+    )
+    assert vm.mmu.guest_access(0, used[8], write=True)  # the guest writes freed memory
+
+
+# -- the state machine -----------------------------------------------------------------------------
+
+
+class HptMachine(RuleBasedStateMachine):
+    """Hypercalls, guest accesses, host invalidations, aging, dirty harvests and memslot
+    deletion, re-creation and moves, in any order; every invariant after each step, and
+    the guest's view of every entry against what the guest asked for (P4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vm = PpcVm()
+        self.entered: dict[int, tuple[int, int]] = {}  # index -> the guest's (v, r)
+        self.slot1_gfn: int | None = RAM1_GFN
+
+    def _gfn(self, choice: int) -> int:
+        return [RAM0_GFN, RAM0_GFN + 3, MMIO_GFN, RAM1_GFN, RAM1_GFN + 1, 16, 17][choice]
+
+    def _used(self) -> list[int]:
+        return sorted(self.entered)
+
+    @rule(
+        group=st.integers(0, 3),
+        slot=st.integers(0, 7),
+        exact=st.booleans(),
+        gfn=st.integers(0, 6),
+        pp=st.sampled_from([PP_RWXX, PP_RXRX]),
+        avpn=st.integers(0, 3),
+    )
+    def h_enter(self, group: int, slot: int, exact: bool, gfn: int, pp: int, avpn: int) -> None:
+        v, r = avpn_v(avpn), ram_r(self._gfn(gfn), pp)
+        status, index = self.vm.enter(8 * group + slot, v, r, H_EXACT if exact else 0)
+        if status == H_SUCCESS:
+            self.entered[index] = (v, r)
+        else:
+            assert status == H_PTEG_FULL
+
+    @precondition(lambda self: self.entered)
+    @rule(data=st.data(), how=st.sampled_from([0, H_AVPN, H_ANDCOND]))
+    def h_remove(self, data: st.DataObject, how: int) -> None:
+        index = data.draw(st.sampled_from(self._used()))
+        v, r = self.entered[index]
+        # H_AVPN names the entry's AVPN; H_ANDCOND a bit no entry here has (BOLTED).
+        argument = {0: 0, H_AVPN: v, H_ANDCOND: 0x10}[how]
+        status, got_v, got_r = kvmppc_do_h_remove(self.vm.kvm, how, index, argument)
+        assert status == H_SUCCESS and got_v == v | HPTE_V_VALID
+        assert got_r & ~(HPTE_R_R | HPTE_R_C) == r
+        del self.entered[index]
+
+    @precondition(lambda self: self.entered)
+    @rule(data=st.data())
+    def h_bulk_remove(self, data: st.DataObject) -> None:
+        picked = data.draw(st.lists(st.sampled_from(self._used()), max_size=4, unique=True))
+        args = []
+        for index in picked:
+            args += [H_BULK_REMOVE_REQUEST | index, 0]
+        args += [H_BULK_REMOVE_END, 0] * (4 - len(picked))
+        status, out = kvmppc_h_bulk_remove(self.vm.kvm, args)
+        assert status == H_SUCCESS
+        for n, index in enumerate(picked):
+            assert out[2 * n] >> 56 & 0xF0 == 0x80
+            del self.entered[index]
+
+    @precondition(lambda self: self.entered)
+    @rule(data=st.data(), pp=st.sampled_from([PP_RWXX, PP_RXRX]))
+    def h_protect(self, data: st.DataObject, pp: int) -> None:
+        index = data.draw(st.sampled_from(self._used()))
+        was_writable = hpte_valid_in_hardware(self.vm.mmu.hpt, index) and hpte_is_writable(
+            self.vm.mmu.hpt.r(index)
+        )
+        was_valid = hpte_valid_in_hardware(self.vm.mmu.hpt, index)
+        assert kvmppc_h_protect(self.vm.kvm, pp, index, 0) == H_SUCCESS
+        v, r = self.entered[index]
+        self.entered[index] = (v, (r & ~3) | pp)
+        if was_valid and not was_writable:
+            assert not hpte_is_writable(self.vm.mmu.hpt.r(index))  # P8
+
+    @precondition(lambda self: self.entered)
+    @rule(data=st.data(), mod=st.booleans())
+    def h_clear_ref_or_mod(self, data: st.DataObject, mod: bool) -> None:
+        index = data.draw(st.sampled_from(self._used()))
+        clear = kvmppc_h_clear_mod if mod else kvmppc_h_clear_ref
+        status, gr = clear(self.vm.kvm, 0, index)
+        assert status == H_SUCCESS and gr & ~(HPTE_R_R | HPTE_R_C) == self.entered[index][1]
+
+    @precondition(lambda self: self.entered)
+    @rule(data=st.data(), vcpu=st.integers(0, 1), write=st.booleans())
+    def guest_access(self, data: st.DataObject, vcpu: int, write: bool) -> None:
+        index = data.draw(st.sampled_from(self._used()))
+        self.vm.mmu.guest_access(vcpu, index, write)
+
+    @rule(slot=st.integers(0, 1), page=st.integers(0, SLOT_PAGES - 1))
+    def host_drops_a_page(self, slot: int, page: int) -> None:
+        assert self.vm.host.madvise_dontneed(self.vm.hvas[slot] + page * PAGE, PAGE) == 0
+
+    @rule(slot=st.integers(0, 1), page=st.integers(0, SLOT_PAGES - 1))
+    def host_writes_a_page(self, slot: int, page: int) -> None:
+        assert self.vm.host.host_write(self.vm.hvas[slot] + page * PAGE, b"h") == 0
+
+    @rule(slot=st.integers(0, 1))
+    def host_ages(self, slot: int) -> None:
+        hva = self.vm.hvas[slot]
+        kvm_mmu_notifier_clear_young(self.vm.kvm, hva, hva + SLOT_PAGES * PAGE)
+
+    @precondition(lambda self: self.slot1_gfn is not None)
+    @rule()
+    def get_dirty_log(self) -> None:
+        status, _ = run_to_completion(kvm_vm_ioctl_get_dirty_log_hv(self.vm.kvm, 1))
+        assert status == 0
+
+    @rule(gfn=st.sampled_from([None, RAM1_GFN, 16]))
+    def update_slot1(self, gfn: int | None) -> None:
+        """Delete slot 1, create it, or move it between gfn 8 and gfn 16."""
+        pages = 0 if gfn is None else SLOT_PAGES
+        base = gfn if gfn is not None else self.slot1_gfn
+        if base is None:
+            return
+        hva = self.vm.hvas[1]
+        assert self.vm.set_region(1, KVM_MEM_LOG_DIRTY_PAGES, base, hva, pages) == 0
+        self.slot1_gfn = gfn
+
+    @precondition(lambda self: self.entered)
+    @rule(data=st.data())
+    def h_enter_racing_an_invalidation(self, data: st.DataObject) -> None:
+        free = [i for i in range(8 * 4, 8 * 5) if i not in self.entered]
+        if not free:
+            return
+        v, r = avpn_v(7), ram_r(RAM0_GFN)
+        h_enter = kvmppc_do_h_enter(self.vm.kvm, self.vm.host, H_EXACT, free[0], v, r)
+        status, index = h_enter_racing_dontneed(self.vm, h_enter)
+        assert status == H_SUCCESS
+        self.entered[index] = (v, r)
+
+    @invariant()
+    def hpt_is_consistent(self) -> None:
+        assert self.vm.violations() == []
+
+    @invariant()
+    def the_guest_reads_what_it_entered(self) -> None:
+        for index, (v, r) in self.entered.items():
+            got_v, got_r = kvmppc_h_read(self.vm.kvm, 0, index)[1][0]
+            assert got_v == v | HPTE_V_VALID
+            assert got_r & ~(HPTE_R_R | HPTE_R_C) == r
+
+
+TestHptMachine = HptMachine.TestCase
