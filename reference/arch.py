@@ -28,9 +28,10 @@ class KvmArch:
     """Architecture hooks. ``events`` keeps the most recent hook calls, oldest first.
 
     ``lockless_aging`` says the architecture ages without mmu_lock (an RCU walk and a
-    compare-and-exchange on each accessed bit; x86's TDP MMU and arm64 select
-    CONFIG_KVM_MMU_LOCKLESS_AGING): the generic notifier then calls kvm_age_gfn and
-    kvm_test_age_gfn without taking the lock (seed 001).
+    compare-and-exchange on each accessed bit): the generic notifier then calls kvm_age_gfn
+    and kvm_test_age_gfn without taking the lock. In v6.18 x86 (for its TDP MMU; the shadow
+    MMU takes the lock itself) and s390 select CONFIG_KVM_MMU_LOCKLESS_AGING; arm64 ages
+    under the lock, and seed 001 is the thread that proposed doing it locklessly there.
     """
 
     lockless_aging = False

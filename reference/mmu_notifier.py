@@ -189,9 +189,12 @@ def kvm_mmu_notifier_clear_young(kvm: Kvm, start: int, end: int) -> bool:
 
 
 def _aging_lock(kvm: Kvm) -> AbstractContextManager[None]:
-    """Aging takes mmu_lock for write, unless the architecture ages locklessly (x86's TDP MMU
-    and arm64 with CONFIG_KVM_MMU_LOCKLESS_AGING: an RCU walk and a compare-and-exchange on
-    each accessed bit, seed 001), in which case it takes nothing here."""
+    """Aging takes mmu_lock for write, unless the architecture ages locklessly
+    (CONFIG_KVM_MMU_LOCKLESS_AGING, selected by x86 and s390 in v6.18: an RCU walk and a
+    compare-and-exchange on each accessed bit, as seed 001 proposed for arm64), in which
+    case it takes nothing here.
+
+    kernel: virt/kvm/kvm_main.c:kvm_handle_hva_range (v6.18)"""
     return nullcontext() if kvm.arch.lockless_aging else kvm.mmu_lock.write()
 
 
