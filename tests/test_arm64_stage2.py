@@ -19,7 +19,6 @@ from kvmspec.reference.arm64.descriptors import (
     KvmPgtableProt,
     decode_descriptor,
 )
-from kvmspec.reference.arm64.history import check_break_before_make, check_no_lost_hardware_updates
 from kvmspec.reference.arm64.hw_access import guest_access
 from kvmspec.reference.arm64.pgtable import (
     NO_WALK_FLAGS,
@@ -29,8 +28,6 @@ from kvmspec.reference.arm64.pgtable import (
     KvmPgtableVisitCtx,
     KvmPgtableWalkFlags,
     TablePage,
-    check_no_freed_table_reachable,
-    check_table_refcounts,
     kvm_pgtable_stage2_free_unlinked,
 )
 from kvmspec.reference.arm64.s2_mmu import Stage2Features, __kvm_tlb_flush_vmid
@@ -44,6 +41,13 @@ from kvmspec.reference.arm64.stage2 import (
     kvm_pgtable_stage2_wrprotect,
 )
 from kvmspec.reference.concurrency import KernelOp, Preempt, Rcu, run_to_completion
+from kvmspec.spec.invariants.arm64 import (
+    check_break_before_make,
+    check_no_lost_hardware_updates,
+    check_no_reads_after_free,
+    check_stage2,
+    check_warnings,
+)
 
 F = KvmPgtableWalkFlags
 FAULT = F.SHARED | F.HANDLE_FAULT
@@ -94,13 +98,9 @@ def leaf(pgt: KvmPgtable, ipa: int) -> int:
 
 
 def all_clean(pgt: KvmPgtable) -> None:
-    history = pgt.mm_ops.history
-    assert check_break_before_make(history) == []
-    assert check_no_lost_hardware_updates(history) == []
-    assert history.reads_after_free == []
-    assert history.warnings == []
-    assert check_table_refcounts(pgt) == []
-    assert check_no_freed_table_reachable(pgt) == []
+    """Every stage-2 invariant holds (spec/invariants/arm64.py: A1, A3, A4, A6, seed 001
+    and the library's WARN_ONs)."""
+    assert check_stage2(pgt) == []
 
 
 # -- map and break-before-make ----------------------------------------------------------------
@@ -136,7 +136,8 @@ def test_a_missing_tlbi_is_caught_by_the_break_before_make_check(
     assert run_to_completion(map_op(pgt, MB2, PAGE, 0x5000_0000)) == 0
     found = check_break_before_make(pgt.mm_ops.history)
     assert len(found) == 1
-    assert "no TLBI after the invalid entry" in found[0]
+    assert found[0].rule == "A1" and "no TLBI after the invalid entry" in found[0].message
+    assert [v.rule for v in check_stage2(pgt)] == ["A1"]
     # And the vCPU indeed still uses the old page.
     assert run_to_completion(guest_access(pgt, 0, MB2, False)).pa == 0x4000_0000
 
@@ -165,6 +166,9 @@ def test_an_exclusive_walker_meeting_a_locked_entry_is_a_warning() -> None:
     assert run_to_completion(map_op(pgt, MB2, PAGE, 0x6000_0000)) == 0
     assert decode_descriptor(leaf(pgt, MB2), 3, 12).locked
     assert pgt.mm_ops.history.warnings == ["A2: an exclusive walker met a LOCKED entry"]
+    assert [str(v) for v in check_warnings(pgt.mm_ops.history)] == [
+        "A2: WARN: an exclusive walker met a LOCKED entry"
+    ]
 
 
 # -- seed 001: lockless test_clear_young against the hardware ------------------------------
@@ -231,7 +235,7 @@ def test_seed_001_a_plain_store_instead_of_cmpxchg_is_caught(
     assert not leaf(pgt, MB2) & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W, "the dirty state was lost"
     found = check_no_lost_hardware_updates(pgt.mm_ops.history)
     assert len(found) == 1
-    assert "dirty" in found[0]
+    assert found[0].rule == "S001-NO-LOST-UPDATE" and "dirty" in found[0].message
 
 
 def test_aging_never_writes_an_invalid_entry() -> None:
@@ -284,7 +288,8 @@ def test_a_reader_inside_a_freed_table_is_recorded(monkeypatch: pytest.MonkeyPat
     step_until(ager, lambda point: point.startswith("walker read level 3"))
     assert run_to_completion(map_op(pgt, MB2, MB2, 0x4000_0000, FAULT)) == 0
     finish(ager)
-    assert pgt.mm_ops.history.reads_after_free
+    found = check_no_reads_after_free(pgt.mm_ops.history)
+    assert found and {v.rule for v in found} == {"S001-RCU-TABLES"}
 
 
 # -- splitting, permissions, the hardware's faults and TLB ------------------------------------
@@ -359,3 +364,38 @@ def test_unmap_cleans_cacheable_memory_without_fwb() -> None:
     # A5: cleaned before the mapping was made, and again when it was removed.
     assert kinds.count("dcache_clean_inval_poc") == 2
     all_clean(pgt)
+
+
+# -- A4 and A6: the leaves themselves -----------------------------------------------------------
+
+
+def test_a_block_over_a_misaligned_output_address_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Planted bug: the block test forgets the output address's alignment, so a 2 MB
+    block is installed over a PA that is only page-aligned (A4)."""
+
+    def fits_ignoring_pa(ctx: KvmPgtableVisitCtx, phys: int) -> bool:
+        granule = ctx.mm_ops.geometry.kvm_granule_size(ctx.level)
+        level_ok = ctx.mm_ops.geometry.kvm_level_supports_block_mapping(ctx.level)
+        return level_ok and granule <= ctx.end - ctx.addr and ctx.addr % granule == 0
+
+    pgt = new_pgt()
+    monkeypatch.setattr(stage2, "kvm_block_mapping_supported", fits_ignoring_pa)
+    assert run_to_completion(map_op(pgt, MB2, MB2, 0x4040_1000)) == 0
+    assert [v.rule for v in check_stage2(pgt)] == ["A4"]
+
+
+def test_device_memory_is_mapped_execute_never() -> None:
+    """A6: a device mapping without X is XN; one asking for X is caught by the leaf check.
+    (The kernel refuses DEVICE with X in stage2_set_prot_attr with EINVAL; the model
+    installs it, so the check is what stands between the two.)"""
+    pgt = new_pgt()
+    device = KvmPgtableProt.DEVICE | KVM_PGTABLE_PROT_RW
+    mc = KvmMmuMemoryCache(8)
+    assert run_to_completion(kvm_pgtable_stage2_map(pgt, MB2, PAGE, 0x9000_0000, device, mc)) == 0
+    all_clean(pgt)
+    executable = device | KvmPgtableProt.X
+    op = kvm_pgtable_stage2_map(pgt, MB2 + PAGE, PAGE, 0x9000_1000, executable, mc)
+    assert run_to_completion(op) == 0
+    assert [v.rule for v in check_stage2(pgt)] == ["A6"]

@@ -17,8 +17,6 @@ from kvmspec.reference.arm64.pgtable import (
     KvmPgtableVisitCtx,
     KvmPgtableWalker,
     KvmPgtableWalkFlags,
-    check_no_freed_table_reachable,
-    check_table_refcounts,
     kvm_pgtable_walk,
 )
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
@@ -28,6 +26,12 @@ from kvmspec.reference.arm64.stage2 import (
     kvm_pgtable_stage2_unmap,
 )
 from kvmspec.reference.concurrency import KernelOp, Rcu, run_to_completion
+from kvmspec.spec.invariants.arm64 import (
+    check_leaves,
+    check_no_freed_table_reachable,
+    check_no_reads_after_free,
+    check_table_refcounts,
+)
 
 F = KvmPgtableWalkFlags
 MB2 = 2 << 20
@@ -135,11 +139,13 @@ def test_table_refcounts_after_maps_and_unmaps(
 ) -> None:
     pgt = build(layout)
     assert check_table_refcounts(pgt) == []
+    assert check_leaves(pgt) == []
     for start, size in unmaps:
         assert run_to_completion(kvm_pgtable_stage2_unmap(pgt, start, size)) == 0
         assert check_table_refcounts(pgt) == []
         assert check_no_freed_table_reachable(pgt) == []
-    assert pgt.mm_ops.history.reads_after_free == []
+        assert check_leaves(pgt) == []
+    assert check_no_reads_after_free(pgt.mm_ops.history) == []
 
 
 def test_unmapping_everything_frees_every_table_below_the_pgd() -> None:

@@ -36,7 +36,6 @@ from kvmspec.reference.arm64.descriptors import (
     kvm_pte_table,
     kvm_pte_to_phys,
     stage2_pte_is_counted,
-    stage2_pte_is_locked,
 )
 from kvmspec.reference.arm64.history import Cmo, PteWrite, Stage2History
 from kvmspec.reference.arm64.s2_mmu import KvmS2Mmu
@@ -395,51 +394,3 @@ def kvm_pgtable_stage2_free_unlinked(
     data = KvmPgtableWalkData(walker, 0, 0, mm_ops.geometry.kvm_granule_size(level))
     yield from __kvm_pgtable_walk(data, mm_ops, table, level + 1)
     mm_ops.put_page(table)
-
-
-# -- the rules over the tables' shape ---------------------------------------------------------
-
-
-def _reachable(pgt: KvmPgtable) -> list[tuple[TablePage, int]]:
-    """Every table page reachable from the PGD, with its level, read without recording."""
-    found: list[tuple[TablePage, int]] = []
-    todo = [(page, pgt.geometry.start_level) for page in pgt.pgd or []]
-    while todo:
-        page, level = todo.pop()
-        found.append((page, level))
-        for pte in page.entries.values():
-            if kvm_pte_table(pte, level):
-                pa = kvm_pte_to_phys(pte, pgt.geometry.page_shift)
-                todo.append((pgt.mm_ops.pages[pa], level + 1))
-    return found
-
-
-def check_table_refcounts(pgt: KvmPgtable) -> list[str]:
-    """A3: every live table page's count is 1 + its counted entries (a LOCKED entry is
-    not counted: its old value's reference was dropped when it was locked).
-
-    kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_pte_is_counted, stage2_try_break_pte,
-    stage2_make_pte (v6.18)
-    """
-    found = []
-    for page, level in _reachable(pgt):
-        counted = sum(
-            1
-            for pte in page.entries.values()
-            if stage2_pte_is_counted(pte) and not stage2_pte_is_locked(pte)
-        )
-        if page.refcount != 1 + counted:
-            found.append(
-                f"A3: table {page.pa:#x} (level {level}) has refcount {page.refcount}, "
-                f"expected 1 + {counted}"
-            )
-    return found
-
-
-def check_no_freed_table_reachable(pgt: KvmPgtable) -> list[str]:
-    """A freed table page is never linked from the tree."""
-    return [
-        f"table {page.pa:#x} (level {level}) is reachable but freed"
-        for page, level in _reachable(pgt)
-        if page.freed
-    ]

@@ -1,0 +1,277 @@
+"""White-box invariants of the arm64 stage-2 page tables (INVENTORY C.5, seed 001).
+
+Two kinds of check. Over the tables as they are now: every table page's reference count
+(A3), no freed table still linked (A3), and every leaf's size and alignment (A4) and, for
+device memory, its execute permission (A6). Over the reference's record of what happened
+(:class:`~kvmspec.reference.arm64.history.Stage2History`, every descriptor write, TLBI and
+cache maintenance operation in order): break-before-make (A1), no hardware access-flag or
+dirty update lost to a software write built from an older snapshot (seed 001), no table
+page read after it was freed (seed 001's RCU half), and the library's WARN_ONs.
+
+The record is the reference's own state, so these checks take it as an argument; the
+reference never imports this module. ``check_stage2`` runs them all.
+"""
+
+from __future__ import annotations
+
+from kvmspec.reference.arm64.descriptors import (
+    KVM_PTE_LEAF_ATTR_HI_S2_XN,
+    KVM_PTE_LEAF_ATTR_LO_S2_AF,
+    KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR,
+    KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
+    KVM_PTE_TYPE,
+    MT_S2_DEVICE_nGnRE,
+    field_get,
+    genmask,
+    kvm_pte_table,
+    kvm_pte_to_phys,
+    kvm_pte_valid,
+    stage2_pte_is_counted,
+    stage2_pte_is_locked,
+)
+from kvmspec.reference.arm64.history import PteWrite, Slot, Stage2History, Tlbi
+from kvmspec.reference.arm64.pgtable import KvmPgtable, TablePage
+from kvmspec.spec.invariants import Violation
+
+NO_LOST_UPDATE = "S001-NO-LOST-UPDATE"
+RCU_TABLES = "S001-RCU-TABLES"
+
+HARDWARE_MANAGED = KVM_PTE_LEAF_ATTR_LO_S2_AF | KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
+"""The bits the hardware walker sets: AF (with VTCR_EL2.HA) and W of a DBM descriptor
+(with VTCR_EL2.HD)."""
+
+BREAK_BITS = genmask(47, 12) | KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR | KVM_PTE_TYPE
+"""What may not change in place: the output address (descriptor bits 47:12 with every
+granule; with 64K they include PA bits 51:48), the memory type, and the kind (table or
+block). Permissions, AF and the software bits may change in place."""
+
+
+def _needs_break(old: int, new: int) -> bool:
+    return bool((old ^ new) & BREAK_BITS)
+
+
+def _where(slot: Slot) -> str:
+    return f"entry {slot[0]:#x}[{slot[1]}]"
+
+
+# -- the history ------------------------------------------------------------------------------
+
+
+def check_break_before_make(history: Stage2History) -> list[Violation]:
+    """A1: for each entry, a valid value is replaced by a valid one that needs a break only
+    if, in between, the entry was made invalid and then a TLBI covering it completed.
+
+    kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_try_break_pte, stage2_make_pte (v6.18)
+    """
+    last_valid: dict[Slot, int] = {}
+    # Entries made invalid after being valid, not yet covered by a TLBI since.
+    pending: dict[Slot, PteWrite] = {}
+    broken: set[Slot] = set()
+    found = []
+    for event in history.events:
+        if isinstance(event, Tlbi):
+            for slot, write in list(pending.items()):
+                if event.covers(write.ipa, write.size):
+                    broken.add(slot)
+                    del pending[slot]
+            continue
+        if not isinstance(event, PteWrite):
+            continue
+        slot = event.slot
+        if not kvm_pte_valid(event.after):
+            if slot in last_valid and slot not in broken:
+                pending.setdefault(slot, event)
+            continue
+        old = last_valid.get(slot)
+        if old is not None and slot not in broken and _needs_break(old, event.after):
+            why = "no invalid entry" if slot not in pending else "no TLBI after the invalid entry"
+            found.append(
+                Violation(
+                    "A1",
+                    f"{_where(slot)} (IPA {event.ipa:#x}) went from {old:#x} to "
+                    f"{event.after:#x} with {why} in between",
+                )
+            )
+        last_valid[slot] = event.after
+        pending.pop(slot, None)
+        broken.discard(slot)
+    return found
+
+
+def check_no_lost_hardware_updates(history: Stage2History) -> list[Violation]:
+    """Seed 001: a software write computed from a snapshot of the entry must not undo what
+    the hardware set after the snapshot. Losing the dirty state of a DBM descriptor is
+    always a bug (a write would go unlogged). Losing an access flag is what the kernel
+    accepts from walkers that hold mmu_lock for write (stage2_attr_walker's comment: the
+    worst case is a lost access flag update); a shared walker must not, which is why it
+    uses cmpxchg (seed 001: RCU and cmpxchg make the lockless test-and-clear safe "against
+    both the hardware and other software page table walkers").
+
+    kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_try_set_pte, stage2_attr_walker (v6.18)
+    """
+    found = []
+    for event in history.events:
+        if not isinstance(event, PteWrite) or event.actor != "software":
+            continue
+        if not kvm_pte_valid(event.before) or event.before == event.based_on:
+            continue
+        set_since = event.before & ~event.based_on & HARDWARE_MANAGED
+        lost = set_since & ~event.after
+        if not event.shared:
+            lost &= ~KVM_PTE_LEAF_ATTR_LO_S2_AF
+        if lost:
+            names = []
+            if lost & KVM_PTE_LEAF_ATTR_LO_S2_AF:
+                names.append("AF")
+            if lost & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W:
+                names.append("dirty (S2AP W of a DBM descriptor)")
+            found.append(
+                Violation(
+                    NO_LOST_UPDATE,
+                    f"a software write to {_where(event.slot)} (IPA {event.ipa:#x}) built "
+                    f"from {event.based_on:#x} overwrote {event.before:#x} with "
+                    f"{event.after:#x}, dropping {' and '.join(names)}",
+                )
+            )
+    return found
+
+
+def check_no_reads_after_free(history: Stage2History) -> list[Violation]:
+    """Seed 001's other half: a table page unlinked while walkers may be inside is freed
+    only after an RCU grace period, so no walker (software or hardware) reads a freed page.
+
+    kernel: arch/arm64/kvm/mmu.c:stage2_free_unlinked_table (v6.18)
+    """
+    return [Violation(RCU_TABLES, message) for message in history.reads_after_free]
+
+
+_UNNUMBERED_WARNINGS = {
+    "map: no leaf fits a page": "A4",
+    "test_clear_young: walk returned": NO_LOST_UPDATE,
+}
+"""The library's WARN_ONs whose message does not start with a rule id, and the rule each
+one guards."""
+
+
+def check_warnings(history: Stage2History) -> list[Violation]:
+    """Every WARN_ON the library hit, under the rule it guards: a message starting with a
+    rule id (``A2: ...``) is that rule's, the others are looked up in
+    ``_UNNUMBERED_WARNINGS``; one in neither keeps its own tag."""
+    found = []
+    for message in history.warnings:
+        head, sep, rest = message.partition(": ")
+        if sep and head.startswith("A") and head[1:].isdigit():
+            found.append(Violation(head, f"WARN: {rest}"))
+            continue
+        rule = next(
+            (rule for prefix, rule in _UNNUMBERED_WARNINGS.items() if message.startswith(prefix)),
+            head if sep else "WARN",
+        )
+        found.append(Violation(rule, f"WARN: {message}"))
+    return found
+
+
+# -- the tables -------------------------------------------------------------------------------
+
+
+def _reachable(pgt: KvmPgtable) -> list[tuple[TablePage, int, int]]:
+    """Every table page reachable from the PGD, with its level and the IPA its first entry
+    translates, read without recording."""
+    geometry = pgt.geometry
+    pgd_span = geometry.ptrs_per_pte * geometry.kvm_granule_size(geometry.start_level)
+    found: list[tuple[TablePage, int, int]] = []
+    todo = [(page, geometry.start_level, n * pgd_span) for n, page in enumerate(pgt.pgd or [])]
+    while todo:
+        page, level, base = todo.pop()
+        found.append((page, level, base))
+        granule = geometry.kvm_granule_size(level)
+        for index, pte in page.entries.items():
+            if kvm_pte_table(pte, level):
+                pa = kvm_pte_to_phys(pte, geometry.page_shift)
+                todo.append((pgt.mm_ops.pages[pa], level + 1, base + index * granule))
+    return found
+
+
+def check_table_refcounts(pgt: KvmPgtable) -> list[Violation]:
+    """A3: every live table page's count is 1 + its counted entries (a LOCKED entry is
+    not counted: its old value's reference was dropped when it was locked).
+
+    kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_pte_is_counted, stage2_try_break_pte,
+    stage2_make_pte (v6.18)
+    """
+    found = []
+    for page, level, _ in _reachable(pgt):
+        counted = sum(
+            1
+            for pte in page.entries.values()
+            if stage2_pte_is_counted(pte) and not stage2_pte_is_locked(pte)
+        )
+        if page.refcount != 1 + counted:
+            found.append(
+                Violation(
+                    "A3",
+                    f"table {page.pa:#x} (level {level}) has refcount {page.refcount}, "
+                    f"expected 1 + {counted}",
+                )
+            )
+    return found
+
+
+def check_no_freed_table_reachable(pgt: KvmPgtable) -> list[Violation]:
+    """A3's consequence: a table is freed only once its count fell to 1 and it was
+    unlinked, so a freed table page is never linked from the tree.
+
+    kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_unmap_walker (v6.18)
+    """
+    return [
+        Violation("A3", f"table {page.pa:#x} (level {level}) is reachable but freed")
+        for page, level, _ in _reachable(pgt)
+        if page.freed
+    ]
+
+
+def check_leaves(pgt: KvmPgtable) -> list[Violation]:
+    """A4 and A6 for every valid leaf: a block sits only at a level that allows blocks,
+    with its IPA and its output address aligned to its size; a leaf of device memory is
+    never executable.
+
+    kernel: arch/arm64/kvm/hyp/pgtable.c:kvm_block_mapping_supported,
+    stage2_set_prot_attr (v6.18)
+    """
+    geometry = pgt.geometry
+    found = []
+    for page, level, base in _reachable(pgt):
+        granule = geometry.kvm_granule_size(level)
+        for index, pte in sorted(page.entries.items()):
+            if not kvm_pte_valid(pte) or kvm_pte_table(pte, level):
+                continue
+            ipa = base + index * granule
+            pa = kvm_pte_to_phys(pte, geometry.page_shift)
+            if not geometry.kvm_level_supports_block_mapping(level):
+                found.append(Violation("A4", f"a block at level {level} (IPA {ipa:#x})"))
+            if ipa % granule or pa % granule:
+                found.append(
+                    Violation(
+                        "A4",
+                        f"level {level} leaf IPA {ipa:#x} -> PA {pa:#x} is not aligned to "
+                        f"{granule:#x}",
+                    )
+                )
+            device = field_get(KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR, pte) == MT_S2_DEVICE_nGnRE
+            if device and not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN:
+                found.append(Violation("A6", f"device memory at IPA {ipa:#x} is executable"))
+    return found
+
+
+def check_stage2(pgt: KvmPgtable) -> list[Violation]:
+    """Every stage-2 invariant above, over the tables and their history."""
+    history = pgt.mm_ops.history
+    return [
+        *check_break_before_make(history),
+        *check_no_lost_hardware_updates(history),
+        *check_no_reads_after_free(history),
+        *check_warnings(history),
+        *check_table_refcounts(pgt),
+        *check_no_freed_table_reachable(pgt),
+        *check_leaves(pgt),
+    ]
