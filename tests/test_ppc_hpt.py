@@ -3,8 +3,8 @@ the guest's view through H_READ (P4); R and C read after the tlbie (P3); the H_E
 with an MMU notifier (P5); seed 000 (a deleted or moved slot leaves no translation); and a
 state machine that checks the chains and the P-invariants after every step.
 
-``check_hpt`` below is the white-box check of the HPT (P1, P2, P4-P7, P9, seed 000). It
-belongs in spec/invariants/ next to the x86 one; it lives here until that file exists.
+The white-box check of the HPT (P1, P2, P4-P7, P9, seed 000) is
+``kvmspec.spec.invariants.ppc.check_hpt``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
-from kvmspec.reference.gfn_to_hva import __gfn_to_hva_memslot
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
@@ -40,8 +39,6 @@ from kvmspec.reference.ppc.hcalls import (
     kvmppc_h_read,
 )
 from kvmspec.reference.ppc.hpt import (
-    KVMPPC_RMAP_INDEX,
-    KVMPPC_RMAP_LOCK,
     KVMPPC_RMAP_PRESENT,
     Segment,
     chain_members,
@@ -54,7 +51,6 @@ from kvmspec.reference.ppc.hpt import (
 )
 from kvmspec.reference.ppc.hpt_mmu import HptMmu, kvm_vm_ioctl_get_dirty_log_hv
 from kvmspec.reference.ppc.hpte import (
-    HPTE_GR_RESERVED,
     HPTE_R_C,
     HPTE_R_I,
     HPTE_R_KEY,
@@ -64,16 +60,14 @@ from kvmspec.reference.ppc.hpte import (
     HPTE_V_ABSENT,
     HPTE_V_HVLOCK,
     HPTE_V_LARGE,
-    HPTE_V_SOFTWARE,
     HPTE_V_VALID,
     PP_RWXX,
     PP_RXRX,
     PP_RXXX,
     hpte_is_writable,
-    hpte_rpn,
     is_mmio_hpte,
-    kvmppc_actual_pgsz,
 )
+from kvmspec.spec.invariants.ppc import check_hpt
 from kvmspec.spec.platforms import PPC64_HV
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
@@ -121,69 +115,7 @@ class PpcVm:
         return run_to_completion(kvmppc_do_h_enter(self.kvm, self.host, flags, pte_index, v, r))
 
     def violations(self) -> list[str]:
-        return check_hpt(self.kvm, self.mmu, self.host)
-
-
-# -- the white-box check -----------------------------------------------------------------------
-
-
-def usable_slot(kvm: Kvm, gfn: int) -> KvmMemorySlot | None:
-    slot = kvm.memslots(0).search_memslots(gfn)
-    return slot if slot is not None and not slot.invalid else None
-
-
-def check_hpt(kvm: Kvm, mmu: HptMmu, host: HostMm) -> list[str]:
-    """Every HPT invariant the model can check between operations."""
-    hpt, shift = mmu.hpt, kvm.profile.page_shift
-    found = [f"{rule}: {message}" for rule, message in kvm.warnings]
-    chained: dict[int, tuple[KvmMemorySlot, int]] = {}
-    for slot in kvm.memslots(0):
-        rmap = slot_rmap(slot)
-        for offset, word in rmap.words.items():
-            if word & KVMPPC_RMAP_LOCK:
-                found.append(f"P1: rmap word {slot.id}:{offset} left locked")
-            if not word & KVMPPC_RMAP_PRESENT and word & KVMPPC_RMAP_INDEX:
-                found.append(f"P2: empty chain {slot.id}:{offset} still names a head")
-            for index in chain_members(hpt, word):
-                rev = hpt.rev_entry(index)
-                if hpt.rev_entry(rev.forw).back != index:
-                    found.append(f"P2: chain {slot.id}:{offset} broken after {index:#x}")
-                if index in chained:
-                    found.append(f"P2: HPTE {index:#x} on two chains")
-                chained[index] = (slot, offset)
-    for index, (v, r) in sorted(hpt.hptes.items()):
-        if v & HPTE_V_HVLOCK:
-            found.append(f"P1: HPTE {index:#x} left locked")
-        guest_r = hpt.rev_entry(index).guest_rpte
-        if v & (HPTE_V_VALID | HPTE_V_ABSENT):
-            view_v, view_r = kvmppc_h_read(kvm, 0, index)[1][0]
-            if view_v & HPTE_V_SOFTWARE or view_r & HPTE_GR_RESERVED:
-                found.append(f"P4: H_READ of {index:#x} shows software bits")
-            if (view_r ^ guest_r) & HPTE_R_RPN:
-                found.append(f"P4: H_READ of {index:#x} shows a host address")
-        if is_mmio_hpte(v, r) and v & HPTE_V_VALID:
-            found.append(f"P7: MMIO HPTE {index:#x} is valid")
-        if not hpte_valid_in_hardware(hpt, index):
-            if index in chained:
-                found.append(f"P2: HPTE {index:#x} is on a chain but not valid")
-            continue
-        psize = kvmppc_actual_pgsz(v, guest_r)
-        gfn = hpte_rpn(guest_r, psize, shift)
-        owner = usable_slot(kvm, gfn)
-        if owner is None:
-            found.append(f"seed 000: valid HPTE {index:#x} maps gfn {gfn:#x}, in no usable slot")
-            continue
-        if chained.get(index) != (owner, gfn - owner.base_gfn):
-            found.append(f"P2: valid HPTE {index:#x} is not on the chain of gfn {gfn:#x}")
-        host_pte = host.lookup(__gfn_to_hva_memslot(owner, gfn, shift))
-        if host_pte is None or (r & HPTE_R_RPN) >> shift != host_pte.pfn:
-            found.append(f"P5: valid HPTE {index:#x} maps a page the host no longer maps there")
-        elif hpte_is_writable(r) and not host_pte.writable:
-            found.append(f"P9: HPTE {index:#x} is writable, the host page is not")
-    for index in sorted(mmu.tlbs.cached()):
-        if not hpt.v(index) & HPTE_V_VALID:
-            found.append(f"P6: a TLB still caches invalidated HPTE {index:#x}")
-    return found
+        return [str(v) for v in check_hpt(self.kvm, self.mmu, self.host)]
 
 
 def test_the_check_sees_a_broken_chain_and_a_leaked_lock() -> None:
@@ -530,7 +462,8 @@ def test_seed_000_a_missing_flush_is_caught() -> None:
     assert len(problems) == 8
     assert (
         problems[0]
-        == f"seed 000: valid HPTE {used[8]:#x} maps gfn {RAM1_GFN:#x}, in no usable slot"
+        == f"S000-NO-HPTE-OUTSIDE-SLOTS: valid HPTE {used[8]:#x} maps gfn {RAM1_GFN:#x}, "
+        "in no usable slot"
     )
     assert vm.mmu.guest_access(0, used[8], write=True)  # the guest writes freed memory
 
