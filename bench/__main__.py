@@ -13,16 +13,17 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import Figure, fuzzer, generic, lookup, memory, memslots
+from bench import Figure, fuzzer, generic, guest, lookup, memory, memslots
 from kvmspec.spec import dbc
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
 
-SECTIONS = ("memslots", "lookup", "memory", "fuzzer", "generic")
+SECTIONS = ("memslots", "lookup", "memory", "fuzzer", "generic", "guest")
 RATIO_GOAL = 1.0
 LOOKUP_RATIO_GOAL = 2.0
 MEMORY_GOAL_MIB = 100.0
 FUZZ_GOAL = 3000.0
 GENERIC_STEPS_GOAL = 20000.0
+GUEST_RATIO_GOAL = 10.0
 
 
 def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -199,12 +200,44 @@ def section_generic(profile: PlatformProfile, quick: bool) -> list[Figure]:
     return [steps, actions, flat]
 
 
+def section_guest(profile: PlatformProfile, quick: bool) -> list[Figure]:
+    count, pages = (10_000, 1_000) if quick else (guest.ACCESSES, guest.PAGES)
+    speed = guest.measure(profile, count, pages)
+    rows = [["reference", f"{speed.reference:,.0f}", f"{1e6 / speed.reference:.1f}"]]
+    figures = []
+    if isinstance(speed.kernel, str):
+        rows.append(["linux-kvm", "-", "-"])
+    else:
+        rows.append(["linux-kvm", f"{speed.kernel:,.0f}", f"{1e6 / speed.kernel:.1f}"])
+        ratio = speed.reference / speed.kernel
+        figures.append(
+            Figure(
+                "guest accesses/s, reference / linux-kvm",
+                f"{ratio:.2f}",
+                f">= {GUEST_RATIO_GOAL:.0f}",
+                ratio >= GUEST_RATIO_GOAL,
+            )
+        )
+    _print_table(
+        f"Guest accesses/s: {speed.accesses:,} 8-byte loads and stores over {speed.pages:,} "
+        f"pages of one slot (the reference on {profile.mmu} paging; linux-kvm: a CPL 3 guest)",
+        ["target", "accesses/s", "µs per access"],
+        rows,
+    )
+    if isinstance(speed.kernel, str):
+        print(f"  linux-kvm: unavailable: {speed.kernel}")
+    for figure in figures:
+        print(f"  {figure.name}: {figure.value} (goal {figure.goal}) {figure.verdict}")
+    return figures
+
+
 RUNNERS = {
     "memslots": section_memslots,
     "lookup": section_lookup,
     "memory": section_memory,
     "fuzzer": section_fuzzer,
     "generic": section_generic,
+    "guest": section_guest,
 }
 
 
