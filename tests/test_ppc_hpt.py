@@ -9,6 +9,8 @@ The white-box check of the HPT (P1, P2, P4-P7, P9, seed 000) is
 
 from __future__ import annotations
 
+import errno
+
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -69,7 +71,7 @@ from kvmspec.reference.ppc.hpte import (
 )
 from kvmspec.spec.invariants.ppc import check_hpt
 from kvmspec.spec.platforms import PPC64_HV
-from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
+from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 PAGE = PPC64_HV.page_size  # 64 KiB host pages: a gfn is 64 KiB
@@ -613,3 +615,12 @@ class HptMachine(RuleBasedStateMachine):
 
 
 TestHptMachine = HptMachine.TestCase
+
+
+def test_read_only_slots_do_not_exist_on_book3s_hv() -> None:
+    """P9's slot half is vacuous here: Book3S HV refuses KVM_MEM_READONLY (no
+    KVM_CAP_READONLY_MEM), so host writability is the one limit on an HPTE's rights."""
+    vm = PpcVm()
+    _, hva = vm.host.mmap(PAGE, RW)
+    assert vm.set_region(2, KVM_MEM_READONLY, 32, hva, pages=1) == errno.EINVAL
+    assert vm.violations() == []

@@ -12,7 +12,7 @@ compares, between operations (no hypercall or rmap walk in the middle of its wor
 * P5: once the operation ended, a valid HPTE maps the page the host maps at its gfn;
 * P6: no vCPU's TLB still caches an entry that has been invalidated (the tlbie completed);
 * P7: an emulated-MMIO entry is never valid in hardware;
-* P9: a writable HPTE sits over a writable host page;
+* P9: a writable HPTE sits over a writable host page, in a slot that is not READONLY;
 * seed 000: no valid HPTE maps a gfn outside every usable (present, not INVALID) memslot;
 * and every WARN the model recorded (unlocked HPTE or rmap writes are P1's).
 """
@@ -121,6 +121,8 @@ def check_hpt(kvm: Kvm, mmu: HptMmu, host: HostMm) -> list[Violation]:
             )
         elif hpte_is_writable(r) and not host_pte.writable:
             found.append(Violation("P9", f"HPTE {index:#x} is writable, the host page is not"))
+        if hpte_is_writable(r) and owner.readonly:
+            found.append(Violation("P9", f"HPTE {index:#x} is writable in read-only {owner}"))
     for index in sorted(mmu.tlbs.cached()):
         if not hpt.v(index) & HPTE_V_VALID:
             found.append(Violation("P6", f"a TLB still caches invalidated HPTE {index:#x}"))
