@@ -23,6 +23,36 @@ NOT_CHECKED = "not checked yet"
 
 _GENERIC_TESTS = "tests/test_generic_dirty.py::"
 
+SHADOW_MMU = (
+    "x86 shadow MMU checks of spec/invariants/x86.py ({}), run by check_shadow_mmu after every"
+    " step of tests/test_x86_shadow_mmu.py's and tests/test_x86_huge.py's state machines and of"
+    " every fuzz session on the reference's shadow-MMU profile"
+)
+SHADOW_WARNS = (
+    "the WARNs the shadow MMU records on every SPTE write ({}), reported by check_shadow_mmu"
+    " after every step of the same machines"
+)
+STAGE2 = (
+    "arm64 stage-2 checks of spec/invariants/arm64.py ({}), run by check_stage2 at the end of"
+    " every scenario test of tests/test_arm64_stage2.py (no arm64 state machine yet)"
+)
+HPT = (
+    "POWER HPT checks of spec/invariants/ppc.py (check_hpt: {}), after every step of"
+    " tests/test_ppc_hpt.py's state machine and in its scenario tests"
+)
+_X86_SHADOW = "tests/test_x86_shadow_mmu.py::"
+_X86_HUGE = "tests/test_x86_huge.py::"
+_X86_SPTE = "tests/test_x86_spte.py::"
+_ARM64 = "tests/test_arm64_stage2.py::"
+_ARM64_WALKER = "tests/test_arm64_walker.py::"
+_PPC = "tests/test_ppc_hpt.py::"
+_TDP_MMU = f"{NOT_CHECKED}: the x86 TDP MMU is not modelled (reference/x86 is the shadow MMU)"
+
+
+def _scenario(path: str, name: str) -> str:
+    return f"scenario test `{path}{name}`"
+
+
 CHECKED_BY: dict[str, tuple[str, ...]] = {
     "C-MEMSLOT-ORDER": (MEMSLOT_CONTRACT,),
     "C-MEMSLOT-EEXIST": (MEMSLOT_CONTRACT,),
@@ -66,5 +96,171 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "LOCKING": (
         MONITOR + ": the lockdep assertions",
         "scenario test `tests/test_concurrency.py::test_the_machine_catches_a_missing_mmu_lock`",
+    ),
+    # -- x86 MMU (INVENTORY C.4) -------------------------------------------------------------
+    "X1": (
+        SHADOW_MMU.format("check_rmaps"),
+        SHADOW_WARNS.format("an rmap entry missing when its leaf is dropped"),
+    ),
+    "X2": (SHADOW_MMU.format("check_parent_ptes"),),
+    "X3": (
+        SHADOW_MMU.format("check_leaf_writability"),
+        SHADOW_WARNS.format("check_spte_change: the legal H/M/W states, host-writable fixed"),
+        _scenario(_X86_SPTE, "test_x3_catches_bad_sptes_and_host_writable_flips"),
+    ),
+    "X4": (
+        SHADOW_WARNS.format("check_spte_change: a present leaf never changes pfn in place"),
+        _scenario(_X86_SPTE, "test_x4_a_present_leaf_never_changes_pfn_in_place"),
+    ),
+    "X5": (
+        SHADOW_MMU.format("check_tlbs: no TLB entry beyond what the tables translate"),
+        SHADOW_WARNS.format("a shadow page freed while live"),
+    ),
+    "X6": (
+        SHADOW_MMU.format("check_shadowed_tables_write_protected"),
+        _scenario(_X86_SHADOW, "test_guest_page_table_write_is_emulated_and_takes_effect"),
+        _scenario(
+            _X86_HUGE, "test_seed_002_a_large_spte_left_writable_over_a_shadowed_gfn_is_caught"
+        ),
+    ),
+    "X7": (
+        f"{NOT_CHECKED}: unsync shadow pages are not modelled (mmu_try_to_unsync_pages always"
+        " refuses, as the kernel does while synchronizing), so there is no unsync bitmap to check",
+    ),
+    "X8": (
+        SHADOW_MMU.format("check_lpage_info; memory attributes and the MIXED bit are not modelled"),
+        _scenario(_X86_HUGE, "test_lpage_info_of_misaligned_and_incongruent_slots"),
+        _scenario(_X86_HUGE, "test_seed_002_shadowing_that_forgets_disallow_lpage_is_caught"),
+    ),
+    "X9": (
+        SHADOW_MMU.format("check_huge_leaves; mixed attributes are not modelled"),
+        _scenario(_X86_HUGE, "test_seed_002_large_spte_write_protect_makes_progress"),
+    ),
+    "S002-LARGE-SPTE-PROGRESS": (
+        "the x86 guest access itself: more than MAX_FAULTS_PER_ACCESS faults for one access is"
+        " an assertion, in every test and state machine that drives guest accesses",
+        _scenario(_X86_HUGE, "test_seed_002_large_spte_write_protect_makes_progress"),
+        _scenario(_X86_HUGE, "test_seed_002_without_the_retry_guard_the_refault_loops"),
+    ),
+    "X10": (
+        SHADOW_MMU.format("check_obsolete"),
+        SHADOW_WARNS.format("an invalid page on the active list"),
+        _scenario(_X86_SHADOW, "test_fast_zap_makes_every_root_obsolete_and_vcpus_drop_them"),
+    ),
+    "X11": (
+        _scenario(_X86_SPTE, "test_mmio_sptes_round_trip") + ": the generation is stored and"
+        " trusted only in its own generation, never during an update",
+        _scenario(_X86_SPTE, "test_mmio_generation_wrap_forces_a_zap"),
+        f"{NOT_CHECKED} in a running MMU: the shadow MMU's faults install no MMIO SPTEs yet"
+        " (an access with no slot exits as MMIO every time), so no state check and no"
+        " slot-over-cached-MMIO scenario",
+    ),
+    "X12": (
+        f"{NOT_CHECKED}: the shadow-page limit (KVM_SET_NR_MMU_PAGES, make_mmu_pages_available,"
+        " the shrinker) is not modelled",
+    ),
+    "X13": (_TDP_MMU,),
+    "X14": (_TDP_MMU,),
+    "X15": (_TDP_MMU,),
+    "X16": (
+        f"{NOT_CHECKED}: the fast page fault is not modelled (only is_access_allowed, which it"
+        " uses, is, with unit tests)",
+    ),
+    # -- arm64 stage 2 (INVENTORY C.5, seed 001) ---------------------------------------------
+    "A1": (
+        STAGE2.format("check_break_before_make, over the history of every descriptor"),
+        _scenario(_ARM64, "test_a_missing_tlbi_is_caught_by_the_break_before_make_check"),
+    ),
+    "A2": (
+        STAGE2.format(
+            "check_warnings: a LOCKED entry met by an exclusive walker, a make"
+            " over an entry not LOCKED"
+        ),
+        _scenario(_ARM64, "test_a_second_walker_on_a_locked_entry_gets_eagain"),
+        _scenario(_ARM64, "test_an_exclusive_walker_meeting_a_locked_entry_is_a_warning"),
+    ),
+    "A3": (
+        STAGE2.format("check_table_refcounts, check_no_freed_table_reachable"),
+        _scenario(_ARM64_WALKER, "test_table_refcounts_after_maps_and_unmaps") + " (Hypothesis:"
+        " after every map and unmap)",
+    ),
+    "A4": (
+        STAGE2.format("check_leaves: block level and alignment"),
+        _scenario(_ARM64, "test_a_block_over_a_misaligned_output_address_is_caught"),
+        f"{NOT_CHECKED} for the memslot half (inside one slot, gpa and hva congruent, pages"
+        " only while dirty-logged): user_mem_abort and arm64's memslot hooks are not modelled",
+    ),
+    "A5": (
+        _scenario(_ARM64, "test_unmap_cleans_cacheable_memory_without_fwb") + ": counts the"
+        " clean to PoC before a mapping (and after its removal); no general check over the"
+        " history yet",
+    ),
+    "A6": (
+        STAGE2.format("check_leaves: device memory is execute-never"),
+        _scenario(_ARM64, "test_device_memory_is_mapped_execute_never") + " (the model does not"
+        " refuse DEVICE with X as the kernel does; the check catches the leaf)",
+        f"{NOT_CHECKED} for exec faults on device memory: user_mem_abort is not modelled",
+    ),
+    "A7": (_scenario(_ARM64, "test_write_protection_waits_for_the_callers_flush"),),
+    "S001-NO-LOST-UPDATE": (
+        STAGE2.format("check_no_lost_hardware_updates"),
+        _scenario(_ARM64, "test_seed_001_lockless_aging_keeps_a_concurrent_hardware_dirty_update"),
+        _scenario(_ARM64, "test_seed_001_a_plain_store_instead_of_cmpxchg_is_caught"),
+    ),
+    "S001-RCU-TABLES": (
+        STAGE2.format("check_no_reads_after_free"),
+        _scenario(_ARM64, "test_a_table_unlinked_under_a_reader_is_freed_only_after_it_leaves"),
+        _scenario(_ARM64, "test_a_reader_inside_a_freed_table_is_recorded"),
+    ),
+    # -- POWER (INVENTORY C.6, seed 000) -----------------------------------------------------
+    "P1": (
+        HPT.format("no HPTE or rmap lock left held, and the model's WARNs on unlocked writes"),
+        _scenario(_PPC, "test_the_check_sees_a_broken_chain_and_a_leaked_lock"),
+    ),
+    "P2": (
+        HPT.format("the chains rebuilt from the table"),
+        _scenario(_PPC, "test_the_check_sees_a_broken_chain_and_a_leaked_lock"),
+    ),
+    "P3": (
+        _scenario(_PPC, "test_rc_are_read_after_the_tlbie"),
+        _scenario(_PPC, "test_h_clear_ref_and_h_clear_mod"),
+        _scenario(_PPC, "test_dirty_harvest_collects_a_pending_c_and_leaves_the_entry_valid"),
+        _scenario(_PPC, "test_seed_000_delete_removes_every_translation"),
+    ),
+    "P4": (
+        HPT.format("H_READ of every entry shows no software bit and no host address"),
+        "tests/test_ppc_hpt.py's state machine: the guest reads back what it entered, after"
+        " every step",
+    ),
+    "P5": (
+        HPT.format("a valid HPTE maps the host's page at its gfn"),
+        _scenario(_PPC, "test_h_enter_racing_an_invalidation_enters_the_entry_absent"),
+        _scenario(_PPC, "test_without_the_retry_check_the_race_leaves_a_stale_translation"),
+    ),
+    "P6": (
+        HPT.format("no TLB caches an invalidated HPTE"),
+        _scenario(_PPC, "test_rc_are_read_after_the_tlbie"),
+    ),
+    "P7": (
+        HPT.format("an MMIO HPTE is never valid; the MMIO lookup cache is not checked"),
+        _scenario(_PPC, "test_h_enter_entries_are_only_as_good_as_the_host_page"),
+    ),
+    "P8": (
+        "tests/test_ppc_hpt.py's state machine: after every H_PROTECT, a valid read-only entry"
+        " is still read-only in hardware",
+        _scenario(_PPC, "test_h_protect_return_codes_and_no_upgrade"),
+    ),
+    "P9": (
+        HPT.format("a writable HPTE over a writable host page, in a slot not READONLY"),
+        _scenario(_PPC, "test_h_enter_entries_are_only_as_good_as_the_host_page"),
+        _scenario(_PPC, "test_read_only_slots_do_not_exist_on_book3s_hv"),
+    ),
+    "P10": (f"{NOT_CHECKED}: HPT resizing (KVM_PPC_RESIZE_HPT_*) is not modelled",),
+    "R1": (f"{NOT_CHECKED}: the POWER9 radix MMU is not modelled (reference/ppc is the HPT)",),
+    "S000-NO-HPTE-OUTSIDE-SLOTS": (
+        HPT.format("no valid HPTE maps a gfn outside every usable slot"),
+        _scenario(_PPC, "test_seed_000_delete_removes_every_translation"),
+        _scenario(_PPC, "test_seed_000_move_removes_every_translation_and_keeps_the_rmap"),
+        _scenario(_PPC, "test_seed_000_a_missing_flush_is_caught"),
     ),
 }

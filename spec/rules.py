@@ -610,6 +610,470 @@ rule(
 )
 
 
+# --- Invariants: the x86 MMU (INVENTORY C.4) ---------------------------------------------------
+
+X86_MMU = "arch/x86/kvm/mmu/mmu.c"
+TDP_MMU = "arch/x86/kvm/mmu/tdp_mmu.c"
+SEED_002 = "002_bf1827155fc18d76.txt"
+SEED_004 = "004_70af8c61b2875192.txt"
+
+rule(
+    "X1",
+    "invariant",
+    "x86-mmu",
+    """Shadow-MMU rmaps are a bijection: each present leaf SPTE of a shadow page, mapping gfn
+    g at level L through slot S, is listed exactly once in S's rmap for (L, g), and every rmap
+    entry names such a leaf. TDP-MMU SPTEs are not in rmaps.""",
+    KernelCitation(X86_MMU, "rmap_add"),
+    KernelCitation(X86_MMU, "rmap_remove"),
+    KernelCitation(X86_MMU, "drop_spte"),
+)
+rule(
+    "X2",
+    "invariant",
+    "x86-mmu",
+    """A shadow page's parent_ptes are exactly the present non-leaf SPTEs that link to it; a
+    root has none; root_count equals the number of vCPU roots, current or cached, that hold
+    the page.""",
+    KernelCitation(X86_MMU, "__link_shadow_page"),
+    KernelCitation(X86_MMU, "drop_parent_pte"),
+    KernelCitation(X86_MMU, "kvm_mmu_free_roots"),
+)
+rule(
+    "X3",
+    "invariant",
+    "x86-mmu",
+    """For every present leaf SPTE, writable implies MMU-writable, and MMU-writable implies
+    host-writable; host-writable is fixed when the SPTE is made and does not change while it
+    stays present.""",
+    KernelCitation("arch/x86/kvm/mmu/spte.h", "check_spte_writable_invariants"),
+    KernelCitation(X86_MMU, "mmu_spte_update"),
+)
+rule(
+    "X4",
+    "invariant",
+    "x86-mmu",
+    """A leaf SPTE that stays present keeps its pfn. Pointing a gfn at other memory (the host
+    migrated the page, the APIC-access page included) takes a zap, a TLB flush and a new SPTE
+    built by the next fault.""",
+    KernelCitation(X86_MMU, "mmu_spte_update"),
+    KernelCitation(TDP_MMU, "handle_changed_spte"),
+    KernelCitation(X86_MMU, "kvm_unmap_gfn_range"),
+    SeedCitation(
+        SEED_004,
+        "We can use mmu notifiers to track when page begins to be moved and we can find new "
+        "page location on EPT violation.",
+    ),
+)
+rule(
+    "X5",
+    "invariant",
+    "x86-mmu",
+    """TLB discipline: a leaf that loses MMU-writable or stops being present is flushed from
+    every vCPU's TLB before the ioctl, notifier or fault that changed it returns, so no TLB
+    entry is more permissive than the tables; a shadow page is freed only after that flush
+    (TDP MMU: after an RCU grace period).""",
+    KernelCitation("arch/x86/kvm/mmu/spte.h", "leaf_spte_change_needs_tlb_flush"),
+    KernelCitation(X86_MMU, "kvm_mmu_commit_zap_page"),
+)
+rule(
+    "X6",
+    "invariant",
+    "x86-mmu",
+    """A guest page table that a valid, synced shadow page shadows is mapped writable by no
+    SPTE, including a huge leaf whose frame contains it, so every guest write to it traps
+    and keeps the shadow coherent.""",
+    KernelCitation(X86_MMU, "account_shadowed"),
+    KernelCitation(X86_MMU, "mmu_try_to_unsync_pages"),
+    SeedCitation(
+        SEED_002, "The spte become read-only which can ensure the shadow gfn can not be changed."
+    ),
+)
+rule(
+    "X7",
+    "invariant",
+    "x86-mmu",
+    """Only last-level (4K) shadow pages become unsync; every unsync page, and every page
+    with unsync children, has its bit set in each parent's unsync_child_bitmap, and
+    unsync_children counts the set bits.""",
+    KernelCitation(X86_MMU, "mark_unsync"),
+    KernelCitation(X86_MMU, "clear_unsync_child_bit"),
+)
+rule(
+    "X8",
+    "invariant",
+    "x86-mmu",
+    """disallow_lpage of a huge frame in a slot is its allocation value plus its shadowing
+    counts. The allocation value is 1 when the frame is the slot's partial first or last
+    frame, or when the slot's gpa and hva disagree modulo the frame size (set, not added:
+    a frame with both reasons starts at 1), else 0. Each 4K shadow page with guest PTEs
+    whose gfn lies in the frame adds 1, and each write-track reference on a gfn of the frame
+    (one per upper-level shadow page with guest PTEs) adds 1. Bit 31 marks a frame whose
+    memory attributes are mixed. A huge mapping needs a count of 0.""",
+    KernelCitation("arch/x86/kvm/x86.c", "kvm_alloc_memslot_metadata"),
+    KernelCitation(X86_MMU, "update_gfn_disallow_lpage_count"),
+    SeedCitation(SEED_002, "has_wrprotected_page() can return 0 for this case"),
+)
+rule(
+    "X9",
+    "invariant",
+    "x86-mmu",
+    """A huge leaf SPTE maps a frame wholly inside one slot, whose gpa and hva agree modulo
+    its size, over one host page at least as large. A writable huge leaf also needs a frame
+    with no shadowed guest page table and no mixed attributes (disallow_lpage 0); a read-only
+    huge leaf may stay over a shadowed gfn, so reads go on through it.""",
+    KernelCitation(X86_MMU, "__kvm_mmu_max_mapping_level"),
+    KernelCitation(X86_MMU, "kvm_mmu_hugepage_adjust"),
+    SeedCitation(
+        SEED_002,
+        "Do not drop large spte until it can be insteaded by small pages so that the guest "
+        "can happliy read memory through it",
+    ),
+)
+rule(
+    "S002-LARGE-SPTE-PROGRESS",
+    "invariant",
+    "x86-mmu",
+    """A guest write into a frame mapped by a write-protected huge SPTE ends within a
+    bounded number of faults, even when the emulator cannot handle it and the written gfn
+    is itself a page table on the path that maps it: KVM unprotects and retries once per
+    instruction and address, then reports the failure instead of refaulting for ever.""",
+    SeedCitation(
+        SEED_002,
+        "What if gfn 4 is a pagetable part of the pagedirectory chain used to map gfn 4?",
+    ),
+    KernelCitation(X86_MMU, "kvm_mmu_write_protect_fault"),
+    KernelCitation("arch/x86/kvm/x86.c", "kvm_unprotect_and_retry_on_failure"),
+)
+rule(
+    "X10",
+    "invariant",
+    "x86-mmu",
+    """Obsolete shadow pages (zapped, or from an older mmu_valid_gen) are never linked from
+    a current page, so no new translation goes through them; a vCPU whose root is obsolete
+    has a request to drop it before it next enters the guest.""",
+    KernelCitation(X86_MMU, "is_obsolete_sp"),
+    KernelCitation(X86_MMU, "kvm_mmu_free_obsolete_roots"),
+    KernelCitation(X86_MMU, "kvm_mmu_zap_all_fast"),
+)
+rule(
+    "X11",
+    "invariant",
+    "x86-mmu",
+    """An MMIO SPTE records the 19-bit memslot generation of its creation and is trusted only
+    while that equals the current generation and no memslot update is in progress; when the
+    generation wraps, every shadow page is zapped, so a slot created over a cached MMIO gfn
+    is always faulted into.""",
+    KernelCitation(X86_MMU, "check_mmio_spte"),
+    KernelCitation(X86_MMU, "kvm_mmu_invalidate_mmio_sptes"),
+)
+rule(
+    "X12",
+    "invariant",
+    "x86-mmu",
+    """The number of shadow pages stays within n_max_mmu_pages once the next
+    make_mmu_pages_available has run: the oldest non-root pages are zapped, or the fault
+    fails with ENOSPC.""",
+    KernelCitation(X86_MMU, "make_mmu_pages_available"),
+    KernelCitation(X86_MMU, "kvm_mmu_zap_oldest_mmu_pages"),
+)
+rule(
+    "X13",
+    "invariant",
+    "x86-mmu",
+    """TDP MMU frozen SPTEs: only the thread that froze an SPTE writes it next, other writers
+    retry, and no frozen SPTE is left in a reachable table once the operation ends (only in a
+    subtree already unlinked).""",
+    KernelCitation(TDP_MMU, "tdp_mmu_set_spte_atomic"),
+    KernelCitation(TDP_MMU, "tdp_mmu_set_spte"),
+)
+rule(
+    "X14",
+    "invariant",
+    "x86-mmu",
+    """TDP MMU roots: a valid root holds the MMU's own reference, only an invalid root's count
+    reaches zero, invalidated roots are zapped before a memslot DELETE or MOVE (or a fast zap)
+    returns, and a root page is freed only after an RCU grace period.""",
+    KernelCitation(TDP_MMU, "kvm_tdp_mmu_put_root"),
+    KernelCitation(TDP_MMU, "kvm_tdp_mmu_zap_invalidated_roots"),
+)
+rule(
+    "X15",
+    "invariant",
+    "x86-mmu",
+    """A failed atomic SPTE update has no side effect, and the bookkeeping of a change
+    (statistics, accessed and dirty propagation, freeing a removed table) runs exactly once
+    per successful change.""",
+    KernelCitation(TDP_MMU, "tdp_mmu_set_spte_atomic"),
+    KernelCitation(TDP_MMU, "handle_changed_spte"),
+)
+rule(
+    "X16",
+    "invariant",
+    "x86-mmu",
+    """The fast page fault acts only on direct shadow pages, only restores W on an
+    MMU-writable SPTE or undoes access tracking, with a compare-and-exchange, and marks the
+    gfn dirty when it grants W; it never brings back an SPTE that was zapped.""",
+    KernelCitation(X86_MMU, "fast_page_fault"),
+    KernelCitation(X86_MMU, "fast_pf_fix_direct_spte"),
+    DocCitation("Documentation/virt/kvm/locking.rst", "Fast page fault"),
+)
+
+# --- Invariants: arm64 stage 2 (INVENTORY C.5, seed 001) ---------------------------------------
+
+ARM64_PGTABLE = "arch/arm64/kvm/hyp/pgtable.c"
+ARM64_MMU = "arch/arm64/kvm/mmu.c"
+
+rule(
+    "A1",
+    "invariant",
+    "arm64-stage2",
+    """Break-before-make: a valid stage-2 descriptor is replaced by a valid one with another
+    output address, memory type or kind (table or block) only through an invalid, LOCKED
+    entry and a completed TLB invalidation covering it; permissions and the access flag may
+    change in place.""",
+    KernelCitation(ARM64_PGTABLE, "stage2_try_break_pte"),
+    KernelCitation(ARM64_PGTABLE, "stage2_make_pte"),
+    KernelCitation(ARM64_PGTABLE, "stage2_pte_needs_update"),
+)
+rule(
+    "A2",
+    "invariant",
+    "arm64-stage2",
+    """A LOCKED invalid entry belongs to the one walker that locked it: another shared walker
+    gets EAGAIN and its fault is retried, a walker holding mmu_lock for write never meets
+    one, and the hardware walker treats it as invalid (a translation fault).""",
+    KernelCitation(ARM64_PGTABLE, "stage2_pte_is_locked"),
+    KernelCitation(ARM64_PGTABLE, "stage2_try_break_pte"),
+    SeedCitation(
+        SEED_001,
+        "Used to indicate a pte for which a 'break-before-make' sequence is in",
+    ),
+)
+rule(
+    "A3",
+    "invariant",
+    "arm64-stage2",
+    """A table page's reference count is 1 plus its counted entries (valid ones, and invalid
+    ones carrying an owner annotation); a table is unlinked and freed only when its count is
+    1, so a freed table is never linked from the tree.""",
+    KernelCitation(ARM64_PGTABLE, "stage2_pte_is_counted"),
+    KernelCitation(ARM64_PGTABLE, "stage2_unmap_walker"),
+)
+rule(
+    "A4",
+    "invariant",
+    "arm64-stage2",
+    """A block mapping sits only at a level that allows blocks, with its IPA and output
+    address aligned to its size, wholly inside one memslot whose gpa and hva agree modulo
+    that size; a dirty-logged slot is mapped with pages only.""",
+    KernelCitation(ARM64_PGTABLE, "kvm_block_mapping_supported"),
+    KernelCitation(ARM64_MMU, "fault_supports_stage2_huge_mapping"),
+    KernelCitation(ARM64_MMU, "user_mem_abort"),
+)
+rule(
+    "A5",
+    "invariant",
+    "arm64-stage2",
+    """A cacheable mapping is installed only after its memory was cleaned and invalidated to
+    the point of coherency (unless FEAT_S2FWB), and an executable one only after the
+    instruction cache was invalidated for it.""",
+    KernelCitation(ARM64_PGTABLE, "stage2_map_walker_try_leaf"),
+    KernelCitation(ARM64_PGTABLE, "stage2_attr_walker"),
+)
+rule(
+    "A6",
+    "invariant",
+    "arm64-stage2",
+    """Device memory is never mapped executable at stage 2: such a request is refused, and an
+    execution fault on device memory is not resolved by mapping it.""",
+    KernelCitation(ARM64_PGTABLE, "stage2_set_prot_attr"),
+    KernelCitation(ARM64_MMU, "user_mem_abort"),
+)
+rule(
+    "A7",
+    "invariant",
+    "arm64-stage2",
+    """Write-protection and aging issue no TLB invalidation inside the page-table walk; the
+    caller flushes (the memslot flush for dirty logging, the notifier's clear_flush_young)
+    before relying on the change, so a stale writable or young TLB entry is allowed only
+    until then.""",
+    KernelCitation(ARM64_PGTABLE, "kvm_pgtable_stage2_wrprotect"),
+    KernelCitation(ARM64_PGTABLE, "kvm_pgtable_stage2_test_clear_young"),
+    KernelCitation(ARM64_MMU, "kvm_mmu_wp_memory_region"),
+)
+rule(
+    "S001-NO-LOST-UPDATE",
+    "invariant",
+    "arm64-stage2",
+    """No software write to a stage-2 entry that was built from an earlier read of it undoes
+    an update the hardware made in between: the dirty state of a DBM entry is never lost, and
+    a walker that shares the tables (a lockless ager, a fault under the read lock) does not
+    lose the access flag either, since it writes with compare-and-exchange. Only a walker
+    holding mmu_lock for write may drop an access flag, which costs aging precision only.""",
+    SeedCitation(
+        SEED_001,
+        "the latter clears the accessed bit atomically against both the hardware and other "
+        "software page table walkers.",
+    ),
+    KernelCitation(ARM64_PGTABLE, "stage2_try_set_pte"),
+    KernelCitation(ARM64_PGTABLE, "stage2_age_walker"),
+)
+rule(
+    "S001-RCU-TABLES",
+    "invariant",
+    "arm64-stage2",
+    """A table unlinked while shared walkers may be inside it is freed only after an RCU grace
+    period, so no walker, software or hardware, reads a freed table page.""",
+    SeedCitation(SEED_001, "The former protects KVM page tables from being freed"),
+    KernelCitation(ARM64_MMU, "stage2_free_unlinked_table"),
+    KernelCitation(ARM64_PGTABLE, "kvm_pgtable_stage2_free_unlinked"),
+)
+
+# --- Invariants: POWER Book3S HV (INVENTORY C.6, seed 000) -------------------------------------
+
+PPC_RM_MMU = "arch/powerpc/kvm/book3s_hv_rm_mmu.c"
+PPC_HV_MMU = "arch/powerpc/kvm/book3s_64_mmu_hv.c"
+PPC_BOOK3S_64_H = "arch/powerpc/include/asm/kvm_book3s_64.h"
+
+rule(
+    "P1",
+    "invariant",
+    "ppc-hpt",
+    """An HPTE changes only while its HVLOCK bit is held, and an rmap word only under its
+    LOCK bit. A walk that holds an rmap lock only tries the HPTE lock; on failure it drops
+    both and starts again, so the two orders cannot deadlock. No lock is left held when an
+    operation ends.""",
+    KernelCitation(PPC_BOOK3S_64_H, "try_lock_hpte"),
+    KernelCitation(PPC_BOOK3S_64_H, "lock_rmap"),
+    KernelCitation(PPC_HV_MMU, "kvm_unmap_rmapp"),
+)
+rule(
+    "P2",
+    "invariant",
+    "ppc-hpt",
+    """Reverse map: an rmap word is PRESENT exactly when its chain is not empty; chains are
+    circular doubly linked lists of HPTE indices; every HPTE valid in hardware that maps RAM
+    is on exactly one chain, that of its own gfn, and absent or MMIO entries are on none.""",
+    KernelCitation(PPC_RM_MMU, "kvmppc_add_revmap_chain"),
+    KernelCitation(PPC_RM_MMU, "remove_revmap_chain"),
+    KernelCitation(PPC_HV_MMU, "kvmppc_unmap_hpte"),
+    SeedCitation(SEED_000, "removing the hardware PTE from the reverse-mapping list for the page."),
+)
+rule(
+    "P3",
+    "invariant",
+    "ppc-hpt",
+    """Reference and change bits are never lost: when an HPTE is invalidated, its hardware R
+    and C are read after the tlbie completed and folded into the guest's view of the entry,
+    R into the rmap word, and C straight into the slot's dirty bitmap (v6.18 keeps no
+    CHANGED bit in the rmap); a guest clearing C with H_CLEAR_MOD does not hide the write
+    from the host's dirty log.""",
+    KernelCitation(PPC_RM_MMU, "remove_revmap_chain"),
+    KernelCitation(PPC_RM_MMU, "kvmppc_h_clear_mod"),
+    KernelCitation(PPC_HV_MMU, "kvm_test_clear_dirty_npages"),
+)
+rule(
+    "P4",
+    "invariant",
+    "ppc-hpt",
+    """The guest's view: H_READ, H_REMOVE and H_BULK_REMOVE show an entry the guest entered
+    as valid even while KVM keeps it absent, with the guest's own real address and the
+    hardware's R and C; the hypervisor's software bits (HVLOCK, ABSENT, the reserved guest
+    bits) and host addresses never reach the guest.""",
+    KernelCitation(PPC_RM_MMU, "kvmppc_h_read"),
+    KernelCitation(PPC_RM_MMU, "kvmppc_do_h_remove"),
+)
+rule(
+    "P5",
+    "invariant",
+    "ppc-hpt",
+    """An HPTE valid in hardware maps a page the host has resident at the gfn's address, and
+    was made valid only if no MMU-notifier invalidation raced the lookup (the sequence check
+    under the rmap lock); otherwise H_ENTER or the fault stores it ABSENT and the guest's
+    access traps to the hypervisor.""",
+    KernelCitation(PPC_RM_MMU, "kvmppc_do_h_enter"),
+    KernelCitation(PPC_HV_MMU, "kvmppc_book3s_hv_page_fault"),
+    SeedCitation(
+        SEED_000,
+        "the hypervisor can choose whether or not to have the hardware PTE point to a real "
+        "page of memory; if it doesn't, access by the guest will trap to the hypervisor.",
+    ),
+)
+rule(
+    "P6",
+    "invariant",
+    "ppc-hpt",
+    """The tlbie for an invalidated HPTE completes before its page can be reused and before
+    its R and C are harvested: once an operation ends, no vCPU's TLB caches an entry that is
+    no longer valid.""",
+    KernelCitation(PPC_RM_MMU, "do_tlbies"),
+    KernelCitation(PPC_RM_MMU, "kvmppc_invalidate_hpte"),
+)
+rule(
+    "P7",
+    "invariant",
+    "ppc-hpt",
+    """An HPTE for emulated MMIO is kept ABSENT with key 31 and never becomes valid in
+    hardware; the per-vCPU MMIO lookup cache is trusted only for the current mmio_update
+    count, so a memslot created under it is mapped as RAM on the next access.""",
+    KernelCitation(PPC_RM_MMU, "is_mmio_hpte"),
+    KernelCitation(PPC_RM_MMU, "mmio_cache_search"),
+)
+rule(
+    "P8",
+    "invariant",
+    "ppc-hpt",
+    """H_PROTECT never makes a valid read-only HPTE writable in hardware; write permission
+    comes back only through the fault path, after the host PTE was checked.""",
+    KernelCitation(PPC_RM_MMU, "kvmppc_h_protect"),
+)
+rule(
+    "P9",
+    "invariant",
+    "ppc-hpt",
+    """An HPTE is writable in hardware only if the host PTE behind it is writable and the
+    slot is not READONLY (which Book3S HV does not offer); otherwise H_ENTER makes it
+    read-only while the guest's view keeps the rights it asked for.""",
+    KernelCitation(PPC_RM_MMU, "kvmppc_do_h_enter"),
+    KernelCitation(PPC_BOOK3S_64_H, "hpte_make_readonly"),
+)
+rule(
+    "P10",
+    "invariant",
+    "ppc-hpt",
+    """Resizing the HPT keeps exactly the BOLTED entries, rehashed into the new table; every
+    other entry is dropped and its page unmapped.""",
+    KernelCitation(PPC_HV_MMU, "resize_hpt_rehash_hpte"),
+)
+rule(
+    "R1",
+    "invariant",
+    "ppc-radix",
+    """With the radix MMU, a huge (2M or 1G) leaf is made only when the slot is not
+    dirty-logged and gpa and hva agree modulo its size; the dirty harvest clears the dirty
+    bit and completes the tlbie before it reports the page.""",
+    KernelCitation("arch/powerpc/kvm/book3s_64_mmu_radix.c", "kvmppc_book3s_instantiate_page"),
+    KernelCitation("arch/powerpc/kvm/book3s_64_mmu_radix.c", "kvm_radix_test_clear_dirty"),
+)
+rule(
+    "S000-NO-HPTE-OUTSIDE-SLOTS",
+    "invariant",
+    "ppc-hpt",
+    """No HPTE valid in hardware maps a gfn outside every usable (present, not INVALID)
+    memslot: deleting or moving a slot first makes every hardware entry found through the
+    slot's rmaps absent, with the slot still findable so the references can be removed.""",
+    SeedCitation(SEED_000, "It removes all translations mapped via memslots."),
+    SeedCitation(
+        SEED_000,
+        "So the reason for unmapping the hardware PTEs in kvm_arch_prepare_memory_region "
+        "rather than kvm_arch_flush_shadow is that that way we know which memslot is going "
+        "away.",
+    ),
+    KernelCitation(PPC_HV_MMU, "kvmppc_core_flush_memslot_hv"),
+)
+
+
 def normalize_thread_text(text: str) -> str:
     """Thread text as one line of words: quote markers (``>``) and comment stars (``*``) at
     the start of lines are dropped, so a quote can span wrapped lines."""
