@@ -13,6 +13,7 @@ import pytest
 from kvmspec.reference.arm64 import split, stage2
 from kvmspec.reference.arm64.descriptors import (
     KVM_PGTABLE_PROT_RW,
+    KVM_PTE_LEAF_ATTR_HI_S2_XN,
     KVM_PTE_LEAF_ATTR_LO_S2_AF,
     KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
     KVM_PTE_LEAF_ATTR_S2_DBM,
@@ -386,16 +387,26 @@ def test_a_block_over_a_misaligned_output_address_is_caught(
     assert [v.rule for v in check_stage2(pgt)] == ["A4"]
 
 
-def test_device_memory_is_mapped_execute_never() -> None:
-    """A6: a device mapping without X is XN; one asking for X is caught by the leaf check.
-    (The kernel refuses DEVICE with X in stage2_set_prot_attr with EINVAL; the model
-    installs it, so the check is what stands between the two.)"""
+def test_device_memory_is_mapped_execute_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A6: a device mapping without X is XN, and one asking for X is refused with EINVAL
+    (stage2_set_prot_attr). A model that installs it anyway is caught by the leaf check."""
     pgt = new_pgt()
     device = KvmPgtableProt.DEVICE | KVM_PGTABLE_PROT_RW
     mc = KvmMmuMemoryCache(8)
     assert run_to_completion(kvm_pgtable_stage2_map(pgt, MB2, PAGE, 0x9000_0000, device, mc)) == 0
     all_clean(pgt)
     executable = device | KvmPgtableProt.X
+    op = kvm_pgtable_stage2_map(pgt, MB2 + PAGE, PAGE, 0x9000_1000, executable, mc)
+    assert run_to_completion(op) == -errno.EINVAL
+    all_clean(pgt)
+
+    original = stage2.stage2_set_prot_attr
+
+    def allows_executable_device(pgt: KvmPgtable, prot: KvmPgtableProt) -> tuple[int, int]:
+        _error, attr = original(pgt, prot & ~KvmPgtableProt.X)
+        return 0, attr & ~KVM_PTE_LEAF_ATTR_HI_S2_XN  # XN cleared: executable
+
+    monkeypatch.setattr(stage2, "stage2_set_prot_attr", allows_executable_device)
     op = kvm_pgtable_stage2_map(pgt, MB2 + PAGE, PAGE, 0x9000_1000, executable, mc)
     assert run_to_completion(op) == 0
     assert [v.rule for v in check_stage2(pgt)] == ["A6"]

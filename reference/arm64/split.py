@@ -73,7 +73,10 @@ def kvm_pgtable_stage2_create_unlinked(
     geometry = pgt.geometry
     if phys % geometry.kvm_granule_size(level):
         return -errno.EINVAL
-    data = Stage2MapData(phys, stage2_set_prot_attr(pgt, prot), mc, force_pte)
+    error, attr = stage2_set_prot_attr(pgt, prot)
+    if error:
+        return error
+    data = Stage2MapData(phys, attr, mc, force_pte)
     map_walker = stage2_map_walker(pgt, data)
     walker = KvmPgtableWalker(map_walker.cb, Flags.LEAF | Flags.SKIP_BBM_TLBI | Flags.SKIP_CMO)
     table = pgt.mm_ops.zalloc_page(mc)

@@ -102,14 +102,21 @@ def stage2_has_fwb(pgt: KvmPgtable) -> bool:
     return pgt.mmu.features.fwb
 
 
-def stage2_set_prot_attr(pgt: KvmPgtable, prot: KvmPgtableProt) -> int:
-    """The leaf attributes for ``prot``: memory type, S2AP, SH inner shareable, AF set (a
-    fresh mapping counts as accessed), XN unless executable, the software bits. With
-    hardware dirty state (``hd``, a model option) a writable mapping also gets DBM, so
-    write-protecting it later leaves it writable-clean.
+def stage2_set_prot_attr(pgt: KvmPgtable, prot: KvmPgtableProt) -> tuple[int, int]:
+    """(0, the leaf attributes for ``prot``) or (-EINVAL, 0). The attributes: memory type,
+    S2AP, SH inner shareable, AF set (a fresh mapping counts as accessed), XN unless
+    executable, the software bits. With hardware dirty state (``hd``, a model option) a
+    writable mapping also gets DBM, so write-protecting it later leaves it writable-clean.
+    Device or non-cacheable memory is never executable (A6): asking for X there, or for
+    both memory types at once, is refused.
 
     kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_set_prot_attr (v6.18)
     """
+    uncached = prot & (KvmPgtableProt.DEVICE | KvmPgtableProt.NORMAL_NC)
+    if uncached == KvmPgtableProt.DEVICE | KvmPgtableProt.NORMAL_NC:
+        return -errno.EINVAL, 0
+    if uncached and prot & KvmPgtableProt.X:
+        return -errno.EINVAL, 0
     if prot & KvmPgtableProt.DEVICE:
         attr = kvm_s2_memattr("DEVICE_nGnRE", stage2_has_fwb(pgt))
     elif prot & KvmPgtableProt.NORMAL_NC:
@@ -126,7 +133,7 @@ def stage2_set_prot_attr(pgt: KvmPgtable, prot: KvmPgtableProt) -> int:
             attr |= KVM_PTE_LEAF_ATTR_S2_DBM
     attr |= field_prep(KVM_PTE_LEAF_ATTR_LO_S2_SH, KVM_PTE_LEAF_ATTR_LO_S2_SH_IS)
     attr |= KVM_PTE_LEAF_ATTR_LO_S2_AF
-    return attr | (int(prot) & KVM_PTE_LEAF_ATTR_HI_SW)
+    return 0, attr | (int(prot) & KVM_PTE_LEAF_ATTR_HI_SW)
 
 
 def kvm_pgtable_stage2_pte_prot(pte: int) -> KvmPgtableProt:
@@ -352,10 +359,11 @@ def kvm_pgtable_stage2_map(
 
     kernel: arch/arm64/kvm/hyp/pgtable.c:kvm_pgtable_stage2_map (v6.18)
     """
+    error, attr = stage2_set_prot_attr(pgt, prot)
+    if error:
+        return error
     force_pte = pgt.force_pte_cb is not None and pgt.force_pte_cb(addr, addr + size, prot)
-    data = Stage2MapData(
-        phys & ~(pgt.geometry.page_size - 1), stage2_set_prot_attr(pgt, prot), mc, force_pte
-    )
+    data = Stage2MapData(phys & ~(pgt.geometry.page_size - 1), attr, mc, force_pte)
     walker = stage2_map_walker(pgt, data)
     walker = KvmPgtableWalker(walker.cb, walker.flags | flags)
     return (yield from kvm_pgtable_walk(pgt, addr, size, walker))
