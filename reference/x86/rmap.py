@@ -152,9 +152,29 @@ def slot_rmap_heads(slot: KvmMemorySlot, start: int, end: int) -> list[tuple[int
     kernel: arch/x86/kvm/mmu/mmu.c:for_each_slot_rmap_range, walk_slot_rmaps (v6.18)
     """
     rmaps = slot_rmaps(slot)
+    start, end = max(start, slot.base_gfn), min(end, slot.end_gfn)
+    if start >= end:
+        return []
+    # The indexes the range covers at each level: looked up one by one when there are fewer
+    # of them than non-empty heads (a notifier invalidating a page), else every head is
+    # filtered (a whole-slot walk), so either way the cost is the smaller of the two.
+    windows = []
+    for level in range(PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        shift = (level - PG_LEVEL_4K) * PT64_LEVEL_BITS
+        base = slot.base_gfn >> shift
+        windows.append((level, shift, (start >> shift) - base, ((end - 1) >> shift) - base))
+    span = sum(last - first + 1 for _level, _shift, first, last in windows)
     found = []
+    if span < len(rmaps.heads):
+        for level, shift, first, last in windows:
+            for index in range(first, last + 1):
+                head = rmaps.heads.get((level, index))
+                if head:
+                    first_gfn = ((slot.base_gfn >> shift) + index) << shift
+                    found.append((level, max(first_gfn, slot.base_gfn), list(head)))
+        return found
     for (level, index), head in sorted(rmaps.heads.items()):
-        if level > KVM_MAX_HUGEPAGE_LEVEL:
+        if level > KVM_MAX_HUGEPAGE_LEVEL or not head:
             continue
         shift = (level - PG_LEVEL_4K) * PT64_LEVEL_BITS
         first_gfn = ((slot.base_gfn >> shift) + index) << shift
