@@ -8,11 +8,14 @@ and a write is recorded for dirty logging like a guest write (D1): a live-migrat
 see it, or the destination gets a stale page.
 
 kernel: virt/kvm/kvm_main.c:kvm_read_guest_page, kvm_write_guest_page,
-__kvm_write_guest_page; arch/arm64/kvm/vgic/vgic-its.c:vgic_its_ctrl (v6.18)
+__kvm_write_guest_page; arch/x86/kvm/x86.c:emulator_read_write_onepage;
+arch/arm64/kvm/vgic/vgic-its.c:vgic_its_ctrl (v6.18)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from errno import EFAULT
 
 from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
@@ -82,3 +85,60 @@ def vgic_its_save_tables(kvm: Kvm, host: HostMm, writes: list[tuple[int, bytes]]
         return 0
     finally:
         kvm.save_its_tables_in_progress = False
+
+
+Part = tuple[int, int, int]
+"""One page's share of an access: (gpa, offset into the access, length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MmioExit:
+    """KVM_EXIT_MMIO: the part of an access that went to the VMM, [gpa, gpa + length), with
+    a store's bytes (``data`` None for a load, which the VMM answers with zeroes)."""
+
+    gpa: int
+    length: int
+    data: bytes | None
+
+
+def emulator_read_write(
+    kvm: Kvm,
+    host: HostMm,
+    vcpu: KvmVcpu | None,
+    parts: list[Part],
+    data: bytes | None,
+    written: Callable[[int, int], None] | None = None,
+) -> tuple[bytes, MmioExit | None]:
+    """The emulator moving an instruction's access itself, page by page (``parts``, already
+    translated to guest-physical): through KVM's own copy to or from guest memory where that
+    works (a store is logged as dirty, as any KVM write, and reported to ``written`` with its
+    gpa and length), otherwise as an MMIO fragment for the VMM: no slot, a store to a
+    READONLY slot, or a host address that faults. The fragments of one access are
+    contiguous, so they form one exit here (the kernel exits once per fragment). Returns a
+    load's bytes (zeroes where it went to the VMM) and the exit, if any part needed one.
+
+    kernel: arch/x86/kvm/x86.c:emulator_read_write, emulator_read_write_onepage,
+    emulator_write_phys (v6.18)
+    """
+    shift = kvm.profile.page_shift
+    mmio: list[Part] = []
+    loaded = b""
+    for gpa, start, length in parts:
+        gfn, offset = gpa >> shift, gpa % (1 << shift)
+        if data is not None:
+            errno = kvm_write_guest_page(
+                kvm, host, 0, gfn, offset, data[start : start + length], vcpu
+            )
+            if not errno and written is not None:
+                written(gpa, length)
+        else:
+            errno, chunk = kvm_read_guest_page(kvm, host, 0, gfn, offset, length)
+            loaded += chunk if not errno else bytes(length)
+        if errno:
+            mmio.append((gpa, start, length))
+    if not mmio:
+        return loaded, None
+    mmio_gpa, first, _ = mmio[0]
+    length = sum(part[2] for part in mmio)
+    stored = data[first : first + length] if data is not None else None
+    return loaded, MmioExit(mmio_gpa, length, stored)

@@ -31,7 +31,7 @@ from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
-from kvmspec.reference.guest_memory import kvm_read_guest_page, kvm_write_guest_page
+from kvmspec.reference.guest_memory import MmioExit, Part, emulator_read_write
 from kvmspec.reference.host import HostMm, HostPage, get_page, put_page
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import (
@@ -139,16 +139,6 @@ def kvm_release_faultin_page(host: HostMm, page: HostPage, unused: bool, dirty: 
 
 
 @dataclass(frozen=True, slots=True)
-class MmioExit:
-    """KVM_EXIT_MMIO: the part of an access that went to the VMM, [gpa, gpa + length), with
-    a store's bytes (``data`` None for a load, which the VMM answers with zeroes)."""
-
-    gpa: int
-    length: int
-    data: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
 class GuestAccess:
     """How a guest instruction's access ended: the outcome, a completed load's bytes, and
     the MMIO exit when the outcome is MMIO."""
@@ -225,10 +215,6 @@ def guest_instruction(
     raise AssertionError(f"guest access to {gpa:#x} made no progress")
 
 
-Part = tuple[int, int, int]
-"""One page's share of an access: (gpa, offset into the access, length)."""
-
-
 def _page_parts(gpa: int, size: int, page_size: int) -> list[Part]:
     """Split [gpa, gpa + size) at the page boundary: one part, or two."""
     first = min(size, page_size - gpa % page_size)
@@ -266,32 +252,12 @@ def _transfer(
 def _emulate(
     kvm: Kvm, host: HostMm, vcpu: KvmVcpu | None, parts: list[Part], data: bytes | None
 ) -> GuestAccess:
-    """x86 emulates an instruction whose fault ended in MMIO. The emulator splits the access
-    at the page boundary and moves each part itself: through KVM's own copy to or from guest
-    memory where that works (a store is logged as dirty, as any KVM write), otherwise as an
-    MMIO fragment for the VMM: no slot, a store to a READONLY slot, or a host address that
-    faults. The fragments of one access are contiguous, so they form one exit here (the
-    kernel exits once per fragment).
+    """x86 emulates an instruction whose fault ended in MMIO (see emulator_read_write: the
+    parts KVM's own copy can reach move, the rest is one MMIO exit).
 
-    kernel: arch/x86/kvm/x86.c:emulator_read_write, emulator_read_write_onepage,
-    emulator_write_phys (v6.18)
+    kernel: arch/x86/kvm/x86.c:x86_emulate_instruction (v6.18)
     """
-    shift = kvm.profile.page_shift
-    mmio: list[Part] = []
-    loaded = b""
-    for part_gpa, start, length in parts:
-        gfn, offset = part_gpa >> shift, part_gpa % (1 << shift)
-        if data is not None:
-            chunk = data[start : start + length]
-            errno = kvm_write_guest_page(kvm, host, 0, gfn, offset, chunk, vcpu)
-        else:
-            errno, chunk = kvm_read_guest_page(kvm, host, 0, gfn, offset, length)
-            loaded += chunk if not errno else bytes(length)
-        if errno:
-            mmio.append((part_gpa, start, length))
-    if not mmio:
+    loaded, mmio = emulator_read_write(kvm, host, vcpu, parts, data)
+    if mmio is None:
         return GuestAccess(Fault.MAPPED, loaded)
-    mmio_gpa, first, _ = mmio[0]
-    length = sum(part[2] for part in mmio)
-    stored = data[first : first + length] if data is not None else None
-    return GuestAccess(Fault.MMIO, b"", MmioExit(mmio_gpa, length, stored))
+    return GuestAccess(Fault.MMIO, b"", mmio)

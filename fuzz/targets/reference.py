@@ -54,11 +54,12 @@ from kvmspec.reference.dirty_log import (
 )
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.guest_memfd import GmemFile, kvm_gmem_create
+from kvmspec.reference.guest_memory import MmioExit
 from kvmspec.reference.host import PROTECTIONS, HostMm, Vma
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.kvm_main import kvm_vm_ioctl_set_memory_region
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
-from kvmspec.reference.page_fault import Fault, GuestAccess, MmioExit, guest_instruction
+from kvmspec.reference.page_fault import Fault, GuestAccess, guest_instruction
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
 from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu

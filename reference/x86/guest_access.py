@@ -29,10 +29,9 @@ import enum
 from dataclasses import dataclass
 
 from kvmspec.reference.concurrency import run_to_completion
-from kvmspec.reference.guest_memory import kvm_read_guest_page, kvm_write_guest_page
+from kvmspec.reference.guest_memory import MmioExit, emulator_read_write
 from kvmspec.reference.host import HostMm
 from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.page_fault import MmioExit
 from kvmspec.reference.vcpu import KvmVcpu
 from kvmspec.reference.x86.guest_walk import X86Exception, walk_addr_generic
 from kvmspec.reference.x86.lpage import kvm_pages_per_hpage
@@ -276,23 +275,14 @@ def _emulate(
         if isinstance(walk, X86Exception):
             return ShadowAccess(Outcome.SHUTDOWN, exception=walk)
         gpas.append(walk.gpa)
-    mmio: list[tuple[int, int, int]] = []
-    loaded = b""
-    for gpa, (_gva, start, length) in zip(gpas, parts, strict=True):
-        gfn, offset = gpa >> PAGE_SHIFT, gpa % PAGE_SIZE
-        if data is not None:
-            chunk = data[start : start + length]
-            errno = kvm_write_guest_page(kvm, host, 0, gfn, offset, chunk, vcpu)
-            if not errno:
-                kvm_mmu_track_write(kvm, mmu, gpa, length)
-        else:
-            errno, chunk = kvm_read_guest_page(kvm, host, 0, gfn, offset, length)
-            loaded += chunk if not errno else bytes(length)
-        if errno:
-            mmio.append((gpa, start, length))
-    if not mmio:
+    physical = [
+        (gpa, start, length) for gpa, (_gva, start, length) in zip(gpas, parts, strict=True)
+    ]
+
+    def written(gpa: int, length: int) -> None:
+        kvm_mmu_track_write(kvm, mmu, gpa, length)
+
+    loaded, mmio = emulator_read_write(kvm, host, vcpu, physical, data, written)
+    if mmio is None:
         return ShadowAccess(Outcome.DONE, loaded)
-    mmio_gpa, first, _ = mmio[0]
-    length = sum(part[2] for part in mmio)
-    stored = data[first : first + length] if data is not None else None
-    return ShadowAccess(Outcome.MMIO, b"", MmioExit(mmio_gpa, length, stored))
+    return ShadowAccess(Outcome.MMIO, b"", mmio)
