@@ -170,6 +170,9 @@ def check_lpage_info(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
         if slot.invalid:
             continue  # being deleted or moved: its pages are zapped before it goes
         in_slot = [sp for sp in accounted if slot.base_gfn <= sp.gfn < slot.end_gfn]
+        info = slot_lpage_info(slot)
+        if not in_slot and not slot_write_track(slot) and not any(info.added.values()):
+            continue  # nothing shadowed here and nothing counted: the layout alone holds
         tracked: Counter[int] = Counter()
         for sp in in_slot:
             if sp.role.level > PG_LEVEL_4K:
@@ -178,7 +181,6 @@ def check_lpage_info(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
             violations.append(
                 Violation("X8", f"{slot}: write-track {slot_write_track(slot)}, pages {tracked}")
             )
-        info = slot_lpage_info(slot)
         for level in range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1):
             expected: Counter[int] = Counter()
             for sp in in_slot:  # a 4K page counts once, an upper one through its tracking
