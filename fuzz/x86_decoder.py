@@ -1,0 +1,310 @@
+"""Bytes to x86 shadow-MMU harness actions, for the Atheris fuzzer (``fuzz/fuzz_x86.py``).
+
+A :class:`~kvmspec.fuzz.decoder.Chooser` (raw bytes through
+:class:`~kvmspec.fuzz.decoder.BytesChooser`) answers every question. The first answer picks
+the VM's layout (:data:`~kvmspec.fuzz.x86_harness.LAYOUTS`); then each action is one answer
+for its kind, from the layout's fixed table (:data:`KINDS`), and one answer per argument,
+each from that argument's fixed tuple of values in :mod:`kvmspec.fuzz.x86_harness`: a byte
+means the same whatever the state, so a mutation of one byte changes one decision.
+
+The decoder rejects (never calls) an action the state does not allow, after reading all of
+its arguments: in the ``huge`` layout, a data access or MADV_DONTNEED naming a page that is a
+guest page table (:meth:`~kvmspec.fuzz.x86_harness.HugeHarness.is_data_page`).
+:attr:`Rejected.why` says which rule rejected it, and the driver counts them.
+
+``python -m kvmspec.fuzz.x86_decoder seeds`` rebuilds ``corpus/seeds/x86/`` from
+:data:`SEED_SCENARIOS` with :func:`encode`, the decoder's inverse.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmspec.fuzz.decoder import Chooser, pick
+from kvmspec.fuzz.x86_harness import (
+    BOOLS,
+    BYTES,
+    DATA_GFN,
+    DATA_PAGE_INDEXES,
+    DATA_SLOT_PLACES,
+    DONTNEED_PAGES,
+    HOST_WRITE_SIZES,
+    HUGE_PAGES,
+    HUGE_PML4S,
+    LAYOUTS,
+    NO_SLOT_GFN,
+    OFFSETS,
+    PD,
+    PD_B,
+    PD_C,
+    PDPT,
+    PML4,
+    PML4_2,
+    PML4_B,
+    PML4_C,
+    PML4S,
+    REMAP_TARGETS,
+    TABLES_IN_THE_HUGE_PAGE,
+    UNUSED_ENTRIES,
+    UPPER_TABLES,
+    VCPUS,
+    HugeHarness,
+    X86Harness,
+)
+
+Argument = int | None
+SEEDS = Path(__file__).resolve().parents[1] / "corpus" / "seeds" / "x86"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of action: the harness method it calls, each argument's name and values
+    (one choice each), and whether an argument named ``i`` must be a data page."""
+
+    method: str
+    params: tuple[tuple[str, Sequence[Argument]], ...] = ()
+    data_page: bool = False
+
+
+SHADOW_KINDS: tuple[Kind, ...] = (
+    Kind("set_quirk", (("quirk", BOOLS),)),
+    # Guest accesses and table writes are what reach the shadow MMU: two entries each.
+    Kind("guest_read", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("offset", OFFSETS))),
+    Kind("guest_read", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("offset", OFFSETS))),
+    Kind("guest_write", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("byte", BYTES))),
+    Kind("guest_write", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("byte", BYTES))),
+    Kind(
+        "guest_remap",
+        (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("to", REMAP_TARGETS), ("clean", BOOLS)),
+    ),
+    Kind(
+        "guest_remap",
+        (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("to", REMAP_TARGETS), ("clean", BOOLS)),
+    ),
+    Kind(
+        "guest_clear_unused_upper_entries",
+        (("vcpu", VCPUS), ("table", UPPER_TABLES), ("index", UNUSED_ENTRIES)),
+    ),
+    Kind("switch_cr3", (("vcpu", VCPUS), ("pml4", PML4S))),
+    Kind("host_write", (("i", DATA_PAGE_INDEXES), ("value", BYTES), ("size", HOST_WRITE_SIZES))),
+    Kind("madvise_dontneed", (("i", DATA_PAGE_INDEXES), ("n", DONTNEED_PAGES))),
+    Kind("change_data_slot", (("where", DATA_SLOT_PLACES),)),
+)
+"""The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
+
+HUGE_KINDS: tuple[Kind, ...] = (
+    Kind("switch_cr3", (("vcpu", VCPUS), ("pml4", HUGE_PML4S))),
+    Kind("guest_read", (("vcpu", VCPUS), ("i", HUGE_PAGES), ("offset", OFFSETS)), True),
+    Kind("guest_read", (("vcpu", VCPUS), ("i", HUGE_PAGES), ("offset", OFFSETS)), True),
+    Kind("guest_write", (("vcpu", VCPUS), ("i", HUGE_PAGES), ("byte", BYTES)), True),
+    Kind("guest_write", (("vcpu", VCPUS), ("i", HUGE_PAGES), ("byte", BYTES)), True),
+    Kind(
+        "guest_write_table_in_the_huge_page",
+        (
+            ("vcpu", VCPUS),
+            ("table", TABLES_IN_THE_HUGE_PAGE),
+            ("entry", UNUSED_ENTRIES),
+            ("emulatable", BOOLS),
+        ),
+    ),
+    Kind("guest_remap_2m", (("vcpu", VCPUS), ("huge", BOOLS))),
+    Kind("host_thp", (("collapse", BOOLS),)),
+    Kind("host_khugepaged_or_dontneed", (("i", HUGE_PAGES),), True),
+    Kind("toggle_log", (("log", BOOLS),)),
+    Kind("harvest"),
+)
+"""The ``huge`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.HugeHarness`)."""
+
+KINDS = {"shadow": SHADOW_KINDS, "huge": HUGE_KINDS}
+"""What one answer chooses between, by layout. An action's arguments follow its kind's answer."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """One harness call: the method and its keyword arguments."""
+
+    method: str
+    args: tuple[tuple[str, Argument], ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.method}({', '.join(f'{name}={value!r}' for name, value in self.args)})"
+
+    def apply(self, harness: X86Harness) -> None:
+        getattr(harness, self.method)(**dict(self.args))
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An action the decoder did not call: ``why`` is the rule that rejected it (``a table
+    page``), ``detail`` the particulars."""
+
+    method: str
+    why: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.method} rejected ({self.why}): {self.detail}"
+
+
+def decode_layout(chooser: Chooser) -> str:
+    """The run's layout: the first answer."""
+    return pick(chooser, LAYOUTS)
+
+
+def decode_action(chooser: Chooser, layout: str) -> Action | Rejected:
+    """The next action of a ``layout`` run, as the chooser's answers describe it, or why it
+    is rejected."""
+    kind = pick(chooser, KINDS[layout])
+    args = tuple((name, pick(chooser, values)) for name, values in kind.params)
+    if kind.data_page:
+        page = dict(args)["i"]
+        assert page is not None
+        if not HugeHarness.is_data_page(page):
+            return Rejected(kind.method, "a table page", f"page {page} is a guest page table")
+    return Action(kind.method, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The inverse, for seeds
+# ---------------------------------------------------------------------------------------------
+
+Step = tuple[str, tuple[Argument, ...]]
+
+
+def encode(layout: str, steps: Iterable[Step]) -> bytes:
+    """The bytes that :func:`decode_layout` then :func:`decode_action` read as ``layout``
+    and ``steps``. A step is a method and its argument values, in the table's order (2-byte
+    answers, for arguments with more than 256 values, little-endian)."""
+    out = bytearray([LAYOUTS.index(layout)])
+    kinds = KINDS[layout]
+    for method, values in steps:
+        index = next(i for i, kind in enumerate(kinds) if kind.method == method)
+        out.append(index)
+        params = kinds[index].params
+        if len(values) != len(params):
+            raise ValueError(f"{method} takes {[name for name, _ in params]}, not {values}")
+        for (_, domain), value in zip(params, values, strict=True):
+            choice = list(domain).index(value)
+            out += choice.to_bytes(1 if len(domain) <= 256 else 2, "little")
+    return bytes(out)
+
+
+WRITE_PROTECT_FAILS = False  # guest_write_table_in_the_huge_page's emulatable argument
+
+SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
+    "shadow-pte-rewrite": (
+        "shadow",
+        (
+            ("host_write", (0, 0x11, 8)),
+            ("host_write", (1, 0x22, 8)),
+            ("guest_read", (0, 0, 0)),
+            ("guest_remap", (0, 0, DATA_GFN + 1, False)),
+            ("guest_read", (1, 0, 0)),
+            ("guest_remap", (0, 0, NO_SLOT_GFN, True)),
+            ("guest_read", (0, 0, 0)),
+            ("guest_remap", (1, 0, None, False)),
+            ("guest_read", (0, 0, 0)),
+        ),
+    ),
+    "shadow-fast-zap": (
+        "shadow",
+        (
+            ("guest_write", (0, 2, 7)),
+            ("guest_read", (1, 2, 0)),
+            ("change_data_slot", (None,)),
+            ("guest_read", (0, 2, 0)),
+            ("change_data_slot", (DATA_GFN,)),
+            ("guest_read", (1, 2, 0)),
+            ("set_quirk", (False,)),
+            ("change_data_slot", (64,)),
+            ("guest_read", (0, 2, 0)),
+        ),
+    ),
+    "shadow-cr3-and-flooding": (
+        "shadow",
+        (
+            ("guest_read", (0, 3, 16)),
+            ("switch_cr3", (0, PML4_2)),
+            ("guest_write", (0, 3, 9)),
+            ("guest_clear_unused_upper_entries", (1, PDPT, 100)),
+            ("switch_cr3", (0, PML4)),
+            ("guest_clear_unused_upper_entries", (0, PD, 101)),
+            ("guest_read", (1, 3, 9)),
+            ("guest_clear_unused_upper_entries", (0, PML4, 100)),
+            ("guest_write", (1, 4, 1)),
+        ),
+    ),
+    "shadow-notifier-zaps": (
+        "shadow",
+        (
+            ("guest_write", (0, 5, 5)),
+            ("guest_read", (1, 6, 0)),
+            ("madvise_dontneed", (5, 3)),
+            ("guest_read", (0, 5, 0)),
+            ("host_write", (6, 0x66, 4)),
+            ("guest_read", (1, 6, 0)),
+        ),
+    ),
+    "huge-seed-002": (
+        "huge",
+        (
+            ("guest_write", (0, 0, 1)),
+            ("switch_cr3", (1, PML4_B)),
+            ("guest_read", (1, 0, 0)),
+            ("guest_read", (0, 5, 0)),
+            ("guest_write_table_in_the_huge_page", (0, PD_B, 100, WRITE_PROTECT_FAILS)),
+            ("switch_cr3", (0, PML4_C)),
+            ("guest_write_table_in_the_huge_page", (0, PD_C, 101, WRITE_PROTECT_FAILS)),
+            ("guest_write_table_in_the_huge_page", (1, PD_C, 102, True)),
+        ),
+    ),
+    "huge-logging-and-thp": (
+        "huge",
+        (
+            ("guest_read", (0, 20, 8)),
+            ("toggle_log", (True,)),
+            ("guest_write", (0, 21, 3)),
+            ("guest_write", (1, 40, 4)),
+            ("harvest", ()),
+            ("toggle_log", (False,)),
+            ("host_thp", (False,)),
+            ("guest_read", (0, 21, 0)),
+            ("host_khugepaged_or_dontneed", (33,)),
+            ("host_khugepaged_or_dontneed", (64,)),
+            ("host_thp", (True,)),
+            ("guest_remap_2m", (0, False)),
+            ("guest_write", (0, 64, 2)),
+            ("guest_remap_2m", (1, True)),
+            ("guest_read", (1, 64, 0)),
+        ),
+    ),
+}
+"""Seed inputs: each becomes ``corpus/seeds/x86/<name>.bin``."""
+
+
+def write_seeds(folder: Path = SEEDS) -> list[Path]:
+    """(Re)write the seed corpus from :data:`SEED_SCENARIOS`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (layout, steps) in SEED_SCENARIOS.items():
+        path = folder / f"{name}.bin"
+        path.write_bytes(encode(layout, steps))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvmspec.fuzz.x86_decoder seeds``: rebuild the seed corpus."""
+    if (sys.argv[1:] if argv is None else argv) != ["seeds"]:
+        print("usage: python -m kvmspec.fuzz.x86_decoder seeds", file=sys.stderr)
+        return 2
+    for path in write_seeds():
+        print(path, path.stat().st_size, "bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

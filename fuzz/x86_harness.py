@@ -1,0 +1,463 @@
+"""The x86 shadow-MMU harnesses: one VM on the shadow MMU with guest page tables in guest
+memory, its host, and every check, driven one action at a time by whoever picks the actions.
+
+Two layouts, each a plain class with one method per action and :meth:`check` after every one:
+
+* :class:`ShadowHarness` (``shadow``): two slots (the guest's 4-level tables, and its data
+  pages), two processes (PML4s) sharing one PDPT, PD and PT, two vCPUs. Guest loads and
+  stores, guest PTE rewrites and writes to upper-level tables (emulated writes to
+  write-protected tables, flooding), CR3 switches, host writes and MADV_DONTNEED (notifier
+  invalidations), DELETE, re-CREATE and MOVE of the data slot, with or without the zap-all
+  quirk.
+* :class:`HugeHarness` (``huge``): one THP-capable slot of two 2 MiB frames, three processes
+  whose PDs map frame 0 with one 2M page (B's and C's PDs live inside that page: seed 002),
+  two vCPUs. Guest loads and stores in the 2M page, emulated and failing stores to the
+  shadowed tables inside it, the guest switching its PD entry between the 2M page and a 4K
+  table, THP collapse and split, khugepaged, MADV_DONTNEED, LOG toggles and harvests.
+
+Two drivers choose the actions and their arguments: the Hypothesis state machine
+(:mod:`kvmspec.fuzz.x86_machine`) and the byte decoder of the Atheris fuzzer
+(:mod:`kvmspec.fuzz.x86_decoder`); the values each argument may take are the tuples below,
+and an action on a page that :meth:`HugeHarness.is_data_page` refuses must not be called.
+:meth:`check` raises :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with what it found:
+every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X6, X8-X10,
+the WARNs) and ``COHERENCE``: every guest load returns what the host holds at the gfn the
+guest's page tables name, a store reaches it, and an access ends as those tables and the
+slots say (done, MMIO, or the guest's own #PF). A guest access that faults without end fails
+the model's own assertion (S002-LARGE-SPTE-PROGRESS), which drivers report as a finding.
+"""
+
+from __future__ import annotations
+
+from kvmspec.fuzz.generic_harness import Log, RulesBroken
+from kvmspec.reference import kvm_main
+from kvmspec.reference.concurrency import run_to_completion
+from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
+from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.mmu_notifier import KvmMmuNotifier
+from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
+from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess, guest_instruction
+from kvmspec.reference.x86.mmu_page import KvmMmuPage
+from kvmspec.reference.x86.paging import PG_LEVEL_4K
+from kvmspec.reference.x86.roots import kvm_set_cr3
+from kvmspec.reference.x86.shadow_mmu import ShadowMmu
+from kvmspec.reference.x86.spte import LEGACY_MASKS_HERE, is_large_pte, is_shadow_present_pte
+from kvmspec.spec.invariants.x86 import check_shadow_mmu
+from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
+from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_X86_QUIRK_SLOT_ZAP_ALL
+from kvmspec.spec.uapi.memslot_rules import MemoryRegion
+
+PAGE = 4096
+HPAGE = 512 * PAGE
+RW = PROT_READ | PROT_WRITE
+P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
+PTE = P | W | U | A | D
+LAYOUTS = ("shadow", "huge")
+"""The VM layouts a run may start from: :class:`ShadowHarness` and :class:`HugeHarness`."""
+
+VCPUS = (0, 1)
+BOOLS = (False, True)
+OFFSETS = tuple(range(PAGE - 7))
+"""Where an 8-byte guest load may start in a page."""
+BYTES = tuple(range(256))
+
+
+def _ignore(line: str) -> None:
+    """The default log: say nothing."""
+
+
+def _x86_shadow(profile: PlatformProfile) -> PlatformProfile:
+    """``profile``, which must be an x86 profile on the shadow MMU (what these VMs model)."""
+    if profile.arch != "x86_64" or profile.mmu != "shadow":
+        raise ValueError(f"profile {profile.name}: the x86 harness needs x86_64 on the shadow MMU")
+    return profile
+
+
+# ---------------------------------------------------------------------------------------------
+# The shadow layout: page tables in one slot, data in another
+# ---------------------------------------------------------------------------------------------
+
+PML4, PML4_2, PDPT, PD, PT = 1, 5, 2, 3, 4
+"""Table gfns in slot 0: two PML4s (two processes) sharing one PDPT, PD and PT."""
+TABLE_PAGES = 8
+DATA_GFN, DATA_PAGES = 16, 8
+"""Slot 1: the data pages. The PT maps gva page i to gfn i for i < 8 (the tables
+themselves, so the guest can write them) and gva page 16 + i to gfn 16 + i."""
+NO_SLOT_GFN = 40
+DATA_GVA = DATA_GFN * PAGE
+
+DATA_PAGE_INDEXES = tuple(range(DATA_PAGES))
+REMAP_TARGETS: tuple[int | None, ...] = (*range(DATA_GFN, DATA_GFN + DATA_PAGES), NO_SLOT_GFN, None)
+"""Where the guest may point a data PTE: a data gfn, a gfn no slot holds, or nowhere."""
+UPPER_TABLES = (PML4, PDPT, PD)
+UNUSED_ENTRIES = (100, 101, 102, 103)
+PML4S = (PML4, PML4_2)
+HOST_WRITE_SIZES = tuple(range(1, 9))
+DONTNEED_PAGES = (1, 2, 3)
+DATA_SLOT_PLACES: tuple[int | None, ...] = (DATA_GFN, 64, None)
+"""Where the data slot may be: its first place, a second (MOVE), or deleted."""
+
+
+class ShadowHarness:
+    """One VM on the shadow MMU with the VMM's memory, two slots and two vCPUs (the
+    ``shadow`` layout); ``log`` receives one line per access worth reading in a report."""
+
+    def __init__(
+        self,
+        profile: PlatformProfile = DEFAULT_PROFILE,
+        zap_all_quirk: bool = True,
+        log: Log = _ignore,
+    ) -> None:
+        self.profile = _x86_shadow(profile)
+        self.log = log
+        self.mmu = ShadowMmu(LEGACY_MASKS_HERE)
+        self.kvm = Kvm(profile, self.mmu)
+        if not zap_all_quirk:
+            self.kvm.disabled_quirks |= KVM_X86_QUIRK_SLOT_ZAP_ALL
+        self.host = HostMm(PAGE, profile.user_address_limit)
+        self.host.notifier = KvmMmuNotifier(self.kvm)
+        _, self.tables_hva = self.host.mmap(TABLE_PAGES * PAGE, RW)
+        _, self.data_hva = self.host.mmap(DATA_PAGES * PAGE, RW)
+        assert self.set_region(0, 0, 0, TABLE_PAGES, self.tables_hva) == 0
+        assert self.set_region(1, 0, DATA_GFN, DATA_PAGES, self.data_hva) == 0
+        self.data_base: int | None = DATA_GFN
+        for pml4 in PML4S:
+            self.write_table(pml4, 0, PDPT * PAGE | PTE)
+        self.write_table(PDPT, 0, PD * PAGE | PTE)
+        self.write_table(PD, 0, PT * PAGE | PTE)
+        for i in range(TABLE_PAGES):
+            self.write_table(PT, i, i * PAGE | PTE)
+        for i in range(DATA_PAGES):
+            self.write_table(PT, DATA_GFN + i, (DATA_GFN + i) * PAGE | PTE)
+        for vcpu_id in VCPUS:
+            assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
+            self.set_cr3(vcpu_id, PML4)
+        self.found: list[str] = []
+        self.checks = 0
+
+    # -- the VMM and the guest, as scenarios use them --------------------------------------------
+
+    def set_region(self, slot: int, flags: int, gfn: int, npages: int, hva: int) -> int:
+        region = MemoryRegion(slot, flags, gfn * PAGE, npages * PAGE, hva)
+        return run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
+
+    def write_table(self, gfn: int, index: int, value: int) -> None:
+        """The VMM writes a guest page-table entry (before the guest runs)."""
+        data = value.to_bytes(8, "little")
+        assert self.host.host_write(self.tables_hva + gfn * PAGE + 8 * index, data) == 0
+
+    def set_cr3(self, vcpu_id: int, pml4: int) -> None:
+        kvm_set_cr3(self.kvm, self.mmu, self.mmu.vcpu_mmu(vcpu_id), pml4 * PAGE)
+
+    def read(self, gva: int, size: int = 4, vcpu_id: int = 0) -> ShadowAccess:
+        return guest_instruction(self.kvm, self.host, vcpu_id, gva, None, size)
+
+    def write(self, gva: int, data: bytes, vcpu_id: int = 0) -> ShadowAccess:
+        return guest_instruction(self.kvm, self.host, vcpu_id, gva, data)
+
+    def guest_set_pte(self, index: int, value: int, vcpu_id: int = 0) -> ShadowAccess:
+        """The guest rewrites entry ``index`` of its PT through its own mapping of it."""
+        return self.write(PT * PAGE + 8 * index, value.to_bytes(8, "little"), vcpu_id)
+
+    def violations(self) -> list[str]:
+        return [str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)]
+
+    # -- what the guest's tables and the slots say an access must do ----------------------------
+
+    def expected_gfn(self, i: int) -> int | None:
+        """The gfn the guest's PT maps gva page 16 + i to (None: not present)."""
+        _, raw = self.host.host_read(self.tables_hva + PT * PAGE + 8 * (DATA_GFN + i), 8)
+        pte = int.from_bytes(raw, "little")
+        return (pte >> 12) & ((1 << 40) - 1) if pte & P else None
+
+    def expected_hva(self, gfn: int) -> int | None:
+        """Where the host holds ``gfn`` (None: no slot holds it)."""
+        base = self.data_base
+        if base is None or not base <= gfn < base + DATA_PAGES:
+            return None
+        return self.data_hva + (gfn - base) * PAGE
+
+    def _expect(self, holds: bool, what: str) -> None:
+        if not holds:
+            self.found.append(f"COHERENCE: {what}")
+
+    # -- the actions --------------------------------------------------------------------------
+
+    def set_quirk(self, quirk: bool) -> None:
+        """KVM_X86_QUIRK_SLOT_ZAP_ALL on (a DELETE or MOVE zaps everything) or off."""
+        if quirk:
+            self.kvm.disabled_quirks &= ~KVM_X86_QUIRK_SLOT_ZAP_ALL
+        else:
+            self.kvm.disabled_quirks |= KVM_X86_QUIRK_SLOT_ZAP_ALL
+
+    def guest_read(self, vcpu: int, i: int, offset: int) -> None:
+        """An 8-byte load at ``offset`` of data page ``i``."""
+        access = self.read(DATA_GVA + i * PAGE + offset, 8, vcpu)
+        self.log(f"vcpu {vcpu} load data page {i} + {offset:#x} -> {access}")
+        gfn = self.expected_gfn(i)
+        if gfn is None:
+            self._expect(access.outcome is Outcome.SHUTDOWN, f"{access}: the PTE is not present")
+            return
+        hva = self.expected_hva(gfn)
+        if hva is None:
+            self._expect(access.outcome is Outcome.MMIO, f"{access}: no slot holds gfn {gfn:#x}")
+            return
+        held = self.host.host_read(hva + offset, 8)[1]
+        self._expect(
+            access.outcome is Outcome.DONE and access.data == held,
+            f"{access}: the host holds {held!r} at gfn {gfn:#x}",
+        )
+
+    def guest_write(self, vcpu: int, i: int, byte: int) -> None:
+        """A one-byte store of ``byte`` at offset ``byte`` of data page ``i``."""
+        access = self.write(DATA_GVA + i * PAGE + byte, bytes([byte]), vcpu)
+        self.log(f"vcpu {vcpu} store {byte} to data page {i} -> {access}")
+        gfn = self.expected_gfn(i)
+        hva = self.expected_hva(gfn) if gfn is not None else None
+        if hva is not None:
+            held = self.host.host_read(hva + byte, 1)[1]
+            self._expect(
+                access.outcome is Outcome.DONE and held == bytes([byte]),
+                f"{access}: the host holds {held!r} at gfn {gfn:#x}",
+            )
+
+    def guest_remap(self, vcpu: int, i: int, to: int | None, clean: bool) -> None:
+        """The guest points data page ``i`` at gfn ``to`` (None: not present), with the
+        accessed and dirty bits clear if ``clean``: an emulated write to its shadowed PT."""
+        flags = PTE & ~(A | D) if clean else PTE
+        value = 0 if to is None else to * PAGE | flags
+        access = self.guest_set_pte(DATA_GFN + i, value, vcpu)
+        self._expect(access.outcome is Outcome.DONE, f"PT write for data page {i}: {access}")
+
+    def guest_clear_unused_upper_entries(self, vcpu: int, table: int, index: int) -> None:
+        """The guest clears three unused entries of an upper-level table: emulated
+        writes, and the third in a row without a fault through the page is flooding, which
+        zaps the whole shadow page (and unlinks everything below it)."""
+        for entry in range(index, index + 3):
+            access = self.write(table * PAGE + 8 * entry, bytes(8), vcpu)
+            self._expect(access.outcome is Outcome.DONE, f"table {table} entry {entry}: {access}")
+
+    def switch_cr3(self, vcpu: int, pml4: int) -> None:
+        self.set_cr3(vcpu, pml4)
+
+    def host_write(self, i: int, value: int, size: int) -> None:
+        """The VMM writes ``size`` bytes of ``value`` at the start of data page ``i``."""
+        assert self.host.host_write(self.data_hva + i * PAGE, bytes([value]) * size) == 0
+
+    def madvise_dontneed(self, i: int, n: int) -> None:
+        """MADV_DONTNEED of ``n`` data pages from page ``i`` (as many as there are)."""
+        n = min(n, DATA_PAGES - i)
+        assert self.host.madvise_dontneed(self.data_hva + i * PAGE, n * PAGE) == 0
+
+    def change_data_slot(self, where: int | None) -> None:
+        """CREATE, DELETE or MOVE the data slot (same host memory throughout)."""
+        npages = 0 if where is None else DATA_PAGES
+        gfn = where if where is not None else self.data_base or DATA_GFN
+        errno = self.set_region(1, 0, gfn, npages, self.data_hva)
+        self.log(f"data slot to {where} -> errno {errno}")
+        if errno == 0:
+            self.data_base = where
+
+    def check(self) -> None:
+        """Raise :class:`RulesBroken` if the actions so far broke a rule."""
+        self.checks += 1
+        found = self.found + self.violations()
+        if found:
+            raise RulesBroken(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# The huge layout: one THP-capable slot, a guest 2M page with tables inside it
+# ---------------------------------------------------------------------------------------------
+
+HUGE_SLOT_PAGES = 1024
+"""Slot 0: gpa 0, two 2M frames. Frame 0 is data; frame 1 holds most of the tables."""
+PML4_A, PDPT_A, PD_A, PT_A, PT_SPLIT = 512, 513, 514, 515, 520
+"""Process A: its PD maps gva [0, 2M) with one 2M page (gfn 0..511) and gva [2M, 4M)
+with the PT, 4K by 4K onto frame 1 (so the guest can write its own tables)."""
+PML4_B, PDPT_B, PD_B = 516, 517, 4
+"""Process B maps the same, but its PD lives at gfn 4, inside A's 2M page (seed 002)."""
+PML4_C, PDPT_C, PD_C = 518, 519, 8
+"""Process C too, with its PD at gfn 8: writing gfn 8 writes the table on its own path
+(seed 002, step 7)."""
+
+HUGE_PAGES = tuple(range(512))
+"""The 4K pages of the 2M guest page; :meth:`HugeHarness.is_data_page` says which hold data."""
+HUGE_PML4S = (PML4_A, PML4_B, PML4_C)
+TABLES_IN_THE_HUGE_PAGE = (PD_B, PD_C)
+
+
+def table_gva(gfn: int) -> int:
+    """Where every process sees a table page: frame 1 through the PT, frame 0 directly."""
+    return (gfn - 512) * PAGE + HPAGE if gfn >= 512 else gfn * PAGE
+
+
+class HugeHarness:
+    """One VM on the shadow MMU, with a THP-capable slot and three guest processes (the
+    ``huge`` layout); ``log`` receives one line per access worth reading in a report."""
+
+    def __init__(self, profile: PlatformProfile = DEFAULT_PROFILE, log: Log = _ignore) -> None:
+        self.profile = _x86_shadow(profile)
+        self.log = log
+        self.host = HostMm(PAGE, profile.user_address_limit)
+        self.mmu = ShadowMmu(LEGACY_MASKS_HERE, self.host)
+        self.kvm = Kvm(profile, self.mmu)
+        self.host.notifier = KvmMmuNotifier(self.kvm)
+        _, self.hva = self.host.mmap(HUGE_SLOT_PAGES * PAGE, RW)
+        assert self.hva % HPAGE == 0
+        assert self.host.madvise_hugepage(self.hva, HUGE_SLOT_PAGES * PAGE) == 0
+        assert self.set_flags(0) == 0
+        for pml4, pdpt, pd in (
+            (PML4_A, PDPT_A, PD_A),
+            (PML4_B, PDPT_B, PD_B),
+            (PML4_C, PDPT_C, PD_C),
+        ):
+            self.write_table(pml4, 0, pdpt * PAGE | PTE)
+            self.write_table(pdpt, 0, pd * PAGE | PTE)
+            self.write_table(pd, 0, PTE | PS)  # gva [0, 2M) -> gfn 0..511, one 2M page
+            self.write_table(pd, 1, PT_A * PAGE | PTE)
+        # Whole tables in one write each: every run of the fuzzer starts here.
+        self.write_whole_table(PT_A, [(512 + i) * PAGE | PTE for i in range(512)])
+        self.write_whole_table(PT_SPLIT, [i * PAGE | PTE for i in range(512)])
+        assert self.host.madvise_collapse(self.hva, HPAGE) == 0  # frame 0 becomes a THP
+        for vcpu_id in VCPUS:
+            assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
+            self.set_cr3(vcpu_id, PML4_A)
+        self.found: list[str] = []
+        self.checks = 0
+
+    # -- the VMM and the guest, as scenarios use them --------------------------------------------
+
+    def set_flags(self, flags: int) -> int:
+        region = MemoryRegion(0, flags, 0, HUGE_SLOT_PAGES * PAGE, self.hva)
+        return run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
+
+    def write_table(self, gfn: int, index: int, value: int) -> None:
+        data = value.to_bytes(8, "little")
+        assert self.host.host_write(self.hva + gfn * PAGE + 8 * index, data) == 0
+
+    def write_whole_table(self, gfn: int, entries: list[int]) -> None:
+        """The VMM writes all 512 entries of a guest page table."""
+        data = b"".join(entry.to_bytes(8, "little") for entry in entries)
+        assert self.host.host_write(self.hva + gfn * PAGE, data) == 0
+
+    def set_cr3(self, vcpu_id: int, pml4: int) -> None:
+        kvm_set_cr3(self.kvm, self.mmu, self.mmu.vcpu_mmu(vcpu_id), pml4 * PAGE)
+
+    def read(self, gva: int, vcpu_id: int = 0) -> ShadowAccess:
+        return guest_instruction(self.kvm, self.host, vcpu_id, gva, None, 8)
+
+    def write(
+        self, gva: int, data: bytes, vcpu_id: int = 0, emulatable: bool = True
+    ) -> ShadowAccess:
+        return guest_instruction(
+            self.kvm, self.host, vcpu_id, gva, data, rip=0x1000, emulatable=emulatable
+        )
+
+    def leaf(self, vcpu_id: int, gva: int) -> tuple[int, int] | None:
+        """(level, SPTE) of the leaf the vCPU's shadow tables hold for ``gva``."""
+        sp: KvmMmuPage | None = self.mmu.vcpu_mmu(vcpu_id).root.sp
+        while sp is not None:
+            spte = sp.spt.get((gva >> (12 + 9 * (sp.role.level - 1))) & 511, 0)
+            if not is_shadow_present_pte(spte):
+                return None
+            if sp.role.level == PG_LEVEL_4K or is_large_pte(spte):
+                return sp.role.level, spte
+            sp = self.mmu.spte_to_child_sp(spte)
+        return None
+
+    def violations(self) -> list[str]:
+        return [str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)]
+
+    def _expect(self, holds: bool, what: str) -> None:
+        if not holds:
+            self.found.append(f"COHERENCE: {what}")
+
+    @staticmethod
+    def is_data_page(i: int) -> bool:
+        """Whether page ``i`` of the 2M page holds data, not B's or C's page directory
+        (which only :meth:`guest_write_table_in_the_huge_page` writes)."""
+        return i not in TABLES_IN_THE_HUGE_PAGE
+
+    # -- the actions --------------------------------------------------------------------------
+
+    def switch_cr3(self, vcpu: int, pml4: int) -> None:
+        self.set_cr3(vcpu, pml4)
+
+    def guest_read(self, vcpu: int, i: int, offset: int) -> None:
+        """An 8-byte load at ``offset`` of data page ``i`` of the 2M page."""
+        access = self.read(i * PAGE + offset, vcpu)
+        self.log(f"vcpu {vcpu} load page {i} + {offset:#x} -> {access}")
+        held = self.host.host_read(self.hva + i * PAGE + offset, 8)[1]
+        self._expect(
+            access.outcome is Outcome.DONE and access.data == held,
+            f"{access}: the host holds {held!r} at gfn {i:#x}",
+        )
+
+    def guest_write(self, vcpu: int, i: int, byte: int) -> None:
+        """A one-byte store of ``byte`` at offset ``byte`` of data page ``i``."""
+        access = self.write(i * PAGE + byte, bytes([byte]), vcpu)
+        self.log(f"vcpu {vcpu} store {byte} to page {i} -> {access}")
+        held = self.host.host_read(self.hva + i * PAGE + byte, 1)[1]
+        self._expect(
+            access.outcome is Outcome.DONE and held == bytes([byte]),
+            f"{access}: the host holds {held!r} at gfn {i:#x}",
+        )
+
+    def guest_write_table_in_the_huge_page(
+        self, vcpu: int, table: int, entry: int, emulatable: bool
+    ) -> None:
+        """A store to an unused entry of B's or C's PD: emulated, or the emulator fails
+        and KVM unprotects and retries (seed 002); it ends either way."""
+        access = self.write(table * PAGE + 8 * entry, bytes(8), vcpu, emulatable)
+        self.log(f"vcpu {vcpu} store to table {table} entry {entry} -> {access}")
+        self._expect(
+            access.outcome in (Outcome.DONE, Outcome.EMULATION_FAILED),
+            f"table {table} entry {entry}: {access}",
+        )
+
+    def guest_remap_2m(self, vcpu: int, huge: bool) -> None:
+        """Process A's PD entry 0: the 2M page, or a 4K table mapping the same gfns."""
+        value = PTE | PS if huge else PT_SPLIT * PAGE | PTE
+        access = self.write(table_gva(PD_A), value.to_bytes(8, "little"), vcpu)
+        self._expect(access.outcome is Outcome.DONE, f"PD entry 0 of process A: {access}")
+
+    def host_thp(self, collapse: bool) -> None:
+        """MADV_COLLAPSE of frame 0, or a split of its huge PMD."""
+        if collapse:
+            self.host.madvise_collapse(self.hva, HPAGE)
+        else:
+            self.host.split_huge_pmd(self.hva)
+
+    def host_khugepaged_or_dontneed(self, i: int) -> None:
+        """khugepaged scans frame 0 (odd ``i``), or MADV_DONTNEED of data page ``i``
+        (even, past the tables inside the page)."""
+        if i % 2:
+            self.host.khugepaged_scan(self.hva)
+        elif i not in range(0, 16):  # keep the tables inside the page
+            assert self.host.madvise_dontneed(self.hva + i * PAGE, PAGE) == 0
+
+    def toggle_log(self, log: bool) -> None:
+        assert self.set_flags(KVM_MEM_LOG_DIRTY_PAGES if log else 0) == 0
+
+    def harvest(self) -> None:
+        """KVM_GET_DIRTY_LOG of the slot."""
+        run_to_completion(kvm_get_dirty_log_protect(self.kvm, 0))
+
+    def check(self) -> None:
+        """Raise :class:`RulesBroken` if the actions so far broke a rule."""
+        self.checks += 1
+        found = self.found + self.violations()
+        if found:
+            raise RulesBroken(found)
+
+
+X86Harness = ShadowHarness | HugeHarness
+
+
+def make_harness(layout: str, profile: PlatformProfile, log: Log = _ignore) -> X86Harness:
+    """A fresh VM in ``layout`` (one of :data:`LAYOUTS`)."""
+    if layout == "shadow":
+        return ShadowHarness(profile, log=log)
+    return HugeHarness(profile, log=log)

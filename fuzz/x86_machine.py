@@ -1,0 +1,203 @@
+"""The x86 shadow-MMU state machine: Hypothesis drives the harnesses of
+:mod:`kvmspec.fuzz.x86_harness`.
+
+The machine first picks a layout (``shadow`` or ``huge``, of those it was built for), then
+each rule draws the arguments of one of that layout's harness actions, from the same tuples
+of values the Atheris decoder reads, and calls it; after every rule the harness checks every
+shadow invariant and that guest accesses see what the host holds. The harness's log lines
+become Hypothesis ``note`` lines. Every call is also recorded as fuzz_x86's decoder would
+read it, so that a campaign failure is kept as an input that ``./fuzz/fuzz_x86.py FILE``
+replays with its report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import note
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvmspec.fuzz import machines
+from kvmspec.fuzz.x86_decoder import Argument, Step, encode
+from kvmspec.fuzz.x86_harness import (
+    BYTES,
+    DATA_PAGE_INDEXES,
+    DATA_SLOT_PLACES,
+    DONTNEED_PAGES,
+    HOST_WRITE_SIZES,
+    HUGE_PAGES,
+    HUGE_PML4S,
+    LAYOUTS,
+    OFFSETS,
+    PML4S,
+    REMAP_TARGETS,
+    TABLES_IN_THE_HUGE_PAGE,
+    UNUSED_ENTRIES,
+    UPPER_TABLES,
+    VCPUS,
+    HugeHarness,
+    X86Harness,
+    make_harness,
+)
+from kvmspec.spec.platforms import PlatformProfile
+
+VCPU = st.sampled_from(VCPUS)
+OFFSET = st.sampled_from(OFFSETS)
+BYTE = st.sampled_from(BYTES)
+DATA_PAGE = st.sampled_from(DATA_PAGE_INDEXES)
+HUGE_DATA_PAGE = st.sampled_from(HUGE_PAGES).filter(HugeHarness.is_data_page)
+
+
+def _shadow(machine: X86Machine) -> bool:
+    return machine.layout == "shadow"
+
+
+def _huge(machine: X86Machine) -> bool:
+    return machine.layout == "huge"
+
+
+class X86Machine(RuleBasedStateMachine):
+    profile: PlatformProfile
+    layouts: Sequence[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layout = ""
+        self.harness: X86Harness
+        self.calls: list[Step] = []
+
+    def _do(self, method: str, *args: Argument) -> None:
+        self.calls.append((method, args))
+        getattr(self.harness, method)(*args)
+
+    @initialize(data=st.data())
+    def set_up(self, data: st.DataObject) -> None:
+        self.layout = data.draw(st.sampled_from(self.layouts), label="layout")
+        self.harness = make_harness(self.layout, self.profile, log=note)
+
+    # -- the shadow layout --------------------------------------------------------------------
+
+    @precondition(_shadow)
+    @rule(quirk=st.booleans())
+    def set_quirk(self, quirk: bool) -> None:
+        self._do("set_quirk", quirk)
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, i=DATA_PAGE, offset=OFFSET)
+    def guest_read(self, vcpu: int, i: int, offset: int) -> None:
+        self._do("guest_read", vcpu, i, offset)
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, i=DATA_PAGE, byte=BYTE)
+    def guest_write(self, vcpu: int, i: int, byte: int) -> None:
+        self._do("guest_write", vcpu, i, byte)
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, i=DATA_PAGE, to=st.sampled_from(REMAP_TARGETS), clean=st.booleans())
+    def guest_remap(self, vcpu: int, i: int, to: int | None, clean: bool) -> None:
+        self._do("guest_remap", vcpu, i, to, clean)
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, table=st.sampled_from(UPPER_TABLES), index=st.sampled_from(UNUSED_ENTRIES))
+    def guest_clear_unused_upper_entries(self, vcpu: int, table: int, index: int) -> None:
+        self._do("guest_clear_unused_upper_entries", vcpu, table, index)
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, pml4=st.sampled_from(PML4S))
+    def switch_cr3(self, vcpu: int, pml4: int) -> None:
+        self._do("switch_cr3", vcpu, pml4)
+
+    @precondition(_shadow)
+    @rule(i=DATA_PAGE, value=BYTE, size=st.sampled_from(HOST_WRITE_SIZES))
+    def host_write(self, i: int, value: int, size: int) -> None:
+        self._do("host_write", i, value, size)
+
+    @precondition(_shadow)
+    @rule(i=DATA_PAGE, n=st.sampled_from(DONTNEED_PAGES))
+    def madvise_dontneed(self, i: int, n: int) -> None:
+        self._do("madvise_dontneed", i, n)
+
+    @precondition(_shadow)
+    @rule(where=st.sampled_from(DATA_SLOT_PLACES))
+    def change_data_slot(self, where: int | None) -> None:
+        self._do("change_data_slot", where)
+
+    # -- the huge layout ----------------------------------------------------------------------
+
+    @precondition(_huge)
+    @rule(vcpu=VCPU, pml4=st.sampled_from(HUGE_PML4S))
+    def huge_switch_cr3(self, vcpu: int, pml4: int) -> None:
+        self._do("switch_cr3", vcpu, pml4)
+
+    @precondition(_huge)
+    @rule(vcpu=VCPU, i=HUGE_DATA_PAGE, offset=OFFSET)
+    def huge_guest_read(self, vcpu: int, i: int, offset: int) -> None:
+        self._do("guest_read", vcpu, i, offset)
+
+    @precondition(_huge)
+    @rule(vcpu=VCPU, i=HUGE_DATA_PAGE, byte=BYTE)
+    def huge_guest_write(self, vcpu: int, i: int, byte: int) -> None:
+        self._do("guest_write", vcpu, i, byte)
+
+    @precondition(_huge)
+    @rule(
+        vcpu=VCPU,
+        table=st.sampled_from(TABLES_IN_THE_HUGE_PAGE),
+        entry=st.sampled_from(UNUSED_ENTRIES),
+        emulatable=st.booleans(),
+    )
+    def guest_write_table_in_the_huge_page(
+        self, vcpu: int, table: int, entry: int, emulatable: bool
+    ) -> None:
+        self._do("guest_write_table_in_the_huge_page", vcpu, table, entry, emulatable)
+
+    @precondition(_huge)
+    @rule(vcpu=VCPU, huge=st.booleans())
+    def guest_remap_2m(self, vcpu: int, huge: bool) -> None:
+        self._do("guest_remap_2m", vcpu, huge)
+
+    @precondition(_huge)
+    @rule(collapse=st.booleans())
+    def host_thp(self, collapse: bool) -> None:
+        self._do("host_thp", collapse)
+
+    @precondition(_huge)
+    @rule(i=HUGE_DATA_PAGE)
+    def host_khugepaged_or_dontneed(self, i: int) -> None:
+        self._do("host_khugepaged_or_dontneed", i)
+
+    @precondition(_huge)
+    @rule(log=st.booleans())
+    def toggle_log(self, log: bool) -> None:
+        self._do("toggle_log", log)
+
+    @precondition(_huge)
+    @rule()
+    def harvest(self) -> None:
+        self._do("harvest")
+
+    # -- the rules, after every step ------------------------------------------------------------
+
+    @invariant()
+    def rules_hold(self) -> None:
+        self.harness.check()
+
+    def teardown(self) -> None:
+        if not self.layout:
+            return  # the run stopped before its set-up
+        checks = self.harness.checks
+        machines.STATS["steps"] += checks
+        machines.STATS["invariant_checks"] += checks
+        # A failure keeps the actions and, beside them, the whole run as an input of
+        # fuzz/fuzz_x86.py, which replays it with its report.
+        actions = (f"{method}{args!r}" for method, args in self.calls)
+        machines.LAST_RUN["trace"] = "\n".join([f"layout {self.layout}", *actions]) + "\n"
+        machines.LAST_RUN["suffix"] = ".actions.txt"
+        machines.LAST_RUN["reproducer"] = encode(self.layout, self.calls).hex()
+
+
+def x86_machine(profile: PlatformProfile, layouts: Sequence[str] = LAYOUTS) -> type[X86Machine]:
+    """The machine on ``profile`` (x86 on the shadow MMU), starting from one of ``layouts``."""
+    name = f"X86Machine[{profile.name}, {'+'.join(layouts)}]"
+    return type(name, (X86Machine,), {"profile": profile, "layouts": tuple(layouts)})
