@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MINUTES ?= 1
 
-.PHONY: run test lint typecheck bench fuzz fuzz-generic crosshair clean
+.PHONY: run test lint typecheck bench fuzz fuzz-generic fuzz-x86 crosshair clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ fuzz-generic: $(STAMP)
 	@mkdir -p build/corpus/generic
 	$(PY) fuzz/fuzz_generic.py -max_total_time=60 -max_len=512 build/corpus/generic \
 		corpus/seeds/generic
+
+## fuzz-x86: run the x86 shadow-MMU Atheris fuzzer for 60 seconds; new inputs go to
+# build/corpus/x86, the seeds are only read
+fuzz-x86: $(STAMP)
+	@mkdir -p build/corpus/x86
+	$(PY) fuzz/fuzz_x86.py -max_total_time=60 -max_len=256 build/corpus/x86 corpus/seeds/x86
 
 ## crosshair: check the pure contracts of the uAPI decision functions symbolically.
 # CrossHair walks package parents, so it sees kvmspec as a regular package through a symlink

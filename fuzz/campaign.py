@@ -4,12 +4,14 @@ Each area is a state machine bound to a profile and a target. The campaign runs 
 in short slices under the ``kvmspec-thorough`` Hypothesis profile, sharing Hypothesis's example
 database in ``.hypothesis/`` (so a failure found once is retried first next time). Meanwhile
 a second process runs the Atheris fuzzers one after the other, sharing the same budget: the
-memslot fuzzer (fuzz/fuzz_memslots.py), then the generic-layer fuzzer (fuzz/fuzz_generic.py),
-so both cores work and each layer is fuzzed by both engines. The campaign shows live progress
+memslot fuzzer (fuzz/fuzz_memslots.py), the generic-layer fuzzer (fuzz/fuzz_generic.py), then
+the x86 shadow-MMU fuzzer (fuzz/fuzz_x86.py), so both cores work and each layer is fuzzed by
+both engines. The campaign shows live progress
 and ends with a summary table: steps (rules for a state machine, operations or actions for a
 fuzzer), steps per second, invariant checks, failures. Each failure is written as a
-replayable trace (or, for the generic fuzzer, the input and its report) under
-corpus/regressions/.
+replayable trace (or, for the generic and x86 fuzzers, the input and its report) under
+corpus/regressions/; a generic or x86 state machine's failure also leaves its run as an input
+of that layer's fuzzer, which replays it with its report.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from kvmspec.fuzz import machines
 from kvmspec.fuzz.generic_machine import generic_machine
 from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.fuzz.targets import TargetUnavailable, make_target
+from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.spec.checked_by import CHECKED_BY, NOT_CHECKED
 from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PROFILES
 from kvmspec.spec.rules import RULES
@@ -99,6 +102,14 @@ FUZZ_AREAS = (
         512,
         counts_actions=True,
     ),
+    FuzzArea(
+        "atheris/x86",
+        "x86",
+        "kvmspec.fuzz.fuzz_x86",
+        Path("corpus/seeds/x86"),
+        256,
+        counts_actions=True,
+    ),
 )
 
 
@@ -123,6 +134,8 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
             areas.append(Area(f"generic/{profile.name}", "reference", generic_machine(profile)))
         guest = machines.memslot_machine(DEFAULT_PROFILE, mix="guest")
         areas.append(Area(f"guest/{DEFAULT_PROFILE.name}", "reference", guest))
+        x86 = x86_machine(DEFAULT_PROFILE)
+        areas.append(Area(f"x86/{DEFAULT_PROFILE.name}", "reference", x86))
     kvm_wanted = target == "linux-kvm" or (target is None and (not wanted or "linux-kvm" in wanted))
     if kvm_wanted:
         try:
@@ -189,11 +202,12 @@ def _record_failure(area: Area, error: BaseException) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     reproducer = machines.LAST_RUN.get("reproducer")
     if reproducer is not None:
-        # The generic machine's run as a fuzz_generic input: ./fuzz/fuzz_generic.py FILE
-        # replays it and prints the broken rules with every actor's steps.
+        # A generic or x86 machine's run as an input of its family's fuzzer:
+        # ./fuzz/fuzz_<family>.py FILE replays it and prints the broken rules with each step.
         binary = path.with_name(f"{area.name.replace('/', '-')}-{digest}.bin")
         binary.write_bytes(bytes.fromhex(reproducer))
-        return f"{first} (trace: {path}; replay: ./fuzz/fuzz_generic.py {binary})"
+        fuzzer = f"./fuzz/fuzz_{area.name.split('/')[0]}.py"
+        return f"{first} (trace: {path}; replay: {fuzzer} {binary})"
     return f"{first} (trace: {path})"
 
 
