@@ -57,3 +57,16 @@ def test_a_broken_model_is_reported_with_a_trace(
 def test_no_matching_area_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["campaign", "--minutes", "0.01", "--target", "reference", "nothing-here"]) == 2
     assert "no area matches" in capsys.readouterr().out
+
+
+def test_the_campaign_runs_the_x86_shadow_mmu_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The family ``x86`` names the x86 state machine's area (and, with Atheris, the x86
+    fuzzer, switched off here)."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    report = tmp_path / "report.json"
+    assert campaign.run_campaign(["x86"], 0.02, "reference", str(report)) == 0
+    (area,) = json.loads(report.read_text())["areas"]
+    assert area["area"] == "x86/x86_64-linux-6.18-pvm" and not area["failures"]
+    assert area["examples"] > 0 and area["steps"] > 0

@@ -1,6 +1,6 @@
 """The Atheris fuzz targets: seeds and random inputs run clean, libFuzzer runs the scripts, and
-a broken model is caught with the rule it breaks; the generic-layer decoder rejects (and
-counts) every action the state does not allow, never raising. Known findings of the fuzzers
+a broken model is caught with the rule it breaks; the generic-layer and x86 decoders reject
+(and count) every action the state does not allow, never raising. Known findings of the fuzzers
 are kept as strict xfails until they are fixed."""
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmspec.fuzz import atheris_support as support
-from kvmspec.fuzz import campaign, fuzz_generic, fuzz_memslots, fuzz_trace, generic_decoder
+from kvmspec.fuzz import (
+    campaign,
+    fuzz_generic,
+    fuzz_memslots,
+    fuzz_trace,
+    fuzz_x86,
+    generic_decoder,
+    x86_decoder,
+)
 from kvmspec.fuzz.generic_decoder import SEED_SCENARIOS, SetUp, encode
 from kvmspec.fuzz.generic_harness import GenericHarness
 from kvmspec.fuzz.ops import (
@@ -36,10 +44,12 @@ from kvmspec.fuzz.session import Session
 from kvmspec.fuzz.targets import Target
 from kvmspec.fuzz.targets.reference import ReferenceTarget
 from kvmspec.fuzz.trace import TraceError, load, parse_lines
+from kvmspec.fuzz.x86_harness import PD_B, PD_C, HugeHarness, ShadowHarness
 from kvmspec.reference import kvm_main
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.memslot_rules import MrChange
 
@@ -440,3 +450,114 @@ def test_finding_the_trace_parser_crashed_on_unhashable_or_huge_values(text: str
     with pytest.raises(TraceError):
         parse_lines(text.splitlines())
     fuzz_trace.TestOneInput(text.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) The x86 shadow MMU: the decoder, its seeds, a broken notifier found by fuzzing, libFuzzer
+# ---------------------------------------------------------------------------------------------
+
+X86_SEEDS = support.seed_files("x86")
+
+
+@pytest.mark.parametrize("layout", sorted(x86_decoder.KINDS))
+def test_every_kind_of_x86_action_is_a_harness_method_with_its_arguments(layout: str) -> None:
+    harness = {"shadow": ShadowHarness, "huge": HugeHarness}[layout]
+    for kind in x86_decoder.KINDS[layout]:
+        parameters = list(inspect.signature(getattr(harness, kind.method)).parameters)
+        assert parameters == ["self", *(name for name, _ in kind.params)], kind.method
+
+
+def test_every_x86_seed_is_its_scenario_encoded() -> None:
+    assert {path.stem for path in X86_SEEDS} == set(x86_decoder.SEED_SCENARIOS)
+    for path in X86_SEEDS:
+        assert path.read_bytes() == x86_decoder.encode(*x86_decoder.SEED_SCENARIOS[path.stem]), (
+            f"{path.name} is stale; rebuild the seeds with: "
+            ".venv/bin/python -m kvmspec.fuzz.x86_decoder seeds"
+        )
+
+
+@pytest.mark.parametrize("seed", X86_SEEDS, ids=lambda path: path.stem)
+def test_x86_seed_runs_every_action_clean(seed: Path) -> None:
+    """A seed is a scenario of allowed actions only: none is rejected, no rule is broken."""
+    run = fuzz_x86.run_input(seed.read_bytes())
+    assert run.violations == []
+    assert run.rejected.total() == 0
+    assert run.actions == len(x86_decoder.SEED_SCENARIOS[seed.stem][1])
+
+
+@settings(max_examples=60)
+@given(data=st.binary(min_size=1, max_size=300))
+def test_the_x86_decoder_never_raises(data: bytes) -> None:
+    """Any bytes: every decoded action is applied or rejected, and the correct model breaks
+    no rule."""
+    run = fuzz_x86.run_input(data)
+    assert run.violations == []
+    assert run.actions + run.rejected.total() <= fuzz_x86.MAX_ACTIONS
+
+
+def test_a_table_page_is_rejected_not_accessed() -> None:
+    """In the huge layout, B's and C's page directories are not data: an access to one is
+    rejected and counted, and the run goes on."""
+    data = x86_decoder.encode(
+        "huge", [("guest_write", (0, PD_B, 1)), ("guest_read", (1, PD_C, 0)), ("harvest", ())]
+    )
+    lines: list[str] = []
+    run = fuzz_x86.run_input(data, lines.append)
+    assert run.violations == [] and run.actions == 1
+    assert run.rejected == {"a table page": 2}
+    assert "guest_write rejected (a table page): page 4 is a guest page table" in lines
+
+
+def test_a_notifier_that_unmaps_nothing_is_found_by_fuzzing_the_x86_decoder(
+    monkeypatch: pytest.MonkeyPatch, regressions: Path
+) -> None:
+    """Planted bug: the shadow MMU's kvm_unmap_gfn_range leaves every SPTE in place. Random
+    inputs find SPTEs left over pages the host has taken away; the finding names the rule,
+    prints the actions and keeps the input and its report."""
+    monkeypatch.setattr(ShadowMmu, "kvm_unmap_gfn_range", lambda self, kvm, gfn_range: False)
+    found = next(
+        (data for data in random_inputs(200, 256) if fuzz_x86.run_input(data).violations), None
+    )
+    assert found is not None, "200 random inputs did not find the notifier that unmaps nothing"
+    with pytest.raises(support.SpecViolation) as raised:
+        fuzz_x86.TestOneInput(found)
+    finding = raised.value
+    assert set(finding.rules) & {"N4", "COHERENCE"}, finding.violations
+    report = finding.trace.read_text()
+    assert finding.trace.parent == regressions and finding.trace.name.startswith("x86-")
+    assert "actions, each followed by what the harness saw:" in report
+    assert finding.trace.with_suffix(".bin").read_bytes() == found
+    assert fuzz_x86.run_input(found).violations == finding.violations
+
+
+def test_the_x86_seed_command_wants_its_one_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    assert x86_decoder.main([]) == 2
+    assert capsys.readouterr().err == "usage: python -m kvmspec.fuzz.x86_decoder seeds\n"
+
+
+def test_fuzz_x86_script_is_executable() -> None:
+    path = REPO / "fuzz" / "fuzz_x86.py"
+    assert path.read_text().startswith("#!/usr/bin/env python3\n")
+    assert os.access(path, os.X_OK)
+
+
+@pytest.mark.skipif(not HAS_ATHERIS, reason="atheris cannot be imported")
+def test_libfuzzer_runs_fuzz_x86_on_the_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counters = tmp_path / "counters.json"
+    monkeypatch.setenv(fuzz_generic.STATS_ENV, str(counters))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    result = run_fuzzer(
+        "fuzz_x86.py",
+        "-runs=300",
+        "-max_len=256",
+        str(corpus),
+        "corpus/seeds/x86",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Done 300 runs" in result.stderr
+    counted = json.loads(counters.read_text())
+    assert counted["executions"] >= 1 and counted["actions"] >= 1
