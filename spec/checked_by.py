@@ -25,8 +25,8 @@ _GENERIC_TESTS = "tests/test_generic_dirty.py::"
 
 SHADOW_MMU = (
     "x86 shadow MMU checks of spec/invariants/x86.py ({}), run by check_shadow_mmu after every"
-    " step of tests/test_x86_shadow_mmu.py's and tests/test_x86_huge.py's state machines and of"
-    " every fuzz session on the reference's shadow-MMU profile"
+    " action of the x86 harness (kvmspec.fuzz.x86_machine, the campaign's x86 area and"
+    " fuzz_x86.py) and of every session on the reference's shadow-MMU profile"
 )
 SHADOW_WARNS = (
     "the WARNs the shadow MMU records on every SPTE write ({}), reported by check_shadow_mmu"
@@ -83,7 +83,7 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "D3": (f"scenario test `{_GENERIC_TESTS}test_d3_clear_reprotects_exactly`",),
     "D4": (
         "x86 shadow MMU checks of spec/invariants/x86.py (check_huge_leaves: no writable huge"
-        " leaf in a dirty-logged slot), after every step of tests/test_x86_huge.py's machine",
+        " leaf in a dirty-logged slot), after every action of the x86 harness",
         "scenario test `tests/test_x86_huge.py::"
         "test_dirty_logging_splits_the_huge_spte_and_stopping_it_recovers_it`",
     ),
