@@ -2,7 +2,11 @@
 
 * :class:`SpecViolation` and :func:`write_regression`: a finding is an AssertionError that
   names the broken rules, and the run that found it is kept as a replayable trace under
-  ``corpus/regressions/`` (``KVMSPEC_REGRESSIONS`` moves it, e.g. in tests).
+  ``corpus/regressions/`` (``KVMSPEC_REGRESSIONS`` moves it, e.g. in tests); the harness
+  targets (fuzz_generic, fuzz_x86) keep the input itself and its report
+  (:func:`write_reproducer`), name a failure's rules with :func:`failure_lines`, count
+  their actions with :class:`ActionStats`, and write their seeds with
+  :func:`write_seed_inputs` and :func:`seeds_command`.
 * :func:`instrumentation`: the ``atheris.instrument_imports()`` context the targets import
   kvmspec under, limited by default to the model (kvmspec.reference and kvmspec.spec) so that
   coverage guides towards model behaviour, not towards the harness's own branches.
@@ -20,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pkgutil
 import random
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +47,7 @@ CONFORMANCE = REPO / "corpus" / "conformance"
 REGRESSIONS_ENV = "KVMSPEC_REGRESSIONS"
 PROFILE_ENV = "KVMSPEC_PROFILE"
 INSTRUMENT_ENV = "KVMSPEC_INSTRUMENT"
+STATS_ENV = "KVMSPEC_FUZZ_STATS"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +79,87 @@ def write_regression(kind: str, data: bytes, trace_text: str) -> Path:
     path = directory / f"{kind}-{hashlib.sha1(data).hexdigest()}.jsonl"
     path.write_text(trace_text, encoding="utf-8")
     return path
+
+
+def write_reproducer(family: str, data: bytes, text: str) -> Path:
+    """Keep a harness target's finding: ``<family>-<sha1 of the input>.bin`` (the input,
+    which ``./fuzz/fuzz_<family>.py FILE`` replays) and ``.txt`` (its report) in the
+    regressions folder; return the report's path."""
+    folder = regressions_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{family}-{hashlib.sha1(data).hexdigest()}"
+    stem.with_suffix(".bin").write_bytes(data)
+    path = stem.with_suffix(".txt")
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def failure_lines(error: AssertionError, during: str) -> list[str]:
+    """The rule lines of a harness failure: the checks' own lines (an AssertionError that
+    carries ``violations``, as RulesBroken does), else one line naming its kind: DEADLOCK,
+    a runtime CONTRACT, or a MODEL-ASSERT raised by the model itself."""
+    violations: list[str] | None = getattr(error, "violations", None)
+    if violations is not None:
+        return violations
+    message = " ".join(str(error).split())
+    kind = type(error).__name__
+    if kind == "DeadlockFound":
+        return [f"DEADLOCK: {message}"]
+    rule = "CONTRACT" if kind == "ContractViolation" else "MODEL-ASSERT"
+    return [f"{rule}: {kind} in {during}: {message}"]
+
+
+class ActionStats:
+    """A harness target's counters, written to ``$KVMSPEC_FUZZ_STATS`` after executions 1,
+    2, 4, 8, ... and then whenever a second has passed. libFuzzer ends the process without
+    telling the target, so the file may miss the last second: readers scale it to
+    libFuzzer's final count of executions."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.executions = 0
+        self.actions = 0
+        self.rejected: Counter[str] = Counter()
+        self.written = 0.0
+
+    def add(self, actions: int, rejected: Counter[str]) -> None:
+        """One input ran ``actions`` actions; the decoder rejected ``rejected`` (by rule)."""
+        self.executions += 1
+        self.actions += actions
+        self.rejected.update(rejected)
+        if self.path is None:
+            return
+        power_of_two = self.executions & (self.executions - 1) == 0
+        if power_of_two or time.monotonic() - self.written >= 1.0:
+            self.write()
+
+    def write(self) -> None:
+        assert self.path is not None
+        counters = {"executions": self.executions, "actions": self.actions}
+        self.path.write_text(json.dumps(counters | {"rejected": dict(self.rejected)}))
+        self.written = time.monotonic()
+
+
+def write_seed_inputs(folder: Path, inputs: dict[str, bytes]) -> list[Path]:
+    """(Re)write a seed corpus: each named input becomes ``<folder>/<name>.bin``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in inputs.items():
+        path = folder / f"{name}.bin"
+        path.write_bytes(data)
+        written.append(path)
+    return written
+
+
+def seeds_command(module: str, write: Callable[[], list[Path]], argv: list[str] | None) -> int:
+    """``python -m <module> seeds``: run ``write`` and list what it wrote; anything else is
+    one usage line and exit status 2."""
+    if (sys.argv[1:] if argv is None else argv) != ["seeds"]:
+        print(f"usage: python -m {module} seeds", file=sys.stderr)
+        return 2
+    for path in write():
+        print(path, path.stat().st_size, "bytes")
+    return 0
 
 
 def profile_from_env() -> PlatformProfile:

@@ -28,11 +28,8 @@ as JSON: libFuzzer only counts executions.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,15 +50,13 @@ except ImportError:  # started as ./fuzz/fuzz_generic.py by a Python without the
 with support.instrumentation(enabled=__name__ == "__main__"):
     from kvmspec.fuzz.decoder import BytesChooser
     from kvmspec.fuzz.generic_decoder import Action, Rejected, SetUp, decode_action, decode_set_up
-    from kvmspec.fuzz.generic_harness import GenericHarness, Log, RulesBroken
-    from kvmspec.fuzz.scheduler import DeadlockFound
+    from kvmspec.fuzz.generic_harness import GenericHarness, Log
     from kvmspec.spec.platforms import PlatformProfile
 
 MAX_ACTIONS = 100
 """Actions per input at most (rejected ones included): enough for several interleaved
 actors to start and finish, and for a campaign's generic-machine run (80 rules at most) to
 replay whole, and a bound on the time one input can take."""
-STATS_ENV = "KVMSPEC_FUZZ_STATS"
 
 PROFILE = support.profile_from_env()
 
@@ -76,17 +71,6 @@ class Run:
     rejected: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)
-
-
-def _violations(error: AssertionError, during: str) -> list[str]:
-    """The rule lines of a failure: the checks' own lines, else one line naming its kind."""
-    if isinstance(error, RulesBroken):
-        return error.violations
-    message = " ".join(str(error).split())
-    if isinstance(error, DeadlockFound):
-        return [f"DEADLOCK: {message}"]
-    rule = "CONTRACT" if type(error).__name__ == "ContractViolation" else "MODEL-ASSERT"
-    return [f"{rule}: {type(error).__name__} in {during}: {message}"]
 
 
 def run_input(
@@ -122,7 +106,7 @@ def run_input(
             step.apply(harness)
             harness.check()
     except AssertionError as error:
-        run.violations = _violations(error, str(step))
+        run.violations = support.failure_lines(error, str(step))
     return run
 
 
@@ -145,60 +129,17 @@ def report(data: bytes, profile: PlatformProfile) -> tuple[Run, str]:
     return run, text
 
 
-def write_reproducer(data: bytes, text: str) -> Path:
-    """Keep a finding: ``generic-<sha1 of the input>.bin`` (the input, which
-    ``./fuzz/fuzz_generic.py FILE`` replays) and ``.txt`` (its report) in the regressions
-    folder; return the report's path."""
-    folder = support.regressions_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"generic-{hashlib.sha1(data).hexdigest()}"
-    stem.with_suffix(".bin").write_bytes(data)
-    path = stem.with_suffix(".txt")
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-class Stats:
-    """The target's counters, written to ``$KVMSPEC_FUZZ_STATS`` after executions 1, 2, 4, 8,
-    ... and then whenever a second has passed. libFuzzer ends the process without telling
-    the target, so the file may miss the last second: readers scale it to libFuzzer's final
-    count of executions."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = Path(path) if path else None
-        self.executions = 0
-        self.actions = 0
-        self.rejected: Counter[str] = Counter()
-        self.written = 0.0
-
-    def add(self, run: Run) -> None:
-        self.executions += 1
-        self.actions += run.actions
-        self.rejected.update(run.rejected)
-        if self.path is None:
-            return
-        power_of_two = self.executions & (self.executions - 1) == 0
-        if power_of_two or time.monotonic() - self.written >= 1.0:
-            self.write()
-
-    def write(self) -> None:
-        assert self.path is not None
-        counters = {"executions": self.executions, "actions": self.actions}
-        self.path.write_text(json.dumps(counters | {"rejected": dict(self.rejected)}))
-        self.written = time.monotonic()
-
-
-STATS = Stats(os.environ.get(STATS_ENV))
+STATS = support.ActionStats(os.environ.get(support.STATS_ENV))
 
 
 def TestOneInput(data: bytes) -> None:
     """libFuzzer's entry point: one input, one fresh VM; raise SpecViolation on a finding."""
     run = run_input(data, PROFILE)
-    STATS.add(run)
+    STATS.add(run.actions, run.rejected)
     if run.violations:
         replayed, text = report(data, PROFILE)
         print(text, file=sys.stderr)
-        path = write_reproducer(data, text)
+        path = support.write_reproducer("generic", data, text)
         raise support.SpecViolation(replayed.violations or run.violations, path)
 
 

@@ -27,7 +27,6 @@ as JSON: libFuzzer only counts executions.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -48,9 +47,8 @@ except ImportError:  # started as ./fuzz/fuzz_x86.py by a Python without the pro
     os.execv(_VENV_PYTHON, [str(_VENV_PYTHON), __file__, *sys.argv[1:]])
 
 with support.instrumentation(enabled=__name__ == "__main__"):
-    from kvmspec.fuzz import fuzz_generic
     from kvmspec.fuzz.decoder import BytesChooser
-    from kvmspec.fuzz.generic_harness import Log, RulesBroken
+    from kvmspec.fuzz.generic_harness import Log
     from kvmspec.fuzz.x86_decoder import Action, Rejected, decode_action, decode_layout
     from kvmspec.fuzz.x86_harness import make_harness
     from kvmspec.spec.platforms import DEFAULT_PROFILE
@@ -69,15 +67,6 @@ class Run:
     actions: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
-
-
-def _violations(error: AssertionError, during: str) -> list[str]:
-    """The rule lines of a failure: the checks' own lines, else one line naming its kind."""
-    if isinstance(error, RulesBroken):
-        return error.violations
-    message = " ".join(str(error).split())
-    rule = "CONTRACT" if type(error).__name__ == "ContractViolation" else "MODEL-ASSERT"
-    return [f"{rule}: {type(error).__name__} in {during}: {message}"]
 
 
 def run_input(data: bytes, log: Log | None = None, max_actions: int = MAX_ACTIONS) -> Run:
@@ -106,7 +95,7 @@ def run_input(data: bytes, log: Log | None = None, max_actions: int = MAX_ACTION
             step.apply(harness)
             harness.check()
     except AssertionError as error:
-        run.violations = _violations(error, str(step))
+        run.violations = support.failure_lines(error, str(step))
     return run
 
 
@@ -128,31 +117,17 @@ def report(data: bytes) -> tuple[Run, str]:
     return run, text
 
 
-def write_reproducer(data: bytes, text: str) -> Path:
-    """Keep a finding: ``x86-<sha1 of the input>.bin`` (the input, which
-    ``./fuzz/fuzz_x86.py FILE`` replays) and ``.txt`` (its report) in the regressions
-    folder; return the report's path."""
-    folder = support.regressions_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"x86-{hashlib.sha1(data).hexdigest()}"
-    stem.with_suffix(".bin").write_bytes(data)
-    path = stem.with_suffix(".txt")
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-STATS = fuzz_generic.Stats(os.environ.get(fuzz_generic.STATS_ENV))
-"""The counters, as the generic target keeps and writes them (``KVMSPEC_FUZZ_STATS``)."""
+STATS = support.ActionStats(os.environ.get(support.STATS_ENV))
 
 
 def TestOneInput(data: bytes) -> None:
     """libFuzzer's entry point: one input, one fresh VM; raise SpecViolation on a finding."""
     run = run_input(data)
-    STATS.add(fuzz_generic.Run(run.actions, run.rejected))
+    STATS.add(run.actions, run.rejected)
     if run.violations:
         replayed, text = report(data)
         print(text, file=sys.stderr)
-        path = write_reproducer(data, text)
+        path = support.write_reproducer("x86", data, text)
         raise support.SpecViolation(replayed.violations or run.violations, path)
 
 

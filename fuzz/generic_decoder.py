@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
 from kvmspec.fuzz.generic_harness import (
     DIRTY_MODES,
@@ -345,23 +346,13 @@ SEED_SCENARIOS: dict[str, tuple[SetUp, tuple[tuple[str, tuple[Argument, ...]], .
 
 def write_seeds(folder: Path = SEEDS) -> list[Path]:
     """(Re)write the seed corpus from :data:`SEED_SCENARIOS`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, (set_up, steps) in SEED_SCENARIOS.items():
-        path = folder / f"{name}.bin"
-        path.write_bytes(encode(set_up, steps))
-        written.append(path)
-    return written
+    inputs = {name: encode(set_up, steps) for name, (set_up, steps) in SEED_SCENARIOS.items()}
+    return write_seed_inputs(folder, inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvmspec.fuzz.generic_decoder seeds``: rebuild the seed corpus."""
-    if (sys.argv[1:] if argv is None else argv) != ["seeds"]:
-        print("usage: python -m kvmspec.fuzz.generic_decoder seeds", file=sys.stderr)
-        return 2
-    for path in write_seeds():
-        print(path, path.stat().st_size, "bytes")
-    return 0
+    return seeds_command("kvmspec.fuzz.generic_decoder", write_seeds, argv)
 
 
 if __name__ == "__main__":

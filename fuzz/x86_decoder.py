@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
 from kvmspec.fuzz.x86_harness import (
     BOOLS,
@@ -287,23 +288,13 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
 
 def write_seeds(folder: Path = SEEDS) -> list[Path]:
     """(Re)write the seed corpus from :data:`SEED_SCENARIOS`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, (layout, steps) in SEED_SCENARIOS.items():
-        path = folder / f"{name}.bin"
-        path.write_bytes(encode(layout, steps))
-        written.append(path)
-    return written
+    inputs = {name: encode(layout, steps) for name, (layout, steps) in SEED_SCENARIOS.items()}
+    return write_seed_inputs(folder, inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvmspec.fuzz.x86_decoder seeds``: rebuild the seed corpus."""
-    if (sys.argv[1:] if argv is None else argv) != ["seeds"]:
-        print("usage: python -m kvmspec.fuzz.x86_decoder seeds", file=sys.stderr)
-        return 2
-    for path in write_seeds():
-        print(path, path.stat().st_size, "bytes")
-    return 0
+    return seeds_command("kvmspec.fuzz.x86_decoder", write_seeds, argv)
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_libfuzzer_runs_fuzz_generic_on_the_seeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counters = tmp_path / "counters.json"
-    monkeypatch.setenv(fuzz_generic.STATS_ENV, str(counters))
+    monkeypatch.setenv(support.STATS_ENV, str(counters))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     result = run_fuzzer(
@@ -546,7 +546,7 @@ def test_libfuzzer_runs_fuzz_x86_on_the_seeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counters = tmp_path / "counters.json"
-    monkeypatch.setenv(fuzz_generic.STATS_ENV, str(counters))
+    monkeypatch.setenv(support.STATS_ENV, str(counters))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     result = run_fuzzer(
