@@ -181,35 +181,35 @@ def profile_from_env() -> PlatformProfile:
 # ---------------------------------------------------------------------------------------------
 
 
-# The checkers: their branches only differ when a rule is broken, so their coverage would
-# only add noise to what guides the fuzzer (the model's and the rules' decisions).
-CHECKER_MODULES = [
-    "kvmspec.spec.aging_contract",
-    "kvmspec.spec.checked_by",
-    "kvmspec.spec.contracts",
-    "kvmspec.spec.dbc",
-    "kvmspec.spec.dirty_contract",
-    "kvmspec.spec.invariants",
-    "kvmspec.spec.invariants.dirty",
-    "kvmspec.spec.invariants.memslots",
-    "kvmspec.spec.invariants.notifiers",
-    "kvmspec.spec.invariants.translations",
-    "kvmspec.spec.invariants.warnings",
-    "kvmspec.spec.memory_contract",
-    "kvmspec.spec.rules",
-]
+# What the model executes: the uAPI decision functions and the platform profiles. Every other
+# module of kvmspec.spec is a checker (contracts, invariants, the catalogue, the runtime
+# condition checker): its branches only differ when a rule is broken, so its coverage would
+# only add noise to what guides the fuzzer, and instrumenting it slows every execution.
+RULE_MODULES = ("kvmspec.spec.uapi", "kvmspec.spec.platforms")
+
+
+def _modules_on_disk(folder: Path, package: str) -> list[str]:
+    """``package`` and every module and subpackage under ``folder``, found without importing
+    any of them (importing here would load them uninstrumented)."""
+    names = [package]
+    for module in pkgutil.iter_modules([str(folder)], package + "."):
+        if module.ispkg:
+            names.extend(_modules_on_disk(folder / module.name.rsplit(".", 1)[1], module.name))
+        else:
+            names.append(module.name)
+    return names
 
 
 def _harness_modules() -> list[str]:
-    """Every module of kvmspec.fuzz, found on disk without importing any of them, and the
-    rule checkers of kvmspec.spec."""
-    names = ["kvmspec.fuzz", *CHECKER_MODULES]
-    for module in pkgutil.iter_modules([str(Path(__file__).parent)], "kvmspec.fuzz."):
-        names.append(module.name)
-        if module.ispkg:
-            folder = Path(__file__).parent / module.name.rsplit(".", 1)[1]
-            names.extend(m.name for m in pkgutil.iter_modules([str(folder)], module.name + "."))
-    return names
+    """Every module of kvmspec.fuzz, and every module of kvmspec.spec but the rule modules
+    (so a checker added later is never instrumented by mistake)."""
+    root = Path(__file__).resolve().parents[1]
+    checkers = [
+        name
+        for name in _modules_on_disk(root / "spec", "kvmspec.spec")[1:]
+        if not name.startswith(RULE_MODULES)
+    ]
+    return [*_modules_on_disk(Path(__file__).resolve().parent, "kvmspec.fuzz"), *checkers]
 
 
 def instrumentation(

@@ -152,6 +152,26 @@ def test_fuzz_scripts_are_executable(script: str) -> None:
     assert os.access(path, os.X_OK)
 
 
+def test_instrumentation_covers_the_model_and_the_rules_never_the_checkers() -> None:
+    """libFuzzer is guided by what the model and the rules it executes decide. Every checker
+    (found on disk, so one added later is included) and the harness stay uninstrumented."""
+    excluded = set(support._harness_modules())
+    spec_modules = {
+        "kvmspec.spec." + ".".join(path.relative_to(REPO / "spec").with_suffix("").parts)
+        for path in (REPO / "spec").rglob("*.py")
+    }
+    rules = {name for name in spec_modules if name.startswith(support.RULE_MODULES)}
+    assert {"kvmspec.spec.uapi.memslot_rules", "kvmspec.spec.platforms"} <= rules
+    assert not rules & excluded
+    checkers = {name.removesuffix(".__init__") for name in spec_modules - rules} - {
+        "kvmspec.spec"  # the package itself: a docstring, no code
+    }
+    assert {"kvmspec.spec.invariants.x86", "kvmspec.spec.dbc"} <= checkers
+    assert checkers <= excluded
+    assert "kvmspec.fuzz.session" in excluded
+    assert not any(name.startswith("kvmspec.reference") for name in excluded)
+
+
 @pytest.mark.skipif(not HAS_ATHERIS, reason="atheris cannot be imported")
 def test_libfuzzer_runs_fuzz_memslots_on_the_seeds(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"  # the first folder receives new units: keep seeds unchanged
