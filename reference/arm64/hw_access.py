@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmspec.reference.arm64.descriptors import (
+    KVM_PTE_LEAF_ATTR_HI_S2_XN,
     KVM_PTE_LEAF_ATTR_LO_S2_AF,
     KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R,
     KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
@@ -49,27 +50,35 @@ class GuestAccessResult:
 
 
 def guest_access(
-    pgt: KvmPgtable, vcpu_id: int, ipa: int, write: bool
+    pgt: KvmPgtable, vcpu_id: int, ipa: int, write: bool, fetch: bool = False
 ) -> KernelOp[GuestAccessResult]:
-    """One guest load (``write`` False) or store at ``ipa`` on vCPU ``vcpu_id``."""
+    """One guest load (``write`` False) or store at ``ipa`` on vCPU ``vcpu_id``; with
+    ``fetch``, an instruction fetch (a read that also needs the leaf executable: XN clear)."""
     mmu = pgt.mmu
     cached = mmu.tlb_lookup(vcpu_id, ipa)
-    if cached is not None and (not write or cached.pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W):
+    if cached is not None and _permits(cached.pte, write, fetch):
         return GuestAccessResult(cached.pa + (ipa - cached.ipa), None, -1)
     walk = InFlightWalk(ipa)
     mmu.walks_in_flight.append(walk)
     try:
         while True:
             walk.restart = False
-            result = yield from _stage2_walk(pgt, vcpu_id, ipa, write, walk)
+            result = yield from _stage2_walk(pgt, vcpu_id, ipa, write, fetch, walk)
             if result is not None:
                 return result
     finally:
         mmu.walks_in_flight.remove(walk)
 
 
+def _permits(pte: int, write: bool, fetch: bool) -> bool:
+    """Does a cached leaf allow the access without another walk?"""
+    if fetch:
+        return not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN
+    return not write or bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
+
+
 def _stage2_walk(
-    pgt: KvmPgtable, vcpu_id: int, ipa: int, write: bool, walk: InFlightWalk
+    pgt: KvmPgtable, vcpu_id: int, ipa: int, write: bool, fetch: bool, walk: InFlightWalk
 ) -> KernelOp[GuestAccessResult | None]:
     """One walk from the PGD; None when a TLBI made it start over."""
     geometry = pgt.geometry
@@ -102,7 +111,9 @@ def _stage2_walk(
         if not (features.hd and pte & KVM_PTE_LEAF_ATTR_S2_DBM):
             return GuestAccessResult(None, "permission", level)
         new |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
-    if not write and not pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R:
+    if fetch and pte & KVM_PTE_LEAF_ATTR_HI_S2_XN:
+        return GuestAccessResult(None, "permission", level)
+    if not write and not fetch and not pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R:
         return GuestAccessResult(None, "permission", level)
     size = geometry.kvm_granule_size(level)
     base = ipa & ~(size - 1)
