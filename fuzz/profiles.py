@@ -17,6 +17,11 @@ THOROUGH = "kvmspec-thorough"
 
 
 def register_profiles() -> None:
+    """Register both profiles, once per process. Hypothesis bases a profile on the profile
+    loaded when it is registered (``ci`` under CI), so registering again after loading one
+    of ours would base ``kvmspec-thorough`` on ``kvmspec-fast`` (derandomized)."""
+    if FAST in settings._profiles:
+        return
     settings.register_profile(
         FAST,
         max_examples=40,
