@@ -1,0 +1,254 @@
+"""The x86 TDP MMU under test: a small VM (:class:`TdpVm`) and a Hypothesis state machine
+(:class:`TdpMachine`) that interleaves its kernel operations.
+
+The VM has the VMM's memory, one slot of guest RAM that can be moved, deleted and dirty
+logged, and two vCPUs whose guest reads and writes go through the TDP MMU (gpa = gva).
+The machine starts faults, aging walks, dirty-log walks and fast zaps as generators and
+advances any of them one step at a time, in between memslot updates, host munmaps and
+madvises (MMU-notifier invalidations), GET_DIRTY_LOG and plain guest accesses; after every
+step it runs ``check_tdp_mmu`` (X13, X14, X15, X5, N4), with the quiescent checks only
+when nothing is in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.reference import kvm_main
+from kvmspec.reference.concurrency import KernelOp, Preempt, WaitUntil, run_to_completion
+from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
+from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.mmu_notifier import KvmGfnRange, KvmMmuNotifier
+from kvmspec.reference.page_fault import GuestAccess
+from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
+from kvmspec.reference.x86.spte import EPT_MASKS, SpteMasks
+from kvmspec.reference.x86.tdp_arch import TdpMmu, kvm_mmu_zap_all_fast
+from kvmspec.reference.x86.tdp_fault import kvm_tdp_page_fault, tdp_guest_access
+from kvmspec.reference.x86.tdp_mmu import kvm_tdp_mmu_age_gfn_range, kvm_tdp_mmu_wrprot_slot
+from kvmspec.reference.x86.tdp_mmu_roots import kvm_mmu_load
+from kvmspec.spec.invariants import Violation
+from kvmspec.spec.invariants.x86_tdp import check_tdp_mmu
+from kvmspec.spec.platforms import X86_64
+from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_X86_QUIRK_SLOT_ZAP_ALL
+from kvmspec.spec.uapi.memslot_rules import MemoryRegion
+
+PAGE = 4096
+RW = PROT_READ | PROT_WRITE
+SLOT = 1
+DATA_GFN = 0x200 - 3
+"""The slot starts 3 pages below a 2M boundary, so its range straddles two page tables."""
+DATA_PAGES = 8
+VCPUS = (0, 1)
+
+
+class TdpVm:
+    """One VM on the TDP MMU (EPT masks unless given) with one data slot and two vCPUs."""
+
+    def __init__(
+        self, masks: SpteMasks = EPT_MASKS, pml: bool = False, zap_all_quirk: bool = True
+    ) -> None:
+        self.mmu = self.make_mmu(masks, pml)
+        self.kvm = Kvm(X86_64, self.mmu)
+        if not zap_all_quirk:
+            self.kvm.disabled_quirks |= KVM_X86_QUIRK_SLOT_ZAP_ALL
+        self.host = HostMm(PAGE, X86_64.user_address_limit)
+        self.host.notifier = KvmMmuNotifier(self.kvm)
+        _, self.hva = self.host.mmap(DATA_PAGES * PAGE, RW)
+        self.base: int | None = DATA_GFN
+        self.flags = 0
+        assert self.set_region(DATA_GFN, 0) == 0
+        for vcpu_id in VCPUS:
+            assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
+
+    def make_mmu(self, masks: SpteMasks, pml: bool) -> TdpMmu:
+        """The MMU under test (tests plant bugs by overriding this)."""
+        return TdpMmu(masks, pml)
+
+    # -- what the VMM and the guest do ---------------------------------------------------------
+
+    def set_region(self, gfn: int | None, flags: int) -> int:
+        """Create, move or change flags of the data slot (gfn None: delete it)."""
+        size = 0 if gfn is None else DATA_PAGES * PAGE
+        region = MemoryRegion(SLOT, flags, (gfn or 0) * PAGE, size, self.hva)
+        ret = run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
+        if ret == 0:
+            self.base, self.flags = gfn, flags
+        return ret
+
+    def log_dirty(self, on: bool) -> int:
+        if self.base is None:
+            return 0
+        return self.set_region(self.base, KVM_MEM_LOG_DIRTY_PAGES if on else 0)
+
+    def get_dirty_log(self) -> list[int]:
+        errno, words = run_to_completion(kvm_get_dirty_log_protect(self.kvm, SLOT))
+        assert errno == 0
+        return words
+
+    def access(self, page: int, data: bytes | None, vcpu_id: int = 0) -> GuestAccess:
+        """A guest load (8 bytes) or store at the start of data page ``page``."""
+        base = DATA_GFN if self.base is None else self.base
+        gpa = (base + page) * PAGE
+        return tdp_guest_access(self.kvm, self.host, self.mmu, vcpu_id, gpa, data)
+
+    def gfn(self, page: int) -> int:
+        assert self.base is not None
+        return self.base + page
+
+    def slot_range(self, page: int, npages: int = 1) -> KvmGfnRange:
+        slot = self.kvm.memslots(0).id_to_memslot(SLOT)
+        assert slot is not None
+        return KvmGfnRange(slot, self.gfn(page), self.gfn(page) + npages)
+
+    # -- kernel operations that can be interleaved -----------------------------------------------
+
+    def fault(self, page: int, write: bool, vcpu_id: int = 0) -> KernelOp[object]:
+        """An EPT violation on data page ``page`` (the vCPU's root loaded first)."""
+        vcpu_mmu = self.mmu.vcpu_mmu(vcpu_id)
+        kvm_mmu_load(self.kvm, self.mmu, vcpu_mmu, 0)
+        gpa = self.gfn(page) * PAGE
+        vcpu = self.kvm.vcpus[vcpu_id]
+        return kvm_tdp_page_fault(self.kvm, self.host, self.mmu, vcpu_mmu, vcpu, gpa, write)
+
+    def age(self, page: int, npages: int, test_only: bool = False) -> KernelOp[bool]:
+        return kvm_tdp_mmu_age_gfn_range(
+            self.kvm, self.mmu, self.slot_range(page, npages), test_only
+        )
+
+    def wrprot(self) -> KernelOp[bool]:
+        slot = self.slot_range(0).slot
+        return kvm_tdp_mmu_wrprot_slot(self.kvm, self.mmu, slot, 1)
+
+    def zap_all_fast(self) -> KernelOp[None]:
+        return kvm_mmu_zap_all_fast(self.kvm, self.mmu)
+
+    # -- checking ---------------------------------------------------------------------------------
+
+    def violations(self, quiescent: bool = True) -> list[Violation]:
+        return check_tdp_mmu(self.kvm, self.mmu, self.host, quiescent)
+
+    def check(self, quiescent: bool = True) -> None:
+        found = self.violations(quiescent)
+        if found:
+            raise RulesBroken([str(v) for v in found])
+
+
+def step(op: KernelOp[object]) -> tuple[bool, object]:
+    """Advance ``op`` by one step: (True, its result) when it finished, else (False, what
+    it yielded)."""
+    try:
+        return False, next(op)
+    except StopIteration as done:
+        return True, done.value
+
+
+@dataclass
+class InFlight:
+    name: str
+    op: KernelOp[object]
+    waiting: WaitUntil | None = None
+
+
+class TdpMachine(RuleBasedStateMachine):
+    """Random interleavings of TDP MMU operations, checked after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vm = TdpVm()
+        self.ops: list[InFlight] = []
+
+    def _start(self, name: str, op: KernelOp[object]) -> None:
+        self.ops.append(InFlight(name, op))
+
+    def _lock_free(self) -> bool:
+        """Writers (memslot updates, notifiers, harvests) run in one step: only when no
+        operation in flight holds the read side of mmu_lock."""
+        return self.vm.kvm.mmu_lock.readers == 0
+
+    @precondition(lambda self: len(self.ops) < 4)
+    @rule(page=st.integers(0, DATA_PAGES - 1), write=st.booleans(), vcpu=st.sampled_from(VCPUS))
+    def start_fault(self, page: int, write: bool, vcpu: int) -> None:
+        if self.vm.base is not None:
+            self._start(f"fault {page}", self.vm.fault(page, write, vcpu))
+
+    @precondition(lambda self: len(self.ops) < 4)
+    @rule(page=st.integers(0, DATA_PAGES - 1), npages=st.integers(1, 4))
+    def start_age(self, page: int, npages: int) -> None:
+        if self.vm.base is not None:
+            self._start("age", self.vm.age(page, min(npages, DATA_PAGES - page)))
+
+    @precondition(lambda self: len(self.ops) < 4)
+    @rule()
+    def start_wrprot(self) -> None:
+        if self.vm.base is not None:
+            self._start("wrprot", self.vm.wrprot())
+
+    @precondition(lambda self: len(self.ops) < 4 and self._lock_free())
+    @rule()
+    def start_zap_all_fast(self) -> None:
+        self._start("zap_all_fast", self.vm.zap_all_fast())
+
+    @precondition(lambda self: bool(self.ops))
+    @rule(which=st.integers(0, 3))
+    def advance(self, which: int) -> None:
+        runnable = [op for op in self.ops if op.waiting is None or op.waiting.ready()]
+        if not runnable:
+            raise AssertionError(f"deadlock: {[op.name for op in self.ops]}")
+        chosen = runnable[which % len(runnable)]
+        done, value = step(chosen.op)
+        if done:
+            self.ops.remove(chosen)
+        else:
+            chosen.waiting = value if isinstance(value, WaitUntil) else None
+            assert isinstance(value, Preempt | WaitUntil)
+
+    @precondition(lambda self: not self.ops)
+    @rule(page=st.integers(0, DATA_PAGES - 1), value=st.binary(min_size=8, max_size=8))
+    def guest_write(self, page: int, value: bytes) -> None:
+        self.vm.access(page, value)
+
+    @precondition(lambda self: not self.ops)
+    @rule(page=st.integers(0, DATA_PAGES - 1), vcpu=st.sampled_from(VCPUS))
+    def guest_read(self, page: int, vcpu: int) -> None:
+        self.vm.access(page, None, vcpu)
+
+    @precondition(lambda self: self._lock_free())
+    @rule(place=st.sampled_from([DATA_GFN, 0x400, None]))
+    def set_region(self, place: int | None) -> None:
+        if place is not None and self.vm.base is not None and place != self.vm.base:
+            self.vm.set_region(None, 0)  # a MOVE needs the slot to stay the same size
+        self.vm.set_region(place, self.vm.flags)
+
+    @precondition(lambda self: self._lock_free())
+    @rule(on=st.booleans())
+    def log_dirty(self, on: bool) -> None:
+        self.vm.log_dirty(on)
+
+    @precondition(lambda self: self._lock_free() and bool(self.vm.flags))
+    @rule()
+    def get_dirty_log(self) -> None:
+        if self.vm.base is not None:
+            self.vm.get_dirty_log()
+
+    @precondition(lambda self: self._lock_free())
+    @rule(page=st.integers(0, DATA_PAGES - 1), unmap=st.booleans())
+    def host_drop(self, page: int, unmap: bool) -> None:
+        """madvise(DONTNEED), or munmap and a fresh mmap at the same place."""
+        hva = self.vm.hva + page * PAGE
+        if unmap:
+            self.vm.host.munmap(hva, PAGE)
+            self.vm.host.mmap(PAGE, RW, hva)
+        else:
+            self.vm.host.madvise_dontneed(hva, PAGE)
+
+    @invariant()
+    def checked(self) -> None:
+        self.vm.check(quiescent=not self.ops)
+
+
+__all__ = ["TdpMachine", "TdpVm", "step"]

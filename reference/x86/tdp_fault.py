@@ -1,0 +1,351 @@
+"""A guest access on the TDP MMU: the hardware walk, the TLB, and the page fault.
+
+With TDP the hardware translates guest-physical addresses through KVM's tables directly;
+the guest's own page tables are the hardware's business (the model's TDP guest runs with
+gva = gpa, so it has none). A vCPU's access goes through its TLB, else a walk from its
+root that sets the leaf's A bit (and D on a store: an atomic update KVM may race with) and
+fills the TLB. A miss, or a store through a read-only leaf, is an EPT violation, handled by
+:func:`kvm_tdp_page_fault`:
+
+1. resolve the pfn with the generic protocol (:func:`kvm_mmu_faultin_pfn`: the notifier
+   sequence snapshot, the memslot, the host page);
+2. take mmu_lock for *read*; give up if the root was invalidated or an invalidation
+   covered the gfn since the snapshot (is_page_fault_stale);
+3. walk down to the leaf (:func:`kvm_tdp_mmu_map`), linking a new table wherever one is
+   missing, and set the leaf; every link and the leaf are set by compare-and-exchange, so
+   a fault that loses a race to another (or meets a frozen SPTE) retries from the guest.
+
+Not modelled: huge leaves (the model's TDP faults map 4K; nothing here splits a huge
+SPTE), MMIO SPTEs (an access without a slot is emulated every time), the fast page fault,
+prefetching and the NX huge page mitigation.
+
+kernel: arch/x86/kvm/mmu/mmu.c:kvm_tdp_page_fault, kvm_tdp_mmu_page_fault,
+is_page_fault_stale; arch/x86/kvm/mmu/tdp_mmu.c:kvm_tdp_mmu_map, tdp_mmu_link_sp,
+tdp_mmu_map_handle_target_level (v6.18)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
+from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
+from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
+from kvmspec.reference.guest_memory import emulator_read_write
+from kvmspec.reference.host import HostMm, HostPage, get_page
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.mmu_notifier import (
+    mmu_invalidate_retry_gfn,
+    mmu_invalidate_retry_gfn_unsafe,
+)
+from kvmspec.reference.page_fault import (
+    MAX_FAULTS_PER_ACCESS,
+    Fault,
+    GuestAccess,
+    kvm_release_faultin_page,
+)
+from kvmspec.reference.vcpu import KvmVcpu
+from kvmspec.reference.x86.paging import (
+    ACC_ALL,
+    PG_LEVEL_4K,
+    PT_PRESENT_MASK,
+    pt_index,
+)
+from kvmspec.reference.x86.paging_tmpl import RetPf
+from kvmspec.reference.x86.spte import (
+    is_frozen_spte,
+    is_large_pte,
+    is_last_spte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    leaf_spte_change_needs_tlb_flush,
+    make_nonleaf_spte,
+    make_spte,
+    spte_to_pfn,
+)
+from kvmspec.reference.x86.tdp_iter import (
+    ReadSide,
+    TdpIter,
+    TdpMmuPage,
+    TdpPtep,
+    for_each_tdp_pte_min_level,
+)
+from kvmspec.reference.x86.tdp_mmu import _flush, tdp_mmu_set_spte_atomic
+from kvmspec.reference.x86.tdp_mmu_roots import TdpMmuState, TdpVcpu, kvm_mmu_load
+from kvmspec.reference.x86.tlb import TlbEntry
+from kvmspec.spec.uapi.constants import PAGE_SHIFT, PAGE_SIZE
+
+
+@dataclass(slots=True)
+class KvmPageFault:
+    """struct kvm_page_fault, the fields the TDP MMU uses."""
+
+    gfn: int
+    write: bool
+    slot: KvmMemorySlot | None = None
+    pfn: int = 0
+    map_writable: bool = False
+    mmu_seq: int = 0
+    page: HostPage | None = None
+    """The page's reference held by the fault (the kernel's refcounted_page)."""
+    goal_level: int = PG_LEVEL_4K
+    """The level of the leaf kvm_tdp_mmu_map installs (always 4K in the model)."""
+
+
+def kvm_mmu_faultin_pfn(kvm: Kvm, host: HostMm, fault: KvmPageFault) -> KernelOp[RetPf | None]:
+    """Resolve the fault's gfn to a host page, with the generic exclusion protocol; None
+    (RET_PF_CONTINUE) when ``fault`` holds the pfn and a reference to its page. No slot,
+    or a store to a READONLY one: EMULATE. A slot being deleted or moved, or an open
+    invalidation of the gfn: RETRY. The host cannot provide the page: EFAULT.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_faultin_pfn, __kvm_mmu_faultin_pfn,
+    kvm_handle_error_pfn, kvm_handle_noslot_fault (v6.18)
+    """
+    fault.mmu_seq = kvm.mmu_invalidate_seq
+    yield Preempt("TDP fault: sequence snapshot taken")
+    slot = fault.slot
+    if slot is None:
+        return RetPf.EMULATE
+    if slot.invalid or mmu_invalidate_retry_gfn_unsafe(kvm, fault.mmu_seq, fault.gfn):
+        return RetPf.RETRY
+    hva, _ = gfn_to_hva_many(slot, fault.gfn, fault.write, PAGE_SHIFT)
+    if kvm_is_error_hva(hva):
+        return RetPf.EMULATE
+    yield Preempt("TDP fault: resolving the pfn (get_user_pages may sleep)")
+    errno, host_pte = host.fault_in(hva, fault.write)
+    if errno or host_pte is None:
+        return RetPf.EFAULT
+    fault.pfn = host_pte.pfn
+    fault.map_writable = host_pte.writable and not slot.readonly
+    fault.page = host.pages.get(fault.pfn)  # None: the zero page, never refcounted
+    if fault.page is not None:
+        get_page(fault.page)
+    yield Preempt("TDP fault: pfn resolved, taking mmu_lock")
+    return None
+
+
+def tdp_mmu_link_sp(kvm: Kvm, mmu: TdpMmuState, it: TdpIter, sp: TdpMmuPage) -> KernelOp[int]:
+    """Link a new (empty) table where the iterator stands, by compare-and-exchange; it
+    counts as a TDP MMU page only once linked. 0 or EBUSY.
+
+    kernel: arch/x86/kvm/mmu/tdp_mmu.c:tdp_mmu_link_sp (v6.18)
+    """
+    spte = make_nonleaf_spte(mmu.masks, sp.pfn, ad_disabled=not mmu.masks.ad_enabled)
+    ret = yield from tdp_mmu_set_spte_atomic(kvm, mmu, it, spte)
+    if ret:
+        return ret
+    mmu.tdp_mmu_pages += 1
+    return 0
+
+
+def tdp_mmu_map_handle_target_level(
+    kvm: Kvm, mmu: TdpMmuState, vcpu: KvmVcpu | None, fault: KvmPageFault, it: TdpIter
+) -> KernelOp[RetPf]:
+    """Set the leaf. make_spte builds it from the pfn and the host's writability (a
+    writable leaf of a dirty-logged slot logs the gfn now, before the exchange: a fault
+    that then loses the race leaves a redundant dirty bit, which the dirty log allows).
+    An identical leaf is SPURIOUS; a lost exchange is RETRY; replacing a present SPTE
+    that was a link, or that loses MMU-writable, needs a TLB flush.
+
+    kernel: arch/x86/kvm/mmu/tdp_mmu.c:tdp_mmu_map_handle_target_level;
+    arch/x86/kvm/mmu/spte.c:make_spte (v6.18)
+    """
+    assert fault.slot is not None
+    made = make_spte(
+        mmu.masks,
+        level=it.level,
+        ad_disabled=not mmu.masks.ad_enabled,
+        pte_access=ACC_ALL,
+        pfn=fault.pfn,
+        old_spte=it.old_spte,
+        prefetch=False,
+        synchronizing=False,
+        host_writable=fault.map_writable,
+    )
+    if is_writable_pte(made.spte):
+        mark_page_dirty_in_slot(kvm, fault.slot, it.gfn, vcpu)
+    if made.spte == it.old_spte:
+        return RetPf.SPURIOUS
+    yield Preempt("kvm_tdp_mmu_map: leaf built, exchanging it")
+    if (yield from tdp_mmu_set_spte_atomic(kvm, mmu, it, made.spte)):
+        return RetPf.RETRY
+    if is_shadow_present_pte(it.old_spte) and (
+        not is_last_spte(it.old_spte, it.level)
+        or kvm.warn_on(
+            leaf_spte_change_needs_tlb_flush(mmu.masks, it.old_spte, made.spte),
+            "X3",
+            "a fault took MMU-writable away",
+        )
+    ):
+        _flush(kvm)
+    return RetPf.FIXED
+
+
+def kvm_tdp_mmu_map(
+    kvm: Kvm, mmu: TdpMmuState, vcpu_mmu: TdpVcpu, vcpu: KvmVcpu | None, fault: KvmPageFault
+) -> KernelOp[RetPf]:
+    """Walk the vCPU's root towards the fault's gfn: a frozen SPTE on the way means another
+    thread is zapping there (RETRY); a missing table is allocated and linked (a lost link
+    frees it again and RETRYs); at the goal level the leaf is set. Runs with mmu_lock
+    held for read, inside an RCU read section (the caller holds both).
+
+    kernel: arch/x86/kvm/mmu/tdp_mmu.c:kvm_tdp_mmu_map (v6.18)
+    """
+    root = vcpu_mmu.root
+    assert root is not None
+    actor = mmu.new_actor(f"fault(vcpu {vcpu_mmu.vcpu_id})")
+    for it in for_each_tdp_pte_min_level(
+        mmu.tables, actor, root, PG_LEVEL_4K, fault.gfn, fault.gfn + 1
+    ):
+        if is_frozen_spte(it.old_spte):
+            return RetPf.RETRY
+        if it.level == fault.goal_level:
+            return (yield from tdp_mmu_map_handle_target_level(kvm, mmu, vcpu, fault, it))
+        if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
+            continue
+        # The model never maps huge leaves, so the entry here is empty (or MMIO).
+        sp = mmu.tables.alloc_page(it.level - 1, it.gfn, root.as_id, it.sptep)
+        yield Preempt("kvm_tdp_mmu_map: table allocated, linking it")
+        if (yield from tdp_mmu_link_sp(kvm, mmu, it, sp)):
+            mmu.tables.free_page(sp, kvm.rcu)  # never reachable: no grace period needed
+            return RetPf.RETRY
+    return RetPf.RETRY
+
+
+def is_page_fault_stale(kvm: Kvm, vcpu_mmu: TdpVcpu, fault: KvmPageFault) -> bool:
+    """Under mmu_lock: the vCPU's root was invalidated (a fast zap), or an invalidation
+    covering the gfn ran since the snapshot.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:is_page_fault_stale (v6.18)
+    """
+    root = vcpu_mmu.root
+    if root is None or root.invalid:
+        return True
+    return fault.slot is not None and mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn)
+
+
+def kvm_tdp_page_fault(
+    kvm: Kvm,
+    host: HostMm,
+    mmu: TdpMmuState,
+    vcpu_mmu: TdpVcpu,
+    vcpu: KvmVcpu | None,
+    gpa: int,
+    write: bool,
+) -> KernelOp[RetPf]:
+    """An EPT violation at ``gpa`` (see the module docstring).
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_tdp_mmu_page_fault, kvm_mmu_finish_page_fault
+    (v6.18)
+    """
+    srcu = kvm.srcu.read_lock()
+    try:
+        gfn = gpa >> PAGE_SHIFT
+        fault = KvmPageFault(gfn, write)
+        fault.slot = kvm.memslots(0).gfn_to_memslot(gfn)
+        ret = yield from kvm_mmu_faultin_pfn(kvm, host, fault)
+        if ret is not None:
+            return ret
+        ret = RetPf.RETRY
+        side = ReadSide(kvm.rcu, kvm.mmu_lock)
+        try:
+            yield from side.wait_for_writer()
+            side.enter()
+            if not is_page_fault_stale(kvm, vcpu_mmu, fault):
+                ret = yield from kvm_tdp_mmu_map(kvm, mmu, vcpu_mmu, vcpu, fault)
+        finally:
+            side.leave()
+            if fault.page is not None:
+                kvm_release_faultin_page(
+                    host, fault.page, unused=ret is RetPf.RETRY, dirty=fault.map_writable
+                )
+        return ret
+    finally:
+        kvm.srcu.read_unlock(srcu)
+
+
+# -- the hardware -----------------------------------------------------------------------------
+
+
+def tdp_hardware_translate(
+    kvm: Kvm, mmu: TdpMmuState, vcpu_mmu: TdpVcpu, vcpu: KvmVcpu | None, gfn: int, write: bool
+) -> TlbEntry | None:
+    """The CPU translating ``gfn``: the TLB, else a walk from the vCPU's root that sets A
+    (and D for a store) in the leaf with an atomic OR, and fills the TLB. None is an EPT
+    violation. With PML, a store that sets D in a leaf of a dirty-logged slot logs the
+    gfn (the CPU appends it to the PML buffer, which KVM drains into the dirty log).
+    """
+    entry = vcpu_mmu.tlb.get(gfn)
+    if entry is not None and (entry.writable or not write):
+        return entry
+    vcpu_mmu.tlb.pop(gfn, None)
+    root = vcpu_mmu.root
+    if root is None:
+        return None
+    sp = root
+    level = root.level
+    while True:
+        ptep = TdpPtep(sp, pt_index(gfn << PAGE_SHIFT, level))
+        spte = mmu.tables.read_spte(ptep, "hardware")
+        # Bit 0 is P (legacy) or R (EPT): an access-tracked SPTE has it clear.
+        if not is_shadow_present_pte(spte) or not spte & PT_PRESENT_MASK:
+            return None
+        if is_last_spte(spte, level):
+            break
+        child = mmu.tables.spte_to_child_pt(spte, level)
+        assert child is not None
+        sp, level = child, level - 1
+    if write and not is_writable_pte(spte):
+        return None
+    bits = mmu.masks.accessed_mask | (mmu.masks.dirty_mask if write else 0)
+    if spte & bits != bits:
+        mmu.tables.set_bits_atomic(ptep, bits, "hardware")
+        if write and not spte & mmu.masks.dirty_mask and mmu.pml:
+            mark_page_dirty_in_slot(kvm, kvm.memslots(0).gfn_to_memslot(gfn), gfn, vcpu)
+    entry = TlbEntry(spte_to_pfn(spte), is_writable_pte(spte))
+    vcpu_mmu.tlb[gfn] = entry
+    return entry
+
+
+def tdp_guest_access(
+    kvm: Kvm, host: HostMm, mmu: TdpMmuState, vcpu_id: int, gpa: int, data: bytes | None
+) -> GuestAccess:
+    """A guest load (``data`` None, 8 bytes at most, one page) or store at ``gpa`` on a
+    vCPU: enter the guest (handling requests, loading a root), translate, and fault as
+    often as needed (bounded, as page_fault.guest_instruction). An access without a slot,
+    or a store to a READONLY one, is emulated (MMIO caching is not modelled).
+
+    kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, x86_emulate_instruction;
+    arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault (v6.18)
+    """
+    vcpu = kvm.vcpus.get(vcpu_id)
+    vcpu_mmu = mmu.vcpu_mmu(vcpu_id)
+    write = data is not None
+    size = len(data) if data is not None else 8
+    offset = gpa % PAGE_SIZE
+    if offset + size > PAGE_SIZE:
+        raise ValueError("the TDP guest model's accesses stay inside one page")
+    gfn = gpa >> PAGE_SHIFT
+    for _ in range(MAX_FAULTS_PER_ACCESS):
+        if vcpu is not None and vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
+            return GuestAccess(Fault.DIRTY_RING_FULL)
+        kvm_mmu_load(kvm, mmu, vcpu_mmu, 0)
+        entry = tdp_hardware_translate(kvm, mmu, vcpu_mmu, vcpu, gfn, write)
+        if entry is not None:
+            if data is not None:
+                host.memory.write(entry.pfn, offset, data)
+                return GuestAccess(Fault.MAPPED)
+            return GuestAccess(Fault.MAPPED, host.memory.read(entry.pfn, offset, size))
+        ret = run_to_completion(kvm_tdp_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, gpa, write))
+        if ret is RetPf.EFAULT:
+            return GuestAccess(Fault.EFAULT)
+        if ret is RetPf.EMULATE:
+            loaded, mmio = emulator_read_write(kvm, host, vcpu, [(gpa, 0, size)], data)
+            if mmio is None:
+                return GuestAccess(Fault.MAPPED, loaded)
+            return GuestAccess(Fault.MMIO, b"", mmio)
+    slot = kvm.memslots(0).gfn_to_memslot(gfn)
+    if kvm.mmu_invalidate_in_progress or (slot is not None and slot.invalid):
+        return GuestAccess(Fault.RETRY)
+    raise AssertionError(f"guest access to {gpa:#x} made no progress")
