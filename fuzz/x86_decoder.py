@@ -48,6 +48,7 @@ from kvmspec.fuzz.x86_harness import (
     PML4_C,
     PML4S,
     REMAP_TARGETS,
+    SHADOW_LAYOUTS,
     TABLES_IN_THE_HUGE_PAGE,
     UNUSED_ENTRIES,
     UPPER_TABLES,
@@ -120,7 +121,14 @@ HUGE_KINDS: tuple[Kind, ...] = (
 """The ``huge`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.HugeHarness`)."""
 
 KINDS = {"shadow": SHADOW_KINDS, "huge": HUGE_KINDS}
-"""What one answer chooses between, by layout. An action's arguments follow its kind's answer."""
+"""What one answer chooses between, by harness class. An action's arguments follow its kind's
+answer."""
+
+
+def layout_kinds(layout: str) -> tuple[Kind, ...]:
+    """The actions of ``layout``: the ``mmio`` layout is the ``shadow`` VM with MMIO caching
+    on, and has its actions."""
+    return KINDS["shadow" if layout in SHADOW_LAYOUTS else layout]
 
 
 @dataclass(frozen=True)
@@ -158,7 +166,7 @@ def decode_layout(chooser: Chooser) -> str:
 def decode_action(chooser: Chooser, layout: str) -> Action | Rejected:
     """The next action of a ``layout`` run, as the chooser's answers describe it, or why it
     is rejected."""
-    kind = pick(chooser, KINDS[layout])
+    kind = pick(chooser, layout_kinds(layout))
     args = tuple((name, pick(chooser, values)) for name, values in kind.params)
     if kind.data_page:
         page = dict(args)["i"]
@@ -180,7 +188,7 @@ def encode(layout: str, steps: Iterable[Step]) -> bytes:
     and ``steps``. A step is a method and its argument values, in the table's order (2-byte
     answers, for arguments with more than 256 values, little-endian)."""
     out = bytearray([LAYOUTS.index(layout)])
-    kinds = KINDS[layout]
+    kinds = layout_kinds(layout)
     for method, values in steps:
         index = next(i for i, kind in enumerate(kinds) if kind.method == method)
         out.append(index)

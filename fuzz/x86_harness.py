@@ -1,14 +1,16 @@
 """The x86 shadow-MMU harnesses: one VM on the shadow MMU with guest page tables in guest
 memory, its host, and every check, driven one action at a time by whoever picks the actions.
 
-Two layouts, each a plain class with one method per action and :meth:`check` after every one:
+Three layouts, two plain classes with one method per action and :meth:`check` after every one:
 
 * :class:`ShadowHarness` (``shadow``): two slots (the guest's 4-level tables, and its data
   pages), two processes (PML4s) sharing one PDPT, PD and PT, two vCPUs. Guest loads and
   stores, guest PTE rewrites and writes to upper-level tables (emulated writes to
   write-protected tables, flooding), CR3 switches, host writes and MADV_DONTNEED (notifier
   invalidations), DELETE, re-CREATE and MOVE of the data slot, with or without the zap-all
-  quirk.
+  quirk. The ``mmio`` layout is the same VM with MMIO caching on (this machine has it off):
+  an access to a gfn without a slot installs an MMIO SPTE, which must never be trusted
+  once a slot covers the gfn (X11).
 * :class:`HugeHarness` (``huge``): one THP-capable slot of two 2 MiB frames, three processes
   whose PDs map frame 0 with one 2M page (B's and C's PDs live inside that page: seed 002),
   two vCPUs. Guest loads and stores in the 2M page, emulated and failing stores to the
@@ -20,7 +22,7 @@ Two drivers choose the actions and their arguments: the Hypothesis state machine
 (:mod:`kvmspec.fuzz.x86_decoder`); the values each argument may take are the tuples below,
 and an action on a page that :meth:`HugeHarness.is_data_page` refuses must not be called.
 :meth:`check` raises :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with what it found:
-every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X6, X8-X10,
+every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X6, X8-X11,
 the WARNs) and ``COHERENCE``: every guest load returns what the host holds at the gfn the
 guest's page tables name, a store reaches it, and an access ends as those tables and the
 slots say (done, MMIO, or the guest's own #PF). A guest access that faults without end fails
@@ -42,7 +44,12 @@ from kvmspec.reference.x86.mmu_page import KvmMmuPage
 from kvmspec.reference.x86.paging import PG_LEVEL_4K
 from kvmspec.reference.x86.roots import kvm_set_cr3
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
-from kvmspec.reference.x86.spte import LEGACY_MASKS_HERE, is_large_pte, is_shadow_present_pte
+from kvmspec.reference.x86.spte import (
+    LEGACY_MASKS_HERE,
+    is_large_pte,
+    is_shadow_present_pte,
+    kvm_mmu_reset_all_pte_masks,
+)
 from kvmspec.spec.invariants.x86 import check_shadow_mmu
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_X86_QUIRK_SLOT_ZAP_ALL
@@ -53,8 +60,12 @@ HPAGE = 512 * PAGE
 RW = PROT_READ | PROT_WRITE
 P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 PTE = P | W | U | A | D
-LAYOUTS = ("shadow", "huge")
-"""The VM layouts a run may start from: :class:`ShadowHarness` and :class:`HugeHarness`."""
+LAYOUTS = ("shadow", "huge", "mmio")
+"""The VM layouts a run may start from: :class:`ShadowHarness` (MMIO caching off, as here,
+or on: ``mmio``) and :class:`HugeHarness`."""
+SHADOW_LAYOUTS = ("shadow", "mmio")
+MMIO_CACHING_MASKS = kvm_mmu_reset_all_pte_masks(48)
+"""This machine's legacy SPTE format with the kvm module's mmio_caching on."""
 
 VCPUS = (0, 1)
 BOOLS = (False, True)
@@ -101,17 +112,19 @@ DATA_SLOT_PLACES: tuple[int | None, ...] = (DATA_GFN, 64, None)
 
 class ShadowHarness:
     """One VM on the shadow MMU with the VMM's memory, two slots and two vCPUs (the
-    ``shadow`` layout); ``log`` receives one line per access worth reading in a report."""
+    ``shadow`` layout, or ``mmio`` with ``mmio_caching``); ``log`` receives one line per
+    access worth reading in a report."""
 
     def __init__(
         self,
         profile: PlatformProfile = DEFAULT_PROFILE,
         zap_all_quirk: bool = True,
         log: Log = _ignore,
+        mmio_caching: bool = False,
     ) -> None:
         self.profile = _x86_shadow(profile)
         self.log = log
-        self.mmu = ShadowMmu(LEGACY_MASKS_HERE)
+        self.mmu = ShadowMmu(MMIO_CACHING_MASKS if mmio_caching else LEGACY_MASKS_HERE)
         self.kvm = Kvm(profile, self.mmu)
         if not zap_all_quirk:
             self.kvm.disabled_quirks |= KVM_X86_QUIRK_SLOT_ZAP_ALL
@@ -458,6 +471,6 @@ X86Harness = ShadowHarness | HugeHarness
 
 def make_harness(layout: str, profile: PlatformProfile, log: Log = _ignore) -> X86Harness:
     """A fresh VM in ``layout`` (one of :data:`LAYOUTS`)."""
-    if layout == "shadow":
-        return ShadowHarness(profile, log=log)
+    if layout in SHADOW_LAYOUTS:
+        return ShadowHarness(profile, log=log, mmio_caching=layout == "mmio")
     return HugeHarness(profile, log=log)

@@ -1,7 +1,7 @@
 """The x86 shadow-MMU state machine: Hypothesis drives the harnesses of
 :mod:`kvmspec.fuzz.x86_harness`.
 
-The machine first picks a layout (``shadow`` or ``huge``, of those it was built for), then
+The machine first picks a layout (``shadow``, ``mmio`` or ``huge``, of those it was built for), then
 each rule draws the arguments of one of that layout's harness actions, from the same tuples
 of values the Atheris decoder reads, and calls it; after every rule the harness checks every
 shadow invariant and that guest accesses see what the host holds. The harness's log lines
@@ -32,6 +32,7 @@ from kvmspec.fuzz.x86_harness import (
     OFFSETS,
     PML4S,
     REMAP_TARGETS,
+    SHADOW_LAYOUTS,
     TABLES_IN_THE_HUGE_PAGE,
     UNUSED_ENTRIES,
     UPPER_TABLES,
@@ -50,7 +51,7 @@ HUGE_DATA_PAGE = st.sampled_from(HUGE_PAGES).filter(HugeHarness.is_data_page)
 
 
 def _shadow(machine: X86Machine) -> bool:
-    return machine.layout == "shadow"
+    return machine.layout in SHADOW_LAYOUTS
 
 
 def _huge(machine: X86Machine) -> bool:

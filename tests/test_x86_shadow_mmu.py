@@ -1,12 +1,15 @@
 """The x86 shadow MMU: a CPL3 guest with 4-level page tables in guest memory reads and
 writes through shadow pages; write-protection and emulation of guest page-table writes
-(X6, FINDINGS 5.6); the fast zap and obsolete roots (X10, FINDINGS 5.4); cached roots on
-CR3 switches; dirty logging; the N4 race; and the state machine of kvmspec.fuzz.x86_machine
-(shadow layout), which checks the rmaps, parent_ptes, TLBs and the other shadow invariants
-after every step."""
+(X6, FINDINGS 5.6); MMIO SPTEs and their generations (X11); the fast zap and obsolete
+roots (X10, FINDINGS 5.4); cached roots on CR3 switches; dirty logging; the N4 race; and
+the state machine of kvmspec.fuzz.x86_machine (shadow and mmio layouts), which checks the
+rmaps, parent_ptes, TLBs and the other shadow invariants after every step."""
 
 from __future__ import annotations
 
+import pytest
+
+from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.x86_harness import (
     DATA_GFN,
     DATA_GVA,
@@ -21,12 +24,16 @@ from kvmspec.fuzz.x86_harness import (
     ShadowHarness,
 )
 from kvmspec.fuzz.x86_machine import x86_machine
+from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.concurrency import Preempt, run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
+from kvmspec.reference.x86 import guest_access
 from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess
+from kvmspec.reference.x86.mmio_spte import MMIO_SPTE_GEN_MASK
 from kvmspec.reference.x86.paging import PFERR_USER_MASK
 from kvmspec.reference.x86.paging_tmpl import RetPf, fname_page_fault
 from kvmspec.reference.x86.roots import vcpu_enter_guest
+from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
 from kvmspec.spec.platforms import DEFAULT_PROFILE
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
@@ -169,4 +176,80 @@ def test_a_fault_that_races_an_invalidation_installs_nothing() -> None:
 
 # -- the state machine (kvmspec.fuzz.x86_machine, the shadow layout) ---------------------------
 
-TestShadowMmuMachine = x86_machine(DEFAULT_PROFILE, ("shadow",)).TestCase
+TestShadowMmuMachine = x86_machine(DEFAULT_PROFILE, ("shadow", "mmio")).TestCase
+
+
+# -- MMIO SPTEs (X11), with the kvm module's mmio_caching on ------------------------------------
+
+
+def test_a_slot_created_over_a_cached_mmio_gfn_is_faulted_into() -> None:
+    """X11: the first access to a gfn without a slot installs an MMIO SPTE; the next one
+    takes the reserved-bit fast path straight to emulation. Creating a slot over the gfn
+    publishes a new generation, so the SPTE is stale: the next access faults into the slot
+    and reads its memory."""
+    vm = ShadowHarness(mmio_caching=True)
+    vm.write_table(PT, DATA_GFN, NO_SLOT_GFN * PAGE | PTE)
+    first = vm.read(DATA_GVA)
+    assert first.outcome is Outcome.MMIO and first.mmio is not None
+    assert first.mmio.gpa == NO_SLOT_GFN * PAGE
+    assert vm.mmu.stat["pf_mmio_spte_created"] == 1
+    taken = vm.mmu.stat["pf_taken"]
+    assert vm.read(DATA_GVA).outcome is Outcome.MMIO
+    assert vm.mmu.stat["pf_taken"] == taken  # handle_mmio_page_fault settled it
+    assert vm.violations() == []
+    _, hva = vm.host.mmap(PAGE, RW)
+    assert vm.host.host_write(hva, b"slot") == 0
+    assert vm.set_region(2, 0, NO_SLOT_GFN, 1, hva) == 0  # CREATE: no zap, a new generation
+    assert vm.violations() == []  # the MMIO SPTE is still there, but can never be trusted
+    assert vm.read(DATA_GVA) == ShadowAccess(Outcome.DONE, b"slot")
+    assert vm.mmu.stat["pf_taken"] == taken + 1
+    assert vm.violations() == []
+
+
+def test_an_mmu_that_trusts_every_mmio_spte_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planted bug: handle_mmio_page_fault never compares generations. The access after
+    the slot's re-creation goes to the VMM, which the harness's coherence check reports."""
+    monkeypatch.setattr(guest_access, "check_mmio_spte", lambda generation, spte: True)
+    vm = ShadowHarness(mmio_caching=True)
+    vm.change_data_slot(None)
+    vm.guest_read(0, 1, 0)  # MMIO: an MMIO SPTE for gfn DATA_GFN + 1
+    vm.check()
+    vm.change_data_slot(DATA_GFN)
+    vm.guest_read(0, 1, 0)
+    with pytest.raises(RulesBroken) as broken:
+        vm.check()
+    assert "COHERENCE" in str(broken.value)
+
+
+def _near_the_mmio_generation_wrap() -> tuple[ShadowHarness, int]:
+    """A VM whose memslot generation is two CREATEs before the 19-bit MMIO generation wraps
+    (as if 2^19 updates had run), with an MMIO SPTE made in that generation."""
+    vm = ShadowHarness(mmio_caching=True)
+    step = vm.kvm.profile.nr_address_spaces
+    vm.kvm.memslots(0).generation = MMIO_SPTE_GEN_MASK + 1 - 2 * step
+    vm.write_table(PT, DATA_GFN, NO_SLOT_GFN * PAGE | PTE)
+    assert vm.read(DATA_GVA).outcome is Outcome.MMIO
+    _, spare = vm.host.mmap(2 * PAGE, RW)
+    assert vm.set_region(2, 0, 100, 1, spare) == 0
+    return vm, spare
+
+
+def test_an_mmio_generation_wrap_zaps_every_shadow_page() -> None:
+    vm, spare = _near_the_mmio_generation_wrap()
+    gen = vm.mmu.mmu_valid_gen
+    assert vm.set_region(3, 0, 101, 1, spare + PAGE) == 0  # the generation wraps to 0
+    assert vm.kvm.memslots(0).generation & MMIO_SPTE_GEN_MASK == 0
+    assert vm.mmu.mmu_valid_gen != gen  # kvm_mmu_zap_all_fast
+    assert vm.violations() == []
+    assert vm.read(DATA_GVA).outcome is Outcome.MMIO
+
+
+def test_an_mmu_that_misses_the_mmio_generation_wrap_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: no zap when the generation wraps. The old MMIO SPTE survives with a
+    generation above the current one; 2^19 updates later it would be trusted again."""
+    monkeypatch.setattr(ShadowMmu, "kvm_arch_memslots_updated", KvmArch.kvm_arch_memslots_updated)
+    vm, spare = _near_the_mmio_generation_wrap()
+    assert vm.set_region(3, 0, 101, 1, spare + PAGE) == 0
+    assert any("outlived a wrap" in line for line in vm.violations())

@@ -11,6 +11,11 @@ to a READONLY one (MMIO), or a store to a page KVM keeps read-only because it ho
 guest page table. The emulator translates the address through the guest's tables,
 writes guest memory itself, and tells the shadow MMU (kvm_mmu_track_write).
 
+An MMIO SPTE (MMIO caching on) is present to the hardware but sets a reserved address
+bit: the access faults with PFERR_RSVD, and KVM first tries handle_mmio_page_fault, which
+emulates at once when the SPTE's generation is current (the emulator then sends a page that
+matches the vCPU's cached MMIO translation straight to the VMM).
+
 The emulator does not know every instruction. When it fails on a store to a write-protected
 page, KVM may instead stop shadowing the page and let the CPU run the instruction again
 (unprotect and retry); the same fault at the same instruction a second time is not retried
@@ -19,8 +24,9 @@ own fault can shadow the page again when it is a table on the path to itself.
 
 kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, x86_emulate_instruction, emulator_read_write,
 emulator_read_write_onepage, emulator_write_phys, kvm_unprotect_and_retry_on_failure;
-arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault, kvm_mmu_write_protect_fault,
-__kvm_mmu_unprotect_gfn_and_retry; the hardware page walk (SDM vol. 3, 4.10)
+arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault, handle_mmio_page_fault,
+kvm_mmu_write_protect_fault, __kvm_mmu_unprotect_gfn_and_retry; the hardware page walk
+(SDM vol. 3, 4.10)
 """
 
 from __future__ import annotations
@@ -28,16 +34,27 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kvmspec.reference.concurrency import run_to_completion
+from kvmspec.reference.concurrency import KernelOp, run_to_completion
 from kvmspec.reference.guest_memory import MmioExit, emulator_read_write
 from kvmspec.reference.host import HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.vcpu import KvmVcpu
 from kvmspec.reference.x86.guest_walk import X86Exception, walk_addr_generic
 from kvmspec.reference.x86.lpage import kvm_pages_per_hpage
+from kvmspec.reference.x86.mmio_spte import (
+    check_mmio_spte,
+    get_mmio_spte,
+    get_mmio_spte_access,
+    get_mmio_spte_gfn,
+    is_mmio_spte,
+    mmio_access_allowed,
+    vcpu_cache_mmio_info,
+    vcpu_match_mmio_gva,
+)
 from kvmspec.reference.x86.mmu_page import ShadowMmuState, shadow_of
 from kvmspec.reference.x86.paging import (
     PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
     PT_PRESENT_MASK,
@@ -45,7 +62,12 @@ from kvmspec.reference.x86.paging import (
     PT_WRITABLE_MASK,
     pt_index,
 )
-from kvmspec.reference.x86.paging_tmpl import KvmGuestMemory, RetPf, fname_page_fault
+from kvmspec.reference.x86.paging_tmpl import (
+    KvmGuestMemory,
+    PageFaultResult,
+    RetPf,
+    fname_page_fault,
+)
 from kvmspec.reference.x86.roots import vcpu_enter_guest
 from kvmspec.reference.x86.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
 from kvmspec.reference.x86.tlb import TlbEntry, VcpuMmu
@@ -100,6 +122,9 @@ def hardware_translate(
     while True:
         index = pt_index(gva, sp.role.level)
         spte = sp.spt.get(index, 0)
+        if is_mmio_spte(mmu.masks, spte):
+            # Present, with a reserved address bit: a reserved-bit fault.
+            return error_code | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
         if not spte & PT_PRESENT_MASK or not is_shadow_present_pte(spte):
             return error_code
         rights &= spte
@@ -116,6 +141,50 @@ def hardware_translate(
     entry = TlbEntry(spte_to_pfn(spte) + offset, bool(rights & PT_WRITABLE_MASK))
     vcpu_mmu.tlb[vpn] = entry
     return entry
+
+
+def handle_mmio_page_fault(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, addr: int) -> RetPf:
+    """A reserved-bit fault at ``addr``: look at the SPTE the hardware stopped at. An MMIO
+    SPTE of the current generation, with no memslot update in progress, means emulate (the
+    translation is cached for the emulator). A stale one goes down the normal fault path
+    (INVALID), which overwrites it (X11). Anything else was zapped meanwhile: retry.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:handle_mmio_page_fault (v6.18)
+    """
+    root = vcpu_mmu.root.sp
+    if root is None:
+        return RetPf.RETRY
+    spte = get_mmio_spte(mmu, root, addr)
+    if not is_mmio_spte(mmu.masks, spte):
+        return RetPf.RETRY
+    if not check_mmio_spte(kvm.memslots(0).generation, spte):
+        return RetPf.INVALID
+    gfn = get_mmio_spte_gfn(mmu.masks, spte)
+    access = get_mmio_spte_access(mmu.masks, spte)
+    vcpu_cache_mmio_info(kvm, mmu, vcpu_mmu.vcpu_id, addr, gfn, access)
+    return RetPf.EMULATE
+
+
+def kvm_mmu_page_fault(
+    kvm: Kvm,
+    host: HostMm,
+    mmu: ShadowMmuState,
+    vcpu_mmu: VcpuMmu,
+    vcpu: KvmVcpu,
+    addr: int,
+    error_code: int,
+) -> KernelOp[PageFaultResult]:
+    """KVM's page-fault exit: a reserved-bit fault tries the MMIO path first; what it does
+    not settle goes to the shadow fault (FNAME(page_fault)).
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault (v6.18)
+    """
+    if error_code & PFERR_RSVD_MASK:
+        ret = handle_mmio_page_fault(kvm, mmu, vcpu_mmu, addr)
+        if ret is not RetPf.INVALID:
+            return PageFaultResult(ret)
+    mmu.stat["pf_taken"] += 1
+    return (yield from fname_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, addr, error_code))
 
 
 Part = tuple[int, int, int]
@@ -207,7 +276,7 @@ def guest_instruction(
             entries.append(found)
         if fault is None:
             return _transfer(host, parts, entries, data)
-        op = fname_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, fault[0], fault[1])
+        op = kvm_mmu_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, fault[0], fault[1])
         result = run_to_completion(op)
         if result.exception is not None:
             return ShadowAccess(Outcome.SHUTDOWN, exception=result.exception)
@@ -267,22 +336,34 @@ def _emulate(
     """
     access = PFERR_USER_MASK | (PFERR_WRITE_MASK if data is not None else 0)
     mem = KvmGuestMemory(kvm, host)
-    gpas = []
-    for part_gva, _start, _length in parts:
+    physical: list[Part] = []
+    cached: list[Part] = []  # pages the vCPU's MMIO cache sends to the VMM untranslated
+    for part_gva, start, length in parts:
+        info = vcpu_match_mmio_gva(kvm, mmu, vcpu_mmu.vcpu_id, part_gva)
+        if info is not None and mmio_access_allowed(info, data is not None):
+            cached.append((info.gfn << PAGE_SHIFT | part_gva % PAGE_SIZE, start, length))
+            continue
         walk = run_to_completion(
             walk_addr_generic(mem, vcpu_mmu.mode, vcpu_mmu.cr3, part_gva, access)
         )
         if isinstance(walk, X86Exception):
             return ShadowAccess(Outcome.SHUTDOWN, exception=walk)
-        gpas.append(walk.gpa)
-    physical = [
-        (gpa, start, length) for gpa, (_gva, start, length) in zip(gpas, parts, strict=True)
-    ]
+        physical.append((walk.gpa, start, length))
 
     def written(gpa: int, length: int) -> None:
         kvm_mmu_track_write(kvm, mmu, gpa, length)
 
     loaded, mmio = emulator_read_write(kvm, host, vcpu, physical, data, written)
+    if cached:
+        # The fragments of one access form one exit, in the access's order.
+        fragments = list(cached)
+        if mmio is not None:
+            start = next(start for gpa, start, _length in physical if gpa == mmio.gpa)
+            fragments.append((mmio.gpa, start, mmio.length))
+        fragments.sort(key=lambda part: part[1])
+        gpa, first, _length = fragments[0]
+        length = sum(part[2] for part in fragments)
+        mmio = MmioExit(gpa, length, data[first : first + length] if data is not None else None)
     if mmio is None:
         return ShadowAccess(Outcome.DONE, loaded)
     return ShadowAccess(Outcome.MMIO, b"", mmio)

@@ -35,6 +35,7 @@ from kvmspec.reference.x86.tlb import VcpuMmu
 
 if TYPE_CHECKING:
     from kvmspec.reference.kvm import Kvm
+    from kvmspec.reference.x86.mmio_spte import MmioInfo
 
 SHADOW_PAGE_PFN_BASE = 1 << 35
 """Where the model numbers the (kernel-allocated) pages that hold shadow tables: far above
@@ -145,6 +146,8 @@ class ShadowMmuState:
         self.sp_by_pfn: dict[int, KvmMmuPage] = {}
         self.next_pfn = SHADOW_PAGE_PFN_BASE
         self.vcpus: dict[int, VcpuMmu] = {}
+        # Each vCPU's last MMIO translation (vcpu->arch.mmio_gva and friends), by vCPU id.
+        self.mmio_info: dict[int, MmioInfo] = {}
         # Some counters of kvm->stat that FINDINGS measured (pf_fixed, pf_emulate,
         # mmu_pte_write, mmu_flooded, mmu_shadow_zapped, mmu_cache_miss).
         self.stat: Counter[str] = Counter()

@@ -18,12 +18,14 @@ guest's own tables, and records the result where the hardware looks:
 
 A guest huge page is mapped with a huge leaf when the host backs it with a huge page and
 nothing forbids it (lpage.py); otherwise in smaller pieces through *direct* shadow pages.
-Not modelled: prefetching neighbouring guest PTEs, MMIO SPTEs (MMIO caching is off on
-this machine), unsync pages, CR0.WP=0 supervisor writes.
+A gfn without a memslot is MMIO: with MMIO caching on, the fault goes on to the leaf and
+installs an MMIO SPTE there (mark_mmio_spte), then asks for emulation; off (as on this
+machine), it asks for emulation at once. Not modelled: prefetching neighbouring guest PTEs,
+CR0.WP=0 supervisor writes.
 
 kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(page_fault), FNAME(fetch),
 FNAME(gpte_changed); arch/x86/kvm/mmu/mmu.c:kvm_mmu_faultin_pfn, __kvm_mmu_faultin_pfn,
-kvm_handle_error_pfn, kvm_handle_noslot_fault, is_page_fault_stale,
+kvm_handle_error_pfn, kvm_handle_noslot_fault, kvm_mmu_max_gfn, is_page_fault_stale,
 page_fault_handle_page_track, mmu_set_spte, kvm_mmu_finish_page_fault (v6.18)
 """
 
@@ -57,6 +59,12 @@ from kvmspec.reference.x86.guest_walk import (
     walk_addr_generic,
 )
 from kvmspec.reference.x86.lpage import kvm_mmu_hugepage_adjust
+from kvmspec.reference.x86.mmio_spte import (
+    KVM_PFN_NOSLOT,
+    is_noslot_pfn,
+    mark_mmio_spte,
+    vcpu_cache_mmio_info,
+)
 from kvmspec.reference.x86.mmu_page import (
     ShadowMmuState,
     SptePtr,
@@ -99,9 +107,13 @@ class RetPf(enum.Enum):
     RETRY = "retry"
     """Enter the guest again (also after injecting the guest's own #PF)."""
     EMULATE = "emulate"
-    """No slot, or a write to a READONLY one: emulate (MMIO for the VMM)."""
+    """No slot (an MMIO SPTE may have been installed on the way), or a write to a READONLY
+    one: emulate (MMIO for the VMM)."""
     WRITE_PROTECTED = "write_protected"
     """A write to a gfn KVM keeps read-only (a shadowed guest page table): emulate it."""
+    INVALID = "invalid"
+    """The reserved-bit fast path could not settle the fault (a stale MMIO SPTE): take the
+    normal fault path."""
     FIXED = "fixed"
     SPURIOUS = "spurious"
     EFAULT = "efault"
@@ -198,18 +210,60 @@ def gpte_changed(mem: KvmGuestMemory, walker: GuestWalker, level: int) -> bool:
     return False
 
 
-def kvm_mmu_faultin_pfn(kvm: Kvm, host: HostMm, fault: KvmPageFault) -> KernelOp[RetPf | None]:
+def kvm_mmu_max_gfn() -> int:
+    """The largest gfn KVM installs an MMIO SPTE for: with shadow paging, any gfn of a
+    52-bit physical address (the guest's own tables refuse more).
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_max_gfn (v6.18)
+    """
+    return (1 << (52 - PAGE_SHIFT)) - 1
+
+
+def kvm_handle_noslot_fault(
+    kvm: Kvm, mmu: ShadowMmuState, vcpu_id: int, fault: KvmPageFault, access: int
+) -> RetPf | None:
+    """The gfn has no memslot: remember the MMIO translation for the emulator, then either
+    emulate now (MMIO caching off, or a gfn too large to store) or go on with the "no slot"
+    pfn (None, RET_PF_CONTINUE), so that the fault installs an MMIO SPTE at the leaf.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_handle_noslot_fault (v6.18)
+    """
+    vcpu_cache_mmio_info(
+        kvm, mmu, vcpu_id, fault.addr, fault.gfn, access & mmu.masks.mmio_access_mask
+    )
+    fault.slot = None
+    fault.pfn = KVM_PFN_NOSLOT
+    fault.map_writable = False
+    if not mmu.masks.enable_mmio_caching or fault.gfn > kvm_mmu_max_gfn():
+        return RetPf.EMULATE
+    return None
+
+
+def kvm_mmu_faultin_pfn(
+    kvm: Kvm,
+    host: HostMm,
+    fault: KvmPageFault,
+    *,
+    mmu: ShadowMmuState | None = None,
+    vcpu_id: int = 0,
+    access: int = 0,
+) -> KernelOp[RetPf | None]:
     """Resolve the fault's gfn to a host page, with the generic exclusion protocol; None
-    (RET_PF_CONTINUE) when ``fault`` now holds the pfn and a reference to its page.
+    (RET_PF_CONTINUE) when ``fault`` now holds the pfn and a reference to its page, or the
+    "no slot" pfn. A gfn without a slot goes to kvm_handle_noslot_fault with the shadow
+    MMU ``mmu``, the vCPU and ``access`` (what the guest's tables grant, for the MMIO
+    SPTE); a caller without ``mmu`` keeps no MMIO state and emulates.
 
     kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_faultin_pfn, __kvm_mmu_faultin_pfn,
-    kvm_handle_error_pfn, kvm_handle_noslot_fault (v6.18)
+    kvm_handle_error_pfn (v6.18)
     """
     fault.mmu_seq = kvm.mmu_invalidate_seq
     yield Preempt("x86 fault: sequence snapshot taken")
     slot = fault.slot
     if slot is None:
-        return RetPf.EMULATE  # no MMIO caching: emulate every access to MMIO
+        if mmu is None:
+            return RetPf.EMULATE
+        return kvm_handle_noslot_fault(kvm, mmu, vcpu_id, fault, access)
     if slot.invalid:
         return RetPf.RETRY  # being deleted or moved: its SPTEs must go before new ones
     if mmu_invalidate_retry_gfn_unsafe(kvm, fault.mmu_seq, fault.gfn):
@@ -249,20 +303,25 @@ def is_page_fault_stale(
 def mmu_set_spte(
     kvm: Kvm,
     mmu: ShadowMmuState,
-    slot: KvmMemorySlot,
+    slot: KvmMemorySlot | None,
     sptep: SptePtr,
     pte_access: int,
     gfn: int,
     fault: KvmPageFault,
     vcpu: KvmVcpu | None,
 ) -> RetPf:
-    """Install the leaf for ``gfn`` at ``sptep``. A leaf for another pfn is dropped first
-    (and the TLBs flushed: X4); an identical one is SPURIOUS; a write the gfn cannot take
-    (a shadowed page table) leaves a read-only leaf and returns WRITE_PROTECTED. A new
-    leaf enters its rmap; a writable one is logged dirty.
+    """Install the leaf for ``gfn`` at ``sptep``. A gfn without a slot gets an MMIO SPTE
+    and the access is emulated. A leaf for another pfn is dropped first (and the TLBs
+    flushed: X4); an identical one is SPURIOUS; a write the gfn cannot take (a shadowed
+    page table) leaves a read-only leaf and returns WRITE_PROTECTED. A new leaf enters its
+    rmap; a writable one is logged dirty.
 
     kernel: arch/x86/kvm/mmu/mmu.c:mmu_set_spte; arch/x86/kvm/mmu/spte.c:make_spte (v6.18)
     """
+    if is_noslot_pfn(fault.pfn) or slot is None:
+        mmu.stat["pf_mmio_spte_created"] += 1
+        mark_mmio_spte(kvm, mmu, sptep, gfn, pte_access)
+        return RetPf.EMULATE
     level = sptep.sp.role.level
     was_rmapped = False
     flush = False
@@ -371,7 +430,6 @@ def fname_fetch(
         sp = mmu.spte_to_child_sp(sptep.get())
         level -= 1
         sptep = SptePtr(sp, pt_index(fault.addr, level))
-    assert fault.slot is not None
     base_gfn = gfn_round_for_level(fault.gfn, level)
     return mmu_set_spte(kvm, mmu, fault.slot, sptep, walker.pte_access, base_gfn, fault, vcpu)
 
@@ -403,7 +461,9 @@ def fname_page_fault(
         fault.slot = kvm.memslots(0).gfn_to_memslot(walk.gfn)
         if fault.present and fault.write and kvm_gfn_is_write_tracked(fault.slot, fault.gfn):
             return PageFaultResult(RetPf.WRITE_PROTECTED)
-        ret = yield from kvm_mmu_faultin_pfn(kvm, host, fault)
+        ret = yield from kvm_mmu_faultin_pfn(
+            kvm, host, fault, mmu=mmu, vcpu_id=vcpu_mmu.vcpu_id, access=walk.pte_access
+        )
         if ret is not None:
             return PageFaultResult(ret)
         ret = RetPf.RETRY

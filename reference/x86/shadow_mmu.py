@@ -14,7 +14,9 @@ The memslot layer, the MMU notifiers and the dirty log call these hooks at fixed
   zapping the slot's leaves and the pages that shadow its gfns;
 * an MMU-notifier invalidation zaps the leaves of the range through the rmaps;
 * aging reads and clears the A bits of the range's leaves;
-* a TLB flush flushes every vCPU's TLB (the shadow MMU has no ranged flush here).
+* a TLB flush flushes every vCPU's TLB (the shadow MMU has no ranged flush here);
+* each new memslot generation is checked for a wrap of the 19-bit MMIO generation, which
+  zaps every shadow page, MMIO SPTEs with them (X11).
 
 kernel: arch/x86/kvm/x86.c:kvm_arch_prepare_memory_region, kvm_alloc_memslot_metadata,
 kvm_arch_commit_memory_region, kvm_mmu_slot_apply_flags, kvm_arch_free_memslot,
@@ -22,7 +24,8 @@ kvm_arch_mmu_enable_log_dirty_pt_masked;
 arch/x86/kvm/mmu/mmu.c:kvm_arch_flush_shadow_memslot, kvm_memslot_flush_zap_all,
 kvm_mmu_zap_memslot, kvm_arch_flush_shadow_all, kvm_unmap_gfn_range, kvm_age_gfn,
 kvm_test_age_gfn, kvm_mmu_slot_remove_write_access, kvm_mmu_write_protect_pt_masked,
-kvm_mmu_recover_huge_pages, kvm_mmu_zap_collapsible_spte (v6.18)
+kvm_mmu_recover_huge_pages, kvm_mmu_zap_collapsible_spte, kvm_mmu_invalidate_mmio_sptes;
+arch/x86/kvm/x86.c:kvm_arch_memslots_updated (v6.18)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.host import HostMm
 from kvmspec.reference.x86.lpage import kvm_alloc_memslot_lpage_info, kvm_mmu_max_mapping_level
+from kvmspec.reference.x86.mmio_spte import kvm_mmu_invalidate_mmio_sptes
 from kvmspec.reference.x86.mmu_page import ShadowMmuState
 from kvmspec.reference.x86.mmu_spte import (
     drop_spte,
@@ -157,6 +161,18 @@ class ShadowMmu(ShadowMmuState, KvmArch):
         super().kvm_arch_free_memslot(kvm, slot)
         if "rmap" in slot.arch:
             slot_rmaps(slot).freed = True
+
+    def kvm_arch_memslots_updated(self, kvm: Kvm, generation: int) -> None:
+        """A new memslot generation is published. MMIO SPTEs keep only its low 19 bits:
+        when those wrap, an SPTE made 2^19 generations ago would match again, so every
+        shadow page goes (kvm_mmu_zap_all_fast).
+
+        kernel: arch/x86/kvm/x86.c:kvm_arch_memslots_updated;
+        arch/x86/kvm/mmu/mmu.c:kvm_mmu_invalidate_mmio_sptes (v6.18)
+        """
+        super().kvm_arch_memslots_updated(kvm, generation)
+        if kvm_mmu_invalidate_mmio_sptes(generation, kvm.profile.nr_address_spaces):
+            kvm_mmu_zap_all_fast(kvm, self)
 
     # -- removing mappings ---------------------------------------------------------------
 

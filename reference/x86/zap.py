@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.x86.guest_walk import PTE_SIZE
+from kvmspec.reference.x86.mmio_spte import is_mmio_spte
 from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
     ShadowMmuState,
@@ -41,7 +42,7 @@ from kvmspec.reference.x86.mmu_page import (
     kvm_mmu_free_shadow_page,
     sp_has_gptes,
 )
-from kvmspec.reference.x86.mmu_spte import drop_parent_pte, drop_spte
+from kvmspec.reference.x86.mmu_spte import drop_parent_pte, drop_spte, mmu_spte_clear_no_track
 from kvmspec.reference.x86.page_track import unaccount_shadowed
 from kvmspec.reference.x86.paging import PG_LEVEL_4K
 from kvmspec.reference.x86.spte import is_last_spte, is_shadow_present_pte
@@ -64,12 +65,15 @@ def kvm_make_all_cpus_request(mmu: ShadowMmuState, request: str) -> None:
 
 def mmu_page_zap_pte(kvm: Kvm, mmu: ShadowMmuState, sptep: SptePtr) -> None:
     """Clear one SPTE of a page: a leaf is dropped with its rmap entry; a link only
-    unlinks the child, which stays in the hash (a later fault may link it again).
+    unlinks the child, which stays in the hash (a later fault may link it again); an MMIO
+    SPTE, which has no bookkeeping, is just cleared.
 
     kernel: arch/x86/kvm/mmu/mmu.c:mmu_page_zap_pte (v6.18)
     """
     spte = sptep.get()
     if not is_shadow_present_pte(spte):
+        if is_mmio_spte(mmu.masks, spte):
+            mmu_spte_clear_no_track(kvm, mmu, sptep)
         return
     if is_last_spte(spte, sptep.sp.role.level):
         drop_spte(kvm, mmu, sptep)

@@ -5,7 +5,8 @@ themselves and compares: the rmaps (X1), the parent links and root counts (X2), 
 writable-bit states of every leaf (X3), the write protection of shadowed guest page
 tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' TLBs (X5), the
 leaves against the host's page tables (N4), the huge-page counts (X8), every huge leaf
-(X9), and dirty-logged slots mapping nothing writable larger than 4K (D4).
+(X9), dirty-logged slots mapping nothing writable larger than 4K (D4), and the MMIO SPTEs'
+generations (X11).
 ``check_shadow_mmu`` runs them all.
 """
 
@@ -17,6 +18,13 @@ from kvmspec.reference.gfn_to_hva import __gfn_to_hva_memslot, gfn_to_hva_many, 
 from kvmspec.reference.host import LEVEL_PMD, HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.x86.lpage import kvm_pages_per_hpage, slot_lpage_info
+from kvmspec.reference.x86.mmio_spte import (
+    MMIO_SPTE_GEN_MASK,
+    check_mmio_spte,
+    get_mmio_spte_generation,
+    get_mmio_spte_gfn,
+    is_mmio_spte,
+)
 from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
     SptePtr,
@@ -327,6 +335,31 @@ def check_leaves_match_host(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Viol
     return violations
 
 
+def check_mmio_sptes(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
+    """X11: no MMIO SPTE can be trusted for a gfn that a usable memslot now covers: its
+    generation is an older one. And none comes from before the last wrap of the 19-bit
+    MMIO generation (its number is above the current one): the wrap zaps every shadow page,
+    or the SPTE would be trusted again 2^19 generations after it was made."""
+    generation = kvm.memslots(0).generation
+    current = generation & MMIO_SPTE_GEN_MASK
+    violations = []
+    for sp in mmu.sp_by_pfn.values():
+        for index, spte in sorted(sp.spt.items()):
+            if not is_mmio_spte(mmu.masks, spte):
+                continue
+            gfn = get_mmio_spte_gfn(mmu.masks, spte)
+            made = get_mmio_spte_generation(spte)
+            where = f"{SptePtr(sp, index)} (MMIO gfn {gfn:#x}, generation {made:#x})"
+            if made > current:
+                violations.append(
+                    Violation("X11", f"{where} outlived a wrap: now generation {current:#x}")
+                )
+            slot = kvm.memslots(0).gfn_to_memslot(gfn)
+            if slot is not None and not slot.invalid and check_mmio_spte(generation, spte):
+                violations.append(Violation("X11", f"{where} is trusted over {slot}"))
+    return violations
+
+
 def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
     """Every shadow-MMU invariant above, and the VM's WARNs."""
     return [
@@ -339,5 +372,6 @@ def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
         *check_leaves_match_host(kvm, mmu, host),
         *check_lpage_info(kvm, mmu),
         *check_huge_leaves(kvm, mmu, host),
+        *check_mmio_sptes(kvm, mmu),
         *(Violation(rule, f"WARN: {message}") for rule, message in kvm.warnings),
     ]
