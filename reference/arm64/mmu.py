@@ -43,6 +43,7 @@ from kvmspec.reference.arm64.pgtable import (
     kvm_pgtable_stage2_free_unlinked,
 )
 from kvmspec.reference.arm64.s2_mmu import (
+    KvmS2Mmu,
     Stage2Features,
     __kvm_tlb_flush_vmid,
     kvm_tlb_flush_vmid_range,
@@ -297,13 +298,10 @@ class Arm64Mmu(KvmArch):
     # -- TLB flushes ---------------------------------------------------------------------
 
     def kvm_flush_remote_tlbs(self, kvm: Kvm) -> None:
-        """Invalidate the whole VMID.
-
-        kernel: arch/arm64/kvm/mmu.c:kvm_arch_flush_remote_tlbs (v6.18)
-        """
+        """Invalidate the whole VMID."""
         super().kvm_flush_remote_tlbs(kvm)
         if self.pgt is not None:
-            __kvm_tlb_flush_vmid(self.pgt.mmu)
+            kvm_arch_flush_remote_tlbs(self.pgt.mmu)
 
     def kvm_flush_remote_tlbs_memslot(self, kvm: Kvm, slot: KvmMemorySlot) -> None:
         """Invalidate the slot's IPA range (the generic memslot flush goes through
@@ -331,6 +329,14 @@ class Arm64MmuLocklessAging(Arm64Mmu):
 
     lockless_aging = True
     age_walk_flags = KvmPgtableWalkFlags.SHARED
+
+
+def kvm_arch_flush_remote_tlbs(mmu: KvmS2Mmu) -> None:
+    """Invalidate every stage-2 translation of the VM's VMID.
+
+    kernel: arch/arm64/kvm/mmu.c:kvm_arch_flush_remote_tlbs (v6.18)
+    """
+    __kvm_tlb_flush_vmid(mmu)
 
 
 def kvm_mmu_split_nr_page_tables(pgt: KvmPgtable, range_size: int) -> int:

@@ -1,0 +1,594 @@
+"""The arm64 harness: one VM on the stage-2 MMU, its host, and every check, driven one action
+at a time by whoever picks the actions (the Hypothesis machine of
+:mod:`kvmspec.fuzz.arm64_machine`, or a scenario test).
+
+The VM (:class:`Arm64Harness`) has two vCPUs and three slots:
+
+* slot 0 (``THP_SLOT``): 4 MiB of anonymous, THP-capable memory, gpa and hva both 2 MiB
+  aligned, so a host huge page may be mapped by a stage-2 block;
+* slot 1 (``SHIFTED_SLOT``): 2 MiB of THP-capable memory starting one page into a huge
+  page; at its first place the gpa disagrees with the hva modulo 2 MiB, at its second it
+  agrees but no whole block fits: a block is never allowed (A4). It moves, is deleted and
+  re-created, READONLY or not;
+* slot 2 (``DEVICE_SLOT``): four pages of device memory (a VM_PFNMAP mapping): mapped
+  execute-never, an instruction fetch there gets an abort (A6), and dirty logging is
+  refused.
+
+Actions: guest loads, stores, instruction fetches and stage-1 walk reads; accesses with no
+slot or beyond the IPA space; host writes, MADV_DONTNEED, mprotect, munmap, THP collapse
+and split (each a notifier invalidation); dirty logging switched on and off, and harvested;
+aging (clear_young, clear_flush_young, test_young through the notifier); a fault racing an
+MADV_DONTNEED of its page (the notifier retry check); and the VMM exiting (the notifier's
+release, ``kvm_arch_flush_shadow_all``), after which a new VM starts.
+
+:meth:`Arm64Harness.check`, after every action, raises
+:class:`~kvmspec.fuzz.generic_harness.RulesBroken` with every rule broken:
+
+* the stage-2 checks of :func:`~kvmspec.spec.invariants.arm64.check_stage2` (A1, A3, A4's
+  alignment, A6, S001-NO-LOST-UPDATE, S001-RCU-TABLES, the library's WARNs);
+* the memslot :class:`~kvmspec.spec.invariants.memslots.InvariantMonitor`;
+* the stage 2 against the memslots and the host (:func:`check_stage2_translations`: M13,
+  A4's memslot half, N4, D1, stale TLB entries);
+* what the VMM can observe: an access completes or exits exactly as the slots and the host
+  say (C-MMIO, C-EFAULT), a load returns what the host holds and a store reaches it
+  (C-COHERENCE), every completed store to a logged slot is in the next harvest
+  (C-DIRTY-COMPLETE), aging changes no translation (N7), and after the release no
+  translation survives (S001-FLUSH-ALL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from errno import EINVAL
+
+from kvmspec.fuzz.generic_harness import Log, RulesBroken
+from kvmspec.reference import kvm_main
+from kvmspec.reference.arm64.descriptors import (
+    KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
+    kvm_pte_table,
+    kvm_pte_to_phys,
+    kvm_pte_valid,
+)
+from kvmspec.reference.arm64.fault import (
+    AbortOutcome,
+    Arm64Access,
+    GuestAbort,
+    guest_access,
+    kvm_handle_guest_abort,
+)
+from kvmspec.reference.arm64.hw_access import guest_access as hw_guest_access
+from kvmspec.reference.arm64.mmu import Arm64Mmu
+from kvmspec.reference.arm64.pgtable import KvmPgtable
+from kvmspec.reference.arm64.s2_mmu import Stage2Features
+from kvmspec.reference.concurrency import Preempt, run_to_completion
+from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
+from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.host_pages import DEVICE_PFN_BASE
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.mmu_notifier import KvmMmuNotifier
+from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
+from kvmspec.spec.invariants import Violation
+from kvmspec.spec.invariants.arm64 import check_stage2
+from kvmspec.spec.invariants.memslots import InvariantMonitor
+from kvmspec.spec.platforms import ARM64, PlatformProfile
+from kvmspec.spec.uapi.constants import (
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+)
+from kvmspec.spec.uapi.memslot_rules import MemoryRegion
+
+PAGE = 4096
+HPAGE = 512 * PAGE
+RW = PROT_READ | PROT_WRITE
+FLUSH_ALL = "S001-FLUSH-ALL"
+"""Seed 001's "kvm_arch_flush_shadow_all emptied": after the notifier's release no stage-2
+translation of guest memory may survive (the host frees every page next)."""
+
+THP_SLOT, SHIFTED_SLOT, DEVICE_SLOT = 0, 1, 2
+SLOT_IDS = (THP_SLOT, SHIFTED_SLOT, DEVICE_SLOT)
+SLOT_PAGES = {THP_SLOT: 1024, SHIFTED_SLOT: 512, DEVICE_SLOT: 4}
+THP_GPA = 0x4000_0000
+SHIFTED_GPAS = (0x8000_0000, 0x9000_1000)
+"""Slot 1's two places: its hva is one page past a 2 MiB boundary, so the first gpa is
+incongruent with it and the second congruent, but with no whole 2 MiB block inside."""
+DEVICE_GPA = 0xC000_0000
+HOLE_GPA = 0xA000_0000
+UNBACKED = {"hole": HOLE_GPA, "beyond_ipa": (1 << 40) + PAGE, "beyond_pa": 1 << 48}
+"""IPAs no slot holds: a hole, one beyond the VM's 40-bit IPA space, one beyond PARange."""
+
+VCPUS = (0, 1)
+BOOLS = (False, True)
+PAGES = (0, 1, 2, 510, 511, 512, 1023)
+"""Page indexes the actions pick from (taken modulo the slot's size)."""
+OFFSETS = (0, 8, PAGE - 8)
+BYTES = tuple(range(1, 256))
+KINDS = ("load", "store", "fetch", "s1ptw")
+READ_KINDS = ("load", "fetch", "s1ptw")
+PROTS = (0, PROT_READ, RW)
+SHIFTED_PLACES: tuple[int | None, ...] = (0, 1, None)
+FRAMES = (0, 1)
+DONTNEED_PAGES = (1, 2, 512)
+
+
+PA_BITS = 48
+"""The host's physical address size: a stage-2 descriptor holds output address bits 47:12."""
+DEVICE_REACHABLE = DEVICE_PFN_BASE * PAGE < 1 << PA_BITS
+"""Whether the host model places device memory where a stage-2 descriptor can point. With
+device pfns from 2^40 (the model's choice for x86) it cannot: the output address would be
+truncated, so the VM is then built without the device slot (its gpa is a hole)."""
+NOMINAL_GPA = {THP_SLOT: THP_GPA, SHIFTED_SLOT: SHIFTED_GPAS[0], DEVICE_SLOT: DEVICE_GPA}
+
+
+def _ignore(line: str) -> None:
+    """The default log: say nothing."""
+
+
+@dataclass(slots=True)
+class SlotView:
+    """What the VMM set up for one slot."""
+
+    base_gfn: int
+    npages: int
+    flags: int
+    hva: int
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    @property
+    def logging(self) -> bool:
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """A valid stage-2 leaf: [ipa, ipa + size) -> pa, with its descriptor."""
+
+    ipa: int
+    size: int
+    pa: int
+    pte: int
+
+
+def stage2_leaves(pgt: KvmPgtable) -> Iterator[Leaf]:
+    """Every valid leaf reachable from the PGD, read without recording."""
+    geometry = pgt.geometry
+    span = geometry.ptrs_per_pte * geometry.kvm_granule_size(geometry.start_level)
+    todo = [(page, geometry.start_level, n * span) for n, page in enumerate(pgt.pgd or [])]
+    while todo:
+        page, level, base = todo.pop()
+        granule = geometry.kvm_granule_size(level)
+        for index, pte in page.entries.items():
+            if not kvm_pte_valid(pte):
+                continue
+            pa = kvm_pte_to_phys(pte, geometry.page_shift)
+            if kvm_pte_table(pte, level):
+                todo.append((pgt.mm_ops.pages[pa], level + 1, base + index * granule))
+            else:
+                yield Leaf(base + index * granule, granule, pa, pte)
+
+
+def _writable(pte: int) -> bool:
+    return bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
+
+
+def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Violation]:
+    """The stage 2 against the memslots and the host, between actions (no fault, update or
+    invalidation in flight):
+
+    * M13: every leaf lies in a usable slot;
+    * A4, the memslot half: a block lies wholly inside its slot, with gpa and hva congruent
+      modulo its size, and is not writable in a dirty-logged slot (a logged slot is mapped
+      with pages; a block from before logging started is write-protected, unless the
+      bitmap started all set, when CLEAR protects it later);
+    * N4: each page of a leaf is the page the host maps at the slot's hva, writable only
+      if the host's PTE is and the slot is not READONLY;
+    * D1: a writable leaf of a logged slot has its pages marked dirty;
+    * A1: every vCPU TLB entry is a leaf of the tables (a TLB entry outliving its
+      descriptor means a change without its TLBI), and writable only if the leaf is (A7:
+      the write-protecting caller flushed).
+    """
+    pgt = mmu.pgt
+    if pgt is None:
+        return []
+    shift = kvm.profile.page_shift
+    found = []
+    leaves = {leaf.ipa: leaf for leaf in stage2_leaves(pgt)}
+    initially_set = bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
+    for leaf in leaves.values():
+        gfn = leaf.ipa >> shift
+        slot = kvm.memslots(0).gfn_to_memslot(gfn)
+        where = f"IPA {leaf.ipa:#x} (size {leaf.size:#x})"
+        if slot is None or slot.invalid:
+            found.append(Violation("M13", f"{where} is mapped without a usable slot"))
+            continue
+        hva = slot.userspace_addr + ((gfn - slot.base_gfn) << shift)
+        if leaf.size > PAGE:
+            if leaf.ipa + leaf.size > slot.end_gfn << shift:
+                found.append(Violation("A4", f"block {where} reaches beyond {slot}"))
+            if hva % leaf.size:
+                found.append(Violation("A4", f"block {where} is not congruent with hva {hva:#x}"))
+            if slot.dirty_logging and _writable(leaf.pte) and not initially_set:
+                found.append(Violation("A4", f"writable block {where} in logged {slot}"))
+        if _writable(leaf.pte) and slot.readonly:
+            found.append(Violation("C-MMIO", f"{where} is writable in READONLY {slot}"))
+        found += _against_host(kvm, host, leaf, slot, hva, where)
+    for vcpu_id, tlb in pgt.mmu.tlbs.items():
+        for entry in tlb.values():
+            leaf = leaves.get(entry.ipa)
+            if leaf is None or leaf.pa != entry.pa or leaf.size != entry.size:
+                found.append(
+                    Violation(
+                        "A1",
+                        f"vcpu {vcpu_id} TLB holds IPA {entry.ipa:#x} -> "
+                        f"{entry.pa:#x}, which no descriptor maps",
+                    )
+                )
+            elif _writable(entry.pte) and not _writable(leaf.pte):
+                found.append(
+                    Violation(
+                        "A7",
+                        f"vcpu {vcpu_id} TLB holds IPA {entry.ipa:#x} writable "
+                        "after it was write-protected and flushed",
+                    )
+                )
+    return found
+
+
+def _against_host(
+    kvm: Kvm, host: HostMm, leaf: Leaf, slot: KvmMemorySlot, hva: int, where: str
+) -> list[Violation]:
+    """N4 and D1 for each page of one leaf."""
+    found = []
+    bitmap = slot.dirty_bitmap
+    if _writable(leaf.pte) and slot.dirty_logging and bitmap is not None:
+        first = (leaf.ipa >> kvm.profile.page_shift) - slot.base_gfn
+        clean = [n for n in range(leaf.size // PAGE) if not bitmap.test_bit(first + n)]
+        if clean:
+            found.append(Violation("D1", f"{where} is writable, page {first + clean[0]} clean"))
+    if kvm.mmu_invalidate_in_progress:
+        return found
+    for offset in range(0, leaf.size, PAGE):
+        host_pte = host.lookup(hva + offset)
+        pfn = (leaf.pa + offset) // PAGE
+        if host_pte is None or host_pte.pfn != pfn:
+            held = host_pte.pfn if host_pte is not None else None
+            found.append(Violation("N4", f"{where} maps pfn {pfn:#x}, the host maps {held}"))
+            break
+        if _writable(leaf.pte) and not host_pte.writable:
+            found.append(Violation("N4", f"{where} is writable over a read-only host page"))
+            break
+    return found
+
+
+class Arm64Harness:
+    """One VM on the arm64 stage-2 MMU with the VMM's memory (see the module's docstring).
+    ``mmu_class`` picks the MMU (:class:`Arm64Mmu`, seed 001's lockless ager, or a test's
+    planted bug); ``features`` the CPU's stage-2 features; ``split_chunk_size`` the eager
+    split chunk (0: none)."""
+
+    def __init__(
+        self,
+        profile: PlatformProfile = ARM64,
+        mmu_class: type[Arm64Mmu] = Arm64Mmu,
+        features: Stage2Features | None = None,
+        split_chunk_size: int = 0,
+        log: Log = _ignore,
+    ) -> None:
+        if profile.arch != "arm64":
+            raise ValueError(f"profile {profile.name}: the arm64 harness needs arm64")
+        self.profile = profile
+        self.mmu_class = mmu_class
+        self.features = features or Stage2Features()
+        self.split_chunk_size = split_chunk_size
+        self.log = log
+        self.found: list[str] = []
+        self.checks = 0
+        self.vms = 0
+        self._start_vm()
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _start_vm(self) -> None:
+        """A fresh VMM process: its address space, a VM with two vCPUs, the three slots."""
+        self.vms += 1
+        self.host = HostMm(PAGE, self.profile.user_address_limit)
+        self.mmu = self.mmu_class(self.profile, self.host, self.features, self.split_chunk_size)
+        self.kvm = Kvm(self.profile, self.mmu)
+        self.host.notifier = KvmMmuNotifier(self.kvm)
+        self.monitor = InvariantMonitor(self.kvm)
+        _, self.thp_hva = self.host.mmap(2 * HPAGE, RW, hugepage=True)
+        _, shifted = self.host.mmap(2 * HPAGE, RW, hugepage=True)
+        self.shifted_hva = shifted + PAGE
+        self.hvas = {THP_SLOT: self.thp_hva, SHIFTED_SLOT: self.shifted_hva}
+        if DEVICE_REACHABLE:
+            device = self.host.memory.add_device("bar0", SLOT_PAGES[DEVICE_SLOT] * PAGE)
+            _, self.hvas[DEVICE_SLOT] = self.host.mmap(SLOT_PAGES[DEVICE_SLOT] * PAGE, RW, device)
+        for vcpu_id in VCPUS:
+            assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
+        self.views: dict[int, SlotView] = {}
+        self.dirtied: dict[int, set[int]] = {slot_id: set() for slot_id in SLOT_IDS}
+        for slot_id, hva in self.hvas.items():
+            gpa = NOMINAL_GPA[slot_id]
+            assert self.set_region(slot_id, 0, gpa, SLOT_PAGES[slot_id], hva) == 0
+
+    def set_region(self, slot_id: int, flags: int, gpa: int, npages: int, hva: int) -> int:
+        """KVM_SET_USER_MEMORY_REGION; the VMM's view follows a successful call."""
+        region = MemoryRegion(slot_id, flags, gpa, npages * PAGE, hva)
+        errno = run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
+        self.log(f"set slot {slot_id} flags {flags:#x} gpa {gpa:#x} pages {npages} -> {errno}")
+        if errno == 0:
+            self.dirtied[slot_id].clear()
+            if npages:
+                self.views[slot_id] = SlotView(gpa // PAGE, npages, flags, hva)
+            else:
+                self.views.pop(slot_id, None)
+        return errno
+
+    # -- what the VMM expects -----------------------------------------------------------------
+
+    def address(self, slot_id: int, page: int) -> tuple[int, int | None]:
+        """(gpa, hva) of a page of the slot as the VMM placed it (its first place, and no
+        hva, when the slot is deleted)."""
+        page %= SLOT_PAGES[slot_id]
+        view = self.views.get(slot_id)
+        if view is None:
+            return NOMINAL_GPA[slot_id] + page * PAGE, None
+        return (view.base_gfn + page) * PAGE, view.hva + page * PAGE
+
+    def expected(self, slot_id: int, hva: int | None, kind: str) -> AbortOutcome | None:
+        """How an access of ``kind`` must end (None: it completes)."""
+        if hva is None:
+            return {
+                "fetch": AbortOutcome.INJECT_PABT,
+                "s1ptw": AbortOutcome.INJECT_DABT,
+            }.get(kind, AbortOutcome.MMIO)
+        if kind == "store" and self.views[slot_id].readonly:
+            return AbortOutcome.MMIO
+        vma = self.host.find_vma(hva)
+        need = PROT_WRITE if kind == "store" else PROT_READ
+        if vma is None or not vma.prot & need:
+            return AbortOutcome.EFAULT
+        if kind == "fetch" and slot_id == DEVICE_SLOT:
+            return AbortOutcome.INJECT_PABT
+        return None
+
+    def host_holds(self, hva: int, size: int) -> bytes:
+        """What the VMM would read at ``hva``, without touching it."""
+        pte = self.host.lookup(hva)
+        if pte is None:
+            return bytes(size)
+        return self.host.memory.read(pte.pfn, hva % PAGE, size)
+
+    def _expect(self, rule: str, holds: bool, what: str) -> None:
+        if not holds:
+            self.found.append(f"{rule}: {what}")
+
+    def _judge(self, kind: str, access: Arm64Access, want: AbortOutcome | None) -> None:
+        self._expect(
+            "C-EFAULT" if AbortOutcome.EFAULT in (want, access.outcome) else "C-MMIO",
+            access.outcome == want,
+            f"{kind} ended {access.outcome}, expected {want}",
+        )
+
+    # -- the guest ----------------------------------------------------------------------------
+
+    def access(self, vcpu: int, gpa: int, kind: str, data: bytes = b"") -> Arm64Access:
+        return guest_access(self.kvm, self.mmu, self.host, vcpu, gpa, kind, data)
+
+    def guest_read(self, vcpu: int, slot_id: int, page: int, offset: int, kind: str) -> None:
+        """An 8-byte load, instruction fetch or stage-1 walk read (``kind``)."""
+        gpa, hva = self.address(slot_id, page)
+        access = self.access(vcpu, gpa + offset, kind)
+        self.log(f"vcpu {vcpu} {kind} {gpa + offset:#x} -> {access}")
+        want = self.expected(slot_id, hva, kind)
+        self._judge(kind, access, want)
+        if access.done and want is None and hva is not None:
+            held = self.host_holds(hva + offset, 8)
+            self._expect(
+                "C-COHERENCE",
+                access.data == held,
+                f"{kind} {gpa:#x} read {access.data!r}, the host holds {held!r}",
+            )
+
+    def guest_store(self, vcpu: int, slot_id: int, page: int, byte: int) -> None:
+        """A one-byte store of ``byte`` at offset ``byte`` of the page."""
+        gpa, hva = self.address(slot_id, page)
+        access = self.access(vcpu, gpa + byte, "store", bytes([byte]))
+        self.log(f"vcpu {vcpu} store {byte} at {gpa + byte:#x} -> {access}")
+        want = self.expected(slot_id, hva, "store")
+        self._judge("store", access, want)
+        if access.done and want is None and hva is not None:
+            held = self.host_holds(hva + byte, 1)
+            self._expect("C-COHERENCE", held == bytes([byte]), f"store to {gpa:#x}: host {held!r}")
+            if self.views[slot_id].logging:
+                self.dirtied[slot_id].add(page % SLOT_PAGES[slot_id])
+
+    def guest_unbacked(self, vcpu: int, where: str, kind: str) -> None:
+        """An access to an IPA no slot holds (:data:`UNBACKED`)."""
+        ipa = UNBACKED[where]
+        access = self.access(vcpu, ipa, kind, b"\x01" if kind == "store" else b"")
+        self.log(f"vcpu {vcpu} {kind} {where} {ipa:#x} -> {access}")
+        if where == "beyond_pa":
+            want: AbortOutcome | None = AbortOutcome.INJECT_SIZE_FAULT
+        elif where == "beyond_ipa":
+            want = AbortOutcome.INJECT_PABT if kind == "fetch" else AbortOutcome.INJECT_DABT
+        else:
+            want = self.expected(SHIFTED_SLOT, None, kind)
+        self._judge(kind, access, want)
+
+    # -- the host -----------------------------------------------------------------------------
+
+    def _hva(self, slot_id: int, page: int) -> int | None:
+        """The VMM's address of a page of the memory behind a slot (None: no such memory)."""
+        base = self.hvas.get(slot_id)
+        return None if base is None else base + (page % SLOT_PAGES[slot_id]) * PAGE
+
+    def host_write(self, slot_id: int, page: int, value: int) -> None:
+        """The VMM writes ``value`` at the start of one of its pages (EFAULT is its own)."""
+        hva = self._hva(slot_id, page)
+        if hva is not None:
+            self.host.host_write(hva, bytes([value]))
+
+    def madvise_dontneed(self, slot_id: int, page: int, n: int) -> None:
+        hva = self._hva(slot_id, page)
+        if hva is not None and slot_id != DEVICE_SLOT:
+            n = min(n, SLOT_PAGES[slot_id] - page % SLOT_PAGES[slot_id])
+            self.host.madvise_dontneed(hva, n * PAGE)
+
+    def mprotect(self, slot_id: int, page: int, prot: int) -> None:
+        hva = self._hva(slot_id, page)
+        if hva is not None:
+            errno = self.host.mprotect(hva, PAGE, prot)
+            self.log(f"mprotect slot {slot_id} page {page} {prot} -> {errno}")
+
+    def munmap(self, slot_id: int, page: int) -> None:
+        hva = self._hva(slot_id, page)
+        if hva is not None:
+            assert self.host.munmap(hva, PAGE) == 0
+
+    def thp(self, slot_id: int, frame: int, collapse: bool) -> None:
+        """MADV_COLLAPSE of one 2 MiB frame of a slot's memory, or a split of its PMD."""
+        base = self.thp_hva if slot_id == THP_SLOT else self.shifted_hva - PAGE
+        haddr = base + frame * HPAGE
+        if collapse:
+            done = self.host.madvise_collapse(haddr, HPAGE) == 0
+        else:
+            done = self.host.split_huge_pmd(haddr)
+        self.log(f"thp slot {slot_id} frame {frame} collapse {collapse} -> {done}")
+
+    def age(self, slot_id: int, page: int, how: str) -> None:
+        """Aging through the notifier: ``clear_flush_young``, ``clear_young`` or
+        ``test_young``; no translation may change (N7)."""
+        hva = self._hva(slot_id, page)
+        if hva is None:
+            return
+        before = self._translations()
+        if how == "test_young":
+            if self.host.notifier is not None:
+                self.host.notifier.test_young(hva)
+        else:
+            self.host.age(hva, flush=how == "clear_flush_young")
+        after = self._translations()
+        self._expect(
+            "N7", before == after, f"{how} changed {set(before.items()) ^ set(after.items())}"
+        )
+
+    def _translations(self) -> dict[int, tuple[int, int, bool]]:
+        if self.mmu.pgt is None:
+            return {}
+        return {
+            leaf.ipa: (leaf.size, leaf.pa, _writable(leaf.pte))
+            for leaf in stage2_leaves(self.mmu.pgt)
+        }
+
+    def race_fault_with_dontneed(self, vcpu: int, slot_id: int, page: int, value: int) -> None:
+        """The race the retry check exists for: a load faults on a page, and after its pfn
+        is resolved (before mmu_lock) the host drops the page and the VMM writes a new one.
+        The fault must not install the old page; the next load reads ``value``."""
+        gpa, hva = self.address(slot_id, page)
+        if hva is None or slot_id == DEVICE_SLOT or self.expected(slot_id, hva, "store"):
+            return
+        self.host.madvise_dontneed(hva - hva % PAGE, PAGE)  # so that the load faults
+        pgt = self.mmu.pgt
+        assert pgt is not None
+        walk = run_to_completion(hw_guest_access(pgt, vcpu, gpa, False))
+        if walk.fault is None:
+            return  # still mapped by a block over a neighbour: nothing to race
+        abort = GuestAbort(gpa, walk.fault, walk.level, write=False)
+        vcpu_ = self.kvm.vcpus[vcpu]
+        op = kvm_handle_guest_abort(self.kvm, self.mmu, self.host, vcpu_, abort)
+        raced = False
+        try:
+            step = next(op)
+            while True:
+                if isinstance(step, Preempt) and "pfn resolved" in step.point and not raced:
+                    raced = True
+                    assert self.host.madvise_dontneed(hva - hva % PAGE, PAGE) == 0
+                    assert self.host.host_write(hva - hva % PAGE, bytes([value])) == 0
+                step = op.send(None)
+        except StopIteration as done:
+            self.log(f"vcpu {vcpu} fault at {gpa:#x} raced (dropped: {raced}) -> {done.value}")
+        self.guest_read(vcpu, slot_id, page, 0, "load")
+
+    # -- memslots and dirty logging -----------------------------------------------------------
+
+    def place_shifted_slot(self, place: int | None, readonly: bool) -> None:
+        """Slot 1 to one of its places (CREATE or MOVE), READONLY or not, or deleted.
+        READONLY cannot change on a live slot: the VMM deletes and re-creates it."""
+        view = self.views.get(SHIFTED_SLOT)
+        if place is None:
+            if view is not None:
+                assert self.set_region(SHIFTED_SLOT, view.flags, 0, 0, view.hva) == 0
+            return
+        flags = KVM_MEM_READONLY if readonly else 0
+        if view is not None:
+            flags |= view.flags & KVM_MEM_LOG_DIRTY_PAGES
+            if view.readonly != readonly:
+                assert self.set_region(SHIFTED_SLOT, view.flags, 0, 0, view.hva) == 0
+        gpa = SHIFTED_GPAS[place]
+        errno = self.set_region(
+            SHIFTED_SLOT, flags, gpa, SLOT_PAGES[SHIFTED_SLOT], self.shifted_hva
+        )
+        self._expect("C-MEMSLOT-ORDER", errno == 0, f"placing slot 1 -> errno {errno}")
+
+    def toggle_log(self, slot_id: int) -> None:
+        """Dirty logging on or off (a flags-only change); refused for device memory."""
+        view = self.views.get(slot_id)
+        if view is None:
+            return
+        flags = view.flags ^ KVM_MEM_LOG_DIRTY_PAGES
+        errno = self.set_region(slot_id, flags, view.base_gfn * PAGE, view.npages, view.hva)
+        want = EINVAL if slot_id == DEVICE_SLOT and flags & KVM_MEM_LOG_DIRTY_PAGES else 0
+        self._expect("C-MEMSLOT-ORDER", errno == want, f"toggle log slot {slot_id} -> {errno}")
+
+    def get_dirty_log(self, slot_id: int) -> None:
+        """KVM_GET_DIRTY_LOG: every page the guest stored to since the last one is set."""
+        errno, words = run_to_completion(kvm_get_dirty_log_protect(self.kvm, slot_id))
+        self.log(f"get dirty log slot {slot_id} -> {errno} {[hex(w) for w in words]}")
+        if errno:
+            return
+        for page in sorted(self.dirtied[slot_id]):
+            word = words[page // 64] if page // 64 < len(words) else 0
+            self._expect(
+                "C-DIRTY-COMPLETE",
+                bool(word >> (page % 64) & 1),
+                f"slot {slot_id} page {page} was stored to and is not in the harvest",
+            )
+        self.dirtied[slot_id].clear()
+
+    def release(self) -> None:
+        """The VMM exits: the notifier's release (kvm_arch_flush_shadow_all), then the host
+        frees its address space. No stage-2 translation may be left (the pages it would
+        reach are freed); then a new VMM starts a new VM."""
+        self.host.exit_mmap()
+        pgt = self.mmu.pgt
+        if pgt is not None:
+            for leaf in stage2_leaves(pgt):
+                self.found.append(
+                    f"{FLUSH_ALL}: after the release IPA {leaf.ipa:#x} still maps {leaf.pa:#x}"
+                )
+                break
+        self.found += [str(v) for v in self._violations()]
+        self._start_vm()
+
+    # -- the rules, after every action ----------------------------------------------------------
+
+    def _violations(self) -> list[Violation]:
+        found = list(self.monitor.check())
+        if self.mmu.pgt is not None:
+            found += check_stage2(self.mmu.pgt)
+        if self.host.notifier is not None:
+            found += check_stage2_translations(self.kvm, self.mmu, self.host)
+        return found
+
+    def check(self) -> None:
+        """Raise :class:`RulesBroken` if the actions so far broke a rule."""
+        self.checks += 1
+        found = self.found + [str(v) for v in self._violations()]
+        if found:
+            raise RulesBroken(found)
