@@ -8,8 +8,7 @@ addresses into them and keeps track. So most hooks here are about taking pages *
   its array (the kernel shares it);
 * DELETE and MOVE flush the slot: every entry on the slot's chains is made ABSENT and
   tlbie'd, and the chains are emptied (seed 000). The guest keeps its entries; its next
-  access traps and finds MMIO (the slot is gone) or the page again (the fault path, not yet
-  modelled);
+  access traps and finds MMIO (the slot is gone) or the page again (fault.py);
 * an MMU-notifier invalidation does the same for the range's pages, with its own tlbies, so
   it never asks the generic layer for a flush;
 * aging reads and clears R bits; dirty logging harvests C bits
@@ -50,11 +49,15 @@ if TYPE_CHECKING:
     from kvmspec.reference.kvm import Kvm
     from kvmspec.reference.memslot import KvmMemorySlot
     from kvmspec.reference.mmu_notifier import KvmGfnRange
+    from kvmspec.reference.ppc.fault import HptVcpuArch
+    from kvmspec.reference.ppc.resize import KvmResizeHpt
 
 
 class HptMmu(KvmArch):
     """``kvm->arch`` of an HPT guest: the table, the vCPUs' TLBs, the MMIO cache generation
-    (``mmio_update``) and whether vCPUs are running (dirty harvests are cheaper then)."""
+    (``mmio_update``), whether vCPUs are running (dirty harvests are cheaper then), whether
+    they may enter the guest (``mmu_ready``, cleared while an HPT resize commits), the
+    pending resize (resize.py) and each vCPU's fault state (fault.py)."""
 
     def __init__(self, order: int = KVM_DEFAULT_HPT_ORDER) -> None:
         super().__init__()
@@ -65,6 +68,9 @@ class HptMmu(KvmArch):
         self.tlbs = HptTlbs()
         self.mmio_update = 0
         self.vcpus_running = False
+        self.mmu_ready = True
+        self.resize_hpt: KvmResizeHpt | None = None
+        self.vcpu_arch: dict[int, HptVcpuArch] = {}
 
     # -- memslot metadata ----------------------------------------------------------------
 

@@ -15,9 +15,18 @@ compares, between operations (no hypercall or rmap walk in the middle of its wor
 * P9: a writable HPTE sits over a writable host page, in a slot that is not READONLY;
 * seed 000: no valid HPTE maps a gfn outside every usable (present, not INVALID) memslot;
 * and every WARN the model recorded (unlocked HPTE or rmap writes are P1's).
+
+``check_mmio_cache`` (P7's other half): a vCPU's MMIO cache entry stamped with the current
+``mmio_update`` is one the fault path will trust without looking at the table, so the table
+must still hold that MMIO entry for its address.
+
+``check_hpt_resize`` (P10) compares the guest's view of the table before and after a resize
+commit: exactly the BOLTED entries, each once; or, when the commit failed, the old table.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from kvmspec.reference.gfn_to_hva import __gfn_to_hva_memslot
 from kvmspec.reference.host import HostMm
@@ -25,19 +34,29 @@ from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.ppc.hcalls import kvmppc_h_read
 from kvmspec.reference.ppc.hpt import (
+    HPTES_PER_GROUP,
     KVMPPC_RMAP_INDEX,
     KVMPPC_RMAP_LOCK,
     KVMPPC_RMAP_PRESENT,
     chain_members,
+    hpt_hash,
+    hpte_encode_v,
     hpte_valid_in_hardware,
     slot_rmap,
 )
 from kvmspec.reference.ppc.hpt_mmu import HptMmu
 from kvmspec.reference.ppc.hpte import (
     HPTE_GR_RESERVED,
+    HPTE_R_C,
+    HPTE_R_R,
     HPTE_R_RPN,
+    HPTE_V_1TB_SEG,
     HPTE_V_ABSENT,
+    HPTE_V_AVPN,
+    HPTE_V_BOLTED,
     HPTE_V_HVLOCK,
+    HPTE_V_LARGE,
+    HPTE_V_SECONDARY,
     HPTE_V_SOFTWARE,
     HPTE_V_VALID,
     hpte_is_writable,
@@ -47,7 +66,13 @@ from kvmspec.reference.ppc.hpte import (
 )
 from kvmspec.spec.invariants import Violation
 
+GuestEntries = dict[int, tuple[int, int]]
+"""The guest's view of every entry in use, by index: what H_READ returns for it."""
+
 NO_HPTE_OUTSIDE_SLOTS = "S000-NO-HPTE-OUTSIDE-SLOTS"
+STALE_MMIO_CACHE = "stale MMIO cache"
+"""How P7 violations of the MMIO cache begin (the kernel has known ways to leave one: see
+tests/test_ppc_fault.py)."""
 
 
 def usable_slot(kvm: Kvm, gfn: int) -> KvmMemorySlot | None:
@@ -126,4 +151,97 @@ def check_hpt(kvm: Kvm, mmu: HptMmu, host: HostMm) -> list[Violation]:
     for index in sorted(mmu.tlbs.cached()):
         if not hpt.v(index) & HPTE_V_VALID:
             found.append(Violation("P6", f"a TLB still caches invalidated HPTE {index:#x}"))
+    return found
+
+
+def check_mmio_cache(kvm: Kvm, mmu: HptMmu) -> list[Violation]:
+    """P7: every vCPU's MMIO cache entry stamped with the current ``mmio_update`` still
+    describes an MMIO entry the table holds for its address (in either group of its hash,
+    same "v", same "r", and the same guest "r" but for R and C, which H_CLEAR_REF/MOD may
+    change without invalidating the cache).
+
+    kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_hpte_hv_fault, mmio_cache_search;
+    arch/powerpc/kvm/book3s_64_mmu_hv.c:kvmppc_book3s_hv_page_fault (v6.18)
+    """
+    hpt = mmu.hpt
+    found = []
+    compare = HPTE_V_1TB_SEG | HPTE_V_AVPN | HPTE_V_SECONDARY | HPTE_V_LARGE
+    rc = HPTE_R_R | HPTE_R_C
+    for vcpu_id, vcpu in sorted(mmu.vcpu_arch.items()):
+        for entry in vcpu.mmio_cache:
+            if entry.segment is None or entry.mmio_update != mmu.mmio_update:
+                continue
+            group = hpt_hash(hpt, entry.segment, entry.eaddr)
+            want = hpte_encode_v(entry.segment, entry.eaddr)
+            candidates = [
+                (index, want)
+                for index in range(group * HPTES_PER_GROUP, (group + 1) * HPTES_PER_GROUP)
+            ] + [
+                (index, want | HPTE_V_SECONDARY)
+                for index in range(
+                    (group ^ hpt.mask) * HPTES_PER_GROUP, ((group ^ hpt.mask) + 1) * HPTES_PER_GROUP
+                )
+            ]
+            held = any(
+                hpt.v(index) & compare == key
+                and hpt.v(index) & ~HPTE_V_HVLOCK == entry.hpte_v
+                and hpt.r(index) == entry.hpte_r
+                and is_mmio_hpte(hpt.v(index), hpt.r(index))
+                and (hpt.rev_entry(index).guest_rpte ^ entry.rpte) & ~rc == 0
+                for index, key in candidates
+            )
+            if not held:
+                found.append(
+                    Violation(
+                        "P7",
+                        f"{STALE_MMIO_CACHE}: vCPU {vcpu_id}'s entry for ea {entry.eaddr:#x} "
+                        f"(stamp {entry.mmio_update}) is current, the HPT no longer holds it",
+                    )
+                )
+    return found
+
+
+def hpt_guest_entries(kvm: Kvm, mmu: HptMmu) -> GuestEntries:
+    """The guest's view (H_READ) of every entry in use in the current table."""
+    entries = {}
+    for index, (v, _) in sorted(mmu.hpt.hptes.items()):
+        if v & (HPTE_V_VALID | HPTE_V_ABSENT):
+            entries[index] = kvmppc_h_read(kvm, 0, index)[1][0]
+    return entries
+
+
+def _without_rc(entries: GuestEntries, bolted_only: bool) -> Counter[tuple[int, int]]:
+    rc = HPTE_R_R | HPTE_R_C
+    return Counter(
+        (v, r & ~rc) for v, r in entries.values() if not bolted_only or v & HPTE_V_BOLTED
+    )
+
+
+def check_hpt_resize(
+    before: GuestEntries, before_order: int, order: int, ret: int, kvm: Kvm, mmu: HptMmu
+) -> list[Violation]:
+    """P10, after a KVM_PPC_RESIZE_HPT_COMMIT to ``order`` that returned ``ret``, given the
+    guest's view of the table just before it (``before``, of ``before_order``).
+
+    Success: the table has the new order, and its entries are exactly the bolted ones of
+    before, each once (R and C aside: the commit harvests them). Failure: the old table is
+    still the VM's, every entry the guest had still there (the rehash only unmapped them).
+
+    kernel: arch/powerpc/kvm/book3s_64_mmu_hv.c:kvm_vm_ioctl_resize_hpt_commit,
+    resize_hpt_rehash_hpte (v6.18)
+    """
+    after = _without_rc(hpt_guest_entries(kvm, mmu), bolted_only=False)
+    if ret == 0:
+        expected = _without_rc(before, bolted_only=True)
+        if mmu.hpt.order != order:
+            return [Violation("P10", f"commit to order {order} left order {mmu.hpt.order}")]
+    else:
+        expected = _without_rc(before, bolted_only=False)
+        if mmu.hpt.order != before_order:
+            return [Violation("P10", f"failed commit ({ret}) changed the table's order")]
+    found = []
+    for v, r in sorted((after - expected).elements()):
+        found.append(Violation("P10", f"resize kept entry v={v:#x} r={r:#x}, not bolted"))
+    for v, r in sorted((expected - after).elements()):
+        found.append(Violation("P10", f"resize lost entry v={v:#x} r={r:#x}"))
     return found
