@@ -322,7 +322,7 @@ class Arm64Harness:
         errno = run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
         self.log(f"set slot {slot_id} flags {flags:#x} gpa {gpa:#x} pages {npages} -> {errno}")
         if errno == 0:
-            self.dirtied[slot_id].clear()
+            self.dirtied.setdefault(slot_id, set()).clear()
             if npages:
                 self.views[slot_id] = SlotView(gpa // PAGE, npages, flags, hva)
             else:

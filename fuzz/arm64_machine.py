@@ -1,0 +1,174 @@
+"""The arm64 state machine: Hypothesis drives the harness of :mod:`kvmspec.fuzz.arm64_harness`.
+
+A run first picks the VM's configuration: v6.18's aging under mmu_lock or seed 001's
+lockless ager, hardware access-flag updates (FEAT_HAFDBS) or access-flag faults, and eager
+splitting off or in 2 MiB chunks. Each rule then draws the arguments of one harness action
+from the tuples the harness exports and calls it; after every rule the harness checks every
+stage-2 invariant, the memslot invariants, the stage 2 against the slots and the host, and
+what the VMM observes. The harness's log lines become Hypothesis ``note`` lines.
+"""
+
+from __future__ import annotations
+
+from hypothesis import note
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from kvmspec.fuzz import machines
+from kvmspec.fuzz.arm64_harness import (
+    BOOLS,
+    BYTES,
+    DONTNEED_PAGES,
+    FRAMES,
+    HPAGE,
+    KINDS,
+    OFFSETS,
+    PAGES,
+    PROTS,
+    READ_KINDS,
+    SHIFTED_PLACES,
+    SHIFTED_SLOT,
+    SLOT_IDS,
+    THP_SLOT,
+    UNBACKED,
+    VCPUS,
+    Arm64Harness,
+)
+from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
+from kvmspec.reference.arm64.s2_mmu import Stage2Features
+from kvmspec.spec.platforms import ARM64, PlatformProfile
+
+VCPU = st.sampled_from(VCPUS)
+SLOT = st.sampled_from(SLOT_IDS)
+PAGE = st.sampled_from(PAGES)
+BYTE = st.sampled_from(BYTES)
+AGING = ("clear_flush_young", "clear_young", "test_young")
+
+
+class Arm64Machine(RuleBasedStateMachine):
+    profile: PlatformProfile
+    mmu_classes: tuple[type[Arm64Mmu], ...]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.harness: Arm64Harness | None = None
+        self.calls: list[str] = []
+
+    @property
+    def vm(self) -> Arm64Harness:
+        assert self.harness is not None, "the run has not been set up"
+        return self.harness
+
+    def _do(self, method: str, *args: object) -> None:
+        self.calls.append(f"{method}{args!r}")
+        getattr(self.vm, method)(*args)
+
+    @initialize(data=st.data())
+    def set_up(self, data: st.DataObject) -> None:
+        cls = data.draw(st.sampled_from(self.mmu_classes), label="mmu")
+        hardware_af = data.draw(st.booleans(), label="hardware AF")
+        split = data.draw(st.sampled_from((0, HPAGE)), label="split chunk")
+        note(f"{cls.__name__}, hardware AF {hardware_af}, split chunk {split:#x}")
+        self.harness = Arm64Harness(
+            self.profile, cls, Stage2Features(ha=hardware_af), split, log=note
+        )
+
+    # -- the guest ------------------------------------------------------------------------------
+
+    @rule(
+        vcpu=VCPU,
+        slot=SLOT,
+        page=PAGE,
+        offset=st.sampled_from(OFFSETS),
+        kind=st.sampled_from(READ_KINDS),
+    )
+    def guest_read(self, vcpu: int, slot: int, page: int, offset: int, kind: str) -> None:
+        self._do("guest_read", vcpu, slot, page, offset, kind)
+
+    @rule(vcpu=VCPU, slot=SLOT, page=PAGE, byte=BYTE)
+    def guest_store(self, vcpu: int, slot: int, page: int, byte: int) -> None:
+        self._do("guest_store", vcpu, slot, page, byte)
+
+    @rule(vcpu=VCPU, where=st.sampled_from(sorted(UNBACKED)), kind=st.sampled_from(KINDS))
+    def guest_unbacked(self, vcpu: int, where: str, kind: str) -> None:
+        self._do("guest_unbacked", vcpu, where, kind)
+
+    @rule(vcpu=VCPU, slot=SLOT, page=PAGE, value=BYTE)
+    def race_fault_with_dontneed(self, vcpu: int, slot: int, page: int, value: int) -> None:
+        self._do("race_fault_with_dontneed", vcpu, slot, page, value)
+
+    # -- the host -------------------------------------------------------------------------------
+
+    @rule(slot=SLOT, page=PAGE, value=BYTE)
+    def host_write(self, slot: int, page: int, value: int) -> None:
+        self._do("host_write", slot, page, value)
+
+    @rule(slot=SLOT, page=PAGE, n=st.sampled_from(DONTNEED_PAGES))
+    def madvise_dontneed(self, slot: int, page: int, n: int) -> None:
+        self._do("madvise_dontneed", slot, page, n)
+
+    @rule(slot=SLOT, page=PAGE, prot=st.sampled_from(PROTS))
+    def mprotect(self, slot: int, page: int, prot: int) -> None:
+        self._do("mprotect", slot, page, prot)
+
+    @rule(slot=SLOT, page=PAGE)
+    def munmap(self, slot: int, page: int) -> None:
+        self._do("munmap", slot, page)
+
+    @rule(
+        slot=st.sampled_from((THP_SLOT, SHIFTED_SLOT)),
+        frame=st.sampled_from(FRAMES),
+        collapse=st.sampled_from(BOOLS),
+    )
+    def thp(self, slot: int, frame: int, collapse: bool) -> None:
+        self._do("thp", slot, frame, collapse)
+
+    @rule(slot=SLOT, page=PAGE, how=st.sampled_from(AGING))
+    def age(self, slot: int, page: int, how: str) -> None:
+        self._do("age", slot, page, how)
+
+    @rule()
+    def release(self) -> None:
+        self._do("release")
+
+    # -- memslots and dirty logging -------------------------------------------------------------
+
+    @rule(place=st.sampled_from(SHIFTED_PLACES), readonly=st.sampled_from(BOOLS))
+    def place_shifted_slot(self, place: int | None, readonly: bool) -> None:
+        self._do("place_shifted_slot", place, readonly)
+
+    @rule(slot=SLOT)
+    def toggle_log(self, slot: int) -> None:
+        self._do("toggle_log", slot)
+
+    @rule(slot=SLOT)
+    def get_dirty_log(self, slot: int) -> None:
+        self._do("get_dirty_log", slot)
+
+    # -- the rules, after every step ------------------------------------------------------------
+
+    @invariant()
+    def rules_hold(self) -> None:
+        if self.harness is not None:
+            self.harness.check()
+
+    def teardown(self) -> None:
+        if self.harness is None:
+            return  # the run stopped before its set-up
+        checks = self.harness.checks
+        machines.STATS["steps"] += checks
+        machines.STATS["invariant_checks"] += checks
+        machines.LAST_RUN["trace"] = "\n".join(self.calls) + "\n"
+        machines.LAST_RUN["suffix"] = ".actions.txt"
+        machines.LAST_RUN.pop("reproducer", None)
+
+
+def arm64_machine(
+    profile: PlatformProfile = ARM64,
+    mmu_classes: tuple[type[Arm64Mmu], ...] = (Arm64Mmu, Arm64MmuLocklessAging),
+) -> type[Arm64Machine]:
+    """The machine on ``profile`` (arm64), each run on one of ``mmu_classes`` (the kernel's
+    MMU and seed 001's lockless ager by default; a test passes a planted bug)."""
+    names = "+".join(cls.__name__ for cls in mmu_classes)
+    name = f"Arm64Machine[{profile.name}, {names}]"
+    return type(name, (Arm64Machine,), {"profile": profile, "mmu_classes": tuple(mmu_classes)})
