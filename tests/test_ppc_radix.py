@@ -9,8 +9,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import settings
+from hypothesis.stateful import run_state_machine_as_test
 
+from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.radix_machine import RadixMachine
 from kvmspec.reference import kvm_main
+from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm, HostPte
 from kvmspec.reference.kvm import Kvm
@@ -46,7 +51,7 @@ from kvmspec.reference.ppc.radix_pgtable import (
 from kvmspec.spec.invariants.ppc_radix import check_radix
 from kvmspec.spec.platforms import PPC64_HV
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
-from kvmspec.spec.uapi.memslot_rules import MemoryRegion
+from kvmspec.spec.uapi.memslot_rules import MemoryRegion, MrChange
 
 PPC64_RADIX = replace(PPC64_HV, name="ppc64-hv-radix", mmu="radix")
 PAGE = PPC64_RADIX.page_size  # 64 KiB
@@ -469,3 +474,40 @@ def test_a_fault_during_an_open_invalidation_is_caught() -> None:
         "N5: leaf gpa 0x1000000 (64 KiB) maps a gfn that is being invalidated"
     ]
     assert run_to_completion(zap) == 0
+
+
+# -- the state machine ----------------------------------------------------------------------------
+
+
+MACHINE_SETTINGS = settings(
+    max_examples=25, stateful_step_count=30, deadline=None, database=None, derandomize=True
+)
+
+
+def test_the_radix_machine_finds_nothing_on_the_model() -> None:
+    run_state_machine_as_test(RadixMachine, settings=MACHINE_SETTINGS)
+
+
+class LoggingWithoutFlush(RadixMmu):
+    """The planted bug: turning dirty logging on does not flush the slot, so huge leaves
+    stay where logging needs base pages."""
+
+    def kvm_arch_commit_memory_region(
+        self,
+        kvm: Kvm,
+        old: KvmMemorySlot | None,
+        new: KvmMemorySlot | None,
+        change: MrChange,
+    ) -> None:
+        KvmArch.kvm_arch_commit_memory_region(self, kvm, old, new, change)
+
+
+class BrokenRadixMachine(RadixMachine):
+    mmu_factory = LoggingWithoutFlush
+
+
+def test_the_radix_machine_finds_a_missing_flush_when_logging_starts() -> None:
+    with pytest.raises(RulesBroken, match=r"R1: leaf gpa 0x\w+ \(2048 KiB\) in dirty-logged slot"):
+        run_state_machine_as_test(
+            BrokenRadixMachine, settings=settings(MACHINE_SETTINGS, max_examples=200)
+        )
