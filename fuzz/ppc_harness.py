@@ -434,9 +434,8 @@ class PpcHarness:
             )
             return
         if access.outcome is Access.MMIO and kvmppc_hv_vcpu(self.kvm, vcpu).pgfault_cache:
-            self.found.append(
-                f"P7: {STALE_MMIO_CACHE}: hit for ea {ea:#x}, emulating RAM gpa {gpa:#x}"
-            )
+            stale = f"P7: {STALE_MMIO_CACHE}: a hit for ea {ea:#x} emulates RAM at {gpa:#x}"
+            self.found.append(stale)
             return
         hva = self.hvas[place[0]] + place[1] * PAGE
         if hva in self.unmapped or (write and hva in self.readonly):

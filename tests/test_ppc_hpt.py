@@ -1,7 +1,8 @@
 """POWER Book3S HV with a hashed page table: the hypercalls' return codes, table by table;
 the guest's view through H_READ (P4); R and C read after the tlbie (P3); the H_ENTER race
 with an MMU notifier (P5); seed 000 (a deleted or moved slot leaves no translation); and a
-state machine that checks the chains and the P-invariants after every step.
+state machine (kvmspec.fuzz.ppc_machine) that checks the chains and the P-invariants after every
+step.
 
 The white-box check of the HPT (P1, P2, P4-P7, P9, seed 000) is
 ``kvmspec.spec.invariants.ppc.check_hpt``.
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import errno
 
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
+from kvmspec.fuzz.ppc_machine import ppc_machine
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
@@ -46,7 +45,6 @@ from kvmspec.reference.ppc.hpt import (
     chain_members,
     hpt_hash,
     hpte_encode_v,
-    hpte_valid_in_hardware,
     kvmppc_hv_find_lock_hpte,
     slot_rmap,
     unlock_hpte,
@@ -470,150 +468,12 @@ def test_seed_000_a_missing_flush_is_caught() -> None:
     assert vm.mmu.guest_access(0, used[8], write=True)  # the guest writes freed memory
 
 
-# -- the state machine -----------------------------------------------------------------------------
+# -- the state machine (kvmspec.fuzz.ppc_machine) -------------------------------------------------
 
-
-class HptMachine(RuleBasedStateMachine):
-    """Hypercalls, guest accesses, host invalidations, aging, dirty harvests and memslot
-    deletion, re-creation and moves, in any order; every invariant after each step, and
-    the guest's view of every entry against what the guest asked for (P4)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.vm = PpcVm()
-        self.entered: dict[int, tuple[int, int]] = {}  # index -> the guest's (v, r)
-        self.slot1_gfn: int | None = RAM1_GFN
-
-    def _gfn(self, choice: int) -> int:
-        return [RAM0_GFN, RAM0_GFN + 3, MMIO_GFN, RAM1_GFN, RAM1_GFN + 1, 16, 17][choice]
-
-    def _used(self) -> list[int]:
-        return sorted(self.entered)
-
-    @rule(
-        group=st.integers(0, 3),
-        slot=st.integers(0, 7),
-        exact=st.booleans(),
-        gfn=st.integers(0, 6),
-        pp=st.sampled_from([PP_RWXX, PP_RXRX]),
-        avpn=st.integers(0, 3),
-    )
-    def h_enter(self, group: int, slot: int, exact: bool, gfn: int, pp: int, avpn: int) -> None:
-        v, r = avpn_v(avpn), ram_r(self._gfn(gfn), pp)
-        status, index = self.vm.enter(8 * group + slot, v, r, H_EXACT if exact else 0)
-        if status == H_SUCCESS:
-            self.entered[index] = (v, r)
-        else:
-            assert status == H_PTEG_FULL
-
-    @precondition(lambda self: self.entered)
-    @rule(data=st.data(), how=st.sampled_from([0, H_AVPN, H_ANDCOND]))
-    def h_remove(self, data: st.DataObject, how: int) -> None:
-        index = data.draw(st.sampled_from(self._used()))
-        v, r = self.entered[index]
-        # H_AVPN names the entry's AVPN; H_ANDCOND a bit no entry here has (BOLTED).
-        argument = {0: 0, H_AVPN: v, H_ANDCOND: 0x10}[how]
-        status, got_v, got_r = kvmppc_do_h_remove(self.vm.kvm, how, index, argument)
-        assert status == H_SUCCESS and got_v == v | HPTE_V_VALID
-        assert got_r & ~(HPTE_R_R | HPTE_R_C) == r
-        del self.entered[index]
-
-    @precondition(lambda self: self.entered)
-    @rule(data=st.data())
-    def h_bulk_remove(self, data: st.DataObject) -> None:
-        picked = data.draw(st.lists(st.sampled_from(self._used()), max_size=4, unique=True))
-        args = []
-        for index in picked:
-            args += [H_BULK_REMOVE_REQUEST | index, 0]
-        args += [H_BULK_REMOVE_END, 0] * (4 - len(picked))
-        status, out = kvmppc_h_bulk_remove(self.vm.kvm, args)
-        assert status == H_SUCCESS
-        for n, index in enumerate(picked):
-            assert out[2 * n] >> 56 & 0xF0 == 0x80
-            del self.entered[index]
-
-    @precondition(lambda self: self.entered)
-    @rule(data=st.data(), pp=st.sampled_from([PP_RWXX, PP_RXRX]))
-    def h_protect(self, data: st.DataObject, pp: int) -> None:
-        index = data.draw(st.sampled_from(self._used()))
-        was_writable = hpte_valid_in_hardware(self.vm.mmu.hpt, index) and hpte_is_writable(
-            self.vm.mmu.hpt.r(index)
-        )
-        was_valid = hpte_valid_in_hardware(self.vm.mmu.hpt, index)
-        assert kvmppc_h_protect(self.vm.kvm, pp, index, 0) == H_SUCCESS
-        v, r = self.entered[index]
-        self.entered[index] = (v, (r & ~3) | pp)
-        if was_valid and not was_writable:
-            assert not hpte_is_writable(self.vm.mmu.hpt.r(index))  # P8
-
-    @precondition(lambda self: self.entered)
-    @rule(data=st.data(), mod=st.booleans())
-    def h_clear_ref_or_mod(self, data: st.DataObject, mod: bool) -> None:
-        index = data.draw(st.sampled_from(self._used()))
-        clear = kvmppc_h_clear_mod if mod else kvmppc_h_clear_ref
-        status, gr = clear(self.vm.kvm, 0, index)
-        assert status == H_SUCCESS and gr & ~(HPTE_R_R | HPTE_R_C) == self.entered[index][1]
-
-    @precondition(lambda self: self.entered)
-    @rule(data=st.data(), vcpu=st.integers(0, 1), write=st.booleans())
-    def guest_access(self, data: st.DataObject, vcpu: int, write: bool) -> None:
-        index = data.draw(st.sampled_from(self._used()))
-        self.vm.mmu.guest_access(vcpu, index, write)
-
-    @rule(slot=st.integers(0, 1), page=st.integers(0, SLOT_PAGES - 1))
-    def host_drops_a_page(self, slot: int, page: int) -> None:
-        assert self.vm.host.madvise_dontneed(self.vm.hvas[slot] + page * PAGE, PAGE) == 0
-
-    @rule(slot=st.integers(0, 1), page=st.integers(0, SLOT_PAGES - 1))
-    def host_writes_a_page(self, slot: int, page: int) -> None:
-        assert self.vm.host.host_write(self.vm.hvas[slot] + page * PAGE, b"h") == 0
-
-    @rule(slot=st.integers(0, 1))
-    def host_ages(self, slot: int) -> None:
-        hva = self.vm.hvas[slot]
-        kvm_mmu_notifier_clear_young(self.vm.kvm, hva, hva + SLOT_PAGES * PAGE)
-
-    @precondition(lambda self: self.slot1_gfn is not None)
-    @rule()
-    def get_dirty_log(self) -> None:
-        status, _ = run_to_completion(kvm_vm_ioctl_get_dirty_log_hv(self.vm.kvm, 1))
-        assert status == 0
-
-    @rule(gfn=st.sampled_from([None, RAM1_GFN, 16]))
-    def update_slot1(self, gfn: int | None) -> None:
-        """Delete slot 1, create it, or move it between gfn 8 and gfn 16."""
-        pages = 0 if gfn is None else SLOT_PAGES
-        base = gfn if gfn is not None else self.slot1_gfn
-        if base is None:
-            return
-        hva = self.vm.hvas[1]
-        assert self.vm.set_region(1, KVM_MEM_LOG_DIRTY_PAGES, base, hva, pages) == 0
-        self.slot1_gfn = gfn
-
-    @precondition(lambda self: self.entered)
-    @rule(data=st.data())
-    def h_enter_racing_an_invalidation(self, data: st.DataObject) -> None:
-        free = [i for i in range(8 * 4, 8 * 5) if i not in self.entered]
-        if not free:
-            return
-        v, r = avpn_v(7), ram_r(RAM0_GFN)
-        h_enter = kvmppc_do_h_enter(self.vm.kvm, self.vm.host, H_EXACT, free[0], v, r)
-        status, index = h_enter_racing_dontneed(self.vm, h_enter)
-        assert status == H_SUCCESS
-        self.entered[index] = (v, r)
-
-    @invariant()
-    def hpt_is_consistent(self) -> None:
-        assert self.vm.violations() == []
-
-    @invariant()
-    def the_guest_reads_what_it_entered(self) -> None:
-        for index, (v, r) in self.entered.items():
-            got_v, got_r = kvmppc_h_read(self.vm.kvm, 0, index)[1][0]
-            assert got_v == v | HPTE_V_VALID
-            assert got_r & ~(HPTE_R_R | HPTE_R_C) == r
-
-
+HptMachine = ppc_machine(PPC64_HV)
+"""Hypercalls, guest accesses through the fault path, host invalidations, aging, dirty
+harvests, memslot changes, HPT resizes and races, in any order; every invariant after each
+step, and the guest's view of every entry against what the guest entered (P4)."""
 TestHptMachine = HptMachine.TestCase
 
 

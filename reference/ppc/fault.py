@@ -401,6 +401,7 @@ def _kvmppc_book3s_hv_page_fault(
         r = (r & HPTE_R_KEY_HI) | (r & ~(HPTE_R_PP0 - mask_size)) | (hpa & ~(mask_size - 1))
         if hpte_is_writable(r) and not write_ok:
             r = hpte_make_readonly(r)  # P9
+        yield Preempt("HV page fault: host PTE read, taking the HPTE lock")
         return _install(kvm, hpt, index, (hpte_v, hpte_r, guest_r), r, memslot, gfn_base, mmu_seq)
     finally:
         if page is not None:

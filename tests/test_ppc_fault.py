@@ -1,0 +1,410 @@
+"""POWER Book3S HV: the HPT fault path (P5, P7, P9, seed 000) and HPT resizing (P10), on the
+harness of kvmspec.fuzz.ppc_harness.
+
+The faults: an ABSENT entry becomes valid only if no invalidation ran since the fault's
+sequence snapshot; an MMIO entry never becomes valid, and its per-vCPU cache follows
+``mmio_update``; a deleted slot's page is MMIO; a read-only host page gives a read-only
+entry. The resize: exactly the bolted entries move, rehashed; a resize that keeps another
+is caught. Seed 000: a removal path that ignores INVALID slots is caught. And a finding:
+the kernel's MMIO cache can keep an entry the HPT no longer holds.
+"""
+
+from __future__ import annotations
+
+from errno import EBUSY, EINVAL, ENOSPC, ENXIO
+
+import pytest
+
+from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.ppc_harness import (
+    EAS,
+    GFNS,
+    KNOWN_KERNEL_FINDINGS,
+    MMIO_GFN,
+    PAGE,
+    RAM0_GFN,
+    RAM1_GFN,
+    SEGMENT,
+    PpcHarness,
+    race,
+)
+from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
+from kvmspec.reference.ppc import fault, hpt, resize
+from kvmspec.reference.ppc.fault import (
+    DSISR_NOHPTE,
+    Access,
+    HptAccess,
+    kvmppc_hpt_guest_access,
+    kvmppc_hv_vcpu,
+)
+from kvmspec.reference.ppc.hcalls import kvmppc_do_h_remove, kvmppc_h_read
+from kvmspec.reference.ppc.hpte import (
+    HPTE_R_KEY,
+    HPTE_V_ABSENT,
+    HPTE_V_VALID,
+    hpte_is_writable,
+    is_mmio_hpte,
+)
+from kvmspec.reference.ppc.resize import (
+    RESIZE_HPT_ESTIMATE_MS,
+    kvm_vm_ioctl_resize_hpt_commit,
+    kvm_vm_ioctl_resize_hpt_prepare,
+)
+from kvmspec.spec.invariants.ppc import check_hpt, check_mmio_cache
+
+EA0, EA1, EA2, EA_HIGH0 = 0, 1, 2, 8
+"""Indexes into EAS: 0x0, 0x1000, 0x2000, and 0x80_0000 (EA0's group at order 18)."""
+SLOT0_PAGE, SLOT0_PAGE3, MMIO, SLOT1_PAGE, SLOT1_PAGE2 = 0, 2, 3, 4, 5
+"""Indexes into GFNS."""
+
+
+def harness(**kwargs: tuple[str, ...]) -> PpcHarness:
+    return PpcHarness(**kwargs)
+
+
+def access(h: PpcHarness, ea_i: int, write: bool, vcpu: int = 0) -> HptAccess:
+    op = kvmppc_hpt_guest_access(h.kvm, h.host, vcpu, SEGMENT, EAS[ea_i], write)
+    return run_to_completion(op)
+
+
+def index_of(h: PpcHarness, ea_i: int) -> int:
+    index = h.index_of(EAS[ea_i])
+    assert index is not None
+    return index
+
+
+def steps(op: KernelOp[HptAccess], n: int) -> None:
+    for _ in range(n):
+        assert isinstance(next(op), Preempt)
+
+
+# -- P5: an absent entry becomes valid only after the retry check ------------------------------
+
+
+def test_an_absent_hpte_becomes_valid_only_after_the_retry_check() -> None:
+    """The host dropped the page: H_ENTER makes the entry ABSENT. The guest's access
+    traps; the fault resolves the page, and just before it takes the locks the host drops
+    the page again. The sequence check sends the guest back without installing anything;
+    the re-executed access faults again and maps the page the host now has."""
+    h = harness()
+    h.host_dontneed(0, 0)
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    index = index_of(h, EA0)
+    assert h.mmu.hpt.v(index) & HPTE_V_ABSENT
+    op = kvmppc_hpt_guest_access(h.kvm, h.host, 0, SEGMENT, EAS[EA0], True)
+    steps(op, 4)  # real mode, snapshot, page resolved, host PTE read: about to install
+    seq = h.kvm.mmu_invalidate_seq
+    h.host_dontneed(0, 0)
+    assert h.kvm.mmu_invalidate_seq != seq
+    assert isinstance(next(op), Preempt)  # the install retried: a new round of faults
+    assert h.mmu.hpt.v(index) & HPTE_V_ABSENT
+    done = run_to_completion(op)
+    assert done == HptAccess(Access.DONE, index=index)
+    assert h.mmu.hpt.v(index) & HPTE_V_VALID
+    h.check()
+
+
+def test_without_the_retry_check_the_fault_installs_a_page_the_host_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: the fault path never retries. The page it resolved is gone by the
+    time it installs it, and the check sees a valid entry the host does not back (P5)."""
+    monkeypatch.setattr(fault, "mmu_invalidate_retry", lambda kvm, seq: False)
+    h = harness()
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    h.host_dontneed(0, 0)
+    op = kvmppc_hpt_guest_access(h.kvm, h.host, 0, SEGMENT, EAS[EA0], False)
+    steps(op, 4)
+    h.host_dontneed(0, 0)
+    assert run_to_completion(op).outcome is Access.DONE
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    assert broken.value.violations == [
+        f"P5: valid HPTE {index_of(h, EA0):#x} maps a page the host no longer maps there"
+    ]
+
+
+# -- P7: MMIO entries and the MMIO cache ---------------------------------------------------------
+
+
+def test_an_mmio_hpte_never_becomes_valid_and_its_cache_follows_mmio_update() -> None:
+    """An entry for a gpa in no slot is ABSENT with key 31. Every access is emulated: the
+    first one finds the entry by its hash and caches it, the next ones use the cache. A
+    memslot change bumps ``mmio_update``: the cache entry no longer counts, and the access
+    looks at the table again. The entry itself is never made valid."""
+    h = harness()
+    h.h_enter(EA1, MMIO, True, False, False, -1)
+    index = index_of(h, EA1)
+    gpa = GFNS[MMIO] * PAGE + 0x1000 + 0x000
+    assert is_mmio_hpte(h.mmu.hpt.v(index), h.mmu.hpt.r(index))
+    vcpu = kvmppc_hv_vcpu(h.kvm, 0)
+    assert access(h, EA1, False) == HptAccess(Access.MMIO, gpa=gpa)
+    assert vcpu.pgfault_cache is None  # found by the hash search, cached for next time
+    assert access(h, EA1, True) == HptAccess(Access.MMIO, gpa=gpa)
+    assert vcpu.pgfault_cache is not None and vcpu.pgfault_cache.pte_index == index
+    stamp = h.mmu.mmio_update
+    _, spare = h.host.mmap(PAGE, 3)
+    assert h.set_region(2, 0, 32, spare, pages=1) == 0  # another slot: the cache is void
+    assert h.mmu.mmio_update == stamp + 1
+    assert access(h, EA1, False) == HptAccess(Access.MMIO, gpa=gpa)
+    assert vcpu.pgfault_cache is None
+    assert not h.mmu.hpt.v(index) & HPTE_V_VALID
+    h.check()
+
+
+def test_an_mmio_cache_entry_the_hpt_no_longer_holds_is_caught() -> None:
+    """The planted bug: the guest removes the MMIO entry and ``mmio_update`` does not move
+    (as if H_REMOVE forgot its bump). vCPU 0's cache still vouches for the entry."""
+    h = harness()
+    h.h_enter(EA1, MMIO, True, False, False, -1)
+    assert access(h, EA1, False).outcome is Access.MMIO
+    stamp = h.mmu.mmio_update
+    assert kvmppc_do_h_remove(h.kvm, 0, index_of(h, EA1), 0)[0] == 0
+    h.mmu.mmio_update = stamp
+    assert [str(v) for v in check_mmio_cache(h.kvm, h.mmu)] == [
+        "P7: stale MMIO cache: vCPU 0's entry for ea 0x1000 (stamp 2) is current, "
+        "the HPT no longer holds it"
+    ]
+
+
+def test_kernel_finding_a_stale_mmio_cache_entry_emulates_ram_as_mmio() -> None:
+    """A finding about v6.18, reported by the checks (the fuzzing runs let it pass, see
+    KNOWN_KERNEL_FINDINGS). The guest's MMIO entry for a gpa that a new slot now covers: the
+    first access misses the cache, caches the MMIO entry with the *current* stamp, and
+    virtual mode (which was not handed that cache entry) maps the RAM, making the entry
+    valid. The cache now vouches for an MMIO entry that is gone. Once the host takes the
+    page away (no ``mmio_update`` bump for that), the next access hits the cache and is
+    emulated as MMIO although the gpa is RAM."""
+    h = harness()
+    h.change_slot1(None)
+    h.h_enter(EA2, SLOT1_PAGE, True, False, False, -1)
+    index = index_of(h, EA2)
+    assert is_mmio_hpte(h.mmu.hpt.v(index), h.mmu.hpt.r(index))
+    h.change_slot1(RAM1_GFN)  # a slot under the MMIO entry
+    assert access(h, EA2, False) == HptAccess(Access.DONE, index=index)
+    assert not h.mmu.hpt.r(index) & HPTE_R_KEY  # RAM now, with the guest's key
+    with pytest.raises(RulesBroken, match="stale MMIO cache: vCPU 0's entry for ea 0x2000"):
+        h.check()
+    h.host_dontneed(1, 0)
+    h.guest_access(0, EA2, False)
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    gpa = RAM1_GFN * PAGE + 0x2000
+    assert f"P7: stale MMIO cache: a hit for ea 0x2000 emulates RAM at {gpa:#x}" in (
+        broken.value.violations
+    )
+    tolerant = harness(tolerated=KNOWN_KERNEL_FINDINGS)
+    tolerant.change_slot1(None)
+    tolerant.h_enter(EA2, SLOT1_PAGE, True, False, False, -1)
+    tolerant.change_slot1(RAM1_GFN)
+    tolerant.guest_access(0, EA2, False)
+    tolerant.check()
+
+
+# -- seed 000 and P9 --------------------------------------------------------------------------
+
+
+def test_a_fault_on_a_deleted_slots_page_is_mmio() -> None:
+    """Slot 1 is deleted: its entries become ABSENT (the flush), the next access traps and
+    finds no slot: MMIO. While the slot is INVALID (deleted, not yet flushed) the fault
+    path must not map it either: it emulates MMIO too."""
+    h = harness()
+    h.h_enter(EA0, SLOT1_PAGE, True, False, False, -1)
+    h.h_enter(EA1, SLOT1_PAGE2, True, False, False, -1)
+    assert access(h, EA0, True).outcome is Access.DONE
+    h.change_slot1(None)
+    assert h.mmu.hpt.v(index_of(h, EA0)) & HPTE_V_ABSENT
+    gpa = RAM1_GFN * PAGE
+    assert access(h, EA0, False) == HptAccess(Access.MMIO, gpa=gpa)
+    h.check()
+    h.change_slot1(RAM1_GFN)
+    # A fault that reaches virtual mode while a DELETE has published the INVALID slot.
+    update = h._slot1_op(None)
+    assert update is not None
+    while (slot := h.kvm.memslots(0).id_to_memslot(1)) is None or not slot.invalid:
+        next(update)
+    outcome = access(h, EA1, False)
+    assert outcome == HptAccess(Access.MMIO, gpa=(RAM1_GFN + 2) * PAGE + 0x1000)
+    run_to_completion(update)
+    h.check()
+
+
+def test_a_read_only_host_page_gets_a_read_only_hpte() -> None:
+    """P9. The VMM makes a page read-only: a load maps it read-only although the guest's
+    entry is read-write, and a store is refused by the host (EFAULT), the entry staying
+    read-only. A page the host maps read-only only until written (the zero page) is
+    mapped read-only by a load, and a store breaks copy-on-write and maps it writable."""
+    h = harness()
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    index = index_of(h, EA0)
+    assert access(h, EA0, True).outcome is Access.DONE
+    h.host_mprotect(0, 0, False)
+    assert h.mmu.hpt.v(index) & HPTE_V_ABSENT  # the mprotect invalidated it
+    assert access(h, EA0, False) == HptAccess(Access.DONE, index=index)
+    assert not hpte_is_writable(h.mmu.hpt.r(index))
+    assert hpte_is_writable(kvmppc_h_read(h.kvm, 0, index)[1][0][1])  # the guest's view: RW
+    assert access(h, EA0, True).outcome is Access.EFAULT
+    assert not hpte_is_writable(h.mmu.hpt.r(index))
+    h.check()
+    # The zero page: read-only after a load, writable after a store.
+    h.h_enter(EA1, SLOT0_PAGE3, True, False, False, -1)
+    other = index_of(h, EA1)
+    h.host_dontneed(0, 3)
+    assert access(h, EA1, False).outcome is Access.DONE
+    assert not hpte_is_writable(h.mmu.hpt.r(other))
+    assert access(h, EA1, True) == HptAccess(Access.DONE, index=other)
+    assert hpte_is_writable(h.mmu.hpt.r(other))
+    h.check()
+
+
+def test_seed_000_a_removal_path_that_ignores_invalid_slots_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 000: "we do still need to be able to handle references going away" while a
+    slot is INVALID. The guest removes one of two entries for a slot-1 page while slot 1
+    is being deleted (INVALID, not yet flushed), and reuses the index for a slot-0 page.
+    The kernel's removal finds the INVALID slot and unlinks the entry; the planted
+    version, which looks up only usable slots, leaves it on slot 1's chain, where the
+    flush follows it into slot 0's chain and misses the other entry of slot 1."""
+
+    def play(h: PpcHarness) -> None:
+        h.h_enter(EA0, SLOT1_PAGE, True, False, False, -1)
+        h.h_enter(EA1, SLOT1_PAGE, True, False, False, -1)
+        assert access(h, EA0, True).outcome is Access.DONE
+        h.hcalls_while_slot1_invalid(False, EA0, SLOT0_PAGE)
+
+    kernel = harness()
+    play(kernel)
+    kernel.check()
+
+    def usable_only(kvm: object, hpte_v: int, guest_r: int) -> tuple[object, int]:
+        slot, gfn = original(kvm, hpte_v, guest_r)
+        return (None, gfn) if slot is not None and slot.invalid else (slot, gfn)
+
+    original = hpt.revmap_for_hpte
+    monkeypatch.setattr(hpt, "revmap_for_hpte", usable_only)
+    planted = harness()
+    play(planted)
+    with pytest.raises(RulesBroken) as broken:
+        planted.check()
+    assert any(line.startswith("S000-NO-HPTE-OUTSIDE-SLOTS") for line in broken.value.violations)
+
+
+# -- P10: HPT resize -----------------------------------------------------------------------------
+
+
+def resized(h: PpcHarness, order: int) -> int:
+    assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 0, order) == RESIZE_HPT_ESTIMATE_MS
+    h.resize_work()
+    assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 0, order) == 0
+    commit: int = run_to_completion(h._resize_op(order))
+    return commit
+
+
+def enter_mixed(h: PpcHarness) -> None:
+    """Bolted and non-bolted entries, RAM and MMIO, used by the guest."""
+    h.h_enter(EA0, SLOT0_PAGE, True, True, False, -1)
+    h.h_enter(EA1, SLOT1_PAGE, True, False, False, -1)
+    h.h_enter(EA2, SLOT1_PAGE2, True, True, True, -1)
+    h.h_enter(3, MMIO, True, True, False, -1)
+    h.h_enter(4, SLOT0_PAGE3, False, False, False, -1)
+    for ea_i in (EA0, EA1, EA2, 3, 4):
+        h.guest_access(0, ea_i, ea_i != 4)
+    h.check()
+
+
+def test_resize_keeps_exactly_the_bolted_entries() -> None:
+    """P10: after a commit to a larger table, the guest's table holds its three bolted
+    entries (one in a secondary group, one MMIO), each where the new hash puts it, ABSENT;
+    the others are gone, and every rmap chain is empty. The bolted ones fault back in."""
+    h = harness()
+    enter_mixed(h)
+    assert resized(h, 20) == 0
+    h.check()  # check_hpt_resize found exactly the bolted entries; the harness found them
+    assert h.mmu.hpt.order == 20
+    assert sorted(entry.ea for entry in h.entered.values()) == [EAS[EA0], EAS[EA2], EAS[3]]
+    assert all(v & HPTE_V_ABSENT for v, _ in h.mmu.hpt.hptes.values())
+    for slot in h.kvm.memslots(0):
+        assert not any(hpt.slot_rmap(slot).words.get(o, 0) & (1 << 32) for o in range(4))
+    for ea_i in (EA0, EA2, 3, EA1):
+        h.guest_access(1, ea_i, True)
+    h.check()
+
+
+def test_a_resize_that_keeps_a_non_bolted_entry_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planted bug: the rehash tests ABSENT where it should test BOLTED, and every entry
+    is ABSENT after its unmap, so every entry moves."""
+    monkeypatch.setattr(resize, "HPTE_V_BOLTED", HPTE_V_ABSENT)
+    h = harness()
+    enter_mixed(h)
+    assert resized(h, 20) == 0
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    kept = [line for line in broken.value.violations if line.startswith("P10: resize kept")]
+    assert len(kept) == 2  # EA1's and EA 4's entries
+
+
+def test_a_resize_that_drops_a_bolted_entry_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planted bug: the rehash knows no bolted entry, and copies nothing."""
+    monkeypatch.setattr(resize, "HPTE_V_BOLTED", 0)
+    h = harness()
+    enter_mixed(h)
+    assert resized(h, 20) == 0
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    assert sum(line.startswith("P10: resize lost") for line in broken.value.violations) == 3
+    assert sum("not at its hash" in line for line in broken.value.violations) == 3
+
+
+def test_resize_return_codes() -> None:
+    """The ioctls' answers, in the kernel's order of checks: arguments, then the pending
+    request (none or another order: ENXIO; still allocating: EBUSY), then the rehash
+    (ENOSPC when two bolted entries meet in a smaller table, the old table staying, its
+    entries unmapped but the guest's view intact)."""
+    h = harness()
+    assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 1, 20) == -EINVAL
+    assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 0, 17) == -EINVAL
+    assert run_to_completion(kvm_vm_ioctl_resize_hpt_commit(h.kvm, 0, 47)) == -EINVAL
+    assert run_to_completion(kvm_vm_ioctl_resize_hpt_commit(h.kvm, 0, 20)) == -ENXIO
+    assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 0, 20) == RESIZE_HPT_ESTIMATE_MS
+    assert run_to_completion(kvm_vm_ioctl_resize_hpt_commit(h.kvm, 0, 20)) == -EBUSY
+    assert h.mmu.resize_hpt is None  # the commit dropped the request
+    assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 0, 20) == RESIZE_HPT_ESTIMATE_MS
+    assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 0, 0) == 0  # cancelled
+    assert h.mmu.resize_hpt is None
+    # Two bolted entries in slot 0 of groups that become one at order 18.
+    h.h_enter(EA0, SLOT0_PAGE, True, True, False, -1)
+    h.h_enter(EA_HIGH0, SLOT0_PAGE, True, True, False, -1)
+    assert index_of(h, EA0) % 8 == index_of(h, EA_HIGH0) % 8 == 0
+    assert h.mmu.hpt.hptes and access(h, EA0, True).outcome is Access.DONE
+    assert resized(h, 18) == -ENOSPC
+    assert h.mmu.hpt.order == 19 and h.mmu.mmu_ready
+    h.check()  # the old table, the guest's entries unchanged
+    assert access(h, EA_HIGH0, False).outcome is Access.DONE
+
+
+def test_a_fault_racing_a_resize_commit_retries_on_the_new_table() -> None:
+    """A vCPU's fault is about to install an entry when the resize commits: the commit
+    stops the vCPUs, rehashes and swaps, then waits for the fault (an SRCU reader of the
+    old table). The fault sees the MMU not ready and retries; the vCPU waits for the
+    commit to end and faults the entry in again, in the new table."""
+    h = harness()
+    h.h_enter(EA0, SLOT0_PAGE, True, True, False, -1)
+    h.host_dontneed(0, 0)
+    h.resize_prepare(20)
+    h.resize_work()
+    op = kvmppc_hpt_guest_access(h.kvm, h.host, 0, SEGMENT, EAS[EA0], True)
+    outcome = race(op, 4, lambda: h._resize_op(20))
+    assert h.mmu.hpt.order == 20
+    assert outcome == HptAccess(Access.DONE, index=index_of(h, EA0))
+    h.check()
+
+
+def test_a_missing_hpte_reaches_the_guest() -> None:
+    """No entry for the address: the guest gets its DSI with NOHPTE, KVM maps nothing."""
+    h = harness()
+    outcome = access(h, EA0, False)
+    assert outcome.outcome is Access.GUEST_INTERRUPT and outcome.dsisr & DSISR_NOHPTE
+    assert not h.mmu.hpt.hptes
+    assert check_hpt(h.kvm, h.mmu, h.host) == []
+    assert GFNS[SLOT0_PAGE] == RAM0_GFN and GFNS[MMIO] == MMIO_GFN
