@@ -219,8 +219,8 @@ def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Vio
         found += _against_host(kvm, host, leaf, slot, hva, where)
     for vcpu_id, tlb in pgt.mmu.tlbs.items():
         for entry in tlb.values():
-            leaf = leaves.get(entry.ipa)
-            if leaf is None or leaf.pa != entry.pa or leaf.size != entry.size:
+            cached = leaves.get(entry.ipa)
+            if cached is None or cached.pa != entry.pa or cached.size != entry.size:
                 found.append(
                     Violation(
                         "A1",
@@ -228,7 +228,7 @@ def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Vio
                         f"{entry.pa:#x}, which no descriptor maps",
                     )
                 )
-            elif _writable(entry.pte) and not _writable(leaf.pte):
+            elif _writable(entry.pte) and not _writable(cached.pte):
                 found.append(
                     Violation(
                         "A7",

@@ -41,9 +41,10 @@ from kvmspec.reference.arm64.history import PteWrite, Tlbi
 from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
 from kvmspec.reference.concurrency import Preempt, run_to_completion
-from kvmspec.reference.host import LEVEL_PMD
+from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 THP_GPA = arm64_harness.THP_GPA
@@ -63,9 +64,9 @@ def mapped_leaf(vm: Arm64Harness, ipa: int) -> Leaf:
     return leaf
 
 
-def huge_vm(**kwargs: object) -> Arm64Harness:
+def huge_vm(split_chunk_size: int = 0) -> Arm64Harness:
     """A VM whose THP slot's first 2 MiB frame is a host huge page holding data."""
-    vm = Arm64Harness(**kwargs)  # type: ignore[arg-type]
+    vm = Arm64Harness(split_chunk_size=split_chunk_size)
     vm.host_write(THP_SLOT, 5, 0x55)
     assert vm.host.madvise_collapse(vm.thp_hva, HPAGE) == 0
     return vm
@@ -128,7 +129,7 @@ def test_a_readonly_slot_maps_loads_read_only_and_a_store_is_mmio() -> None:
     assert vm.access(0, gpa, "load").data[:1] == b"\x33"
     assert not mapped_leaf(vm, gpa).pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
     assert vm.access(0, gpa, "store", b"\x44").outcome is AbortOutcome.MMIO
-    assert vm.host_holds(hva, 1) == b"\x33"
+    assert hva is not None and vm.host_holds(hva, 1) == b"\x33"
     assert vm.access(0, gpa, "s1ptw").done  # a walk read of tables in ROM is mapped
     vm.check()
 
@@ -138,7 +139,7 @@ def test_an_address_the_host_does_not_map_is_efault() -> None:
     vm.munmap(THP_SLOT, 7)
     gpa, _ = vm.address(THP_SLOT, 7)
     assert vm.access(1, gpa, "load").outcome is AbortOutcome.EFAULT
-    vm.mprotect(THP_SLOT, 8, arm64_harness.PROT_READ)
+    vm.mprotect(THP_SLOT, 8, PROT_READ)
     assert vm.access(1, gpa + PAGE, "load").done
     assert vm.access(1, gpa + PAGE, "store", b"x").outcome is AbortOutcome.EFAULT
     vm.check()
@@ -146,7 +147,7 @@ def test_an_address_the_host_does_not_map_is_efault() -> None:
 
 def test_the_ipa_limit_at_memslot_creation_is_efault() -> None:
     vm = Arm64Harness()
-    _, hva = vm.host.mmap(2 * PAGE, arm64_harness.RW)
+    _, hva = vm.host.mmap(2 * PAGE, PROT_READ | PROT_WRITE)
     assert vm.set_region(5, 0, (1 << 40) - PAGE, 2, hva) == errno.EFAULT
     assert vm.set_region(5, 0, (1 << 40) - 2 * PAGE, 2, hva) == 0
     vm.check()
@@ -233,7 +234,7 @@ def test_a_slot_incongruent_or_without_a_whole_block_never_gets_one(place: int) 
     for page in (0, 1, 300, 510, 511):
         vm.guest_read(0, SHIFTED_SLOT, page, 0, "load")
         gpa, hva = vm.address(SHIFTED_SLOT, page)
-        assert vm.host.mapping_level(hva) == LEVEL_PMD
+        assert hva is not None and vm.host.mapping_level(hva) == LEVEL_PMD
         assert mapped_leaf(vm, gpa).size == PAGE
     vm.check()
 
@@ -270,7 +271,7 @@ def test_device_memory_is_mapped_execute_never_and_a_fetch_there_gets_an_abort(
 def test_dirty_logging_is_refused_for_device_memory(device_memory: None) -> None:
     vm = Arm64Harness()
     view = vm.views[DEVICE_SLOT]
-    flags = arm64_harness.KVM_MEM_LOG_DIRTY_PAGES
+    flags = KVM_MEM_LOG_DIRTY_PAGES
     gpa = view.base_gfn * PAGE
     assert vm.set_region(DEVICE_SLOT, flags, gpa, view.npages, view.hva) == errno.EINVAL
     vm.check()
