@@ -206,8 +206,9 @@ def kvm_radix_test_clear_dirty(kvm: Kvm, pgt: RadixPgtable, leaf: RadixLeaf) -> 
     reports the pages only once no vCPU can store to them without setting C again (R1).
 
     The kernel finds the leaf without mmu_lock and looks again under it; the model does
-    both in one step. In a logged slot every leaf is a base page (the kernel BUGs on a huge
-    one, the model WARNs), since logging removed the huge leaves and forbids new ones.
+    both in one step. In a logged slot every leaf is a base page, since logging removed the
+    huge leaves and forbids new ones: the kernel BUGs on a huge one; the model WARNs and
+    counts all of its pages, as kernels before that BUG did.
 
     kernel: arch/powerpc/kvm/book3s_64_mmu_radix.c:kvm_radix_test_clear_dirty (v6.18)
     """
