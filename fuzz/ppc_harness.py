@@ -414,14 +414,14 @@ class PpcHarness:
         index = self.index_of(ea)
         if index is None:
             self._expect(
-                access.outcome is Access.GUEST_INTERRUPT and access.dsisr & DSISR_NOHPTE,
+                access.outcome is Access.GUEST_INTERRUPT and bool(access.dsisr & DSISR_NOHPTE),
                 f"{access}: the guest has no entry for {ea:#x}",
             )
             return
         entry = self.entered[index]
         if write and not hpte_is_writable(entry.r):
             self._expect(
-                access.outcome is Access.GUEST_INTERRUPT and access.dsisr & DSISR_PROTFAULT,
+                access.outcome is Access.GUEST_INTERRUPT and bool(access.dsisr & DSISR_PROTFAULT),
                 f"{access}: the guest's entry for {ea:#x} is read-only",
             )
             return
