@@ -46,6 +46,7 @@ from kvmspec.reference.ppc.fault import (
     HptAccess,
     kvmppc_hpt_guest_access,
     kvmppc_hv_vcpu,
+    mmio_cache_search,
 )
 from kvmspec.reference.ppc.hcalls import (
     H_ANDCOND,
@@ -403,50 +404,47 @@ class PpcHarness:
     def guest_access(self, vcpu: int, ea_i: int, write: bool) -> None:
         """A guest load or store at EAS[ea_i], through the hardware and the fault path."""
         ea = EAS[ea_i]
+        cached = mmio_cache_search(
+            kvmppc_hv_vcpu(self.kvm, vcpu), ea, SEGMENT, self.mmu.mmio_update
+        )
         access = run_to_completion(
             kvmppc_hpt_guest_access(self.kvm, self.host, vcpu, SEGMENT, ea, write)
         )
-        self._judge(vcpu, ea, write, access)
+        self.log(f"vcpu {vcpu} {'store' if write else 'load'} {ea:#x} -> {access}")
+        wrong = self._judge(ea, write, access)
+        if wrong is not None:
+            # A current MMIO cache entry decides before the table does: a wrong outcome
+            # then is the stale cache's (a known kernel finding), not the table's.
+            prefix = f"P7: {STALE_MMIO_CACHE}: a hit for ea {ea:#x}" if cached else "COHERENCE"
+            self.found.append(f"{prefix}: {wrong}")
 
-    def _judge(self, vcpu: int, ea: int, write: bool, access: HptAccess) -> None:
-        """Does the access end as the guest's entries, the slots and the host say?"""
-        self.log(f"vcpu access {'store' if write else 'load'} {ea:#x} -> {access}")
+    def _judge(self, ea: int, write: bool, access: HptAccess) -> str | None:
+        """What is wrong with how the access ended, given the guest's entries, the slots and
+        the host (None: nothing)."""
         index = self.index_of(ea)
         if index is None:
-            self._expect(
-                access.outcome is Access.GUEST_INTERRUPT and bool(access.dsisr & DSISR_NOHPTE),
-                f"{access}: the guest has no entry for {ea:#x}",
-            )
-            return
+            if access.outcome is Access.GUEST_INTERRUPT and access.dsisr & DSISR_NOHPTE:
+                return None
+            return f"{access}: the guest has no entry for {ea:#x}"
         entry = self.entered[index]
         if write and not hpte_is_writable(entry.r):
-            self._expect(
-                access.outcome is Access.GUEST_INTERRUPT and bool(access.dsisr & DSISR_PROTFAULT),
-                f"{access}: the guest's entry for {ea:#x} is read-only",
-            )
-            return
+            if access.outcome is Access.GUEST_INTERRUPT and access.dsisr & DSISR_PROTFAULT:
+                return None
+            return f"{access}: the guest's entry for {ea:#x} is read-only"
         gpa = (entry.r & 0x0FFF_FFFF_FFFF_F000) | (ea & 0xFFF)
         place = self.slot_of(gpa // PAGE)
         if place is None:
-            self._expect(
-                access.outcome is Access.MMIO and access.gpa == gpa,
-                f"{access}: gpa {gpa:#x} is in no slot",
-            )
-            return
-        if access.outcome is Access.MMIO and kvmppc_hv_vcpu(self.kvm, vcpu).pgfault_cache:
-            stale = f"P7: {STALE_MMIO_CACHE}: a hit for ea {ea:#x} emulates RAM at {gpa:#x}"
-            self.found.append(stale)
-            return
+            if access.outcome is Access.MMIO and access.gpa == gpa:
+                return None
+            return f"{access}: gpa {gpa:#x} is in no slot"
         hva = self.hvas[place[0]] + place[1] * PAGE
         if hva in self.unmapped or (write and hva in self.readonly):
-            self._expect(access.outcome is Access.EFAULT, f"{access}: the host refuses it")
-            return
-        self._expect(
-            access.outcome is Access.DONE and access.index == index,
-            f"{access}: gpa {gpa:#x} is RAM, through entry {index:#x}",
-        )
-        if access.outcome is Access.DONE and write and place[0] == 1 and self.slot1_logged:
+            return None if access.outcome is Access.EFAULT else f"{access}: the host refuses it"
+        if access.outcome is not Access.DONE or access.index != index:
+            return f"{access}: gpa {gpa:#x} is RAM, through entry {index:#x}"
+        if write and place[0] == 1 and self.slot1_logged:
             self.written.add(place[1])
+        return None
 
     def guest_access_racing(
         self, vcpu: int, ea_i: int, write: bool, steps: int, racer: str

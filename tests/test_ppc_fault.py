@@ -197,8 +197,10 @@ def test_kernel_finding_a_stale_mmio_cache_entry_emulates_ram_as_mmio() -> None:
     with pytest.raises(RulesBroken) as broken:
         h.check()
     gpa = RAM1_GFN * PAGE + 0x2000
-    assert f"P7: stale MMIO cache: a hit for ea 0x2000 emulates RAM at {gpa:#x}" in (
-        broken.value.violations
+    mmio = HptAccess(Access.MMIO, gpa=gpa)
+    assert broken.value.violations[0] == (
+        f"P7: stale MMIO cache: a hit for ea 0x2000: {mmio}: gpa {gpa:#x} is RAM, "
+        f"through entry {index:#x}"
     )
     tolerant = harness(tolerated=KNOWN_KERNEL_FINDINGS)
     tolerant.change_slot1(None)
