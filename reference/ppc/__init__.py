@@ -7,6 +7,9 @@ rmap words that chain them), :mod:`~kvmspec.reference.ppc.tlb` (the hardware: TL
 R and C bits it sets, tlbie), :mod:`~kvmspec.reference.ppc.hcalls` (the guest's hypercalls
 H_ENTER, H_REMOVE, H_BULK_REMOVE, H_PROTECT, H_READ, H_CLEAR_REF, H_CLEAR_MOD),
 :mod:`~kvmspec.reference.ppc.rmap_walk` (what the host does through the rmaps: unmap for
-notifiers and slot flushes, aging, dirty harvest) and :mod:`~kvmspec.reference.ppc.hpt_mmu`
-(the KvmArch hooks, start here for how the generic layer reaches all of it).
+notifiers and slot flushes, aging, dirty harvest), :mod:`~kvmspec.reference.ppc.hpt_mmu`
+(the KvmArch hooks, start here for how the generic layer reaches all of it),
+:mod:`~kvmspec.reference.ppc.fault` (the guest's faults: real mode, virtual mode, MMIO and
+its per-vCPU cache) and :mod:`~kvmspec.reference.ppc.resize` (KVM_PPC_RESIZE_HPT_PREPARE and
+COMMIT: only bolted entries move).
 """
