@@ -94,6 +94,7 @@ SHADOW_KINDS: tuple[Kind, ...] = (
     Kind("host_write", (("i", DATA_PAGE_INDEXES), ("value", BYTES), ("size", HOST_WRITE_SIZES))),
     Kind("madvise_dontneed", (("i", DATA_PAGE_INDEXES), ("n", DONTNEED_PAGES))),
     Kind("change_data_slot", (("where", DATA_SLOT_PLACES),)),
+    Kind("invlpg", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES))),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -255,6 +256,26 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_read", (0, 5, 0)),
             ("host_write", (6, 0x66, 4)),
             ("guest_read", (1, 6, 0)),
+        ),
+    ),
+    "shadow-unsync-invlpg": (
+        "shadow",
+        (
+            ("host_write", (0, 0x11, 8)),
+            ("host_write", (1, 0x22, 8)),
+            ("guest_read", (0, 0, 0)),
+            ("guest_read", (1, 0, 0)),
+            ("guest_remap", (0, 0, DATA_GFN + 1, False)),
+            ("guest_read", (0, 0, 0)),
+            ("invlpg", (0, 0)),
+            ("guest_read", (0, 0, 0)),
+            ("guest_read", (1, 0, 0)),
+            ("guest_remap", (1, 1, NO_SLOT_GFN, True)),
+            ("switch_cr3", (1, PML4_2)),
+            ("guest_read", (1, 1, 0)),
+            ("guest_write", (0, 0, 5)),
+            ("switch_cr3", (0, PML4)),
+            ("guest_read", (1, 0, 0)),
         ),
     ),
     "huge-seed-002": (

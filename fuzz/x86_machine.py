@@ -120,6 +120,11 @@ class X86Machine(RuleBasedStateMachine):
         self._do("madvise_dontneed", i, n)
 
     @precondition(_shadow)
+    @rule(vcpu=VCPU, i=DATA_PAGE)
+    def invlpg(self, vcpu: int, i: int) -> None:
+        self._do("invlpg", vcpu, i)
+
+    @precondition(_shadow)
     @rule(where=st.sampled_from(DATA_SLOT_PLACES))
     def change_data_slot(self, where: int | None) -> None:
         self._do("change_data_slot", where)

@@ -2,7 +2,7 @@
 writes through shadow pages; write-protection and emulation of guest page-table writes
 (X6, FINDINGS 5.6); MMIO SPTEs and their generations (X11); the fast zap and obsolete
 roots (X10, FINDINGS 5.4); cached roots on CR3 switches; dirty logging; the N4 race; and
-the state machine of kvmspec.fuzz.x86_machine (shadow and mmio layouts), which checks the
+the state machine of kvmspec.fuzz.x86_machine (shadow layout), which checks the
 rmaps, parent_ptes, TLBs and the other shadow invariants after every step."""
 
 from __future__ import annotations
@@ -16,22 +16,33 @@ from kvmspec.fuzz.x86_harness import (
     DATA_PAGES,
     NO_SLOT_GFN,
     PAGE,
+    PD,
     PML4,
     PML4_2,
     PT,
     PTE,
     RW,
+    TABLE_PAGES,
     ShadowHarness,
 )
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.concurrency import Preempt, run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
-from kvmspec.reference.x86 import guest_access
-from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess
-from kvmspec.reference.x86.mmio_spte import MMIO_SPTE_GEN_MASK
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.vcpu import KvmVcpu
+from kvmspec.reference.x86 import guest_access, page_track, paging_tmpl
+from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess, guest_invlpg
+from kvmspec.reference.x86.mmio_spte import MMIO_SPTE_GEN_MASK, is_noslot_pfn, mark_mmio_spte
+from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr
 from kvmspec.reference.x86.paging import PFERR_USER_MASK
-from kvmspec.reference.x86.paging_tmpl import RetPf, fname_page_fault
+from kvmspec.reference.x86.paging_tmpl import (
+    KvmGuestMemory,
+    KvmPageFault,
+    RetPf,
+    fname_page_fault,
+)
 from kvmspec.reference.x86.roots import vcpu_enter_guest
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
@@ -56,22 +67,86 @@ def test_guest_and_host_see_the_same_memory_through_shadow_pages() -> None:
 
 
 def test_guest_page_table_write_is_emulated_and_takes_effect() -> None:
-    """FINDINGS 5.6: the guest rewrites its own PTE; KVM catches the write (the PT's gfn is
-    write-protected, X6), emulates it, and the new mapping takes effect at once."""
+    """FINDINGS 5.6: the guest rewrites its own PDE; KVM catches the write (the PD's gfn is
+    write-tracked, X6), emulates it, and the new mapping takes effect at once. (A PTE
+    write goes another way: the PT goes unsync, see below.)"""
+    vm = ShadowHarness()
+    vm.host.host_write(vm.data_hva, b"1111")
+    vm.host.host_write(vm.data_hva + PAGE, b"2222")
+    spare_pt, mmio_pt = 6, 7  # two more PTs, as the PT but for data page 0
+    for table, target in ((spare_pt, DATA_GFN + 1), (mmio_pt, NO_SLOT_GFN)):
+        for i in range(TABLE_PAGES):
+            vm.write_table(table, i, i * PAGE | PTE)
+        vm.write_table(table, DATA_GFN, target * PAGE | PTE)
+    assert vm.read(DATA_GVA).data == b"1111"
+
+    def set_pde(value: int) -> None:
+        assert vm.write(PD * PAGE, value.to_bytes(8, "little")).outcome is Outcome.DONE
+
+    set_pde(spare_pt * PAGE | PTE)
+    assert vm.mmu.stat["pf_emulate"] == 1 and vm.mmu.stat["mmu_pte_write"] == 1
+    assert vm.read(DATA_GVA).data == b"2222"
+    set_pde(mmio_pt * PAGE | PTE)
+    access = vm.read(DATA_GVA)
+    assert access.outcome is Outcome.MMIO and access.mmio is not None
+    assert access.mmio.gpa == NO_SLOT_GFN * PAGE
+    set_pde(0)
+    assert vm.read(DATA_GVA).outcome is Outcome.SHUTDOWN  # the guest's own #PF
+    assert vm.violations() == []
+
+
+def test_a_guest_pte_write_unsyncs_the_table_until_the_guest_flushes() -> None:
+    """X7: the guest's write to its (shadowed) PT is not emulated: the PT's shadow page goes
+    unsync and the write goes straight to memory. The old translation lives on until the
+    guest flushes: INVLPG syncs that one SPTE (the page stays unsync), a CR3 load syncs
+    the whole page and write-protects its gfn again (X6)."""
     vm = ShadowHarness()
     vm.host.host_write(vm.data_hva, b"1111")
     vm.host.host_write(vm.data_hva + PAGE, b"2222")
     assert vm.read(DATA_GVA).data == b"1111"
     assert vm.guest_set_pte(DATA_GFN, (DATA_GFN + 1) * PAGE | PTE).outcome is Outcome.DONE
-    assert vm.mmu.stat["pf_emulate"] == 1 and vm.mmu.stat["mmu_pte_write"] == 1
-    assert vm.read(DATA_GVA).data == b"2222"
-    assert vm.guest_set_pte(DATA_GFN, NO_SLOT_GFN * PAGE | PTE).outcome is Outcome.DONE
-    access = vm.read(DATA_GVA)
-    assert access.outcome is Outcome.MMIO and access.mmio is not None
-    assert access.mmio.gpa == NO_SLOT_GFN * PAGE
-    assert vm.guest_set_pte(DATA_GFN, 0).outcome is Outcome.DONE
-    assert vm.read(DATA_GVA).outcome is Outcome.SHUTDOWN  # the guest's own #PF
+    assert vm.mmu.stat["pf_emulate"] == 0 and vm.mmu.stat["mmu_unsync"] == 1
+    (pt_sp,) = vm.mmu.shadow_pages(PT)
+    root = vm.mmu.vcpu_mmu(0).root.sp
+    assert pt_sp.unsync and root is not None and root.unsync_children == 1
     assert vm.violations() == []
+    assert vm.read(DATA_GVA).data == b"1111"  # stale, as a real TLB may be
+    guest_invlpg(vm.kvm, vm.host, 0, DATA_GVA)
+    assert vm.read(DATA_GVA).data == b"2222"
+    assert pt_sp.unsync and vm.violations() == []
+    assert vm.guest_set_pte(DATA_GFN, DATA_GFN * PAGE | PTE).outcome is Outcome.DONE
+    assert vm.mmu.stat["pf_emulate"] == 0  # still unsync: still no exit
+    vm.set_cr3(0, PML4)  # the same CR3: still a flush, and a sync
+    assert vm.read(DATA_GVA).data == b"1111"
+    unsync = [sp for sp in vm.mmu.sp_by_pfn.values() if sp.unsync]
+    assert unsync == [] and root.unsync_children == 0 and vm.mmu.stat["mmu_unsync"] == 0
+    assert vm.violations() == []  # the PT's gfn is write-protected again
+    assert vm.guest_set_pte(DATA_GFN, 0).outcome is Outcome.DONE
+    assert vm.mmu.stat["mmu_unsync"] == 1 and vm.mmu.stat["pf_emulate"] == 0
+    vm.set_cr3(0, PML4_2)  # another process: its root shares the PT, synced before use
+    assert vm.read(DATA_GVA).outcome is Outcome.SHUTDOWN
+    assert vm.violations() == []
+
+
+def test_an_unsync_page_its_parents_do_not_know_of_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: kvm_unsync_page marks the page but not the links to it. check_unsync
+    finds the missing bit; and the CR3 load, whose sync walks the bits, leaves the guest's
+    new PTE unsynced, which the harness's coherence check finds too."""
+
+    def unsync_without_parents(mmu: ShadowMmu, sp: KvmMmuPage) -> None:
+        sp.unsync = True
+
+    monkeypatch.setattr(page_track, "kvm_unsync_page", unsync_without_parents)
+    vm = ShadowHarness()
+    vm.host_write(1, 0x22, 8)
+    vm.guest_read(0, 0, 0)
+    vm.guest_remap(0, 0, DATA_GFN + 1, False)
+    assert any("no bit set" in line for line in vm.violations())
+    vm.switch_cr3(0, PML4)
+    vm.guest_read(0, 0, 0)
+    assert any(line.startswith("COHERENCE") for line in vm.found)
 
 
 def test_a_host_write_to_a_guest_page_table_is_not_noticed() -> None:
@@ -104,7 +179,7 @@ def test_fast_zap_makes_every_root_obsolete_and_vcpus_drop_them() -> None:
     assert vm.mmu.stat["pf_fixed"] == fixed + 1  # refaulted into a new root
     new_root = vm.mmu.vcpu_mmu(0).root.sp
     assert new_root is not None and new_root is not old_root and new_root.mmu_valid_gen == 1
-    vcpu_enter_guest(vm.kvm, vm.mmu, vm.mmu.vcpu_mmu(1))
+    vcpu_enter_guest(vm.kvm, vm.mmu, vm.mmu.vcpu_mmu(1), KvmGuestMemory(vm.kvm, vm.host))
     assert old_root.pfn not in vm.mmu.sp_by_pfn  # the last user let go: freed
     assert vm.violations() == []
 
@@ -159,7 +234,7 @@ def test_a_fault_that_races_an_invalidation_installs_nothing() -> None:
     vm = ShadowHarness()
     vm.host.host_write(vm.data_hva, b"old!")
     vcpu_mmu = vm.mmu.vcpu_mmu(0)
-    vcpu_enter_guest(vm.kvm, vm.mmu, vcpu_mmu)
+    vcpu_enter_guest(vm.kvm, vm.mmu, vcpu_mmu, KvmGuestMemory(vm.kvm, vm.host))
     vcpu = vm.kvm.vcpus[0]
     fault = fname_page_fault(vm.kvm, vm.host, vm.mmu, vcpu_mmu, vcpu, DATA_GVA, PFERR_USER_MASK)
     while next(fault) != Preempt("x86 fault: pfn resolved, taking mmu_lock"):
@@ -176,7 +251,7 @@ def test_a_fault_that_races_an_invalidation_installs_nothing() -> None:
 
 # -- the state machine (kvmspec.fuzz.x86_machine, the shadow layout) ---------------------------
 
-TestShadowMmuMachine = x86_machine(DEFAULT_PROFILE, ("shadow", "mmio")).TestCase
+TestShadowMmuMachine = x86_machine(DEFAULT_PROFILE, ("shadow",)).TestCase
 
 
 # -- MMIO SPTEs (X11), with the kvm module's mmio_caching on ------------------------------------
@@ -253,3 +328,63 @@ def test_an_mmu_that_misses_the_mmio_generation_wrap_is_caught(
     vm, spare = _near_the_mmio_generation_wrap()
     assert vm.set_region(3, 0, 101, 1, spare + PAGE) == 0
     assert any("outlived a wrap" in line for line in vm.violations())
+
+
+def test_finding_a_sync_gives_a_stale_mmio_spte_the_current_generation() -> None:
+    """A finding of the mmio layout's fuzzing (v6.18, MMIO caching on): an MMIO SPTE in an
+    unsync PT outlives the creation of a slot over its gfn (a CREATE zaps nothing), stale
+    as it should be. But the guest's next flush syncs the PT, and FNAME(sync_spte) remakes
+    an MMIO SPTE whose guest PTE still names the same gfn (sync_mmio_spte, mark_mmio_spte)
+    in the *current* generation, without asking whether the gfn has a slot now. From then
+    on the fast path trusts it: the guest's accesses to RAM exit to the VMM as MMIO."""
+    vm = ShadowHarness(mmio_caching=True)
+    _, hva = vm.host.mmap(PAGE, RW)
+    assert vm.host.host_write(hva, b"slot") == 0
+    assert vm.read(DATA_GVA).outcome is Outcome.DONE
+    assert vm.guest_set_pte(DATA_GFN, NO_SLOT_GFN * PAGE | PTE).outcome is Outcome.DONE
+    (pt_sp,) = vm.mmu.shadow_pages(PT)
+    assert pt_sp.unsync  # the PTE write went straight to memory
+    guest_invlpg(vm.kvm, vm.host, 0, DATA_GVA)
+    assert vm.read(DATA_GVA).outcome is Outcome.MMIO  # an MMIO SPTE in the unsync PT
+    assert vm.set_region(2, 0, NO_SLOT_GFN, 1, hva) == 0
+    assert vm.violations() == []  # stale: it would be faulted into the new slot
+    guest_invlpg(vm.kvm, vm.host, 0, DATA_GVA)  # the sync remakes it
+    assert any("is trusted over" in line for line in vm.violations())
+    access = vm.read(DATA_GVA)
+    assert access.outcome is Outcome.MMIO and access.mmio is not None
+    assert access.mmio.gpa == NO_SLOT_GFN * PAGE  # not b"slot": the VMM gets the access
+
+
+def test_v6_18_mmio_spte_over_a_stale_present_spte_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """v6.18 as released made the MMIO SPTE before dropping a present one (fixed upstream by
+    aad885e77496, for a VMM rewriting a shadowed gPTE). The mmio layout's fuzzing reaches it
+    with guest writes alone: a PTE rewritten in an unsync PT leaves a present read-only
+    SPTE; the guest's store through it faults, the walk finds a gfn without a slot, and
+    the MMIO SPTE overwrites the present one: the kernel's WARN, and a leaked rmap entry."""
+    fixed = paging_tmpl.mmu_set_spte
+
+    def v6_18_mmu_set_spte(
+        kvm: Kvm,
+        mmu: ShadowMmuState,
+        slot: KvmMemorySlot | None,
+        sptep: SptePtr,
+        pte_access: int,
+        gfn: int,
+        fault: KvmPageFault,
+        vcpu: KvmVcpu | None,
+    ) -> RetPf:
+        if is_noslot_pfn(fault.pfn):
+            mark_mmio_spte(kvm, mmu, sptep, gfn, pte_access)
+            return RetPf.EMULATE
+        return fixed(kvm, mmu, slot, sptep, pte_access, gfn, fault, vcpu)
+
+    monkeypatch.setattr(paging_tmpl, "mmu_set_spte", v6_18_mmu_set_spte)
+    vm = ShadowHarness(mmio_caching=True)
+    vm.guest_read(0, 5, 0)  # a read-only SPTE for gva page 16 + 5
+    vm.guest_remap(0, 5, NO_SLOT_GFN, False)  # unsync: straight to memory
+    vm.guest_write(0, 5, 200)  # faults on the read-only SPTE
+    found = vm.violations()
+    assert any(line.startswith("X4: WARN: mmu_spte_set over present") for line in found)
+    assert any(line.startswith("X1") for line in found)

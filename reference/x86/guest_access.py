@@ -71,6 +71,7 @@ from kvmspec.reference.x86.paging_tmpl import (
 from kvmspec.reference.x86.roots import vcpu_enter_guest
 from kvmspec.reference.x86.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
 from kvmspec.reference.x86.tlb import TlbEntry, VcpuMmu
+from kvmspec.reference.x86.unsync import kvm_mmu_invlpg
 from kvmspec.reference.x86.zap import kvm_mmu_track_write, kvm_mmu_unprotect_gfn
 from kvmspec.spec.uapi.constants import PAGE_SHIFT, PAGE_SIZE
 
@@ -265,7 +266,7 @@ def guest_instruction(
     for _ in range(MAX_FAULTS_PER_ACCESS):
         if vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
             return ShadowAccess(Outcome.DIRTY_RING_FULL)
-        vcpu_enter_guest(kvm, mmu, vcpu_mmu)
+        vcpu_enter_guest(kvm, mmu, vcpu_mmu, KvmGuestMemory(kvm, host))
         entries: list[TlbEntry] = []
         fault: tuple[int, int] | None = None
         for part_gva, _start, _length in parts:
@@ -300,6 +301,18 @@ def guest_instruction(
         if kvm.mmu_invalidate_in_progress or (slot is not None and slot.invalid):
             return ShadowAccess(Outcome.RETRY)
     raise AssertionError(f"guest access to {gva:#x} made no progress")
+
+
+def guest_invlpg(kvm: Kvm, host: HostMm, vcpu_id: int, gva: int) -> None:
+    """The guest flushes ``gva`` from its TLB with INVLPG, which KVM intercepts with shadow
+    paging: the vCPU's TLB entry goes, and the page's SPTE in an unsync table is synced with
+    the guest PTE (unsync.py).
+
+    kernel: arch/x86/kvm/vmx/vmx.c:handle_invlpg; arch/x86/kvm/mmu/mmu.c:kvm_mmu_invlpg
+    (v6.18)
+    """
+    mmu = shadow_of(kvm)
+    kvm_mmu_invlpg(kvm, mmu, KvmGuestMemory(kvm, host), mmu.vcpu_mmu(vcpu_id), gva)
 
 
 def _transfer(

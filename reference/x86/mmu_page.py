@@ -12,6 +12,12 @@ so KVM write-protects the table's gfn while the shadow page exists (page_track.p
 child shadow page records the SPTEs that link to it (``parent_ptes``, invariant X2), so it
 can be unlinked from everywhere when it is zapped (zap.py).
 
+A last-level page of a guest table may go *unsync*: KVM lets the guest write the table
+directly and resynchronizes the shadow page at the guest's next TLB flush (unsync.py). So
+that the flush finds it, every parent page keeps a bitmap of its entries that lead to an
+unsync page (``unsync_child_bitmap``, counted by ``unsync_children``, invariant X7); the
+bookkeeping is here, the syncing in unsync.py.
+
 Modelled role bits: level, direct, access, invalid. Not modelled: has_4_byte_gpte and
 quadrant (32-bit guests), efer_nx, cr0_wp, smep/smap_andnot_wp, smm (the model's guest
 has one paging mode), ad_disabled (legacy SPTEs always have A/D), guest_mode and
@@ -19,18 +25,26 @@ passthrough (nested virtualization). The SPTEs are stored sparsely: an absent in
 SHADOW_NONPRESENT_VALUE.
 
 kernel: arch/x86/kvm/mmu/mmu_internal.h:struct kvm_mmu_page, union kvm_mmu_page_role;
-arch/x86/kvm/mmu/mmu.c:kvm_mmu_find_shadow_page, kvm_mmu_child_role, is_obsolete_sp,
-kvm_mmu_free_shadow_page (v6.18)
+arch/x86/kvm/mmu/mmu.c:kvm_mmu_child_role, is_obsolete_sp, kvm_mmu_free_shadow_page,
+mark_unsync, kvm_mmu_mark_parents_unsync, kvm_unsync_page, kvm_unlink_unsync_page,
+clear_unsync_child_bit, mmu_unsync_walk, __mmu_unsync_walk, mmu_pages_clear_parents (v6.18)
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.x86.paging import ACC_ALL, PT64_LEVEL_BITS, PT64_ROOT_4LEVEL
-from kvmspec.reference.x86.spte import SHADOW_NONPRESENT_VALUE, SpteMasks, spte_to_pfn
+from kvmspec.reference.x86.spte import (
+    SHADOW_NONPRESENT_VALUE,
+    SpteMasks,
+    is_large_pte,
+    is_shadow_present_pte,
+    spte_to_pfn,
+)
 from kvmspec.reference.x86.tlb import VcpuMmu
 
 if TYPE_CHECKING:
@@ -80,7 +94,13 @@ class KvmMmuPage:
     parent_ptes: list[SptePtr] = field(default_factory=list)
     root_count: int = 0
     unsync: bool = False
-    """Never set by the model (unsync pages are not modelled); kept for X6 and X7."""
+    """A last-level page whose guest table the guest may write directly until its next TLB
+    flush (unsync.py); its gfn is then exempt from write protection (X6)."""
+    unsync_children: int = 0
+    """How many bits of ``unsync_child_bitmap`` are set (X7)."""
+    unsync_child_bitmap: set[int] = field(default_factory=set)
+    """Indexes of links that lead to an unsync page. A bit may outlive its reason (a link
+    dropped, a child synced): walks clear such bits as they meet them."""
     write_flooding_count: int = 0
     freed: bool = False
 
@@ -186,33 +206,16 @@ def is_obsolete_sp(mmu: ShadowMmuState, sp: KvmMmuPage) -> bool:
     return sp.role.invalid or sp.mmu_valid_gen != mmu.mmu_valid_gen
 
 
-def for_each_valid_sp(mmu: ShadowMmuState, gfn: int) -> list[KvmMmuPage]:
-    """The pages of ``gfn`` that are not obsolete (a copy: callers may zap as they go).
+def for_each_valid_sp(mmu: ShadowMmuState, gfn: int) -> Iterator[KvmMmuPage]:
+    """The pages of ``gfn`` that are not obsolete, each judged when it is reached: callers
+    may zap as they go (zapping one page can zap others: its unsync children).
 
     kernel: arch/x86/kvm/mmu/mmu.c:for_each_valid_sp, for_each_gfn_valid_sp_with_gptes
     (v6.18)
     """
-    return [sp for sp in mmu.mmu_page_hash.get(gfn, []) if not is_obsolete_sp(mmu, sp)]
-
-
-def kvm_mmu_find_shadow_page(
-    mmu: ShadowMmuState, gfn: int, role: KvmMmuPageRole
-) -> KvmMmuPage | None:
-    """The valid page of ``gfn`` with exactly ``role``, if one exists. Finding one resets
-    its write-flooding count: the guest is using the table again, so it is not being
-    recycled as ordinary memory.
-
-    Left out with unsync pages: an upper-level lookup zaps unsync pages of the gfn, and
-    finding an unsync page syncs it (kvm_sync_page).
-
-    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_find_shadow_page (v6.18)
-    """
-    for sp in for_each_valid_sp(mmu, gfn):
-        if sp.role == role:
-            if not sp.role.direct:
-                sp.write_flooding_count = 0
-            return sp
-    return None
+    for sp in list(mmu.mmu_page_hash.get(gfn, [])):
+        if not is_obsolete_sp(mmu, sp):
+            yield sp
 
 
 def kvm_mmu_child_role(parent: KvmMmuPage, direct: bool, access: int) -> KvmMmuPageRole:
@@ -240,3 +243,118 @@ def kvm_mmu_free_shadow_page(mmu: ShadowMmuState, sp: KvmMmuPage) -> None:
 def gfn_round_for_level(gfn: int, level: int) -> int:
     """kernel: arch/x86/kvm/mmu/mmu_internal.h:gfn_round_for_level (v6.18)"""
     return gfn & -(1 << ((level - 1) * PT64_LEVEL_BITS))
+
+
+# -- unsync bookkeeping --------------------------------------------------------------------------
+
+UnsyncPath = list[tuple[KvmMmuPage, int]]
+"""The (page, index) links from a walk's starting page down to an unsync page."""
+
+
+def mark_unsync(sptep: SptePtr) -> None:
+    """The link at ``sptep`` leads to an unsync page: set its bit. The page's first such
+    link makes its own parents mark it in turn, up to the roots.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:mark_unsync (v6.18)
+    """
+    sp = sptep.sp
+    if sptep.index in sp.unsync_child_bitmap:
+        return
+    sp.unsync_child_bitmap.add(sptep.index)
+    sp.unsync_children += 1
+    if sp.unsync_children == 1:
+        kvm_mmu_mark_parents_unsync(sp)
+
+
+def kvm_mmu_mark_parents_unsync(sp: KvmMmuPage) -> None:
+    """kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_mark_parents_unsync (v6.18)"""
+    for parent_pte in list(sp.parent_ptes):
+        mark_unsync(parent_pte)
+
+
+def kvm_unsync_page(mmu: ShadowMmuState, sp: KvmMmuPage) -> None:
+    """Let the guest write ``sp``'s table directly: mark it unsync and every path to it.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_unsync_page (v6.18)
+    """
+    mmu.stat["mmu_unsync"] += 1
+    sp.unsync = True
+    kvm_mmu_mark_parents_unsync(sp)
+
+
+def kvm_unlink_unsync_page(kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage) -> None:
+    """The page is being synced or zapped: no longer unsync (the parents' bits are cleared
+    by the walk that found it, or lazily by a later one).
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_unlink_unsync_page (v6.18)
+    """
+    kvm.warn_on(not sp.unsync, "X7", f"{sp} unlinked as unsync but is not")
+    sp.unsync = False
+    mmu.stat["mmu_unsync"] -= 1
+
+
+def clear_unsync_child_bit(kvm: Kvm, sp: KvmMmuPage, index: int) -> None:
+    """kernel: arch/x86/kvm/mmu/mmu.c:clear_unsync_child_bit (v6.18)"""
+    sp.unsync_children -= 1
+    kvm.warn_on(sp.unsync_children < 0, "X7", f"{sp}: unsync_children went negative")
+    sp.unsync_child_bitmap.discard(index)
+
+
+def __mmu_unsync_walk(
+    kvm: Kvm,
+    mmu: ShadowMmuState,
+    sp: KvmMmuPage,
+    path: UnsyncPath,
+    found: list[tuple[KvmMmuPage, UnsyncPath]],
+) -> int:
+    """Follow ``sp``'s set bits: collect the unsync pages below (once each) with their
+    paths, and clear the bits that lead to none any more; returns how many unsync pages
+    the bits led to.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:__mmu_unsync_walk, mmu_pages_add (v6.18)
+    """
+    nr_unsync_leaf = 0
+    for index in sorted(sp.unsync_child_bitmap):
+        spte = sp.spt.get(index, SHADOW_NONPRESENT_VALUE)
+        if not is_shadow_present_pte(spte) or is_large_pte(spte):
+            clear_unsync_child_bit(kvm, sp, index)
+            continue
+        child = mmu.spte_to_child_sp(spte)
+        if child.unsync_children:
+            ret = __mmu_unsync_walk(kvm, mmu, child, [*path, (sp, index)], found)
+            if not ret:
+                clear_unsync_child_bit(kvm, sp, index)
+            nr_unsync_leaf += ret
+        elif child.unsync:
+            nr_unsync_leaf += 1
+            if all(child is not other for other, _path in found):
+                found.append((child, [*path, (sp, index)]))
+        else:
+            clear_unsync_child_bit(kvm, sp, index)
+    return nr_unsync_leaf
+
+
+def mmu_unsync_walk(
+    kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage
+) -> list[tuple[KvmMmuPage, UnsyncPath]]:
+    """The unsync pages reachable from ``sp`` through set bits, each with its path. (The
+    kernel collects them 16 at a time; its callers, like these, loop until none is left.)
+
+    kernel: arch/x86/kvm/mmu/mmu.c:mmu_unsync_walk (v6.18)
+    """
+    found: list[tuple[KvmMmuPage, UnsyncPath]] = []
+    if sp.unsync_children:
+        __mmu_unsync_walk(kvm, mmu, sp, [], found)
+    return found
+
+
+def mmu_pages_clear_parents(kvm: Kvm, path: UnsyncPath) -> None:
+    """The unsync page at the end of ``path`` was synced or zapped: clear its bit in its
+    parent, and go up while a parent is left with no unsync children.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:mmu_pages_clear_parents (v6.18)
+    """
+    for sp, index in reversed(path):
+        clear_unsync_child_bit(kvm, sp, index)
+        if sp.unsync_children:
+            return

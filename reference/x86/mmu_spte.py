@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr
+from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr, mark_unsync
 from kvmspec.reference.x86.paging import KVM_MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, PT_WRITABLE_MASK
 from kvmspec.reference.x86.rmap import rmap_head, rmap_remove, slot_rmap_heads
 from kvmspec.reference.x86.spte import (
@@ -137,7 +137,9 @@ def link_shadow_page(kvm: Kvm, mmu: ShadowMmuState, sptep: SptePtr, sp: KvmMmuPa
     """Point ``sptep`` at the child page ``sp`` and record the link in the child. A present
     SPTE here can only be a huge leaf (kvm_mmu_get_child_sp follows existing links): the
     fault needs smaller pages under it, so it is dropped first (seed 002: a write-protected
-    huge leaf lives until a fault has to map inside it).
+    huge leaf lives until a fault has to map inside it). A child that is unsync (a 4K page
+    the lookup synced without resyncing it for good) marks the new link; an upper-level
+    child was synced before it is linked, so it has no unsync children (X7).
 
     kernel: arch/x86/kvm/mmu/mmu.c:link_shadow_page, __link_shadow_page (v6.18)
     """
@@ -145,6 +147,9 @@ def link_shadow_page(kvm: Kvm, mmu: ShadowMmuState, sptep: SptePtr, sp: KvmMmuPa
         drop_large_spte(kvm, mmu, sptep, flush=True)
     mmu_spte_set(kvm, mmu, sptep, make_nonleaf_spte(mmu.masks, sp.pfn, ad_disabled=False))
     mmu_page_add_parent_pte(sp, sptep)
+    kvm.warn_on(sp.unsync_children > 0, "X7", f"linking {sp} with unsync children")
+    if sp.unsync_children or sp.unsync:
+        mark_unsync(sptep)
 
 
 def spte_write_protect(kvm: Kvm, mmu: ShadowMmuState, sptep: SptePtr, pt_protect: bool) -> bool:

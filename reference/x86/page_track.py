@@ -11,18 +11,15 @@ Two mechanisms, by level of the shadow page (account_shadowed):
 * an upper-level table (level > 4K) takes a *write-track* reference on its gfn
   (``slot->arch.gfn_write_track``); a write-tracked gfn is refused write access outright,
   both by the fault path (page_fault_handle_page_track) and by make_spte;
-* a last-level table only write-protects the SPTEs that map its gfn now; later faults ask
-  mmu_try_to_unsync_pages, which in the kernel may let the page go *unsync* (writable,
-  resynchronized at the guest's next TLB flush) instead.
+* a last-level table only write-protects the SPTEs that map its gfn now; a later fault
+  that would map the gfn writable asks mmu_try_to_unsync_pages, which lets the page go
+  *unsync* (writable, resynchronized at the guest's next TLB flush: unsync.py) instead,
+  except while KVM is itself synchronizing or prefetching.
 
 Both also raise the disallow_lpage count of the gfn's huge frames (lpage.py, X8), so no
 new huge leaf covers a shadowed table. A huge leaf that covers it already is write-protected
 with the gfn's other leaves, not dropped: reads keep going through it, and the next write
 fault replaces it with smaller pages (seed 002, "lazily drop large spte").
-
-The model does not make pages unsync: mmu_try_to_unsync_pages refuses wherever the kernel
-would unsync, as the kernel itself does while synchronizing. Writes to last-level tables
-are then emulated like the others; the guest sees the same memory, KVM takes more exits.
 
 kernel: arch/x86/kvm/mmu/mmu.c:account_shadowed, unaccount_shadowed,
 mmu_try_to_unsync_pages; arch/x86/kvm/mmu/page_track.c:__kvm_write_track_add_gfn,
@@ -38,6 +35,7 @@ from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
     ShadowMmuState,
     for_each_valid_sp,
+    kvm_unsync_page,
     sp_has_gptes,
 )
 from kvmspec.reference.x86.mmu_spte import kvm_mmu_slot_gfn_write_protect
@@ -134,15 +132,33 @@ def unaccount_shadowed(kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage) -> None:
 
 
 def mmu_try_to_unsync_pages(
-    kvm: Kvm, mmu: ShadowMmuState, slot: KvmMemorySlot | None, gfn: int
+    kvm: Kvm,
+    mmu: ShadowMmuState,
+    slot: KvmMemorySlot | None,
+    gfn: int,
+    *,
+    synchronizing: bool,
+    prefetch: bool,
 ) -> bool:
-    """May ``gfn`` be mapped writable? True means "keep it write-protected": the gfn is
-    write-tracked, or a valid page shadows it as a guest table. (The kernel returns an
-    errno, and for a last-level table not prefetched or synchronizing, makes it unsync and
-    allows the write; the model refuses there too, see the module docstring.)
+    """May ``gfn`` be mapped writable? True means "keep it write-protected" (the kernel's
+    EPERM or EEXIST): the gfn is write-tracked (an upper-level table), or a valid page
+    shadows it as a guest table while KVM is synchronizing (the guest's TLB flush must be
+    emulated to the end first) or prefetching. Otherwise every such page, necessarily a
+    last-level one, becomes unsync and the write is allowed.
 
     kernel: arch/x86/kvm/mmu/mmu.c:mmu_try_to_unsync_pages (v6.18)
     """
     if kvm_gfn_is_write_tracked(slot, gfn):
         return True
-    return any(sp_has_gptes(sp) for sp in for_each_valid_sp(mmu, gfn))
+    for sp in for_each_valid_sp(mmu, gfn):
+        if not sp_has_gptes(sp):
+            continue
+        if synchronizing:
+            return True
+        if sp.unsync:
+            continue
+        if prefetch:
+            return True
+        kvm.warn_on(sp.role.level != PG_LEVEL_4K, "X7", f"unsyncing {sp} above 4K")
+        kvm_unsync_page(mmu, sp)
+    return False

@@ -98,6 +98,7 @@ from kvmspec.reference.x86.spte import (
     spte_to_pfn,
 )
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, VcpuMmu
+from kvmspec.reference.x86.unsync import mmu_sync_children
 from kvmspec.spec.uapi.constants import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -310,18 +311,16 @@ def mmu_set_spte(
     fault: KvmPageFault,
     vcpu: KvmVcpu | None,
 ) -> RetPf:
-    """Install the leaf for ``gfn`` at ``sptep``. A gfn without a slot gets an MMIO SPTE
-    and the access is emulated. A leaf for another pfn is dropped first (and the TLBs
-    flushed: X4); an identical one is SPURIOUS; a write the gfn cannot take (a shadowed
+    """Install the leaf for ``gfn`` at ``sptep``. A leaf for another pfn is dropped first
+    (and the TLBs flushed: X4); then a gfn without a slot gets an MMIO SPTE and the access
+    is emulated. An identical leaf is SPURIOUS; a write the gfn cannot take (a shadowed
     page table) leaves a read-only leaf and returns WRITE_PROTECTED. A new leaf enters its
     rmap; a writable one is logged dirty.
 
-    kernel: arch/x86/kvm/mmu/mmu.c:mmu_set_spte; arch/x86/kvm/mmu/spte.c:make_spte (v6.18)
+    kernel: arch/x86/kvm/mmu/mmu.c:mmu_set_spte (v6.18 with upstream aad885e77496, "Drop/zap
+    existing present SPTE even when creating an MMIO SPTE"); arch/x86/kvm/mmu/spte.c:make_spte
+    (v6.18)
     """
-    if is_noslot_pfn(fault.pfn) or slot is None:
-        mmu.stat["pf_mmio_spte_created"] += 1
-        mark_mmio_spte(kvm, mmu, sptep, gfn, pte_access)
-        return RetPf.EMULATE
     level = sptep.sp.role.level
     was_rmapped = False
     flush = False
@@ -336,9 +335,20 @@ def mmu_set_spte(
             flush = True
         else:
             was_rmapped = True
+    # Only after the drop: a stale present SPTE (its guest PTE changed behind KVM's back,
+    # in an unsync table or by the VMM) must leave its rmap first. v6.18 made the MMIO SPTE
+    # before this point; the fix (upstream aad885e77496) is in 6.18's stable releases.
+    if is_noslot_pfn(fault.pfn) or slot is None:
+        mmu.stat["pf_mmio_spte_created"] += 1
+        mark_mmio_spte(kvm, mmu, sptep, gfn, pte_access)
+        if flush:
+            kvm.arch.kvm_flush_remote_tlbs(kvm)
+        return RetPf.EMULATE
 
     def unsync_hook(*, synchronizing: bool, prefetch: bool) -> bool:
-        return mmu_try_to_unsync_pages(kvm, mmu, slot, gfn)
+        return mmu_try_to_unsync_pages(
+            kvm, mmu, slot, gfn, synchronizing=synchronizing, prefetch=prefetch
+        )
 
     made = make_spte(
         mmu.masks,
@@ -408,8 +418,19 @@ def fname_fetch(
         sp.write_flooding_count = 0
         table_gfn = tables[level - 1]
         child = kvm_mmu_get_child_sp(
-            kvm, mmu, sptep, table_gfn, direct=False, access=walker_pt_access(walker, level - 1)
+            kvm,
+            mmu,
+            mem,
+            vcpu_mmu,
+            sptep,
+            table_gfn,
+            direct=False,
+            access=walker_pt_access(walker, level - 1),
         )
+        # An upper-level table is synced before it is linked: the guest needs no TLB flush
+        # to make a non-present entry present, so what is below must be current now.
+        if child is not None and child.unsync_children:
+            mmu_sync_children(kvm, mmu, mem, vcpu_mmu.mode, child)
         if gpte_changed(mem, walker, level - 1):
             return RetPf.RETRY
         if child is not None:
@@ -423,7 +444,7 @@ def fname_fetch(
     while level > fault.goal_level:
         base_gfn = gfn_round_for_level(fault.gfn, level)
         child = kvm_mmu_get_child_sp(
-            kvm, mmu, sptep, base_gfn, direct=True, access=walker.pte_access
+            kvm, mmu, mem, vcpu_mmu, sptep, base_gfn, direct=True, access=walker.pte_access
         )
         if child is not None:
             link_shadow_page(kvm, mmu, sptep, child)

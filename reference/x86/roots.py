@@ -5,13 +5,17 @@ the hash like any other page and pinned by ``root_count`` while the vCPU uses it
 the guest loads another CR3, KVM first looks in the vCPU's few previous roots
 (fast_pgd_switch): a context switch back to a recent process then costs no rebuild.
 Zapped and obsolete roots are dropped when the vCPU next enters the guest, on request
-(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS); a root whose last user lets go is zapped then.
+(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS); a root whose last user lets go is zapped then. A CR3
+load is also the guest's TLB flush: it asks for the unsync pages below the root to be
+synced (KVM_REQ_MMU_SYNC, unsync.py) before the guest runs again.
 
-kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_alloc_shadow_page, kvm_mmu_get_shadow_page,
+kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_find_shadow_page, kvm_mmu_alloc_shadow_page,
+kvm_mmu_get_shadow_page,
 kvm_mmu_get_child_sp, mmu_alloc_root, mmu_alloc_shadow_roots, kvm_mmu_load,
 mmu_free_root_page, kvm_mmu_free_roots, is_obsolete_root, kvm_mmu_free_obsolete_roots,
 is_root_usable, cached_root_find_and_keep_current, cached_root_find_without_current,
-fast_pgd_switch, kvm_mmu_new_pgd; arch/x86/kvm/x86.c:kvm_set_cr3, vcpu_enter_guest (v6.18)
+fast_pgd_switch, kvm_mmu_new_pgd; arch/x86/kvm/x86.c:kvm_set_cr3, kvm_invalidate_pcid,
+vcpu_enter_guest (v6.18)
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.gfn_to_hva import kvm_is_visible_memslot
+from kvmspec.reference.x86.guest_walk import GuestMemory
 from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
     KvmMmuPageRole,
     ShadowMmuState,
     SptePtr,
+    for_each_valid_sp,
     is_obsolete_sp,
     kvm_mmu_child_role,
-    kvm_mmu_find_shadow_page,
     sp_has_gptes,
 )
 from kvmspec.reference.x86.page_track import account_shadowed
-from kvmspec.reference.x86.paging import ACC_ALL, PT64_BASE_ADDR_MASK
+from kvmspec.reference.x86.paging import ACC_ALL, PG_LEVEL_4K, PT64_BASE_ADDR_MASK
 from kvmspec.reference.x86.spte import is_large_pte, is_shadow_present_pte
 from kvmspec.reference.x86.tlb import (
     KVM_MMU_NUM_PREV_ROOTS,
@@ -39,11 +44,53 @@ from kvmspec.reference.x86.tlb import (
     KvmMmuRootInfo,
     VcpuMmu,
 )
+from kvmspec.reference.x86.unsync import KVM_REQ_MMU_SYNC, kvm_mmu_sync_roots, kvm_sync_page
 from kvmspec.reference.x86.zap import kvm_mmu_commit_zap_page, kvm_mmu_prepare_zap_page
 from kvmspec.spec.uapi.constants import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from kvmspec.reference.kvm import Kvm
+
+
+def kvm_mmu_find_shadow_page(
+    kvm: Kvm,
+    mmu: ShadowMmuState,
+    mem: GuestMemory,
+    vcpu_mmu: VcpuMmu,
+    gfn: int,
+    role: KvmMmuPageRole,
+) -> KvmMmuPage | None:
+    """The valid page of ``gfn`` with exactly ``role``, if one exists. Looking up an
+    upper-level page zaps the unsync pages of the gfn (the guest now uses it as another
+    kind of table, which will be write-protected). A page found unsync is synced for this
+    fault's sake but stays unsync (its gfn stays writable until the guest's next flush);
+    if that sync fails, the page is zapped and None returned, so a fresh one is made. A
+    page found has its write-flooding count reset: the guest uses the table again.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_find_shadow_page (v6.18)
+    """
+    invalid_list: list[KvmMmuPage] = []
+    found = None
+    for sp in for_each_valid_sp(mmu, gfn):
+        if sp.role != role:
+            if role.level > PG_LEVEL_4K and sp.unsync:
+                kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list)
+            continue
+        if not sp.role.direct:
+            if sp.unsync:
+                ret = kvm_sync_page(kvm, mmu, mem, vcpu_mmu.mode, sp, invalid_list)
+                if ret < 0:
+                    break
+                kvm.warn_on(bool(invalid_list), "X7", "a transient sync zapped pages")
+                if ret > 0:
+                    kvm.arch.kvm_flush_remote_tlbs(kvm)
+            sp.write_flooding_count = 0
+        found = sp
+        break
+    if found is None:
+        mmu.stat["mmu_cache_miss"] += 1
+    kvm_mmu_commit_zap_page(kvm, mmu, invalid_list)
+    return found
 
 
 def kvm_mmu_alloc_shadow_page(
@@ -66,22 +113,34 @@ def kvm_mmu_alloc_shadow_page(
 
 
 def kvm_mmu_get_shadow_page(
-    kvm: Kvm, mmu: ShadowMmuState, gfn: int, role: KvmMmuPageRole
+    kvm: Kvm,
+    mmu: ShadowMmuState,
+    mem: GuestMemory,
+    vcpu_mmu: VcpuMmu,
+    gfn: int,
+    role: KvmMmuPageRole,
 ) -> KvmMmuPage:
-    """The valid page of (gfn, role), created if there is none.
+    """The valid page of (gfn, role), created if there is none. ``mem`` and ``vcpu_mmu``
+    are the faulting vCPU's, to sync an unsync page found on the way.
 
     kernel: arch/x86/kvm/mmu/mmu.c:__kvm_mmu_get_shadow_page (v6.18)
     """
     kvm.lockdep_assert_mmu_lock_held_write("getting a shadow page")
-    sp = kvm_mmu_find_shadow_page(mmu, gfn, role)
+    sp = kvm_mmu_find_shadow_page(kvm, mmu, mem, vcpu_mmu, gfn, role)
     if sp is None:
-        mmu.stat["mmu_cache_miss"] += 1
         sp = kvm_mmu_alloc_shadow_page(kvm, mmu, gfn, role)
     return sp
 
 
 def kvm_mmu_get_child_sp(
-    kvm: Kvm, mmu: ShadowMmuState, sptep: SptePtr, gfn: int, direct: bool, access: int
+    kvm: Kvm,
+    mmu: ShadowMmuState,
+    mem: GuestMemory,
+    vcpu_mmu: VcpuMmu,
+    sptep: SptePtr,
+    gfn: int,
+    direct: bool,
+    access: int,
 ) -> KvmMmuPage | None:
     """The page to link below ``sptep``, or None (the kernel's -EEXIST) when a link is
     already there: the fault then just follows it.
@@ -92,10 +151,12 @@ def kvm_mmu_get_child_sp(
     if is_shadow_present_pte(spte) and not is_large_pte(spte):
         return None
     role = kvm_mmu_child_role(sptep.sp, direct, access)
-    return kvm_mmu_get_shadow_page(kvm, mmu, gfn, role)
+    return kvm_mmu_get_shadow_page(kvm, mmu, mem, vcpu_mmu, gfn, role)
 
 
-def mmu_alloc_shadow_roots(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu) -> None:
+def mmu_alloc_shadow_roots(
+    kvm: Kvm, mmu: ShadowMmuState, mem: GuestMemory, vcpu_mmu: VcpuMmu
+) -> None:
     """Load the root for the vCPU's CR3: the level-4 page of the CR3's gfn, pinned by one
     more root_count. A CR3 outside every visible memslot gets the dummy root (every
     access faults, and the guest's walk then fails).
@@ -110,18 +171,19 @@ def mmu_alloc_shadow_roots(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu) -> 
         return
     with kvm.mmu_lock.write():
         role = KvmMmuPageRole(vcpu_mmu.mode.root_level, direct=False, access=ACC_ALL)
-        sp = kvm_mmu_get_shadow_page(kvm, mmu, root_gfn, role)
+        sp = kvm_mmu_get_shadow_page(kvm, mmu, mem, vcpu_mmu, root_gfn, role)
         sp.root_count += 1
         vcpu_mmu.root = KvmMmuRootInfo(root_pgd, sp)
 
 
-def kvm_mmu_load(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu) -> None:
-    """Allocate the root, then flush the vCPU's TLB: whatever it held came from another
-    root.
+def kvm_mmu_load(kvm: Kvm, mmu: ShadowMmuState, mem: GuestMemory, vcpu_mmu: VcpuMmu) -> None:
+    """Allocate the root, sync what is unsync below it (an existing page may have been
+    found), then flush the vCPU's TLB: whatever it held came from another root.
 
     kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_load (v6.18)
     """
-    mmu_alloc_shadow_roots(kvm, mmu, vcpu_mmu)
+    mmu_alloc_shadow_roots(kvm, mmu, mem, vcpu_mmu)
+    kvm_mmu_sync_roots(kvm, mmu, mem, vcpu_mmu)
     vcpu_mmu.flush_tlb()
 
 
@@ -234,27 +296,32 @@ def kvm_mmu_new_pgd(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, new_pgd: i
 
 def kvm_set_cr3(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, cr3: int) -> None:
     """The guest writes CR3 (PCIDs off): a new root for a new value, and in any case a TLB
-    flush (and a sync of unsync pages, not modelled) before the guest runs again.
+    flush and a sync of the root's unsync pages before the guest runs again.
 
     kernel: arch/x86/kvm/x86.c:kvm_set_cr3, kvm_invalidate_pcid (v6.18)
     """
     if cr3 != vcpu_mmu.cr3:
         kvm_mmu_new_pgd(kvm, mmu, vcpu_mmu, cr3)
     vcpu_mmu.cr3 = cr3
+    vcpu_mmu.requests.add(KVM_REQ_MMU_SYNC)
     vcpu_mmu.requests.add(KVM_REQ_TLB_FLUSH)
 
 
-def vcpu_enter_guest(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu) -> None:
+def vcpu_enter_guest(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, mem: GuestMemory) -> None:
     """What the vCPU does about the MMU before entering the guest: serve its requests
-    (drop obsolete roots, flush the TLB), then load a root if it has none.
+    (drop obsolete roots, sync unsync pages, flush the TLB), then load a root if it has
+    none. ``mem`` is guest memory as KVM reads it (the guest PTEs a sync compares).
 
     kernel: arch/x86/kvm/x86.c:vcpu_enter_guest; arch/x86/kvm/mmu.h:kvm_mmu_reload (v6.18)
     """
     if KVM_REQ_MMU_FREE_OBSOLETE_ROOTS in vcpu_mmu.requests:
         vcpu_mmu.requests.discard(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
         kvm_mmu_free_obsolete_roots(kvm, mmu, vcpu_mmu)
+    if KVM_REQ_MMU_SYNC in vcpu_mmu.requests:
+        vcpu_mmu.requests.discard(KVM_REQ_MMU_SYNC)
+        kvm_mmu_sync_roots(kvm, mmu, mem, vcpu_mmu)
     if KVM_REQ_TLB_FLUSH in vcpu_mmu.requests:
         vcpu_mmu.requests.discard(KVM_REQ_TLB_FLUSH)
         vcpu_mmu.flush_tlb()
     if vcpu_mmu.root.sp is None:
-        kvm_mmu_load(kvm, mmu, vcpu_mmu)
+        kvm_mmu_load(kvm, mmu, mem, vcpu_mmu)

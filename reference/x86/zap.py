@@ -15,10 +15,12 @@ On top of that: the whole-VM "fast zap" that makes every page obsolete at once b
 flipping ``mmu_valid_gen`` (X10), zapping everything (the VMM's mm is going away), zapping
 a memslot's pages, and the emulated guest write to a shadowed page table.
 
-Not modelled: unsync children (mmu_zap_unsync_children), the NX huge page lists, and the
-points where the long zaps drop mmu_lock to reschedule (they run as one step).
+Zapping an upper-level page first zaps the unsync pages below it
+(mmu_zap_unsync_children). Not modelled: the NX huge page lists, and the points where the
+long zaps drop mmu_lock to reschedule (they run as one step).
 
 kernel: arch/x86/kvm/mmu/mmu.c:__kvm_mmu_prepare_zap_page, kvm_mmu_prepare_zap_page,
+mmu_zap_unsync_children,
 kvm_mmu_commit_zap_page, kvm_mmu_remote_flush_or_zap, mmu_page_zap_pte,
 kvm_mmu_page_unlink_children, kvm_mmu_unlink_parents, kvm_mmu_zap_all_fast,
 kvm_zap_obsolete_pages, kvm_mmu_zap_all, kvm_mmu_zap_memslot_pages_and_flush,
@@ -40,6 +42,9 @@ from kvmspec.reference.x86.mmu_page import (
     for_each_valid_sp,
     is_obsolete_sp,
     kvm_mmu_free_shadow_page,
+    kvm_unlink_unsync_page,
+    mmu_pages_clear_parents,
+    mmu_unsync_walk,
     sp_has_gptes,
 )
 from kvmspec.reference.x86.mmu_spte import drop_parent_pte, drop_spte, mmu_spte_clear_no_track
@@ -93,21 +98,44 @@ def kvm_mmu_unlink_parents(kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage) -> Non
         drop_parent_pte(kvm, mmu, sp, sp.parent_ptes[0])
 
 
+def mmu_zap_unsync_children(
+    kvm: Kvm, mmu: ShadowMmuState, parent: KvmMmuPage, invalid_list: list[KvmMmuPage]
+) -> int:
+    """Zap the unsync pages below an upper-level page that is being zapped: once it is
+    gone, no TLB flush of the guest's would reach them to sync them. Returns how many.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:mmu_zap_unsync_children (v6.18)
+    """
+    zapped = 0
+    if parent.role.level == PG_LEVEL_4K:
+        return zapped
+    while found := mmu_unsync_walk(kvm, mmu, parent):
+        for sp, path in found:
+            kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list)
+            mmu_pages_clear_parents(kvm, path)
+            zapped += 1
+    return zapped
+
+
 def kvm_mmu_prepare_zap_page(
     kvm: Kvm, mmu: ShadowMmuState, sp: KvmMmuPage, invalid_list: list[KvmMmuPage]
-) -> None:
+) -> bool:
     """Phase one of zapping ``sp`` (see the module docstring). A root in use leaves the
     active list but is freed only when its last user puts it (mmu_free_root_page); if it
-    was still current, every vCPU is asked to drop obsolete roots.
+    was still current, every vCPU is asked to drop obsolete roots. True when other pages
+    were zapped with it (unsync children): a caller walking active_mmu_pages restarts.
 
     kernel: arch/x86/kvm/mmu/mmu.c:__kvm_mmu_prepare_zap_page (v6.18)
     """
     kvm.lockdep_assert_mmu_lock_held_write("zapping a shadow page")
     mmu.stat["mmu_shadow_zapped"] += 1
+    list_unstable = mmu_zap_unsync_children(kvm, mmu, sp, invalid_list) > 0
     kvm_mmu_page_unlink_children(kvm, mmu, sp)
     kvm_mmu_unlink_parents(kvm, mmu, sp)
     if not sp.role.invalid and sp_has_gptes(sp):
         unaccount_shadowed(kvm, mmu, sp)
+    if sp.unsync:
+        kvm_unlink_unsync_page(kvm, mmu, sp)
     zapped_root = False
     if not sp.root_count:
         if not sp.role.invalid:
@@ -121,6 +149,7 @@ def kvm_mmu_prepare_zap_page(
     # Only after the page is marked invalid: a vCPU that handles the request must see it.
     if zapped_root:
         kvm_make_all_cpus_request(mmu, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+    return list_unstable
 
 
 def kvm_mmu_commit_zap_page(kvm: Kvm, mmu: ShadowMmuState, invalid_list: list[KvmMmuPage]) -> None:
@@ -162,12 +191,17 @@ def kvm_zap_obsolete_pages(kvm: Kvm, mmu: ShadowMmuState) -> None:
     kernel: arch/x86/kvm/mmu/mmu.c:kvm_zap_obsolete_pages (v6.18)
     """
     invalid_list: list[KvmMmuPage] = []
-    for sp in list(reversed(mmu.active_mmu_pages)):
-        if not is_obsolete_sp(mmu, sp):
-            break
-        if kvm.warn_on(sp.role.invalid, "X10", f"invalid {sp} on the active list"):
-            continue
-        kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list)
+    restart = True
+    while restart:
+        restart = False
+        for sp in list(reversed(mmu.active_mmu_pages)):
+            if not is_obsolete_sp(mmu, sp):
+                break
+            if kvm.warn_on(sp.role.invalid, "X10", f"invalid {sp} on the active list"):
+                continue
+            if kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list):
+                restart = True  # other pages left the list too
+                break
     kvm_mmu_commit_zap_page(kvm, mmu, invalid_list)
 
 
@@ -193,10 +227,15 @@ def kvm_mmu_zap_all(kvm: Kvm, mmu: ShadowMmuState) -> None:
     """
     invalid_list: list[KvmMmuPage] = []
     with kvm.mmu_lock.write():
-        for sp in list(mmu.active_mmu_pages):
-            if kvm.warn_on(sp.role.invalid, "X10", f"invalid {sp} on the active list"):
-                continue
-            kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list)
+        restart = True
+        while restart:
+            restart = False
+            for sp in list(mmu.active_mmu_pages):
+                if kvm.warn_on(sp.role.invalid, "X10", f"invalid {sp} on the active list"):
+                    continue
+                if kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list):
+                    restart = True  # other pages left the list too
+                    break
         kvm_mmu_commit_zap_page(kvm, mmu, invalid_list)
 
 

@@ -5,8 +5,8 @@ themselves and compares: the rmaps (X1), the parent links and root counts (X2), 
 writable-bit states of every leaf (X3), the write protection of shadowed guest page
 tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' TLBs (X5), the
 leaves against the host's page tables (N4), the huge-page counts (X8), every huge leaf
-(X9), dirty-logged slots mapping nothing writable larger than 4K (D4), and the MMIO SPTEs'
-generations (X11).
+(X9), dirty-logged slots mapping nothing writable larger than 4K (D4), the MMIO SPTEs'
+generations (X11), and the unsync pages and their parents' bitmaps (X7).
 ``check_shadow_mmu`` runs them all.
 """
 
@@ -360,6 +360,41 @@ def check_mmio_sptes(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
     return violations
 
 
+def check_unsync(mmu: ShadowMmu) -> list[Violation]:
+    """X7: only valid last-level pages with guest PTEs are unsync; every page's
+    unsync_children counts its bitmap's bits, and a last-level page has none; and every
+    present link to a page that is unsync or has unsync children has its bit set, so that a
+    walk from any root reaches every unsync page below it (a set bit with no reason left is
+    allowed: walks clear those as they meet them)."""
+    violations = []
+    for sp in mmu.sp_by_pfn.values():
+        if sp.unsync and (sp.role.level != PG_LEVEL_4K or not sp_has_gptes(sp)):
+            violations.append(Violation("X7", f"{sp} is unsync"))
+        if sp.unsync and sp.role.invalid:
+            violations.append(Violation("X7", f"zapped {sp} is still unsync"))
+        if sp.unsync_children != len(sp.unsync_child_bitmap):
+            violations.append(
+                Violation(
+                    "X7",
+                    f"{sp}: unsync_children {sp.unsync_children}, "
+                    f"bits {sorted(sp.unsync_child_bitmap)}",
+                )
+            )
+        if sp.role.level == PG_LEVEL_4K and sp.unsync_child_bitmap:
+            violations.append(Violation("X7", f"last-level {sp} has unsync children"))
+        for index, spte in sorted(sp.spt.items()):
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.role.level):
+                continue
+            child = mmu.sp_by_pfn.get(spte_to_pfn(spte))
+            if child is None or not (child.unsync or child.unsync_children):
+                continue
+            if index not in sp.unsync_child_bitmap:
+                violations.append(
+                    Violation("X7", f"{SptePtr(sp, index)} leads to unsync {child}, no bit set")
+                )
+    return violations
+
+
 def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
     """Every shadow-MMU invariant above, and the VM's WARNs."""
     return [
@@ -373,5 +408,6 @@ def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
         *check_lpage_info(kvm, mmu),
         *check_huge_leaves(kvm, mmu, host),
         *check_mmio_sptes(kvm, mmu),
+        *check_unsync(mmu),
         *(Violation(rule, f"WARN: {message}") for rule, message in kvm.warnings),
     ]
