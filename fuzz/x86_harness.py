@@ -24,7 +24,7 @@ Two drivers choose the actions and their arguments: the Hypothesis state machine
 (:mod:`kvmspec.fuzz.x86_decoder`); the values each argument may take are the tuples below,
 and an action on a page that :meth:`HugeHarness.is_data_page` refuses must not be called.
 :meth:`check` raises :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with what it found:
-every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X6, X8-X11,
+every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X11,
 the WARNs) and ``COHERENCE``: every guest load returns what the host holds at the gfn the
 guest's page tables name, a store reaches it, and an access ends as those tables and the
 slots say (done, MMIO, or the guest's own #PF). After a PTE rewrite, the vCPU may also use

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from kvmspec.reference.gfn_to_hva import kvm_is_visible_memslot
 from kvmspec.reference.x86.guest_walk import GuestMemory
+from kvmspec.reference.x86.mmio_spte import vcpu_clear_mmio_info
 from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
     KvmMmuPageRole,
@@ -290,7 +291,11 @@ def kvm_mmu_new_pgd(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, new_pgd: i
     kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_new_pgd (v6.18)
     """
     role = KvmMmuPageRole(vcpu_mmu.mode.root_level, direct=False, access=ACC_ALL)
-    if fast_pgd_switch(kvm, mmu, vcpu_mmu, new_pgd, role) and vcpu_mmu.root.sp is not None:
+    if not fast_pgd_switch(kvm, mmu, vcpu_mmu, new_pgd, role):
+        return
+    # The cached MMIO translation belonged to the old CR3's tables.
+    vcpu_clear_mmio_info(mmu, vcpu_mmu.vcpu_id, None)
+    if vcpu_mmu.root.sp is not None:
         vcpu_mmu.root.sp.write_flooding_count = 0
 
 

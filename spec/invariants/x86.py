@@ -340,6 +340,8 @@ def check_mmio_sptes(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
     generation is an older one. And none comes from before the last wrap of the 19-bit
     MMIO generation (its number is above the current one): the wrap zaps every shadow page,
     or the SPTE would be trusted again 2^19 generations after it was made."""
+    if not mmu.masks.enable_mmio_caching:
+        return []  # no SPTE is an MMIO one
     generation = kvm.memslots(0).generation
     current = generation & MMIO_SPTE_GEN_MASK
     violations = []
