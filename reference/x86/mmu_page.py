@@ -5,7 +5,7 @@ table. It is identified by the gfn of the guest table it shadows and by its *rol
 level, whether it is *direct* (it shadows no guest table, only a gfn range: the pieces of
 a guest huge page KVM maps with smaller pages), and the access rights the guest's upper
 levels grant (two guest paths to one table with different rights need two shadow pages).
-Shadow pages are shared only when gfn and role are equal (kvm_mmu_find_shadow_page).
+Shadow pages are shared only when gfn and role are equal (roots.kvm_mmu_find_shadow_page).
 
 A shadow page of a guest page table must see every change the guest makes to that table,
 so KVM write-protects the table's gfn while the shadow page exists (page_track.py). A
