@@ -29,7 +29,12 @@ from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
 from kvmspec.reference.x86.spte import EPT_MASKS, SpteMasks
 from kvmspec.reference.x86.tdp_arch import TdpMmu, kvm_mmu_zap_all_fast
 from kvmspec.reference.x86.tdp_fault import kvm_tdp_page_fault, tdp_guest_access
-from kvmspec.reference.x86.tdp_mmu import kvm_tdp_mmu_age_gfn_range, kvm_tdp_mmu_wrprot_slot
+from kvmspec.reference.x86.tdp_iter import TdpMmuPage
+from kvmspec.reference.x86.tdp_mmu import (
+    kvm_recover_nx_huge_pages,
+    kvm_tdp_mmu_age_gfn_range,
+    kvm_tdp_mmu_wrprot_slot,
+)
 from kvmspec.reference.x86.tdp_mmu_roots import kvm_mmu_load
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.x86_tdp import check_tdp_mmu
@@ -124,6 +129,21 @@ class TdpVm:
         slot = self.slot_range(0).slot
         return kvm_tdp_mmu_wrprot_slot(self.kvm, self.mmu, slot, 1)
 
+    def tables(self, level: int) -> list[TdpMmuPage]:
+        """The tables of ``level`` linked in a tree now, oldest first (the NX recovery
+        list holds only those: a table leaves it when it is unlinked)."""
+        linked = []
+        for sp in self.mmu.tables.pages.values():
+            if sp.level != level or sp.ptep is None or sp.unlinked or sp.freed:
+                continue
+            link = sp.ptep.sp.spt.get(sp.ptep.index, 0)
+            if self.mmu.tables.spte_to_child_pt(link, level + 1) is sp:
+                linked.append(sp)
+        return linked
+
+    def zap_tables(self, tables: list[TdpMmuPage]) -> KernelOp[int]:
+        return kvm_recover_nx_huge_pages(self.kvm, self.mmu, tables)
+
     def zap_all_fast(self) -> KernelOp[None]:
         return kvm_mmu_zap_all_fast(self.kvm, self.mmu)
 
@@ -166,9 +186,13 @@ class TdpMachine(RuleBasedStateMachine):
         self.ops.append(InFlight(name, op))
 
     def _lock_free(self) -> bool:
-        """Writers (memslot updates, notifiers, harvests) run in one step: only when no
-        operation in flight holds the read side of mmu_lock."""
+        """Writers (notifiers, harvests, the fast zap's first step) run in one step: only
+        when no operation in flight holds the read side of mmu_lock (they would spin)."""
         return self.vm.kvm.mmu_lock.readers == 0
+
+    def _no_readers(self) -> bool:
+        """A memslot update also waits out the SRCU readers (faults in flight)."""
+        return self._lock_free() and not self.vm.kvm.srcu.active
 
     @precondition(lambda self: len(self.ops) < 4)
     @rule(page=st.integers(0, DATA_PAGES - 1), write=st.booleans(), vcpu=st.sampled_from(VCPUS))
@@ -187,6 +211,13 @@ class TdpMachine(RuleBasedStateMachine):
     def start_wrprot(self) -> None:
         if self.vm.base is not None:
             self._start("wrprot", self.vm.wrprot())
+
+    @precondition(lambda self: len(self.ops) < 4)
+    @rule(level=st.integers(1, 3), which=st.integers(0, 3))
+    def start_zap_table(self, level: int, which: int) -> None:
+        tables = self.vm.tables(level)
+        if tables:
+            self._start("zap table", self.vm.zap_tables([tables[which % len(tables)]]))
 
     @precondition(lambda self: len(self.ops) < 4 and self._lock_free())
     @rule()
@@ -217,14 +248,14 @@ class TdpMachine(RuleBasedStateMachine):
     def guest_read(self, page: int, vcpu: int) -> None:
         self.vm.access(page, None, vcpu)
 
-    @precondition(lambda self: self._lock_free())
+    @precondition(lambda self: self._no_readers())
     @rule(place=st.sampled_from([DATA_GFN, 0x400, None]))
     def set_region(self, place: int | None) -> None:
         if place is not None and self.vm.base is not None and place != self.vm.base:
             self.vm.set_region(None, 0)  # a MOVE needs the slot to stay the same size
         self.vm.set_region(place, self.vm.flags)
 
-    @precondition(lambda self: self._lock_free())
+    @precondition(lambda self: self._no_readers())
     @rule(on=st.booleans())
     def log_dirty(self, on: bool) -> None:
         self.vm.log_dirty(on)

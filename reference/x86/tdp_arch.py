@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.arch import KvmArch
-from kvmspec.reference.concurrency import KernelOp, run_to_completion
+from kvmspec.reference.concurrency import KernelOp, WaitUntil, run_to_completion
 from kvmspec.reference.mmu_notifier import KvmGfnRange
 from kvmspec.reference.x86.paging import PG_LEVEL_2M, PG_LEVEL_4K
 from kvmspec.reference.x86.spte import SpteMasks
@@ -66,7 +66,10 @@ def kvm_mmu_zap_all_fast(kvm: Kvm, mmu: TdpMmuState) -> KernelOp[None]:
 
     kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_zap_all_fast (v6.18)
     """
-    with kvm.mmu_lock.write():
+    lock = kvm.mmu_lock
+    if lock.writer or lock.readers:
+        yield WaitUntil("write_lock(mmu_lock)", lambda: not lock.writer and not lock.readers)
+    with lock.write():
         kvm_tdp_mmu_invalidate_roots(kvm, mmu)
         kvm_make_all_cpus_request(mmu, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
     yield from kvm_tdp_mmu_zap_invalidated_roots(kvm, mmu)

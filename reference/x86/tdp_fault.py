@@ -26,9 +26,10 @@ tdp_mmu_map_handle_target_level (v6.18)
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
+from kvmspec.reference.concurrency import KernelOp, Preempt, WaitUntil, run_to_completion
 from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
 from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
 from kvmspec.reference.guest_memory import emulator_read_write
@@ -52,7 +53,6 @@ from kvmspec.reference.x86.paging import (
     PT_PRESENT_MASK,
     pt_index,
 )
-from kvmspec.reference.x86.paging_tmpl import RetPf
 from kvmspec.reference.x86.spte import (
     is_frozen_spte,
     is_large_pte,
@@ -75,6 +75,20 @@ from kvmspec.reference.x86.tdp_mmu import _flush, tdp_mmu_set_spte_atomic
 from kvmspec.reference.x86.tdp_mmu_roots import TdpMmuState, TdpVcpu, kvm_mmu_load
 from kvmspec.reference.x86.tlb import TlbEntry
 from kvmspec.spec.uapi.constants import PAGE_SHIFT, PAGE_SIZE
+
+
+class RetPf(enum.Enum):
+    """enum ret_pf as the TDP MMU's fault returns it (paging_tmpl.RetPf is the shadow
+    MMU's, with its write-protection outcome), and the EFAULT KVM_RUN fails with."""
+
+    RETRY = "retry"
+    """Enter the guest again: the fault lost a race, or something it waits for is open."""
+    EMULATE = "emulate"
+    """No slot, or a store to a READONLY one: the instruction is emulated (MMIO)."""
+    FIXED = "fixed"
+    SPURIOUS = "spurious"
+    """Another vCPU installed the same SPTE first."""
+    EFAULT = "efault"
 
 
 @dataclass(slots=True)
@@ -113,6 +127,11 @@ def kvm_mmu_faultin_pfn(kvm: Kvm, host: HostMm, fault: KvmPageFault) -> KernelOp
     if kvm_is_error_hva(hva):
         return RetPf.EMULATE
     yield Preempt("TDP fault: resolving the pfn (get_user_pages may sleep)")
+    # get_user_pages may itself fire an MMU notifier (a copy on write), whose handler
+    # spins on mmu_lock: the model's host runs it in this same step, so the step waits.
+    lock = kvm.mmu_lock
+    if lock.readers or lock.writer:
+        yield WaitUntil("get_user_pages: mmu_lock is held", lambda: not lock.readers)
     errno, host_pte = host.fault_in(hva, fault.write)
     if errno or host_pte is None:
         return RetPf.EFAULT

@@ -117,6 +117,8 @@ class SpteWrite:
     after: int
     based_on: int | None
     actor: str
+    unlinked: bool
+    """The table had already left the tree (nobody but RCU readers can reach it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +211,9 @@ class TdpTables:
             ptep.sp.spt.pop(ptep.index, None)
         else:
             ptep.sp.spt[ptep.index] = new
-        self.history.writes.append(SpteWrite(ptep.slot, before, new, based_on, actor))
+        self.history.writes.append(
+            SpteWrite(ptep.slot, before, new, based_on, actor, ptep.sp.unlinked)
+        )
         return before
 
     def xchg_spte(self, ptep: TdpPtep, new: int, actor: str) -> int:

@@ -212,27 +212,6 @@ def tdp_mmu_set_spte_atomic(
     return 0
 
 
-def tdp_mmu_zap_spte_atomic(kvm: Kvm, mmu: TdpMmuState, it: TdpIter) -> KernelOp[int]:
-    """Zap an SPTE under the read lock in three steps: freeze it (a compare-and-exchange
-    to FROZEN_SPTE), flush the TLBs while other writers that meet it back off, then write
-    it non-present and do the bookkeeping. Without the freeze another fault could install
-    a new SPTE before the flush, and a vCPU could keep using the old translation.
-
-    kernel: arch/x86/kvm/mmu/tdp_mmu.c:tdp_mmu_zap_spte_atomic (v6.12; v6.18 freezes the
-    same way in handle_removed_pt)
-    """
-    ret = __tdp_mmu_set_spte_atomic(kvm, mmu, it, FROZEN_SPTE)
-    if ret:
-        return ret
-    yield Preempt("tdp_mmu_zap_spte_atomic: frozen, flushing the TLBs")
-    _flush(kvm)
-    mmu.tables.xchg_spte(it.sptep, SHADOW_NONPRESENT_VALUE, it.actor)
-    yield from handle_changed_spte(
-        kvm, mmu, it.sptep, it.gfn, it.old_spte, SHADOW_NONPRESENT_VALUE, it.level, shared=True
-    )
-    return 0
-
-
 def tdp_mmu_set_spte(
     kvm: Kvm,
     mmu: TdpMmuState,
@@ -375,6 +354,54 @@ def kvm_tdp_mmu_zap_invalidated_roots(kvm: Kvm, mmu: TdpMmuState) -> KernelOp[No
             kvm_tdp_mmu_put_root(kvm, mmu, root)
     finally:
         side.leave()
+
+
+def kvm_tdp_mmu_zap_possible_nx_huge_page(
+    kvm: Kvm, mmu: TdpMmuState, sp: TdpMmuPage
+) -> KernelOp[bool]:
+    """Zap one (non-root) table under the read lock: exchange the SPTE that links it for
+    a non-present one, if it still links it (another thread may have replaced it since).
+    handle_removed_pt then freezes the table's SPTEs under the feet of faults that may
+    still be walking it.
+
+    kernel: arch/x86/kvm/mmu/tdp_mmu.c:kvm_tdp_mmu_zap_possible_nx_huge_page (v6.18)
+    """
+    parent = sp.ptep
+    if kvm.warn_on(parent is None, "X14", f"{sp!r} is a root: it has no parent SPTE"):
+        return False
+    assert parent is not None
+    it = TdpIter(mmu.tables, mmu.new_actor("zap_table"), parent.sp, sp.level, sp.gfn)
+    it.level, it.gfn = sp.level + 1, sp.gfn
+    it.pt_path[it.level] = parent.sp
+    it.old_spte = mmu.tables.read_spte(parent, it.actor)
+    if mmu.tables.spte_to_child_pt(it.old_spte, it.level) is not sp:
+        return False
+    yield Preempt("zap_possible_nx_huge_page: link read, exchanging it")
+    return (yield from tdp_mmu_set_spte_atomic(kvm, mmu, it, SHADOW_NONPRESENT_VALUE)) == 0
+
+
+def kvm_recover_nx_huge_pages(kvm: Kvm, mmu: TdpMmuState, pages: list[TdpMmuPage]) -> KernelOp[int]:
+    """The NX huge page recovery worker on the TDP MMU: under the read side of mmu_lock
+    and RCU, zap each table of ``pages`` (the kernel takes them from the list of tables
+    that exist only because a huge page was split for the iTLB multihit mitigation; the
+    model has no such mitigation, so its callers name the tables), then flush. Returns how
+    many were zapped.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_recover_nx_huge_pages (v6.18)
+    """
+    side = ReadSide(kvm.rcu, kvm.mmu_lock)
+    yield from side.wait_for_writer()
+    side.enter()
+    zapped = 0
+    try:
+        for sp in pages:
+            if not sp.unlinked and (yield from kvm_tdp_mmu_zap_possible_nx_huge_page(kvm, mmu, sp)):
+                zapped += 1
+        if zapped:
+            _flush(kvm)
+    finally:
+        side.leave()
+    return zapped
 
 
 def kvm_tdp_mmu_unmap_gfn_range(

@@ -53,13 +53,23 @@ def _key(spte: int, level: int) -> tuple[object, ...]:
 
 
 def check_frozen(mmu: TdpMmuState, quiescent: bool) -> list[Violation]:
-    """X13: a frozen SPTE is written next only by the operation that froze it; once no
-    operation is in flight, no live table holds one."""
+    """X13: a frozen SPTE of a table still in the tree is written next only by the
+    operation that froze it; once no operation is in flight, no live table holds one.
+
+    Inside a table already unlinked, lockless aging may still clear the A bit of an SPTE
+    that handle_removed_pt froze (its walk read the leaf before the freeze, and clears A
+    with an atomic AND, not a compare-and-exchange; FROZEN_SPTE has EPT's A bit, bit 8,
+    set). Harmless: nobody reads the dead table again before it is freed."""
     violations = []
     freezer: dict[tuple[int, int], str] = {}
     for write in mmu.tables.history.writes:
         owner = freezer.get(write.slot)
-        if write.before == FROZEN_SPTE and owner is not None and write.actor != owner:
+        if (
+            write.before == FROZEN_SPTE
+            and owner is not None
+            and write.actor != owner
+            and not write.unlinked
+        ):
             violations.append(
                 Violation("X13", f"{write.actor} wrote SPTE {write.slot} frozen by {owner}")
             )
