@@ -267,15 +267,15 @@ class TdpMachine(RuleBasedStateMachine):
             self.vm.get_dirty_log()
 
     @precondition(lambda self: self._lock_free())
-    @rule(page=st.integers(0, DATA_PAGES - 1), unmap=st.booleans())
-    def host_drop(self, page: int, unmap: bool) -> None:
-        """madvise(DONTNEED), or munmap and a fresh mmap at the same place."""
+    @rule(page=st.integers(0, DATA_PAGES - 1), prot=st.sampled_from([None, PROT_READ, RW]))
+    def host_change(self, page: int, prot: int | None) -> None:
+        """madvise(DONTNEED) (``prot`` None) or mprotect of one page: an MMU-notifier
+        invalidation either way."""
         hva = self.vm.hva + page * PAGE
-        if unmap:
-            self.vm.host.munmap(hva, PAGE)
-            self.vm.host.mmap(PAGE, RW, hva)
-        else:
+        if prot is None:
             self.vm.host.madvise_dontneed(hva, PAGE)
+        else:
+            self.vm.host.mprotect(hva, PAGE, prot)
 
     @invariant()
     def checked(self) -> None:

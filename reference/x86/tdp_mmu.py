@@ -138,6 +138,11 @@ def handle_changed_spte(
         yield from handle_removed_pt(kvm, mmu, child, shared)
 
 
+def _thawed(mmu: TdpMmuState, ptep: TdpPtep, actor: str) -> Callable[[], bool]:
+    """Has the thread that froze ``ptep`` written it since?"""
+    return lambda: not is_frozen_spte(mmu.tables.read_spte(ptep, actor))
+
+
 def handle_removed_pt(kvm: Kvm, mmu: TdpMmuState, sp: TdpMmuPage, shared: bool) -> KernelOp[None]:
     """A table was cut out of the tree by the caller's change. Its SPTEs are handled as
     changes to FROZEN (recursively removing tables below), then the page is freed after
@@ -161,7 +166,7 @@ def handle_removed_pt(kvm: Kvm, mmu: TdpMmuState, sp: TdpMmuPage, shared: bool) 
             if is_frozen_spte(mmu.tables.read_spte(ptep, actor)):
                 yield WaitUntil(
                     "handle_removed_pt: SPTE frozen by another thread",
-                    lambda ptep=ptep: not is_frozen_spte(mmu.tables.read_spte(ptep, actor)),
+                    _thawed(mmu, ptep, actor),
                 )
             old_spte = mmu.tables.xchg_spte(ptep, FROZEN_SPTE, actor)
         else:
