@@ -57,11 +57,13 @@ from kvmspec.reference.arm64.fault import (
     guest_access,
     kvm_handle_guest_abort,
 )
+from kvmspec.reference.arm64.hw_access import GuestAccessResult
 from kvmspec.reference.arm64.hw_access import guest_access as hw_guest_access
 from kvmspec.reference.arm64.mmu import Arm64Mmu
-from kvmspec.reference.arm64.pgtable import KvmPgtable
+from kvmspec.reference.arm64.pgtable import KvmPgtable, KvmPgtableWalkFlags
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
-from kvmspec.reference.concurrency import Preempt, run_to_completion
+from kvmspec.reference.arm64.stage2 import kvm_pgtable_stage2_test_clear_young
+from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.host_pages import DEVICE_PFN_BASE
@@ -82,6 +84,7 @@ from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 PAGE = 4096
 HPAGE = 512 * PAGE
+SHARED = KvmPgtableWalkFlags.SHARED
 RW = PROT_READ | PROT_WRITE
 FLUSH_ALL = "S001-FLUSH-ALL"
 """Seed 001's "kvm_arch_flush_shadow_all emptied": after the notifier's release no stage-2
@@ -111,6 +114,8 @@ PROTS = (0, PROT_READ, RW)
 SHIFTED_PLACES: tuple[int | None, ...] = (0, 1, None)
 FRAMES = (0, 1)
 DONTNEED_PAGES = (1, 2, 512)
+ORDER_STEPS = tuple(range(4))
+"""Who runs next in :meth:`Arm64Harness.interleave` (modulo the actors left)."""
 
 
 PA_BITS = 48
@@ -514,6 +519,60 @@ class Arm64Harness:
         except StopIteration as done:
             self.log(f"vcpu {vcpu} fault at {gpa:#x} raced (dropped: {raced}) -> {done.value}")
         self.guest_read(vcpu, slot_id, page, 0, "load")
+
+    def interleave(self, order: tuple[int, ...], page: int, other: int, store: bool) -> None:
+        """Software walkers and the hardware on the THP slot at once, one step at a time:
+        vCPU 0 faults on ``page`` (a store or a load), vCPU 1 faults storing to ``other``,
+        vCPU 1's hardware stores to ``page`` + 8, and, with seed 001's lockless ager, the
+        whole slot is aged without mmu_lock. ``order`` names who runs next at each step
+        (modulo the actors left); when it runs out, the rest finish in turn. Faults hold
+        the read side of mmu_lock, so nothing that needs it for write runs among them."""
+        gpa, hva = self.address(THP_SLOT, page)
+        other_gpa, other_hva = self.address(THP_SLOT, other)
+        pgt = self.mmu.pgt
+        if hva is None or other_hva is None or pgt is None:
+            return
+        if self.expected(THP_SLOT, hva, "store") or self.expected(THP_SLOT, other_hva, "store"):
+            return
+        # The VMM touched both pages first: resolving them then needs no host invalidation,
+        # which would wait for mmu_lock while a fault holds its read side (the model's
+        # spinlock cannot wait, it reports a deadlock).
+        for touched in (hva, other_hva):
+            assert self.host.fault_in(touched, write=True)[0] == 0
+        actors: dict[str, KernelOp[object]] = {}
+        for name, vcpu, ipa, write in (("fault0", 0, gpa, store), ("fault1", 1, other_gpa, True)):
+            walk = run_to_completion(hw_guest_access(pgt, vcpu, ipa, write))
+            if walk.fault is not None:
+                abort = GuestAbort(ipa, walk.fault, walk.level, write)
+                vcpu_ = self.kvm.vcpus[vcpu]
+                actors[name] = kvm_handle_guest_abort(self.kvm, self.mmu, self.host, vcpu_, abort)
+        actors["hardware"] = hw_guest_access(pgt, 1, gpa + 8, True)
+        if self.mmu.lockless_aging:
+            view = self.views[THP_SLOT]
+            start, size = view.base_gfn * PAGE, view.npages * PAGE
+            actors["age"] = kvm_pgtable_stage2_test_clear_young(pgt, start, size, True, SHARED)
+        results: dict[str, object] = {}
+        steps = list(order)
+        while actors:
+            names = sorted(actors)
+            name = names[steps.pop(0) % len(names)] if steps else names[0]
+            try:
+                step = next(actors[name])
+                assert isinstance(step, Preempt), f"{name} waits in a spinlock section"
+            except StopIteration as done:
+                results[name] = done.value
+                del actors[name]
+        self.log(f"interleaved {order}: {results}")
+        hardware = results["hardware"]
+        assert isinstance(hardware, GuestAccessResult)
+        if hardware.pa is not None:
+            self.host.memory.write(hardware.pa // PAGE, hardware.pa % PAGE, b"\x77")
+            held = self.host_holds(hva + 8, 1)
+            self._expect(
+                "C-COHERENCE", held == b"\x77", f"hardware store at {gpa + 8:#x}: {held!r}"
+            )
+            if self.views[THP_SLOT].logging:
+                self.dirtied[THP_SLOT].add(page % SLOT_PAGES[THP_SLOT])
 
     # -- memslots and dirty logging -----------------------------------------------------------
 

@@ -23,6 +23,7 @@ from kvmspec.fuzz.arm64_harness import (
     HPAGE,
     KINDS,
     OFFSETS,
+    ORDER_STEPS,
     PAGES,
     PROTS,
     READ_KINDS,
@@ -92,6 +93,15 @@ class Arm64Machine(RuleBasedStateMachine):
     @rule(vcpu=VCPU, where=st.sampled_from(sorted(UNBACKED)), kind=st.sampled_from(KINDS))
     def guest_unbacked(self, vcpu: int, where: str, kind: str) -> None:
         self._do("guest_unbacked", vcpu, where, kind)
+
+    @rule(
+        order=st.lists(st.sampled_from(ORDER_STEPS), max_size=40).map(tuple),
+        page=PAGE,
+        other=PAGE,
+        store=st.booleans(),
+    )
+    def interleave(self, order: tuple[int, ...], page: int, other: int, store: bool) -> None:
+        self._do("interleave", order, page, other, store)
 
     @rule(vcpu=VCPU, slot=SLOT, page=PAGE, value=BYTE)
     def race_fault_with_dontneed(self, vcpu: int, slot: int, page: int, value: int) -> None:

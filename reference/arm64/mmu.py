@@ -34,13 +34,18 @@ import errno
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.arch import KvmArch
-from kvmspec.reference.arm64.descriptors import KVM_PGTABLE_LAST_LEVEL
+from kvmspec.reference.arm64.descriptors import (
+    KVM_PGTABLE_LAST_LEVEL,
+    kvm_pte_table,
+    kvm_pte_to_phys,
+    stage2_pte_is_counted,
+)
 from kvmspec.reference.arm64.pgtable import (
     NO_WALK_FLAGS,
     KvmMmuMemoryCache,
     KvmPgtable,
     KvmPgtableWalkFlags,
-    kvm_pgtable_stage2_free_unlinked,
+    TablePage,
 )
 from kvmspec.reference.arm64.s2_mmu import (
     KvmS2Mmu,
@@ -162,7 +167,10 @@ class Arm64Mmu(KvmArch):
         self.kvm_flush_remote_tlbs_memslot(kvm, slot)
 
     def stage2_wp_range(self, start: int, size: int) -> None:
-        """Write-protect [start, start + size) if the stage 2 exists."""
+        """Write-protect [start, start + size) if the stage 2 exists.
+
+        kernel: arch/arm64/kvm/mmu.c:stage2_wp_range (v6.18)
+        """
         if self.pgt is not None:
             run_to_completion(kvm_pgtable_stage2_wrprotect(self.pgt, start, size))
 
@@ -298,7 +306,7 @@ class Arm64Mmu(KvmArch):
     # -- TLB flushes ---------------------------------------------------------------------
 
     def kvm_flush_remote_tlbs(self, kvm: Kvm) -> None:
-        """Invalidate the whole VMID."""
+        """Invalidate the whole VMID (see :func:`kvm_arch_flush_remote_tlbs`)."""
         super().kvm_flush_remote_tlbs(kvm)
         if self.pgt is not None:
             kvm_arch_flush_remote_tlbs(self.pgt.mmu)
@@ -354,16 +362,34 @@ def kvm_mmu_split_nr_page_tables(pgt: KvmPgtable, range_size: int) -> int:
 
 def kvm_pgtable_stage2_destroy(pgt: KvmPgtable) -> None:
     """Free every table of the stage 2, from the leaves up, then the PGD pages: each
-    counted entry drops its reference, each table its last one. Nothing walks the tables
-    any more (the VM's stage 2 was unpublished first).
+    counted entry drops the reference it holds on its table, and each table, once its
+    entries are gone, its own last one. Nothing walks the tables any more (the VM's stage 2
+    was unpublished first).
 
-    kernel: arch/arm64/kvm/hyp/pgtable.c:kvm_pgtable_stage2_destroy (v6.18)
+    The kernel walks the whole IPA space with stage2_free_walker (LEAF and TABLE_POST);
+    only counted entries do anything there, so the model visits just those, which keeps
+    the cost in proportion to what is mapped rather than to the IPA space.
+
+    kernel: arch/arm64/kvm/hyp/pgtable.c:kvm_pgtable_stage2_destroy, stage2_free_walker
+    (v6.18)
     """
     if pgt.pgd is None:
         return
     for page in pgt.pgd:
-        # A PGD page is the table of one entry a level above the start level.
-        run_to_completion(
-            kvm_pgtable_stage2_free_unlinked(pgt.mm_ops, page, pgt.geometry.start_level - 1)
-        )
+        _stage2_free_table(pgt, page, pgt.geometry.start_level)
     pgt.pgd = None
+
+
+def _stage2_free_table(pgt: KvmPgtable, table: TablePage, level: int) -> None:
+    """Drop the references of ``table``'s counted entries (descending into child tables
+    first, as TABLE_POST visits them after their children), then the table's own."""
+    mm_ops = pgt.mm_ops
+    for index in sorted(table.entries):
+        pte = table.entries[index]
+        if not stage2_pte_is_counted(pte):
+            continue
+        if kvm_pte_table(pte, level):
+            child = mm_ops.phys_to_virt(kvm_pte_to_phys(pte, pgt.geometry.page_shift))
+            _stage2_free_table(pgt, child, level + 1)
+        mm_ops.put_page(table)
+    mm_ops.put_page(table)
