@@ -422,6 +422,29 @@ def test_aging_clears_af_with_or_without_mmu_lock(mmu_class: type[Arm64Mmu]) -> 
     vm.check()
 
 
+ORDERS = [(), (0, 0, 0, 0, 1, 1, 1, 1), (1, 0) * 20, (2, 1, 0, 3) * 10, (3, 3, 3, 0, 1, 2) * 6]
+
+
+@pytest.mark.parametrize("mmu_class", [Arm64Mmu, Arm64MmuLocklessAging])
+@pytest.mark.parametrize("logging", [False, True])
+def test_faults_the_hardware_and_lockless_aging_interleaved_keep_every_rule(
+    mmu_class: type[Arm64Mmu], logging: bool
+) -> None:
+    """Two faults under the read side of mmu_lock, a hardware store and (with seed 001's
+    ager) aging without the lock, stepped in several orders over pages of one block."""
+    vm = huge_vm()
+    if logging:
+        vm.guest_read(0, THP_SLOT, 5, 0, "load")
+        vm.toggle_log(THP_SLOT)  # the block is write-protected: stores fault on it
+    for order in ORDERS:
+        vm.interleave(order, 5, 6, store=True)
+        vm.check()
+        vm.interleave(order, 7, 5, store=False)
+        vm.check()
+    vm.get_dirty_log(THP_SLOT)
+    vm.check()
+
+
 # -- the state machine -----------------------------------------------------------------------------
 
 
