@@ -11,4 +11,9 @@ break-before-make), :mod:`~kvmspec.reference.arm64.split` (eager splitting of bl
 fills the TLB and updates the access flag and dirty state).
 :mod:`~kvmspec.reference.arm64.history` records every descriptor write and TLBI, and states
 the rules over that record (break-before-make, no lost hardware update).
+
+Then the glue of arch/arm64/kvm/mmu.c: :mod:`~kvmspec.reference.arm64.mmu` (the KvmArch
+hooks the memslot layer, the MMU notifiers and dirty logging call) and
+:mod:`~kvmspec.reference.arm64.fault` (kvm_handle_guest_abort and user_mem_abort, and a
+guest access that walks, faults and retries).
 """

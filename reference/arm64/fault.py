@@ -34,7 +34,7 @@ import enum
 import errno
 from dataclasses import dataclass
 
-from kvmspec.reference.arm64.descriptors import KvmPgtableProt
+from kvmspec.reference.arm64.descriptors import KVM_PGTABLE_LAST_LEVEL, KvmPgtableProt
 from kvmspec.reference.arm64.hw_access import guest_access as hw_guest_access
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.reference.arm64.pgtable import KvmMmuMemoryCache, KvmPgtableWalkFlags
@@ -235,7 +235,7 @@ def kvm_mmu_topup_memory_cache(mmu: Arm64Mmu, vcpu: KvmVcpu) -> KvmMmuMemoryCach
     """
     cache = mmu.vcpu_memcaches.setdefault(vcpu.vcpu_id, KvmMmuMemoryCache(0))
     assert mmu.pgt is not None
-    if cache.nobjs < 3 - mmu.pgt.geometry.start_level:
+    if cache.nobjs < KVM_PGTABLE_LAST_LEVEL - mmu.pgt.geometry.start_level:
         cache.nobjs = KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE
     return cache
 
