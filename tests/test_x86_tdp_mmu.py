@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
+from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.fuzz.tdp_machine import DATA_PAGES, TdpMachine, TdpVm
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.page_fault import Fault
@@ -21,8 +23,11 @@ from kvmspec.reference.x86.spte import (
     EPT_MASKS,
     FROZEN_SPTE,
     SHADOW_NONPRESENT_VALUE,
+    is_access_track_spte,
     is_last_spte,
     is_shadow_present_pte,
+    kvm_mmu_reset_all_pte_masks,
+    kvm_mmu_set_ept_masks,
     spte_to_pfn,
 )
 from kvmspec.reference.x86.tdp_arch import TdpMmu
@@ -192,6 +197,19 @@ def test_two_faults_on_one_gfn_one_wins_the_other_retries_without_side_effects()
     assert vm.mmu.page_stats[1] == 1
 
 
+def test_two_faults_racing_to_link_a_table_the_loser_frees_its_own() -> None:
+    vm = mapped_vm(range(1))
+    first = vm.fault(7, write=False, vcpu_id=0)  # page 7 is in the second 4K table
+    second = vm.fault(7, write=False, vcpu_id=1)
+    run_until(first, "table allocated")
+    run_until(second, "table allocated")
+    assert finish(first) is RetPf.FIXED
+    assert finish(second) is RetPf.RETRY
+    never_linked = [sp for sp in vm.mmu.tables.pages.values() if sp.freed and not sp.unlinked]
+    assert len(never_linked) == 1 and vm.mmu.tdp_mmu_pages == 4
+    assert vm.violations() == []
+
+
 def test_planted_cmpxchg_that_stores_without_comparing_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -214,9 +232,7 @@ def test_planted_bookkeeping_after_a_failed_exchange_is_caught(
     def set_spte_atomic(kvm, mmu, it, new_spte):  # type: ignore[no-untyped-def]
         stale = it.old_spte
         ret = tdp_mmu.__dict__["__tdp_mmu_set_spte_atomic"](kvm, mmu, it, new_spte)
-        yield from tdp_mmu.handle_changed_spte(
-            kvm, mmu, it.sptep, it.gfn, stale, new_spte, it.level, True
-        )
+        tdp_mmu.handle_changed_spte(kvm, mmu, it.sptep, it.gfn, stale, new_spte, it.level, True)
         return ret
 
     monkeypatch.setattr(tdp_mmu, "tdp_mmu_set_spte_atomic", set_spte_atomic)
@@ -309,6 +325,24 @@ def test_lockless_aging_racing_a_fault_reports_young_and_loses_nothing() -> None
     assert vm.access(0, None).data == b"written!"
 
 
+def test_aging_without_ad_bits_access_tracks_and_the_next_access_restores() -> None:
+    """EPT without A/D bits: aging saves R and X and clears RWX (access tracking); the
+    next guest access faults and the fault path makes the leaf accessible again."""
+    masks = kvm_mmu_set_ept_masks(
+        kvm_mmu_reset_all_pte_masks(46), has_ad_bits=False, has_exec_only=True
+    )
+    vm = TdpVm(masks)
+    assert vm.access(0, b"12345678").outcome is Fault.MAPPED
+    assert finish(vm.age(0, 1)) is True
+    assert is_access_track_spte(masks, leaf(vm, 0))
+    assert finish(vm.age(0, 1, test_only=True)) is False
+    vm.kvm.arch.kvm_flush_remote_tlbs(vm.kvm)
+    assert vm.access(0, None).data == b"12345678"
+    assert not is_access_track_spte(masks, leaf(vm, 0))
+    assert finish(vm.age(0, 1, test_only=True)) is True
+    assert vm.violations() == []
+
+
 def test_planted_aging_by_plain_store_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     def age_spte(kvm, mmu, it):  # type: ignore[no-untyped-def]
         mmu.tables._store(it.sptep, it.old_spte & ~mmu.masks.accessed_mask, it.old_spte, it.actor)
@@ -396,6 +430,25 @@ def test_delete_returns_only_after_the_invalidated_roots_are_zapped() -> None:
     assert vm.set_region(0x400, 0) == 0
     assert vm.access(5, None).data == bytes([5]) * 8
     assert vm.mmu.vcpu_mmu(0).root is not old_root
+    assert vm.violations() == []
+
+
+def test_delete_without_the_zap_all_quirk_zaps_only_the_slot_in_place() -> None:
+    vm = mapped_vm(zap_all_quirk=False)
+    root = vm.mmu.vcpu_mmu(0).root
+    assert vm.set_region(None, 0) == 0
+    assert vm.mmu.vcpu_mmu(0).root is root and root is not None and not root.invalid
+    assert vm.mmu.page_stats[1] == 0
+    assert vm.mmu.tdp_mmu_pages == 4  # the tables stay, empty
+    assert vm.violations() == []
+
+
+def test_the_vmm_exiting_zaps_every_table_under_the_write_lock() -> None:
+    vm = mapped_vm()
+    tables = vm.tables(1) + vm.tables(2) + vm.tables(3)
+    vm.host.exit_mmap()  # the notifier's release: kvm_arch_flush_shadow_all
+    assert all(fate(sp) == (True, True) for sp in tables)  # no reader: freed at once
+    assert vm.mmu.page_stats[1] == 0 and vm.mmu.tdp_mmu_pages == 0
     assert vm.violations() == []
 
 
@@ -499,9 +552,19 @@ def test_planted_missing_unmap_or_flush_is_caught(mmu_class: type[TdpMmu], rule:
 
 def test_tdp_machine() -> None:
     TdpMachine.TestCase.settings = settings(
-        max_examples=60,
-        stateful_step_count=40,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
+        settings.default, max_examples=60, stateful_step_count=40
     )
     TdpMachine.TestCase().runTest()
+
+
+def test_tdp_machine_finds_a_planted_cmpxchg_that_does_not_compare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def cmpxchg_spte(self: TdpTables, ptep: TdpPtep, old: int, new: int, actor: str) -> int:
+        self._store(ptep, new, old, actor)
+        return old
+
+    monkeypatch.setattr(TdpTables, "cmpxchg_spte", cmpxchg_spte)
+    TdpMachine.TestCase.settings = bug_hunt(500)
+    with pytest.raises(RulesBroken, match="X15"):
+        TdpMachine.TestCase().runTest()

@@ -144,14 +144,14 @@ def kvm_mmu_faultin_pfn(kvm: Kvm, host: HostMm, fault: KvmPageFault) -> KernelOp
     return None
 
 
-def tdp_mmu_link_sp(kvm: Kvm, mmu: TdpMmuState, it: TdpIter, sp: TdpMmuPage) -> KernelOp[int]:
+def tdp_mmu_link_sp(kvm: Kvm, mmu: TdpMmuState, it: TdpIter, sp: TdpMmuPage) -> int:
     """Link a new (empty) table where the iterator stands, by compare-and-exchange; it
     counts as a TDP MMU page only once linked. 0 or EBUSY.
 
     kernel: arch/x86/kvm/mmu/tdp_mmu.c:tdp_mmu_link_sp (v6.18)
     """
     spte = make_nonleaf_spte(mmu.masks, sp.pfn, ad_disabled=not mmu.masks.ad_enabled)
-    ret = yield from tdp_mmu_set_spte_atomic(kvm, mmu, it, spte)
+    ret = tdp_mmu_set_spte_atomic(kvm, mmu, it, spte)
     if ret:
         return ret
     mmu.tdp_mmu_pages += 1
@@ -187,7 +187,7 @@ def tdp_mmu_map_handle_target_level(
     if made.spte == it.old_spte:
         return RetPf.SPURIOUS
     yield Preempt("kvm_tdp_mmu_map: leaf built, exchanging it")
-    if (yield from tdp_mmu_set_spte_atomic(kvm, mmu, it, made.spte)):
+    if tdp_mmu_set_spte_atomic(kvm, mmu, it, made.spte):
         return RetPf.RETRY
     if is_shadow_present_pte(it.old_spte) and (
         not is_last_spte(it.old_spte, it.level)
@@ -226,7 +226,7 @@ def kvm_tdp_mmu_map(
         # The model never maps huge leaves, so the entry here is empty (or MMIO).
         sp = mmu.tables.alloc_page(it.level - 1, it.gfn, root.as_id, it.sptep)
         yield Preempt("kvm_tdp_mmu_map: table allocated, linking it")
-        if (yield from tdp_mmu_link_sp(kvm, mmu, it, sp)):
+        if tdp_mmu_link_sp(kvm, mmu, it, sp):
             mmu.tables.free_page(sp, kvm.rcu)  # never reachable: no grace period needed
             return RetPf.RETRY
     return RetPf.RETRY

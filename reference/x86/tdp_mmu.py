@@ -33,7 +33,7 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvmspec.reference.concurrency import KernelOp, Preempt, WaitUntil, run_to_completion
+from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.x86.mmio_spte import is_mmio_spte
 from kvmspec.reference.x86.paging import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT_WRITABLE_MASK
 from kvmspec.reference.x86.spte import (
@@ -93,7 +93,7 @@ def handle_changed_spte(
     new_spte: int,
     level: int,
     shared: bool,
-) -> KernelOp[None]:
+) -> None:
     """The bookkeeping of one SPTE change, by the one writer that made it: the leaf count
     per level (page stats), and a table whose link was replaced is removed
     (:func:`handle_removed_pt`). A present leaf never becomes a present leaf with another
@@ -135,23 +135,19 @@ def handle_changed_spte(
         kvm.warn_on(is_present and not is_leaf and pfn_changed, "X15", "table link moved")
         child = mmu.tables.spte_to_child_pt(old_spte, level)
         assert child is not None
-        yield from handle_removed_pt(kvm, mmu, child, shared)
+        handle_removed_pt(kvm, mmu, child, shared)
 
 
-def _thawed(mmu: TdpMmuState, ptep: TdpPtep, actor: str) -> Callable[[], bool]:
-    """Has the thread that froze ``ptep`` written it since?"""
-    return lambda: not is_frozen_spte(mmu.tables.read_spte(ptep, actor))
-
-
-def handle_removed_pt(kvm: Kvm, mmu: TdpMmuState, sp: TdpMmuPage, shared: bool) -> KernelOp[None]:
+def handle_removed_pt(kvm: Kvm, mmu: TdpMmuState, sp: TdpMmuPage, shared: bool) -> None:
     """A table was cut out of the tree by the caller's change. Its SPTEs are handled as
     changes to FROZEN (recursively removing tables below), then the page is freed after
     an RCU grace period: walkers that read the old link may still be inside.
 
     Under the read lock such a walker may also still *write* in it, so every SPTE (empty
-    ones too) is frozen with an exchange, which stops any later compare-and-exchange; an
-    SPTE another thread froze first is waited for (that thread is between its freeze and
-    its final write). Under the write lock only the present ones matter.
+    ones too) is frozen with an exchange, which stops any later compare-and-exchange.
+    (The kernel spins on an SPTE that another thread froze first, until that thread writes
+    it; in v6.18 only TDX's mirror SPTEs are frozen elsewhere, which the model has not,
+    so meeting one is a finding.) Under the write lock only the present ones matter.
 
     kernel: arch/x86/kvm/mmu/tdp_mmu.c:handle_removed_pt, tdp_mmu_unlink_sp (v6.18)
     """
@@ -163,18 +159,14 @@ def handle_removed_pt(kvm: Kvm, mmu: TdpMmuState, sp: TdpMmuPage, shared: bool) 
         ptep = TdpPtep(sp, index)
         gfn = sp.gfn + index * kvm_pages_per_hpage(sp.level)
         if shared:
-            if is_frozen_spte(mmu.tables.read_spte(ptep, actor)):
-                yield WaitUntil(
-                    "handle_removed_pt: SPTE frozen by another thread",
-                    _thawed(mmu, ptep, actor),
-                )
             old_spte = mmu.tables.xchg_spte(ptep, FROZEN_SPTE, actor)
+            kvm.warn_on(is_frozen_spte(old_spte), "X13", f"{sp!r}[{index}] frozen by another")
         else:
             old_spte = mmu.tables.read_spte(ptep, actor)
             if not is_shadow_present_pte(old_spte):
                 continue
             old_spte = mmu.tables.xchg_spte(ptep, FROZEN_SPTE, actor)
-        yield from handle_changed_spte(kvm, mmu, ptep, gfn, old_spte, FROZEN_SPTE, sp.level, shared)
+        handle_changed_spte(kvm, mmu, ptep, gfn, old_spte, FROZEN_SPTE, sp.level, shared)
     mmu.tables.free_page_rcu(sp, kvm.rcu)
 
 
@@ -200,9 +192,7 @@ def __tdp_mmu_set_spte_atomic(kvm: Kvm, mmu: TdpMmuState, it: TdpIter, new_spte:
     return 0
 
 
-def tdp_mmu_set_spte_atomic(
-    kvm: Kvm, mmu: TdpMmuState, it: TdpIter, new_spte: int
-) -> KernelOp[int]:
+def tdp_mmu_set_spte_atomic(kvm: Kvm, mmu: TdpMmuState, it: TdpIter, new_spte: int) -> int:
     """Set an SPTE under the read side of mmu_lock: the exchange, then (only if it
     succeeded) the bookkeeping. Returns 0 or EBUSY.
 
@@ -211,9 +201,7 @@ def tdp_mmu_set_spte_atomic(
     ret = __tdp_mmu_set_spte_atomic(kvm, mmu, it, new_spte)
     if ret:
         return ret
-    yield from handle_changed_spte(
-        kvm, mmu, it.sptep, it.gfn, it.old_spte, new_spte, it.level, shared=True
-    )
+    handle_changed_spte(kvm, mmu, it.sptep, it.gfn, it.old_spte, new_spte, it.level, shared=True)
     return 0
 
 
@@ -240,9 +228,7 @@ def tdp_mmu_set_spte(
         f"{actor}: exclusive write to or from FROZEN_SPTE",
     )
     old_spte = mmu.tables.xchg_spte(ptep, new_spte, actor)
-    run_to_completion(
-        handle_changed_spte(kvm, mmu, ptep, gfn, old_spte, new_spte, level, shared=False)
-    )
+    handle_changed_spte(kvm, mmu, ptep, gfn, old_spte, new_spte, level, shared=False)
     return old_spte
 
 
@@ -278,7 +264,7 @@ def __tdp_mmu_zap_root(
                 tdp_mmu_iter_set_spte(kvm, mmu, it, SHADOW_NONPRESENT_VALUE)
                 break
             yield Preempt("zap_root: SPTE read, exchanging it")
-            if not (yield from tdp_mmu_set_spte_atomic(kvm, mmu, it, SHADOW_NONPRESENT_VALUE)):
+            if not tdp_mmu_set_spte_atomic(kvm, mmu, it, SHADOW_NONPRESENT_VALUE):
                 break
 
 
@@ -314,16 +300,6 @@ def tdp_mmu_zap_leafs(
         tdp_mmu_iter_set_spte(kvm, mmu, it, SHADOW_NONPRESENT_VALUE)
         if not root.invalid:
             flush = True
-    return flush
-
-
-def kvm_tdp_mmu_zap_leafs(kvm: Kvm, mmu: TdpMmuState, start: int, end: int, flush: bool) -> bool:
-    """Zap the leaves of [start, end) in every valid root (write lock).
-
-    kernel: arch/x86/kvm/mmu/tdp_mmu.c:kvm_tdp_mmu_zap_leafs (v6.18)
-    """
-    for root in for_each_tdp_mmu_root_yield_safe(kvm, mmu, -1, only_valid=True):
-        flush = tdp_mmu_zap_leafs(kvm, mmu, root, start, end, flush)
     return flush
 
 
@@ -382,7 +358,7 @@ def kvm_tdp_mmu_zap_possible_nx_huge_page(
     if mmu.tables.spte_to_child_pt(it.old_spte, it.level) is not sp:
         return False
     yield Preempt("zap_possible_nx_huge_page: link read, exchanging it")
-    return (yield from tdp_mmu_set_spte_atomic(kvm, mmu, it, SHADOW_NONPRESENT_VALUE)) == 0
+    return tdp_mmu_set_spte_atomic(kvm, mmu, it, SHADOW_NONPRESENT_VALUE) == 0
 
 
 def kvm_recover_nx_huge_pages(kvm: Kvm, mmu: TdpMmuState, pages: list[TdpMmuPage]) -> KernelOp[int]:
@@ -516,7 +492,7 @@ def _shared_walk(
                     if new_spte is None:
                         break
                     yield Preempt(f"{what}: SPTE read, exchanging it")
-                    if (yield from tdp_mmu_set_spte_atomic(kvm, mmu, it, new_spte)) == 0:
+                    if tdp_mmu_set_spte_atomic(kvm, mmu, it, new_spte) == 0:
                         changed = True
                         break
     finally:
