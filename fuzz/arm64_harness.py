@@ -63,8 +63,9 @@ from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.reference.arm64.pgtable import KvmPgtable, KvmPgtableWalkFlags
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
 from kvmspec.reference.arm64.stage2 import kvm_pgtable_stage2_test_clear_young
+from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
-from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
+from kvmspec.reference.dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.host_pages import DEVICE_PFN_BASE
 from kvmspec.reference.kvm import Kvm
@@ -76,7 +77,9 @@ from kvmspec.spec.invariants.arm64 import check_stage2
 from kvmspec.spec.invariants.memslots import InvariantMonitor
 from kvmspec.spec.platforms import ARM64, PlatformProfile
 from kvmspec.spec.uapi.constants import (
+    CAPABILITIES,
     KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
 )
@@ -114,6 +117,15 @@ PROTS = (0, PROT_READ, RW)
 SHIFTED_PLACES: tuple[int | None, ...] = (0, 1, None)
 FRAMES = (0, 1)
 DONTNEED_PAGES = (1, 2, 512)
+DIRTY_MODES = ("bitmap", "manual", "manual-initially-set")
+"""KVM_GET_DIRTY_LOG get-and-clear, or manual protection (KVM_CLEAR_DIRTY_LOG), with the
+bitmap starting clear or all set."""
+MANUAL_CAPS = {
+    "manual": KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    "manual-initially-set": KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET,
+}
+CLEAR_WORDS = (0, 1, 7, 8, 15)
+CLEAR_MASKS = ((1 << 64) - 1, 1, 0b1110_0000, 1 << 63)
 ORDER_STEPS = tuple(range(4))
 """Who runs next in :meth:`Arm64Harness.interleave` (modulo the actors left)."""
 
@@ -274,7 +286,7 @@ class Arm64Harness:
     """One VM on the arm64 stage-2 MMU with the VMM's memory (see the module's docstring).
     ``mmu_class`` picks the MMU (:class:`Arm64Mmu`, seed 001's lockless ager, or a test's
     planted bug); ``features`` the CPU's stage-2 features; ``split_chunk_size`` the eager
-    split chunk (0: none)."""
+    split chunk (0: none); ``dirty_mode`` one of :data:`DIRTY_MODES`."""
 
     def __init__(
         self,
@@ -282,6 +294,7 @@ class Arm64Harness:
         mmu_class: type[Arm64Mmu] = Arm64Mmu,
         features: Stage2Features | None = None,
         split_chunk_size: int = 0,
+        dirty_mode: str = "bitmap",
         log: Log = _ignore,
     ) -> None:
         if profile.arch != "arm64":
@@ -290,6 +303,7 @@ class Arm64Harness:
         self.mmu_class = mmu_class
         self.features = features or Stage2Features()
         self.split_chunk_size = split_chunk_size
+        self.dirty_mode = dirty_mode
         self.log = log
         self.found: list[str] = []
         self.checks = 0
@@ -306,6 +320,10 @@ class Arm64Harness:
         self.kvm = Kvm(self.profile, self.mmu)
         self.host.notifier = KvmMmuNotifier(self.kvm)
         self.monitor = InvariantMonitor(self.kvm)
+        if self.dirty_mode != "bitmap":
+            manual = MANUAL_CAPS[self.dirty_mode]
+            cap = CAPABILITIES["KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"]
+            assert kvm_vm_ioctl_enable_cap(self.kvm, cap, 0, (manual,)) == 0
         _, self.thp_hva = self.host.mmap(2 * HPAGE, RW, hugepage=True)
         _, shifted = self.host.mmap(2 * HPAGE, RW, hugepage=True)
         self.shifted_hva = shifted + PAGE
@@ -316,7 +334,10 @@ class Arm64Harness:
         for vcpu_id in VCPUS:
             assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
         self.views: dict[int, SlotView] = {}
+        # Per slot, since logging started: pages stored to since their bit was last
+        # harvested or cleared, and pages whose bit userspace cleared.
         self.dirtied: dict[int, set[int]] = {slot_id: set() for slot_id in SLOT_IDS}
+        self.cleared: dict[int, set[int]] = {slot_id: set() for slot_id in SLOT_IDS}
         for slot_id, hva in self.hvas.items():
             gpa = NOMINAL_GPA[slot_id]
             assert self.set_region(slot_id, 0, gpa, SLOT_PAGES[slot_id], hva) == 0
@@ -327,7 +348,11 @@ class Arm64Harness:
         errno = run_to_completion(kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1))
         self.log(f"set slot {slot_id} flags {flags:#x} gpa {gpa:#x} pages {npages} -> {errno}")
         if errno == 0:
-            self.dirtied.setdefault(slot_id, set()).clear()
+            old = self.views.get(slot_id)
+            still_logging = old is not None and old.logging and flags & KVM_MEM_LOG_DIRTY_PAGES
+            if not (npages and still_logging):  # the bitmap is new, or gone
+                self.dirtied.setdefault(slot_id, set()).clear()
+                self.cleared.setdefault(slot_id, set()).clear()
             if npages:
                 self.views[slot_id] = SlotView(gpa // PAGE, npages, flags, hva)
             else:
@@ -606,19 +631,39 @@ class Arm64Harness:
         self._expect("C-MEMSLOT-ORDER", errno == want, f"toggle log slot {slot_id} -> {errno}")
 
     def get_dirty_log(self, slot_id: int) -> None:
-        """KVM_GET_DIRTY_LOG: every page the guest stored to since the last one is set."""
+        """KVM_GET_DIRTY_LOG: every page the guest stored to since its bit was last
+        harvested (or cleared, with manual protection) is set; with INITIALLY_SET, so is
+        every page whose bit was never cleared."""
         errno, words = run_to_completion(kvm_get_dirty_log_protect(self.kvm, slot_id))
         self.log(f"get dirty log slot {slot_id} -> {errno} {[hex(w) for w in words]}")
         if errno:
             return
-        for page in sorted(self.dirtied[slot_id]):
+        expected = set(self.dirtied[slot_id])
+        if self.dirty_mode == "manual-initially-set":
+            expected |= set(range(SLOT_PAGES[slot_id])) - self.cleared[slot_id]
+        for page in sorted(expected):
             word = words[page // 64] if page // 64 < len(words) else 0
-            self._expect(
-                "C-DIRTY-COMPLETE",
-                bool(word >> (page % 64) & 1),
-                f"slot {slot_id} page {page} was stored to and is not in the harvest",
-            )
-        self.dirtied[slot_id].clear()
+            if not word >> (page % 64) & 1:
+                what = f"slot {slot_id} page {page} is dirty and not in the harvest"
+                self.found.append(f"C-DIRTY-COMPLETE: {what}")
+                break
+        if self.dirty_mode == "bitmap":
+            self.dirtied[slot_id].clear()
+
+    def clear_dirty_log(self, slot_id: int, word: int, mask: int) -> None:
+        """KVM_CLEAR_DIRTY_LOG of the pages of ``mask`` in 64-page word ``word`` of the slot
+        (manual protection only): their bits go, and they are write-protected again."""
+        npages = SLOT_PAGES[slot_id]
+        first = word * 64 % npages
+        if self.dirty_mode == "bitmap":
+            return
+        op = kvm_clear_dirty_log_protect(self.kvm, slot_id, first, min(64, npages - first), [mask])
+        errno = run_to_completion(op)
+        self.log(f"clear dirty log slot {slot_id} from {first} mask {mask:#x} -> {errno}")
+        if errno == 0:
+            pages = {first + bit for bit in range(64) if mask >> bit & 1 and first + bit < npages}
+            self.cleared[slot_id] |= pages
+            self.dirtied[slot_id] -= pages
 
     def release(self) -> None:
         """The VMM exits: the notifier's release (kvm_arch_flush_shadow_all), then the host

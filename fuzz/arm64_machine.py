@@ -1,8 +1,9 @@
 """The arm64 state machine: Hypothesis drives the harness of :mod:`kvmspec.fuzz.arm64_harness`.
 
 A run first picks the VM's configuration: v6.18's aging under mmu_lock or seed 001's
-lockless ager, hardware access-flag updates (FEAT_HAFDBS) or access-flag faults, and eager
-splitting off or in 2 MiB chunks. Each rule then draws the arguments of one harness action
+lockless ager, hardware access-flag updates (FEAT_HAFDBS) or access-flag faults, eager
+splitting off or in 2 MiB chunks, and dirty logging get-and-clear or with manual protection
+(the bitmap starting clear or all set). Each rule then draws the arguments of one harness action
 from the tuples the harness exports and calls it; after every rule the harness checks every
 stage-2 invariant, the memslot invariants, the stage 2 against the slots and the host, and
 what the VMM observes. The harness's log lines become Hypothesis ``note`` lines.
@@ -18,6 +19,9 @@ from kvmspec.fuzz import machines
 from kvmspec.fuzz.arm64_harness import (
     BOOLS,
     BYTES,
+    CLEAR_MASKS,
+    CLEAR_WORDS,
+    DIRTY_MODES,
     DONTNEED_PAGES,
     FRAMES,
     HPAGE,
@@ -69,10 +73,10 @@ class Arm64Machine(RuleBasedStateMachine):
         cls = data.draw(st.sampled_from(self.mmu_classes), label="mmu")
         hardware_af = data.draw(st.booleans(), label="hardware AF")
         split = data.draw(st.sampled_from((0, HPAGE)), label="split chunk")
-        note(f"{cls.__name__}, hardware AF {hardware_af}, split chunk {split:#x}")
-        self.harness = Arm64Harness(
-            self.profile, cls, Stage2Features(ha=hardware_af), split, log=note
-        )
+        mode = data.draw(st.sampled_from(DIRTY_MODES), label="dirty logging")
+        note(f"{cls.__name__}, hardware AF {hardware_af}, split chunk {split:#x}, {mode}")
+        features = Stage2Features(ha=hardware_af)
+        self.harness = Arm64Harness(self.profile, cls, features, split, mode, log=note)
 
     # -- the guest ------------------------------------------------------------------------------
 
@@ -154,6 +158,10 @@ class Arm64Machine(RuleBasedStateMachine):
     @rule(slot=SLOT)
     def get_dirty_log(self, slot: int) -> None:
         self._do("get_dirty_log", slot)
+
+    @rule(slot=SLOT, word=st.sampled_from(CLEAR_WORDS), mask=st.sampled_from(CLEAR_MASKS))
+    def clear_dirty_log(self, slot: int, word: int, mask: int) -> None:
+        self._do("clear_dirty_log", slot, word, mask)
 
     # -- the rules, after every step ------------------------------------------------------------
 

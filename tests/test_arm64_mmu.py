@@ -223,6 +223,46 @@ def test_eager_splitting_turns_blocks_into_pages_when_logging_starts() -> None:
     vm.check()
 
 
+def test_initially_set_logging_protects_and_splits_only_what_clear_clears() -> None:
+    vm = Arm64Harness(split_chunk_size=HPAGE, dirty_mode="manual-initially-set")
+    vm.host_write(THP_SLOT, 5, 0x55)
+    assert vm.host.madvise_collapse(vm.thp_hva, HPAGE) == 0
+    vm.guest_store(0, THP_SLOT, 5, 1)
+    vm.toggle_log(THP_SLOT)
+    block = mapped_leaf(vm, THP_GPA)
+    assert block.size == HPAGE and block.pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W  # all dirty
+    vm.clear_dirty_log(THP_SLOT, 0, 1 << 5)
+    assert vm.mmu.pgt is not None
+    leaves = [leaf for leaf in stage2_leaves(vm.mmu.pgt) if leaf.ipa < THP_GPA + HPAGE]
+    assert {leaf.size for leaf in leaves} == {PAGE}  # split at the CLEAR
+    # The whole block lost W before it was split: its other pages fault once more.
+    assert not any(leaf.pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W for leaf in leaves)
+    vm.guest_store(1, THP_SLOT, 5, 2)
+    vm.guest_store(1, THP_SLOT, 70, 2)
+    vm.get_dirty_log(THP_SLOT)
+    vm.check()
+
+
+class NoReprotect(Arm64Mmu):
+    """A harvest or CLEAR that write-protects nothing again."""
+
+    def kvm_arch_mmu_enable_log_dirty_pt_masked(
+        self, kvm: Kvm, slot: KvmMemorySlot, gfn_offset: int, mask: int
+    ) -> None:
+        KvmArch.kvm_arch_mmu_enable_log_dirty_pt_masked(self, kvm, slot, gfn_offset, mask)
+
+
+@pytest.mark.parametrize("dirty_mode", ["bitmap", "manual"])
+def test_a_harvest_that_reprotects_nothing_is_caught(dirty_mode: str) -> None:
+    vm = Arm64Harness(mmu_class=NoReprotect, dirty_mode=dirty_mode)
+    vm.toggle_log(THP_SLOT)
+    vm.guest_store(0, THP_SLOT, 3, 7)
+    vm.get_dirty_log(THP_SLOT)
+    vm.clear_dirty_log(THP_SLOT, 0, 1 << 3)
+    with pytest.raises(RulesBroken, match=r"D1: IPA .* is writable, page 3 clean"):
+        vm.check()
+
+
 @pytest.mark.parametrize("place", [0, 1])
 def test_a_slot_incongruent_or_without_a_whole_block_never_gets_one(place: int) -> None:
     vm = Arm64Harness()
