@@ -243,6 +243,30 @@ def test_planted_bookkeeping_after_a_failed_exchange_is_caught(
     assert any(v.rule == "X15" and "bookkeeping" in v.message for v in found)
 
 
+def test_a_fault_that_resolved_its_pfn_before_an_invalidation_retries() -> None:
+    vm = mapped_vm(range(1))
+    fault = vm.fault(1, write=True, vcpu_id=1)
+    run_until(fault, "pfn resolved")
+    assert vm.host.madvise_dontneed(vm.hva + PAGE, PAGE) == 0  # frees the page it holds
+    assert finish(fault) is RetPf.RETRY
+    assert leaf(vm, 1) == SHADOW_NONPRESENT_VALUE
+    assert vm.violations() == []
+
+
+def test_planted_fault_that_ignores_the_invalidation_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        "kvmspec.reference.x86.tdp_fault.is_page_fault_stale", lambda kvm, vcpu_mmu, fault: False
+    )
+    vm = mapped_vm(range(1))
+    fault = vm.fault(1, write=True, vcpu_id=1)
+    run_until(fault, "pfn resolved")
+    vm.host.madvise_dontneed(vm.hva + PAGE, PAGE)
+    assert finish(fault) is RetPf.FIXED
+    assert "N4" in rules(vm.violations())
+
+
 # -- a zap under the read lock racing a fault (X13) -------------------------------------------
 
 
@@ -340,6 +364,21 @@ def test_aging_without_ad_bits_access_tracks_and_the_next_access_restores() -> N
     assert vm.access(0, None).data == b"12345678"
     assert not is_access_track_spte(masks, leaf(vm, 0))
     assert finish(vm.age(0, 1, test_only=True)) is True
+    assert vm.violations() == []
+
+
+def test_host_aging_runs_without_mmu_lock_while_a_fault_holds_it_for_read() -> None:
+    """x86 selects lockless aging: the host's reclaim asks KVM while a fault is in the
+    middle of its walk under the read lock, and nothing waits (with aging under the write
+    lock, this step could not run)."""
+    vm = mapped_vm(range(2))
+    fault = vm.fault(4, write=False, vcpu_id=1)
+    run_until(fault, "table allocated")
+    assert vm.kvm.mmu_lock.readers == 1
+    assert vm.host.age(vm.hva, flush=False) is True  # the guest wrote page 0
+    assert not leaf(vm, 0) & EPT_MASKS.accessed_mask
+    assert vm.host.age(vm.hva, flush=False) is False
+    assert finish(fault) is RetPf.FIXED
     assert vm.violations() == []
 
 
