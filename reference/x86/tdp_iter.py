@@ -2,7 +2,7 @@
 
 The TDP MMU (tdp_mmu.py) keeps its own paging structures: a tree of pages of 512 SPTEs per
 root, walked by the hardware for every guest access (EPT or NPT) and by KVM without
-mmu_lock held for write. Three things live here, as in the kernel's tdp_iter.[ch]:
+mmu_lock held for write. Four things live here, as in the kernel's tdp_iter.[ch]:
 
 * :class:`TdpMmuPage`: one page table (the TDP fields of struct kvm_mmu_page), stored
   sparsely (an absent index holds SHADOW_NONPRESENT_VALUE). Pages get pfns of their own,
@@ -17,6 +17,8 @@ mmu_lock held for write. Three things live here, as in the kernel's tdp_iter.[ch
   that yielded restarts from the root at the first gfn it has not finished
   (``next_last_level_gfn``), and :func:`tdp_mmu_iter_cond_resched` refuses to yield twice
   at the same gfn, so a walk always makes progress however often it is interrupted.
+* :class:`ReadSide`: what such a walker holds (an RCU read section, and the read side of
+  mmu_lock unless it ages locklessly), left and taken again around each yield.
 
 kernel: arch/x86/kvm/mmu/tdp_iter.c, tdp_iter.h (kvm_tdp_mmu_read_spte,
 kvm_tdp_mmu_write_spte, kvm_tdp_mmu_write_spte_atomic, tdp_mmu_clear_spte_bits,

@@ -131,8 +131,13 @@ def handle_changed_spte(
         return
     if is_leaf != was_leaf:
         mmu.page_stats[level] += 1 if is_leaf else -1
-    if was_present and not was_leaf:
-        kvm.warn_on(is_present and not is_leaf and pfn_changed, "X15", "table link moved")
+    # A link replaced by a leaf or by nothing took its table out of the tree. A link that
+    # points elsewhere would mean a table moved, which never happens (a WARN).
+    if (
+        was_present
+        and not was_leaf
+        and (is_leaf or not is_present or kvm.warn_on(pfn_changed, "X15", "table link moved"))
+    ):
         child = mmu.tables.spte_to_child_pt(old_spte, level)
         assert child is not None
         handle_removed_pt(kvm, mmu, child, shared)
