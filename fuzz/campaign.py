@@ -1,17 +1,24 @@
 """``kvmspec campaign``: run the state machines and the fuzzers for a time budget, summarise.
 
-Each area is a state machine bound to a profile and a target. The campaign runs them in turn
-in short slices under the ``kvmspec-thorough`` Hypothesis profile, sharing Hypothesis's example
-database in ``.hypothesis/`` (so a failure found once is retried first next time). Meanwhile
-a second process runs the Atheris fuzzers one after the other, sharing the same budget: the
-memslot fuzzer (fuzz/fuzz_memslots.py), the generic-layer fuzzer (fuzz/fuzz_generic.py), then
-the x86 shadow-MMU fuzzer (fuzz/fuzz_x86.py), so both cores work and each layer is fuzzed by
-both engines. The campaign shows live progress
-and ends with a summary table: steps (rules for a state machine, operations or actions for a
-fuzzer), steps per second, invariant checks, failures. Each failure is written as a
-replayable trace (or, for the generic and x86 fuzzers, the input and its report) under
-corpus/regressions/; a generic or x86 state machine's failure also leaves its run as an input
-of that layer's fuzzer, which replays it with its report.
+Each area is a state machine bound to a profile and a target, or an Atheris fuzz target. The
+campaign runs the state machines in short slices (``SLICE_EXAMPLES`` examples of the
+``kvmspec-thorough`` Hypothesis profile) in a pool of worker processes, one slice per worker
+at a time, taking the areas in turn; all of them share Hypothesis's example database in
+``.hypothesis/`` (so a failure found once is retried first next time). With Atheris installed,
+one more process runs the fuzzers one after the other: the memslot fuzzer
+(fuzz/fuzz_memslots.py), the generic-layer fuzzer (fuzz/fuzz_generic.py), then the x86
+shadow-MMU fuzzer (fuzz/fuzz_x86.py). ``--workers N`` sets the number of processes (default:
+one per core): the fuzzers take one, the state machines the others; with one worker they take
+turns, the state machines first.
+
+The campaign shows live progress (steps, steps per second, the fuzzers' edge coverage,
+failures) and ends with a summary table: steps (rules for a state machine, executions or
+harness actions for a fuzzer), steps per second, invariant checks, failures, and the peak
+memory of the workers. Each failure is written as a replayable trace (or, for the generic and
+x86 fuzzers, the input and its report) under corpus/regressions/; a generic or x86 state
+machine's failure also leaves its run as an input of that layer's fuzzer, which replays it
+with its report. A worker process that dies is reported and replaced; Ctrl-C stops every
+worker, keeps the example database and every reproducer, and prints the summary.
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import multiprocessing
 import os
-import re
-import subprocess
+import resource
+import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hypothesis import settings
@@ -37,6 +46,7 @@ from rich.live import Live
 from rich.table import Table
 
 from kvmspec.fuzz import machines
+from kvmspec.fuzz.campaign_atheris import SPAWN_LOCK, AreaResult, AtherisWorkers, FuzzArea
 from kvmspec.fuzz.generic_machine import generic_machine
 from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.fuzz.targets import TargetUnavailable, make_target
@@ -47,21 +57,8 @@ from kvmspec.spec.rules import RULES
 
 REGRESSIONS = Path("corpus/regressions")
 SLICE_EXAMPLES = 10
-_STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.MULTILINE)
-
-
-@dataclass
-class AreaResult:
-    area: str
-    target: str
-    steps: int = 0
-    seconds: float = 0.0
-    examples: int = 0
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.steps / self.seconds if self.seconds else 0.0
+DEATHS_BEFORE_GIVING_UP = 3
+"""An area whose slices were running when a worker died this many times is not run again."""
 
 
 @dataclass
@@ -69,21 +66,6 @@ class Area:
     name: str
     target: str
     machine: type[RuleBasedStateMachine]
-
-
-@dataclass(frozen=True)
-class FuzzArea:
-    """An Atheris fuzz target of the campaign: its module, seed corpus and input size, and
-    the family of state-machine areas it fuzzes too (``kvmspec campaign generic`` picks it)."""
-
-    name: str
-    family: str
-    module: str
-    seeds: Path
-    max_len: int
-    counts_actions: bool = False
-    """Whether the target writes its action counters (``KVMSPEC_FUZZ_STATS``): its steps are
-    then harness actions, else executions."""
 
 
 FUZZ_AREAS = (
@@ -174,19 +156,22 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
     return areas
 
 
-def _table(results: list[AreaResult], elapsed: float, budget: float) -> Table:
-    table = Table(title=f"kvmspec campaign: {elapsed:.0f}s of {budget:.0f}s")
-    for column in ("area", "target", "examples", "steps", "steps/s", "failures"):
+def _table(results: list[AreaResult], elapsed: float, budget: float, workers: int) -> Table:
+    table = Table(title=f"kvmspec campaign: {elapsed:.0f}s of {budget:.0f}s, {workers} workers")
+    for column in ("area", "target", "examples", "steps", "steps/s", "coverage", "failures"):
         left = column in ("area", "target")
         table.add_column(column, justify="left" if left else "right", no_wrap=column == "area")
     for result in results:
+        failures = len(result.failures)
+        deaths = f" [yellow]+{len(result.worker_deaths)} died[/]" if result.worker_deaths else ""
         table.add_row(
             result.area,
             result.target,
             str(result.examples),
             str(result.steps),
             f"{result.rate:,.0f}",
-            f"[red]{len(result.failures)}[/]" if result.failures else "0",
+            "-" if result.coverage is None else f"{result.coverage:,} edges",
+            (f"[red]{failures}[/]" if failures else "0") + deaths,
         )
     return table
 
@@ -211,94 +196,151 @@ def _record_failure(area: Area, error: BaseException) -> str:
     return f"{first} (trace: {path})"
 
 
-class AtherisWorker:
-    """One Atheris fuzz target in its own process, for ``seconds``.
+# ---------------------------------------------------------------------------------------------
+# The state-machine workers
+# ---------------------------------------------------------------------------------------------
 
-    New inputs go to a scratch corpus (libFuzzer writes into its first corpus folder), so the
-    seed corpus in the repository is only read. A finding stops libFuzzer; what it keeps is in
-    corpus/regressions/ like every other finding.
-    """
+# The areas a worker can run, by name. Workers are forked from the campaign, so they inherit
+# it (and anything a test patched before the campaign started).
+_WORKER_AREAS: dict[str, Area] = {}
 
-    def __init__(self, area: FuzzArea, seconds: float, scratch: Path) -> None:
-        self.area = area
-        self.result = AreaResult(area.name, "reference")
-        folder = scratch / area.family
-        corpus = folder / "corpus"
-        corpus.mkdir(parents=True)
-        self.counters = folder / "counters.json"
-        command = [
-            sys.executable,
-            "-m",
-            area.module,
-            f"-max_len={area.max_len}",
-            f"-max_total_time={max(int(seconds), 1)}",
-            "-print_final_stats=1",
-            f"-artifact_prefix={folder}/",
-            str(corpus),
-        ]
-        if area.seeds.is_dir():
-            command.append(str(area.seeds))
-        environment = dict(
-            os.environ,
-            KVMSPEC_REGRESSIONS=str(REGRESSIONS.resolve()),
-            KVMSPEC_FUZZ_STATS=str(self.counters),
+
+@dataclass(frozen=True)
+class SliceResult:
+    """What one slice of one area did in a worker (only plain data crosses processes)."""
+
+    area: str
+    steps: int
+    checks: int
+    seconds: float
+    examples: int
+    failure: str | None
+    pid: int
+    peak_rss_kib: int
+
+
+def _worker_start() -> None:
+    """Workers leave Ctrl-C to the campaign, which stops them itself, and print nothing: the
+    campaign's live table owns the terminal (a failure's report is in its trace file)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
+
+
+def run_slice(name: str, examples: int) -> SliceResult:
+    """Run ``examples`` examples of one area's state machine (in a worker process)."""
+    area = _WORKER_AREAS[name]
+    steps, checks = machines.STATS["steps"], machines.STATS["invariant_checks"]
+    began = time.monotonic()
+    failure = None
+    try:
+        run_state_machine_as_test(
+            area.machine, settings=settings(settings.get_profile(THOROUGH), max_examples=examples)
         )
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=environment,
+    except Exception as error:  # a broken rule, reported with its trace
+        failure = _record_failure(area, error)
+    return SliceResult(
+        area=name,
+        steps=machines.STATS["steps"] - steps,
+        checks=machines.STATS["invariant_checks"] - checks,
+        seconds=time.monotonic() - began,
+        examples=examples,
+        failure=failure,
+        pid=os.getpid(),
+        peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    )
+
+
+class MachinePool:
+    """The state-machine areas, a slice at a time, on ``workers`` processes until the campaign
+    stops filling it. Each worker is a one-process pool of its own, so a worker that dies is
+    known to have been running its one slice: that slice is reported against its area, a new
+    worker replaces it, and an area whose slices killed ``DEATHS_BEFORE_GIVING_UP`` workers is
+    not run again."""
+
+    def __init__(self, areas: Sequence[Area], results: Sequence[AreaResult], workers: int) -> None:
+        self.areas = list(areas)
+        self.results = {result.area: result for result in results}
+        self.workers: list[ProcessPoolExecutor] = [self._new_worker() for _ in range(workers)]
+        self.pending: dict[Future[SliceResult], tuple[str, int]] = {}
+        self.checks = 0
+        self.peak_rss_kib: dict[int, int] = {}
+        self._turn = 0
+        _WORKER_AREAS.clear()
+        _WORKER_AREAS.update({area.name: area for area in areas})
+
+    @staticmethod
+    def _new_worker() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("fork"), initializer=_worker_start
         )
 
-    def finish(self) -> AreaResult:
-        """Wait for the fuzzer to stop and read libFuzzer's final statistics (and, for a
-        target that counts its actions, its counters)."""
-        try:
-            _, stderr = self.process.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, stderr = self.process.communicate()
-        stats = {name: int(value) for name, value in _STAT.findall(stderr)}
-        units = stats.get("number_of_executed_units", 0)
-        self.result.steps = self.result.examples = units
-        rate = stats.get("average_exec_per_sec", 0)
-        self.result.seconds = units / rate if rate else time.monotonic() - self.started
-        if self.area.counts_actions and self.counters.exists():
-            counters = json.loads(self.counters.read_text())
-            if counters["executions"]:
-                # The counters are written at most once a second: scale them to the final
-                # number of executions.
-                per_execution = counters["actions"] / counters["executions"]
-                self.result.steps = round(per_execution * units)
-        if self.process.returncode:
-            lines = [line for line in stderr.splitlines() if line.strip()]
-            finding = next((line for line in lines if "SpecViolation" in line), None)
-            self.result.failures.append(finding or (lines[-1] if lines else "fuzzer failed"))
-        return self.result
+    def _runnable(self, name: str) -> bool:
+        result = self.results[name]
+        return not result.failures and len(result.worker_deaths) < DEATHS_BEFORE_GIVING_UP
+
+    def fill(self) -> None:
+        """Give every idle worker a slice of the next runnable area, in turn."""
+        names = [area.name for area in self.areas]
+        busy = {index for _, index in self.pending.values()}
+        for index in range(len(self.workers)):
+            if index in busy:
+                continue
+            runnable = [n for n in names[self._turn :] + names[: self._turn] if self._runnable(n)]
+            if not runnable:
+                return
+            name = runnable[0]
+            self._turn = (names.index(name) + 1) % len(names)
+            with SPAWN_LOCK:  # the first submit to a worker forks its process
+                future = self.workers[index].submit(run_slice, name, SLICE_EXAMPLES)
+            self.pending[future] = (name, index)
+
+    def collect(self, timeout: float) -> None:
+        """Take in the slices that finished within ``timeout`` seconds."""
+        if not self.pending:
+            return
+        done, _ = wait(self.pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            name, index = self.pending.pop(future)
+            result = self.results[name]
+            try:
+                outcome = future.result()
+            except BrokenProcessPool:
+                result.worker_deaths.append(
+                    "a worker process died while running a slice of this area (replaced)"
+                )
+                self.workers[index].shutdown(wait=False)
+                self.workers[index] = self._new_worker()
+                continue
+            except Exception as error:  # the worker could not even report the slice
+                result.failures.append(f"worker error: {type(error).__name__}: {error}")
+                continue
+            result.steps += outcome.steps
+            result.seconds += outcome.seconds
+            result.examples += outcome.examples
+            self.checks += outcome.checks
+            self.peak_rss_kib[outcome.pid] = outcome.peak_rss_kib
+            if outcome.failure is not None:
+                result.failures.append(outcome.failure)
+
+    def stop(self) -> None:
+        """Stop at once: cancel what has not started, end the workers."""
+        for worker in self.workers:
+            processes = list(getattr(worker, "_processes", {}).values())
+            worker.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.shutdown(wait=True)
 
 
-class AtherisWorkers:
-    """The Atheris areas one after the other, in one process at a time, within ``seconds``:
-    each gets an equal share of the time left when it starts (a fuzzer stopped early by a
-    finding leaves its time to the next)."""
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
-    def __init__(self, areas: Sequence[FuzzArea], seconds: float, scratch: Path) -> None:
-        self.results: list[AreaResult] = []
-        deadline = time.monotonic() + seconds
-        self.thread = threading.Thread(target=self._run, args=(areas, deadline, scratch))
-        self.thread.start()
 
-    def _run(self, areas: Sequence[FuzzArea], deadline: float, scratch: Path) -> None:
-        for index, area in enumerate(areas):
-            share = (deadline - time.monotonic()) / (len(areas) - index)
-            self.results.append(AtherisWorker(area, share, scratch).finish())
-
-    def finish(self) -> list[AreaResult]:
-        """Wait for the last fuzzer; the results, in the order the areas ran."""
-        self.thread.join()
-        return self.results
+def _usable_workers(requested: int | None) -> int:
+    return requested if requested is not None else max(os.cpu_count() or 1, 1)
 
 
 def run_campaign(
@@ -306,67 +348,119 @@ def run_campaign(
     minutes: float,
     target: str | None,
     report: str | None,
+    workers: int | None = None,
 ) -> int:
-    """Run the campaign; exit status 0 when no rule was broken, 1 otherwise."""
+    """Run the campaign; exit status 0 when no rule was broken, 1 otherwise, 2 when nothing
+    can run, 130 when interrupted (the summary and the report are written all the same)."""
     register_profiles()
     # A report piped to a file or CI log gets a width that fits the table.
-    console = Console(width=None if sys.stdout.isatty() else 110)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    processes = _usable_workers(workers)
     areas = _areas(wanted, target, console)
     fuzz_areas = _fuzz_areas(wanted, target)
     if not areas and not fuzz_areas:
         console.print("kvmspec: error: no area matches, or no usable target")
         return 2
-    results = [AreaResult(area.name, area.target) for area in areas]
     budget = max(minutes * 60.0, 1.0)
+    # Who runs when: the fuzzers in a process of their own beside the machine pool, or, with
+    # one worker, after the machines' share of the budget.
+    shared = processes == 1 and bool(areas) and bool(fuzz_areas)
+    machine_budget = budget * len(areas) / (len(areas) + len(fuzz_areas)) if shared else budget
+    machine_workers = processes if shared or not fuzz_areas else max(processes - 1, 1)
+    results = [AreaResult(area.name, area.target) for area in areas]
     scratch = tempfile.TemporaryDirectory(prefix="kvmspec-campaign-")
-    fuzzers = AtherisWorkers(fuzz_areas, budget, Path(scratch.name)) if fuzz_areas else None
     start = time.monotonic()
-    base = settings.get_profile(THOROUGH)
-    with Live(
-        _table(results, 0, budget), console=console, refresh_per_second=2, transient=True
-    ) as live:
-        while areas and time.monotonic() - start < budget:
-            for area, result in zip(areas, results, strict=True):
-                if time.monotonic() - start >= budget:
+    pool = MachinePool(areas, results, machine_workers) if areas else None
+    fuzzers = (
+        AtherisWorkers(
+            fuzz_areas,
+            budget - machine_budget if shared else budget,
+            Path(scratch.name),
+            REGRESSIONS,
+            delay=machine_budget if shared else 0.0,
+        )
+        if fuzz_areas
+        else None
+    )
+    everything = results + (fuzzers.results if fuzzers is not None else [])
+    rss_timeline: list[tuple[float, float]] = []
+    interrupted = False
+    # SIGTERM (a CI job's time limit, `kill`) stops the campaign as Ctrl-C does.
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with Live(
+            _table(everything, 0, budget, processes),
+            console=console,
+            refresh_per_second=2,
+            transient=True,
+        ) as live:
+            while True:
+                elapsed = time.monotonic() - start
+                if pool is not None:
+                    if elapsed < machine_budget:
+                        pool.fill()
+                    pool.collect(timeout=0.5)
+                    # The workers' peak RSS every 10 seconds: a long campaign's memory profile.
+                    due = not rss_timeline or elapsed - rss_timeline[-1][0] >= 10
+                    if pool.peak_rss_kib and due:
+                        rss_timeline.append((elapsed, max(pool.peak_rss_kib.values()) / 1024))
+                else:
+                    time.sleep(0.5)
+                live.update(_table(everything, time.monotonic() - start, budget, processes))
+                machines_done = pool is None or (elapsed >= machine_budget and not pool.pending)
+                fuzzers_done = fuzzers is None or not fuzzers.thread.is_alive()
+                if machines_done and fuzzers_done:
                     break
-                if result.failures:
-                    continue
-                before = machines.STATS["steps"]
-                began = time.monotonic()
-                slice_settings = settings(base, max_examples=SLICE_EXAMPLES)
-                try:
-                    run_state_machine_as_test(area.machine, settings=slice_settings)
-                except Exception as error:  # a broken rule, reported with its trace
-                    result.failures.append(_record_failure(area, error))
-                result.seconds += time.monotonic() - began
-                result.steps += machines.STATS["steps"] - before
-                result.examples += SLICE_EXAMPLES
-                live.update(_table(results, time.monotonic() - start, budget))
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("[yellow]interrupted: stopping the workers[/]")
+        if pool is not None:
+            pool.stop()
+        if fuzzers is not None:
+            fuzzers.stop()
+    else:
+        if pool is not None:
+            pool.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
     if fuzzers is not None:
-        results.extend(fuzzers.finish())
+        fuzzers.finish()
     scratch.cleanup()
     elapsed = time.monotonic() - start
+    checks = pool.checks if pool is not None else 0
+    peak_rss = max(pool.peak_rss_kib.values(), default=0) / 1024 if pool is not None else 0.0
     console.print()
-    console.print(_table(results, elapsed, budget))
-    total_steps = sum(r.steps for r in results)
+    console.print(_table(everything, elapsed, budget, processes))
+    total_steps = sum(r.steps for r in everything)
     checked = sum(1 for by in CHECKED_BY.values() if not by[0].startswith(NOT_CHECKED))
     console.print(
-        f"{total_steps} steps in {elapsed:.1f}s; invariant checks run after every reference "
-        f"step: {machines.STATS['invariant_checks']}; rules with a checker: {checked} of "
-        f"{len(RULES)}"
+        f"{total_steps} steps in {elapsed:.1f}s on {processes} workers; invariant checks run "
+        f"after every reference step: {checks}; rules with a checker: {checked} of "
+        f"{len(RULES)}; peak RSS of a state-machine worker: {peak_rss:.0f} MiB"
     )
-    failures = [f"{r.area}: {f}" for r in results for f in r.failures]
+    failures = [f"{r.area}: {f}" for r in everything for f in r.failures]
     for failure in failures:
         console.print(f"[red]FAIL[/] {failure}")
+    # A worker that died took the model down with it (a crash, not a broken rule): as bad.
+    deaths = [f"{r.area}: {d}" for r in everything for d in r.worker_deaths]
+    for death in deaths:
+        console.print(f"[yellow]WORKER DIED[/] {death}")
     if report:
         Path(report).write_text(
             json.dumps(
                 {
                     "seconds": elapsed,
                     "steps": total_steps,
-                    "areas": [asdict(r) | {"steps_per_second": r.rate} for r in results],
+                    "workers": processes,
+                    "interrupted": interrupted,
+                    "invariant_checks": checks,
+                    "peak_rss_mib": peak_rss,
+                    "rss_mib": [[round(t, 1), round(m, 1)] for t, m in rss_timeline],
+                    "areas": [asdict(r) | {"steps_per_second": r.rate} for r in everything],
                 },
                 indent=2,
             )
         )
-    return 1 if failures else 0
+    if interrupted:
+        return 130
+    return 1 if failures or deaths else 0

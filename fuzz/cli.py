@@ -4,7 +4,7 @@ Errors a user can cause (a bad trace, an unknown target, a missing /dev/kvm) end
 ``kvmspec: error: ...`` and exit status 2, never a traceback.
 
     kvmspec replay TRACE [--target reference|linux-kvm] [--json]
-    kvmspec campaign [--minutes N] [--target T] [--report FILE] [AREA ...]
+    kvmspec campaign [--minutes N] [--workers N] [--target T] [--report FILE] [AREA ...]
     kvmspec schema
 """
 
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     campaign_cmd = commands.add_parser("campaign", help="run the state machines and fuzzers")
     campaign_cmd.add_argument("areas", nargs="*", help="areas to run (default: all)")
     campaign_cmd.add_argument("--minutes", type=float, default=1.0, help="time budget")
+    campaign_cmd.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: one per core)"
+    )
     campaign_cmd.add_argument("--target", default=None, help="reference or linux-kvm")
     campaign_cmd.add_argument(
         "--report", default=None, help="write a JSON report to this file as well"
@@ -109,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "campaign":
             from kvmspec.fuzz.campaign import run_campaign
 
-            return run_campaign(args.areas, args.minutes, args.target, args.report)
+            if args.workers is not None and args.workers < 1:
+                raise UsageError(f"--workers {args.workers}: at least 1")
+            if args.minutes <= 0:
+                raise UsageError(f"--minutes {args.minutes}: must be positive")
+            return run_campaign(args.areas, args.minutes, args.target, args.report, args.workers)
         if args.command == "schema":
             from kvmspec.fuzz.schema import trace_schema
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +75,83 @@ def test_the_campaign_runs_the_x86_shadow_mmu_machine(
     (area,) = json.loads(report.read_text())["areas"]
     assert area["area"] == "x86/x86_64-linux-6.18-pvm" and not area["failures"]
     assert area["examples"] > 0 and area["steps"] > 0
+
+
+def test_a_worker_that_dies_is_reported_and_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model that takes its worker process down (here: exits while creating a slot) is a
+    crash: each slice it was running is reported against its area, a new worker takes over,
+    and after DEATHS_BEFORE_GIVING_UP deaths the area is left out; the other area goes on."""
+    original = kvm_main.kvm_commit_memory_region
+
+    def crashing_commit(
+        kvm: Kvm, old: KvmMemorySlot | None, new: KvmMemorySlot | None, change: MrChange
+    ) -> None:
+        if kvm.profile.name == "arm64":
+            os._exit(3)
+        original(kvm, old, new, change)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no Atheris
+    monkeypatch.setattr(kvm_main, "kvm_commit_memory_region", crashing_commit)
+    report = tmp_path / "report.json"
+    areas = ["memslots/arm64", "memslots/x86_64"]
+    assert campaign.run_campaign(areas, 0.1, "reference", str(report), workers=2) == 1
+    out = capsys.readouterr().out
+    assert "WORKER DIED" in out and "memslots/arm64" in out
+    data = {area["area"]: area for area in json.loads(report.read_text())["areas"]}
+    assert len(data["memslots/arm64"]["worker_deaths"]) >= campaign.DEATHS_BEFORE_GIVING_UP
+    assert data["memslots/arm64"]["steps"] == 0
+    assert data["memslots/x86_64"]["steps"] > 0 and not data["memslots/x86_64"]["failures"]
+
+
+def test_ctrl_c_stops_the_workers_and_still_reports(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) ends a campaign within seconds: exit status 130, the summary table and
+    the JSON report, and no worker or fuzzer process left behind."""
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "kvmspec.fuzz.cli", "campaign", "--minutes", "5"]
+    areas = ["memslots", "atheris/memslots"]
+    process = subprocess.Popen(
+        [*command, "--workers", "2", "--report", str(report), *areas],
+        cwd=tmp_path,
+        # As from a terminal: a job started in the background (as a test may be) inherits
+        # SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        env={**os.environ, "KVMSPEC_TEST_TAG": str(tmp_path)},  # inherited by every child
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(12)  # long enough for both kinds of worker to be running
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=90)
+    assert process.returncode == 130, out
+    assert "interrupted" in out and "memslots/x86_64" in out
+    data = json.loads(report.read_text())
+    assert data["interrupted"] is True
+    assert data["seconds"] < 60
+    assert sum(area["steps"] for area in data["areas"]) > 0
+    assert {"memslots/x86_64", "atheris/memslots"} <= {area["area"] for area in data["areas"]}
+    time.sleep(1)  # the workers were sent SIGTERM; give them a moment to exit
+    left = [
+        proc
+        for proc in Path("/proc").iterdir()
+        if proc.name.isdigit() and f"KVMSPEC_TEST_TAG={tmp_path}".encode() in _environ(proc)
+    ]
+    assert not left, left
+
+
+def _environ(proc: Path) -> bytes:
+    """A process's environment (empty once it has gone)."""
+    try:
+        return (proc / "environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_workers_and_minutes_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["campaign", "--workers", "0"]) == 2
+    assert "--workers 0: at least 1" in capsys.readouterr().err
+    assert main(["campaign", "--minutes", "-1"]) == 2
+    assert "must be positive" in capsys.readouterr().err
