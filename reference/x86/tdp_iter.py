@@ -27,7 +27,7 @@ for_each_tdp_pte_min_level); arch/x86/kvm/mmu/tdp_mmu.c:tdp_mmu_iter_cond_resche
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -425,22 +425,19 @@ def for_each_tdp_pte_min_level(
         tdp_iter_next(it)
 
 
-def tdp_mmu_iter_cond_resched(
-    it: TdpIter, side: ReadSide, flush: Callable[[], None] | None = None
-) -> KernelOp[bool]:
+def tdp_mmu_iter_cond_resched(it: TdpIter, side: ReadSide) -> KernelOp[bool]:
     """Let other CPUs run: leave the RCU read section and mmu_lock, let them run, come
     back and mark the walk to restart from the root. Only once the walk has moved on since
-    its last yield: that rule is what guarantees forward progress. The model yields at
-    every chance (the kernel does when rescheduling is due or the lock is contended);
-    ``flush``, when given, runs first (a TLB flush owed for what the walk zapped so far
-    must happen before the lock is dropped).
+    its last yield: that rule is what guarantees forward progress. The kernel yields when
+    rescheduling is due or the lock is contended; the model yields at every chance the
+    walk stands on a present SPTE (walking past empty ones acts on nothing, so a yield
+    there adds no interleaving). Only walks under the read lock yield in the model; the
+    kernel's write-lock zaps also flush the TLBs before they yield, for what they zapped.
 
     kernel: arch/x86/kvm/mmu/tdp_mmu.c:tdp_mmu_iter_cond_resched (v6.18)
     """
-    if it.next_last_level_gfn == it.yielded_gfn:
+    if it.next_last_level_gfn == it.yielded_gfn or not is_shadow_present_pte(it.old_spte):
         return False
-    if flush is not None:
-        flush()
     side.leave()
     yield Preempt("tdp_mmu_iter_cond_resched: RCU and mmu_lock dropped")
     yield from side.wait_for_writer()
