@@ -31,7 +31,7 @@ from kvmspec.reference.x86.spte import (
     spte_to_pfn,
 )
 from kvmspec.reference.x86.tdp_arch import TdpMmu
-from kvmspec.reference.x86.tdp_fault import RetPf
+from kvmspec.reference.x86.tdp_fault import RetPf, tdp_guest_access
 from kvmspec.reference.x86.tdp_iter import (
     ReadSide,
     TdpIter,
@@ -562,6 +562,20 @@ class _NoFlush(TdpMmu):
 
     def kvm_flush_remote_tlbs(self, kvm):  # type: ignore[no-untyped-def]
         pass
+
+
+def test_an_access_across_two_pages_and_one_beyond_the_slot() -> None:
+    vm = mapped_vm(range(0))
+    gpa = vm.gfn(1) * PAGE - 4
+    assert tdp_guest_access(vm.kvm, vm.host, vm.mmu, 0, gpa, b"acrossXX").outcome is Fault.MAPPED
+    assert vm.host.host_read(vm.hva + PAGE - 4, 4) == (0, b"acro")
+    assert vm.host.host_read(vm.hva + PAGE, 4) == (0, b"ssXX")
+    assert tdp_guest_access(vm.kvm, vm.host, vm.mmu, 1, gpa, None, 8).data == b"acrossXX"
+    last = vm.gfn(DATA_PAGES) * PAGE - 2
+    access = tdp_guest_access(vm.kvm, vm.host, vm.mmu, 0, last, b"mmio")
+    assert access.outcome is Fault.MMIO and access.mmio is not None
+    assert vm.host.host_read(vm.hva + DATA_PAGES * PAGE - 2, 2) == (0, b"mm")
+    assert vm.violations() == []
 
 
 def test_a_notifier_invalidation_unmaps_and_flushes() -> None:

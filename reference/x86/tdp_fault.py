@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from kvmspec.reference.concurrency import KernelOp, Preempt, WaitUntil, run_to_completion
 from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
 from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
-from kvmspec.reference.guest_memory import emulator_read_write
+from kvmspec.reference.guest_memory import Part, emulator_read_write
 from kvmspec.reference.host import HostMm, HostPage, get_page
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
@@ -328,12 +328,20 @@ def tdp_hardware_translate(
 
 
 def tdp_guest_access(
-    kvm: Kvm, host: HostMm, mmu: TdpMmuState, vcpu_id: int, gpa: int, data: bytes | None
+    kvm: Kvm,
+    host: HostMm,
+    mmu: TdpMmuState,
+    vcpu_id: int,
+    gpa: int,
+    data: bytes | None,
+    size: int = 8,
 ) -> GuestAccess:
-    """A guest load (``data`` None, 8 bytes at most, one page) or store at ``gpa`` on a
-    vCPU: enter the guest (handling requests, loading a root), translate, and fault as
-    often as needed (bounded, as page_fault.guest_instruction). An access without a slot,
-    or a store to a READONLY one, is emulated (MMIO caching is not modelled).
+    """One guest instruction on the TDP MMU that loads ``size`` bytes at ``gpa`` (``data``
+    None) or stores ``data`` there (up to 8 bytes, possibly across a page boundary), with
+    the same outcomes as page_fault.guest_instruction. Entering the guest handles the
+    vCPU's requests and loads a root; every page is translated before any byte moves; each
+    EPT violation is handled and the guest entered again, a bounded number of times. An
+    access without a slot, or a store to a READONLY one, is emulated (no MMIO SPTEs).
 
     kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, x86_emulate_instruction;
     arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault (v6.18)
@@ -341,30 +349,49 @@ def tdp_guest_access(
     vcpu = kvm.vcpus.get(vcpu_id)
     vcpu_mmu = mmu.vcpu_mmu(vcpu_id)
     write = data is not None
-    size = len(data) if data is not None else 8
-    offset = gpa % PAGE_SIZE
-    if offset + size > PAGE_SIZE:
-        raise ValueError("the TDP guest model's accesses stay inside one page")
-    gfn = gpa >> PAGE_SHIFT
+    length = len(data) if data is not None else size
+    first = min(length, PAGE_SIZE - gpa % PAGE_SIZE)
+    parts = [(gpa, 0, first)]
+    if first < length:
+        parts.append((gpa + first, first, length - first))
     for _ in range(MAX_FAULTS_PER_ACCESS):
         if vcpu is not None and vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
             return GuestAccess(Fault.DIRTY_RING_FULL)
         kvm_mmu_load(kvm, mmu, vcpu_mmu, 0)
-        entry = tdp_hardware_translate(kvm, mmu, vcpu_mmu, vcpu, gfn, write)
-        if entry is not None:
-            if data is not None:
-                host.memory.write(entry.pfn, offset, data)
-                return GuestAccess(Fault.MAPPED)
-            return GuestAccess(Fault.MAPPED, host.memory.read(entry.pfn, offset, size))
-        ret = run_to_completion(kvm_tdp_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, gpa, write))
+        entries: list[TlbEntry] = []
+        for part_gpa, _start, _length in parts:
+            entry = tdp_hardware_translate(kvm, mmu, vcpu_mmu, vcpu, part_gpa >> PAGE_SHIFT, write)
+            if entry is None:
+                break
+            entries.append(entry)
+        if len(entries) == len(parts):
+            return _transfer(host, parts, entries, data)
+        faulting = parts[len(entries)][0]
+        op = kvm_tdp_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, faulting, write)
+        ret = run_to_completion(op)
         if ret is RetPf.EFAULT:
             return GuestAccess(Fault.EFAULT)
         if ret is RetPf.EMULATE:
-            loaded, mmio = emulator_read_write(kvm, host, vcpu, [(gpa, 0, size)], data)
+            loaded, mmio = emulator_read_write(kvm, host, vcpu, parts, data)
             if mmio is None:
                 return GuestAccess(Fault.MAPPED, loaded)
             return GuestAccess(Fault.MMIO, b"", mmio)
-    slot = kvm.memslots(0).gfn_to_memslot(gfn)
-    if kvm.mmu_invalidate_in_progress or (slot is not None and slot.invalid):
-        return GuestAccess(Fault.RETRY)
+    for part_gpa, _start, _length in parts:
+        slot = kvm.memslots(0).gfn_to_memslot(part_gpa >> PAGE_SHIFT)
+        if kvm.mmu_invalidate_in_progress or (slot is not None and slot.invalid):
+            return GuestAccess(Fault.RETRY)
     raise AssertionError(f"guest access to {gpa:#x} made no progress")
+
+
+def _transfer(
+    host: HostMm, parts: list[Part], entries: list[TlbEntry], data: bytes | None
+) -> GuestAccess:
+    """Every page is translated: the bytes move through the translations' pfns."""
+    loaded = b""
+    for (part_gpa, start, length), entry in zip(parts, entries, strict=True):
+        offset = part_gpa % PAGE_SIZE
+        if data is not None:
+            host.memory.write(entry.pfn, offset, data[start : start + length])
+        else:
+            loaded += host.memory.read(entry.pfn, offset, length)
+    return GuestAccess(Fault.MAPPED, loaded)
