@@ -251,8 +251,8 @@ class TdpMachine(RuleBasedStateMachine):
     @precondition(lambda self: self._no_readers())
     @rule(place=st.sampled_from([DATA_GFN, 0x400, None]))
     def set_region(self, place: int | None) -> None:
-        if place is not None and self.vm.base is not None and place != self.vm.base:
-            self.vm.set_region(None, 0)  # a MOVE needs the slot to stay the same size
+        """CREATE, MOVE (same size and flags) or DELETE the data slot (a DELETE of no
+        slot is refused, EINVAL)."""
         self.vm.set_region(place, self.vm.flags)
 
     @precondition(lambda self: self._no_readers())
