@@ -16,8 +16,8 @@ The VM (:class:`Arm64Harness`) has two vCPUs and three slots:
 
 Actions: guest loads, stores, instruction fetches and stage-1 walk reads; accesses with no
 slot or beyond the IPA space; host writes, MADV_DONTNEED, mprotect, munmap, THP collapse
-and split (each a notifier invalidation); dirty logging switched on and off, and harvested;
-aging (clear_young, clear_flush_young, test_young through the notifier); a fault racing an
+and split (each a notifier invalidation); dirty logging switched on and off, and harvested or
+cleared (manual protection, the bitmap starting clear or all set); aging (clear_young, clear_flush_young, test_young through the notifier); a fault racing an
 MADV_DONTNEED of its page (the notifier retry check); and the VMM exiting (the notifier's
 release, ``kvm_arch_flush_shadow_all``), after which a new VM starts.
 
@@ -32,8 +32,9 @@ release, ``kvm_arch_flush_shadow_all``), after which a new VM starts.
 * what the VMM can observe: an access completes or exits exactly as the slots and the host
   say (C-MMIO, C-EFAULT), a load returns what the host holds and a store reaches it
   (C-COHERENCE), every completed store to a logged slot is in the next harvest
-  (C-DIRTY-COMPLETE), aging changes no translation (N7), and after the release no
-  translation survives (S001-FLUSH-ALL).
+  (C-DIRTY-COMPLETE), aging changes no translation (N7) and finds every page used since
+  its last aging young (C-AGING, loose where the kernel drops access flags), and after the
+  release no translation survives (S001-FLUSH-ALL).
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ from kvmspec.reference.arm64.stage2 import kvm_pgtable_stage2_test_clear_young
 from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
-from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.host_pages import DEVICE_PFN_BASE
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
+from kvmspec.spec.aging_contract import AgingContract
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.arm64 import check_stage2
 from kvmspec.spec.invariants.memslots import InvariantMonitor
@@ -320,6 +322,10 @@ class Arm64Harness:
         self.kvm = Kvm(self.profile, self.mmu)
         self.host.notifier = KvmMmuNotifier(self.kvm)
         self.monitor = InvariantMonitor(self.kvm)
+        self.aging = AgingContract(PAGE)
+        # The leaves at the last look, by IPA: (size, hva). A leaf gone since took its access
+        # flag with it, which the aging contract forgives (see note_dropped_translations).
+        self.seen: dict[int, tuple[int, int]] = {}
         if self.dirty_mode != "bitmap":
             manual = MANUAL_CAPS[self.dirty_mode]
             cap = CAPABILITIES["KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"]
@@ -418,6 +424,7 @@ class Arm64Harness:
         want = self.expected(slot_id, hva, kind)
         self._judge(kind, access, want)
         if access.done and want is None and hva is not None:
+            self.aging.on_guest_access(hva)
             held = self.host_holds(hva + offset, 8)
             self._expect(
                 "C-COHERENCE",
@@ -433,6 +440,7 @@ class Arm64Harness:
         want = self.expected(slot_id, hva, "store")
         self._judge("store", access, want)
         if access.done and want is None and hva is not None:
+            self.aging.on_guest_access(hva)
             held = self.host_holds(hva + byte, 1)
             self._expect("C-COHERENCE", held == bytes([byte]), f"store to {gpa:#x}: host {held!r}")
             if self.views[slot_id].logging:
@@ -461,14 +469,15 @@ class Arm64Harness:
     def host_write(self, slot_id: int, page: int, value: int) -> None:
         """The VMM writes ``value`` at the start of one of its pages (EFAULT is its own)."""
         hva = self._hva(slot_id, page)
-        if hva is not None:
-            self.host.host_write(hva, bytes([value]))
+        if hva is not None and self.host.host_write(hva, bytes([value])) == 0:
+            self.aging.on_host_access(hva)
 
     def madvise_dontneed(self, slot_id: int, page: int, n: int) -> None:
         hva = self._hva(slot_id, page)
         if hva is not None and slot_id != DEVICE_SLOT:
             n = min(n, SLOT_PAGES[slot_id] - page % SLOT_PAGES[slot_id])
             self.host.madvise_dontneed(hva, n * PAGE)
+            self.aging.on_host_drop(hva, hva + n * PAGE)
 
     def mprotect(self, slot_id: int, page: int, prot: int) -> None:
         hva = self._hva(slot_id, page)
@@ -480,6 +489,7 @@ class Arm64Harness:
         hva = self._hva(slot_id, page)
         if hva is not None:
             assert self.host.munmap(hva, PAGE) == 0
+            self.aging.on_host_drop(hva, hva + PAGE)
 
     def thp(self, slot_id: int, frame: int, collapse: bool) -> None:
         """MADV_COLLAPSE of one 2 MiB frame of a slot's memory, or a split of its PMD."""
@@ -490,23 +500,52 @@ class Arm64Harness:
         else:
             done = self.host.split_huge_pmd(haddr)
         self.log(f"thp slot {slot_id} frame {frame} collapse {collapse} -> {done}")
+        # The host's young bits of a collapsed or split page are not modelled precisely:
+        # forget what the frame was used for.
+        self.aging.on_host_drop(haddr, haddr + HPAGE)
 
     def age(self, slot_id: int, page: int, how: str) -> None:
         """Aging through the notifier: ``clear_flush_young``, ``clear_young`` or
-        ``test_young``; no translation may change (N7)."""
+        ``test_young``. No translation may change (N7); a page the guest or the VMM used
+        since its last aging is young (C-AGING: the host ages a huge page as a whole, so
+        every page of it is judged by the one answer)."""
         hva = self._hva(slot_id, page)
         if hva is None:
             return
+        self.note_dropped_translations()
         before = self._translations()
         if how == "test_young":
             if self.host.notifier is not None:
                 self.host.notifier.test_young(hva)
         else:
-            self.host.age(hva, flush=how == "clear_flush_young")
+            huge = self.host.mapping_level(hva) == LEVEL_PMD
+            flush = how == "clear_flush_young"
+            young = self.host.age(hva, flush=flush)
+            start = hva - hva % (HPAGE if huge else PAGE)
+            for each in range(start, start + (HPAGE if huge else PAGE), PAGE):
+                self.found += [str(v) for v in self.aging.on_age(each, flush, young)]
         after = self._translations()
         self._expect(
             "N7", before == after, f"{how} changed {set(before.items()) ^ set(after.items())}"
         )
+
+    def note_dropped_translations(self) -> None:
+        """Tell the aging contract which translations KVM dropped since the last look (an
+        invalidation, a slot's flush, a block replaced by a table on a write fault while
+        logging): their access flags went with them, which the kernel accepts."""
+        now: dict[int, tuple[int, int]] = {}
+        pgt = self.mmu.pgt
+        if pgt is not None:
+            shift = self.profile.page_shift
+            for leaf in stage2_leaves(pgt):
+                slot = self.kvm.memslots(0).gfn_to_memslot(leaf.ipa >> shift)
+                if slot is not None:
+                    offset = leaf.ipa - (slot.base_gfn << shift)
+                    now[leaf.ipa] = (leaf.size, slot.userspace_addr + offset)
+        for ipa, (size, hva) in self.seen.items():
+            if now.get(ipa, (0, 0))[0] != size:
+                self.aging.on_invalidate(hva, hva + size)
+        self.seen = now
 
     def _translations(self) -> dict[int, tuple[int, int, bool]]:
         if self.mmu.pgt is None:
@@ -540,6 +579,8 @@ class Arm64Harness:
                     raced = True
                     assert self.host.madvise_dontneed(hva - hva % PAGE, PAGE) == 0
                     assert self.host.host_write(hva - hva % PAGE, bytes([value])) == 0
+                    self.aging.on_host_drop(hva - hva % PAGE, hva - hva % PAGE + PAGE)
+                    self.aging.on_host_access(hva)
                 step = op.send(None)
         except StopIteration as done:
             self.log(f"vcpu {vcpu} fault at {gpa:#x} raced (dropped: {raced}) -> {done.value}")
@@ -592,6 +633,7 @@ class Arm64Harness:
         assert isinstance(hardware, GuestAccessResult)
         if hardware.pa is not None:
             self.host.memory.write(hardware.pa // PAGE, hardware.pa % PAGE, b"\x77")
+            self.aging.on_guest_access(hva)
             held = self.host_holds(hva + 8, 1)
             self._expect(
                 "C-COHERENCE", held == b"\x77", f"hardware store at {gpa + 8:#x}: {held!r}"
@@ -693,6 +735,7 @@ class Arm64Harness:
     def check(self) -> None:
         """Raise :class:`RulesBroken` if the actions so far broke a rule."""
         self.checks += 1
+        self.note_dropped_translations()
         found = self.found + [str(v) for v in self._violations()]
         if found:
             raise RulesBroken(found)

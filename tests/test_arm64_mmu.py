@@ -44,6 +44,7 @@ from kvmspec.reference.concurrency import Preempt, run_to_completion
 from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.mmu_notifier import KvmGfnRange
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
@@ -483,6 +484,36 @@ def test_faults_the_hardware_and_lockless_aging_interleaved_keep_every_rule(
         vm.check()
     vm.get_dirty_log(THP_SLOT)
     vm.check()
+
+
+class AgingReportsNothing(Arm64MmuLocklessAging):
+    """A lockless ager that clears the access flags and reports every page idle."""
+
+    def kvm_age_gfn(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        super().kvm_age_gfn(kvm, gfn_range)
+        return False
+
+
+def _use_age_use_age(vm: Arm64Harness) -> None:
+    vm.guest_store(0, SHIFTED_SLOT, 3, 7)
+    vm.age(SHIFTED_SLOT, 3, "clear_flush_young")  # young: the host's own bit too
+    vm.check()
+    vm.guest_read(1, SHIFTED_SLOT, 3, 0, "load")  # only the stage 2 sees this one
+    vm.age(SHIFTED_SLOT, 3, "clear_flush_young")
+
+
+@pytest.mark.parametrize("mmu_class", [Arm64Mmu, Arm64MmuLocklessAging])
+def test_a_page_the_guest_used_since_its_last_aging_is_young(mmu_class: type[Arm64Mmu]) -> None:
+    vm = Arm64Harness(mmu_class=mmu_class)
+    _use_age_use_age(vm)
+    vm.check()
+
+
+def test_an_ager_that_reports_every_page_idle_is_caught() -> None:
+    vm = Arm64Harness(mmu_class=AgingReportsNothing)
+    _use_age_use_age(vm)
+    with pytest.raises(RulesBroken, match=r"C-AGING: host page .* used by a guest"):
+        vm.check()
 
 
 # -- the state machine -----------------------------------------------------------------------------
