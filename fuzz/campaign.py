@@ -48,11 +48,13 @@ from rich.table import Table
 from kvmspec.fuzz import machines
 from kvmspec.fuzz.campaign_atheris import SPAWN_LOCK, AreaResult, AtherisWorkers, FuzzArea
 from kvmspec.fuzz.generic_machine import generic_machine
+from kvmspec.fuzz.ppc_machine import ppc_machine
 from kvmspec.fuzz.profiles import THOROUGH, register_profiles
+from kvmspec.fuzz.radix_machine import RadixMachine
 from kvmspec.fuzz.targets import TargetUnavailable, make_target
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.spec.checked_by import CHECKED_BY, NOT_CHECKED
-from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PROFILES
+from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PPC64_HV, PPC64_HV_RADIX, PROFILES
 from kvmspec.spec.rules import RULES
 
 REGRESSIONS = Path("corpus/regressions")
@@ -118,6 +120,8 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
         areas.append(Area(f"guest/{DEFAULT_PROFILE.name}", "reference", guest))
         x86 = x86_machine(DEFAULT_PROFILE)
         areas.append(Area(f"x86/{DEFAULT_PROFILE.name}", "reference", x86))
+        areas.append(Area(f"ppc/{PPC64_HV.name}", "reference", ppc_machine(PPC64_HV)))
+        areas.append(Area(f"ppc/{PPC64_HV_RADIX.name}", "reference", RadixMachine))
     kvm_wanted = target == "linux-kvm" or (target is None and (not wanted or "linux-kvm" in wanted))
     if kvm_wanted:
         try:

@@ -13,12 +13,11 @@ since the last harvest is reported by the next one, unless the slot changed in b
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
+from kvmspec.fuzz import machines
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import KernelOp, run_to_completion
@@ -35,11 +34,10 @@ from kvmspec.reference.ppc.radix_fault import kvmppc_book3s_radix_page_fault, ra
 from kvmspec.reference.ppc.radix_mmu import RadixMmu, kvm_vm_ioctl_get_dirty_log_hv
 from kvmspec.reference.ppc.radix_pgtable import PMD_SHIFT, radix_host_mm
 from kvmspec.spec.invariants.ppc_radix import check_radix
-from kvmspec.spec.platforms import PPC64_HV
+from kvmspec.spec.platforms import PPC64_HV_RADIX as PPC64_RADIX
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
-PPC64_RADIX = replace(PPC64_HV, name="ppc64-hv-radix", mmu="radix")
 PAGE = PPC64_RADIX.page_size
 HUGE = 1 << PMD_SHIFT
 SLOT_BLOCKS = (2, 1)
@@ -195,10 +193,18 @@ class RadixMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.harness = RadixHarness(self.mmu_factory(PPC64_RADIX.page_shift))
+        self.lines: list[str] = []
 
     def _after(self, line: str) -> None:
         note(line)
+        self.lines.append(line)
         self.harness.check()
+        # The campaign's counters, and the run so far as its trace if this step failed.
+        machines.STATS["steps"] += 1
+        machines.STATS["invariant_checks"] += 1
+        machines.LAST_RUN["trace"] = "\n".join(self.lines) + "\n"
+        machines.LAST_RUN["suffix"] = ".actions.txt"
+        machines.LAST_RUN.pop("reproducer", None)
 
     @rule(slot=SLOT, block=BLOCK, page=PAGE_INDEX, write=st.booleans())
     def guest_access(self, slot: int, block: int, page: int, write: bool) -> None:

@@ -37,8 +37,13 @@ STAGE2 = (
     " every scenario test of tests/test_arm64_stage2.py (no arm64 state machine yet)"
 )
 HPT = (
-    "POWER HPT checks of spec/invariants/ppc.py (check_hpt: {}), after every step of"
-    " tests/test_ppc_hpt.py's state machine and in its scenario tests"
+    "POWER HPT checks of spec/invariants/ppc.py (check_hpt: {}), after every action of the"
+    " POWER harness (kvmspec.fuzz.ppc_machine, tests/test_ppc_hpt.py::TestHptMachine and the"
+    " campaign's ppc64-hv area) and in the scenario tests"
+)
+RADIX = (
+    "POWER radix checks of spec/invariants/ppc_radix.py (check_radix: {}), after every step of"
+    " kvmspec.fuzz.radix_machine (the campaign's ppc64-hv-radix area)"
 )
 _X86_SHADOW = "tests/test_x86_shadow_mmu.py::"
 _X86_HUGE = "tests/test_x86_huge.py::"
@@ -46,6 +51,9 @@ _X86_SPTE = "tests/test_x86_spte.py::"
 _ARM64 = "tests/test_arm64_stage2.py::"
 _ARM64_WALKER = "tests/test_arm64_walker.py::"
 _PPC = "tests/test_ppc_hpt.py::"
+_PPC_FAULT = "tests/test_ppc_fault.py::"
+_RADIX = "tests/test_ppc_radix.py::"
+_X86_FAST = "tests/test_x86_fast_pf.py::"
 _TDP_MMU = f"{NOT_CHECKED}: the x86 TDP MMU is not modelled (reference/x86 is the shadow MMU)"
 
 
@@ -73,9 +81,27 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         TRANSLATIONS,
         "scenario test `tests/test_reference_faults.py::"
         "test_n4_a_fault_racing_an_invalidation_retries`",
+        RADIX.format("every valid leaf maps the host's page, writable only over a writable one"),
+        _scenario(_RADIX, "test_without_the_retry_check_a_racing_fault_installs_a_stale_leaf"),
+        _scenario(_RADIX, "test_a_writable_leaf_over_a_read_only_host_page_is_caught"),
+        _scenario(_RADIX, "test_radix_fault_racing_an_invalidation_retries"),
+        _scenario(_RADIX, "test_radix_fault_racing_a_slot_flush_retries"),
     ),
-    "N5": (TRANSLATIONS,),
-    "M13": (TRANSLATIONS,),
+    "N5": (
+        TRANSLATIONS,
+        _scenario(_RADIX, "test_a_fault_during_an_open_invalidation_is_caught"),
+        _scenario(_RADIX, "test_an_unmap_without_tlbie_is_caught"),
+    ),
+    "M13": (
+        TRANSLATIONS,
+        RADIX.format("no leaf outside the usable memslots once an update returned"),
+        _scenario(_RADIX, "test_radix_delete_removes_every_leaf"),
+        _scenario(_RADIX, "test_radix_move_removes_every_leaf_and_the_new_place_faults_in"),
+        _scenario(_RADIX, "test_a_missing_slot_flush_is_caught"),
+        _scenario(_RADIX, "test_the_kernel_does_not_keep_a_huge_leaf_inside_its_slot"),
+        "note: the kernel's radix fault does not keep a huge leaf inside its slot (x86 and arm64"
+        " do); check_radix reports it, and the radix machine keeps its slots 2 MiB-aligned",
+    ),
     "N7": (TRANSLATIONS,),
     "N8": (TRANSLATIONS,),
     "D1": (DIRTY_CHECKS, DIRTY_CONTRACT),
@@ -101,6 +127,7 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "X1": (
         SHADOW_MMU.format("check_rmaps"),
         SHADOW_WARNS.format("an rmap entry missing when its leaf is dropped"),
+        _scenario(_X86_SHADOW, "test_v6_18_mmio_spte_over_a_stale_present_spte_is_caught"),
     ),
     "X2": (SHADOW_MMU.format("check_parent_ptes"),),
     "X3": (
@@ -124,8 +151,11 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         ),
     ),
     "X7": (
-        f"{NOT_CHECKED}: unsync shadow pages are not modelled (mmu_try_to_unsync_pages always"
-        " refuses, as the kernel does while synchronizing), so there is no unsync bitmap to check",
+        SHADOW_MMU.format(
+            "check_unsync; check_shadowed_tables_write_protected exempts unsync pages (X6)"
+        ),
+        _scenario(_X86_SHADOW, "test_a_guest_pte_write_unsyncs_the_table_until_the_guest_flushes"),
+        _scenario(_X86_SHADOW, "test_an_unsync_page_its_parents_do_not_know_of_is_caught"),
     ),
     "X8": (
         SHADOW_MMU.format("check_lpage_info; memory attributes and the MIXED bit are not modelled"),
@@ -151,9 +181,17 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_X86_SPTE, "test_mmio_sptes_round_trip") + ": the generation is stored and"
         " trusted only in its own generation, never during an update",
         _scenario(_X86_SPTE, "test_mmio_generation_wrap_forces_a_zap"),
-        f"{NOT_CHECKED} in a running MMU: the shadow MMU's faults install no MMIO SPTEs yet"
-        " (an access with no slot exits as MMIO every time), so no state check and no"
-        " slot-over-cached-MMIO scenario",
+        SHADOW_MMU.format(
+            "check_mmio_sptes; MMIO caching is on only in the harness's mmio layout, which the"
+            " scenario tests use and the fuzzers do not (see the finding below)"
+        ),
+        _scenario(_X86_SHADOW, "test_a_slot_created_over_a_cached_mmio_gfn_is_faulted_into"),
+        _scenario(_X86_SHADOW, "test_an_mmu_that_trusts_every_mmio_spte_is_caught"),
+        _scenario(_X86_SHADOW, "test_an_mmio_generation_wrap_zaps_every_shadow_page"),
+        _scenario(_X86_SHADOW, "test_an_mmu_that_misses_the_mmio_generation_wrap_is_caught"),
+        _scenario(_X86_SHADOW, "test_finding_a_sync_gives_a_stale_mmio_spte_the_current_generation")
+        + ": a divergence the model reproduces (an unsync page's sync remakes a stale MMIO SPTE"
+        " with the current generation), not yet settled as kernel bug or allowed looseness",
     ),
     "X12": (
         f"{NOT_CHECKED}: the shadow-page limit (KVM_SET_NR_MMU_PAGES, make_mmu_pages_available,"
@@ -163,8 +201,15 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "X14": (_TDP_MMU,),
     "X15": (_TDP_MMU,),
     "X16": (
-        f"{NOT_CHECKED}: the fast page fault is not modelled (only is_access_allowed, which it"
-        " uses, is, with unit tests)",
+        SHADOW_WARNS.format(
+            "check_fast_pf_change in fast_pf_fix_direct_spte; the state machines never take the"
+            " fast path (shadow paging does not), only these tests"
+        ),
+        _scenario(_X86_FAST, "test_a_dirty_logged_write_fixed_by_the_fast_path_is_logged"),
+        _scenario(_X86_FAST, "test_the_fast_path_leaves_indirect_pages_and_read_faults_alone"),
+        _scenario(_X86_FAST, "test_a_zap_between_the_read_and_the_exchange_is_not_undone"),
+        _scenario(_X86_FAST, "test_a_fast_path_that_stores_without_compare_is_caught"),
+        _scenario(_X86_FAST, "test_a_fast_path_that_ignores_mmu_writable_is_caught"),
     ),
     # -- arm64 stage 2 (INVENTORY C.5, seed 001) ---------------------------------------------
     "A1": (
@@ -226,41 +271,83 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_PPC, "test_h_clear_ref_and_h_clear_mod"),
         _scenario(_PPC, "test_dirty_harvest_collects_a_pending_c_and_leaves_the_entry_valid"),
         _scenario(_PPC, "test_seed_000_delete_removes_every_translation"),
+        "the POWER harness: every slot-1 page the guest stored to is reported by the next"
+        " KVM_GET_DIRTY_LOG",
     ),
     "P4": (
         HPT.format("H_READ of every entry shows no software bit and no host address"),
-        "tests/test_ppc_hpt.py's state machine: the guest reads back what it entered, after"
-        " every step",
+        "every action of the POWER harness (kvmspec.fuzz.ppc_machine;"
+        " tests/test_ppc_hpt.py::TestHptMachine): the guest reads back what it entered",
     ),
     "P5": (
         HPT.format("a valid HPTE maps the host's page at its gfn"),
         _scenario(_PPC, "test_h_enter_racing_an_invalidation_enters_the_entry_absent"),
         _scenario(_PPC, "test_without_the_retry_check_the_race_leaves_a_stale_translation"),
+        _scenario(_PPC_FAULT, "test_an_absent_hpte_becomes_valid_only_after_the_retry_check"),
+        _scenario(
+            _PPC_FAULT, "test_without_the_retry_check_the_fault_installs_a_page_the_host_dropped"
+        ),
     ),
     "P6": (
         HPT.format("no TLB caches an invalidated HPTE"),
         _scenario(_PPC, "test_rc_are_read_after_the_tlbie"),
+        RADIX.format("no TLB entry more permissive than the tree"),
+        _scenario(_RADIX, "test_an_unmap_without_tlbie_is_caught"),
+        _scenario(_RADIX, "test_a_harvest_that_reports_before_the_tlbie_loses_a_write"),
     ),
     "P7": (
-        HPT.format("an MMIO HPTE is never valid; the MMIO lookup cache is not checked"),
+        HPT.format("an MMIO HPTE is never valid"),
+        "check_mmio_cache of spec/invariants/ppc.py after every action of the POWER harness: a"
+        " current MMIO cache entry is still in the HPT (the machine lets the known kernel"
+        " finding below pass by default, KNOWN_KERNEL_FINDINGS)",
         _scenario(_PPC, "test_h_enter_entries_are_only_as_good_as_the_host_page"),
+        _scenario(
+            _PPC_FAULT, "test_an_mmio_hpte_never_becomes_valid_and_its_cache_follows_mmio_update"
+        ),
+        _scenario(_PPC_FAULT, "test_an_mmio_cache_entry_the_hpt_no_longer_holds_is_caught"),
+        _scenario(_PPC_FAULT, "test_kernel_finding_a_stale_mmio_cache_entry_emulates_ram_as_mmio")
+        + ": a kernel finding (the cache outlives the MMIO entry it describes)",
     ),
     "P8": (
-        "tests/test_ppc_hpt.py's state machine: after every H_PROTECT, a valid read-only entry"
-        " is still read-only in hardware",
+        "every H_PROTECT of the POWER harness (kvmspec.fuzz.ppc_machine): a valid read-only"
+        " entry is still read-only in hardware",
         _scenario(_PPC, "test_h_protect_return_codes_and_no_upgrade"),
     ),
     "P9": (
         HPT.format("a writable HPTE over a writable host page, in a slot not READONLY"),
         _scenario(_PPC, "test_h_enter_entries_are_only_as_good_as_the_host_page"),
         _scenario(_PPC, "test_read_only_slots_do_not_exist_on_book3s_hv"),
+        _scenario(_PPC_FAULT, "test_a_read_only_host_page_gets_a_read_only_hpte"),
     ),
-    "P10": (f"{NOT_CHECKED}: HPT resizing (KVM_PPC_RESIZE_HPT_*) is not modelled",),
-    "R1": (f"{NOT_CHECKED}: the POWER9 radix MMU is not modelled (reference/ppc is the HPT)",),
+    "P10": (
+        "check_hpt_resize of spec/invariants/ppc.py after every resize commit of the POWER"
+        " harness, and each bolted entry found again at its new hash",
+        _scenario(_PPC_FAULT, "test_resize_keeps_exactly_the_bolted_entries"),
+        _scenario(_PPC_FAULT, "test_a_resize_that_keeps_a_non_bolted_entry_is_caught"),
+        _scenario(_PPC_FAULT, "test_a_resize_that_drops_a_bolted_entry_is_caught"),
+        _scenario(_PPC_FAULT, "test_resize_return_codes"),
+        _scenario(_PPC_FAULT, "test_a_fault_racing_a_resize_commit_retries_on_the_new_table"),
+    ),
+    "R1": (
+        RADIX.format(
+            "no huge leaf in a dirty-logged slot, over an incongruent range or larger than the"
+            " host page; the dirty harvest clears C, completes the tlbie, then reports"
+        ),
+        _scenario(_RADIX, "test_radix_huge_leaf_only_when_congruent_and_not_logged"),
+        _scenario(_RADIX, "test_radix_leaf_level_follows_the_host_page_size_exactly"),
+        _scenario(_RADIX, "test_radix_dirty_harvest_tlbies_before_reporting"),
+        _scenario(_RADIX, "test_a_harvest_that_reports_before_the_tlbie_loses_a_write"),
+        _scenario(_RADIX, "test_a_fault_that_ignores_dirty_logging_is_caught"),
+        _scenario(_RADIX, "test_a_leaf_larger_than_the_host_page_is_caught"),
+        _scenario(_RADIX, "test_radix_dirty_logging_on_breaks_huge_leaves_into_base_pages"),
+        _scenario(_RADIX, "test_the_radix_machine_finds_a_missing_flush_when_logging_starts"),
+    ),
     "S000-NO-HPTE-OUTSIDE-SLOTS": (
         HPT.format("no valid HPTE maps a gfn outside every usable slot"),
         _scenario(_PPC, "test_seed_000_delete_removes_every_translation"),
         _scenario(_PPC, "test_seed_000_move_removes_every_translation_and_keeps_the_rmap"),
         _scenario(_PPC, "test_seed_000_a_missing_flush_is_caught"),
+        _scenario(_PPC_FAULT, "test_seed_000_a_removal_path_that_ignores_invalid_slots_is_caught"),
+        _scenario(_PPC_FAULT, "test_a_fault_on_a_deleted_slots_page_is_mmio"),
     ),
 }

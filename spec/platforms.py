@@ -12,7 +12,7 @@ one address space (no SMM), 32764 user slots and a 52-bit gfn limit.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvmspec.spec.uapi.constants import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
@@ -188,7 +188,12 @@ PPC64_HV = PlatformProfile(
     invalid_slot_fault="mmio",
 )
 
+PPC64_HV_RADIX = replace(PPC64_HV, name="ppc64-hv-radix", mmu="radix")
+"""POWER9 and later with a radix guest: the same memslot uAPI as ``ppc64-hv``, with the
+partition-scoped radix tree (reference/ppc/radix_*.py) instead of the hashed page table."""
+
 PROFILES: dict[str, PlatformProfile] = {
-    profile.name: profile for profile in (X86_64_LINUX_6_18_PVM, X86_64, ARM64, PPC64_HV)
+    profile.name: profile
+    for profile in (X86_64_LINUX_6_18_PVM, X86_64, ARM64, PPC64_HV, PPC64_HV_RADIX)
 }
 DEFAULT_PROFILE = X86_64_LINUX_6_18_PVM

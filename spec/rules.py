@@ -1004,11 +1004,13 @@ rule(
     "P6",
     "invariant",
     "ppc-hpt",
-    """The tlbie for an invalidated HPTE completes before its page can be reused and before
-    its R and C are harvested: once an operation ends, no vCPU's TLB caches an entry that is
-    no longer valid.""",
+    """The tlbie for an invalidated HPTE (or, with the radix MMU, a cleared or write-protected
+    leaf) completes before its page can be reused and before its R and C are harvested or
+    reported: once an operation ends, no vCPU's TLB caches a translation that the tables no
+    longer hold, or with more rights than they give.""",
     KernelCitation(PPC_RM_MMU, "do_tlbies"),
     KernelCitation(PPC_RM_MMU, "kvmppc_invalidate_hpte"),
+    KernelCitation("arch/powerpc/kvm/book3s_64_mmu_radix.c", "kvmppc_radix_tlbie_page"),
 )
 rule(
     "P7",
@@ -1016,7 +1018,10 @@ rule(
     "ppc-hpt",
     """An HPTE for emulated MMIO is kept ABSENT with key 31 and never becomes valid in
     hardware; the per-vCPU MMIO lookup cache is trusted only for the current mmio_update
-    count, so a memslot created under it is mapped as RAM on the next access.""",
+    count, so a memslot created under it is mapped as RAM on the next access. (Known
+    kernel finding, tests/test_ppc_fault.py: the cache can outlive the entry it describes: a
+    host invalidation after the slot's first access does not bump mmio_update, and a resize
+    resets it to 0, so a stale entry can match again and RAM is emulated as MMIO.)""",
     KernelCitation(PPC_RM_MMU, "is_mmio_hpte"),
     KernelCitation(PPC_RM_MMU, "mmio_cache_search"),
 )

@@ -6,8 +6,6 @@ aging, dirty logging switching huge leaves off and on, and, for every check of
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 from hypothesis import Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
@@ -49,11 +47,10 @@ from kvmspec.reference.ppc.radix_pgtable import (
     radix_host_mm,
 )
 from kvmspec.spec.invariants.ppc_radix import check_radix
-from kvmspec.spec.platforms import PPC64_HV
+from kvmspec.spec.platforms import PPC64_HV_RADIX as PPC64_RADIX
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion, MrChange
 
-PPC64_RADIX = replace(PPC64_HV, name="ppc64-hv-radix", mmu="radix")
 PAGE = PPC64_RADIX.page_size  # 64 KiB
 HUGE = 1 << PMD_SHIFT  # 2 MiB: the host's THP and the radix PMD leaf
 RW = PROT_READ | PROT_WRITE
@@ -508,7 +505,14 @@ class BrokenRadixMachine(RadixMachine):
 
 
 def test_the_radix_machine_finds_a_missing_flush_when_logging_starts() -> None:
-    with pytest.raises(RulesBroken, match=r"R1: leaf gpa 0x\w+ \(2048 KiB\) in dirty-logged slot"):
+    """Without the flush, a huge leaf survives into logging (R1), or, once logging stops
+    again, a huge leaf is made over the 4K table built meanwhile (the model's WARN): which
+    one the run meets first depends on the run."""
+    symptoms = (
+        r"R1: leaf gpa 0x\w+ \(2048 KiB\) in dirty-logged slot"
+        r"|N4: WARN: a huge leaf replaced a table that still mapped pages"
+    )
+    with pytest.raises(RulesBroken, match=symptoms):
         run_state_machine_as_test(
             BrokenRadixMachine,
             settings=settings(MACHINE_SETTINGS, max_examples=200, phases=(Phase.generate,)),

@@ -9,6 +9,8 @@ hardware does). The shadow MMU on top of them, in reading order:
 :mod:`~kvmspec.reference.x86.paging_tmpl` (the page fault), ``mmu_page`` (shadow pages and
 their hash), ``rmap`` and ``mmu_spte`` (reverse maps and every SPTE write), ``page_track``
 (write-protecting shadowed guest tables), ``zap`` (two-phase zaps, the fast zap, emulated
-guest page-table writes), ``roots`` and ``tlb`` (each vCPU's roots, requests and TLB) and
-``guest_access`` (a guest instruction: the hardware walk, the fault, the emulator).
+guest page-table writes), ``roots`` and ``tlb`` (each vCPU's roots, requests and TLB),
+``unsync`` (unsync shadow pages and their sync on CR3 loads and INVLPG), ``fast_pf`` (the
+lockless fast page fault) and ``guest_access`` (a guest instruction: the hardware walk, the
+fault, the emulator).
 """
