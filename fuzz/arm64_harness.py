@@ -16,10 +16,12 @@ The VM (:class:`Arm64Harness`) has two vCPUs and three slots:
 
 Actions: guest loads, stores, instruction fetches and stage-1 walk reads; accesses with no
 slot or beyond the IPA space; host writes, MADV_DONTNEED, mprotect, munmap, THP collapse
-and split (each a notifier invalidation); dirty logging switched on and off, and harvested or
-cleared (manual protection, the bitmap starting clear or all set); aging (clear_young, clear_flush_young, test_young through the notifier); a fault racing an
-MADV_DONTNEED of its page (the notifier retry check); and the VMM exiting (the notifier's
-release, ``kvm_arch_flush_shadow_all``), after which a new VM starts.
+and split (each a notifier invalidation); dirty logging switched on and off, harvested, and
+cleared (manual protection, the bitmap starting clear or all set); aging (clear_young,
+clear_flush_young, test_young through the notifier); a fault racing an MADV_DONTNEED of its
+page (the notifier retry check); two faults, the hardware and the lockless ager stepped in a
+drawn order; and the VMM exiting (the notifier's release, ``kvm_arch_flush_shadow_all``),
+after which a new VM starts.
 
 :meth:`Arm64Harness.check`, after every action, raises
 :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with every rule broken:
