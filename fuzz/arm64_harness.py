@@ -12,7 +12,8 @@ The VM (:class:`Arm64Harness`) has two vCPUs and three slots:
   re-created, READONLY or not;
 * slot 2 (``DEVICE_SLOT``): four pages of device memory (a VM_PFNMAP mapping): mapped
   execute-never, an instruction fetch there gets an abort (A6), and dirty logging is
-  refused.
+  refused. Built only where the host model puts device memory inside a 48-bit physical
+  address space (:data:`DEVICE_REACHABLE`).
 
 Actions: guest loads, stores, instruction fetches and stage-1 walk reads; accesses with no
 slot or beyond the IPA space; host writes, MADV_DONTNEED, mprotect, munmap, THP collapse
