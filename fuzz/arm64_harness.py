@@ -42,18 +42,11 @@ after which a new VM starts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from errno import EINVAL
 
 from kvmspec.fuzz.generic_harness import Log, RulesBroken
 from kvmspec.reference import kvm_main
-from kvmspec.reference.arm64.descriptors import (
-    KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
-    kvm_pte_table,
-    kvm_pte_to_phys,
-    kvm_pte_valid,
-)
 from kvmspec.reference.arm64.fault import (
     AbortOutcome,
     Arm64Access,
@@ -64,7 +57,7 @@ from kvmspec.reference.arm64.fault import (
 from kvmspec.reference.arm64.hw_access import GuestAccessResult
 from kvmspec.reference.arm64.hw_access import guest_access as hw_guest_access
 from kvmspec.reference.arm64.mmu import Arm64Mmu
-from kvmspec.reference.arm64.pgtable import KvmPgtable, KvmPgtableWalkFlags
+from kvmspec.reference.arm64.pgtable import KvmPgtableWalkFlags
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
 from kvmspec.reference.arm64.stage2 import kvm_pgtable_stage2_test_clear_young
 from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
@@ -73,12 +66,16 @@ from kvmspec.reference.dirty_log import kvm_clear_dirty_log_protect, kvm_get_dir
 from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.host_pages import DEVICE_PFN_BASE
 from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
 from kvmspec.spec.aging_contract import AgingContract
 from kvmspec.spec.invariants import Violation
-from kvmspec.spec.invariants.arm64 import check_stage2
+from kvmspec.spec.invariants.arm64 import (
+    check_stage2,
+    check_stage2_translations,
+    stage2_leaves,
+    writable,
+)
 from kvmspec.spec.invariants.memslots import InvariantMonitor
 from kvmspec.spec.platforms import ARM64, PlatformProfile
 from kvmspec.spec.uapi.constants import (
@@ -164,127 +161,6 @@ class SlotView:
     @property
     def logging(self) -> bool:
         return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
-
-
-@dataclass(frozen=True, slots=True)
-class Leaf:
-    """A valid stage-2 leaf: [ipa, ipa + size) -> pa, with its descriptor."""
-
-    ipa: int
-    size: int
-    pa: int
-    pte: int
-
-
-def stage2_leaves(pgt: KvmPgtable) -> Iterator[Leaf]:
-    """Every valid leaf reachable from the PGD, read without recording."""
-    geometry = pgt.geometry
-    span = geometry.ptrs_per_pte * geometry.kvm_granule_size(geometry.start_level)
-    todo = [(page, geometry.start_level, n * span) for n, page in enumerate(pgt.pgd or [])]
-    while todo:
-        page, level, base = todo.pop()
-        granule = geometry.kvm_granule_size(level)
-        for index, pte in page.entries.items():
-            if not kvm_pte_valid(pte):
-                continue
-            pa = kvm_pte_to_phys(pte, geometry.page_shift)
-            if kvm_pte_table(pte, level):
-                todo.append((pgt.mm_ops.pages[pa], level + 1, base + index * granule))
-            else:
-                yield Leaf(base + index * granule, granule, pa, pte)
-
-
-def _writable(pte: int) -> bool:
-    return bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
-
-
-def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Violation]:
-    """The stage 2 against the memslots and the host, between actions (no fault, update or
-    invalidation in flight):
-
-    * M13: every leaf lies in a usable slot;
-    * A4, the memslot half: a block lies wholly inside its slot, with gpa and hva congruent
-      modulo its size, and is not writable in a dirty-logged slot (a logged slot is mapped
-      with pages; a block from before logging started is write-protected, unless the
-      bitmap started all set, when CLEAR protects it later);
-    * N4: each page of a leaf is the page the host maps at the slot's hva, writable only
-      if the host's PTE is and the slot is not READONLY;
-    * D1: a writable leaf of a logged slot has its pages marked dirty;
-    * A1: every vCPU TLB entry is a leaf of the tables (a TLB entry outliving its
-      descriptor means a change without its TLBI), and writable only if the leaf is (A7:
-      the write-protecting caller flushed).
-    """
-    pgt = mmu.pgt
-    if pgt is None:
-        return []
-    shift = kvm.profile.page_shift
-    found = []
-    leaves = {leaf.ipa: leaf for leaf in stage2_leaves(pgt)}
-    initially_set = bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
-    for leaf in leaves.values():
-        gfn = leaf.ipa >> shift
-        slot = kvm.memslots(0).gfn_to_memslot(gfn)
-        where = f"IPA {leaf.ipa:#x} (size {leaf.size:#x})"
-        if slot is None or slot.invalid:
-            found.append(Violation("M13", f"{where} is mapped without a usable slot"))
-            continue
-        hva = slot.userspace_addr + ((gfn - slot.base_gfn) << shift)
-        if leaf.size > PAGE:
-            if leaf.ipa + leaf.size > slot.end_gfn << shift:
-                found.append(Violation("A4", f"block {where} reaches beyond {slot}"))
-            if hva % leaf.size:
-                found.append(Violation("A4", f"block {where} is not congruent with hva {hva:#x}"))
-            if slot.dirty_logging and _writable(leaf.pte) and not initially_set:
-                found.append(Violation("A4", f"writable block {where} in logged {slot}"))
-        if _writable(leaf.pte) and slot.readonly:
-            found.append(Violation("C-MMIO", f"{where} is writable in READONLY {slot}"))
-        found += _against_host(kvm, host, leaf, slot, hva, where)
-    for vcpu_id, tlb in pgt.mmu.tlbs.items():
-        for entry in tlb.values():
-            cached = leaves.get(entry.ipa)
-            if cached is None or cached.pa != entry.pa or cached.size != entry.size:
-                found.append(
-                    Violation(
-                        "A1",
-                        f"vcpu {vcpu_id} TLB holds IPA {entry.ipa:#x} -> "
-                        f"{entry.pa:#x}, which no descriptor maps",
-                    )
-                )
-            elif _writable(entry.pte) and not _writable(cached.pte):
-                found.append(
-                    Violation(
-                        "A7",
-                        f"vcpu {vcpu_id} TLB holds IPA {entry.ipa:#x} writable "
-                        "after it was write-protected and flushed",
-                    )
-                )
-    return found
-
-
-def _against_host(
-    kvm: Kvm, host: HostMm, leaf: Leaf, slot: KvmMemorySlot, hva: int, where: str
-) -> list[Violation]:
-    """N4 and D1 for each page of one leaf."""
-    found = []
-    bitmap = slot.dirty_bitmap
-    if _writable(leaf.pte) and slot.dirty_logging and bitmap is not None:
-        first = (leaf.ipa >> kvm.profile.page_shift) - slot.base_gfn
-        clean = [n for n in range(leaf.size // PAGE) if not bitmap.test_bit(first + n)]
-        if clean:
-            found.append(Violation("D1", f"{where} is writable, page {first + clean[0]} clean"))
-    if kvm.mmu_invalidate_in_progress:
-        return found
-    for offset in range(0, leaf.size, PAGE):
-        host_pte = host.lookup(hva + offset)
-        pfn = (leaf.pa + offset) // PAGE
-        if host_pte is None or host_pte.pfn != pfn:
-            held = host_pte.pfn if host_pte is not None else None
-            found.append(Violation("N4", f"{where} maps pfn {pfn:#x}, the host maps {held}"))
-            break
-        if _writable(leaf.pte) and not host_pte.writable:
-            found.append(Violation("N4", f"{where} is writable over a read-only host page"))
-            break
-    return found
 
 
 class Arm64Harness:
@@ -554,7 +430,7 @@ class Arm64Harness:
         if self.mmu.pgt is None:
             return {}
         return {
-            leaf.ipa: (leaf.size, leaf.pa, _writable(leaf.pte))
+            leaf.ipa: (leaf.size, leaf.pa, writable(leaf.pte))
             for leaf in stage2_leaves(self.mmu.pgt)
         }
 

@@ -19,8 +19,6 @@ from kvmspec.fuzz.arm64_harness import (
     SHIFTED_SLOT,
     THP_SLOT,
     Arm64Harness,
-    Leaf,
-    stage2_leaves,
 )
 from kvmspec.fuzz.arm64_machine import arm64_machine
 from kvmspec.fuzz.generic_harness import RulesBroken
@@ -45,6 +43,7 @@ from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.mmu_notifier import KvmGfnRange
+from kvmspec.spec.invariants.arm64 import Leaf, stage2_leaves
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 

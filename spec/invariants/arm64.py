@@ -10,9 +10,16 @@ page read after it was freed (seed 001's RCU half), and the library's WARN_ONs.
 
 The record is the reference's own state, so these checks take it as an argument; the
 reference never imports this module. ``check_stage2`` runs them all.
+
+A third kind needs the VM around the tables: :func:`check_stage2_translations` holds the
+leaves against the memslots and the host's page tables (M13, A4's memslot half, N4, D1)
+and the vCPUs' TLBs against the leaves (A1, A7), between actions of the arm64 harness.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from kvmspec.reference.arm64.descriptors import (
     KVM_PTE_LEAF_ATTR_HI_S2_XN,
@@ -30,8 +37,13 @@ from kvmspec.reference.arm64.descriptors import (
     stage2_pte_is_locked,
 )
 from kvmspec.reference.arm64.history import PteWrite, Slot, Stage2History, Tlbi
+from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.reference.arm64.pgtable import KvmPgtable, TablePage
+from kvmspec.reference.host import HostMm
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.spec.invariants import Violation
+from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET
 
 NO_LOST_UPDATE = "S001-NO-LOST-UPDATE"
 RCU_TABLES = "S001-RCU-TABLES"
@@ -260,6 +272,128 @@ def check_leaves(pgt: KvmPgtable) -> list[Violation]:
             device = field_get(KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR, pte) == MT_S2_DEVICE_nGnRE
             if device and not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN:
                 found.append(Violation("A6", f"device memory at IPA {ipa:#x} is executable"))
+    return found
+
+
+# -- the tables against the memslots and the host ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """A valid stage-2 leaf: [ipa, ipa + size) -> pa, with its descriptor."""
+
+    ipa: int
+    size: int
+    pa: int
+    pte: int
+
+
+def stage2_leaves(pgt: KvmPgtable) -> Iterator[Leaf]:
+    """Every valid leaf reachable from the PGD, read without recording."""
+    geometry = pgt.geometry
+    for page, level, base in _reachable(pgt):
+        granule = geometry.kvm_granule_size(level)
+        for index, pte in page.entries.items():
+            if kvm_pte_valid(pte) and not kvm_pte_table(pte, level):
+                pa = kvm_pte_to_phys(pte, geometry.page_shift)
+                yield Leaf(base + index * granule, granule, pa, pte)
+
+
+def writable(pte: int) -> bool:
+    """Does the leaf grant write permission (S2AP W)?"""
+    return bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
+
+
+def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Violation]:
+    """The stage 2 against the memslots and the host, between actions (no fault, update or
+    invalidation in flight):
+
+    * M13: every leaf lies in a usable slot;
+    * A4, the memslot half: a block lies wholly inside its slot, with gpa and hva congruent
+      modulo its size, and is not writable in a dirty-logged slot (a logged slot is mapped
+      with pages; a block from before logging started is write-protected, unless the
+      bitmap started all set, when CLEAR protects it later);
+    * N4: each page of a leaf is the page the host maps at the slot's hva, writable only
+      if the host's PTE is and the slot is not READONLY;
+    * D1: a writable leaf of a logged slot has its pages marked dirty;
+    * A1: every vCPU TLB entry is a leaf of the tables (a TLB entry outliving its
+      descriptor means a change without its TLBI), and writable only if the leaf is (A7:
+      the write-protecting caller flushed).
+
+    kernel: arch/arm64/kvm/mmu.c:user_mem_abort, kvm_arch_flush_shadow_memslot,
+    kvm_mmu_wp_memory_region; virt/kvm/kvm_main.c:mark_page_dirty_in_slot (v6.18)
+    """
+    pgt = mmu.pgt
+    if pgt is None:
+        return []
+    shift = kvm.profile.page_shift
+    found = []
+    leaves = {leaf.ipa: leaf for leaf in stage2_leaves(pgt)}
+    initially_set = bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
+    for leaf in leaves.values():
+        gfn = leaf.ipa >> shift
+        slot = kvm.memslots(0).gfn_to_memslot(gfn)
+        where = f"IPA {leaf.ipa:#x} (size {leaf.size:#x})"
+        if slot is None or slot.invalid:
+            found.append(Violation("M13", f"{where} is mapped without a usable slot"))
+            continue
+        hva = slot.userspace_addr + ((gfn - slot.base_gfn) << shift)
+        if leaf.size > kvm.profile.page_size:
+            if leaf.ipa + leaf.size > slot.end_gfn << shift:
+                found.append(Violation("A4", f"block {where} reaches beyond {slot}"))
+            if hva % leaf.size:
+                found.append(Violation("A4", f"block {where} is not congruent with hva {hva:#x}"))
+            if slot.dirty_logging and writable(leaf.pte) and not initially_set:
+                found.append(Violation("A4", f"writable block {where} in logged {slot}"))
+        if writable(leaf.pte) and slot.readonly:
+            found.append(Violation("C-MMIO", f"{where} is writable in READONLY {slot}"))
+        found += _against_host(kvm, host, leaf, slot, hva, where)
+    for vcpu_id, tlb in pgt.mmu.tlbs.items():
+        for entry in tlb.values():
+            cached = leaves.get(entry.ipa)
+            if cached is None or cached.pa != entry.pa or cached.size != entry.size:
+                found.append(
+                    Violation(
+                        "A1",
+                        f"vcpu {vcpu_id} TLB holds IPA {entry.ipa:#x} -> "
+                        f"{entry.pa:#x}, which no descriptor maps",
+                    )
+                )
+            elif writable(entry.pte) and not writable(cached.pte):
+                found.append(
+                    Violation(
+                        "A7",
+                        f"vcpu {vcpu_id} TLB holds IPA {entry.ipa:#x} writable "
+                        "after it was write-protected and flushed",
+                    )
+                )
+    return found
+
+
+def _against_host(
+    kvm: Kvm, host: HostMm, leaf: Leaf, slot: KvmMemorySlot, hva: int, where: str
+) -> list[Violation]:
+    """N4 and D1 for each page of one leaf."""
+    found = []
+    page_size = kvm.profile.page_size
+    bitmap = slot.dirty_bitmap
+    if writable(leaf.pte) and slot.dirty_logging and bitmap is not None:
+        first = (leaf.ipa >> kvm.profile.page_shift) - slot.base_gfn
+        clean = [n for n in range(leaf.size // page_size) if not bitmap.test_bit(first + n)]
+        if clean:
+            found.append(Violation("D1", f"{where} is writable, page {first + clean[0]} clean"))
+    if kvm.mmu_invalidate_in_progress:
+        return found
+    for offset in range(0, leaf.size, page_size):
+        host_pte = host.lookup(hva + offset)
+        pfn = (leaf.pa + offset) // page_size
+        if host_pte is None or host_pte.pfn != pfn:
+            held = host_pte.pfn if host_pte is not None else None
+            found.append(Violation("N4", f"{where} maps pfn {pfn:#x}, the host maps {held}"))
+            break
+        if writable(leaf.pte) and not host_pte.writable:
+            found.append(Violation("N4", f"{where} is writable over a read-only host page"))
+            break
     return found
 
 
