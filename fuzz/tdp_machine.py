@@ -26,7 +26,12 @@ from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmGfnRange, KvmMmuNotifier
 from kvmspec.reference.page_fault import GuestAccess
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
-from kvmspec.reference.x86.spte import EPT_MASKS, SpteMasks
+from kvmspec.reference.x86.spte import (
+    EPT_MASKS,
+    SpteMasks,
+    kvm_mmu_reset_all_pte_masks,
+    kvm_mmu_set_ept_masks,
+)
 from kvmspec.reference.x86.tdp_arch import TdpMmu, kvm_mmu_zap_all_fast
 from kvmspec.reference.x86.tdp_fault import kvm_tdp_page_fault, tdp_guest_access
 from kvmspec.reference.x86.tdp_iter import TdpMmuPage
@@ -175,11 +180,16 @@ class InFlight:
 
 
 class TdpMachine(RuleBasedStateMachine):
-    """Random interleavings of TDP MMU operations, checked after every step."""
+    """Random interleavings of TDP MMU operations, checked after every step, on EPT with
+    A/D bits and dirty logging by write-protection unless a subclass says otherwise
+    (:func:`tdp_machine`)."""
+
+    masks: SpteMasks = EPT_MASKS
+    pml = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.vm = TdpVm()
+        self.vm = TdpVm(self.masks, self.pml)
         self.ops: list[InFlight] = []
 
     def _start(self, name: str, op: KernelOp[object]) -> None:
@@ -282,4 +292,20 @@ class TdpMachine(RuleBasedStateMachine):
         self.vm.check(quiescent=not self.ops)
 
 
-__all__ = ["TdpMachine", "TdpVm", "step"]
+EPT_WITHOUT_AD_BITS = kvm_mmu_set_ept_masks(
+    kvm_mmu_reset_all_pte_masks(46), has_ad_bits=False, has_exec_only=True
+)
+"""EPT without A/D bits: aging access-tracks leaves, dirty logging write-protects."""
+
+
+def tdp_machine(ad_bits: bool = True, pml: bool = False) -> type[TdpMachine]:
+    """The machine on EPT with or without A/D bits, logging dirty pages by write
+    protection or (with A/D bits only) by PML."""
+    if pml and not ad_bits:
+        raise ValueError("PML needs A/D bits")
+    masks = EPT_MASKS if ad_bits else EPT_WITHOUT_AD_BITS
+    name = f"TdpMachine[{'ad' if ad_bits else 'no-ad'}{', pml' if pml else ''}]"
+    return type(name, (TdpMachine,), {"masks": masks, "pml": pml})
+
+
+__all__ = ["TdpMachine", "TdpVm", "step", "tdp_machine"]

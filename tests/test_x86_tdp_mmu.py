@@ -14,7 +14,7 @@ from hypothesis import settings
 
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.profiles import bug_hunt
-from kvmspec.fuzz.tdp_machine import DATA_PAGES, TdpMachine, TdpVm
+from kvmspec.fuzz.tdp_machine import DATA_PAGES, TdpMachine, TdpVm, tdp_machine
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.page_fault import Fault
 from kvmspec.reference.x86 import tdp_mmu, tdp_mmu_roots
@@ -603,11 +603,11 @@ def test_planted_missing_unmap_or_flush_is_caught(mmu_class: type[TdpMmu], rule:
 # -- the state machine ------------------------------------------------------------------------
 
 
-def test_tdp_machine() -> None:
-    TdpMachine.TestCase.settings = settings(
-        settings.default, max_examples=60, stateful_step_count=40
-    )
-    TdpMachine.TestCase().runTest()
+@pytest.mark.parametrize(("ad_bits", "pml"), [(True, False), (True, True), (False, False)])
+def test_tdp_machine(ad_bits: bool, pml: bool) -> None:
+    machine = tdp_machine(ad_bits, pml)
+    machine.TestCase.settings = settings(settings.default, max_examples=60, stateful_step_count=40)
+    machine.TestCase().runTest()
 
 
 def test_tdp_machine_finds_a_planted_cmpxchg_that_does_not_compare(
