@@ -63,7 +63,7 @@ from kvmspec.reference.arm64.stage2 import kvm_pgtable_stage2_test_clear_young
 from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
-from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE, Device, HostMm
 from kvmspec.reference.host_pages import DEVICE_PFN_BASE
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
@@ -542,13 +542,16 @@ class Arm64Harness:
         self._expect("C-MEMSLOT-ORDER", errno == 0, f"placing slot 1 -> errno {errno}")
 
     def toggle_log(self, slot_id: int) -> None:
-        """Dirty logging on or off (a flags-only change); refused for device memory."""
+        """Dirty logging on or off (a flags-only change); refused while device memory is
+        mapped in the slot's range (once the VMA is gone, nothing refuses it)."""
         view = self.views.get(slot_id)
         if view is None:
             return
         flags = view.flags ^ KVM_MEM_LOG_DIRTY_PAGES
         errno = self.set_region(slot_id, flags, view.base_gfn * PAGE, view.npages, view.hva)
-        want = EINVAL if slot_id == DEVICE_SLOT and flags & KVM_MEM_LOG_DIRTY_PAGES else 0
+        end = view.hva + view.npages * PAGE
+        device = any(isinstance(vma.backing, Device) for vma in self.host.vmas_in(view.hva, end))
+        want = EINVAL if device and flags & KVM_MEM_LOG_DIRTY_PAGES else 0
         self._expect("C-MEMSLOT-ORDER", errno == want, f"toggle log slot {slot_id} -> {errno}")
 
     def get_dirty_log(self, slot_id: int) -> None:
