@@ -7,6 +7,10 @@ for its kind, from the layout's fixed table (:data:`KINDS`), and one answer per 
 each from that argument's fixed tuple of values in :mod:`kvmspec.fuzz.x86_harness`: a byte
 means the same whatever the state, so a mutation of one byte changes one decision.
 
+New kinds of action go at the end of their table (and new values at the end of their
+tuple): an answer is taken modulo the number of choices, so older inputs, the seeds
+included, keep their meaning.
+
 The decoder rejects (never calls) an action the state does not allow, after reading all of
 its arguments: in the ``huge`` layout, a data access or MADV_DONTNEED naming a page that is a
 guest page table (:meth:`~kvmspec.fuzz.x86_harness.HugeHarness.is_data_page`).
@@ -95,6 +99,12 @@ SHADOW_KINDS: tuple[Kind, ...] = (
     Kind("madvise_dontneed", (("i", DATA_PAGE_INDEXES), ("n", DONTNEED_PAGES))),
     Kind("change_data_slot", (("where", DATA_SLOT_PLACES),)),
     Kind("invlpg", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES))),
+    # Seed 004: host page migration, of a data page and of KVM's APIC-access page, and guest
+    # accesses to the APIC-access page. Appended, so that older inputs keep their meaning.
+    Kind("migrate_page", (("i", DATA_PAGE_INDEXES),)),
+    Kind("migrate_apic_page"),
+    Kind("guest_read_apic", (("vcpu", VCPUS), ("offset", OFFSETS))),
+    Kind("guest_write_apic", (("vcpu", VCPUS), ("byte", BYTES))),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -118,6 +128,7 @@ HUGE_KINDS: tuple[Kind, ...] = (
     Kind("host_khugepaged_or_dontneed", (("i", HUGE_PAGES),), True),
     Kind("toggle_log", (("log", BOOLS),)),
     Kind("harvest"),
+    Kind("migrate_page", (("i", HUGE_PAGES),)),
 )
 """The ``huge`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.HugeHarness`)."""
 
@@ -309,6 +320,38 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_write", (0, 64, 2)),
             ("guest_remap_2m", (1, True)),
             ("guest_read", (1, 64, 0)),
+        ),
+    ),
+    "shadow-seed-004-migration": (
+        "shadow",
+        (
+            ("guest_write", (0, 3, 7)),
+            ("guest_read_apic", (0, 0)),
+            ("guest_write_apic", (1, 9)),
+            ("migrate_apic_page", ()),
+            ("guest_read_apic", (1, 8)),
+            ("guest_read_apic", (0, 9)),
+            ("migrate_page", (3,)),
+            ("guest_read", (1, 3, 0)),
+            ("migrate_page", (4,)),
+            ("migrate_apic_page", ()),
+            ("guest_write_apic", (0, 3)),
+            ("guest_read", (0, 3, 7)),
+        ),
+    ),
+    "huge-migration": (
+        "huge",
+        (
+            ("guest_write", (0, 20, 5)),
+            ("migrate_page", (20,)),
+            ("guest_read", (1, 20, 0)),
+            ("host_thp", (False,)),
+            ("guest_read", (0, 21, 0)),
+            ("migrate_page", (21,)),
+            ("guest_write", (1, 21, 6)),
+            ("migrate_page", (PD_B,)),
+            ("switch_cr3", (0, PML4_B)),
+            ("guest_read", (0, 21, 6)),
         ),
     ),
 }

@@ -43,6 +43,11 @@ from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
+from kvmspec.reference.x86.apic_access import (
+    APIC_DEFAULT_PHYS_BASE,
+    apic_access_page_slot,
+    vmx_vcpu_create,
+)
 from kvmspec.reference.x86.guest_access import (
     Outcome,
     ShadowAccess,
@@ -108,6 +113,10 @@ DATA_GFN, DATA_PAGES = 16, 8
 themselves, so the guest can write them) and gva page 16 + i to gfn 16 + i."""
 NO_SLOT_GFN = 40
 DATA_GVA = DATA_GFN * PAGE
+APIC_GFN = APIC_DEFAULT_PHYS_BASE // PAGE
+APIC_PT_INDEX = 32
+"""The PT maps gva page 32 to the APIC-access page's gfn (KVM's private slot, seed 004)."""
+APIC_GVA = APIC_PT_INDEX * PAGE
 
 DATA_PAGE_INDEXES = tuple(range(DATA_PAGES))
 REMAP_TARGETS: tuple[int | None, ...] = (*range(DATA_GFN, DATA_GFN + DATA_PAGES), NO_SLOT_GFN, None)
@@ -154,9 +163,14 @@ class ShadowHarness:
             self.write_table(PT, i, i * PAGE | PTE)
         for i in range(DATA_PAGES):
             self.write_table(PT, DATA_GFN + i, (DATA_GFN + i) * PAGE | PTE)
+        self.write_table(PT, APIC_PT_INDEX, APIC_GFN * PAGE | PTE)
         for vcpu_id in VCPUS:
             assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
+            assert vmx_vcpu_create(self.kvm, self.host, self.mmu, vcpu_id) == 0
             self.set_cr3(vcpu_id, PML4)
+        apic_slot = self.kvm.memslots(0).id_to_memslot(apic_access_page_slot(self.kvm))
+        assert apic_slot is not None
+        self.apic_hva = apic_slot.userspace_addr
         self.found: list[str] = []
         self.checks = 0
         # vCPU -> data page -> the gfns (None: not present) its PTE held since the vCPU
@@ -296,6 +310,41 @@ class ShadowHarness:
         """MADV_DONTNEED of ``n`` data pages from page ``i`` (as many as there are)."""
         n = min(n, DATA_PAGES - i)
         assert self.host.madvise_dontneed(self.data_hva + i * PAGE, n * PAGE) == 0
+
+    def guest_read_apic(self, vcpu: int, offset: int) -> None:
+        """An 8-byte load at ``offset`` of the APIC-access page: a memory access through the
+        shadow MMU like any other (the APIC virtualization is not modelled)."""
+        access = self.read(APIC_GVA + offset, 8, vcpu)
+        self.log(f"vcpu {vcpu} load APIC page + {offset:#x} -> {access}")
+        held = self.host.host_read(self.apic_hva + offset, 8)[1]
+        self._expect(
+            access.outcome is Outcome.DONE and access.data == held,
+            f"{access}: the APIC-access page holds {held!r}",
+        )
+
+    def guest_write_apic(self, vcpu: int, byte: int) -> None:
+        """A one-byte store of ``byte`` at offset ``byte`` of the APIC-access page."""
+        access = self.write(APIC_GVA + byte, bytes([byte]), vcpu)
+        self.log(f"vcpu {vcpu} store {byte} to the APIC page -> {access}")
+        held = self.host.host_read(self.apic_hva + byte, 1)[1]
+        self._expect(
+            access.outcome is Outcome.DONE and held == bytes([byte]),
+            f"{access}: the APIC-access page holds {held!r} at {byte:#x}",
+        )
+
+    def migrate_page(self, i: int) -> None:
+        """The host migrates data page ``i`` (compaction, hot-remove): nothing pins it, so
+        it moves (or there is nothing to move yet)."""
+        errno = self.host.migrate_page(self.data_hva + i * PAGE)
+        self.log(f"migrate data page {i} -> errno {errno}")
+        self._expect(errno == 0, f"migrating data page {i}: errno {errno}")
+
+    def migrate_apic_page(self) -> None:
+        """The host migrates the APIC-access page (seed 004): it must move, and every vCPU
+        must reload its address before it next enters the guest."""
+        errno = self.host.migrate_page(self.apic_hva)
+        self.log(f"migrate the APIC-access page -> errno {errno}")
+        self._expect(errno == 0, f"migrating the APIC-access page: errno {errno}")
 
     def change_data_slot(self, where: int | None) -> None:
         """CREATE, DELETE or MOVE the data slot (same host memory throughout)."""
@@ -484,6 +533,13 @@ class HugeHarness:
             self.host.khugepaged_scan(self.hva)
         elif i not in range(0, 16):  # keep the tables inside the page
             assert self.host.madvise_dontneed(self.hva + i * PAGE, PAGE) == 0
+
+    def migrate_page(self, i: int) -> None:
+        """The host migrates page ``i`` of the 2M guest page, with its whole folio (the THP,
+        when frame 0 is one): nothing pins it, so it moves."""
+        errno = self.host.migrate_page(self.hva + i * PAGE)
+        self.log(f"migrate page {i} -> errno {errno}")
+        self._expect(errno == 0, f"migrating page {i}: errno {errno}")
 
     def toggle_log(self, log: bool) -> None:
         assert self.set_flags(KVM_MEM_LOG_DIRTY_PAGES if log else 0) == 0

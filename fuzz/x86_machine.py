@@ -129,6 +129,26 @@ class X86Machine(RuleBasedStateMachine):
     def change_data_slot(self, where: int | None) -> None:
         self._do("change_data_slot", where)
 
+    @precondition(_shadow)
+    @rule(i=DATA_PAGE)
+    def migrate_page(self, i: int) -> None:
+        self._do("migrate_page", i)
+
+    @precondition(_shadow)
+    @rule()
+    def migrate_apic_page(self) -> None:
+        self._do("migrate_apic_page")
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, offset=OFFSET)
+    def guest_read_apic(self, vcpu: int, offset: int) -> None:
+        self._do("guest_read_apic", vcpu, offset)
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, byte=BYTE)
+    def guest_write_apic(self, vcpu: int, byte: int) -> None:
+        self._do("guest_write_apic", vcpu, byte)
+
     # -- the huge layout ----------------------------------------------------------------------
 
     @precondition(_huge)
@@ -182,6 +202,11 @@ class X86Machine(RuleBasedStateMachine):
     @rule()
     def harvest(self) -> None:
         self._do("harvest")
+
+    @precondition(_huge)
+    @rule(i=st.sampled_from(HUGE_PAGES))
+    def huge_migrate_page(self, i: int) -> None:
+        self._do("migrate_page", i)
 
     # -- the rules, after every step ------------------------------------------------------------
 

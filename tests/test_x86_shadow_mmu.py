@@ -179,7 +179,7 @@ def test_fast_zap_makes_every_root_obsolete_and_vcpus_drop_them() -> None:
     assert vm.mmu.stat["pf_fixed"] == fixed + 1  # refaulted into a new root
     new_root = vm.mmu.vcpu_mmu(0).root.sp
     assert new_root is not None and new_root is not old_root and new_root.mmu_valid_gen == 1
-    vcpu_enter_guest(vm.kvm, vm.mmu, vm.mmu.vcpu_mmu(1), KvmGuestMemory(vm.kvm, vm.host))
+    vcpu_enter_guest(vm.kvm, vm.host, vm.mmu, vm.mmu.vcpu_mmu(1), KvmGuestMemory(vm.kvm, vm.host))
     assert old_root.pfn not in vm.mmu.sp_by_pfn  # the last user let go: freed
     assert vm.violations() == []
 
@@ -234,7 +234,7 @@ def test_a_fault_that_races_an_invalidation_installs_nothing() -> None:
     vm = ShadowHarness()
     vm.host.host_write(vm.data_hva, b"old!")
     vcpu_mmu = vm.mmu.vcpu_mmu(0)
-    vcpu_enter_guest(vm.kvm, vm.mmu, vcpu_mmu, KvmGuestMemory(vm.kvm, vm.host))
+    vcpu_enter_guest(vm.kvm, vm.host, vm.mmu, vcpu_mmu, KvmGuestMemory(vm.kvm, vm.host))
     vcpu = vm.kvm.vcpus[0]
     fault = fname_page_fault(vm.kvm, vm.host, vm.mmu, vcpu_mmu, vcpu, DATA_GVA, PFERR_USER_MASK)
     while next(fault) != Preempt("x86 fault: pfn resolved, taking mmu_lock"):

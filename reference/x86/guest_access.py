@@ -266,7 +266,8 @@ def guest_instruction(
     for _ in range(MAX_FAULTS_PER_ACCESS):
         if vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
             return ShadowAccess(Outcome.DIRTY_RING_FULL)
-        vcpu_enter_guest(kvm, mmu, vcpu_mmu, KvmGuestMemory(kvm, host))
+        if not vcpu_enter_guest(kvm, host, mmu, vcpu_mmu, KvmGuestMemory(kvm, host)):
+            continue  # a request came in on the way: serve it first
         entries: list[TlbEntry] = []
         fault: tuple[int, int] | None = None
         for part_gva, _start, _length in parts:

@@ -7,7 +7,8 @@ the guest loads another CR3, KVM first looks in the vCPU's few previous roots
 Zapped and obsolete roots are dropped when the vCPU next enters the guest, on request
 (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS); a root whose last user lets go is zapped then. A CR3
 load is also the guest's TLB flush: it asks for the unsync pages below the root to be
-synced (KVM_REQ_MMU_SYNC, unsync.py) before the guest runs again.
+synced (KVM_REQ_MMU_SYNC, unsync.py) before the guest runs again. The same entry path
+serves the request to reload the APIC-access page's address (apic_access.py).
 
 kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_find_shadow_page, kvm_mmu_alloc_shadow_page,
 kvm_mmu_get_shadow_page,
@@ -15,7 +16,7 @@ kvm_mmu_get_child_sp, mmu_alloc_root, mmu_alloc_shadow_roots, kvm_mmu_load,
 mmu_free_root_page, kvm_mmu_free_roots, is_obsolete_root, kvm_mmu_free_obsolete_roots,
 is_root_usable, cached_root_find_and_keep_current, cached_root_find_without_current,
 fast_pgd_switch, kvm_mmu_new_pgd; arch/x86/kvm/x86.c:kvm_set_cr3, kvm_invalidate_pcid,
-vcpu_enter_guest (v6.18)
+vcpu_enter_guest, kvm_vcpu_exit_request (v6.18)
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.gfn_to_hva import kvm_is_visible_memslot
+from kvmspec.reference.x86.apic_access import (
+    KVM_REQ_APIC_PAGE_RELOAD,
+    kvm_vcpu_reload_apic_access_page,
+)
 from kvmspec.reference.x86.guest_walk import GuestMemory
 from kvmspec.reference.x86.mmio_spte import vcpu_clear_mmio_info
 from kvmspec.reference.x86.mmu_page import (
@@ -50,6 +55,7 @@ from kvmspec.reference.x86.zap import kvm_mmu_commit_zap_page, kvm_mmu_prepare_z
 from kvmspec.spec.uapi.constants import PAGE_SHIFT
 
 if TYPE_CHECKING:
+    from kvmspec.reference.host import HostMm
     from kvmspec.reference.kvm import Kvm
 
 
@@ -312,12 +318,19 @@ def kvm_set_cr3(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, cr3: int) -> N
     vcpu_mmu.requests.add(KVM_REQ_TLB_FLUSH)
 
 
-def vcpu_enter_guest(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, mem: GuestMemory) -> None:
+def vcpu_enter_guest(
+    kvm: Kvm, host: HostMm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, mem: GuestMemory
+) -> bool:
     """What the vCPU does about the MMU before entering the guest: serve its requests
-    (drop obsolete roots, sync unsync pages, flush the TLB), then load a root if it has
-    none. ``mem`` is guest memory as KVM reads it (the guest PTEs a sync compares).
+    (drop obsolete roots, sync unsync pages, flush the TLB, reload the APIC-access page's
+    address), then load a root if it has none. ``mem`` is guest memory as KVM reads it (the
+    guest PTEs a sync compares), ``host`` the VMM's memory (where the APIC-access page is
+    looked up). Returns whether the vCPU entered: a request made while serving the others
+    (an APIC-access reload that met an invalidation asks for itself again) cancels the
+    entry, and the caller comes back here first.
 
-    kernel: arch/x86/kvm/x86.c:vcpu_enter_guest; arch/x86/kvm/mmu.h:kvm_mmu_reload (v6.18)
+    kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, kvm_vcpu_exit_request;
+    arch/x86/kvm/mmu.h:kvm_mmu_reload (v6.18)
     """
     if KVM_REQ_MMU_FREE_OBSOLETE_ROOTS in vcpu_mmu.requests:
         vcpu_mmu.requests.discard(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
@@ -328,5 +341,9 @@ def vcpu_enter_guest(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, mem: Gues
     if KVM_REQ_TLB_FLUSH in vcpu_mmu.requests:
         vcpu_mmu.requests.discard(KVM_REQ_TLB_FLUSH)
         vcpu_mmu.flush_tlb()
+    if KVM_REQ_APIC_PAGE_RELOAD in vcpu_mmu.requests:
+        vcpu_mmu.requests.discard(KVM_REQ_APIC_PAGE_RELOAD)
+        kvm_vcpu_reload_apic_access_page(kvm, host, vcpu_mmu)
     if vcpu_mmu.root.sp is None:
         kvm_mmu_load(kvm, mmu, mem, vcpu_mmu)
+    return KVM_REQ_APIC_PAGE_RELOAD not in vcpu_mmu.requests

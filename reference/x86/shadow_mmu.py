@@ -12,7 +12,9 @@ The memslot layer, the MMU notifiers and the dirty log call these hooks at fixed
 * DELETE and MOVE flush the slot: with KVM_X86_QUIRK_SLOT_ZAP_ALL (the default) by a
   fast zap of *every* shadow page (FINDINGS 5.4 measured the refaults), otherwise by
   zapping the slot's leaves and the pages that shadow its gfns;
-* an MMU-notifier invalidation zaps the leaves of the range through the rmaps;
+* an MMU-notifier invalidation zaps the leaves of the range through the rmaps, and asks
+  every vCPU to reload the APIC-access page's address when the range is that page's
+  (apic_access.py, seed 004);
 * aging reads and clears the A bits of the range's leaves;
 * a TLB flush flushes every vCPU's TLB (the shadow MMU has no ranged flush here);
 * each new memslot generation is checked for a wrap of the 19-bit MMIO generation, which
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.host import HostMm
+from kvmspec.reference.x86.apic_access import KVM_REQ_APIC_PAGE_RELOAD, apic_access_page_slot
 from kvmspec.reference.x86.lpage import kvm_alloc_memslot_lpage_info, kvm_mmu_max_mapping_level
 from kvmspec.reference.x86.mmio_spte import kvm_mmu_invalidate_mmio_sptes
 from kvmspec.reference.x86.mmu_page import ShadowMmuState
@@ -48,6 +51,7 @@ from kvmspec.reference.x86.paging import PG_LEVEL_2M, PG_LEVEL_4K
 from kvmspec.reference.x86.rmap import kvm_alloc_memslot_rmaps, slot_rmap_heads, slot_rmaps
 from kvmspec.reference.x86.spte import SpteMasks
 from kvmspec.reference.x86.zap import (
+    kvm_make_all_cpus_request,
     kvm_mmu_zap_all,
     kvm_mmu_zap_all_fast,
     kvm_mmu_zap_memslot_pages_and_flush,
@@ -71,6 +75,9 @@ class ShadowMmu(ShadowMmuState, KvmArch):
         KvmArch.__init__(self)
         ShadowMmuState.__init__(self, masks)
         self.mm = mm
+        # Whether the private slots of apic_access.py exist (kvm->arch flags of those names).
+        self.apic_access_memslot_enabled = False
+        self.ept_identity_pagetable_done = False
 
     # -- memslot metadata ----------------------------------------------------------------
 
@@ -192,9 +199,18 @@ class ShadowMmu(ShadowMmuState, KvmArch):
         kvm_mmu_zap_all(kvm, self)
 
     def kvm_unmap_gfn_range(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
-        """The caller (the notifier, under mmu_lock) flushes when True is returned."""
+        """Zap the range's leaves through the rmaps; the caller (the notifier, under
+        mmu_lock) flushes when True is returned. A range of the APIC-access page's slot also
+        asks every vCPU to reload that page's host address before it next enters the guest:
+        the VMCS holds it, and no zap reaches it there (seed 004).
+
+        kernel: arch/x86/kvm/mmu/mmu.c:kvm_unmap_gfn_range (v6.18)
+        """
         super().kvm_unmap_gfn_range(kvm, gfn_range)
-        return kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
+        flush = kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
+        if gfn_range.slot.id == apic_access_page_slot(kvm):
+            kvm_make_all_cpus_request(self, KVM_REQ_APIC_PAGE_RELOAD)
+        return flush
 
     # -- aging and dirty logging ---------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""A vCPU's side of the shadow MMU: its guest CR3, its shadow roots, its requests, its TLB.
+"""A vCPU's side of the shadow MMU: its guest CR3, its shadow roots, its requests, its TLB,
+and the one host address its VMCS holds (the APIC-access page's, apic_access.py).
 
 Each vCPU runs on the shadow page table rooted at ``root``, a shadow page of the guest's
 top-level table (the page CR3 points at). Switching CR3 back to a table used recently is
@@ -15,7 +16,8 @@ The generic ``KvmVcpu`` holds no architecture state, so the shadow MMU keeps one
 :class:`VcpuMmu` per vCPU id (the kernel's ``vcpu->arch.mmu`` and ``vcpu->requests``).
 
 kernel: arch/x86/include/asm/kvm_host.h:struct kvm_mmu, struct kvm_mmu_root_info,
-KVM_MMU_NUM_PREV_ROOTS, KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (v6.18)
+KVM_MMU_NUM_PREV_ROOTS, KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS;
+arch/x86/include/asm/vmx.h:APIC_ACCESS_ADDR (v6.18)
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class VcpuMmu:
     requests: set[str] = field(default_factory=set)
     tlb: dict[int, TlbEntry] = field(default_factory=dict)
     """Guest virtual page number -> translation."""
+    apic_access_addr: int | None = None
+    """The VMCS's APIC_ACCESS_ADDR: the host physical address of the APIC-access page as
+    last loaded (None: never loaded). Only a KVM_REQ_APIC_PAGE_RELOAD changes it."""
     last_retry_eip: int = 0
     last_retry_addr: int = 0
     """The instruction (rip) and address of the last unprotect-and-retry: the same fault

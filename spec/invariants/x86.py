@@ -6,7 +6,8 @@ writable-bit states of every leaf (X3), the write protection of shadowed guest p
 tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' TLBs (X5), the
 leaves against the host's page tables (N4), the huge-page counts (X8), every huge leaf
 (X9), dirty-logged slots mapping nothing writable larger than 4K (D4), the MMIO SPTEs'
-generations (X11), and the unsync pages and their parents' bitmaps (X7).
+generations (X11), the unsync pages and their parents' bitmaps (X7), and seed 004's
+private pages: never pinned, and the vCPUs' APIC-access address current.
 ``check_shadow_mmu`` runs them all.
 """
 
@@ -16,7 +17,9 @@ from collections import Counter
 
 from kvmspec.reference.gfn_to_hva import __gfn_to_hva_memslot, gfn_to_hva_many, kvm_is_error_hva
 from kvmspec.reference.host import LEVEL_PMD, HostMm
+from kvmspec.reference.host_pages import HostPage, folio_of
 from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.x86.apic_access import KVM_REQ_APIC_PAGE_RELOAD, apic_access_page_slot
 from kvmspec.reference.x86.lpage import kvm_pages_per_hpage, slot_lpage_info
 from kvmspec.reference.x86.mmio_spte import (
     MMIO_SPTE_GEN_MASK,
@@ -45,7 +48,7 @@ from kvmspec.reference.x86.spte import (
 )
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH
 from kvmspec.spec.invariants import Violation
-from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SHIFT
+from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SHIFT, PAGE_SIZE
 
 
 def _leaves(mmu: ShadowMmu) -> list[tuple[SptePtr, int]]:
@@ -397,6 +400,55 @@ def check_unsync(mmu: ShadowMmu) -> list[Violation]:
     return violations
 
 
+def _private_pages(kvm: Kvm, host: HostMm) -> list[tuple[str, int, HostPage | None]]:
+    """(name, hva, host page or None) of each private slot the VM has."""
+    pages = []
+    for name, slot_id in kvm.profile.internal_slots:
+        slot = kvm.memslots(0).id_to_memslot(slot_id)
+        if slot is None:
+            continue
+        for hva in range(
+            slot.userspace_addr, slot.userspace_addr + slot.npages * PAGE_SIZE, PAGE_SIZE
+        ):
+            host_pte = host.lookup(hva)
+            page = host.memory.page(host_pte.pfn) if host_pte is not None else None
+            pages.append((name, hva, page))
+    return pages
+
+
+def check_apic_access_addr(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
+    """Seed 004: KVM pins none of its private pages (the APIC-access page, the identity
+    map, the TSS), so the host can migrate them. And once no invalidation is open, every
+    vCPU of a VM with an APIC-access page either has a reload of its address pending or
+    holds, as APIC_ACCESS_ADDR, the page the host maps at the slot's address now: no vCPU
+    would enter the guest with the address of a page the host moved or took away."""
+    violations = [
+        Violation("S004-NOT-PINNED", f"{name} page at hva {hva:#x} (pfn {page.pfn:#x}) is pinned")
+        for name, hva, page in _private_pages(kvm, host)
+        if page is not None and folio_of(page).pins
+    ]
+    slot = kvm.memslots(0).id_to_memslot(apic_access_page_slot(kvm))
+    if slot is None or slot.invalid or kvm.mmu_invalidate_in_progress:
+        return violations
+    host_pte = host.lookup(slot.userspace_addr)
+    mapped = host_pte.pfn << PAGE_SHIFT if host_pte is not None else None
+    for vcpu_id in sorted(kvm.vcpus):
+        vcpu_mmu = mmu.vcpus.get(vcpu_id)
+        if vcpu_mmu is not None and KVM_REQ_APIC_PAGE_RELOAD in vcpu_mmu.requests:
+            continue
+        held = vcpu_mmu.apic_access_addr if vcpu_mmu is not None else None
+        if held is None or held != mapped:
+            violations.append(
+                Violation(
+                    "S004-APIC-ACCESS-RELOAD",
+                    f"vcpu {vcpu_id} APIC_ACCESS_ADDR "
+                    f"{'unset' if held is None else hex(held)}, no reload pending; the host "
+                    f"maps {'nothing' if mapped is None else hex(mapped)} at the slot's hva",
+                )
+            )
+    return violations
+
+
 def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
     """Every shadow-MMU invariant above, and the VM's WARNs."""
     return [
@@ -411,5 +463,6 @@ def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
         *check_huge_leaves(kvm, mmu, host),
         *check_mmio_sptes(kvm, mmu),
         *check_unsync(mmu),
+        *check_apic_access_addr(kvm, mmu, host),
         *(Violation(rule, f"WARN: {message}") for rule, message in kvm.warnings),
     ]
