@@ -1,11 +1,14 @@
 """The POWER Book3S HV state machine: Hypothesis drives the harness of
 :mod:`kvmspec.fuzz.ppc_harness`.
 
-Each rule draws the arguments of one harness action from the tuples of values the harness
-defines, and calls it; after every rule the harness checks the HPT invariants, the MMIO
-cache, the guest's view, what accesses and harvests observed, and the resize rule. The
-harness's log lines become Hypothesis ``note`` lines, and a failing run keeps its actions
-as a trace for the campaign.
+Each rule draws the arguments of one harness action from the tuples of values the Atheris
+decoder (:mod:`kvmspec.fuzz.ppc_decoder`) reads too, most of them defined by the harness,
+and calls it; after every rule the harness checks the HPT invariants, the MMIO cache, the
+guest's view, what accesses and harvests observed, and the resize rule. The harness's log
+lines become Hypothesis ``note`` lines. A failing run keeps its actions as a trace for the
+campaign and, beside them, the whole run as an input of ``fuzz/fuzz_ppc.py`` (every call
+encodes, since its values are the decoder's), which ``./fuzz/fuzz_ppc.py FILE`` replays
+with its report.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvmspec.fuzz import machines
+from kvmspec.fuzz.ppc_decoder import EXACTS, SLOTS, Argument, Step, encode
 from kvmspec.fuzz.ppc_harness import (
     BOOLS,
     EA_INDEXES,
@@ -35,10 +39,8 @@ EA = st.sampled_from(EA_INDEXES)
 GFN = st.sampled_from(GFN_INDEXES)
 VCPU = st.sampled_from(VCPUS)
 BOOL = st.sampled_from(BOOLS)
-SLOT = st.sampled_from((0, 1))
+SLOT = st.sampled_from(SLOTS)
 PAGE_INDEX = st.sampled_from(SLOT_PAGE_INDEXES)
-
-Argument = int | bool | str | None | tuple[int, ...]
 
 
 class PpcMachine(RuleBasedStateMachine):
@@ -48,7 +50,7 @@ class PpcMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.harness: PpcHarness | None = None
-        self.calls: list[tuple[str, tuple[Argument, ...]]] = []
+        self.calls: list[Step] = []
 
     def _do(self, method: str, *args: Argument) -> None:
         self.calls.append((method, args))
@@ -67,7 +69,7 @@ class PpcMachine(RuleBasedStateMachine):
         writable=BOOL,
         bolted=BOOL,
         secondary=BOOL,
-        exact=st.sampled_from((-1, -1, 0, 1, 7)),
+        exact=st.sampled_from(EXACTS),
     )
     def h_enter(
         self, ea: int, gfn: int, writable: bool, bolted: bool, secondary: bool, exact: int
@@ -181,7 +183,7 @@ class PpcMachine(RuleBasedStateMachine):
         machines.STATS["invariant_checks"] += checks
         machines.LAST_RUN["trace"] = "\n".join(f"{m}{a!r}" for m, a in self.calls) + "\n"
         machines.LAST_RUN["suffix"] = ".actions.txt"
-        machines.LAST_RUN.pop("reproducer", None)
+        machines.LAST_RUN["reproducer"] = encode(self.calls).hex()
 
 
 def ppc_machine(
