@@ -22,7 +22,9 @@ from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.x86.paging import PT_PRESENT_MASK, pt_index
 from kvmspec.reference.x86.spte import (
     FROZEN_SPTE,
+    is_access_track_spte,
     is_last_spte,
+    is_mmu_writable_spte,
     is_shadow_present_pte,
     is_writable_pte,
     spte_to_pfn,
@@ -200,14 +202,21 @@ def check_atomic_updates(mmu: TdpMmuState, quiescent: bool) -> list[Violation]:
 
 
 def _translate(mmu: TdpMmuState, root: TdpMmuPage, gfn: int) -> tuple[int, bool] | None:
-    """What the hardware finds for ``gfn`` from ``root`` now: (pfn, writable) or None."""
+    """What a TLB entry for ``gfn`` may still say, given ``root`` now: (pfn, writable) or
+    None. An access-tracked leaf (aged without A/D bits) still counts as mapping its pfn,
+    writable if it is MMU-writable: aging never flushes (it is best-effort), and an entry
+    cached before it is allowed to outlive it."""
     sp, level = root, root.level
     while True:
         spte = sp.spt.get(pt_index(gfn << 12, level), 0)
-        if not is_shadow_present_pte(spte) or not spte & PT_PRESENT_MASK:
+        if not is_shadow_present_pte(spte):
             return None
         if is_last_spte(spte, level):
             offset = gfn & (kvm_pages_per_hpage(level) - 1)
+            if is_access_track_spte(mmu.masks, spte):
+                return spte_to_pfn(spte) + offset, is_mmu_writable_spte(mmu.masks, spte)
+            if not spte & PT_PRESENT_MASK:
+                return None
             return spte_to_pfn(spte) + offset, is_writable_pte(spte)
         sp, level = mmu.tables.pages[spte_to_pfn(spte)], level - 1
 
@@ -239,8 +248,9 @@ def check_leaves_match_host(kvm: Kvm, mmu: TdpMmuState, host: HostMm) -> list[Vi
 
 def check_tlbs(mmu: TdpMmuState) -> list[Violation]:
     """X5: after a flush point, each TLB entry is what the vCPU's root translates now, and
-    no more writable. A vCPU with a flush or a root drop pending is exempt: it handles the
-    request before it runs guest code again."""
+    no more writable (an access-tracked leaf excepted, see _translate). A vCPU with a
+    flush or a root drop pending is exempt: it handles the request before it runs guest
+    code again."""
     violations = []
     for vcpu_id, vcpu_mmu in mmu.vcpus.items():
         if vcpu_mmu.requests & {KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS}:
