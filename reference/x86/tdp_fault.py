@@ -131,7 +131,9 @@ def kvm_mmu_faultin_pfn(kvm: Kvm, host: HostMm, fault: KvmPageFault) -> KernelOp
     # spins on mmu_lock: the model's host runs it in this same step, so the step waits.
     lock = kvm.mmu_lock
     if lock.readers or lock.writer:
-        yield WaitUntil("get_user_pages: mmu_lock is held", lambda: not lock.readers)
+        yield WaitUntil(
+            "get_user_pages: mmu_lock is held", lambda: not lock.readers and not lock.writer
+        )
     errno, host_pte = host.fault_in(hva, fault.write)
     if errno or host_pte is None:
         return RetPf.EFAULT
