@@ -16,6 +16,7 @@ from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.fuzz.tdp_machine import DATA_PAGES, TdpMachine, TdpVm, tdp_machine
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
+from kvmspec.reference.mmu_notifier import kvm_mmu_notifier_test_young
 from kvmspec.reference.page_fault import Fault
 from kvmspec.reference.x86 import tdp_mmu, tdp_mmu_roots
 from kvmspec.reference.x86.paging import PG_LEVEL_4K, PT_WRITABLE_MASK
@@ -382,6 +383,14 @@ def test_host_aging_runs_without_mmu_lock_while_a_fault_holds_it_for_read() -> N
     assert vm.violations() == []
 
 
+def test_the_notifier_test_young_asks_without_clearing() -> None:
+    vm = mapped_vm(range(1))
+    assert kvm_mmu_notifier_test_young(vm.kvm, vm.hva) is True
+    assert kvm_mmu_notifier_test_young(vm.kvm, vm.hva) is True  # nothing was cleared
+    assert kvm_mmu_notifier_test_young(vm.kvm, vm.hva + PAGE) is False  # not mapped
+    assert leaf(vm, 0) & EPT_MASKS.accessed_mask
+
+
 def test_planted_aging_by_plain_store_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     def age_spte(kvm, mmu, it):  # type: ignore[no-untyped-def]
         mmu.tables._store(it.sptep, it.old_spte & ~mmu.masks.accessed_mask, it.old_spte, it.actor)
@@ -469,6 +478,18 @@ def test_delete_returns_only_after_the_invalidated_roots_are_zapped() -> None:
     assert vm.set_region(0x400, 0) == 0
     assert vm.access(5, None).data == bytes([5]) * 8
     assert vm.mmu.vcpu_mmu(0).root is not old_root
+    assert vm.violations() == []
+
+
+def test_move_zaps_the_old_root_and_the_guest_finds_its_data_at_the_new_place() -> None:
+    vm = mapped_vm()
+    old_root = vm.mmu.vcpu_mmu(0).root
+    assert vm.set_region(0x400, 0) == 0  # MOVE
+    assert old_root is not None and old_root.invalid
+    assert not any(is_shadow_present_pte(s) for s in old_root.spt.values())
+    assert vm.violations() == []
+    assert vm.access(4, None).data == bytes([4]) * 8
+    assert vm.gfn(4) == 0x404 and leaf(vm, 4) != SHADOW_NONPRESENT_VALUE
     assert vm.violations() == []
 
 
