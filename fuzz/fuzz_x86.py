@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Atheris fuzz target: bytes -> x86 shadow-MMU actions (guest loads and stores through
-shadow pages, guest page-table rewrites, CR3 switches, host writes, MADV_DONTNEED and THP,
-memslot changes and dirty logging), with every check of the x86 state machine.
+shadow pages, guest page-table rewrites, CR3 switches, host writes, MADV_DONTNEED, THP and
+page migration (the APIC-access page's included), memslot changes and dirty logging), with
+every check of the x86 state machine.
 
 Each input is decoded by :mod:`kvmspec.fuzz.x86_decoder` into a layout and at most
 :data:`MAX_ACTIONS` actions, which a fresh harness of that layout

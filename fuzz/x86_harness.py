@@ -10,14 +10,17 @@ and :meth:`check` after every one:
   upper-level tables (emulated writes to write-protected tables, flooding), INVLPG and CR3
   switches (the guest's TLB flushes, which sync unsync pages), host writes and
   MADV_DONTNEED (notifier invalidations), DELETE, re-CREATE and MOVE of the data slot,
-  with or without the zap-all quirk. The ``mmio`` layout is the same VM with MMIO caching
-  on (this machine has it off): an access to a gfn without a slot installs an MMIO SPTE,
-  which must never be trusted once a slot covers the gfn (X11).
+  with or without the zap-all quirk. The VM also has KVM's APIC-access page (a private slot
+  at 0xfee00000, which the PT maps at gva page 32): guest loads and stores to it, and host
+  migration of it and of the data pages (seed 004). The ``mmio`` layout is the same VM
+  with MMIO caching on (this machine has it off): an access to a gfn without a slot
+  installs an MMIO SPTE, which must never be trusted once a slot covers the gfn (X11).
 * :class:`HugeHarness` (``huge``): one THP-capable slot of two 2 MiB frames, three processes
   whose PDs map frame 0 with one 2M page (B's and C's PDs live inside that page: seed 002),
   two vCPUs. Guest loads and stores in the 2M page, emulated and failing stores to the
   shadowed tables inside it, the guest switching its PD entry between the 2M page and a 4K
-  table, THP collapse and split, khugepaged, MADV_DONTNEED, LOG toggles and harvests.
+  table, THP collapse and split, khugepaged, MADV_DONTNEED, LOG toggles and harvests, and
+  host migration of a page (the whole THP when frame 0 is one).
 
 Two drivers choose the actions and their arguments: the Hypothesis state machine
 (:mod:`kvmspec.fuzz.x86_machine`) and the byte decoder of the Atheris fuzzer
@@ -25,12 +28,14 @@ Two drivers choose the actions and their arguments: the Hypothesis state machine
 and an action on a page that :meth:`HugeHarness.is_data_page` refuses must not be called.
 :meth:`check` raises :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with what it found:
 every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X11,
-the WARNs) and ``COHERENCE``: every guest load returns what the host holds at the gfn the
-guest's page tables name, a store reaches it, and an access ends as those tables and the
-slots say (done, MMIO, or the guest's own #PF). After a PTE rewrite, the vCPU may also use
-the entry's older values until it flushes that page (INVLPG) or its whole TLB (a CR3
-load), as a real TLB may. A guest access that faults without end fails
-the model's own assertion (S002-LARGE-SPTE-PROGRESS), which drivers report as a finding.
+seed 004's unpinned private pages and reloaded APIC-access address, the WARNs), that a
+migration succeeds (nothing pins the page), and ``COHERENCE``: every guest load returns
+what the host holds at the gfn the guest's page tables name, a store reaches it, and an
+access ends as those tables and the slots say (done, MMIO, or the guest's own #PF). After
+a PTE rewrite, the vCPU may also use the entry's older values until it flushes that page
+(INVLPG) or its whole TLB (a CR3 load), as a real TLB may. A guest access that faults
+without end fails the model's own assertion (S002-LARGE-SPTE-PROGRESS), which drivers
+report as a finding.
 """
 
 from __future__ import annotations

@@ -11,22 +11,26 @@ the reload request and a vCPU that drops the request without reloading."""
 
 from __future__ import annotations
 
+import random
 from errno import EBUSY, EEXIST
 
 import pytest
 
+from kvmspec.fuzz import fuzz_x86
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.x86_harness import (
     APIC_GFN,
     APIC_GVA,
     DATA_GFN,
     DATA_GVA,
+    LAYOUTS,
     PAGE,
     PTE,
     ShadowHarness,
 )
 from kvmspec.reference.concurrency import Preempt
 from kvmspec.reference.host_notifier import MmuNotifierEvent
+from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmGfnRange
 from kvmspec.reference.x86 import roots
 from kvmspec.reference.x86.apic_access import (
@@ -125,8 +129,8 @@ def test_a_notifier_that_forgets_the_apic_reload_is_caught(
     """Planted bug: kvm_unmap_gfn_range zaps the SPTEs but asks no vCPU to reload the
     APIC-access address. The vCPUs then enter with the old page's address."""
 
-    def unmap_without_reload(self: ShadowMmu, kvm: object, gfn_range: KvmGfnRange) -> bool:
-        return kvm_rmap_zap_gfn_range(vm.kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
+    def unmap_without_reload(self: ShadowMmu, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        return kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
 
     vm = ShadowHarness()
     vm.guest_read_apic(0, 0)
@@ -254,3 +258,20 @@ def test_the_apic_access_page_is_a_private_slot_userspace_cannot_touch() -> None
     assert slot.id >= vm.profile.user_mem_slots
     # A user slot over the APIC page overlaps KVM's: EEXIST.
     assert vm.set_region(2, 0, APIC_GFN, 1, vm.data_hva) == EEXIST
+
+
+def test_the_x86_fuzzer_finds_a_notifier_that_forgets_the_apic_reload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same planted bug, found by random inputs of fuzz/fuzz_x86.py in the shadow
+    layout: any migration of the APIC-access page after a vCPU loaded it is enough."""
+
+    def unmap_without_reload(self: ShadowMmu, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        return kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
+
+    monkeypatch.setattr(ShadowMmu, "kvm_unmap_gfn_range", unmap_without_reload)
+    rng = random.Random(4)
+    inputs = (bytes([LAYOUTS.index("shadow")]) + rng.randbytes(128) for _ in range(200))
+    found = next((run for data in inputs if (run := fuzz_x86.run_input(data)).violations), None)
+    assert found is not None, "200 random inputs did not find the missing APIC reload"
+    assert any(v.startswith("S004-APIC-ACCESS-RELOAD") for v in found.violations), found
