@@ -81,7 +81,7 @@ def run_input(data: bytes, log: Log | None = None, max_actions: int = MAX_ACTION
             harness = PpcHarness(PPC64_HV, tolerated=KNOWN_KERNEL_FINDINGS)
         else:
             harness = PpcHarness(PPC64_HV, lambda line: log(f"  {line}"), KNOWN_KERNEL_FINDINGS)
-            log(step)
+            log(str(step))
         harness.check()
         while run.actions + run.rejected.total() < max_actions and not chooser.exhausted:
             step = decode_action(chooser, harness)

@@ -143,6 +143,9 @@ def rmap_write(kvm: Kvm, rmap: SlotRmap, offset: int, word: int) -> None:
 
 # -- the table ------------------------------------------------------------------------------
 
+_NEVER_WRITTEN = (0, 0)
+"""The words of an entry the table has never stored to: zero, as the allocation left them."""
+
 
 class KvmHptInfo:
     """struct kvm_hpt_info: the table's order, its entries and their reverse-map entries."""
@@ -168,13 +171,18 @@ class KvmHptInfo:
         return (1 << (self.order - 7)) - 1
 
     def v(self, index: int) -> int:
-        return self.hptes.get(index, [0, 0])[0]
+        return self.hptes.get(index, _NEVER_WRITTEN)[0]
 
     def r(self, index: int) -> int:
-        return self.hptes.get(index, [0, 0])[1]
+        return self.hptes.get(index, _NEVER_WRITTEN)[1]
 
     def rev_entry(self, index: int) -> RevmapEntry:
-        return self.rev.setdefault(index, RevmapEntry(forw=index, back=index))
+        """The reverse-map entry of ``index``, created linked to itself (on no chain) the
+        first time it is asked for."""
+        rev = self.rev.get(index)
+        if rev is None:
+            rev = self.rev[index] = RevmapEntry(forw=index, back=index)
+        return rev
 
     def store(self, index: int, v: int, r: int) -> None:
         """The raw store of both words (the lock discipline is the callers')."""
