@@ -78,6 +78,7 @@ def write_regression(kind: str, data: bytes, trace_text: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{kind}-{hashlib.sha1(data).hexdigest()}.jsonl"
     path.write_text(trace_text, encoding="utf-8")
+    _write_test(path, f"a finding of fuzz_{kind}.py")
     return path
 
 
@@ -91,7 +92,16 @@ def write_reproducer(family: str, data: bytes, text: str) -> Path:
     stem.with_suffix(".bin").write_bytes(data)
     path = stem.with_suffix(".txt")
     path.write_text(text, encoding="utf-8")
+    _write_test(stem.with_suffix(".bin"), f"a finding of fuzz_{family}.py")
     return path
+
+
+def _write_test(path: Path, what: str) -> None:
+    """The pytest case that replays a kept finding (kvmspec.fuzz.regressions). Imported here,
+    not at the top: this module is imported before the model, which must load instrumented."""
+    from kvmspec.fuzz.regressions import write_regression_test
+
+    write_regression_test(path, what)
 
 
 def failure_lines(error: AssertionError, during: str) -> list[str]:

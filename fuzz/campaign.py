@@ -46,11 +46,14 @@ from rich.live import Live
 from rich.table import Table
 
 from kvmspec.fuzz import machines
+from kvmspec.fuzz.arm64_machine import arm64_machine
 from kvmspec.fuzz.campaign_atheris import SPAWN_LOCK, AreaResult, AtherisWorkers, FuzzArea
+from kvmspec.fuzz.campaign_database import CheckedDatabase, open_database
 from kvmspec.fuzz.generic_machine import generic_machine
 from kvmspec.fuzz.ppc_machine import ppc_machine
 from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.fuzz.radix_machine import RadixMachine
+from kvmspec.fuzz.regressions import cite, rule_of, write_regression_test
 from kvmspec.fuzz.targets import TargetUnavailable, make_target
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.spec.checked_by import CHECKED_BY, NOT_CHECKED
@@ -120,6 +123,7 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
         areas.append(Area(f"guest/{DEFAULT_PROFILE.name}", "reference", guest))
         x86 = x86_machine(DEFAULT_PROFILE)
         areas.append(Area(f"x86/{DEFAULT_PROFILE.name}", "reference", x86))
+        areas.append(Area(f"arm64/{ARM64.name}", "reference", arm64_machine(ARM64)))
         areas.append(Area(f"ppc/{PPC64_HV.name}", "reference", ppc_machine(PPC64_HV)))
         areas.append(Area(f"ppc/{PPC64_HV_RADIX.name}", "reference", RadixMachine))
     kvm_wanted = target == "linux-kvm" or (target is None and (not wanted or "linux-kvm" in wanted))
@@ -181,32 +185,43 @@ def _table(results: list[AreaResult], elapsed: float, budget: float, workers: in
 
 
 def _record_failure(area: Area, error: BaseException) -> str:
-    """Write the failing run's trace under corpus/regressions/ and return a summary line."""
+    """Keep the failing run under corpus/regressions/ (its trace or its fuzzer input, and a
+    pytest case that replays it) and return a summary line: the first broken rule, where it
+    comes from, and how to replay it."""
     trace = machines.LAST_RUN.get("trace", "")
     digest = hashlib.sha1(trace.encode()).hexdigest()[:12]
     REGRESSIONS.mkdir(parents=True, exist_ok=True)
     suffix = machines.LAST_RUN.get("suffix", ".jsonl")
-    path = REGRESSIONS / f"{area.name.replace('/', '-')}-{digest}{suffix}"
+    stem = f"{area.name.replace('/', '-')}-{digest}"
+    path = REGRESSIONS / f"{stem}{suffix}"
     path.write_text(trace)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    rule_id = rule_of(first)
+    source = f" [{cite(rule_id).splitlines()[1].strip()}]" if rule_id else ""
     reproducer = machines.LAST_RUN.get("reproducer")
     if reproducer is not None:
         # A generic or x86 machine's run as an input of its family's fuzzer:
         # ./fuzz/fuzz_<family>.py FILE replays it and prints the broken rules with each step.
-        binary = path.with_name(f"{area.name.replace('/', '-')}-{digest}.bin")
+        binary = path.with_name(f"{stem}.bin")
         binary.write_bytes(bytes.fromhex(reproducer))
+        test = write_regression_test(binary, f"{area.name}: {first}")
         fuzzer = f"./fuzz/fuzz_{area.name.split('/')[0]}.py"
-        return f"{first} (trace: {path}; replay: {fuzzer} {binary})"
-    return f"{first} (trace: {path})"
+        return f"{first}{source} (interleaving: {path}; replay: {fuzzer} {binary}; test: {test})"
+    if suffix == ".jsonl":
+        test = write_regression_test(path, f"{area.name}: {first}")
+        return f"{first}{source} (replay: kvmspec replay --check {path}; test: {test})"
+    return f"{first}{source} (steps: {path})"
 
 
 # ---------------------------------------------------------------------------------------------
 # The state-machine workers
 # ---------------------------------------------------------------------------------------------
 
-# The areas a worker can run, by name. Workers are forked from the campaign, so they inherit
-# it (and anything a test patched before the campaign started).
+# The areas a worker can run, by name, and the example database they share. Workers are
+# forked from the campaign, so they inherit both (and anything a test patched before the
+# campaign started).
 _WORKER_AREAS: dict[str, Area] = {}
+_DATABASE: list[CheckedDatabase] = []
 
 
 @dataclass(frozen=True)
@@ -221,6 +236,7 @@ class SliceResult:
     failure: str | None
     pid: int
     peak_rss_kib: int
+    corrupt_entries: int
 
 
 def _worker_start() -> None:
@@ -233,12 +249,17 @@ def _worker_start() -> None:
 def run_slice(name: str, examples: int) -> SliceResult:
     """Run ``examples`` examples of one area's state machine (in a worker process)."""
     area = _WORKER_AREAS[name]
+    (database,) = _DATABASE
     steps, checks = machines.STATS["steps"], machines.STATS["invariant_checks"]
+    corrupt = database.skipped
     began = time.monotonic()
     failure = None
     try:
         run_state_machine_as_test(
-            area.machine, settings=settings(settings.get_profile(THOROUGH), max_examples=examples)
+            area.machine,
+            settings=settings(
+                settings.get_profile(THOROUGH), max_examples=examples, database=database
+            ),
         )
     except Exception as error:  # a broken rule, reported with its trace
         failure = _record_failure(area, error)
@@ -251,6 +272,7 @@ def run_slice(name: str, examples: int) -> SliceResult:
         failure=failure,
         pid=os.getpid(),
         peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        corrupt_entries=database.skipped - corrupt,
     )
 
 
@@ -267,6 +289,7 @@ class MachinePool:
         self.workers: list[ProcessPoolExecutor] = [self._new_worker() for _ in range(workers)]
         self.pending: dict[Future[SliceResult], tuple[str, int]] = {}
         self.checks = 0
+        self.corrupt_entries = 0
         self.peak_rss_kib: dict[int, int] = {}
         self._turn = 0
         _WORKER_AREAS.clear()
@@ -322,6 +345,7 @@ class MachinePool:
             result.seconds += outcome.seconds
             result.examples += outcome.examples
             self.checks += outcome.checks
+            self.corrupt_entries += outcome.corrupt_entries
             self.peak_rss_kib[outcome.pid] = outcome.peak_rss_kib
             if outcome.failure is not None:
                 result.failures.append(outcome.failure)
@@ -353,10 +377,14 @@ def run_campaign(
     target: str | None,
     report: str | None,
     workers: int | None = None,
+    database: str | None = None,
 ) -> int:
     """Run the campaign; exit status 0 when no rule was broken, 1 otherwise, 2 when nothing
-    can run, 130 when interrupted (the summary and the report are written all the same)."""
+    can run, 130 when interrupted (the summary and the report are written all the same).
+    ``database`` is the example database to share (see campaign_database.py); a database
+    that cannot be used raises DatabaseError."""
     register_profiles()
+    _DATABASE[:] = [open_database(database)]
     # A report piped to a file or CI log gets a width that fits the table.
     console = Console(width=None if sys.stdout.isatty() else 120)
     processes = _usable_workers(workers)
@@ -449,6 +477,12 @@ def run_campaign(
     deaths = [f"{r.area}: {d}" for r in everything for d in r.worker_deaths]
     for death in deaths:
         console.print(f"[yellow]WORKER DIED[/] {death}")
+    corrupt = pool.corrupt_entries if pool is not None else 0
+    if corrupt:
+        console.print(
+            f"[yellow]WARNING[/] {corrupt} example-database entries could not be decoded;"
+            " they were skipped and removed"
+        )
     if report:
         Path(report).write_text(
             json.dumps(
@@ -458,6 +492,7 @@ def run_campaign(
                     "workers": processes,
                     "interrupted": interrupted,
                     "invariant_checks": checks,
+                    "corrupt_database_entries": corrupt,
                     "peak_rss_mib": peak_rss,
                     "rss_mib": [[round(t, 1), round(m, 1)] for t, m in rss_timeline],
                     "areas": [asdict(r) | {"steps_per_second": r.rate} for r in everything],

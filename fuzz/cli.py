@@ -3,8 +3,9 @@
 Errors a user can cause (a bad trace, an unknown target, a missing /dev/kvm) end with one line
 ``kvmspec: error: ...`` and exit status 2, never a traceback.
 
-    kvmspec replay TRACE [--target reference|linux-kvm] [--json]
-    kvmspec campaign [--minutes N] [--workers N] [--target T] [--report FILE] [AREA ...]
+    kvmspec replay TRACE [--target reference|linux-kvm] [--json] [--check]
+    kvmspec campaign [--minutes N] [--workers N] [--target T] [--database DB] [--report FILE]
+                     [AREA ...]
     kvmspec schema
 """
 
@@ -34,26 +35,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"kvmspec: error: {message}\n")
 
 
-def replay(trace: Trace, target_name: str, as_json: bool, out: TextIO) -> int:
+def replay(trace: Trace, target_name: str, as_json: bool, out: TextIO, check: bool = False) -> int:
     """Apply every step of ``trace`` to a fresh target; print each observation. Returns the
-    exit status: 0 when all recorded expectations match, 1 at the first divergence."""
+    exit status: 0 when all recorded expectations match, 1 at the first divergence. With
+    ``check``, a session also judges every step by the rules (the black-box contracts on
+    any target, the white-box invariants on the reference), and the first step that breaks
+    one ends the replay with its rules, their statements and sources, and status 1."""
+    from kvmspec.fuzz.regressions import cite, rule_of
+    from kvmspec.fuzz.session import Session
+
     try:
         target = make_target(target_name, PROFILES[trace.platform])
     except TargetUnavailable as reason:
         raise UsageError(f"target {target_name} is unavailable: {reason}") from None
+    session = Session(PROFILES[trace.platform], target) if check else None
     first_divergence: tuple[int, Observation, Observation] | None = None
+    broken: list[str] = []
     try:
         for number, step in enumerate(trace.steps, start=1):
-            observed = target.apply(step.op)
+            if session is not None:
+                observed, broken = session.apply(step.op)
+            else:
+                observed = target.apply(step.op)
             match = None if step.expect is None else observed == step.expect
             if as_json:
-                record = {
+                record: dict[str, object] = {
                     "step": number,
                     "op": step.op.NAME,
                     "observed": observed,
                     "expected": step.expect,
                     "match": match,
                 }
+                if check:
+                    record["broken"] = broken
                 print(json.dumps(record), file=out)
             else:
                 mark = {None: " ", True: "=", False: "!"}[match]
@@ -61,13 +75,20 @@ def replay(trace: Trace, target_name: str, as_json: bool, out: TextIO) -> int:
             if match is False and first_divergence is None:
                 assert step.expect is not None
                 first_divergence = (step.line, step.expect, observed)
+            if broken:
+                print(f"{trace.source}:{step.line}: step {number} breaks:", file=sys.stderr)
+                for line in broken:
+                    print(f"  {line}", file=sys.stderr)
+                for rule_id in dict.fromkeys(filter(None, map(rule_of, broken))):
+                    print(f"  {cite(rule_id)}", file=sys.stderr)
+                return EXIT_DIVERGED
     finally:
         target.close()
     if first_divergence is None:
         return EXIT_OK
-    line, expected, observed = first_divergence
+    divergence_line, expected, observed = first_divergence
     print(
-        f"{trace.source}:{line}: divergence: expected {json.dumps(expected)}, "
+        f"{trace.source}:{divergence_line}: divergence: expected {json.dumps(expected)}, "
         f"observed {json.dumps(observed)}",
         file=sys.stderr,
     )
@@ -82,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("trace", help="a kvmspec-trace/1 JSON Lines file")
     replay_cmd.add_argument("--target", default="reference", help="reference or linux-kvm")
     replay_cmd.add_argument("--json", action="store_true", help="one JSON object per step")
+    replay_cmd.add_argument(
+        "--check", action="store_true", help="also judge every step by the rules (exit 1)"
+    )
 
     campaign_cmd = commands.add_parser("campaign", help="run the state machines and fuzzers")
     campaign_cmd.add_argument("areas", nargs="*", help="areas to run (default: all)")
@@ -90,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="worker processes (default: one per core)"
     )
     campaign_cmd.add_argument("--target", default=None, help="reference or linux-kvm")
+    campaign_cmd.add_argument(
+        "--database",
+        default=None,
+        help="the shared example database: a folder (default .hypothesis/examples) or a"
+        " redis://host:port/db URL",
+    )
     campaign_cmd.add_argument(
         "--report", default=None, help="write a JSON report to this file as well"
     )
@@ -108,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trace = load(args.trace)
             except TraceError as error:
                 raise UsageError(str(error)) from None
-            return replay(trace, args.target, args.json, sys.stdout)
+            return replay(trace, args.target, args.json, sys.stdout, args.check)
         if args.command == "campaign":
             from kvmspec.fuzz.campaign import run_campaign
 
@@ -116,7 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--workers {args.workers}: at least 1")
             if args.minutes <= 0:
                 raise UsageError(f"--minutes {args.minutes}: must be positive")
-            return run_campaign(args.areas, args.minutes, args.target, args.report, args.workers)
+            from kvmspec.fuzz.campaign_database import DatabaseError
+
+            try:
+                return run_campaign(
+                    args.areas, args.minutes, args.target, args.report, args.workers, args.database
+                )
+            except DatabaseError as error:
+                raise UsageError(str(error)) from None
         if args.command == "schema":
             from kvmspec.fuzz.schema import trace_schema
 

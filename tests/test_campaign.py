@@ -17,6 +17,7 @@ import pytest
 from kvmspec.fuzz import campaign
 from kvmspec.fuzz.cli import main
 from kvmspec.fuzz.profiles import FAST
+from kvmspec.fuzz.regressions import check_regression
 from kvmspec.fuzz.trace import load
 from kvmspec.reference import kvm_main
 from kvmspec.reference.kvm import Kvm
@@ -57,6 +58,22 @@ def test_a_broken_model_is_reported_with_a_trace(
     (trace_file,) = (tmp_path / "corpus" / "regressions").glob("memslots-x86_64-*.jsonl")
     trace = load(trace_file)
     assert trace.platform == "x86_64" and trace.steps
+    # The summary names the rule's source and how to replay the finding.
+    assert "source: kernel: virt/kvm/kvm_main.c" in out and "kvmspec replay --check" in out
+    # The finding replays, every time, as long as the bug is there.
+    assert all(check_regression(trace_file) for _ in range(100))
+    assert main(["replay", "--check", str(trace_file)]) == 1
+    err = capsys.readouterr().err
+    assert "M7:" in err and "source: kernel: virt/kvm/kvm_main.c" in err
+    # Its pytest case fails now, and passes once the model is fixed.
+    (test_file,) = trace_file.parent.glob("test_memslots_x86_64_*.py")
+    assert (
+        pytest.main(["-q", "-p", "no:cacheprovider", str(test_file)])
+        == pytest.ExitCode.TESTS_FAILED
+    )
+    monkeypatch.setattr(kvm_main, "kvm_commit_memory_region", original)
+    assert not check_regression(trace_file)
+    assert pytest.main(["-q", "-p", "no:cacheprovider", str(test_file)]) == pytest.ExitCode.OK
 
 
 def test_no_matching_area_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
