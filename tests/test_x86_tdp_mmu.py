@@ -568,6 +568,27 @@ def test_dirty_logging_with_pml_clears_dirty_bits_per_mask() -> None:
     assert vm.violations() == []
 
 
+class _NoReprotect(TdpMmu):
+    """Planted: a harvest does not re-arm logging for the pages it reported."""
+
+    def kvm_arch_mmu_enable_log_dirty_pt_masked(self, kvm, slot, gfn_offset, mask):  # type: ignore[no-untyped-def]
+        pass
+
+
+@pytest.mark.parametrize("pml", [False, True])
+def test_planted_harvest_without_reprotection_is_caught(pml: bool) -> None:
+    class Vm(TdpVm):
+        def make_mmu(self, masks, pml):  # type: ignore[no-untyped-def]
+            return _NoReprotect(masks, pml)
+
+    vm = Vm(pml=pml)
+    vm.log_dirty(True)
+    vm.access(0, b"12345678")
+    assert vm.violations() == []
+    assert vm.get_dirty_log() == [1]
+    assert "D1" in rules(vm.violations())  # writable (and dirty) again, bit cleared
+
+
 # -- translations against the host (N4) and the TLBs (X5) -------------------------------------
 
 

@@ -62,6 +62,7 @@ from kvmspec.reference.x86.spte import (
     leaf_spte_change_needs_tlb_flush,
     make_nonleaf_spte,
     make_spte,
+    spte_ad_enabled,
     spte_to_pfn,
 )
 from kvmspec.reference.x86.tdp_iter import (
@@ -293,9 +294,10 @@ def tdp_hardware_translate(
     kvm: Kvm, mmu: TdpMmuState, vcpu_mmu: TdpVcpu, vcpu: KvmVcpu | None, gfn: int, write: bool
 ) -> TlbEntry | None:
     """The CPU translating ``gfn``: the TLB, else a walk from the vCPU's root that sets A
-    (and D for a store) in the leaf with an atomic OR, and fills the TLB. None is an EPT
-    violation. With PML, a store that sets D in a leaf of a dirty-logged slot logs the
-    gfn (the CPU appends it to the PML buffer, which KVM drains into the dirty log).
+    (and D for a store) in the leaf with an atomic OR, if the leaf has A/D bits, and fills
+    the TLB. None is an EPT violation. With PML, a store that sets D in a leaf of a
+    dirty-logged slot logs the gfn (the CPU appends it to the PML buffer, which KVM drains
+    into the dirty log; the model logs at once).
     """
     entry = vcpu_mmu.tlb.get(gfn)
     if entry is not None and (entry.writable or not write):
@@ -319,12 +321,18 @@ def tdp_hardware_translate(
         sp, level = child, level - 1
     if write and not is_writable_pte(spte):
         return None
-    bits = mmu.masks.accessed_mask | (mmu.masks.dirty_mask if write else 0)
-    if spte & bits != bits:
-        mmu.tables.set_bits_atomic(ptep, bits, "hardware")
-        if write and not spte & mmu.masks.dirty_mask and mmu.pml:
-            mark_page_dirty_in_slot(kvm, kvm.memslots(0).gfn_to_memslot(gfn), gfn, vcpu)
-    entry = TlbEntry(spte_to_pfn(spte), is_writable_pte(spte))
+    dirty = bool(spte & mmu.masks.dirty_mask)
+    if spte_ad_enabled(spte):
+        bits = mmu.masks.accessed_mask | (mmu.masks.dirty_mask if write else 0)
+        if spte & bits != bits:
+            mmu.tables.set_bits_atomic(ptep, bits, "hardware")
+            if write and not dirty and mmu.pml:
+                mark_page_dirty_in_slot(kvm, kvm.memslots(0).gfn_to_memslot(gfn), gfn, vcpu)
+        dirty |= write
+    # The TLB caches the dirty state: a store through an entry cached clean walks again
+    # to set D (and log it, with PML). Without A/D bits W alone tells.
+    writable = is_writable_pte(spte) and (dirty or not spte_ad_enabled(spte))
+    entry = TlbEntry(spte_to_pfn(spte), writable)
     vcpu_mmu.tlb[gfn] = entry
     return entry
 

@@ -1,10 +1,11 @@
-"""White-box invariants of the x86 TDP MMU (INVENTORY C.4: X13, X14, X15, with X5 and N4).
+"""White-box invariants of the x86 TDP MMU (INVENTORY C.4: X13, X14, X15; with X5, N4, D1).
 
 Two kinds of check, as for arm64. Over the tables as they are now, once no operation is in
 flight (``quiescent``): no frozen SPTE left in a live table (X13), the roots' reference
 counts and life cycle (X14), the page statistics and table count against a recount, and
 each SPTE's last recorded change against its value (X15), every leaf against the host's
-page tables (N4), every TLB entry against the tables (X5). Over the reference's record
+page tables (N4), every TLB entry against the tables (X5), every writable translation of a
+dirty-logged slot against its bitmap (D1). Over the reference's record
 (:class:`~kvmspec.reference.x86.tdp_iter.TdpMmuHistory`), at any moment: only the thread
 that froze an SPTE writes it next (X13), no compare-and-exchange stored over a value it did
 not expect and the bookkeeping of each SPTE's changes chains up, once per change (X15), no
@@ -264,6 +265,30 @@ def check_tlbs(mmu: TdpMmuState) -> list[Violation]:
     return violations
 
 
+def check_dirty_logging(kvm: Kvm, mmu: TdpMmuState) -> list[Violation]:
+    """D1 for the TDP MMU: in a slot logged through its bitmap, every gfn that the guest
+    can write without KVM noticing is marked dirty. That is a writable leaf, except, with
+    PML, one whose D bit is clear (the store that sets it is logged), and every writable
+    TLB entry (it was cached dirty)."""
+    violations = []
+    writable: set[tuple[int, int]] = set()
+    for sp in _live_pages(mmu):
+        for index, spte in sorted(sp.spt.items()):
+            if not is_shadow_present_pte(spte) or not is_last_spte(spte, sp.level):
+                continue
+            if is_writable_pte(spte) and not (mmu.pml and not spte & mmu.masks.dirty_mask):
+                writable.add((sp.as_id, sp.gfn + index * kvm_pages_per_hpage(sp.level)))
+    for vcpu_mmu in mmu.vcpus.values():
+        writable.update((0, gfn) for gfn, entry in vcpu_mmu.tlb.items() if entry.writable)
+    for as_id, gfn in sorted(writable):
+        slot = kvm.memslots(as_id).gfn_to_memslot(gfn)
+        if slot is None or not slot.dirty_logging or slot.dirty_bitmap is None:
+            continue
+        if not slot.dirty_bitmap.test_bit(gfn - slot.base_gfn):
+            violations.append(Violation("D1", f"gfn {gfn:#x} writable but not marked dirty"))
+    return violations
+
+
 def check_tdp_mmu(
     kvm: Kvm, mmu: TdpMmuState, host: HostMm | None = None, quiescent: bool = True
 ) -> list[Violation]:
@@ -281,6 +306,7 @@ def check_tdp_mmu(
         # kvm_tdp_mmu_zap_all skips the TLB flush on purpose: X5 no longer applies.
         if host is None or host.notifier is not None:
             violations += check_tlbs(mmu)
+        violations += check_dirty_logging(kvm, mmu)
         if host is not None:
             violations += check_leaves_match_host(kvm, mmu, host)
     return violations
