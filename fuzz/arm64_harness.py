@@ -12,8 +12,7 @@ The VM (:class:`Arm64Harness`) has two vCPUs and three slots:
   re-created, READONLY or not;
 * slot 2 (``DEVICE_SLOT``): four pages of device memory (a VM_PFNMAP mapping): mapped
   execute-never, an instruction fetch there gets an abort (A6), and dirty logging is
-  refused. Built only where the host model puts device memory inside a 48-bit physical
-  address space (:data:`DEVICE_REACHABLE`).
+  refused.
 
 Actions: guest loads, stores, instruction fetches and stage-1 walk reads; accesses with no
 slot or beyond the IPA space; host writes, MADV_DONTNEED, mprotect, munmap, THP collapse
@@ -64,7 +63,6 @@ from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
 from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE, Device, HostMm
-from kvmspec.reference.host_pages import DEVICE_PFN_BASE
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
@@ -132,12 +130,6 @@ ORDER_STEPS = tuple(range(4))
 """Who runs next in :meth:`Arm64Harness.interleave` (modulo the actors left)."""
 
 
-PA_BITS = 48
-"""The host's physical address size: a stage-2 descriptor holds output address bits 47:12."""
-DEVICE_REACHABLE = DEVICE_PFN_BASE * PAGE < 1 << PA_BITS
-"""Whether the host model places device memory where a stage-2 descriptor can point. With
-device pfns from 2^40 (the model's choice for x86) it cannot: the output address would be
-truncated, so the VM is then built without the device slot (its gpa is a hole)."""
 NOMINAL_GPA = {THP_SLOT: THP_GPA, SHIFTED_SLOT: SHIFTED_GPAS[0], DEVICE_SLOT: DEVICE_GPA}
 
 
@@ -213,9 +205,8 @@ class Arm64Harness:
         _, shifted = self.host.mmap(2 * HPAGE, RW, hugepage=True)
         self.shifted_hva = shifted + PAGE
         self.hvas = {THP_SLOT: self.thp_hva, SHIFTED_SLOT: self.shifted_hva}
-        if DEVICE_REACHABLE:
-            device = self.host.memory.add_device("bar0", SLOT_PAGES[DEVICE_SLOT] * PAGE)
-            _, self.hvas[DEVICE_SLOT] = self.host.mmap(SLOT_PAGES[DEVICE_SLOT] * PAGE, RW, device)
+        device = self.host.memory.add_device("bar0", SLOT_PAGES[DEVICE_SLOT] * PAGE)
+        _, self.hvas[DEVICE_SLOT] = self.host.mmap(SLOT_PAGES[DEVICE_SLOT] * PAGE, RW, device)
         for vcpu_id in VCPUS:
             assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
         self.views: dict[int, SlotView] = {}

@@ -32,8 +32,10 @@ from kvmspec.reference.ordered import floor_item
 ZERO_PFN = 0
 """The shared zero page: what an untouched anonymous page reads as."""
 
-DEVICE_PFN_BASE = 1 << 40
-"""Device pfns start here, far above any RAM pfn the model hands out."""
+DEVICE_PFN_BASE = 1 << 32
+"""Device pfns start here: far above any RAM pfn the model hands out, and low enough that the
+physical address stays below 2^48, so that an arm64 stage-2 descriptor (output address bits
+47:12) can point at device memory."""
 
 
 @dataclass(eq=False)

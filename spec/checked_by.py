@@ -33,8 +33,13 @@ SHADOW_WARNS = (
     " after every step of the same machines"
 )
 STAGE2 = (
-    "arm64 stage-2 checks of spec/invariants/arm64.py ({}), run by check_stage2 at the end of"
-    " every scenario test of tests/test_arm64_stage2.py (no arm64 state machine yet)"
+    "arm64 stage-2 checks of spec/invariants/arm64.py ({}), run by check_stage2 after every"
+    " action of the arm64 harness (kvmspec.fuzz.arm64_machine, the campaign's arm64 area) and"
+    " at the end of every scenario test of tests/test_arm64_stage2.py"
+)
+ARM64_TRANSLATIONS = (
+    "check_stage2_translations of spec/invariants/arm64.py ({}), after every action of the"
+    " arm64 harness"
 )
 HPT = (
     "POWER HPT checks of spec/invariants/ppc.py (check_hpt: {}), after every action of the"
@@ -50,10 +55,12 @@ _X86_HUGE = "tests/test_x86_huge.py::"
 _X86_SPTE = "tests/test_x86_spte.py::"
 _ARM64 = "tests/test_arm64_stage2.py::"
 _ARM64_WALKER = "tests/test_arm64_walker.py::"
+_ARM64_MMU = "tests/test_arm64_mmu.py::"
 _PPC = "tests/test_ppc_hpt.py::"
 _PPC_FAULT = "tests/test_ppc_fault.py::"
 _RADIX = "tests/test_ppc_radix.py::"
 _X86_FAST = "tests/test_x86_fast_pf.py::"
+_X86_APIC = "tests/test_x86_apic_migration.py::"
 _TDP_MMU = f"{NOT_CHECKED}: the x86 TDP MMU is not modelled (reference/x86 is the shadow MMU)"
 
 
@@ -71,7 +78,11 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "C-MMIO": (MEMORY_CONTRACT,),
     "C-EFAULT": (MEMORY_CONTRACT,),
     "C-NOTIFIER-EXCLUSION": (MEMORY_CONTRACT,),
-    "C-AGING": (AGING_CONTRACT,),
+    "C-AGING": (
+        AGING_CONTRACT,
+        "the arm64 harness's aging expectations, after every action",
+        _scenario(_ARM64_MMU, "test_an_ager_that_reports_every_page_idle_is_caught"),
+    ),
     "C-DIRTY-COMPLETE": (DIRTY_CONTRACT,),
     "D5": (DIRTY_CONTRACT, f"scenario test `{_GENERIC_TESTS}test_d5_initially_set`"),
     "D11": (DIRTY_CONTRACT,),
@@ -86,6 +97,9 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_RADIX, "test_a_writable_leaf_over_a_read_only_host_page_is_caught"),
         _scenario(_RADIX, "test_radix_fault_racing_an_invalidation_retries"),
         _scenario(_RADIX, "test_radix_fault_racing_a_slot_flush_retries"),
+        ARM64_TRANSLATIONS.format("every leaf maps the host's page"),
+        _scenario(_ARM64_MMU, "test_a_fault_path_without_the_retry_check_is_caught"),
+        _scenario(_ARM64_MMU, "test_a_fault_racing_an_invalidation_installs_nothing"),
     ),
     "N5": (
         TRANSLATIONS,
@@ -98,13 +112,19 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_RADIX, "test_radix_delete_removes_every_leaf"),
         _scenario(_RADIX, "test_radix_move_removes_every_leaf_and_the_new_place_faults_in"),
         _scenario(_RADIX, "test_a_missing_slot_flush_is_caught"),
+        _scenario(_ARM64_MMU, "test_a_delete_that_flushes_nothing_is_caught"),
         _scenario(_RADIX, "test_the_kernel_does_not_keep_a_huge_leaf_inside_its_slot"),
         "note: the kernel's radix fault does not keep a huge leaf inside its slot (x86 and arm64"
         " do); check_radix reports it, and the radix machine keeps its slots 2 MiB-aligned",
     ),
     "N7": (TRANSLATIONS,),
     "N8": (TRANSLATIONS,),
-    "D1": (DIRTY_CHECKS, DIRTY_CONTRACT),
+    "D1": (
+        DIRTY_CHECKS,
+        DIRTY_CONTRACT,
+        _scenario(_ARM64_MMU, "test_a_write_fault_that_logs_nothing_is_caught"),
+        _scenario(_ARM64_MMU, "test_a_harvest_that_reprotects_nothing_is_caught"),
+    ),
     "D2": (DIRTY_CHECKS, f"scenario test `{_GENERIC_TESTS}test_d2_write_after_get_is_logged`"),
     "D3": (f"scenario test `{_GENERIC_TESTS}test_d3_clear_reprotects_exactly`",),
     "D4": (
@@ -138,6 +158,30 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "X4": (
         SHADOW_WARNS.format("check_spte_change: a present leaf never changes pfn in place"),
         _scenario(_X86_SPTE, "test_x4_a_present_leaf_never_changes_pfn_in_place"),
+        _scenario(
+            _X86_APIC, "test_x4_a_migrated_data_page_is_zapped_and_refaulted_not_changed_in_place"
+        ),
+    ),
+    "S004-APIC-ACCESS-RELOAD": (
+        SHADOW_MMU.format(
+            "check_apic_access_addr: each vCPU's APIC_ACCESS_ADDR against the page the host maps"
+        ),
+        _scenario(_X86_APIC, "test_seed_004_the_apic_access_page_migrates_and_vcpus_reload_it"),
+        _scenario(_X86_APIC, "test_a_notifier_that_forgets_the_apic_reload_is_caught"),
+        _scenario(_X86_APIC, "test_a_vcpu_that_drops_the_reload_request_is_caught"),
+        _scenario(_X86_APIC, "test_the_x86_fuzzer_finds_a_notifier_that_forgets_the_apic_reload"),
+        _scenario(_X86_APIC, "test_an_apic_reload_during_an_invalidation_does_not_enter_the_guest"),
+        _scenario(_X86_APIC, "test_an_apic_reload_racing_a_migration_reloads_again"),
+    ),
+    "S004-NOT-PINNED": (
+        SHADOW_MMU.format("check_apic_access_addr: no private-slot page is pinned"),
+        _scenario(
+            _X86_APIC, "test_seed_004_a_pinned_apic_page_blocks_migration_as_the_old_code_did"
+        ),
+        _scenario(
+            _X86_APIC,
+            "test_seed_004_the_identity_map_is_not_pinned_and_is_refaulted_after_migration",
+        ),
     ),
     "X5": (
         SHADOW_MMU.format("check_tlbs: no TLB entry beyond what the tables translate"),
@@ -232,8 +276,13 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "A4": (
         STAGE2.format("check_leaves: block level and alignment"),
         _scenario(_ARM64, "test_a_block_over_a_misaligned_output_address_is_caught"),
-        f"{NOT_CHECKED} for the memslot half (inside one slot, gpa and hva congruent, pages"
-        " only while dirty-logged): user_mem_abort and arm64's memslot hooks are not modelled",
+        ARM64_TRANSLATIONS.format(
+            "the memslot half: a block lies inside one slot with gpa and hva congruent, and"
+            " only pages while the slot is dirty-logged"
+        ),
+        _scenario(_ARM64_MMU, "test_a_slot_incongruent_or_without_a_whole_block_never_gets_one"),
+        _scenario(_ARM64_MMU, "test_logging_maps_pages_and_blocks_come_back_when_it_stops"),
+        _scenario(_ARM64_MMU, "test_a_fault_path_ignoring_the_slot_layout_is_caught"),
     ),
     "A5": (
         _scenario(_ARM64, "test_unmap_cleans_cacheable_memory_without_fwb") + ": counts the"
@@ -242,15 +291,30 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     ),
     "A6": (
         STAGE2.format("check_leaves: device memory is execute-never"),
-        _scenario(_ARM64, "test_device_memory_is_mapped_execute_never") + " (the model does not"
-        " refuse DEVICE with X as the kernel does; the check catches the leaf)",
-        f"{NOT_CHECKED} for exec faults on device memory: user_mem_abort is not modelled",
+        _scenario(_ARM64, "test_device_memory_is_mapped_execute_never"),
+        _scenario(
+            _ARM64_MMU,
+            "test_device_memory_is_mapped_execute_never_and_a_fetch_there_gets_an_abort",
+        ),
     ),
-    "A7": (_scenario(_ARM64, "test_write_protection_waits_for_the_callers_flush"),),
+    "A7": (
+        _scenario(_ARM64, "test_write_protection_waits_for_the_callers_flush"),
+        ARM64_TRANSLATIONS.format("no TLB entry more permissive than the tables"),
+        _scenario(_ARM64_MMU, "test_write_protection_without_the_callers_flush_is_caught"),
+    ),
+    "S001-FLUSH-ALL": (
+        "the arm64 harness: after kvm_mmu_notifier_release, no stage-2 translation is left",
+        _scenario(_ARM64_MMU, "test_seed_001_an_emptied_flush_shadow_all_is_caught"),
+        _scenario(_ARM64_MMU, "test_seed_001_the_machine_finds_an_emptied_flush_shadow_all"),
+    ),
     "S001-NO-LOST-UPDATE": (
         STAGE2.format("check_no_lost_hardware_updates"),
         _scenario(_ARM64, "test_seed_001_lockless_aging_keeps_a_concurrent_hardware_dirty_update"),
         _scenario(_ARM64, "test_seed_001_a_plain_store_instead_of_cmpxchg_is_caught"),
+        _scenario(
+            _ARM64_MMU,
+            "test_faults_the_hardware_and_lockless_aging_interleaved_keep_every_rule",
+        ),
     ),
     "S001-RCU-TABLES": (
         STAGE2.format("check_no_reads_after_free"),

@@ -746,6 +746,47 @@ rule(
     KernelCitation("arch/x86/kvm/x86.c", "kvm_unprotect_and_retry_on_failure"),
 )
 rule(
+    "S004-APIC-ACCESS-RELOAD",
+    "invariant",
+    "x86-mmu",
+    """Once no MMU-notifier invalidation is in progress, every vCPU of a VM with an APIC-access
+    page either has KVM_REQ_APIC_PAGE_RELOAD pending or holds in APIC_ACCESS_ADDR the page
+    the host maps at that slot's address now. An invalidation of the slot asks every vCPU to
+    reload; a reload that meets an invalidation of the gfn asks again; a vCPU with the request
+    pending does not enter the guest.""",
+    KernelCitation(X86_MMU, "kvm_unmap_gfn_range"),
+    KernelCitation("arch/x86/kvm/vmx/vmx.c", "vmx_set_apic_access_page_addr"),
+    KernelCitation("arch/x86/kvm/x86.c", "kvm_vcpu_reload_apic_access_page"),
+    SeedCitation(
+        SEED_004,
+        "APIC access page is a little bit more complicated since its physical address needs "
+        "to be tracked to be updated in VMCS.",
+    ),
+)
+rule(
+    "S004-NOT-PINNED",
+    "invariant",
+    "x86-mmu",
+    """KVM pins none of its private pages (the APIC-access page, the EPT identity map): they
+    are ordinary pages of the VMM's memory, so migration moves them, the notifier zaps their
+    SPTEs and the next access faults the new page in; a pinned page would make migration
+    fail (EBUSY).""",
+    KernelCitation("arch/x86/kvm/lapic.c", "kvm_alloc_apic_access_page"),
+    KernelCitation("arch/x86/kvm/x86.c", "__x86_set_memory_region"),
+    KernelCitation("arch/x86/kvm/vmx/vmx.c", "init_rmode_identity_map"),
+    SeedCitation(
+        SEED_004,
+        "Remove pinning is preferable. In fact looks like for identity pagetable it should be "
+        "trivial, just don't pin.",
+    ),
+    SeedCitation(
+        SEED_004,
+        "Both identity page and APIC access page are userspace pages which will have to be "
+        "unmap from process address space during migration. At this point mmu notifiers will "
+        "be called.",
+    ),
+)
+rule(
     "X10",
     "invariant",
     "x86-mmu",
@@ -928,6 +969,17 @@ rule(
     SeedCitation(SEED_001, "The former protects KVM page tables from being freed"),
     KernelCitation(ARM64_MMU, "stage2_free_unlinked_table"),
     KernelCitation(ARM64_PGTABLE, "kvm_pgtable_stage2_free_unlinked"),
+)
+rule(
+    "S001-FLUSH-ALL",
+    "invariant",
+    "arm64-stage2",
+    """kvm_arch_flush_shadow_all, called when the VMM's address space is released, leaves no
+    stage-2 translation behind: the host frees every page next, so a translation left in
+    place would give the guest pages that belong to someone else.""",
+    SeedCitation(SEED_001, "This entirely fails to uphold the exact expectations of the call."),
+    KernelCitation(ARM64_MMU, "kvm_arch_flush_shadow_all"),
+    KernelCitation(KVM_MAIN, "kvm_mmu_notifier_release"),
 )
 
 # --- Invariants: POWER Book3S HV (INVENTORY C.6, seed 000) -------------------------------------

@@ -72,15 +72,6 @@ def huge_vm(split_chunk_size: int = 0) -> Arm64Harness:
     return vm
 
 
-@pytest.fixture
-def device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Device pfns where a 48-bit stage-2 output address reaches them (the host model puts
-    them at 2^40 pfns, beyond any arm64 physical address), so the harness builds its
-    device slot."""
-    monkeypatch.setattr(host_pages, "DEVICE_PFN_BASE", 1 << 32)
-    monkeypatch.setattr(arm64_harness, "DEVICE_REACHABLE", True)
-
-
 # -- kvm_handle_guest_abort: MMIO and injected aborts ----------------------------------------------
 
 
@@ -293,9 +284,7 @@ def test_an_access_flag_fault_sets_af_without_hardware_af() -> None:
 # -- device memory (A6) ----------------------------------------------------------------------------
 
 
-def test_device_memory_is_mapped_execute_never_and_a_fetch_there_gets_an_abort(
-    device_memory: None,
-) -> None:
+def test_device_memory_is_mapped_execute_never_and_a_fetch_there_gets_an_abort() -> None:
     vm = Arm64Harness()
     vm.guest_store(0, DEVICE_SLOT, 1, 0x42)
     gpa, _ = vm.address(DEVICE_SLOT, 1)
@@ -308,7 +297,7 @@ def test_device_memory_is_mapped_execute_never_and_a_fetch_there_gets_an_abort(
     vm.check()
 
 
-def test_dirty_logging_is_refused_for_device_memory(device_memory: None) -> None:
+def test_dirty_logging_is_refused_for_device_memory() -> None:
     vm = Arm64Harness()
     view = vm.views[DEVICE_SLOT]
     flags = KVM_MEM_LOG_DIRTY_PAGES
@@ -317,10 +306,12 @@ def test_dirty_logging_is_refused_for_device_memory(device_memory: None) -> None
     vm.check()
 
 
-def test_the_device_slot_is_built_only_where_the_host_can_address_it() -> None:
-    """Until the host model places device pfns below 2^36, the harness has no device slot."""
+def test_device_memory_is_addressable_by_a_stage_2_descriptor() -> None:
+    """The host model puts device pfns where a 48-bit output address reaches them, so the
+    harness always has its device slot, and its leaves point at the device's own pfns."""
     vm = Arm64Harness()
-    assert (DEVICE_SLOT in vm.views) == arm64_harness.DEVICE_REACHABLE
+    assert DEVICE_SLOT in vm.views
+    assert (host_pages.DEVICE_PFN_BASE * PAGE) >> 48 == 0
 
 
 # -- the notifier retry check (N4) -----------------------------------------------------------------
