@@ -43,6 +43,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from kvmspec.fuzz import machines
@@ -197,7 +198,7 @@ def _record_failure(area: Area, error: BaseException) -> str:
     path.write_text(trace)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     rule_id = rule_of(first)
-    source = f" [{cite(rule_id).splitlines()[1].strip()}]" if rule_id else ""
+    source = f"; {cite(rule_id).splitlines()[1].strip()}" if rule_id else ""
     reproducer = machines.LAST_RUN.get("reproducer")
     if reproducer is not None:
         # A generic or x86 machine's run as an input of its family's fuzzer:
@@ -472,11 +473,12 @@ def run_campaign(
     )
     failures = [f"{r.area}: {f}" for r in everything for f in r.failures]
     for failure in failures:
-        console.print(f"[red]FAIL[/] {failure}")
+        # Whole lines (a log keeps them greppable), and the text is not rich markup.
+        console.print(f"[red]FAIL[/] {escape(failure)}", soft_wrap=True)
     # A worker that died took the model down with it (a crash, not a broken rule): as bad.
     deaths = [f"{r.area}: {d}" for r in everything for d in r.worker_deaths]
     for death in deaths:
-        console.print(f"[yellow]WORKER DIED[/] {death}")
+        console.print(f"[yellow]WORKER DIED[/] {escape(death)}", soft_wrap=True)
     corrupt = pool.corrupt_entries if pool is not None else 0
     if corrupt:
         console.print(
