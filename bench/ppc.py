@@ -51,8 +51,8 @@ SLICE_EXAMPLES = 10
 HCALL_ORDER = 24
 VALID_ENTRIES = 100_000
 SLOT_PAGES = 256
-"""The guest's RAM in the hypercall figure: 256 host pages of 64 KiB (16 MiB), each behind
-about 25 of the guest's 4 KiB pages, entered about 16 times each (long rmap chains)."""
+"""The guest's RAM in the hypercall figure: 256 host pages of 64 KiB (16 MiB), 4,096 pages
+of the guest's 4 KiB, each entered about 24 times (rmap chains of about 390 entries)."""
 GUEST_PAGES_PER_SEGMENT = 1 << 16
 """4 KiB pages in a 256 MiB segment: the entries span two segments."""
 
@@ -109,20 +109,20 @@ class BigHpt:
         self.segments = (Segment(vsid=0x1234), Segment(vsid=0x5678))
         self.guest_ram_pages = size // 0x1000
 
-    def pteh_ptel(self, n: int, writable: bool = True) -> tuple[int, int, int]:
-        """The guest's n-th translation: its group's first index, "v" and "r"."""
+    def translation(self, n: int) -> tuple[int, int, int]:
+        """The guest's n-th translation, read-write, as H_ENTER takes it: the first index of
+        its group, "v" and "r"."""
         segment = self.segments[n // GUEST_PAGES_PER_SEGMENT]
         ea = (n % GUEST_PAGES_PER_SEGMENT) * 0x1000
         group = hpt_hash(self.mmu.hpt, segment, ea)
         gpa = (n % self.guest_ram_pages) * 0x1000
-        r = gpa | HPTE_R_M | (PP_RWXX if writable else PP_RXRX)
-        return group * HPTES_PER_GROUP, hpte_encode_v(segment, ea), r
+        return group * HPTES_PER_GROUP, hpte_encode_v(segment, ea), gpa | HPTE_R_M | PP_RWXX
 
-    def enter(self, n: int) -> int:
-        """H_ENTER of the n-th translation; its index."""
-        group, v, r = self.pteh_ptel(n)
+    def enter(self, translation: tuple[int, int, int]) -> int:
+        """H_ENTER of ``translation``; the index it got."""
+        group, v, r = translation
         status, index = run_to_completion(kvmppc_do_h_enter(self.kvm, self.host, 0, group, v, r))
-        assert status == H_SUCCESS, f"H_ENTER {n}: {status}"
+        assert status == H_SUCCESS, f"H_ENTER at {group:#x}: {status}"
         return index
 
 
@@ -134,8 +134,8 @@ def hcalls_per_second(
     read-only, H_PROTECT back to read-write, H_REMOVE, and H_ENTER of it again."""
     vm = BigHpt(order)
     started = time.perf_counter()
-    translations = [vm.pteh_ptel(n) for n in range(entries)]
-    index_of = [vm.enter(n) for n in range(entries)]
+    translations = [vm.translation(n) for n in range(entries)]
+    index_of = [vm.enter(translation) for translation in translations]
     fill_seconds = time.perf_counter() - started
     kvm, host = vm.kvm, vm.host
     rng = random.Random(seed)
