@@ -4,9 +4,13 @@ A run first picks the VM's configuration: v6.18's aging under mmu_lock or seed 0
 lockless ager, hardware access-flag updates (FEAT_HAFDBS) or access-flag faults, eager
 splitting off or in 2 MiB chunks, and dirty logging get-and-clear or with manual protection
 (the bitmap starting clear or all set). Each rule then draws the arguments of one harness action
-from the tuples the harness exports and calls it; after every rule the harness checks every
+from the tuples the Atheris decoder (:mod:`kvmspec.fuzz.arm64_decoder`) reads too, most of
+them exported by the harness, and calls it; after every rule the harness checks every
 stage-2 invariant, the memslot invariants, the stage 2 against the slots and the host, and
-what the VMM observes. The harness's log lines become Hypothesis ``note`` lines.
+what the VMM observes. The harness's log lines become Hypothesis ``note`` lines. A failing
+run keeps its actions as a trace for the campaign and, beside them, the whole run as an
+input of ``fuzz/fuzz_arm64.py`` (when its MMU is one the decoder can name), which
+``./fuzz/fuzz_arm64.py FILE`` replays with its report.
 """
 
 from __future__ import annotations
@@ -16,6 +20,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvmspec.fuzz import machines
+from kvmspec.fuzz.arm64_decoder import (
+    AGING,
+    MMU_CLASSES,
+    ORDER_LENGTH,
+    SPLIT_CHUNKS,
+    THP_SLOTS,
+    Argument,
+    Setup,
+    Step,
+    encode,
+)
 from kvmspec.fuzz.arm64_harness import (
     BOOLS,
     BYTES,
@@ -24,7 +39,6 @@ from kvmspec.fuzz.arm64_harness import (
     DIRTY_MODES,
     DONTNEED_PAGES,
     FRAMES,
-    HPAGE,
     KINDS,
     OFFSETS,
     ORDER_STEPS,
@@ -32,22 +46,18 @@ from kvmspec.fuzz.arm64_harness import (
     PROTS,
     READ_KINDS,
     SHIFTED_PLACES,
-    SHIFTED_SLOT,
     SLOT_IDS,
-    THP_SLOT,
     UNBACKED,
     VCPUS,
     Arm64Harness,
 )
-from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
-from kvmspec.reference.arm64.s2_mmu import Stage2Features
+from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.spec.platforms import ARM64, PlatformProfile
 
 VCPU = st.sampled_from(VCPUS)
 SLOT = st.sampled_from(SLOT_IDS)
 PAGE = st.sampled_from(PAGES)
 BYTE = st.sampled_from(BYTES)
-AGING = ("clear_flush_young", "clear_young", "test_young")
 
 
 class Arm64Machine(RuleBasedStateMachine):
@@ -57,26 +67,27 @@ class Arm64Machine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.harness: Arm64Harness | None = None
-        self.calls: list[str] = []
+        self.setup = Setup()
+        self.calls: list[Step] = []
 
     @property
     def vm(self) -> Arm64Harness:
         assert self.harness is not None, "the run has not been set up"
         return self.harness
 
-    def _do(self, method: str, *args: object) -> None:
-        self.calls.append(f"{method}{args!r}")
+    def _do(self, method: str, *args: Argument) -> None:
+        self.calls.append((method, args))
         getattr(self.vm, method)(*args)
 
     @initialize(data=st.data())
     def set_up(self, data: st.DataObject) -> None:
         cls = data.draw(st.sampled_from(self.mmu_classes), label="mmu")
         hardware_af = data.draw(st.booleans(), label="hardware AF")
-        split = data.draw(st.sampled_from((0, HPAGE)), label="split chunk")
+        split = data.draw(st.sampled_from(SPLIT_CHUNKS), label="split chunk")
         mode = data.draw(st.sampled_from(DIRTY_MODES), label="dirty logging")
-        note(f"{cls.__name__}, hardware AF {hardware_af}, split chunk {split:#x}, {mode}")
-        features = Stage2Features(ha=hardware_af)
-        self.harness = Arm64Harness(self.profile, cls, features, split, mode, log=note)
+        self.setup = Setup(cls, hardware_af, split, mode)
+        note(str(self.setup))
+        self.harness = self.setup.harness(self.profile, note)
 
     # -- the guest ------------------------------------------------------------------------------
 
@@ -99,7 +110,7 @@ class Arm64Machine(RuleBasedStateMachine):
         self._do("guest_unbacked", vcpu, where, kind)
 
     @rule(
-        order=st.lists(st.sampled_from(ORDER_STEPS), max_size=40).map(tuple),
+        order=st.lists(st.sampled_from(ORDER_STEPS), max_size=ORDER_LENGTH).map(tuple),
         page=PAGE,
         other=PAGE,
         store=st.booleans(),
@@ -130,7 +141,7 @@ class Arm64Machine(RuleBasedStateMachine):
         self._do("munmap", slot, page)
 
     @rule(
-        slot=st.sampled_from((THP_SLOT, SHIFTED_SLOT)),
+        slot=st.sampled_from(THP_SLOTS),
         frame=st.sampled_from(FRAMES),
         collapse=st.sampled_from(BOOLS),
     )
@@ -176,14 +187,18 @@ class Arm64Machine(RuleBasedStateMachine):
         checks = self.harness.checks
         machines.STATS["steps"] += checks
         machines.STATS["invariant_checks"] += checks
-        machines.LAST_RUN["trace"] = "\n".join(self.calls) + "\n"
+        actions = (f"{method}{args!r}" for method, args in self.calls)
+        machines.LAST_RUN["trace"] = "\n".join([str(self.setup), *actions]) + "\n"
         machines.LAST_RUN["suffix"] = ".actions.txt"
-        machines.LAST_RUN.pop("reproducer", None)
+        if self.setup.mmu_class in MMU_CLASSES:
+            machines.LAST_RUN["reproducer"] = encode(self.setup, self.calls).hex()
+        else:  # a test's planted MMU: fuzz_arm64 has no byte for it, so no input replays it
+            machines.LAST_RUN.pop("reproducer", None)
 
 
 def arm64_machine(
     profile: PlatformProfile = ARM64,
-    mmu_classes: tuple[type[Arm64Mmu], ...] = (Arm64Mmu, Arm64MmuLocklessAging),
+    mmu_classes: tuple[type[Arm64Mmu], ...] = MMU_CLASSES,
 ) -> type[Arm64Machine]:
     """The machine on ``profile`` (arm64), each run on one of ``mmu_classes`` (the kernel's
     MMU and seed 001's lockless ager by default; a test passes a planted bug)."""
