@@ -139,6 +139,7 @@ def test_the_seed_command_wants_its_one_argument(capsys: pytest.CaptureFixture[s
 
 
 def first_finding(count: int = 400) -> bytes:
+    """The first of ``count`` random inputs (up to 256 bytes) that breaks a rule."""
     found = next(
         (data for data in random_inputs(count, 256) if fuzz_ppc.run_input(data).violations), None
     )
@@ -187,7 +188,8 @@ def test_the_machines_failing_run_replays_as_a_fuzz_ppc_input(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The state machine finds the planted tlbie bug too, and its failing run, kept as an
-    input of fuzz/fuzz_ppc.py, replays to a broken rule with nothing rejected."""
+    input of fuzz/fuzz_ppc.py, replays to a broken rule, call for call (each applied, or
+    rejected as one the harness has nothing to do for)."""
     monkeypatch.setattr(hcalls, "do_tlbies", lambda hpt, tlbs, indexes: None)
     machine = ppc_machine(PPC64_HV)
     machine.TestCase.settings = bug_hunt(500)
