@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MINUTES ?= 1
 
-.PHONY: run test lint typecheck bench fuzz fuzz-generic fuzz-x86 crosshair clean
+.PHONY: run test lint typecheck bench fuzz fuzz-generic fuzz-x86 fuzz-ppc fuzz-arm64 crosshair clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ fuzz-generic: $(STAMP)
 fuzz-x86: $(STAMP)
 	@mkdir -p build/corpus/x86
 	$(PY) fuzz/fuzz_x86.py -max_total_time=60 -max_len=256 build/corpus/x86 corpus/seeds/x86
+
+## fuzz-ppc: run the POWER HPT Atheris fuzzer for 60 seconds; new inputs go to
+# build/corpus/ppc, the seeds are only read
+fuzz-ppc: $(STAMP)
+	@mkdir -p build/corpus/ppc
+	$(PY) fuzz/fuzz_ppc.py -max_total_time=60 -max_len=256 build/corpus/ppc corpus/seeds/ppc
 
 ## crosshair: check the pure contracts of the uAPI decision functions symbolically.
 # CrossHair walks package parents, so it sees kvmspec as a regular package through a symlink

@@ -13,11 +13,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import Figure, fuzzer, generic, guest, lookup, memory, memslots, x86
+from bench import Figure, fuzzer, generic, guest, lookup, memory, memslots, ppc, x86
 from kvmspec.spec import dbc
-from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
+from kvmspec.spec.platforms import DEFAULT_PROFILE, PPC64_HV, PlatformProfile
 
-SECTIONS = ("memslots", "lookup", "memory", "fuzzer", "generic", "guest", "x86")
+SECTIONS = ("memslots", "lookup", "memory", "fuzzer", "generic", "guest", "x86", "ppc")
 RATIO_GOAL = 1.0
 LOOKUP_RATIO_GOAL = 2.0
 MEMORY_GOAL_MIB = 100.0
@@ -267,6 +267,55 @@ def section_x86(profile: PlatformProfile, quick: bool) -> list[Figure]:
     return figures
 
 
+PPC_STEPS_GOAL, PPC_FUZZ_GOAL, PPC_HCALL_GOAL = 1000.0, 1000.0, 20000.0
+
+
+def section_ppc(profile: PlatformProfile, quick: bool) -> list[Figure]:
+    seconds, fuzz_seconds = (2.0, 5) if quick else (10.0, 20)
+    hpt_rate = ppc.machine_steps_per_second(PPC64_HV, seconds)
+    radix_rate = ppc.radix_steps_per_second(seconds)
+    figures = [
+        Figure(name, f"{rate:,.0f}", f">= {PPC_STEPS_GOAL:,.0f}", rate >= PPC_STEPS_GOAL)
+        for name, rate in (
+            ("POWER HPT state machine steps/s", hpt_rate),
+            ("POWER radix state machine steps/s", radix_rate),
+        )
+    ]
+    rows = [[f.name, f.value, "", f.goal, f.verdict] for f in figures]
+    speed = fuzzer.measure(fuzz_seconds, contracts=True, script=ppc.FUZZ_PPC)
+    label = "fuzz_ppc.py exec/s, contracts on"
+    if speed.error:
+        rows.append([label, f"failed: {speed.error}", "", "", ""])
+    else:
+        rate = speed.exec_per_second
+        fuzz = Figure(label, f"{rate:,.0f}", f">= {PPC_FUZZ_GOAL:,.0f}", rate >= PPC_FUZZ_GOAL)
+        figures.append(fuzz)
+        rows.append(
+            [label, fuzz.value, f"{speed.actions_per_second:,.0f}", fuzz.goal, fuzz.verdict]
+        )
+    hcalls = ppc.hcalls_per_second(calls=50_000 if quick else 200_000)
+    rate = hcalls.calls_per_second
+    name = f"hypercalls/s, order-{ppc.HCALL_ORDER} HPT, {hcalls.entries:,} valid entries"
+    hcall = Figure(name, f"{rate:,.0f}", f">= {PPC_HCALL_GOAL:,.0f}", rate >= PPC_HCALL_GOAL)
+    figures.append(hcall)
+    rows.append([hcall.name, hcall.value, "", hcall.goal, hcall.verdict])
+    _print_table(
+        f"POWER Book3S HV: the campaign's HPT and radix machines (slices of {ppc.SLICE_EXAMPLES}"
+        f" examples, about {seconds:.0f} s each), fuzz_ppc.py under libFuzzer (-max_len="
+        f"{ppc.FUZZ_PPC.max_len}, about {fuzz_seconds} s from {ppc.FUZZ_PPC.seeds}), and "
+        "rounds of H_READ, H_PROTECT twice, H_REMOVE and H_ENTER on random entries of a full HPT",
+        ["figure", "value", "harness actions/s", "goal", ""],
+        rows,
+    )
+    print(
+        f"  {hcalls.calls:,} hypercalls timed; the {hcalls.entries:,} H_ENTERs before took "
+        f"{hcalls.fill_seconds:.1f} s"
+    )
+    for finding in speed.findings:
+        print(f"  {label}: a run stopped ({finding[:160]}); continued with a new run")
+    return figures
+
+
 RUNNERS = {
     "memslots": section_memslots,
     "lookup": section_lookup,
@@ -275,6 +324,7 @@ RUNNERS = {
     "generic": section_generic,
     "guest": section_guest,
     "x86": section_x86,
+    "ppc": section_ppc,
 }
 
 

@@ -98,6 +98,14 @@ FUZZ_AREAS = (
         256,
         counts_actions=True,
     ),
+    FuzzArea(
+        "atheris/ppc",
+        "ppc",
+        "kvmspec.fuzz.fuzz_ppc",
+        Path("corpus/seeds/ppc"),
+        256,
+        counts_actions=True,
+    ),
 )
 
 

@@ -414,8 +414,15 @@ class PpcHarness:
         wrong = self._judge(ea, write, access)
         if wrong is not None:
             # A current MMIO cache entry decides before the table does: a wrong outcome
-            # then is the stale cache's (a known kernel finding), not the table's.
-            prefix = f"P7: {STALE_MMIO_CACHE}: a hit for ea {ea:#x}" if cached else "COHERENCE"
+            # then is the stale cache's (a known kernel finding), not the table's. The entry
+            # may be one this access's own first fault made: a retry after an invalidation
+            # (a copy-on-write in fault-in) hits it.
+            made_here = access.outcome is Access.MMIO and (
+                mmio_cache_search(kvmppc_hv_vcpu(self.kvm, vcpu), ea, SEGMENT, self.mmu.mmio_update)
+                is not None
+            )
+            stale = cached is not None or made_here
+            prefix = f"P7: {STALE_MMIO_CACHE}: a hit for ea {ea:#x}" if stale else "COHERENCE"
             self.found.append(f"{prefix}: {wrong}")
 
     def _judge(self, ea: int, write: bool, access: HptAccess) -> str | None:

@@ -43,8 +43,8 @@ ARM64_TRANSLATIONS = (
 )
 HPT = (
     "POWER HPT checks of spec/invariants/ppc.py (check_hpt: {}), after every action of the"
-    " POWER harness (kvmspec.fuzz.ppc_machine, tests/test_ppc_hpt.py::TestHptMachine and the"
-    " campaign's ppc64-hv area) and in the scenario tests"
+    " POWER harness (kvmspec.fuzz.ppc_machine, tests/test_ppc_hpt.py::TestHptMachine, the"
+    " campaign's ppc/ppc64-hv area and fuzz/fuzz_ppc.py) and in the scenario tests"
 )
 RADIX = (
     "POWER radix checks of spec/invariants/ppc_radix.py (check_radix: {}), after every step of"
@@ -58,6 +58,7 @@ _ARM64_WALKER = "tests/test_arm64_walker.py::"
 _ARM64_MMU = "tests/test_arm64_mmu.py::"
 _PPC = "tests/test_ppc_hpt.py::"
 _PPC_FAULT = "tests/test_ppc_fault.py::"
+_PPC_FUZZ = "tests/test_ppc_fuzz.py::"
 _RADIX = "tests/test_ppc_radix.py::"
 _X86_FAST = "tests/test_x86_fast_pf.py::"
 _X86_APIC = "tests/test_x86_apic_migration.py::"
@@ -355,6 +356,7 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "P6": (
         HPT.format("no TLB caches an invalidated HPTE"),
         _scenario(_PPC, "test_rc_are_read_after_the_tlbie"),
+        _scenario(_PPC_FUZZ, "test_hypercalls_that_skip_the_tlbie_are_found_by_fuzzing"),
         RADIX.format("no TLB entry more permissive than the tree"),
         _scenario(_RADIX, "test_an_unmap_without_tlbie_is_caught"),
         _scenario(_RADIX, "test_a_harvest_that_reports_before_the_tlbie_loses_a_write"),
@@ -413,5 +415,6 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_PPC, "test_seed_000_a_missing_flush_is_caught"),
         _scenario(_PPC_FAULT, "test_seed_000_a_removal_path_that_ignores_invalid_slots_is_caught"),
         _scenario(_PPC_FAULT, "test_a_fault_on_a_deleted_slots_page_is_mmio"),
+        _scenario(_PPC_FUZZ, "test_a_removal_path_that_ignores_invalid_slots_is_found_by_fuzzing"),
     ),
 }
