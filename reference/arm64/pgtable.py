@@ -57,6 +57,13 @@ class KvmPgtableWalkFlags(IntFlag):
 NO_WALK_FLAGS = KvmPgtableWalkFlags(0)
 """A walk alone on the tables (mmu_lock held for write), with no extra behaviour."""
 
+# The walker tests its flags at every entry: as plain ints, since ``&`` with an IntFlag
+# member runs IntFlag's own (Python) operator.
+_LEAF = int(KvmPgtableWalkFlags.LEAF)
+_TABLE_PRE = int(KvmPgtableWalkFlags.TABLE_PRE)
+_TABLE_POST = int(KvmPgtableWalkFlags.TABLE_POST)
+_SHARED = int(KvmPgtableWalkFlags.SHARED)
+
 TABLE_PAGES_BASE = 1 << 40
 """Where the model allocates table pages in host physical memory (away from guest pages,
 so a table descriptor's output address never looks like guest memory)."""
@@ -245,7 +252,7 @@ class KvmPgtableVisitCtx:
     @property
     def shared(self) -> bool:
         """kvm_pgtable_walk_shared: other software walkers may change the tables."""
-        return bool(self.flags & KvmPgtableWalkFlags.SHARED)
+        return bool(int(self.flags) & _SHARED)
 
     def write_info(self) -> WriteInfo:
         size = self.mm_ops.geometry.kvm_granule_size(self.level)
@@ -260,6 +267,11 @@ class KvmPgtableWalkData:
     start: int
     addr: int
     end: int
+    wants: int = field(init=False)
+    """The walker's flags as a plain int (see _LEAF)."""
+
+    def __post_init__(self) -> None:
+        self.wants = int(self.walker.flags)
 
 
 def kvm_pgtable_walk_continue(walker: KvmPgtableWalker, r: int) -> bool:
@@ -276,9 +288,16 @@ def __kvm_pgtable_visit(
 ) -> KernelOp[int]:
     """Visit one entry: TABLE_PRE or LEAF, re-read, then descend or step over it."""
     geometry = mm_ops.geometry
-    flags = data.walker.flags
+    wants = data.wants
     ctx = KvmPgtableVisitCtx(
-        ptep, mm_ops.read(ptep, "a walker"), mm_ops, data.start, data.addr, data.end, level, flags
+        ptep,
+        mm_ops.read(ptep, "a walker"),
+        mm_ops,
+        data.start,
+        data.addr,
+        data.end,
+        level,
+        data.walker.flags,
     )
     # Between the read and the callback's write, other CPUs (the hardware setting AF or
     # dirty state, shared walkers) may change the entry: the callback's cmpxchg sees it.
@@ -286,10 +305,10 @@ def __kvm_pgtable_visit(
     ret = 0
     reload = False
     table = kvm_pte_table(ctx.old, level)
-    if table and flags & KvmPgtableWalkFlags.TABLE_PRE:
+    if table and wants & _TABLE_PRE:
         ret = yield from data.walker.cb(ctx, KvmPgtableWalkFlags.TABLE_PRE)
         reload = True
-    if not table and flags & KvmPgtableWalkFlags.LEAF:
+    if not table and wants & _LEAF:
         ret = yield from data.walker.cb(ctx, KvmPgtableWalkFlags.LEAF)
         reload = True
     # The callback may have replaced a block with a table (descend into it) or a table
@@ -307,7 +326,7 @@ def __kvm_pgtable_visit(
     ret = yield from __kvm_pgtable_walk(data, mm_ops, child, level + 1)
     if not kvm_pgtable_walk_continue(data.walker, ret):
         return ret
-    if flags & KvmPgtableWalkFlags.TABLE_POST:
+    if wants & _TABLE_POST:
         ret = yield from data.walker.cb(ctx, KvmPgtableWalkFlags.TABLE_POST)
     return 0 if kvm_pgtable_walk_continue(data.walker, ret) else ret
 
@@ -358,7 +377,7 @@ def kvm_pgtable_walk(
     end = (start + size + page_size - 1) & ~(page_size - 1)
     data = KvmPgtableWalkData(walker, start, start, end)
     token = None
-    if walker.flags & KvmPgtableWalkFlags.SHARED:
+    if data.wants & _SHARED:
         token = pgt.mm_ops.rcu.read_lock()
     try:
         return (yield from _kvm_pgtable_walk(pgt, data))
