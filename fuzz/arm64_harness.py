@@ -137,6 +137,18 @@ def _ignore(line: str) -> None:
     """The default log: say nothing."""
 
 
+def _advance(name: str, op: KernelOp[object]) -> tuple[bool, object]:
+    """One step of an actor of :meth:`Arm64Harness.interleave`: (True, its result) when it
+    finished, else (False, None). It may only be preempted, never wait: the faults hold
+    the read side of mmu_lock, a spinlock."""
+    try:
+        step = next(op)
+    except StopIteration as done:
+        return True, done.value
+    assert isinstance(step, Preempt), f"{name} waits in a spinlock section"
+    return False, None
+
+
 @dataclass(slots=True)
 class SlotView:
     """What the VMM set up for one slot."""
@@ -488,16 +500,20 @@ class Arm64Harness:
             start, size = view.base_gfn * PAGE, view.npages * PAGE
             actors["age"] = kvm_pgtable_stage2_test_clear_young(pgt, start, size, True, SHARED)
         results: dict[str, object] = {}
-        steps = list(order)
-        while actors:
+        for step in order:
+            if not actors:
+                break
             names = sorted(actors)
-            name = names[steps.pop(0) % len(names)] if steps else names[0]
-            try:
-                step = next(actors[name])
-                assert isinstance(step, Preempt), f"{name} waits in a spinlock section"
-            except StopIteration as done:
-                results[name] = done.value
+            name = names[step % len(names)]
+            finished, result = _advance(name, actors[name])
+            if finished:
+                results[name] = result
                 del actors[name]
+        for name in sorted(actors):  # the order ran out: each of the rest to its end
+            finished = False
+            while not finished:
+                finished, result = _advance(name, actors[name])
+            results[name] = result
         self.log(f"interleaved {order}: {results}")
         hardware = results["hardware"]
         assert isinstance(hardware, GuestAccessResult)
