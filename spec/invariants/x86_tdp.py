@@ -36,6 +36,8 @@ from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_T
 from kvmspec.spec.invariants import Violation
 
 TDP_RULES = ("X3", "X4", "X13", "X14", "X15")
+STALE_TLB_REQUESTS = {KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS}
+"""A vCPU with one of these pending flushes its TLB before it next enters the guest."""
 """The rules whose WARNs in the TDP MMU model this module reports."""
 
 
@@ -254,7 +256,7 @@ def check_tlbs(mmu: TdpMmuState) -> list[Violation]:
     code again."""
     violations = []
     for vcpu_id, vcpu_mmu in mmu.vcpus.items():
-        if vcpu_mmu.requests & {KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS}:
+        if vcpu_mmu.requests & STALE_TLB_REQUESTS:
             continue
         for gfn, entry in vcpu_mmu.tlb.items():
             now = None if vcpu_mmu.root is None else _translate(mmu, vcpu_mmu.root, gfn)
@@ -269,7 +271,7 @@ def check_dirty_logging(kvm: Kvm, mmu: TdpMmuState) -> list[Violation]:
     """D1 for the TDP MMU: in a slot logged through its bitmap, every gfn that the guest
     can write without KVM noticing is marked dirty. That is a writable leaf, except, with
     PML, one whose D bit is clear (the store that sets it is logged), and every writable
-    TLB entry (it was cached dirty)."""
+    TLB entry (it was cached dirty) of a vCPU that can run guest code before a flush."""
     violations = []
     writable: set[tuple[int, int]] = set()
     for sp in _live_pages(mmu):
@@ -279,6 +281,8 @@ def check_dirty_logging(kvm: Kvm, mmu: TdpMmuState) -> list[Violation]:
             if is_writable_pte(spte) and not (mmu.pml and not spte & mmu.masks.dirty_mask):
                 writable.add((sp.as_id, sp.gfn + index * kvm_pages_per_hpage(sp.level)))
     for vcpu_mmu in mmu.vcpus.values():
+        if vcpu_mmu.requests & STALE_TLB_REQUESTS:
+            continue  # flushed before the vCPU runs guest code again
         writable.update((0, gfn) for gfn, entry in vcpu_mmu.tlb.items() if entry.writable)
     for as_id, gfn in sorted(writable):
         slot = kvm.memslots(as_id).gfn_to_memslot(gfn)
