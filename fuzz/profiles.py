@@ -44,7 +44,13 @@ def register_profiles() -> None:
 def bug_hunt(examples: int) -> settings:
     """Settings for a test that must find a planted bug: the fast profile's runs, many of
     them, reproducible (derandomized), and no shrinking (finding the bug is the point, and a
-    shrunk example would only cost time)."""
+    shrunk example would only cost time).
+
+    Derandomized is reproducible only for one set of loaded modules: Hypothesis also draws
+    the literal constants of every local module it has seen (its "local constants"), so the
+    same test explores differently alone and in the whole suite. Give a hunt a budget well
+    above what it needs alone; a run stops at the first finding, so that costs nothing
+    while the bug is found."""
     return settings(
         settings.get_profile(FAST),
         max_examples=examples,

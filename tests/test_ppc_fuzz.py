@@ -192,7 +192,7 @@ def test_the_machines_failing_run_replays_as_a_fuzz_ppc_input(
     rejected as one the harness has nothing to do for)."""
     monkeypatch.setattr(hcalls, "do_tlbies", lambda hpt, tlbs, indexes: None)
     machine = ppc_machine(PPC64_HV)
-    machine.TestCase.settings = bug_hunt(500)
+    machine.TestCase.settings = bug_hunt(3000)  # a run stops at the finding
     with pytest.raises(AssertionError, match=r"P3|P6"):
         machine.TestCase().runTest()
     replayed = fuzz_ppc.run_input(bytes.fromhex(machines.LAST_RUN["reproducer"]))
