@@ -24,7 +24,13 @@ from hypothesis import strategies as st
 from kvmspec.fuzz import arm64_decoder, fuzz_arm64, machines
 from kvmspec.fuzz import atheris_support as support
 from kvmspec.fuzz.arm64_decoder import Setup
-from kvmspec.fuzz.arm64_harness import DEVICE_SLOT, SHIFTED_SLOT, THP_SLOT, Arm64Harness
+from kvmspec.fuzz.arm64_harness import (
+    DEVICE_SLOT,
+    DIRTY_MODES,
+    SHIFTED_SLOT,
+    THP_SLOT,
+    Arm64Harness,
+)
 from kvmspec.fuzz.arm64_machine import arm64_machine
 from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.reference.arch import KvmArch
@@ -87,7 +93,7 @@ def test_the_seeds_cover_every_kind_of_action_and_set_up() -> None:
     assert {setup.mmu_class for setup in setups} == set(arm64_decoder.MMU_CLASSES)
     assert {setup.hardware_af for setup in setups} == {False, True}
     assert {setup.split_chunk_size for setup in setups} == set(arm64_decoder.SPLIT_CHUNKS)
-    assert {setup.dirty_mode for setup in setups} == set(arm64_decoder.DIRTY_MODES)
+    assert {setup.dirty_mode for setup in setups} == set(DIRTY_MODES)
 
 
 @pytest.mark.parametrize("seed", ARM64_SEEDS, ids=lambda path: path.stem)
