@@ -13,16 +13,25 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
 
 from kvmspec.fuzz import campaign
 from kvmspec.fuzz.cli import main
-from kvmspec.fuzz.profiles import FAST
+from kvmspec.fuzz.profiles import FAST, register_profiles
 from kvmspec.fuzz.regressions import check_regression
 from kvmspec.fuzz.trace import load
 from kvmspec.reference import kvm_main
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.spec.uapi.memslot_rules import MrChange
+
+register_profiles()
+NO_SHRINK = "kvmspec-test-no-shrink"
+settings.register_profile(
+    NO_SHRINK,
+    settings.get_profile(FAST),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 
 
 def test_a_short_campaign_reports_every_area(tmp_path: Path) -> None:
@@ -50,7 +59,8 @@ def test_a_broken_model_is_reported_with_a_trace(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no Atheris
-    monkeypatch.setattr(campaign, "THOROUGH", FAST)  # shorter runs shrink faster
+    # Short runs, not shrunk: shrinking is Hypothesis's own, and would take a minute here.
+    monkeypatch.setattr(campaign, "THOROUGH", NO_SHRINK)
     monkeypatch.setattr(kvm_main, "kvm_commit_memory_region", miscounting_commit)
     assert main(["campaign", "--minutes", "0.05", "--target", "reference", "memslots/x86_64"]) == 1
     out = capsys.readouterr().out
