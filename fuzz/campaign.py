@@ -6,8 +6,8 @@ campaign runs the state machines in short slices (``SLICE_EXAMPLES`` examples of
 at a time, taking the areas in turn; all of them share Hypothesis's example database in
 ``.hypothesis/`` (so a failure found once is retried first next time). With Atheris installed,
 one more process runs the fuzzers one after the other: the memslot fuzzer
-(fuzz/fuzz_memslots.py), the generic-layer fuzzer (fuzz/fuzz_generic.py), then the x86
-shadow-MMU fuzzer (fuzz/fuzz_x86.py). ``--workers N`` sets the number of processes (default:
+(fuzz/fuzz_memslots.py), the generic-layer fuzzer (fuzz/fuzz_generic.py), the x86 shadow-MMU
+fuzzer (fuzz/fuzz_x86.py) and the POWER HPT fuzzer (fuzz/fuzz_ppc.py). ``--workers N`` sets the number of processes (default:
 one per core): the fuzzers take one, the state machines the others; with one worker they take
 turns, the state machines first.
 
