@@ -234,7 +234,7 @@ def test_the_machines_failing_run_replays_as_a_fuzz_arm64_input(
 def test_a_machine_on_a_planted_mmu_leaves_no_reproducer() -> None:
     """fuzz_arm64 has no byte for a test's MMU class: such a run keeps its trace only."""
     machine = arm64_machine(mmu_classes=(EmptiedFlushShadowAll,))
-    machine.TestCase.settings = bug_hunt(200)
+    machine.TestCase.settings = bug_hunt(500)
     with pytest.raises(AssertionError, match="S001-FLUSH-ALL"):
         machine.TestCase().runTest()
     assert "reproducer" not in machines.LAST_RUN
