@@ -63,6 +63,12 @@ fuzz-ppc: $(STAMP)
 	@mkdir -p build/corpus/ppc
 	$(PY) fuzz/fuzz_ppc.py -max_total_time=60 -max_len=256 build/corpus/ppc corpus/seeds/ppc
 
+## fuzz-arm64: run the arm64 stage-2 Atheris fuzzer for 60 seconds; new inputs go to
+# build/corpus/arm64, the seeds are only read
+fuzz-arm64: $(STAMP)
+	@mkdir -p build/corpus/arm64
+	$(PY) fuzz/fuzz_arm64.py -max_total_time=60 -max_len=256 build/corpus/arm64 corpus/seeds/arm64
+
 ## crosshair: check the pure contracts of the uAPI decision functions symbolically.
 # CrossHair walks package parents, so it sees kvmspec as a regular package through a symlink
 # tree; icontract's wrappers are switched off so that only the rules themselves are explored.

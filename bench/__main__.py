@@ -13,11 +13,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import Figure, fuzzer, generic, guest, lookup, memory, memslots, ppc, x86
+from bench import Figure, arm64, fuzzer, generic, guest, lookup, memory, memslots, ppc, x86
 from kvmspec.spec import dbc
-from kvmspec.spec.platforms import DEFAULT_PROFILE, PPC64_HV, PlatformProfile
+from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PPC64_HV, PlatformProfile
 
-SECTIONS = ("memslots", "lookup", "memory", "fuzzer", "generic", "guest", "x86", "ppc")
+SECTIONS = ("memslots", "lookup", "memory", "fuzzer", "generic", "guest", "x86", "ppc", "arm64")
 RATIO_GOAL = 1.0
 LOOKUP_RATIO_GOAL = 2.0
 MEMORY_GOAL_MIB = 100.0
@@ -26,6 +26,8 @@ GENERIC_STEPS_GOAL = 20000.0
 GUEST_RATIO_GOAL = 10.0
 X86_MACHINE_GOAL = 1000.0
 X86_FUZZ_GOAL = 1000.0
+ARM64_MACHINE_GOAL = 1000.0
+ARM64_FUZZ_GOAL = 1000.0
 
 
 def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -316,6 +318,73 @@ def section_ppc(profile: PlatformProfile, quick: bool) -> list[Figure]:
     return figures
 
 
+def section_arm64(profile: PlatformProfile, quick: bool) -> list[Figure]:
+    # The arm64 figures run on the arm64 profile, whatever the bench's profile.
+    seconds = 2.0 if quick else 10.0
+    rate = arm64.machine_steps_per_second(ARM64, seconds)
+    steps = Figure(
+        "arm64 state machine steps/s",
+        f"{rate:,.0f}",
+        f">= {ARM64_MACHINE_GOAL:,.0f}",
+        rate >= ARM64_MACHINE_GOAL,
+    )
+    fuzz_seconds = 5 if quick else 20
+    speed = fuzzer.measure(fuzz_seconds, contracts=True, script=arm64.FUZZ_ARM64)
+    label = "fuzz_arm64.py exec/s, contracts on"
+    figures = [steps]
+    if speed.error:
+        fuzz_row = [label, f"failed: {speed.error}", "", "", ""]
+    else:
+        met = speed.exec_per_second >= ARM64_FUZZ_GOAL
+        executions = Figure(
+            label, f"{speed.exec_per_second:,.0f}", f">= {ARM64_FUZZ_GOAL:,.0f}", met
+        )
+        figures.append(executions)
+        actions = f"{speed.actions_per_second:,.0f}"
+        fuzz_row = [label, executions.value, actions, executions.goal, executions.verdict]
+    _print_table(
+        f"arm64 stage 2: the campaign's state machine (slices of "
+        f"{arm64.SLICE_EXAMPLES} examples, about {seconds:.0f} s) and fuzz_arm64.py under "
+        f"libFuzzer (-max_len={arm64.FUZZ_ARM64.max_len}, about {fuzz_seconds} s from "
+        f"{arm64.FUZZ_ARM64.seeds})",
+        ["figure", "value", "harness actions/s", "goal", ""],
+        [[steps.name, steps.value, "", steps.goal, steps.verdict], fuzz_row],
+    )
+    for finding in speed.findings:
+        print(f"  {label}: a run stopped ({finding[:160]}); continued with a new run")
+
+    pages = (100, 1_000) if quick else arm64.WALK_PAGES
+    cost = arm64.walk_cost(pages)
+    low, high = arm64.WALK_RATIO_GOAL
+    walk = Figure(
+        f"stage-2 walk over 1 TiB, {pages[1]:,} pages / {pages[0]:,} pages",
+        f"{cost.tib_ratio:.1f}",
+        f"{low:.0f} to {high:.0f} (pages x{cost.page_ratio:.0f})",
+        low <= cost.tib_ratio <= high,
+    )
+    span = Figure(
+        f"the same {pages[1]:,} pages walked over 1 TiB / over 1 GiB",
+        f"{cost.range_ratio:.2f}",
+        f"<= {arm64.RANGE_RATIO_GOAL:.0f}",
+        cost.range_ratio <= arm64.RANGE_RATIO_GOAL,
+    )
+    rows = [
+        [f"{n:>6,} pages over {name}", f"{seconds_ * 1000:,.0f}", "", "", ""]
+        for name, times in (("1 TiB", cost.tib), ("1 GiB", cost.gib))
+        for n, seconds_ in sorted(times.items())
+    ]
+    over_tib = f"{cost.gib_pages_over_tib * 1000:,.0f}"
+    rows.append([f"{pages[1]:>6,} pages over 1 GiB, walked over 1 TiB", over_tib, "", "", ""])
+    rows += [[f.name, "", f.value, f.goal, f.verdict] for f in (walk, span)]
+    _print_table(
+        "arm64 stage-2 walk (kvm_pgtable_stage2_test_clear_young, no clearing; 4 KiB pages "
+        "at an even stride, 40-bit IPA), ms per walk",
+        ["walk", "ms", "ratio", "goal", ""],
+        rows,
+    )
+    return [*figures, walk, span]
+
+
 RUNNERS = {
     "memslots": section_memslots,
     "lookup": section_lookup,
@@ -325,6 +394,7 @@ RUNNERS = {
     "guest": section_guest,
     "x86": section_x86,
     "ppc": section_ppc,
+    "arm64": section_arm64,
 }
 
 

@@ -7,7 +7,8 @@ at a time, taking the areas in turn; all of them share Hypothesis's example data
 ``.hypothesis/`` (so a failure found once is retried first next time). With Atheris installed,
 one more process runs the fuzzers one after the other: the memslot fuzzer
 (fuzz/fuzz_memslots.py), the generic-layer fuzzer (fuzz/fuzz_generic.py), the x86 shadow-MMU
-fuzzer (fuzz/fuzz_x86.py) and the POWER HPT fuzzer (fuzz/fuzz_ppc.py). ``--workers N`` sets the number of processes (default:
+fuzzer (fuzz/fuzz_x86.py), the POWER HPT fuzzer (fuzz/fuzz_ppc.py) and the arm64 stage-2
+fuzzer (fuzz/fuzz_arm64.py). ``--workers N`` sets the number of processes (default:
 one per core): the fuzzers take one, the state machines the others; with one worker they take
 turns, the state machines first.
 
@@ -103,6 +104,14 @@ FUZZ_AREAS = (
         "ppc",
         "kvmspec.fuzz.fuzz_ppc",
         Path("corpus/seeds/ppc"),
+        256,
+        counts_actions=True,
+    ),
+    FuzzArea(
+        "atheris/arm64",
+        "arm64",
+        "kvmspec.fuzz.fuzz_arm64",
+        Path("corpus/seeds/arm64"),
         256,
         counts_actions=True,
     ),

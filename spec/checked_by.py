@@ -34,8 +34,8 @@ SHADOW_WARNS = (
 )
 STAGE2 = (
     "arm64 stage-2 checks of spec/invariants/arm64.py ({}), run by check_stage2 after every"
-    " action of the arm64 harness (kvmspec.fuzz.arm64_machine, the campaign's arm64 area) and"
-    " at the end of every scenario test of tests/test_arm64_stage2.py"
+    " action of the arm64 harness (kvmspec.fuzz.arm64_machine, the campaign's arm64 area,"
+    " fuzz/fuzz_arm64.py) and at the end of every scenario test of tests/test_arm64_stage2.py"
 )
 ARM64_TRANSLATIONS = (
     "check_stage2_translations of spec/invariants/arm64.py ({}), after every action of the"
@@ -56,6 +56,7 @@ _X86_SPTE = "tests/test_x86_spte.py::"
 _ARM64 = "tests/test_arm64_stage2.py::"
 _ARM64_WALKER = "tests/test_arm64_walker.py::"
 _ARM64_MMU = "tests/test_arm64_mmu.py::"
+_ARM64_FUZZ = "tests/test_arm64_fuzz.py::"
 _PPC = "tests/test_ppc_hpt.py::"
 _PPC_FAULT = "tests/test_ppc_fault.py::"
 _PPC_FUZZ = "tests/test_ppc_fuzz.py::"
@@ -260,6 +261,8 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "A1": (
         STAGE2.format("check_break_before_make, over the history of every descriptor"),
         _scenario(_ARM64, "test_a_missing_tlbi_is_caught_by_the_break_before_make_check"),
+        _scenario(_ARM64_FUZZ, "test_seed_001_a_plain_store_instead_of_cmpxchg_is_found_by_fuzzing")
+        + " (a plain store in every shared walk breaks break-before-make)",
     ),
     "A2": (
         STAGE2.format(
@@ -307,6 +310,7 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         "the arm64 harness: after kvm_mmu_notifier_release, no stage-2 translation is left",
         _scenario(_ARM64_MMU, "test_seed_001_an_emptied_flush_shadow_all_is_caught"),
         _scenario(_ARM64_MMU, "test_seed_001_the_machine_finds_an_emptied_flush_shadow_all"),
+        _scenario(_ARM64_FUZZ, "test_seed_001_an_emptied_flush_shadow_all_is_found_by_fuzzing"),
     ),
     "S001-NO-LOST-UPDATE": (
         STAGE2.format("check_no_lost_hardware_updates"),
