@@ -7,7 +7,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MINUTES ?= 1
 
-.PHONY: run test lint typecheck bench fuzz fuzz-generic fuzz-x86 fuzz-ppc fuzz-arm64 crosshair clean
+.PHONY: run test lint typecheck bench fuzz fuzz-generic fuzz-x86 fuzz-ppc fuzz-arm64 crosshair clean \
+	example-target
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,3 +85,10 @@ crosshair: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+## example-target: build the C conformance target of the subprocess protocol
+# (examples/c-target; run it with --target "subprocess:./examples/c-target/kvm-c-target")
+example-target: examples/c-target/kvm-c-target
+
+examples/c-target/kvm-c-target: examples/c-target/kvm-c-target.c
+	$(CC) -O2 -Wall -Werror -o $@ $<
