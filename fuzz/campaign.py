@@ -57,6 +57,7 @@ from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.fuzz.radix_machine import RadixMachine
 from kvmspec.fuzz.regressions import cite, rule_of, write_regression_test
 from kvmspec.fuzz.targets import TargetUnavailable, make_target
+from kvmspec.fuzz.tdp_machine import tdp_machine
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.spec.checked_by import CHECKED_BY, NOT_CHECKED
 from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PPC64_HV, PPC64_HV_RADIX, PROFILES
@@ -141,6 +142,9 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
         areas.append(Area(f"guest/{DEFAULT_PROFILE.name}", "reference", guest))
         x86 = x86_machine(DEFAULT_PROFILE)
         areas.append(Area(f"x86/{DEFAULT_PROFILE.name}", "reference", x86))
+        areas.append(Area("x86-tdp/x86_64", "reference", tdp_machine()))
+        areas.append(Area("x86-tdp/x86_64-no-ad", "reference", tdp_machine(ad_bits=False)))
+        areas.append(Area("x86-tdp/x86_64-pml", "reference", tdp_machine(pml=True)))
         areas.append(Area(f"arm64/{ARM64.name}", "reference", arm64_machine(ARM64)))
         areas.append(Area(f"ppc/{PPC64_HV.name}", "reference", ppc_machine(PPC64_HV)))
         areas.append(Area(f"ppc/{PPC64_HV_RADIX.name}", "reference", RadixMachine))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kvmspec.fuzz import machines
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import KernelOp, Preempt, WaitUntil, run_to_completion
@@ -131,8 +132,17 @@ class TdpVm:
         )
 
     def wrprot(self) -> KernelOp[bool]:
-        slot = self.slot_range(0).slot
-        return kvm_tdp_mmu_wrprot_slot(self.kvm, self.mmu, slot, 1)
+        """Write-protect the slot as enabling dirty logging does: the walk under the read
+        side of mmu_lock, then the caller's flush (kvm_mmu_slot_apply_flags flushes
+        unconditionally, so no TLB keeps a W the tables no longer give)."""
+        slot = self.slot_range(0).slot  # the slot of now, before the first step
+
+        def protect_and_flush() -> KernelOp[bool]:
+            flush = yield from kvm_tdp_mmu_wrprot_slot(self.kvm, self.mmu, slot, 1)
+            self.mmu.kvm_flush_remote_tlbs_memslot(self.kvm, slot)
+            return flush
+
+        return protect_and_flush()
 
     def tables(self, level: int) -> list[TdpMmuPage]:
         """The tables of ``level`` linked in a tree now, oldest first (the NX recovery
@@ -191,9 +201,12 @@ class TdpMachine(RuleBasedStateMachine):
         super().__init__()
         self.vm = TdpVm(self.masks, self.pml)
         self.ops: list[InFlight] = []
+        # The interleaving so far: which operation started, and which one took a step.
+        self.schedule: list[str] = []
 
     def _start(self, name: str, op: KernelOp[object]) -> None:
         self.ops.append(InFlight(name, op))
+        self.schedule.append(f"start {name}")
 
     def _lock_free(self) -> bool:
         """Writers (notifiers, harvests, the fast zap's first step) run in one step: only
@@ -241,6 +254,7 @@ class TdpMachine(RuleBasedStateMachine):
         if not runnable:
             raise AssertionError(f"deadlock: {[op.name for op in self.ops]}")
         chosen = runnable[which % len(runnable)]
+        self.schedule.append(f"step {chosen.name}")
         done, value = step(chosen.op)
         if done:
             self.ops.remove(chosen)
@@ -289,6 +303,12 @@ class TdpMachine(RuleBasedStateMachine):
 
     @invariant()
     def checked(self) -> None:
+        # The campaign's counters, and the interleaving as the failing run's trace.
+        machines.STATS["steps"] += 1
+        machines.STATS["invariant_checks"] += 1
+        machines.LAST_RUN["trace"] = "\n".join(self.schedule) + "\n"
+        machines.LAST_RUN["suffix"] = ".schedule.txt"
+        machines.LAST_RUN.pop("reproducer", None)
         self.vm.check(quiescent=not self.ops)
 
 

@@ -63,7 +63,12 @@ _PPC_FUZZ = "tests/test_ppc_fuzz.py::"
 _RADIX = "tests/test_ppc_radix.py::"
 _X86_FAST = "tests/test_x86_fast_pf.py::"
 _X86_APIC = "tests/test_x86_apic_migration.py::"
-_TDP_MMU = f"{NOT_CHECKED}: the x86 TDP MMU is not modelled (reference/x86 is the shadow MMU)"
+TDP_MMU = (
+    "x86 TDP MMU checks of spec/invariants/x86_tdp.py ({}), run by check_tdp_mmu after every"
+    " step of kvmspec.fuzz.tdp_machine (with A/D bits, without, with PML: the campaign's"
+    " x86-tdp areas) and in tests/test_x86_tdp_mmu.py"
+)
+_X86_TDP = "tests/test_x86_tdp_mmu.py::"
 
 
 def _scenario(path: str, name: str) -> str:
@@ -102,6 +107,9 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         ARM64_TRANSLATIONS.format("every leaf maps the host's page"),
         _scenario(_ARM64_MMU, "test_a_fault_path_without_the_retry_check_is_caught"),
         _scenario(_ARM64_MMU, "test_a_fault_racing_an_invalidation_installs_nothing"),
+        TDP_MMU.format("check_leaves_match_host"),
+        _scenario(_X86_TDP, "test_a_fault_that_resolved_its_pfn_before_an_invalidation_retries"),
+        _scenario(_X86_TDP, "test_planted_fault_that_ignores_the_invalidation_is_caught"),
     ),
     "N5": (
         TRANSLATIONS,
@@ -126,6 +134,8 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         DIRTY_CONTRACT,
         _scenario(_ARM64_MMU, "test_a_write_fault_that_logs_nothing_is_caught"),
         _scenario(_ARM64_MMU, "test_a_harvest_that_reprotects_nothing_is_caught"),
+        TDP_MMU.format("check_dirty_logging"),
+        _scenario(_X86_TDP, "test_planted_harvest_without_reprotection_is_caught"),
     ),
     "D2": (DIRTY_CHECKS, f"scenario test `{_GENERIC_TESTS}test_d2_write_after_get_is_logged`"),
     "D3": (f"scenario test `{_GENERIC_TESTS}test_d3_clear_reprotects_exactly`",),
@@ -188,6 +198,8 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "X5": (
         SHADOW_MMU.format("check_tlbs: no TLB entry beyond what the tables translate"),
         SHADOW_WARNS.format("a shadow page freed while live"),
+        TDP_MMU.format("check_tlbs"),
+        _scenario(_X86_TDP, "test_planted_missing_unmap_or_flush_is_caught"),
     ),
     "X6": (
         SHADOW_MMU.format("check_shadowed_tables_write_protected"),
@@ -243,9 +255,35 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         f"{NOT_CHECKED}: the shadow-page limit (KVM_SET_NR_MMU_PAGES, make_mmu_pages_available,"
         " the shrinker) is not modelled",
     ),
-    "X13": (_TDP_MMU,),
-    "X14": (_TDP_MMU,),
-    "X15": (_TDP_MMU,),
+    "X13": (
+        TDP_MMU.format("check_frozen"),
+        _scenario(_X86_TDP, "test_a_table_zap_racing_a_fault_freezes_it_and_leaves_nothing_frozen"),
+        _scenario(_X86_TDP, "test_planted_zap_that_leaves_a_frozen_spte_is_caught"),
+    ),
+    "X14": (
+        TDP_MMU.format("check_roots"),
+        _scenario(_X86_TDP, "test_a_root_is_freed_only_after_the_rcu_readers_leave"),
+        _scenario(_X86_TDP, "test_delete_returns_only_after_the_invalidated_roots_are_zapped"),
+        _scenario(
+            _X86_TDP,
+            "test_move_zaps_the_old_root_and_the_guest_finds_its_data_at_the_new_place",
+        ),
+        _scenario(_X86_TDP, "test_planted_root_free_without_a_grace_period_is_caught"),
+        _scenario(_X86_TDP, "test_planted_root_without_the_mmus_own_reference_is_caught"),
+        _scenario(_X86_TDP, "test_planted_delete_that_skips_zapping_invalidated_roots_is_caught"),
+    ),
+    "X15": (
+        TDP_MMU.format("check_atomic_updates"),
+        _scenario(
+            _X86_TDP, "test_two_faults_on_one_gfn_one_wins_the_other_retries_without_side_effects"
+        ),
+        _scenario(_X86_TDP, "test_two_faults_racing_to_link_a_table_the_loser_frees_its_own"),
+        _scenario(_X86_TDP, "test_planted_cmpxchg_that_stores_without_comparing_is_caught"),
+        _scenario(_X86_TDP, "test_planted_bookkeeping_after_a_failed_exchange_is_caught"),
+        _scenario(_X86_TDP, "test_lockless_aging_racing_write_protection_loses_no_update"),
+        _scenario(_X86_TDP, "test_planted_aging_by_plain_store_is_caught"),
+        _scenario(_X86_TDP, "test_tdp_machine_finds_a_planted_cmpxchg_that_does_not_compare"),
+    ),
     "X16": (
         SHADOW_WARNS.format(
             "check_fast_pf_change in fast_pf_fix_direct_spte; the state machines never take the"

@@ -13,4 +13,10 @@ guest page-table writes), ``roots`` and ``tlb`` (each vCPU's roots, requests and
 ``unsync`` (unsync shadow pages and their sync on CR3 loads and INVLPG), ``fast_pf`` (the
 lockless fast page fault) and ``guest_access`` (a guest instruction: the hardware walk, the
 fault, the emulator).
+
+The TDP MMU (a profile option; this machine's KVM runs the shadow MMU), in reading order:
+:mod:`~kvmspec.reference.x86.tdp_arch` (the KvmArch hooks, start here), ``tdp_iter`` (the
+tables and the iterator that walks them, yielding and restarting), ``tdp_mmu_roots`` (roots
+and their reference counts), ``tdp_mmu`` (atomic SPTE updates, FROZEN SPTEs, zap, aging,
+write-protection and dirty clearing) and ``tdp_fault`` (the page fault and the hardware walk).
 """
