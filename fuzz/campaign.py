@@ -372,6 +372,14 @@ class MachinePool:
             if outcome.failure is not None:
                 result.failures.append(outcome.failure)
 
+    def cut_short(self) -> list[str]:
+        """End the slices still running: their workers are replaced; the areas they ran."""
+        names = [name for name, _ in self.pending.values()]
+        self.stop()
+        self.pending.clear()
+        self.workers = [self._new_worker() for _ in self.workers]
+        return names
+
     def stop(self) -> None:
         """Stop at once: cancel what has not started, end the workers."""
         for worker in self.workers:
@@ -383,6 +391,11 @@ class MachinePool:
     def close(self) -> None:
         for worker in self.workers:
             worker.shutdown(wait=True)
+
+
+def _grace(budget: float) -> float:
+    """How long slices may run on past the budget before they are cut short."""
+    return max(30.0, budget / 10)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -461,6 +474,15 @@ def run_campaign(
                 else:
                     time.sleep(0.5)
                 live.update(_table(everything, time.monotonic() - start, budget, processes))
+                if pool is not None and pool.pending and elapsed >= machine_budget + _grace(budget):
+                    # A slice that runs on long past the budget (a long shrink) is cut short:
+                    # Hypothesis has already saved what it found in the example database,
+                    # where the next campaign starts from it.
+                    for name in pool.cut_short():
+                        console.print(
+                            f"[yellow]cut short[/] a slice of {name} still running"
+                            f" {elapsed - machine_budget:.0f} s after the budget"
+                        )
                 machines_done = pool is None or (elapsed >= machine_budget and not pool.pending)
                 fuzzers_done = fuzzers is None or not fuzzers.thread.is_alive()
                 if machines_done and fuzzers_done:

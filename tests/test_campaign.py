@@ -182,3 +182,18 @@ def test_workers_and_minutes_are_checked(capsys: pytest.CaptureFixture[str]) -> 
     assert "--workers 0: at least 1" in capsys.readouterr().err
     assert main(["campaign", "--minutes", "-1"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_a_slice_running_long_past_the_budget_is_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slice stuck long after the budget (here: a model that sleeps in every commit) is
+    ended after the grace period; the campaign reports it and ends."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no Atheris
+    monkeypatch.setattr(campaign, "_grace", lambda budget: 1.0)
+    monkeypatch.setattr(kvm_main, "kvm_commit_memory_region", lambda *args: time.sleep(600))
+    began = time.monotonic()
+    assert campaign.run_campaign(["memslots/arm64"], 0.02, "reference", None, workers=1) == 0
+    assert time.monotonic() - began < 30
+    assert "cut short" in capsys.readouterr().out
