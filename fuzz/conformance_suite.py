@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, note, settings
+from hypothesis import HealthCheck, Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
@@ -37,6 +37,7 @@ from kvmspec.fuzz.targets.subprocess_target import TargetError, UnsupportedOpera
 from kvmspec.fuzz.trace import TraceError, load
 from kvmspec.spec.platforms import PROFILES
 
+NO_SHRINK = [phase for phase in Phase if phase not in (Phase.shrink, Phase.explain)]
 SKIPPED: Counter[str] = Counter()
 """Operations the differential machine left out because the target does not support them."""
 
@@ -193,8 +194,11 @@ def test_differential_machine(
     machine = type(
         f"ConformanceDifferential[{profile.name}]", (ConformanceDifferential,), attributes
     )
+    # Hypothesis's shrinking of this machine takes minutes; it is asked for explicitly.
+    phases = list(Phase) if pytestconfig.getoption("kvmspec_shrink") else NO_SHRINK
     machine.TestCase.settings = settings(
         max_examples=examples,
+        phases=phases,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

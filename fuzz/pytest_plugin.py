@@ -64,6 +64,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "0 skips it)",
     )
     group.addoption(
+        "--kvmspec-shrink",
+        action="store_true",
+        help="shrink a failing differential run to a minimal one (can take minutes); by "
+        "default the first failing run is reported as found",
+    )
+    group.addoption(
         "--kvmspec-timeout",
         metavar="SECONDS",
         type=float,
