@@ -191,7 +191,7 @@ def test_differential_machine(
         "other": staticmethod(kvmspec_target_factory),
         "decode": staticmethod(DECODERS["memslots"]),
     }
-    machine = type(
+    machine: type[ConformanceDifferential] = type(
         f"ConformanceDifferential[{profile.name}]", (ConformanceDifferential,), attributes
     )
     # Hypothesis's shrinking of this machine takes minutes; it is asked for explicitly.

@@ -115,7 +115,7 @@ def target_factory(spec: str, timeout: float = DEFAULT_TIMEOUT) -> TargetFactory
         raise pytest.UsageError(
             f"--kvmspec-target={spec}: {attribute} is not a callable of {module_name}"
         )
-    factory: TargetFactory = found  # type: ignore[assignment]
+    factory: TargetFactory = found
     return factory
 
 

@@ -256,7 +256,7 @@ def test_c_target_leaks_no_descriptor_and_exits_cleanly(c_target: Path) -> None:
         ("exit", "closed its output; exited with status 7; stderr: child: cannot go on"),
         ("garbage", "answered a line that is not a JSON object: 'hello, not json'"),
         ("no-errno", 'answered without a valid "errno": \'{"result": 1}\''),
-        ("hang", "no answer within 0.5 s"),
+        ("hang", "the child gave no answer within 0.5 s"),
     ],
 )
 def test_a_failing_child_is_one_line_naming_the_command_and_the_op(

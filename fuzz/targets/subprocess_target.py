@@ -198,7 +198,7 @@ class SubprocessTarget:
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._failure(what, f"no answer within {self.timeout:g} s")
+                raise self._failure(what, f"gave no answer within {self.timeout:g} s")
             ready, _, _ = select.select([fd], [], [], remaining)
             if not ready:
                 continue
