@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
-from kvmspec.fuzz.machines import DECODERS, DifferentialMachine, HypothesisChooser
+from kvmspec.fuzz.machines import DECODERS, STATS, DifferentialMachine, HypothesisChooser
 from kvmspec.fuzz.ops import Observation
 from kvmspec.fuzz.pytest_plugin import TargetFactory, corpus_folder
 from kvmspec.fuzz.regressions import cite, rule_of
@@ -161,6 +161,8 @@ class ConformanceDifferential(DifferentialMachine):
             self.differences.append(f"{op.NAME}: target failed: {error}")
             return
         expected, violations = self.reference.apply(op)
+        STATS["steps"] += 1
+        STATS["invariant_checks"] += 1
         note(f"  reference -> {json.dumps(expected)}")
         note(f"  {name} -> {json.dumps(observed)}")
         if expected != observed:

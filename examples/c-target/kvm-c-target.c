@@ -8,8 +8,9 @@
  * ({"errno": 0}, {"errno": "EEXIST"}, {"errno": 0, "bitmap": [...]}, ...).
  *
  * It drives one real VM through /dev/kvm, the way any VMM would, for a subset of the
- * operations: mmap, set_user_memory_region, get_dirty_log, clear_dirty_log,
- * check_extension and enable_cap (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 only). Every other
+ * operations: mmap, set_user_memory_region, set_user_memory_region2, create_guest_memfd,
+ * get_dirty_log, clear_dirty_log, check_extension, enable_cap
+ * (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 only), create_vcpu and reset_dirty_rings. Every other
  * operation is answered {"unsupported": "<op>"}, which kvmspec reports as skipped, not
  * failed. An input it cannot read ends the program with status 2 and one line on standard
  * error; a platform it cannot serve, or a /dev/kvm it cannot open, with status 3.
@@ -49,6 +50,25 @@ struct kvm_userspace_memory_region {
 	uint64_t userspace_addr;
 };
 
+/* REGION2 adds a guest_memfd binding; the pads must be zero. */
+struct kvm_userspace_memory_region2 {
+	uint32_t slot;
+	uint32_t flags;
+	uint64_t guest_phys_addr;
+	uint64_t memory_size;
+	uint64_t userspace_addr;
+	uint64_t guest_memfd_offset;
+	uint32_t guest_memfd;
+	uint32_t pad1;
+	uint64_t pad2[14];
+};
+
+struct kvm_create_guest_memfd {
+	uint64_t size;
+	uint64_t flags;
+	uint64_t reserved[6];
+};
+
 struct kvm_dirty_log {
 	uint32_t slot;
 	uint32_t padding1;
@@ -72,10 +92,14 @@ struct kvm_enable_cap {
 #define KVM_GET_API_VERSION _IO(KVMIO, 0x00)
 #define KVM_CREATE_VM _IO(KVMIO, 0x01)
 #define KVM_CHECK_EXTENSION _IO(KVMIO, 0x03)
+#define KVM_CREATE_VCPU _IO(KVMIO, 0x41)
 #define KVM_GET_DIRTY_LOG _IOW(KVMIO, 0x42, struct kvm_dirty_log)
 #define KVM_SET_USER_MEMORY_REGION _IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)
+#define KVM_SET_USER_MEMORY_REGION2 _IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)
 #define KVM_ENABLE_CAP _IOW(KVMIO, 0xa3, struct kvm_enable_cap)
 #define KVM_CLEAR_DIRTY_LOG _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)
+#define KVM_RESET_DIRTY_RINGS _IO(KVMIO, 0xc7)
+#define KVM_CREATE_GUEST_MEMFD _IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)
 
 /* The capabilities a trace can name (the `cap` field kind), with their numbers. */
 static const struct {
@@ -442,6 +466,13 @@ static const char *get_string(const struct object *o, const char *key)
 struct region {
 	char name[MAX_STRING];
 	uint64_t address;
+	uint64_t size;
+};
+
+/* A named guest_memfd: the descriptor KVM_CREATE_GUEST_MEMFD returned. */
+struct gmem {
+	char name[MAX_STRING];
+	int fd;
 };
 
 /*
@@ -459,6 +490,10 @@ static struct {
 	size_t nregions;
 	struct slot *slots;
 	size_t nslots;
+	struct gmem *gmems;
+	size_t ngmems;
+	int *vcpu_fds;
+	size_t nvcpus;
 } vmm = {.vm_fd = -1};
 
 /* Grow an array by one element; the program cannot go on without memory. */
@@ -572,6 +607,7 @@ static void op_mmap(const struct object *o)
 	}
 	vmm.regions = grow(vmm.regions, vmm.nregions, sizeof(*vmm.regions));
 	snprintf(vmm.regions[vmm.nregions].name, MAX_STRING, "%s", get_string(o, "region"));
+	vmm.regions[vmm.nregions].size = get_u64(o, "size");
 	vmm.regions[vmm.nregions++].address = (uint64_t)(uintptr_t)address;
 	printf("{\"errno\": 0, \"hva\": %" PRIu64 "}\n", (uint64_t)(uintptr_t)address);
 }
@@ -593,6 +629,92 @@ static void op_set_user_memory_region(const struct object *o)
 	}
 	track_slot(region.slot, region.memory_size);
 	answer_errno(0);
+}
+
+/* A descriptor number that is not open, so that the kernel's fget() fails with EBADF: how a
+ * trace's integer guest_memfd, or a name whose creation failed, reaches KVM. */
+static int closed_descriptor(void)
+{
+	int fd = 4096;
+
+	while (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
+		fd++;
+	return fd;
+}
+
+/* The descriptor a `guest_memfd` field stands for. */
+static int guest_memfd(const struct value *v)
+{
+	for (size_t i = 0; v && v->kind == V_STRING && i < vmm.ngmems; i++)
+		if (strcmp(vmm.gmems[i].name, v->string) == 0)
+			return vmm.gmems[i].fd;
+	return closed_descriptor();
+}
+
+/* KVM_SET_USER_MEMORY_REGION2: the v1 fields and the guest_memfd binding; pads stay zero. */
+static void op_set_user_memory_region2(const struct object *o)
+{
+	struct kvm_userspace_memory_region2 region = {
+		.slot = (uint32_t)get_u64(o, "slot"),
+		.flags = (uint32_t)get_u64(o, "flags"),
+		.guest_phys_addr = get_u64(o, "guest_phys_addr"),
+		.memory_size = get_u64(o, "memory_size"),
+		.userspace_addr = resolve(find(o, "userspace_addr")),
+		.guest_memfd_offset = get_u64(o, "guest_memfd_offset"),
+		.guest_memfd = (uint32_t)guest_memfd(find(o, "guest_memfd")),
+	};
+
+	if (ioctl(vmm.vm_fd, KVM_SET_USER_MEMORY_REGION2, &region) < 0) {
+		answer_errno(errno);
+		return;
+	}
+	track_slot(region.slot, region.memory_size);
+	answer_errno(0);
+}
+
+/* KVM_CREATE_GUEST_MEMFD: on success the file is known as `gmem`. */
+static void op_create_guest_memfd(const struct object *o)
+{
+	struct kvm_create_guest_memfd create = {
+		.size = get_u64(o, "size"),
+		.flags = get_u64(o, "flags"),
+	};
+	int fd = ioctl(vmm.vm_fd, KVM_CREATE_GUEST_MEMFD, &create);
+
+	if (fd < 0) {
+		answer_errno(errno);
+		return;
+	}
+	vmm.gmems = grow(vmm.gmems, vmm.ngmems, sizeof(*vmm.gmems));
+	snprintf(vmm.gmems[vmm.ngmems].name, MAX_STRING, "%s", get_string(o, "gmem"));
+	vmm.gmems[vmm.ngmems++].fd = fd;
+	answer_errno(0);
+}
+
+/* KVM_CREATE_VCPU: the vCPU is only created (this example runs no guest). */
+static void op_create_vcpu(const struct object *o)
+{
+	int fd = ioctl(vmm.vm_fd, KVM_CREATE_VCPU, (unsigned long)get_u64(o, "id"));
+
+	if (fd < 0) {
+		answer_errno(errno);
+		return;
+	}
+	vmm.vcpu_fds = grow(vmm.vcpu_fds, vmm.nvcpus, sizeof(*vmm.vcpu_fds));
+	vmm.vcpu_fds[vmm.nvcpus++] = fd;
+	answer_errno(0);
+}
+
+/* KVM_RESET_DIRTY_RINGS: {"errno": 0, "result": entries reset}. */
+static void op_reset_dirty_rings(const struct object *o)
+{
+	int reset = ioctl(vmm.vm_fd, KVM_RESET_DIRTY_RINGS, 0UL);
+
+	(void)o;
+	if (reset < 0)
+		answer_errno(errno);
+	else
+		printf("{\"errno\": 0, \"result\": %d}\n", reset);
 }
 
 /* KVM_GET_DIRTY_LOG: the bitmap is ALIGN(npages, 64) / 8 bytes, printed as u64 words. A slot
@@ -707,6 +829,10 @@ static const struct {
 } operations[] = {
 	{"mmap", op_mmap},
 	{"set_user_memory_region", op_set_user_memory_region},
+	{"set_user_memory_region2", op_set_user_memory_region2},
+	{"create_guest_memfd", op_create_guest_memfd},
+	{"create_vcpu", op_create_vcpu},
+	{"reset_dirty_rings", op_reset_dirty_rings},
 	{"get_dirty_log", op_get_dirty_log},
 	{"clear_dirty_log", op_clear_dirty_log},
 	{"check_extension", op_check_extension},
@@ -763,12 +889,20 @@ static void create_vm(void)
 	close(kvm_fd);
 }
 
-/* Unmap every region and close the VM: the exit would do it too, but a VMM that cleans up
- * is the example to follow. */
+/* Close every vCPU, guest_memfd and the VM, unmap every region: the exit would do it too,
+ * but a VMM that cleans up is the example to follow. */
 static void release(void)
 {
+	for (size_t i = 0; i < vmm.nvcpus; i++)
+		close(vmm.vcpu_fds[i]);
+	for (size_t i = 0; i < vmm.ngmems; i++)
+		close(vmm.gmems[i].fd);
 	if (vmm.vm_fd >= 0)
 		close(vmm.vm_fd);
+	for (size_t i = 0; i < vmm.nregions; i++)
+		munmap((void *)(uintptr_t)vmm.regions[i].address, vmm.regions[i].size);
+	free(vmm.vcpu_fds);
+	free(vmm.gmems);
 	free(vmm.regions);
 	free(vmm.slots);
 }
