@@ -19,6 +19,7 @@ import pytest
 from kvmspec.fuzz.cli import main
 from kvmspec.fuzz.ops import (
     CheckExtension,
+    ClearDirtyLog,
     CreateGuestMemfd,
     CreateVcpu,
     GetDirtyLog,
@@ -67,6 +68,8 @@ import sys, time
 
 mode = sys.argv[1]
 sys.stdin.readline()  # the header
+if mode == "deaf":
+    time.sleep(60)
 if mode == "exit":
     sys.stderr.write("child: cannot go on\\n")
     sys.exit(7)
@@ -285,6 +288,14 @@ def test_a_failing_child_is_one_line_naming_the_command_and_the_op(
     # The child is gone and the target says so, without waiting again.
     with pytest.raises(TargetError, match="the target is closed"):
         target.apply(op)
+    target.close()
+
+
+def test_a_child_that_stops_reading_cannot_block_kvmspec(child: Path) -> None:
+    target = _child_target(child, "deaf", timeout=0.5)
+    big = ClearDirtyLog(0, 0, 1 << 20, tuple(range(1 << 17)))  # a 1 MB line: fills the pipe
+    with pytest.raises(TargetError, match=r"the child did not read its input within 0\.5 s$"):
+        target.apply(big)
     target.close()
 
 

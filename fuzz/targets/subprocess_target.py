@@ -42,6 +42,9 @@ from kvmspec.spec.uapi.constants import U64_MAX
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds a child has to answer one operation (and to exit once its input is closed)."""
+_PIPE_CHUNK = 4096
+"""Bytes written at once: a pipe with room for one byte takes PIPE_BUF (4096) at once without
+blocking, so a write after select() never blocks."""
 _SHOWN = 160
 """How many characters of an operation, a bad line or standard error an error message shows."""
 
@@ -181,13 +184,24 @@ class SubprocessTarget:
     # ------------------------------------------------------------------ the pipes
 
     def _send(self, line: str, what: str) -> None:
+        """Write one line, within the timeout: a long line (a bitmap of a million words) must
+        not block forever on a child that has stopped reading."""
         process = self._live(what)
         assert process.stdin is not None
-        try:
-            process.stdin.write(line.encode() + b"\n")
-            process.stdin.flush()
-        except OSError:
-            raise self._failure(what, "stopped reading its input") from None
+        fd = process.stdin.fileno()
+        data = memoryview(line.encode() + b"\n")
+        deadline = time.monotonic() + self.timeout
+        while data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._failure(what, f"did not read its input within {self.timeout:g} s")
+            _, ready, _ = select.select([], [fd], [], remaining)
+            if not ready:
+                continue
+            try:
+                data = data[os.write(fd, data[:_PIPE_CHUNK]) :]
+            except OSError:
+                raise self._failure(what, "stopped reading its input") from None
 
     def _read_line(self, what: str) -> str:
         """The next line the child writes, within the timeout."""
