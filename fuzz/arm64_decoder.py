@@ -67,6 +67,7 @@ from kvmspec.fuzz.arm64_harness import (
 from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
 from kvmspec.fuzz.generic_harness import Log
+from kvmspec.fuzz.harness_fuzzing import Rejected
 from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
 from kvmspec.reference.host import PROT_READ
@@ -287,19 +288,6 @@ class Action:
 
     def apply(self, harness: Arm64Harness) -> None:
         getattr(harness, self.method)(**dict(self.args))
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An action the decoder did not call: ``why`` is the rule that rejected it (``no
-    slot``, ``not logged``, ...), ``detail`` the particulars."""
-
-    method: str
-    why: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.method} rejected ({self.why}): {self.detail}"
 
 
 def _read(chooser: Chooser, domain: Domain) -> Argument:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
@@ -48,8 +46,9 @@ except ImportError:  # started as ./fuzz/fuzz_generic.py by a Python without the
     os.execv(_VENV_PYTHON, [str(_VENV_PYTHON), __file__, *sys.argv[1:]])
 
 with support.instrumentation(enabled=__name__ == "__main__"):
+    from kvmspec.fuzz import harness_fuzzing
     from kvmspec.fuzz.decoder import BytesChooser
-    from kvmspec.fuzz.generic_decoder import Action, Rejected, SetUp, decode_action, decode_set_up
+    from kvmspec.fuzz.generic_decoder import SetUp, decode_action, decode_set_up
     from kvmspec.fuzz.generic_harness import GenericHarness, Log
     from kvmspec.spec.platforms import PlatformProfile
 
@@ -61,16 +60,7 @@ replay whole, and a bound on the time one input can take."""
 PROFILE = support.profile_from_env()
 
 
-@dataclass
-class Run:
-    """What one input did: how many actions it applied, how many the decoder rejected (by
-    rule), the broken rules if a check failed (else an empty list), and the schedule (which
-    actor ran which step)."""
-
-    actions: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    violations: list[str] = field(default_factory=list)
-    schedule: list[str] = field(default_factory=list)
+Run = harness_fuzzing.Run
 
 
 def run_input(
@@ -78,79 +68,31 @@ def run_input(
     profile: PlatformProfile,
     log: Log | None = None,
     max_actions: int = MAX_ACTIONS,
-) -> Run:
+) -> Run[SetUp]:
     """Set a harness up and apply the actions ``data`` decodes to, checking every rule after
-    each; stop at the first check that fails. ``log``, if given, receives each action (or why
-    it was rejected), followed by the harness's lines about it, indented."""
-    if log is None:
-        harness = GenericHarness(profile)
-    else:
-        harness = GenericHarness(profile, lambda line: log(f"  {line}"))
+    each (:func:`~kvmspec.fuzz.harness_fuzzing.drive`); the run keeps the schedule (which
+    actor ran which step)."""
     chooser = BytesChooser(data)
-    run = Run(schedule=harness.scheduler.schedule)
-    set_up = decode_set_up(chooser)
-    step: Action | Rejected | SetUp = set_up
-    try:
-        if log:
-            log(str(set_up))
-        harness.set_up(set_up.mode, set_up.logged)
-        harness.check()
-        while run.actions + run.rejected.total() < max_actions and not chooser.exhausted:
-            step = decode_action(chooser, harness)
-            if log:
-                log(str(step))
-            if isinstance(step, Rejected):
-                run.rejected[step.why] += 1
-                continue
-            run.actions += 1
-            step.apply(harness)
-            harness.check()
-    except AssertionError as error:
-        run.violations = support.failure_lines(error, str(step))
-    return run
+    run = Run(decode_set_up(chooser))
 
+    def start(harness_log: Log) -> GenericHarness:
+        harness = GenericHarness(profile, harness_log)
+        run.schedule = harness.scheduler.schedule
+        harness.set_up(run.setup.mode, run.setup.logged)
+        return harness
 
-def report(data: bytes, profile: PlatformProfile) -> tuple[Run, str]:
-    """Replay an input with its log on: the run, and its report (the broken rules, each
-    action with what the harness saw it do, and the schedule)."""
-    lines: list[str] = []
-    run = run_input(data, profile, lines.append)
-    text = "\n".join(
-        [
-            f"generic layer, profile {profile.name}, {len(data)} bytes: broken rules",
-            *(f"  {violation}" for violation in run.violations),
-            "actions, each followed by what the harness saw:",
-            *(f"  {line}" for line in lines),
-            "schedule (which actor ran which step):",
-            *(f"  {line}" for line in run.schedule),
-            "",
-        ]
+    return harness_fuzzing.drive(
+        run, chooser, start, lambda harness: decode_action(chooser, harness), log, max_actions
     )
-    return run, text
 
 
-STATS = support.ActionStats(os.environ.get(support.STATS_ENV))
-
-
-def TestOneInput(data: bytes) -> None:
-    """libFuzzer's entry point: one input, one fresh VM; raise SpecViolation on a finding."""
-    run = run_input(data, PROFILE)
-    STATS.add(run.actions, run.rejected)
-    if run.violations:
-        replayed, text = report(data, PROFILE)
-        print(text, file=sys.stderr)
-        path = support.write_reproducer("generic", data, text)
-        raise support.SpecViolation(replayed.violations or run.violations, path)
-
-
-def main() -> None:
-    """Run libFuzzer (its flags come from the command line)."""
-    import atheris
-
-    support.warn_if_contracts_off()
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
+TARGET = harness_fuzzing.HarnessFuzzTarget(
+    "generic",
+    lambda data, log: run_input(data, PROFILE, log),
+    lambda run, data: f"generic layer, profile {PROFILE.name}",
+)
+report = TARGET.report
+TestOneInput = TARGET.test_one_input
 
 if __name__ == "__main__":
-    main()
+    TARGET.main()

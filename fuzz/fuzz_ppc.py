@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
@@ -48,9 +46,10 @@ except ImportError:  # started as ./fuzz/fuzz_ppc.py by a Python without the pro
     os.execv(_VENV_PYTHON, [str(_VENV_PYTHON), __file__, *sys.argv[1:]])
 
 with support.instrumentation(enabled=__name__ == "__main__"):
+    from kvmspec.fuzz import harness_fuzzing
     from kvmspec.fuzz.decoder import BytesChooser
     from kvmspec.fuzz.generic_harness import Log
-    from kvmspec.fuzz.ppc_decoder import Action, Rejected, decode_action
+    from kvmspec.fuzz.ppc_decoder import decode_action
     from kvmspec.fuzz.ppc_harness import KNOWN_KERNEL_FINDINGS, PpcHarness
     from kvmspec.spec.platforms import PPC64_HV
 
@@ -59,84 +58,28 @@ MAX_ACTIONS = 100
 run (80 rules at most) to replay whole, and a bound on the time one input can take."""
 
 
-@dataclass
-class Run:
-    """What one input did: how many actions it applied, how many the decoder rejected (by
-    rule), and the broken rules if a check failed (else an empty list)."""
-
-    actions: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    violations: list[str] = field(default_factory=list)
+Run = harness_fuzzing.Run
 
 
-def run_input(data: bytes, log: Log | None = None, max_actions: int = MAX_ACTIONS) -> Run:
+def run_input(data: bytes, log: Log | None = None, max_actions: int = MAX_ACTIONS) -> Run[str]:
     """Set the VM up and apply the actions ``data`` decodes to, checking every rule after
-    each; stop at the first check that fails. ``log``, if given, receives each action (or why
-    it was rejected), followed by the harness's lines about it, indented."""
+    each (:func:`~kvmspec.fuzz.harness_fuzzing.drive`); the known kernel findings pass."""
     chooser = BytesChooser(data)
-    run = Run()
-    step: Action | Rejected | str = "set_up()"
-    try:
-        if log is None:
-            harness = PpcHarness(PPC64_HV, tolerated=KNOWN_KERNEL_FINDINGS)
-        else:
-            harness = PpcHarness(PPC64_HV, lambda line: log(f"  {line}"), KNOWN_KERNEL_FINDINGS)
-            log(str(step))
-        harness.check()
-        while run.actions + run.rejected.total() < max_actions and not chooser.exhausted:
-            step = decode_action(chooser, harness)
-            if log:
-                log(str(step))
-            if isinstance(step, Rejected):
-                run.rejected[step.why] += 1
-                continue
-            run.actions += 1
-            step.apply(harness)
-            harness.check()
-    except AssertionError as error:
-        run.violations = support.failure_lines(error, str(step))
-    return run
-
-
-def report(data: bytes) -> tuple[Run, str]:
-    """Replay an input with its log on: the run, and its report (the broken rules, then each
-    action with what the harness saw it do)."""
-    lines: list[str] = []
-    run = run_input(data, lines.append)
-    text = "\n".join(
-        [
-            f"POWER Book3S HV (HPT), profile {PPC64_HV.name}, {len(data)} bytes: broken rules",
-            *(f"  {violation}" for violation in run.violations),
-            "actions, each followed by what the harness saw:",
-            *(f"  {line}" for line in lines),
-            "",
-        ]
+    return harness_fuzzing.drive(
+        Run("set_up()"),
+        chooser,
+        lambda harness_log: PpcHarness(PPC64_HV, harness_log, KNOWN_KERNEL_FINDINGS),
+        lambda harness: decode_action(chooser, harness),
+        log,
+        max_actions,
     )
-    return run, text
 
 
-STATS = support.ActionStats(os.environ.get(support.STATS_ENV))
-
-
-def TestOneInput(data: bytes) -> None:
-    """libFuzzer's entry point: one input, one fresh VM; raise SpecViolation on a finding."""
-    run = run_input(data)
-    STATS.add(run.actions, run.rejected)
-    if run.violations:
-        replayed, text = report(data)
-        print(text, file=sys.stderr)
-        path = support.write_reproducer("ppc", data, text)
-        raise support.SpecViolation(replayed.violations or run.violations, path)
-
-
-def main() -> None:
-    """Run libFuzzer (its flags come from the command line)."""
-    import atheris
-
-    support.warn_if_contracts_off()
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
+TARGET = harness_fuzzing.HarnessFuzzTarget(
+    "ppc", run_input, lambda run, data: f"POWER Book3S HV (HPT), profile {PPC64_HV.name}"
+)
+report = TARGET.report
+TestOneInput = TARGET.test_one_input
 
 if __name__ == "__main__":
-    main()
+    TARGET.main()

@@ -44,6 +44,7 @@ from kvmspec.fuzz.generic_harness import (
     VCPUS,
     GenericHarness,
 )
+from kvmspec.fuzz.harness_fuzzing import Rejected
 
 Argument = int | str
 Allowed = Callable[[GenericHarness], bool]
@@ -140,20 +141,6 @@ class Action:
 
     def apply(self, harness: GenericHarness) -> None:
         getattr(harness, self.method)(**dict(self.args))
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An action the decoder did not call: ``why`` is the rule that rejected it (``not
-    allowed``, ``not in flight``, ``waiting`` or ``nothing resolved``), ``detail`` the
-    particulars."""
-
-    method: str
-    why: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.method} rejected ({self.why}): {self.detail}"
 
 
 @dataclass(frozen=True)

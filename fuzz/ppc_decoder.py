@@ -37,6 +37,7 @@ from pathlib import Path
 
 from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
+from kvmspec.fuzz.harness_fuzzing import Rejected
 from kvmspec.fuzz.ppc_harness import (
     BOOLS,
     EA_INDEXES,
@@ -223,19 +224,6 @@ class Action:
 
     def apply(self, harness: PpcHarness) -> None:
         getattr(harness, self.method)(**dict(self.args))
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An action the decoder did not call: ``why`` is the rule that rejected it (``no
-    entry``, ``unmapped``, ...), ``detail`` the particulars."""
-
-    method: str
-    why: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.method} rejected ({self.why}): {self.detail}"
 
 
 def decode_action(chooser: Chooser, harness: PpcHarness) -> Action | Rejected:

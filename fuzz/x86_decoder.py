@@ -29,6 +29,7 @@ from pathlib import Path
 
 from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
+from kvmspec.fuzz.harness_fuzzing import Rejected
 from kvmspec.fuzz.x86_harness import (
     BOOLS,
     BYTES,
@@ -155,19 +156,6 @@ class Action:
 
     def apply(self, harness: X86Harness) -> None:
         getattr(harness, self.method)(**dict(self.args))
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An action the decoder did not call: ``why`` is the rule that rejected it (``a table
-    page``), ``detail`` the particulars."""
-
-    method: str
-    why: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.method} rejected ({self.why}): {self.detail}"
 
 
 def decode_layout(chooser: Chooser) -> str:
