@@ -3,7 +3,7 @@
 Errors a user can cause (a bad trace, an unknown target, a missing /dev/kvm) end with one line
 ``kvmspec: error: ...`` and exit status 2, never a traceback.
 
-    kvmspec replay TRACE [--target reference|linux-kvm] [--json] [--check]
+    kvmspec replay TRACE [--target reference|linux-kvm|subprocess:COMMAND] [--json] [--check]
     kvmspec campaign [--minutes N] [--workers N] [--target T] [--database DB] [--report FILE]
                      [AREA ...]
     kvmspec schema
@@ -43,6 +43,7 @@ def replay(trace: Trace, target_name: str, as_json: bool, out: TextIO, check: bo
     one ends the replay with its rules, their statements and sources, and status 1."""
     from kvmspec.fuzz.regressions import cite, rule_of
     from kvmspec.fuzz.session import Session
+    from kvmspec.fuzz.targets.subprocess_target import TargetError, UnsupportedOperation
 
     try:
         target = make_target(target_name, PROFILES[trace.platform])
@@ -53,10 +54,15 @@ def replay(trace: Trace, target_name: str, as_json: bool, out: TextIO, check: bo
     broken: list[str] = []
     try:
         for number, step in enumerate(trace.steps, start=1):
-            if session is not None:
-                observed, broken = session.apply(step.op)
-            else:
-                observed = target.apply(step.op)
+            try:
+                if session is not None:
+                    observed, broken = session.apply(step.op)
+                else:
+                    observed = target.apply(step.op)
+            except (TargetError, UnsupportedOperation) as error:
+                # A target in another process that died, hung or answered nonsense, or one
+                # that does not implement this operation: one line, not a traceback.
+                raise UsageError(f"{trace.source}:{step.line}: {error}") from None
             match = None if step.expect is None else observed == step.expect
             if as_json:
                 record: dict[str, object] = {
@@ -101,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay_cmd = commands.add_parser("replay", help="apply a trace to a target")
     replay_cmd.add_argument("trace", help="a kvmspec-trace/1 JSON Lines file")
-    replay_cmd.add_argument("--target", default="reference", help="reference or linux-kvm")
+    replay_cmd.add_argument(
+        "--target", default="reference", help="reference, linux-kvm or subprocess:COMMAND"
+    )
     replay_cmd.add_argument("--json", action="store_true", help="one JSON object per step")
     replay_cmd.add_argument(
         "--check", action="store_true", help="also judge every step by the rules (exit 1)"
@@ -113,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     campaign_cmd.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: one per core)"
     )
-    campaign_cmd.add_argument("--target", default=None, help="reference or linux-kvm")
+    campaign_cmd.add_argument(
+        "--target", default=None, help="reference, linux-kvm or subprocess:COMMAND"
+    )
     campaign_cmd.add_argument(
         "--database",
         default=None,
