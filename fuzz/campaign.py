@@ -258,6 +258,7 @@ class SliceResult:
     failure: str | None
     pid: int
     peak_rss_kib: int
+    rss_kib: int
     corrupt_entries: int
 
 
@@ -268,6 +269,17 @@ def _coverage_context(name: str) -> None:
     current = coverage.Coverage.current() if coverage is not None else None
     if current is not None:
         current.switch_context(name)
+
+
+def _current_rss_kib() -> int:
+    """This process's resident set now (Linux), in KiB; 0 where /proc cannot tell."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _worker_start() -> None:
@@ -304,6 +316,7 @@ def run_slice(name: str, examples: int) -> SliceResult:
         failure=failure,
         pid=os.getpid(),
         peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        rss_kib=_current_rss_kib(),
         corrupt_entries=database.skipped - corrupt,
     )
 
@@ -323,6 +336,7 @@ class MachinePool:
         self.checks = 0
         self.corrupt_entries = 0
         self.peak_rss_kib: dict[int, int] = {}
+        self.rss_kib: dict[int, int] = {}  # each worker's resident set after its last slice
         self._turn = 0
         _WORKER_AREAS.clear()
         _WORKER_AREAS.update({area.name: area for area in areas})
@@ -379,6 +393,7 @@ class MachinePool:
             self.checks += outcome.checks
             self.corrupt_entries += outcome.corrupt_entries
             self.peak_rss_kib[outcome.pid] = outcome.peak_rss_kib
+            self.rss_kib[outcome.pid] = outcome.rss_kib
             if outcome.failure is not None:
                 result.failures.append(outcome.failure)
 
@@ -460,7 +475,7 @@ def run_campaign(
         else None
     )
     everything = results + (fuzzers.results if fuzzers is not None else [])
-    rss_timeline: list[tuple[float, float]] = []
+    rss_timeline: list[tuple[float, float, float]] = []
     interrupted = False
     # SIGTERM (a CI job's time limit, `kill`) stops the campaign as Ctrl-C does.
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
@@ -477,10 +492,13 @@ def run_campaign(
                     if elapsed < machine_budget:
                         pool.fill()
                     pool.collect(timeout=0.5)
-                    # The workers' peak RSS every 10 seconds: a long campaign's memory profile.
+                    # Every 10 seconds, the largest worker's resident set after its last slice
+                    # and the largest peak so far: a long campaign's memory profile.
                     due = not rss_timeline or elapsed - rss_timeline[-1][0] >= 10
-                    if pool.peak_rss_kib and due:
-                        rss_timeline.append((elapsed, max(pool.peak_rss_kib.values()) / 1024))
+                    if pool.rss_kib and due:
+                        now = max(pool.rss_kib.values()) / 1024
+                        peak = max(pool.peak_rss_kib.values()) / 1024
+                        rss_timeline.append((elapsed, now, peak))
                 else:
                     time.sleep(0.5)
                 live.update(_table(everything, time.monotonic() - start, budget, processes))
@@ -549,7 +567,8 @@ def run_campaign(
                     "invariant_checks": checks,
                     "corrupt_database_entries": corrupt,
                     "peak_rss_mib": peak_rss,
-                    "rss_mib": [[round(t, 1), round(m, 1)] for t, m in rss_timeline],
+                    # [seconds, resident MiB now, peak MiB so far] of the largest worker
+                    "rss_mib": [[round(v, 1) for v in point] for point in rss_timeline],
                     "areas": [asdict(r) | {"steps_per_second": r.rate} for r in everything],
                 },
                 indent=2,
