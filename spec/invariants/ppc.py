@@ -82,14 +82,20 @@ def usable_slot(kvm: Kvm, gfn: int) -> KvmMemorySlot | None:
     return slot if slot is not None and not slot.invalid else None
 
 
-def check_hpt(kvm: Kvm, mmu: HptMmu, host: HostMm) -> list[Violation]:
+def check_hpt(
+    kvm: Kvm, mmu: HptMmu, host: HostMm, views: GuestEntries | None = None
+) -> list[Violation]:
     """Every HPT invariant the model can check between operations (see the module).
+    ``views`` is the guest's H_READ of every entry in use (:func:`hpt_guest_entries`), if
+    the caller has it already.
 
     kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_add_revmap_chain,
     remove_revmap_chain, kvmppc_do_h_enter, kvmppc_h_read; arch/powerpc/kvm/
     book3s_64_mmu_hv.c:kvmppc_unmap_hpte, kvmppc_core_flush_memslot_hv (v6.18)
     """
     hpt, shift = mmu.hpt, kvm.profile.page_shift
+    if views is None:
+        views = hpt_guest_entries(kvm, mmu)
     found = [Violation(rule, f"WARN: {message}") for rule, message in kvm.warnings]
     chained: dict[int, tuple[KvmMemorySlot, int]] = {}
     for slot in kvm.memslots(0):
@@ -113,7 +119,7 @@ def check_hpt(kvm: Kvm, mmu: HptMmu, host: HostMm) -> list[Violation]:
             found.append(Violation("P1", f"HPTE {index:#x} left locked"))
         guest_r = hpt.rev_entry(index).guest_rpte
         if v & (HPTE_V_VALID | HPTE_V_ABSENT):
-            view_v, view_r = kvmppc_h_read(kvm, 0, index)[1][0]
+            view_v, view_r = views[index]
             if view_v & HPTE_V_SOFTWARE or view_r & HPTE_GR_RESERVED:
                 found.append(Violation("P4", f"H_READ of {index:#x} shows software bits"))
             if (view_r ^ guest_r) & HPTE_R_RPN:
