@@ -86,6 +86,7 @@ class AtherisWorker:
         result: AreaResult | None = None,
     ) -> None:
         self.area = area
+        self.seconds = seconds
         self.result = result if result is not None else AreaResult(area.name, "reference")
         folder = scratch / area.family
         corpus = folder / "corpus"
@@ -146,8 +147,11 @@ class AtherisWorker:
     def finish(self) -> AreaResult:
         """Wait for the fuzzer to stop and read libFuzzer's final statistics (and, for a
         target that counts its actions, its counters)."""
+        # libFuzzer stops itself after -max_total_time; a fuzzer still running two minutes
+        # after that is stuck, and is killed.
+        remaining = self.started + max(self.seconds, 1) - time.monotonic()
         try:
-            self.process.wait(timeout=120 + max(0.0, time.monotonic() - self.started))
+            self.process.wait(timeout=max(remaining, 0) + 120)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

@@ -197,3 +197,31 @@ def test_a_slice_running_long_past_the_budget_is_cut_short(
     assert campaign.run_campaign(["memslots/arm64"], 0.02, "reference", None, workers=1) == 0
     assert time.monotonic() - began < 30
     assert "cut short" in capsys.readouterr().out
+
+
+def test_a_fuzzer_is_given_its_whole_share_before_it_counts_as_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fuzzer's share may be longer than the two minutes of grace: the campaign waits for
+    the share plus the grace (it once waited two minutes from the start, and killed every
+    fuzzer of a ten-minute campaign at 120 s)."""
+    from kvmspec.fuzz import campaign_atheris
+
+    waited: list[float] = []
+
+    class Process:
+        returncode = 0
+        stderr: tuple[str, ...] = ()  # libFuzzer said nothing
+
+        def wait(self, timeout: float) -> int:
+            waited.append(timeout)
+            return 0
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: Process())
+    area = campaign.FUZZ_AREAS[0]
+    worker = campaign_atheris.AtherisWorker(area, 600, tmp_path, tmp_path / "regressions")
+    worker.finish()
+    assert waited and waited[0] > 600
