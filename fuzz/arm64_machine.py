@@ -184,16 +184,15 @@ class Arm64Machine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.harness is None:
             return  # the run stopped before its set-up
-        checks = self.harness.checks
-        machines.STATS["steps"] += checks
-        machines.STATS["invariant_checks"] += checks
+        # A test's planted MMU class has no byte in fuzz_arm64's input: no input replays it.
         actions = (f"{method}{args!r}" for method, args in self.calls)
-        machines.LAST_RUN["trace"] = "\n".join([str(self.setup), *actions]) + "\n"
-        machines.LAST_RUN["suffix"] = ".actions.txt"
-        if self.setup.mmu_class in MMU_CLASSES:
-            machines.LAST_RUN["reproducer"] = encode(self.setup, self.calls).hex()
-        else:  # a test's planted MMU: fuzz_arm64 has no byte for it, so no input replays it
-            machines.LAST_RUN.pop("reproducer", None)
+        replayable = self.setup.mmu_class in MMU_CLASSES
+        machines.record_run(
+            self.harness.checks,
+            [str(self.setup), *actions],
+            ".actions.txt",
+            encode(self.setup, self.calls) if replayable else None,
+        )
 
 
 def arm64_machine(

@@ -72,6 +72,13 @@ def regressions_dir() -> Path:
     return Path(os.environ.get(REGRESSIONS_ENV, "corpus/regressions"))
 
 
+def random_inputs(count: int, max_len: int, seed: int = 20261121) -> list[bytes]:
+    """``count`` random inputs of 0 to ``max_len`` bytes, the same for the same ``seed``:
+    what a fuzzer starts from with no corpus, for tests that search for a planted bug."""
+    rng = random.Random(seed)
+    return [rng.randbytes(rng.randrange(max_len + 1)) for _ in range(count)]
+
+
 def write_regression(kind: str, data: bytes, trace_text: str) -> Path:
     """Write a finding's trace as ``<kind>-<sha1 of the input>.jsonl``; return its path."""
     directory = regressions_dir()

@@ -164,14 +164,14 @@ class GenericMachine(RuleBasedStateMachine):
     # -- the rules, after every step ------------------------------------------------------------
 
     def teardown(self) -> None:
-        checks = self.harness.checks
-        machines.STATS["steps"] += checks
-        machines.STATS["invariant_checks"] += checks
         # A failure keeps the schedule (which actor ran which step) and, beside it, the
         # whole run as an input of fuzz/fuzz_generic.py, which replays it with its report.
-        machines.LAST_RUN["trace"] = "\n".join(self.harness.scheduler.schedule) + "\n"
-        machines.LAST_RUN["suffix"] = ".schedule.txt"
-        machines.LAST_RUN["reproducer"] = encode(self.set_up_args, self.calls).hex()
+        machines.record_run(
+            self.harness.checks,
+            self.harness.scheduler.schedule,
+            ".schedule.txt",
+            encode(self.set_up_args, self.calls),
+        )
 
     @invariant()
     def rules_hold(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from hypothesis import note
 from hypothesis import strategies as st
@@ -39,6 +39,20 @@ with its memslots, the VMM's memory and dirty logging (kvmspec.fuzz.guest_decode
 # Atheris input (hex) that the area's fuzzer replays.
 STATS: Counter[str] = Counter()
 LAST_RUN: dict[str, str] = {}
+
+
+def record_run(checks: int, trace: Iterable[str], suffix: str, reproducer: bytes | None) -> None:
+    """What a harness machine leaves for the campaign when a run ends: its counters (one
+    step and one check per action), the run as the failing trace (``suffix`` names its
+    kind), and the run as an input of the family's fuzzer where one replays it."""
+    STATS["steps"] += checks
+    STATS["invariant_checks"] += checks
+    LAST_RUN["trace"] = "\n".join(trace) + "\n"
+    LAST_RUN["suffix"] = suffix
+    if reproducer is None:
+        LAST_RUN.pop("reproducer", None)
+    else:
+        LAST_RUN["reproducer"] = reproducer.hex()
 
 
 class HypothesisChooser:

@@ -178,15 +178,14 @@ class PpcMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.harness is None:
             return  # the run stopped before its set-up
-        checks = self.harness.checks
-        machines.STATS["steps"] += checks
-        machines.STATS["invariant_checks"] += checks
-        machines.LAST_RUN["trace"] = "\n".join(f"{m}{a!r}" for m, a in self.calls) + "\n"
-        machines.LAST_RUN["suffix"] = ".actions.txt"
-        if self.profile == PPC64_HV and self.tolerated == KNOWN_KERNEL_FINDINGS:
-            machines.LAST_RUN["reproducer"] = encode(self.calls).hex()
-        else:  # fuzz_ppc judges ppc64-hv letting the known findings pass: not this run
-            machines.LAST_RUN.pop("reproducer", None)
+        # fuzz_ppc judges ppc64-hv letting the known findings pass: only such a run replays.
+        replayable = self.profile == PPC64_HV and self.tolerated == KNOWN_KERNEL_FINDINGS
+        machines.record_run(
+            self.harness.checks,
+            [f"{method}{args!r}" for method, args in self.calls],
+            ".actions.txt",
+            encode(self.calls) if replayable else None,
+        )
 
 
 def ppc_machine(

@@ -217,18 +217,17 @@ class X86Machine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if not self.layout:
             return  # the run stopped before its set-up
-        checks = self.harness.checks
-        machines.STATS["steps"] += checks
-        machines.STATS["invariant_checks"] += checks
         # A failure keeps the actions and, beside them, the whole run as an input of
-        # fuzz/fuzz_x86.py, which replays it with its report.
+        # fuzz/fuzz_x86.py, which replays it with its report (not the mmio layout: the
+        # fuzzer has no byte for it).
         actions = (f"{method}{args!r}" for method, args in self.calls)
-        machines.LAST_RUN["trace"] = "\n".join([f"layout {self.layout}", *actions]) + "\n"
-        machines.LAST_RUN["suffix"] = ".actions.txt"
-        if self.layout in LAYOUTS:
-            machines.LAST_RUN["reproducer"] = encode(self.layout, self.calls).hex()
-        else:  # the mmio layout: fuzz_x86 has no byte for it, so no input replays it
-            machines.LAST_RUN.pop("reproducer", None)
+        replayable = self.layout in LAYOUTS
+        machines.record_run(
+            self.harness.checks,
+            [f"layout {self.layout}", *actions],
+            ".actions.txt",
+            encode(self.layout, self.calls) if replayable else None,
+        )
 
 
 def x86_machine(profile: PlatformProfile, layouts: Sequence[str] = LAYOUTS) -> type[X86Machine]:

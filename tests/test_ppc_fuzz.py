@@ -11,7 +11,6 @@ import importlib.util
 import inspect
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -36,17 +35,7 @@ PPC_SEEDS = support.seed_files("ppc")
 HAS_ATHERIS = importlib.util.find_spec("atheris") is not None
 
 
-def random_inputs(count: int, max_len: int, seed: int = 20261121) -> list[bytes]:
-    rng = random.Random(seed)
-    return [rng.randbytes(rng.randrange(max_len + 1)) for _ in range(count)]
-
-
-@pytest.fixture(autouse=True)
-def regressions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Findings made by a test go to a temporary folder, not to corpus/regressions."""
-    folder = tmp_path / "regressions"
-    monkeypatch.setenv(support.REGRESSIONS_ENV, str(folder))
-    return folder
+random_inputs = support.random_inputs
 
 
 # -- the decoder and its seeds -------------------------------------------------------------------
