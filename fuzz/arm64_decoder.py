@@ -67,7 +67,7 @@ from kvmspec.fuzz.arm64_harness import (
 from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
 from kvmspec.fuzz.generic_harness import Log
-from kvmspec.fuzz.harness_fuzzing import Rejected
+from kvmspec.fuzz.harness_fuzzing import Action, Rejected, Step, answer, encode_steps
 from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
 from kvmspec.reference.host import PROT_READ
@@ -276,20 +276,6 @@ def decode_setup(chooser: Chooser) -> Setup:
     )
 
 
-@dataclass(frozen=True)
-class Action:
-    """One harness call: the method and its keyword arguments."""
-
-    method: str
-    args: tuple[tuple[str, Argument], ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.method}({', '.join(f'{name}={value!r}' for name, value in self.args)})"
-
-    def apply(self, harness: Arm64Harness) -> None:
-        getattr(harness, self.method)(**dict(self.args))
-
-
 def _read(chooser: Chooser, domain: Domain) -> Argument:
     if isinstance(domain, ListOf):
         length = chooser.below(domain.most + 1)
@@ -312,38 +298,27 @@ def decode_action(chooser: Chooser, harness: Arm64Harness) -> Action | Rejected:
 # The inverse, for seeds and the machine's reproducers
 # ---------------------------------------------------------------------------------------------
 
-Step = tuple[str, tuple[Argument, ...]]
 
-
-def _answer(domain: Sequence[object], value: object) -> bytes:
-    return list(domain).index(value).to_bytes(1 if len(domain) <= 256 else 2, "little")
+def _encode_argument(domain: Domain, value: object) -> bytes:
+    """An argument's answer; a list is its length, then each item's answer."""
+    if isinstance(domain, ListOf):
+        assert isinstance(value, tuple) and len(value) <= domain.most, value
+        items = b"".join(answer(domain.values, item) for item in value)
+        return answer(range(domain.most + 1), len(value)) + items
+    return answer(domain, value)
 
 
 def encode(setup: Setup, steps: Iterable[Step]) -> bytes:
     """The bytes that :func:`decode_setup` then :func:`decode_action` read as ``setup`` and
-    ``steps``. A step is a method and its argument values, in the table's order (2-byte
-    answers, for arguments with more than 256 values, little-endian). Raises ValueError for
-    an MMU class that is not in :data:`MMU_CLASSES`."""
-    out = bytearray()
-    out += _answer(MMU_CLASSES, setup.mmu_class)
-    out += _answer(BOOLS, setup.hardware_af)
-    out += _answer(SPLIT_CHUNKS, setup.split_chunk_size)
-    out += _answer(DIRTY_MODES, setup.dirty_mode)
-    for method, values in steps:
-        index = next(i for i, kind in enumerate(KINDS) if kind.method == method)
-        out.append(index)
-        params = KINDS[index].params
-        if len(values) != len(params):
-            raise ValueError(f"{method} takes {[name for name, _ in params]}, not {values}")
-        for (_, domain), value in zip(params, values, strict=True):
-            if isinstance(domain, ListOf):
-                assert isinstance(value, tuple) and len(value) <= domain.most, value
-                out += _answer(range(domain.most + 1), len(value))
-                for item in value:
-                    out += _answer(domain.values, item)
-            else:
-                out += _answer(domain, value)
-    return bytes(out)
+    ``steps`` (a method and its argument values each, in the table's order). Raises
+    ValueError for an MMU class that is not in :data:`MMU_CLASSES`."""
+    set_up_bytes = (
+        answer(MMU_CLASSES, setup.mmu_class)
+        + answer(BOOLS, setup.hardware_af)
+        + answer(SPLIT_CHUNKS, setup.split_chunk_size)
+        + answer(DIRTY_MODES, setup.dirty_mode)
+    )
+    return set_up_bytes + encode_steps(KINDS, steps, _encode_argument)
 
 
 LOCKLESS = Arm64MmuLocklessAging

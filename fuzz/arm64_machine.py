@@ -28,7 +28,6 @@ from kvmspec.fuzz.arm64_decoder import (
     THP_SLOTS,
     Argument,
     Setup,
-    Step,
     encode,
 )
 from kvmspec.fuzz.arm64_harness import (
@@ -51,6 +50,7 @@ from kvmspec.fuzz.arm64_harness import (
     VCPUS,
     Arm64Harness,
 )
+from kvmspec.fuzz.harness_fuzzing import Step
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.spec.platforms import ARM64, PlatformProfile
 

@@ -44,7 +44,7 @@ from kvmspec.fuzz.generic_harness import (
     VCPUS,
     GenericHarness,
 )
-from kvmspec.fuzz.harness_fuzzing import Rejected
+from kvmspec.fuzz.harness_fuzzing import Action, Rejected, Step, answer, encode_steps
 
 Argument = int | str
 Allowed = Callable[[GenericHarness], bool]
@@ -130,20 +130,6 @@ _ACTOR_STEPS = ("step_actor", "finish_actor")
 
 
 @dataclass(frozen=True)
-class Action:
-    """One harness call: the method and its keyword arguments."""
-
-    method: str
-    args: tuple[tuple[str, Argument], ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.method}({', '.join(f'{name}={value!r}' for name, value in self.args)})"
-
-    def apply(self, harness: GenericHarness) -> None:
-        getattr(harness, self.method)(**dict(self.args))
-
-
-@dataclass(frozen=True)
 class SetUp:
     """The arguments of :meth:`GenericHarness.set_up`."""
 
@@ -196,21 +182,12 @@ def decode_action(chooser: Chooser, harness: GenericHarness) -> Action | Rejecte
 # ---------------------------------------------------------------------------------------------
 
 
-def encode(set_up: SetUp, steps: Iterable[tuple[str, tuple[Argument, ...]]]) -> bytes:
+def encode(set_up: SetUp, steps: Iterable[Step]) -> bytes:
     """The bytes that :func:`decode_set_up` then :func:`decode_action` read as ``set_up``
-    and ``steps``. A step is a method and its argument values, in the table's order; an
-    argument that names an actor or a resolved fault is its index."""
-    choices = [DIRTY_MODES.index(set_up.mode), int(set_up.logged)]
-    for method, values in steps:
-        index = next(i for i, kind in enumerate(KINDS) if kind.method == method)
-        choices.append(index)
-        params = KINDS[index].params
-        if len(values) != len(params):
-            raise ValueError(f"{method} takes {[name for name, _ in params]}, not {values}")
-        choices.extend(
-            list(domain).index(value) for (_, domain), value in zip(params, values, strict=True)
-        )
-    return bytes(choices)
+    and ``steps`` (a method and its argument values each, in the table's order; an argument
+    that names an actor or a resolved fault is its index)."""
+    set_up_bytes = answer(DIRTY_MODES, set_up.mode) + answer(BOOLS, set_up.logged)
+    return set_up_bytes + encode_steps(KINDS, steps)
 
 
 READ, WRITE = False, True  # a fault's kind, in the scenarios

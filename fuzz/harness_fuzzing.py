@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -34,9 +34,62 @@ class Harness(Protocol):
         """Raise an AssertionError (RulesBroken) naming every rule the state breaks."""
 
 
-class Action(Protocol):
+@dataclass(frozen=True)
+class Action:
+    """One harness call: the method and its keyword arguments."""
+
+    method: str
+    args: tuple[tuple[str, object], ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.method}({', '.join(f'{name}={value!r}' for name, value in self.args)})"
+
     def apply(self, harness: Any) -> None:
-        """Call the harness method this action decoded to."""
+        getattr(harness, self.method)(**dict(self.args))
+
+
+class Kind(Protocol):
+    """What the encoder needs of a decoder's kind of action."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def params(self) -> Sequence[tuple[str, Any]]: ...
+
+
+def answer(options: Sequence[object], value: object) -> bytes:
+    """The bytes a BytesChooser reads as ``value`` when asked to pick among ``options``:
+    nothing for one option, one byte for up to 256, two (little-endian) above."""
+    count, index = len(options), list(options).index(value)
+    if count <= 1:
+        return b""
+    return index.to_bytes(1 if count <= 256 else 2, "little")
+
+
+Step = tuple[str, tuple[Any, ...]]
+"""A harness call in a seed scenario: the method and its argument values, in order."""
+
+
+def encode_steps(
+    kinds: Sequence[Kind],
+    steps: Iterable[Step],
+    encode_argument: Callable[[Any, object], bytes] = answer,
+) -> bytes:
+    """The bytes a decoder reads back as ``steps``: each step's kind, then each argument's
+    answer (``encode_argument`` for a decoder whose argument domains are not plain
+    sequences). The inverse of the decoders, for seeds and the machines' reproducers."""
+    out = bytearray()
+    methods = [kind.method for kind in kinds]
+    for method, values in steps:
+        index = methods.index(method)
+        out += answer(range(len(kinds)), index)
+        params = kinds[index].params
+        if len(values) != len(params):
+            raise ValueError(f"{method} takes {[name for name, _ in params]}, not {values}")
+        for (_, domain), value in zip(params, values, strict=True):
+            out += encode_argument(domain, value)
+    return bytes(out)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
-from kvmspec.fuzz.harness_fuzzing import Rejected
+from kvmspec.fuzz.harness_fuzzing import Action, Rejected, Step, encode_steps
 from kvmspec.fuzz.ppc_harness import (
     BOOLS,
     EA_INDEXES,
@@ -212,20 +212,6 @@ KINDS: tuple[Kind, ...] = (
 """What one answer chooses between. An action's arguments follow its kind's answer."""
 
 
-@dataclass(frozen=True)
-class Action:
-    """One harness call: the method and its keyword arguments."""
-
-    method: str
-    args: tuple[tuple[str, Argument], ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.method}({', '.join(f'{name}={value!r}' for name, value in self.args)})"
-
-    def apply(self, harness: PpcHarness) -> None:
-        getattr(harness, self.method)(**dict(self.args))
-
-
 def decode_action(chooser: Chooser, harness: PpcHarness) -> Action | Rejected:
     """The next action, as the chooser's answers describe it, or why it is rejected."""
     kind = pick(chooser, KINDS)
@@ -241,24 +227,11 @@ def decode_action(chooser: Chooser, harness: PpcHarness) -> Action | Rejected:
 # The inverse, for seeds
 # ---------------------------------------------------------------------------------------------
 
-Step = tuple[str, tuple[Argument, ...]]
-
 
 def encode(steps: Iterable[Step]) -> bytes:
-    """The bytes that :func:`decode_action` reads as ``steps``. A step is a method and its
-    argument values, in the table's order (2-byte answers, for arguments with more than 256
-    values, little-endian)."""
-    out = bytearray()
-    for method, values in steps:
-        index = next(i for i, kind in enumerate(KINDS) if kind.method == method)
-        out.append(index)
-        params = KINDS[index].params
-        if len(values) != len(params):
-            raise ValueError(f"{method} takes {[name for name, _ in params]}, not {values}")
-        for (_, domain), value in zip(params, values, strict=True):
-            choice = list(domain).index(value)
-            out += choice.to_bytes(1 if len(domain) <= 256 else 2, "little")
-    return bytes(out)
+    """The bytes that :func:`decode_action` reads as ``steps`` (a method and its argument
+    values each, in the table's order)."""
+    return encode_steps(KINDS, steps)
 
 
 def _gfn(gfn: int) -> int:

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvmspec.fuzz import machines
-from kvmspec.fuzz.ppc_decoder import EXACTS, SLOTS, Argument, Step, encode
+from kvmspec.fuzz.harness_fuzzing import Step
+from kvmspec.fuzz.ppc_decoder import EXACTS, SLOTS, Argument, encode
 from kvmspec.fuzz.ppc_harness import (
     BOOLS,
     EA_INDEXES,

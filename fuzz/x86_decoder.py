@@ -29,7 +29,7 @@ from pathlib import Path
 
 from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
-from kvmspec.fuzz.harness_fuzzing import Rejected
+from kvmspec.fuzz.harness_fuzzing import Action, Rejected, Step, answer, encode_steps
 from kvmspec.fuzz.x86_harness import (
     BOOLS,
     BYTES,
@@ -59,7 +59,6 @@ from kvmspec.fuzz.x86_harness import (
     UPPER_TABLES,
     VCPUS,
     HugeHarness,
-    X86Harness,
 )
 
 Argument = int | None
@@ -144,20 +143,6 @@ def layout_kinds(layout: str) -> tuple[Kind, ...]:
     return KINDS["shadow" if layout in SHADOW_LAYOUTS else layout]
 
 
-@dataclass(frozen=True)
-class Action:
-    """One harness call: the method and its keyword arguments."""
-
-    method: str
-    args: tuple[tuple[str, Argument], ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.method}({', '.join(f'{name}={value!r}' for name, value in self.args)})"
-
-    def apply(self, harness: X86Harness) -> None:
-        getattr(harness, self.method)(**dict(self.args))
-
-
 def decode_layout(chooser: Chooser) -> str:
     """The run's layout: the first answer."""
     return pick(chooser, LAYOUTS)
@@ -180,25 +165,11 @@ def decode_action(chooser: Chooser, layout: str) -> Action | Rejected:
 # The inverse, for seeds
 # ---------------------------------------------------------------------------------------------
 
-Step = tuple[str, tuple[Argument, ...]]
-
 
 def encode(layout: str, steps: Iterable[Step]) -> bytes:
     """The bytes that :func:`decode_layout` then :func:`decode_action` read as ``layout``
-    and ``steps``. A step is a method and its argument values, in the table's order (2-byte
-    answers, for arguments with more than 256 values, little-endian)."""
-    out = bytearray([LAYOUTS.index(layout)])
-    kinds = layout_kinds(layout)
-    for method, values in steps:
-        index = next(i for i, kind in enumerate(kinds) if kind.method == method)
-        out.append(index)
-        params = kinds[index].params
-        if len(values) != len(params):
-            raise ValueError(f"{method} takes {[name for name, _ in params]}, not {values}")
-        for (_, domain), value in zip(params, values, strict=True):
-            choice = list(domain).index(value)
-            out += choice.to_bytes(1 if len(domain) <= 256 else 2, "little")
-    return bytes(out)
+    and ``steps`` (a method and its argument values each, in the table's order)."""
+    return answer(LAYOUTS, layout) + encode_steps(layout_kinds(layout), steps)
 
 
 WRITE_PROTECT_FAILS = False  # guest_write_table_in_the_huge_page's emulatable argument

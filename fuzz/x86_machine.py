@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvmspec.fuzz import machines
-from kvmspec.fuzz.x86_decoder import Argument, Step, encode
+from kvmspec.fuzz.harness_fuzzing import Step
+from kvmspec.fuzz.x86_decoder import Argument, encode
 from kvmspec.fuzz.x86_harness import (
     BYTES,
     DATA_PAGE_INDEXES,
