@@ -77,14 +77,22 @@ def _patched(owner: Any, name: str, value: object) -> Iterator[None]:
 # -- seed 000: POWER, the removal path must still find an INVALID slot ------------------------
 
 
-def _plant_000() -> contextlib.AbstractContextManager[None]:
-    original = hpt.revmap_for_hpte
+RevmapLookup = Callable[[Kvm, int, int], tuple[KvmMemorySlot | None, int]]
+
+
+def revmap_for_usable_slots_only(original: RevmapLookup) -> RevmapLookup:
+    """Seed 000's bug: the lookup behind the HPTE removal path (``original`` is
+    hpt.revmap_for_hpte) does not find a slot that is INVALID."""
 
     def usable_slots_only(kvm: Kvm, hpte_v: int, guest_r: int) -> tuple[KvmMemorySlot | None, int]:
         slot, gfn = original(kvm, hpte_v, guest_r)
         return (None, gfn) if slot is not None and slot.invalid else (slot, gfn)
 
-    return _patched(hpt, "revmap_for_hpte", usable_slots_only)
+    return usable_slots_only
+
+
+def _plant_000() -> contextlib.AbstractContextManager[None]:
+    return _patched(hpt, "revmap_for_hpte", revmap_for_usable_slots_only(hpt.revmap_for_hpte))
 
 
 def _fuzz_ppc(data: bytes) -> list[str]:
@@ -159,10 +167,13 @@ def _plant_004_pinned() -> contextlib.AbstractContextManager[None]:
     return _patched(apic_access, "vmx_set_apic_access_page_addr", load_and_pin)
 
 
-def _plant_004_stale() -> contextlib.AbstractContextManager[None]:
-    def unmap_without_reload(self: ShadowMmu, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
-        return kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
+def unmap_without_reload(self: ShadowMmu, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+    """Seed 004's stale-address bug, as ShadowMmu.kvm_unmap_gfn_range: the SPTEs are
+    zapped, but no vCPU is asked to reload the APIC-access address."""
+    return kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
 
+
+def _plant_004_stale() -> contextlib.AbstractContextManager[None]:
     return _patched(ShadowMmu, "kvm_unmap_gfn_range", unmap_without_reload)
 
 

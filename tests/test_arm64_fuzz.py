@@ -32,12 +32,11 @@ from kvmspec.fuzz.arm64_harness import (
 )
 from kvmspec.fuzz.arm64_machine import arm64_machine
 from kvmspec.fuzz.profiles import bug_hunt
-from kvmspec.reference.arch import KvmArch
+from kvmspec.fuzz.seed_bugs import EmptiedFlushShadowAll
 from kvmspec.reference.arm64 import fault, stage2
 from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
 from kvmspec.reference.arm64.pgtable import KvmPgtableVisitCtx
 from kvmspec.reference.host import PROT_READ
-from kvmspec.reference.kvm import Kvm
 
 REPO = Path(__file__).resolve().parents[1]
 ARM64_SEEDS = support.seed_files("arm64")
@@ -153,13 +152,6 @@ def first_finding(count: int = 400) -> bytes:
     )
     assert found is not None, f"{count} random inputs found nothing"
     return found
-
-
-class EmptiedFlushShadowAll(Arm64Mmu):
-    """Seed 001's patch: kvm_arch_flush_shadow_all does nothing."""
-
-    def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
-        KvmArch.kvm_arch_flush_shadow_all(self, kvm)
 
 
 def test_seed_001_an_emptied_flush_shadow_all_is_found_by_fuzzing(

@@ -23,6 +23,7 @@ from kvmspec.fuzz.arm64_harness import (
 from kvmspec.fuzz.arm64_machine import arm64_machine
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.profiles import bug_hunt
+from kvmspec.fuzz.seed_bugs import EmptiedFlushShadowAll
 from kvmspec.reference import host_pages, kvm_main
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.arm64 import fault
@@ -338,13 +339,6 @@ def test_a_fault_path_without_the_retry_check_is_caught(monkeypatch: pytest.Monk
 
 
 # -- the checks of the harness catch planted bugs --------------------------------------------------
-
-
-class EmptiedFlushShadowAll(Arm64Mmu):
-    """Seed 001's patch: kvm_arch_flush_shadow_all does nothing."""
-
-    def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
-        KvmArch.kvm_arch_flush_shadow_all(self, kvm)
 
 
 def test_seed_001_an_emptied_flush_shadow_all_is_caught() -> None:

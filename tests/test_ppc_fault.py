@@ -28,9 +28,8 @@ from kvmspec.fuzz.ppc_harness import (
     PpcHarness,
     race,
 )
+from kvmspec.fuzz.seed_bugs import revmap_for_usable_slots_only
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
-from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.ppc import fault, hpt, resize
 from kvmspec.reference.ppc.fault import (
     DSISR_NOHPTE,
@@ -286,11 +285,7 @@ def test_seed_000_a_removal_path_that_ignores_invalid_slots_is_caught(
     play(kernel)
     kernel.check()
 
-    def usable_only(kvm: Kvm, hpte_v: int, guest_r: int) -> tuple[KvmMemorySlot | None, int]:
-        slot, gfn = original(kvm, hpte_v, guest_r)
-        return (None, gfn) if slot is not None and slot.invalid else (slot, gfn)
-
-    original = hpt.revmap_for_hpte
+    usable_only = revmap_for_usable_slots_only(hpt.revmap_for_hpte)
     monkeypatch.setattr(hpt, "revmap_for_hpte", usable_only)
     planted = harness()
     play(planted)

@@ -24,8 +24,7 @@ from kvmspec.fuzz import fuzz_ppc, machines, ppc_decoder
 from kvmspec.fuzz.ppc_harness import PpcHarness
 from kvmspec.fuzz.ppc_machine import ppc_machine
 from kvmspec.fuzz.profiles import bug_hunt
-from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.fuzz.seed_bugs import revmap_for_usable_slots_only
 from kvmspec.reference.ppc import hcalls, hpt
 from kvmspec.reference.ppc.hcalls import H_AVPN
 from kvmspec.spec.platforms import PPC64_HV
@@ -144,11 +143,7 @@ def test_a_removal_path_that_ignores_invalid_slots_is_found_by_fuzzing(
     find entries left mapping pages of no slot; the finding names the rule, prints the
     actions and keeps the input and its report."""
 
-    def usable_only(kvm: Kvm, hpte_v: int, guest_r: int) -> tuple[KvmMemorySlot | None, int]:
-        slot, gfn = original(kvm, hpte_v, guest_r)
-        return (None, gfn) if slot is not None and slot.invalid else (slot, gfn)
-
-    original = hpt.revmap_for_hpte
+    usable_only = revmap_for_usable_slots_only(hpt.revmap_for_hpte)
     monkeypatch.setattr(hpt, "revmap_for_hpte", usable_only)
     found = first_finding()
     with pytest.raises(support.SpecViolation) as raised:

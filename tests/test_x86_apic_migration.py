@@ -18,6 +18,7 @@ import pytest
 
 from kvmspec.fuzz import fuzz_x86
 from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.seed_bugs import unmap_without_reload
 from kvmspec.fuzz.x86_harness import (
     APIC_GFN,
     APIC_GVA,
@@ -30,8 +31,6 @@ from kvmspec.fuzz.x86_harness import (
 )
 from kvmspec.reference.concurrency import Preempt
 from kvmspec.reference.host_notifier import MmuNotifierEvent
-from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.mmu_notifier import KvmGfnRange
 from kvmspec.reference.x86 import roots
 from kvmspec.reference.x86.apic_access import (
     KVM_REQ_APIC_PAGE_RELOAD,
@@ -40,7 +39,6 @@ from kvmspec.reference.x86.apic_access import (
     vmx_set_apic_access_page_addr,
 )
 from kvmspec.reference.x86.guest_access import Outcome
-from kvmspec.reference.x86.mmu_spte import kvm_rmap_zap_gfn_range
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
 from kvmspec.spec.invariants.x86 import check_apic_access_addr
@@ -128,9 +126,6 @@ def test_a_notifier_that_forgets_the_apic_reload_is_caught(
 ) -> None:
     """Planted bug: kvm_unmap_gfn_range zaps the SPTEs but asks no vCPU to reload the
     APIC-access address. The vCPUs then enter with the old page's address."""
-
-    def unmap_without_reload(self: ShadowMmu, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
-        return kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
 
     vm = ShadowHarness()
     vm.guest_read_apic(0, 0)
@@ -265,9 +260,6 @@ def test_the_x86_fuzzer_finds_a_notifier_that_forgets_the_apic_reload(
 ) -> None:
     """The same planted bug, found by random inputs of fuzz/fuzz_x86.py in the shadow
     layout: any migration of the APIC-access page after a vCPU loaded it is enough."""
-
-    def unmap_without_reload(self: ShadowMmu, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
-        return kvm_rmap_zap_gfn_range(kvm, self, gfn_range.slot, gfn_range.start, gfn_range.end)
 
     monkeypatch.setattr(ShadowMmu, "kvm_unmap_gfn_range", unmap_without_reload)
     rng = random.Random(4)
