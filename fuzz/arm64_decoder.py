@@ -48,6 +48,7 @@ from kvmspec.fuzz.arm64_harness import (
     DONTNEED_PAGES,
     FRAMES,
     HPAGE,
+    KNOWN_KERNEL_FINDINGS,
     OFFSETS,
     ORDER_STEPS,
     PAGES,
@@ -262,7 +263,13 @@ class Setup:
         """A fresh VM so configured."""
         features = Stage2Features(ha=self.hardware_af)
         return Arm64Harness(
-            profile, self.mmu_class, features, self.split_chunk_size, self.dirty_mode, log
+            profile,
+            self.mmu_class,
+            features,
+            self.split_chunk_size,
+            self.dirty_mode,
+            log,
+            KNOWN_KERNEL_FINDINGS,
         )
 
 

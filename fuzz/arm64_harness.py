@@ -37,6 +37,10 @@ after which a new VM starts.
   (C-DIRTY-COMPLETE), aging changes no translation (N7) and finds every page used since
   its last aging young (C-AGING, loose where the kernel drops access flags), and after the
   release no translation survives (S001-FLUSH-ALL).
+
+A harness may be told to let known kernel findings pass (``tolerated``): the machine and the
+fuzzer let :data:`KNOWN_KERNEL_FINDINGS` pass, so that they look for new problems; a harness
+built by a test reports everything.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from kvmspec.reference.arm64.fault import (
 from kvmspec.reference.arm64.hw_access import GuestAccessResult
 from kvmspec.reference.arm64.hw_access import guest_access as hw_guest_access
 from kvmspec.reference.arm64.mmu import Arm64Mmu
-from kvmspec.reference.arm64.pgtable import KvmPgtableWalkFlags
+from kvmspec.reference.arm64.pgtable import EMPTY_MEMCACHE, KvmPgtableWalkFlags
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
 from kvmspec.reference.arm64.stage2 import kvm_pgtable_stage2_test_clear_young
 from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
@@ -130,6 +134,11 @@ ORDER_STEPS = tuple(range(4))
 """Who runs next in :meth:`Arm64Harness.interleave` (modulo the actors left)."""
 
 
+KNOWN_KERNEL_FINDINGS = (f"A8: WARN: {EMPTY_MEMCACHE.partition(': ')[2]}",)
+"""Kernel behaviour the checks report and a fuzzing run lets pass: an execution permission
+fault on a write-protected block of a dirty-logged slot takes a table page from the vCPU's
+memory cache without filling it first (tests/test_arm64_memcache.py shows it)."""
+
 NOMINAL_GPA = {THP_SLOT: THP_GPA, SHIFTED_SLOT: SHIFTED_GPAS[0], DEVICE_SLOT: DEVICE_GPA}
 
 
@@ -181,6 +190,7 @@ class Arm64Harness:
         split_chunk_size: int = 0,
         dirty_mode: str = "bitmap",
         log: Log = _ignore,
+        tolerated: tuple[str, ...] = (),
     ) -> None:
         if profile.arch != "arm64":
             raise ValueError(f"profile {profile.name}: the arm64 harness needs arm64")
@@ -190,6 +200,7 @@ class Arm64Harness:
         self.split_chunk_size = split_chunk_size
         self.dirty_mode = dirty_mode
         self.log = log
+        self.tolerated = tolerated
         self.found: list[str] = []
         self.checks = 0
         self.vms = 0
@@ -625,6 +636,10 @@ class Arm64Harness:
         """Raise :class:`RulesBroken` if the actions so far broke a rule."""
         self.checks += 1
         self.note_dropped_translations()
-        found = self.found + [str(v) for v in self._violations()]
+        found = [
+            line
+            for line in self.found + [str(v) for v in self._violations()]
+            if not line.startswith(self.tolerated)
+        ]
         if found:
             raise RulesBroken(found)

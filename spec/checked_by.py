@@ -57,6 +57,7 @@ _ARM64 = "tests/test_arm64_stage2.py::"
 _ARM64_WALKER = "tests/test_arm64_walker.py::"
 _ARM64_MMU = "tests/test_arm64_mmu.py::"
 _ARM64_FUZZ = "tests/test_arm64_fuzz.py::"
+_ARM64_MEMCACHE = "tests/test_arm64_memcache.py::"
 _PPC = "tests/test_ppc_hpt.py::"
 _PPC_FAULT = "tests/test_ppc_fault.py::"
 _PPC_FUZZ = "tests/test_ppc_fuzz.py::"
@@ -343,6 +344,16 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_ARM64, "test_write_protection_waits_for_the_callers_flush"),
         ARM64_TRANSLATIONS.format("no TLB entry more permissive than the tables"),
         _scenario(_ARM64_MMU, "test_write_protection_without_the_callers_flush_is_caught"),
+    ),
+    "A8": (
+        STAGE2.format("check_warnings: the WARN of an allocation from an empty memory cache")
+        + " (the machine and fuzz_arm64.py let the known kernel finding pass: a strict"
+        " harness reports it)",
+        _scenario(
+            _ARM64_MEMCACHE,
+            "test_an_exec_fault_on_a_logged_block_takes_a_table_from_an_empty_cache",
+        ),
+        _scenario(_ARM64_MEMCACHE, "test_a_fault_path_that_never_fills_the_cache_is_caught"),
     ),
     "S001-FLUSH-ALL": (
         "the arm64 harness: after kvm_mmu_notifier_release, no stage-2 translation is left",

@@ -944,6 +944,22 @@ rule(
     KernelCitation(ARM64_MMU, "kvm_mmu_wp_memory_region"),
 )
 rule(
+    "A8",
+    "invariant",
+    "arm64-stage2",
+    """A stage-2 walk under mmu_lock never allocates: every table page it installs comes from
+    the vCPU's memory cache, which the fault path fills before taking the lock whenever the
+    fault may need a new table. (Known kernel finding, tests/test_arm64_memcache.py: the
+    fault path fills the cache for translation faults and for write faults while dirty
+    logging, but an execution permission fault on a write-protected block of a dirty-logged
+    slot also maps a page in place of the block, so a vCPU whose cache is empty takes the
+    table from it: a WARN in kvm_mmu_memory_cache_alloc, then an atomic allocation. It needs
+    a CPU without DIC, where stage 2 grants execution only on an execution fault.)""",
+    KernelCitation(ARM64_MMU, "user_mem_abort"),
+    KernelCitation(KVM_MAIN, "kvm_mmu_memory_cache_alloc"),
+    KernelCitation(ARM64_PGTABLE, "stage2_map_walk_leaf"),
+)
+rule(
     "S001-NO-LOST-UPDATE",
     "invariant",
     "arm64-stage2",

@@ -64,6 +64,9 @@ _TABLE_PRE = int(KvmPgtableWalkFlags.TABLE_PRE)
 _TABLE_POST = int(KvmPgtableWalkFlags.TABLE_POST)
 _SHARED = int(KvmPgtableWalkFlags.SHARED)
 
+EMPTY_MEMCACHE = "A8: kvm_mmu_memory_cache_alloc: a table page taken from an empty cache"
+"""The WARN of an allocation from an empty memory cache (the rule it breaks first)."""
+
 TABLE_PAGES_BASE = 1 << 40
 """Where the model allocates table pages in host physical memory (away from guest pages,
 so a table descriptor's output address never looks like guest memory)."""
@@ -95,8 +98,9 @@ class Ptep:
 
 @dataclass(slots=True)
 class KvmMmuMemoryCache:
-    """struct kvm_mmu_memory_cache: pages set aside before taking mmu_lock, so a walk
-    under the lock never allocates (it fails with ENOMEM when the cache is empty)."""
+    """struct kvm_mmu_memory_cache: pages set aside before taking mmu_lock, so that a walk
+    under the lock never has to allocate (taking a page from an empty cache is a WARN, see
+    :meth:`KvmPgtableMmOps.zalloc_page`)."""
 
     nobjs: int
 
@@ -114,10 +118,20 @@ class KvmPgtableMmOps:
     """Every table page ever allocated, by physical address (freed ones stay, marked)."""
 
     def zalloc_page(self, mc: KvmMmuMemoryCache | None) -> TablePage | None:
-        """A zeroed page with one reference, from the memory cache."""
-        if mc is None or mc.nobjs == 0:
+        """A zeroed page with one reference, from the memory cache (None without a cache:
+        the walk fails with ENOMEM).
+
+        The fault path fills the cache before it takes mmu_lock, so the cache should never
+        be empty here (A8). When it is, the kernel WARNs and falls back to an atomic
+        allocation, which the model lets succeed.
+
+        kernel: arch/arm64/kvm/mmu.c:stage2_memcache_zalloc_page; virt/kvm/kvm_main.c:
+        kvm_mmu_memory_cache_alloc (v6.18)
+        """
+        if mc is None:
             return None
-        mc.nobjs -= 1
+        if not self.warn_on(mc.nobjs == 0, EMPTY_MEMCACHE):
+            mc.nobjs -= 1
         return self._new_page()
 
     def zalloc_pages_exact(self, count: int) -> list[TablePage]:
