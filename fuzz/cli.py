@@ -7,6 +7,7 @@ Errors a user can cause (a bad trace, an unknown target, a missing /dev/kvm) end
     kvmspec campaign [--minutes N] [--workers N] [--target T] [--database DB] [--report FILE]
                      [AREA ...]
     kvmspec schema
+    kvmspec show TRACE [--step N] [--bug NAME] --svg OUT
 """
 
 from __future__ import annotations
@@ -101,6 +102,23 @@ def replay(trace: Trace, target_name: str, as_json: bool, out: TextIO, check: bo
     return EXIT_DIVERGED
 
 
+def show(trace: str, step: int | None, bug: str | None, out: str) -> int:
+    """Draw the model after ``trace`` (``step`` steps, ``bug`` planted) into ``out``."""
+    from pathlib import Path
+
+    from kvmspec.fuzz.show import ShowError, render_svg
+
+    try:
+        svg = render_svg(Path(trace), step, bug)
+    except ShowError as error:
+        raise UsageError(str(error)) from None
+    try:
+        Path(out).write_text(svg)
+    except OSError as error:
+        raise UsageError(f"{out}: cannot write: {error.strerror}") from None
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvmspec", description=__doc__.splitlines()[0] if __doc__ else "")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -135,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("schema", help="print the JSON Schema of trace lines")
+
+    show_cmd = commands.add_parser("show", help="draw the model's state after an input as SVG")
+    show_cmd.add_argument("trace", help="a kvmspec trace (.jsonl) or a harness fuzzer input (.bin)")
+    show_cmd.add_argument("--step", type=int, default=None, help="stop after N steps")
+    show_cmd.add_argument(
+        "--bug", default=None, help="plant a seed bug of kvmspec.fuzz.seed_bugs first"
+    )
+    show_cmd.add_argument("--svg", required=True, help="the SVG file to write")
     return parser
 
 
@@ -169,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(json.dumps(trace_schema(), indent=2))
             return EXIT_OK
+        if args.command == "show":
+            return show(args.trace, args.step, args.bug, args.svg)
     except UsageError as error:
         print(f"kvmspec: error: {error}", file=sys.stderr)
         return EXIT_USAGE
