@@ -28,6 +28,7 @@ from pathlib import Path
 from kvmspec.fuzz.show.memslots import draw_memslots
 from kvmspec.fuzz.show.replay import Replay, ShowError, check_step, replay_trace
 from kvmspec.fuzz.show.svg import LINE, MARGIN, Canvas
+from kvmspec.fuzz.show.timeline import draw_failure, draw_timeline
 
 __all__ = ["CSS_CLASSES", "ShowError", "render_svg"]
 
@@ -61,7 +62,9 @@ def planted(bug: str | None) -> Iterator[None]:
     if chosen is None:
         names = ", ".join(seed.name for seed in SEED_BUGS)
         raise ShowError(f"unknown bug {bug!r} (one of: {names})")
-    with chosen.plant():
+    from kvmspec.fuzz.show.families import harness_plant
+
+    with chosen.plant(), harness_plant(bug):
         yield
 
 
@@ -72,6 +75,10 @@ def run(path: Path, step: int | None) -> Replay:
         raise ShowError(f"{path}: no such file")
     if path.suffix == ".jsonl":
         return replay_trace(path, step)
+    if path.suffix == ".bin":
+        from kvmspec.fuzz.show.families import family_of, replay_harness
+
+        return replay_harness(path, family_of(path), step)
     raise ShowError(f"{path}: not a trace (.jsonl) or a fuzzer input (.bin)")
 
 
@@ -94,5 +101,43 @@ def draw(replay: Replay, ident: str, bug: str | None) -> str:
         title += f", with {bug} planted"
     canvas.text(MARGIN, canvas.y + 14, title, "title")
     canvas.advance(LINE + 10)
+    draw_failure(canvas, replay)
+    draw_timeline(canvas, replay)
     draw_memslots(canvas, replay.kvm)
+    draw_translations(canvas, replay)
     return canvas.render(title)
+
+
+def draw_translations(canvas: Canvas, replay: Replay) -> None:
+    """The section of the VM's MMU, whichever it is."""
+    from kvmspec.reference.arm64.mmu import Arm64Mmu
+
+    arch = replay.kvm.arch
+    if isinstance(arch, Arm64Mmu):
+        from kvmspec.fuzz.show.arm64 import draw_arm64
+
+        draw_arm64(canvas, arch)
+        return
+    from kvmspec.reference.x86.mmu_page import ShadowMmuState
+
+    if isinstance(arch, ShadowMmuState):
+        from kvmspec.fuzz.show.x86 import draw_x86
+
+        draw_x86(canvas, arch)
+        return
+    from kvmspec.reference.ppc.hpt_mmu import HptMmu
+
+    if isinstance(arch, HptMmu):
+        from kvmspec.fuzz.show.ppc import draw_ppc
+
+        draw_ppc(canvas, replay.kvm, arch)
+        return
+    from kvmspec.reference.flat_mmu import FlatMmu
+
+    if isinstance(arch, FlatMmu):
+        from kvmspec.fuzz.show.flat import draw_flat
+
+        draw_flat(canvas, arch)
+        return
+    canvas.text(MARGIN, canvas.y + 12, f"({type(arch).__name__}: no picture of this MMU)", "note")
+    canvas.advance(LINE)

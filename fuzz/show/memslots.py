@@ -42,7 +42,8 @@ def size_text(size: int) -> str:
     while value >= 1024 and unit < len(UNITS) - 1:
         value /= 1024
         unit += 1
-    return f"{value:.3g} {UNITS[unit]}"
+    shown = f"{value:.0f}" if value >= 100 or value == int(value) else f"{value:.3g}"
+    return f"{shown} {UNITS[unit]}"
 
 
 def flag_names(slot: KvmMemorySlot) -> list[str]:
@@ -242,7 +243,7 @@ def draw_memslots(canvas: Canvas, kvm: Kvm) -> None:
             f"M {a:.1f} {ya:.1f} C {a:.1f} {lift:.1f} {b:.1f} {lift:.1f} {b:.1f} {yb:.1f}", "alias"
         )
         canvas.text(
-            (a + b) / 2, lift + 4, f"alias {one.id}~{other.id}", "alias-label", anchor="middle"
+            (a + b) / 2, lift + 2, f"alias {one.id}~{other.id}", "alias-label", anchor="middle"
         )
     axis_y = lanes_bottom + 6
     canvas.line(AXIS_LEFT, axis_y, AXIS_RIGHT, axis_y, "axis")
@@ -257,15 +258,18 @@ def draw_memslots(canvas: Canvas, kvm: Kvm) -> None:
             )
             canvas.text(
                 middle,
-                axis_y - 6,
+                axis_y + 24,
                 size_text((piece.end - piece.start) << page_shift),
                 "tick",
                 anchor="middle",
             )
-        if piece.x - last_label >= 76:
+        if piece.covered and piece.x - last_label >= 76:
             canvas.text(piece.x, axis_y + 12, f"{piece.start << page_shift:#x}", "tick")
             last_label = piece.x
-    canvas.advance(axis_y + 18 - canvas.y)
+    if AXIS_RIGHT - last_label >= 150:
+        end = axis.pieces[-1].end << page_shift
+        canvas.text(AXIS_RIGHT, axis_y + 12, f"{end:#x}", "tick", anchor="end")
+    canvas.advance(axis_y + 30 - canvas.y)
     for slot in slots:
         classes = slot_classes(slot)
         canvas.rect(MARGIN, canvas.y + 3, 10, 10, ("memslot-key", *classes[1:]))

@@ -18,7 +18,7 @@ broken rule, or when the input runs out.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -139,7 +139,7 @@ def replay_trace(path: Path, step: int | None) -> Replay:
 Apply = Callable[[Operation], tuple[object, list[str]]]
 
 
-def run_operations(replay: Replay, ops: list[tuple[Operation, str]], apply: Apply) -> None:
+def run_operations(replay: Replay, ops: Iterable[tuple[Operation, str]], apply: Apply) -> None:
     """Apply operations in a session until one breaks a rule (or a contract or the model's
     own assertion fails inside it, reported as fuzz_memslots.py does)."""
     for number, (op, where) in enumerate(ops, start=1):

@@ -48,6 +48,7 @@ STYLE = """
 .kvmspec-pte.kvmspec-locked { fill: #fed7d7; stroke: #c53030; stroke-dasharray: 3 2; }
 .kvmspec-pte.kvmspec-absent { fill: #fff; stroke: #a0aec0; stroke-dasharray: 2 2; }
 .kvmspec-pte.kvmspec-bolted { stroke: #1a365d; stroke-width: 2.5; }
+.kvmspec-hpte-free { fill: #f7fafc; stroke: #e2e8f0; }
 .kvmspec-bit { fill: #a0aec0; font-size: 10px; }
 .kvmspec-bit.kvmspec-set { fill: #1a202c; font-weight: bold; }
 .kvmspec-more { fill: #718096; font-style: italic; }
