@@ -233,7 +233,6 @@ def _replay_memslots(path: Path, chooser: BytesChooser, step: int | None) -> Rep
             yield decode_operation(chooser, session), f"operation {number}"
 
     run_operations(replay, operations(), session.apply)
-    replay.guest = target.guest
     out_of_range(step, replay, f"{replay.applied} steps")
     return replay
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
-from kvmspec.fuzz.show.svg import LINE, MARGIN, WIDTH, Canvas, fit
+from kvmspec.fuzz.show.svg import CHAR, LINE, MARGIN, WIDTH, Canvas, fit
 
 if TYPE_CHECKING:
     from kvmspec.reference.kvm import Kvm
@@ -263,8 +263,10 @@ def draw_memslots(canvas: Canvas, kvm: Kvm) -> None:
                 "tick",
                 anchor="middle",
             )
-        if piece.covered and piece.x - last_label >= 76:
-            canvas.text(piece.x, axis_y + 12, f"{piece.start << page_shift:#x}", "tick")
+        label = f"{piece.start << page_shift:#x}"
+        room = AXIS_RIGHT - piece.x  # a label near the right end ends there instead
+        if piece.covered and piece.x - last_label >= 76 and room >= len(label) * CHAR:
+            canvas.text(piece.x, axis_y + 12, label, "tick")
             last_label = piece.x
     if AXIS_RIGHT - last_label >= 150:
         end = axis.pieces[-1].end << page_shift

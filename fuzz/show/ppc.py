@@ -86,6 +86,10 @@ def _cell(
         classes.append("readonly-pte")
     gfn = entry_gfn(kvm, hpt, index)
     where = f"gfn {gfn:#x}" if gfn is not None else "gfn ?"
+    slot = kvm.memslots(0).search_memslots(gfn) if gfn is not None else None
+    if v & HPTE_V_VALID and not v & HPTE_V_ABSENT and (slot is None or slot.invalid):
+        classes.append("orphan")  # the hardware translates a page of no usable slot
+        where += " (no slot)"
     if v & HPTE_V_ABSENT and is_mmio_hpte(v, r):
         where = "MMIO"
     canvas.rect(

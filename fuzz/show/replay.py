@@ -55,10 +55,11 @@ class Step:
 
 @dataclass
 class Replay:
-    """What a picture shows: the VM (``kvm``, its ``host``, and on the shadow MMU the
-    trace's ``guest``), the steps that ran, and whether a rule broke (``failing`` is the
-    step that broke it, ``broken`` its lines). ``schedule`` is the harness scheduler's
-    record (which actor ran which step), ``notes`` anything the reader should know."""
+    """What a picture shows: the VM (``kvm`` and its ``host``; on the shadow MMU the guest's
+    page tables are the gfns its shadow pages name), the steps that ran, and whether a rule
+    broke (``failing`` is the step that broke it, ``broken`` its lines). ``schedule`` is the
+    harness scheduler's record (``"<step>|<actor>: <point>"``: which actor ran which step),
+    ``notes`` anything the reader should know."""
 
     source: str
     kind: str
@@ -69,7 +70,6 @@ class Replay:
     broken: list[str] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    guest: object = None
 
     @property
     def applied(self) -> int:
@@ -131,7 +131,6 @@ def replay_trace(path: Path, step: int | None) -> Replay:
         [(op.op, f"line {op.line}") for op in steps],
         session.apply,
     )
-    replay.guest = target.guest
     out_of_range(step, replay, f"{len(trace.steps)} steps")
     return replay
 

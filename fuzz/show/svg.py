@@ -30,9 +30,9 @@ STYLE = """
 .kvmspec-tick { fill: #555; font-size: 10px; }
 .kvmspec-gap { stroke: #888; stroke-dasharray: 2 3; fill: none; }
 .kvmspec-memslot, .kvmspec-memslot-key { fill: #cfe3f7; stroke: #2b6cb0; stroke-width: 1; }
-.kvmspec-readonly { fill: #e2e8f0; }
+.kvmspec-readonly { fill: #d6d3f0; stroke: #553c9a; }
 .kvmspec-dirty-log { fill: #fefcbf; stroke: #b7791f; }
-.kvmspec-gmem { fill: #e9d8fd; stroke: #6b46c1; }
+.kvmspec-gmem { fill: #fbd3e9; stroke: #97266d; }
 .kvmspec-invalid { stroke: #c53030; stroke-dasharray: 4 2; }
 .kvmspec-invalid-hatch { fill: url(#HATCH); stroke: none; }
 .kvmspec-alias { stroke: #c05621; stroke-width: 2; fill: none; }
@@ -49,6 +49,7 @@ STYLE = """
 .kvmspec-pte.kvmspec-absent { fill: #fff; stroke: #a0aec0; stroke-dasharray: 2 2; }
 .kvmspec-pte.kvmspec-bolted { stroke: #1a365d; stroke-width: 2.5; }
 .kvmspec-hpte-free { fill: #f7fafc; stroke: #e2e8f0; }
+.kvmspec-pte.kvmspec-orphan { stroke: #c53030; stroke-width: 2.5; }
 .kvmspec-bit { fill: #a0aec0; font-size: 10px; }
 .kvmspec-bit.kvmspec-set { fill: #1a202c; font-weight: bold; }
 .kvmspec-more { fill: #718096; font-style: italic; }
