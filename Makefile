@@ -1,4 +1,5 @@
-# kvmspec: the two quick-start commands are `make run` and `make test`.
+# kvmspec: the two quick-start commands are `make run` and `make test`; `make docs` builds the
+# documentation site.
 # Every target creates .venv and installs the pinned dependencies when needed.
 
 PYTHON ?= python3
@@ -7,13 +8,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MINUTES ?= 1
 
-.PHONY: run test lint typecheck bench power fuzz fuzz-generic fuzz-x86 fuzz-ppc fuzz-arm64 crosshair clean \
+.PHONY: run test docs lint typecheck bench power fuzz fuzz-generic fuzz-x86 fuzz-ppc fuzz-arm64 crosshair clean \
 	example-target
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,docs]'
 	touch $(STAMP)
 
 ## run: a default fuzzing campaign over every area built so far, then a summary
@@ -23,6 +24,11 @@ run: $(STAMP)
 ## test: lint, type-check, then the whole test suite (fast Hypothesis profile)
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+## docs: build the documentation site into docs/_build/html (open index.html). Warnings are
+# errors: every example runs, every picture is drawn, every rule's citation is checked.
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -n -b html docs docs/_build/html
 
 lint: $(STAMP) typecheck
 	$(VENV)/bin/ruff check .
@@ -35,7 +41,8 @@ typecheck: $(STAMP)
 	@ln -s ../../../reference build/mypy/kvmspec/reference
 	@ln -s ../../../fuzz build/mypy/kvmspec/fuzz
 	cd build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
-		kvmspec ../../tests $(if $(wildcard bench/*.py),../../bench)
+		kvmspec ../../tests $(if $(wildcard bench/*.py),../../bench) \
+		../../docs/_ext/kvmspec_docs.py ../../docs/make_kernel_index.py
 
 ## bench: the performance figures of the issues (a benchmark, not a timed test)
 bench: $(STAMP)
@@ -100,7 +107,7 @@ crosshair: $(STAMP)
 		kvmspec.spec.uapi.memslot_rules.decide_for_crosshair
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build docs/_build .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 ## example-target: build the C conformance target of the subprocess protocol
 # (examples/c-target; run it with --target "subprocess:./examples/c-target/kvm-c-target")
