@@ -21,7 +21,7 @@ CHAR = 6.6
 """The width of one character of the labels' monospace font, for fitting text in boxes."""
 
 STYLE = """
-.kvmspec-show { font-family: ui-monospace, 'DejaVu Sans Mono', monospace; font-size: 11px; }
+svg.kvmspec-show { font-family: ui-monospace, 'DejaVu Sans Mono', monospace; font-size: 11px; }
 .kvmspec-title { font-size: 14px; font-weight: bold; fill: #222; }
 .kvmspec-heading { font-size: 12px; font-weight: bold; fill: #333; }
 .kvmspec-label { fill: #222; }
@@ -167,7 +167,8 @@ class Canvas:
             [
                 f'<svg xmlns="http://www.w3.org/2000/svg" class="kvmspec-show" '
                 f'width="{WIDTH}" height="{fmt(height)}" '
-                f'viewBox="0 0 {WIDTH} {fmt(height)}" role="img">',
+                f'viewBox="0 0 {WIDTH} {fmt(height)}" role="img" '
+                'style="max-width: 100%; height: auto">',
                 f"<title>{escape(title)}</title>",
                 f"<style>{style}</style>",
                 "<defs>",
