@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -203,7 +203,7 @@ def _write(tmp_path: Path, name: str, data: bytes = b"\x00") -> str:
     return str(path)
 
 
-BAD_INPUTS = {
+BAD_INPUTS: dict[str, tuple[Callable[[Path], str], list[str], str]] = {
     "missing file": (lambda tmp: str(tmp / "nowhere.jsonl"), [], "no such file"),
     "unknown suffix": (lambda tmp: _write(tmp, "trace.txt"), [], "not a trace (.jsonl)"),
     "unknown family": (lambda tmp: _write(tmp, "mystery.bin"), [], "unknown fuzzer family"),
@@ -253,14 +253,16 @@ def test_bad_input_is_one_line_and_exit_2(
     assert "Traceback" not in err and not out.exists()
 
 
-def _make_examples() -> ModuleType:
+def _example_builder() -> Callable[[], dict[str, bytes]]:
+    """docs/examples/make_examples.py's ``examples`` (the script is not in a package)."""
     spec = importlib.util.spec_from_file_location("make_examples", EXAMPLES / "make_examples.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    examples: Callable[[], dict[str, bytes]] = module.examples
+    return examples
 
 
 def test_the_example_files_are_what_make_examples_builds() -> None:
-    for name, contents in _make_examples().examples().items():
+    for name, contents in _example_builder()().items():
         assert (EXAMPLES / name).read_bytes() == contents, f"{name}: run make_examples.py"

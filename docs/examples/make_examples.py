@@ -48,7 +48,7 @@ from kvmspec.fuzz.ops import (
     RegionAddr,
     SetUserMemoryRegion,
 )
-from kvmspec.fuzz.ppc_harness import MMIO_GFN, RAM0_GFN, RAM1_GFN
+from kvmspec.fuzz.ppc_harness import GFNS, MMIO_GFN, RAM0_GFN, RAM1_GFN
 from kvmspec.fuzz.targets.reference import ReferenceTarget
 from kvmspec.fuzz.trace import dump
 from kvmspec.fuzz.x86_harness import PML4_B
@@ -127,11 +127,11 @@ ARM64_STAGE2: tuple[Step, ...] = (
 
 RW, RO, FIRST_FREE = True, False, -1
 PPC_HPT: tuple[Step, ...] = (
-    ("h_enter", (0, ppc_decoder.GFNS.index(RAM0_GFN), RW, True, False, FIRST_FREE)),  # bolted
-    ("h_enter", (1, ppc_decoder.GFNS.index(RAM0_GFN + 1), RW, False, False, FIRST_FREE)),
-    ("h_enter", (2, ppc_decoder.GFNS.index(RAM1_GFN), RW, False, True, FIRST_FREE)),  # H
-    ("h_enter", (3, ppc_decoder.GFNS.index(RAM0_GFN + 3), RO, False, False, FIRST_FREE)),
-    ("h_enter", (4, ppc_decoder.GFNS.index(MMIO_GFN), RW, False, False, FIRST_FREE)),
+    ("h_enter", (0, GFNS.index(RAM0_GFN), RW, True, False, FIRST_FREE)),  # bolted
+    ("h_enter", (1, GFNS.index(RAM0_GFN + 1), RW, False, False, FIRST_FREE)),
+    ("h_enter", (2, GFNS.index(RAM1_GFN), RW, False, True, FIRST_FREE)),  # H
+    ("h_enter", (3, GFNS.index(RAM0_GFN + 3), RO, False, False, FIRST_FREE)),
+    ("h_enter", (4, GFNS.index(MMIO_GFN), RW, False, False, FIRST_FREE)),
     ("guest_access", (0, 0, True)),  # R and C
     ("guest_access", (1, 1, False)),  # R only
     ("guest_access", (0, 2, True)),
@@ -150,12 +150,12 @@ SEED_001: tuple[Step, ...] = (
 
 DELETE = False  # hcalls_while_slot1_invalid's ``move``: delete slot 1
 SEED_000: tuple[Step, ...] = (
-    ("h_enter", (0, ppc_decoder.GFNS.index(RAM1_GFN), RW, False, False, FIRST_FREE)),
-    ("h_enter", (1, ppc_decoder.GFNS.index(RAM1_GFN), RW, False, False, FIRST_FREE)),
+    ("h_enter", (0, GFNS.index(RAM1_GFN), RW, False, False, FIRST_FREE)),
+    ("h_enter", (1, GFNS.index(RAM1_GFN), RW, False, False, FIRST_FREE)),
     ("guest_access", (0, 0, True)),
     ("guest_access", (1, 1, True)),
     # While slot 1 is INVALID, the guest removes its entry for ea 0 and enters gfn 0 there.
-    ("hcalls_while_slot1_invalid", (DELETE, 0, ppc_decoder.GFNS.index(RAM0_GFN))),
+    ("hcalls_while_slot1_invalid", (DELETE, 0, GFNS.index(RAM0_GFN))),
     ("guest_access", (0, 1, False)),
 )
 

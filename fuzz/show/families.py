@@ -33,7 +33,7 @@ from kvmspec.fuzz.decoder import BytesChooser
 from kvmspec.fuzz.harness_fuzzing import Action, Rejected
 from kvmspec.fuzz.show.replay import Replay, ShowError, Step, out_of_range, run_operations
 from kvmspec.reference.arch import KvmArch
-from kvmspec.reference.arm64.mmu import Arm64MmuLocklessAging
+from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
 from kvmspec.reference.kvm import Kvm
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PROFILES, PlatformProfile
 
@@ -255,7 +255,7 @@ def harness_plant(bug: str) -> Iterator[None]:
     from kvmspec.fuzz.seed_bugs import EmptiedFlushShadowAll
 
     emptied = {
-        arm64_decoder.Arm64Mmu: EmptiedFlushShadowAll,
+        Arm64Mmu: EmptiedFlushShadowAll,
         Arm64MmuLocklessAging: EmptiedLocklessFlushShadowAll,
     }
     original = arm64_decoder.MMU_CLASSES
