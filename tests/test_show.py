@@ -15,10 +15,12 @@ import pytest
 
 from kvmspec.fuzz import arm64_decoder
 from kvmspec.fuzz.cli import main
-from kvmspec.fuzz.show import ShowError, render_svg, run
+from kvmspec.fuzz.show import CSS_CLASSES, ShowError, render_svg, run
 from kvmspec.fuzz.show.families import family_of
 from kvmspec.fuzz.show.memslots import active_slots
 from kvmspec.fuzz.show.replay import Replay
+from kvmspec.fuzz.show.svg import Canvas
+from kvmspec.fuzz.show.tree import PER_TABLE, Node, capped, draw_outline
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.ppc.hpt_mmu import HptMmu
@@ -105,6 +107,7 @@ def test_the_examples_show_what_the_docs_say() -> None:
     memslots = render_svg(EXAMPLES / "memslots.jsonl")
     assert classed(memslots, "readonly") and classed(memslots, "dirty-log")
     assert classed(memslots, "alias", "path")
+    assert classed(memslots, "gap", "path")  # 1 GiB to 3 GiB, and up to the guest's slot
     x86 = render_svg(EXAMPLES / "x86-shadow.bin")
     assert classed(x86, "huge") and classed(x86, "root")
     arm64 = render_svg(EXAMPLES / "arm64-stage2.bin")
@@ -115,6 +118,29 @@ def test_the_examples_show_what_the_docs_say() -> None:
     assert kinds == {"valid", "absent"} and classed(ppc, "bolted")
     set_bits = {t.text for t in classed(ppc, "set", "text")}
     assert {"R", "C", "V", "A", "B", "H"} <= set_bits
+
+
+def test_every_class_a_picture_uses_is_documented() -> None:
+    used: set[str] = set()
+    pictures = [render_svg(path) for path in INPUTS]
+    pictures.append(render_svg(EXAMPLES / "seed-001.bin", bug=FLUSH_ALL_BUG))
+    pictures.append(render_svg(SEEDS / "generic" / "move-under-fault.bin", step=4))
+    for svg in pictures:
+        for element in ET.fromstring(svg).iter():
+            used |= set(element.get("class", "").split())
+    assert used <= set(CSS_CLASSES), used - set(CSS_CLASSES)
+    assert {"kvmspec-memslot", "kvmspec-pte", "kvmspec-timeline-step"} <= used
+
+
+def test_large_tables_are_cut_with_a_count() -> None:
+    canvas = Canvas("test")
+    leaves = [Node(f"leaf {n}", ("pte",)) for n in range(PER_TABLE + 8)]
+    root = Node("table", ("table",))
+    capped(leaves, root)
+    draw_outline(canvas, [root])
+    svg = canvas.render("cut")
+    assert len(classed(svg, "pte")) == PER_TABLE
+    assert [t.text for t in classed(svg, "more", "text")] == ["+8 more"]
 
 
 def test_step_stops_after_that_many_steps() -> None:

@@ -25,21 +25,83 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvmspec.fuzz.seed_bugs import SEED_BUGS
+from kvmspec.fuzz.show.arm64 import draw_arm64
+from kvmspec.fuzz.show.families import family_of, harness_plant, replay_harness
+from kvmspec.fuzz.show.flat import draw_flat
 from kvmspec.fuzz.show.memslots import draw_memslots
+from kvmspec.fuzz.show.ppc import draw_ppc
 from kvmspec.fuzz.show.replay import Replay, ShowError, check_step, replay_trace
 from kvmspec.fuzz.show.svg import LINE, MARGIN, Canvas
 from kvmspec.fuzz.show.timeline import draw_failure, draw_timeline
+from kvmspec.fuzz.show.x86 import draw_x86
+from kvmspec.reference.arm64.mmu import Arm64Mmu
+from kvmspec.reference.flat_mmu import FlatMmu
+from kvmspec.reference.ppc.hpt_mmu import HptMmu
+from kvmspec.reference.x86.mmu_page import ShadowMmuState
 
 __all__ = ["CSS_CLASSES", "ShowError", "render_svg"]
 
-CSS_CLASSES = {
+CSS_CLASSES: dict[str, str] = {
+    # the picture
     "kvmspec-show": "the <svg> element",
-    "kvmspec-title": "the picture's title line (input, step, bug)",
+    "kvmspec-title": "the title line: the input, the steps run, the bug planted",
+    "kvmspec-heading": "a section's heading",
+    "kvmspec-note": "a section's explanation, or a remark",
+    "kvmspec-label": "a label (of a slot, a row, an entry)",
+    "kvmspec-more": 'the "+N more" note where a table or a section is cut',
+    # the failure and the timeline
+    "kvmspec-failure-box": "the group of a failure (data-step: the step that broke a rule)",
+    "kvmspec-failure": "the failure's frame",
+    "kvmspec-rule": "a rule line: the failing step, each rule's statement and source",
+    "kvmspec-rule-text": "a violation line as the checks reported it",
+    "kvmspec-timeline": "the group of the timeline",
+    "kvmspec-actor": "an actor's lane label (a vCPU, the host, the VMM, a kernel operation)",
+    "kvmspec-timeline-step": "one step of the timeline (data-step, data-actor); with"
+    " kvmspec-failing for the step that broke a rule, kvmspec-skipped for an action the"
+    " decoder rejected",
+    "kvmspec-failing": "see kvmspec-timeline-step",
+    "kvmspec-skipped": "see kvmspec-timeline-step",
+    # the guest-physical map
     "kvmspec-memslots": "the group of the guest-physical map",
-    "kvmspec-memslot": "one memslot's rectangle on the gpa axis (data-slot, data-as-id);"
-    " with kvmspec-readonly, kvmspec-dirty-log, kvmspec-gmem, kvmspec-invalid as flagged",
+    "kvmspec-memslot": "one memslot's rectangle on the gpa axis (data-as-id, data-slot); with"
+    " kvmspec-readonly, kvmspec-dirty-log, kvmspec-gmem, kvmspec-invalid as its flags say",
+    "kvmspec-memslot-key": "a slot's colour key in the list under the axis (same flag classes)",
+    "kvmspec-readonly": "a READONLY slot",
+    "kvmspec-dirty-log": "a slot with LOG_DIRTY_PAGES",
+    "kvmspec-gmem": "a guest_memfd slot",
+    "kvmspec-invalid": "an INVALID slot (the picture was taken in the middle of an update)",
     "kvmspec-invalid-hatch": "the hatching over an INVALID slot",
     "kvmspec-alias": "the arc joining two slots that share host memory",
+    "kvmspec-alias-label": "an alias's label",
+    "kvmspec-axis": "the gpa axis",
+    "kvmspec-tick": "an address or size on the axis, a step number in the timeline",
+    "kvmspec-gap": "the break mark of a compressed stretch of the axis with no slot",
+    # the translations
+    "kvmspec-shadow-mmu": "the group of the x86 shadow MMU",
+    "kvmspec-stage2": "the group of the arm64 stage 2",
+    "kvmspec-hpt": "the group of the POWER hashed page table (data-entries: entries in use)",
+    "kvmspec-flat-mmu": "the group of the flat MMU (generic harness)",
+    "kvmspec-tree": "a translation outline (data-entries: the entry rows drawn)",
+    "kvmspec-table": "a table row: a shadow page, a stage-2 table page (data-level)",
+    "kvmspec-root": "a root table: a vCPU's root shadow page, a stage-2 PGD page",
+    "kvmspec-obsolete": "an obsolete shadow page (zapped, or older than the last fast zap)",
+    "kvmspec-edge": "the line from a table to its entries",
+    "kvmspec-pte": "one entry that exists: an SPTE, a stage-2 descriptor, an HPT entry, a flat"
+    " translation (data-kind: leaf, block, page, mmio, locked, owner, nonpresent, valid,"
+    " absent; data-level, data-gfn, data-ipa, data-index where they apply)",
+    "kvmspec-huge": "a huge SPTE or a stage-2 block",
+    "kvmspec-readonly-pte": "an entry without write permission",
+    "kvmspec-mmio": "an MMIO SPTE, or an HPT entry KVM keeps for emulated MMIO",
+    "kvmspec-locked": "a stage-2 descriptor LOCKED by a walker (break-before-make)",
+    "kvmspec-absent": "an HPT entry made ABSENT (the host took the page), or an invalid"
+    " stage-2 descriptor with an owner",
+    "kvmspec-bolted": "a bolted HPT entry",
+    "kvmspec-orphan": "an HPT entry the hardware translates that maps a gfn of no usable slot",
+    "kvmspec-hpte-free": "a free entry of an HPT group in use",
+    "kvmspec-rmap": "one guest page's rmap chain (POWER)",
+    "kvmspec-bit": "one bit of an entry (W, A, D, AF, DBM, R, C, ...), kvmspec-set when set",
+    "kvmspec-set": "see kvmspec-bit",
 }
 """The stable classes of a picture's elements, and what each marks."""
 
@@ -56,14 +118,10 @@ def planted(bug: str | None) -> Iterator[None]:
     if bug is None:
         yield
         return
-    from kvmspec.fuzz.seed_bugs import SEED_BUGS
-
     chosen = {seed.name: seed for seed in SEED_BUGS}.get(bug)
     if chosen is None:
         names = ", ".join(seed.name for seed in SEED_BUGS)
         raise ShowError(f"unknown bug {bug!r} (one of: {names})")
-    from kvmspec.fuzz.show.families import harness_plant
-
     with chosen.plant(), harness_plant(bug):
         yield
 
@@ -76,8 +134,6 @@ def run(path: Path, step: int | None) -> Replay:
     if path.suffix == ".jsonl":
         return replay_trace(path, step)
     if path.suffix == ".bin":
-        from kvmspec.fuzz.show.families import family_of, replay_harness
-
         return replay_harness(path, family_of(path), step)
     raise ShowError(f"{path}: not a trace (.jsonl) or a fuzzer input (.bin)")
 
@@ -110,34 +166,15 @@ def draw(replay: Replay, ident: str, bug: str | None) -> str:
 
 def draw_translations(canvas: Canvas, replay: Replay) -> None:
     """The section of the VM's MMU, whichever it is."""
-    from kvmspec.reference.arm64.mmu import Arm64Mmu
-
     arch = replay.kvm.arch
     if isinstance(arch, Arm64Mmu):
-        from kvmspec.fuzz.show.arm64 import draw_arm64
-
         draw_arm64(canvas, arch)
-        return
-    from kvmspec.reference.x86.mmu_page import ShadowMmuState
-
-    if isinstance(arch, ShadowMmuState):
-        from kvmspec.fuzz.show.x86 import draw_x86
-
+    elif isinstance(arch, ShadowMmuState):
         draw_x86(canvas, arch)
-        return
-    from kvmspec.reference.ppc.hpt_mmu import HptMmu
-
-    if isinstance(arch, HptMmu):
-        from kvmspec.fuzz.show.ppc import draw_ppc
-
+    elif isinstance(arch, HptMmu):
         draw_ppc(canvas, replay.kvm, arch)
-        return
-    from kvmspec.reference.flat_mmu import FlatMmu
-
-    if isinstance(arch, FlatMmu):
-        from kvmspec.fuzz.show.flat import draw_flat
-
+    elif isinstance(arch, FlatMmu):
         draw_flat(canvas, arch)
-        return
-    canvas.text(MARGIN, canvas.y + 12, f"({type(arch).__name__}: no picture of this MMU)", "note")
-    canvas.advance(LINE)
+    else:
+        canvas.text(MARGIN, canvas.y + 12, f"({type(arch).__name__}: not drawn)", "note")
+        canvas.advance(LINE)

@@ -56,7 +56,6 @@ svg.kvmspec-show { font-family: ui-monospace, 'DejaVu Sans Mono', monospace; fon
 .kvmspec-failure { fill: #fff5f5; stroke: #c53030; stroke-width: 1.5; }
 .kvmspec-rule { fill: #9b2c2c; font-weight: bold; }
 .kvmspec-rule-text { fill: #742a2a; }
-.kvmspec-ok { fill: #276749; }
 .kvmspec-timeline-step { fill: #e2e8f0; stroke: #718096; stroke-width: 1; }
 .kvmspec-timeline-step.kvmspec-skipped { fill: #fff; stroke-dasharray: 2 2; }
 .kvmspec-timeline-step.kvmspec-failing { fill: #feb2b2; stroke: #c53030; stroke-width: 2; }
