@@ -155,12 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("schema", help="print the JSON Schema of trace lines")
 
     show_cmd = commands.add_parser("show", help="draw the model's state after an input as SVG")
-    show_cmd.add_argument("trace", help="a kvmspec trace (.jsonl) or a harness fuzzer input (.bin)")
-    show_cmd.add_argument("--step", type=int, default=None, help="stop after N steps")
     show_cmd.add_argument(
-        "--bug", default=None, help="plant a seed bug of kvmspec.fuzz.seed_bugs first"
+        "trace", metavar="TRACE", help="a kvmspec trace (.jsonl) or a harness fuzzer input (.bin)"
     )
-    show_cmd.add_argument("--svg", required=True, help="the SVG file to write")
+    show_cmd.add_argument(
+        "--step", type=int, default=None, metavar="N", help="stop after N steps (default: all)"
+    )
+    show_cmd.add_argument(
+        "--bug",
+        default=None,
+        metavar="NAME",
+        help="plant a seed bug of kvmspec.fuzz.seed_bugs first",
+    )
+    show_cmd.add_argument("--svg", required=True, metavar="OUT", help="the SVG file to write")
     return parser
 
 
