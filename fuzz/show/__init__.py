@@ -159,7 +159,7 @@ def draw(replay: Replay, ident: str, bug: str | None) -> str:
     canvas.advance(LINE + 10)
     draw_failure(canvas, replay)
     draw_timeline(canvas, replay)
-    draw_memslots(canvas, replay.kvm)
+    draw_memslots(canvas, replay.kvm, replay.private_slot)
     draw_translations(canvas, replay)
     return canvas.render(title)
 

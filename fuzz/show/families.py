@@ -219,12 +219,14 @@ def _replay_memslots(path: Path, chooser: BytesChooser, step: int | None) -> Rep
     target (``fuzz/fuzz_memslots.py``), each judged."""
     from kvmspec.fuzz.decoder import decode_operation
     from kvmspec.fuzz.fuzz_memslots import MAX_OPERATIONS
+    from kvmspec.fuzz.guest_layout import private_slot_id
     from kvmspec.fuzz.session import Session
     from kvmspec.fuzz.targets.reference import ReferenceTarget
 
     target = ReferenceTarget(DEFAULT_PROFILE)
     session = Session(DEFAULT_PROFILE, target)
     replay = Replay(path.name, f"memslot fuzzer, {DEFAULT_PROFILE.name}", target.kvm, target.host)
+    replay.private_slot = private_slot_id(DEFAULT_PROFILE)
 
     def operations() -> Iterator[tuple[Any, str]]:
         for number in range(1, MAX_OPERATIONS + 1):

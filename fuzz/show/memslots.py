@@ -191,9 +191,22 @@ def slot_label(slot: KvmMemorySlot, page_shift: int) -> str:
     )
 
 
-def draw_memslots(canvas: Canvas, kvm: Kvm) -> None:
-    """The guest-physical map section (see the module docstring)."""
+def slot_names(kvm: Kvm, private_slot: int | None) -> dict[tuple[int, int], str]:
+    """What the picture calls the slots nobody's VMM created: the architecture's internal
+    slots (address space 0), and the slot a trace's guest keeps its page tables in."""
+    names = {
+        (0, slot_id): f"KVM's internal slot {name}" for name, slot_id in kvm.profile.internal_slots
+    }
+    if private_slot is not None:
+        names[(0, private_slot)] = "the trace guest's own slot, for its page tables"
+    return names
+
+
+def draw_memslots(canvas: Canvas, kvm: Kvm, private_slot: int | None = None) -> None:
+    """The guest-physical map section (see the module docstring); ``private_slot`` is the
+    id of a trace guest's slot, if the input is a trace."""
     page_shift = kvm.profile.page_shift
+    names = slot_names(kvm, private_slot)
     slots = active_slots(kvm)
     canvas.open_group("memslots")
     canvas.text(MARGIN, canvas.y + 12, "Guest-physical map: the active memslots", "heading")
@@ -275,7 +288,9 @@ def draw_memslots(canvas: Canvas, kvm: Kvm) -> None:
     for slot in slots:
         classes = slot_classes(slot)
         canvas.rect(MARGIN, canvas.y + 3, 10, 10, ("memslot-key", *classes[1:]))
-        canvas.text(MARGIN + 16, canvas.y + 12, slot_label(slot, page_shift), "label")
+        name = names.get((slot.as_id, slot.id))
+        label = slot_label(slot, page_shift) + (f"  ({name})" if name else "")
+        canvas.text(MARGIN + 16, canvas.y + 12, label, "label")
         canvas.advance(LINE)
     for one, start, end, other, other_start, other_end in arcs:
         canvas.text(

@@ -70,6 +70,8 @@ class Replay:
     broken: list[str] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    private_slot: int | None = None
+    """The slot id a trace's guest keeps its page tables in (traces only)."""
 
     @property
     def applied(self) -> int:
@@ -110,6 +112,7 @@ def out_of_range(step: int | None, replay: Replay, total: str) -> None:
 
 def replay_trace(path: Path, step: int | None) -> Replay:
     """Apply a kvmspec trace's operations to the reference target, judging each."""
+    from kvmspec.fuzz.guest_layout import private_slot_id
     from kvmspec.fuzz.session import Session
     from kvmspec.fuzz.targets.reference import ReferenceTarget
     from kvmspec.fuzz.trace import TraceError, load
@@ -125,6 +128,7 @@ def replay_trace(path: Path, step: int | None) -> Replay:
     target = ReferenceTarget(profile)
     session = Session(profile, target)
     replay = Replay(path.name, f"trace on {profile.name}", target.kvm, target.host)
+    replay.private_slot = private_slot_id(profile)
     steps = trace.steps if step is None else trace.steps[:step]
     run_operations(
         replay,
