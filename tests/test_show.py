@@ -199,6 +199,17 @@ def test_seed_001_draws_the_vm_the_release_left() -> None:
     assert drawn_leaves(after_release) == 0
 
 
+def test_seed_000_marks_the_entry_left_outside_every_slot() -> None:
+    """The entry the rule names (valid, mapping a page of the deleted slot) is framed."""
+    with_bug = render_svg(EXAMPLES / "seed-000.bin", bug=SEED_000_BUG)
+    (orphan,) = classed(with_bug, "orphan")
+    rule = next(t.text or "" for t in classed(with_bug, "rule-text", "text"))
+    assert rule.startswith(
+        f"S000-NO-HPTE-OUTSIDE-SLOTS: valid HPTE {int(orphan.get('data-index', '')):#x} "
+    )
+    assert not classed(render_svg(EXAMPLES / "seed-000.bin"), "orphan")
+
+
 def test_text_is_escaped(tmp_path: Path) -> None:
     weird = tmp_path / "a<b>&'c\".jsonl"
     shutil.copy(EXAMPLES / "memslots.jsonl", weird)

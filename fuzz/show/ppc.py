@@ -87,9 +87,9 @@ def _cell(
     gfn = entry_gfn(kvm, hpt, index)
     where = f"gfn {gfn:#x}" if gfn is not None else "gfn ?"
     slot = kvm.memslots(0).search_memslots(gfn) if gfn is not None else None
-    if v & HPTE_V_VALID and not v & HPTE_V_ABSENT and (slot is None or slot.invalid):
+    orphan = bool(v & HPTE_V_VALID) and not v & HPTE_V_ABSENT and (slot is None or slot.invalid)
+    if orphan:
         classes.append("orphan")  # the hardware translates a page of no usable slot
-        where += " (no slot)"
     if v & HPTE_V_ABSENT and is_mmio_hpte(v, r):
         where = "MMIO"
     canvas.rect(
@@ -98,7 +98,8 @@ def _cell(
         width - 4,
         CELL_HEIGHT - 4,
         tuple(classes),
-        f"entry {index:#x}: v {v:#018x} r {r:#018x}, {where}",
+        f"entry {index:#x}: v {v:#018x} r {r:#018x}, {where}"
+        + (", in no usable slot" if orphan else ""),
         index=index,
         kind="absent" if v & HPTE_V_ABSENT else "valid",
     )
@@ -168,7 +169,7 @@ def draw_ppc(canvas: Canvas, kvm: Kvm, mmu: HptMmu) -> None:
         f"{len(used)} entries in use in {len(groups)} groups"
         + (f" (a resize to order {resize.order} is prepared)" if resize is not None else ""),
         "bits: V valid, A absent, B bolted, H secondary hash, L HVLOCK held, R referenced,"
-        " C changed",
+        " C changed; a red frame: valid, for a gfn of no usable slot",
     )
     cell = (WIDTH - 2 * MARGIN - LABEL_WIDTH) / HPTES_PER_GROUP
     for group in groups[:MOST_GROUPS]:
