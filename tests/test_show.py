@@ -242,6 +242,7 @@ def _write(tmp_path: Path, name: str, data: bytes = b"\x00") -> str:
 
 BAD_INPUTS: dict[str, tuple[Callable[[Path], str], list[str], str]] = {
     "missing file": (lambda tmp: str(tmp / "nowhere.jsonl"), [], "no such file"),
+    "a folder": (lambda tmp: str(tmp), [], "not a file"),
     "unknown suffix": (lambda tmp: _write(tmp, "trace.txt"), [], "not a trace (.jsonl)"),
     "unknown family": (lambda tmp: _write(tmp, "mystery.bin"), [], "unknown fuzzer family"),
     "bad trace line": (

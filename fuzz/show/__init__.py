@@ -129,8 +129,10 @@ def planted(bug: str | None) -> Iterator[None]:
 def run(path: Path, step: int | None) -> Replay:
     """Run the input at ``path`` to ``step`` (None: to its end)."""
     check_step(step)
-    if not path.is_file():
+    if not path.exists():
         raise ShowError(f"{path}: no such file")
+    if not path.is_file():
+        raise ShowError(f"{path}: not a file")
     if path.suffix == ".jsonl":
         return replay_trace(path, step)
     if path.suffix == ".bin":

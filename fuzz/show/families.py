@@ -168,7 +168,10 @@ def action_actor(action: Action | Rejected) -> str:
 
 def replay_harness(path: Path, family: str, step: int | None) -> Replay:
     """Run a harness family's input to ``step`` applied actions (see the module docstring)."""
-    chooser = BytesChooser(path.read_bytes())
+    try:
+        chooser = BytesChooser(path.read_bytes())
+    except OSError as error:
+        raise ShowError(f"{path}: cannot read: {error.strerror}") from None
     if family == "memslots":
         return _replay_memslots(path, chooser, step)
     try:
