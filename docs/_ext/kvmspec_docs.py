@@ -177,10 +177,10 @@ class KvmspecShow(SphinxDirective):
             raise self.error(f"kvmspec-show docs/{relative}: {error}") from None
         if not isinstance(svg, str) or "<svg" not in svg:
             raise self.error(f"kvmspec-show docs/{relative}: render_svg returned no SVG")
-        number = self.env.new_serialno("kvmspec-show")
-        figure = nodes.figure(classes=["kvmspec-show"])
+        anchor = f"kvmspec-show-{self.env.new_serialno('kvmspec-show')}"
+        figure = nodes.figure(classes=["kvmspec-show"], ids=[anchor])
         self.set_source_info(figure)
-        inline_svg = scoped_ids(_without_prolog(svg), f"kvmspec-show-{number}")
+        inline_svg = scoped_ids(_without_prolog(svg), anchor)
         figure += nodes.raw("", f'<div class="kvmspec-show-svg">{inline_svg}</div>', format="html")
         caption = self.options.get("caption")
         if caption:
@@ -198,11 +198,11 @@ def _without_prolog(svg: str) -> str:
 def scoped_ids(svg: str, prefix: str) -> str:
     """The SVG with its ids (and the references to them) prefixed, so that two pictures on
     one page cannot take each other's markers, gradients or clip paths."""
-    names = set(re.findall(r'\bid="([^"]+)"', svg))
+    names = set(re.findall(r'(?<=\s)id="([^"]+)"', svg))
     if not names:
         return svg
     alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
-    svg = re.sub(rf'\bid="({alternatives})"', rf'id="{prefix}-\1"', svg)
+    svg = re.sub(rf'(?<=\s)id="({alternatives})"', rf'id="{prefix}-\1"', svg)
     svg = re.sub(rf"url\(#({alternatives})\)", rf"url(#{prefix}-\1)", svg)
     return re.sub(rf'href="#({alternatives})"', rf'href="#{prefix}-\1"', svg)
 
