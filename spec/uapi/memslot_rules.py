@@ -103,7 +103,7 @@ class MemslotVerdict(NamedTuple):
 
     ``errno`` is 0 on success. ``change`` is None when the request is rejected or changes
     nothing (an identical re-submit). ``check`` names the check that decided, numbered as in
-    docs/memslots.md (the B.1 table of the inventory), so a divergence report can say which
+    docs/tour/01-memslots.md (the B.1 table of the inventory), so a divergence report can say which
     rule fired.
     """
 
