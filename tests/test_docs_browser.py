@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ FLAGS = [
     "--disable-sync",
     "--hide-scrollbars",
 ]
+ANSWER_SECONDS = 60
 DIRECTIVE = re.compile(r"^\s*```+\{kvmspec-show\}", re.MULTILINE)
 # What a picture draws, by kind: at least one of these in every picture.
 STATE_CLASSES = {"kvmspec-memslot", "kvmspec-pte", "kvmspec-table", "kvmspec-hpte-free"}
@@ -214,6 +216,8 @@ class DevTools:
     def _messages(self) -> Iterator[dict[str, Any]]:
         while True:
             while b"\0" not in self._buffer:
+                ready, _, _ = select.select([self._answers], [], [], ANSWER_SECONDS)
+                assert ready, f"chromium did not answer in {ANSWER_SECONDS} s"
                 chunk = os.read(self._answers, 1 << 20)
                 assert chunk, "chromium closed the DevTools pipe"
                 self._buffer += chunk
