@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -349,16 +350,19 @@ def _sphinx_project(source: Path, page: str) -> None:
 
 def test_the_site_build_fails_at_the_line_of_each_problem(tmp_path: Path) -> None:
     """The same checks fail `make docs`: a stale example, one that raises, bad JSON, a trace
-    whose expectation is not met, a picture of a missing input and a link to a missing
-    repository file each give a warning at FILE:LINE, and the build's status is not 0."""
+    whose expectation is not met, a picture of a missing input or that the show API refuses,
+    and a link to a missing repository file each give a warning at FILE:LINE, and the build's
+    status is not 0."""
     source = tmp_path / "src"
     up = os.path.relpath(ROOT, source)
     page = (
         BROKEN_PAGE
         + "\n```{kvmspec-show} examples/nothing.jsonl\n```\n"
         + f"\nSee [the model]({up}/reference/no_such_module.py).\n"
+        + "\n```{kvmspec-show} memslots.jsonl\n:step: 999\n```\n"
     )
     _sphinx_project(source, page)
+    shutil.copy(DOCS / "examples" / "memslots.jsonl", source)
     html = tmp_path / "html"
     build = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", source, html],
@@ -375,7 +379,19 @@ def test_the_site_build_fails_at_the_line_of_each_problem(tmp_path: Path) -> Non
         (28, "expected {'errno': 0}, observed {'errno': 'EINVAL'}"),
         (31, "kvmspec-show: no input docs/examples/nothing.jsonl"),
         (34, "link to reference/no_such_module.py, which does not exist"),
+        (36, "kvmspec-show docs/memslots.jsonl: --step 999 is out of range"),
     ]:
         assert f"{index}:{line}:" in build.stderr and says in build.stderr, (
             f"line {line}: {says!r} not reported:\n{build.stderr}"
         )
+
+
+def test_two_pictures_on_a_page_keep_their_own_ids() -> None:
+    svg = (
+        '<svg class="kvmspec-show" data-as-id="0"><defs><pattern id="hatch"/></defs>'
+        '<rect fill="url(#hatch)"/><use href="#hatch"/></svg>'
+    )
+    scoped = kvmspec_docs.scoped_ids(svg, "kvmspec-show-1")
+    assert 'id="kvmspec-show-1-hatch"' in scoped
+    assert "url(#kvmspec-show-1-hatch)" in scoped and 'href="#kvmspec-show-1-hatch"' in scoped
+    assert 'data-as-id="0"' in scoped
