@@ -18,7 +18,7 @@ from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.reference.arm64 import fault
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.reference.arm64.pgtable import KvmMmuMemoryCache
-from kvmspec.reference.kvm import KvmVcpu
+from kvmspec.reference.vcpu import KvmVcpu
 from kvmspec.spec.invariants.arm64 import stage2_leaves
 from kvmspec.spec.platforms import ARM64
 
