@@ -41,12 +41,12 @@ typecheck: $(STAMP)
 	@ln -s ../../../reference build/mypy/kvmspec/reference
 	@ln -s ../../../fuzz build/mypy/kvmspec/fuzz
 	cd build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
-		kvmspec ../../tests $(if $(wildcard bench/*.py),../../bench) \
+		kvmspec ../../tests \
 		../../docs/_ext/kvmspec_docs.py ../../docs/make_kernel_index.py
 
-## bench: the performance figures of the issues (a benchmark, not a timed test)
+## bench: the performance figures of the issues (a benchmark, not a timed test; tests/bench/)
 bench: $(STAMP)
-	KVMSPEC_CONTRACTS=off $(PY) -m bench
+	KVMSPEC_CONTRACTS=off PYTHONPATH=tests $(PY) -m bench
 
 ## power: the harness's power: the branch coverage of reference/ and spec/ that a campaign of
 # POWER_MINUTES (default 10) reaches, per area (HTML with contexts in build/power/html), then
@@ -110,8 +110,9 @@ clean:
 	rm -rf $(VENV) build docs/_build .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 ## example-target: build the C conformance target of the subprocess protocol
-# (examples/c-target; run it with --target "subprocess:./examples/c-target/kvm-c-target")
-example-target: examples/c-target/kvm-c-target
+# (fuzz/targets/c_target; run it with --target "subprocess:./build/kvm-c-target")
+example-target: build/kvm-c-target
 
-examples/c-target/kvm-c-target: examples/c-target/kvm-c-target.c
+build/kvm-c-target: fuzz/targets/c_target/kvm-c-target.c
+	@mkdir -p build
 	$(CC) -O2 -Wall -Werror -o $@ $<

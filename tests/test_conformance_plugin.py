@@ -38,7 +38,7 @@ from kvmspec.spec.platforms import DEFAULT_PROFILE
 from kvmspec.spec.uapi.constants import errno_name
 
 ROOT = Path(__file__).resolve().parent.parent
-C_SOURCE = ROOT / "examples" / "c-target" / "kvm-c-target.c"
+C_SOURCE = ROOT / "fuzz" / "targets" / "c_target" / "kvm-c-target.c"
 CORPUS = ROOT / "corpus" / "conformance" / DEFAULT_PROFILE.name
 OVERLAP = CORPUS / "s3-overlap-eexist.jsonl"
 
@@ -124,7 +124,7 @@ def c_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The C example target, built with cc -O2 -Wall -Werror (skips without a compiler)."""
     compiler = shutil.which("cc")
     if compiler is None:
-        pytest.skip("no C compiler (cc) to build examples/c-target")
+        pytest.skip("no C compiler (cc) to build fuzz/targets/c_target")
     binary = tmp_path_factory.mktemp("c-target") / "kvm-c-target"
     subprocess.run(
         [compiler, "-O2", "-Wall", "-Werror", "-o", str(binary), str(C_SOURCE)],

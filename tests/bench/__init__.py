@@ -1,4 +1,4 @@
-"""kvmspec's performance figures: ``make bench`` (``python -m bench`` from the repository root).
+"""kvmspec's performance figures: ``make bench`` (``python -m bench`` with tests/ on the path).
 
 One run measures, each next to its goal:
 
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

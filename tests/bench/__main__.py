@@ -1,4 +1,4 @@
-"""``python -m bench``: measure every figure and print it next to its goal.
+"""``python -m bench`` (``make bench``; tests/ on the path): every figure next to its goal.
 
 python -m bench                       # everything (about three minutes)
 python -m bench memslots lookup       # some sections only
