@@ -174,9 +174,9 @@ def measure_reach(seconds: float, cache: Path, progress: bool) -> Reach:
                 flush=True,
             )
     cache.parent.mkdir(parents=True, exist_ok=True)
-    lines = {a: {p: sorted(n) for p, n in f.items()} for a, f in reach.lines.items()}
+    listed = {a: {p: sorted(n) for p, n in f.items()} for a, f in reach.lines.items()}
     cache.write_text(
-        json.dumps({"fingerprint": fingerprint, "lines": lines, "failing": reach.failing})
+        json.dumps({"fingerprint": fingerprint, "lines": listed, "failing": reach.failing})
     )
     return reach
 
@@ -377,9 +377,9 @@ def print_table(rows: dict[str, Tally], outcomes: Sequence[Outcome], header: str
 def measure(args: argparse.Namespace) -> int:
     began = time.monotonic()
     progress = not args.summary_only
-    mutants = [m for m in enumerate_mutants(reference_dir()) if m.module.startswith(args.only)]
+    mutants = enumerate_mutants(reference_dir(), args.only)
     if not mutants:
-        raise UsageError(f"no mutants in modules starting with {args.only!r}")
+        raise UsageError(f"no mutants in {args.only!r} (a module or package of the reference)")
     by_hand = load_classified()
     sample = random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
     sample.sort(key=lambda m: (str(m.path), m.index))

@@ -165,15 +165,18 @@ class FileMutations:
         return str(mangle_function_name(name=function.name.value, class_name=owner))
 
 
-def enumerate_mutants(root: Path) -> list[Mutant]:
-    """Every mutant mutmut makes of the modules under ``root``, in file order."""
+def enumerate_mutants(root: Path, only: str = "") -> list[Mutant]:
+    """Every mutant mutmut makes of the modules under ``root`` (only the module or package
+    ``only`` when given), in file order."""
     mutants = []
     for path in sorted(root.rglob("*.py")):
+        module = _module_name(path, root)
+        if only and module != only and not module.startswith(only + "."):
+            continue
         found = FileMutations.parse(path)
         parents = _parents(found.module)
         numbers: dict[str, int] = {}
         seen: dict[str, int] = {}
-        module = _module_name(path, root)
         for index, mutation in enumerate(found.mutations):
             function = found.function_name(mutation)
             numbers[function] = numbers.get(function, 0) + 1
