@@ -12,14 +12,21 @@ fuzzer (fuzz/fuzz_arm64.py). ``--workers N`` sets the number of processes (defau
 one per core): the fuzzers take one, the state machines the others; with one worker they take
 turns, the state machines first.
 
-The campaign shows live progress (steps, steps per second, the fuzzers' edge coverage,
-failures) and ends with a summary table: steps (rules for a state machine, executions or
-harness actions for a fuzzer), steps per second, invariant checks, failures, and the peak
-memory of the workers. Each failure is written as a replayable trace (or, for the generic and
+The campaign shows live progress (steps, steps per second, coverage, failures) and ends with
+a summary table: steps (rules for a state machine, executions or harness actions for a
+fuzzer), steps per second, coverage, invariant checks, failures, and the peak memory of the
+workers. Each failure is written as a replayable trace (or, for the generic and
 x86 fuzzers, the input and its report) under corpus/regressions/; a generic or x86 state
 machine's failure also leaves its run as an input of that layer's fuzzer, which replays it
 with its report. A worker process that dies is reported and replaced; Ctrl-C stops every
 worker, keeps the example database and every reproducer, and prints the summary.
+
+Coverage: a fuzzer's is libFuzzer's count of edges. A state machine's is the number of branch
+arcs of reference/ and spec/ its slices reached, measured by coverage.py. Tracing every line
+slows a machine down three to eight times, so only a sample of slices is traced: an area's
+first slice and every ``COVERAGE_EVERY``-th after it (the figure is a lower bound that grows
+as the campaign runs). Under ``make power``, where coverage.py already traces everything,
+the campaign measures nothing itself and records each area as a coverage context instead.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -65,6 +72,10 @@ from kvmspec.spec.rules import RULES
 
 REGRESSIONS = Path("corpus/regressions")
 SLICE_EXAMPLES = 10
+COVERAGE_EVERY = 10
+"""One slice of an area in this many runs under coverage.py (and the area's first)."""
+CODE = Path(__file__).resolve().parents[1]
+"""The repository (or the installed package) whose reference/ and spec/ coverage counts."""
 DEATHS_BEFORE_GIVING_UP = 3
 """An area whose slices were running when a worker died this many times is not run again."""
 
@@ -200,7 +211,7 @@ def _table(results: list[AreaResult], elapsed: float, budget: float, workers: in
             str(result.examples),
             str(result.steps),
             f"{result.rate:,.0f}",
-            "-" if result.coverage is None else f"{result.coverage:,} edges",
+            "-" if result.coverage is None else f"{result.coverage:,} {result.coverage_unit}",
             (f"[red]{failures}[/]" if failures else "0") + deaths,
         )
     return table
@@ -260,15 +271,43 @@ class SliceResult:
     peak_rss_kib: int
     rss_kib: int
     corrupt_entries: int
+    arcs: frozenset[tuple[str, int, int]] | None
+    """The branch arcs of reference/ and spec/ the slice reached, if it was traced."""
 
 
-def _coverage_context(name: str) -> None:
+def _outer_coverage(name: str) -> bool:
     """Under coverage.py (``make power``), record what follows as reached by area ``name``,
-    so the report shows which machine reaches what."""
+    so the report shows which machine reaches what; True when there is such a tracer."""
     coverage = sys.modules.get("coverage")
     current = coverage.Coverage.current() if coverage is not None else None
     if current is not None:
         current.switch_context(name)
+    return current is not None
+
+
+def _traced_arcs(run: Callable[[], None]) -> frozenset[tuple[str, int, int]]:
+    """Run ``run`` under coverage.py with branch coverage of reference/ and spec/, and
+    return the arcs it reached (file relative to the code folders, from line, to line)."""
+    import coverage  # a dev dependency: only campaigns that trace need it
+
+    folders = [str(CODE / "reference"), str(CODE / "spec")]
+    tracer = coverage.Coverage(
+        data_file=None,
+        branch=True,
+        include=[f"{folder}/*" for folder in folders],
+        config_file=False,
+    )
+    tracer.start()
+    try:
+        run()
+    finally:
+        tracer.stop()
+    data = tracer.get_data()
+    return frozenset(
+        (str(Path(path).relative_to(CODE)), start, end)
+        for path in data.measured_files()
+        for start, end in data.arcs(path) or ()
+    )
 
 
 def _current_rss_kib() -> int:
@@ -289,22 +328,31 @@ def _worker_start() -> None:
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
 
 
-def run_slice(name: str, examples: int) -> SliceResult:
-    """Run ``examples`` examples of one area's state machine (in a worker process)."""
+def run_slice(name: str, examples: int, trace: bool = False) -> SliceResult:
+    """Run ``examples`` examples of one area's state machine (in a worker process), traced
+    by coverage.py if ``trace`` (and no outer tracer runs)."""
     area = _WORKER_AREAS[name]
     (database,) = _DATABASE
-    _coverage_context(name)
+    traced = trace and not _outer_coverage(name)
     steps, checks = machines.STATS["steps"], machines.STATS["invariant_checks"]
     corrupt = database.skipped
     began = time.monotonic()
     failure = None
-    try:
+    arcs = None
+
+    def run() -> None:
         run_state_machine_as_test(
             area.machine,
             settings=settings(
                 settings.get_profile(THOROUGH), max_examples=examples, database=database
             ),
         )
+
+    try:
+        if traced:
+            arcs = _traced_arcs(run)
+        else:
+            run()
     except Exception as error:  # a broken rule, reported with its trace
         failure = _record_failure(area, error)
     return SliceResult(
@@ -318,6 +366,7 @@ def run_slice(name: str, examples: int) -> SliceResult:
         peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         rss_kib=_current_rss_kib(),
         corrupt_entries=database.skipped - corrupt,
+        arcs=arcs,
     )
 
 
@@ -338,6 +387,8 @@ class MachinePool:
         self.peak_rss_kib: dict[int, int] = {}
         self.rss_kib: dict[int, int] = {}  # each worker's resident set after its last slice
         self._turn = 0
+        self.slices: dict[str, int] = {area.name: 0 for area in areas}  # handed out, by area
+        self.arcs: dict[str, set[tuple[str, int, int]]] = {area.name: set() for area in areas}
         _WORKER_AREAS.clear()
         _WORKER_AREAS.update({area.name: area for area in areas})
 
@@ -363,8 +414,10 @@ class MachinePool:
                 return
             name = runnable[0]
             self._turn = (names.index(name) + 1) % len(names)
+            trace = self.slices[name] % COVERAGE_EVERY == 0
+            self.slices[name] += 1
             with SPAWN_LOCK:  # the first submit to a worker forks its process
-                future = self.workers[index].submit(run_slice, name, SLICE_EXAMPLES)
+                future = self.workers[index].submit(run_slice, name, SLICE_EXAMPLES, trace)
             self.pending[future] = (name, index)
 
     def collect(self, timeout: float) -> None:
@@ -394,6 +447,9 @@ class MachinePool:
             self.corrupt_entries += outcome.corrupt_entries
             self.peak_rss_kib[outcome.pid] = outcome.peak_rss_kib
             self.rss_kib[outcome.pid] = outcome.rss_kib
+            if outcome.arcs is not None:
+                self.arcs[name] |= outcome.arcs
+                result.coverage, result.coverage_unit = len(self.arcs[name]), "arcs"
             if outcome.failure is not None:
                 result.failures.append(outcome.failure)
 
@@ -542,6 +598,12 @@ def run_campaign(
         f"after every reference step: {checks}; rules with a checker: {checked} of "
         f"{len(RULES)}; peak RSS of a state-machine worker: {peak_rss:.0f} MiB"
     )
+    if pool is not None and any(pool.arcs.values()):
+        reached = set().union(*pool.arcs.values())
+        console.print(
+            f"state machines: {len(reached):,} branch arcs of reference/ and spec/ reached in"
+            f" the traced slices (an area's first slice and every {COVERAGE_EVERY}th)"
+        )
     failures = [f"{r.area}: {f}" for r in everything for f in r.failures]
     for failure in failures:
         # Whole lines (a log keeps them greppable), and the text is not rich markup.

@@ -46,6 +46,9 @@ class AreaResult:
     seconds: float = 0.0
     examples: int = 0
     coverage: int | None = None
+    coverage_unit: str = "edges"
+    """What ``coverage`` counts: libFuzzer's edges for a fuzzer, branch arcs of reference/ and
+    spec/ for a state machine (see kvmspec.fuzz.campaign)."""
     failures: list[str] = field(default_factory=list)
     worker_deaths: list[str] = field(default_factory=list)
 

@@ -42,6 +42,21 @@ def test_a_short_campaign_reports_every_area(tmp_path: Path) -> None:
     areas = {area["area"]: area for area in data["areas"]}
     assert areas["memslots/arm64"]["steps"] > 0
     assert all(not area["failures"] for area in areas.values())
+    # The area's first slice ran under coverage.py: the branch arcs of reference/ and spec/.
+    assert areas["memslots/arm64"]["coverage_unit"] == "arcs"
+    assert areas["memslots/arm64"]["coverage"] > 100
+
+
+def test_a_traced_slice_counts_the_arcs_of_reference_and_spec_only() -> None:
+    from kvmspec.reference.memslots import KvmMemslots
+
+    def lookup() -> None:
+        assert KvmMemslots(0).gfn_to_memslot(0) is None
+
+    arcs = campaign._traced_arcs(lookup)
+    files = {path for path, _, _ in arcs}
+    assert files and all(path.startswith(("reference/", "spec/")) for path in files)
+    assert "reference/memslots.py" in files
 
 
 def test_a_broken_model_is_reported_with_a_trace(
