@@ -168,8 +168,9 @@ def citation_problems(rules: dict[str, Rule], shared: Path) -> list[tuple[str, s
     """Every rule (id, what is wrong) that cites nothing, or cites something that is not
     there: a seed quote missing from its thread, a kernel citation that is not a path and a
     function name, a measured citation to a section FINDINGS.md does not have. The documents
-    are looked for under ``shared`` (seeds/) and its parent; when ``shared`` is absent the
-    quotes and sections cannot be checked and only the forms are."""
+    are looked for under ``shared`` (seeds/) and its parent; where their folder is absent or
+    empty (a clone without the shared documents beside it) the quotes and sections cannot be
+    checked and only the forms are."""
     problems: list[tuple[str, str]] = []
     for rule in rules.values():
         if not rule.citations:
@@ -184,7 +185,7 @@ def citation_problems(rules: dict[str, Rule], shared: Path) -> list[tuple[str, s
 def _citation_problem(citation: Citation, shared: Path) -> str | None:
     if isinstance(citation, SeedCitation):
         thread = shared / "seeds" / citation.file
-        if not shared.is_dir():
+        if not _present(thread.parent):
             return None
         if not thread.is_file():
             return f"cites the seed thread {citation.file}, which is not in {thread.parent}"
@@ -206,7 +207,7 @@ def _citation_problem(citation: Citation, shared: Path) -> str | None:
         return None
     if isinstance(citation, MeasuredCitation):
         document = shared.parent / citation.document
-        if not shared.is_dir():
+        if not _present(document.parent):
             return None
         if not document.is_file():
             return f"cites {citation.document}, which does not exist"
@@ -214,6 +215,16 @@ def _citation_problem(citation: Citation, shared: Path) -> str | None:
             return f"cites §{citation.section} of {citation.document}, which has no such section"
         return None
     raise TypeError(f"unknown citation {citation!r}")
+
+
+def _present(folder: Path) -> bool:
+    """Whether the shared documents' ``folder`` is here to check against (not empty)."""
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def shared_documents_present(shared: Path) -> bool:
+    """Whether both the seed threads and FINDINGS.md's folder are under ``shared``."""
+    return _present(shared / "seeds") and _present(shared / "kvm-reference" / "linux-kvm-here")
 
 
 def _has_section(markdown: str, section: str) -> bool:
