@@ -50,6 +50,7 @@ RADIX = (
     "POWER radix checks of spec/invariants/ppc_radix.py (check_radix: {}), after every step of"
     " kvmspec.fuzz.radix_machine (the campaign's ppc64-hv-radix area)"
 )
+_MEMSLOTS = "tests/test_reference_memslots.py::"
 _X86_SHADOW = "tests/test_x86_shadow_mmu.py::"
 _X86_HUGE = "tests/test_x86_huge.py::"
 _X86_SPTE = "tests/test_x86_spte.py::"
@@ -96,6 +97,15 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "D11": (DIRTY_CONTRACT,),
     **{rule_id: (MONITOR,) for rule_id in CHECKED_RULES},
     **{rule_id: (f"scenario test `{test}`",) for rule_id, test in SCENARIO_TESTS.items()},
+    # Monitor rules with a planted bug of their own (the monitor's check cannot pass vacuously).
+    "S003-ACTIVE-IMMUTABLE": (
+        MONITOR,
+        _scenario(_MEMSLOTS, "test_seed_003_modifying_an_active_slot_is_caught"),
+    ),
+    "M12": (
+        MONITOR,
+        _scenario(_MEMSLOTS, "test_flushing_before_the_invalid_copy_is_published_is_caught"),
+    ),
     "N4": (
         TRANSLATIONS,
         "scenario test `tests/test_reference_faults.py::"
