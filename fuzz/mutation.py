@@ -52,51 +52,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import random
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kvmspec.fuzz.mutation_mutants import (
-    FOLDERS,
     Mutant,
     Rendered,
     enumerate_mutants,
     reference_dir,
     render,
 )
+from kvmspec.fuzz.mutation_report import Outcome, UsageError, conclude, load_classified
 from kvmspec.fuzz.mutation_run import GRACE_SECONDS
-
-CLASSIFIED = Path(__file__).with_name("mutation_survivors.toml")
-"""The survivors classified by hand: ``["<mutant id>"]`` tables of ``class`` ("equivalent" or
-"gap") and ``why``."""
-GOAL = 0.90
-
-
-class UsageError(Exception):
-    """Bad input a user can cause: one line, exit status 2."""
-
-
-def wilson(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion (0..1)."""
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = (
-        z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    )
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-# -- running jobs in fresh processes ------------------------------------------------------------
 
 
 def run_job(job: dict[str, Any], timeout: float) -> dict[str, Any] | None:
@@ -141,7 +115,8 @@ def _fingerprint(reach_seconds: float) -> str:
     for folder in ("reference", "spec", "fuzz"):
         root = reference_dir().parent / folder
         for path in sorted(root.rglob("*.py")):
-            digest.update(path.read_bytes())
+            if not path.name.startswith("mutation"):  # what the areas run, not this tool
+                digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -198,40 +173,17 @@ TEST_FILES = {
 """The suite's fast tests of each folder's modules, as globs under the tests folder."""
 
 
-@dataclass
-class Outcome:
-    """What happened to one mutant, and for a survivor, what it is."""
-
-    key: str
-    name: str
-    folder: str
-    diff: list[str]
-    status: str
-    """``killed`` or ``survived``."""
-    kind: str
-    """How: ``rule``, ``exception`` or ``timeout``; or why not: ``undetected``,
-    ``unreached`` (no area reaches its function), ``overrun`` (a slow slice elsewhere)."""
-    area: str = ""
-    detail: str = ""
-    line_reached: bool = False
-    """Whether an area executed the mutated line in the reach pass (a hint for a survivor)."""
-    seconds: float = 0.0
-    areas: list[str] = field(default_factory=list)
-    tests: str = ""
-    """For a survivor: ``killed``, ``not killed`` or ``timeout`` by the fast tests, or why
-    they were not run."""
-    verdict: str = ""
-    """For a survivor: ``equivalent``, ``gap`` or ``unclassified``."""
-    why: str = ""
-
-
 def run_mutant(
     mutant: Mutant, rendered: Rendered, reach: Reach, budget: float, seed: int
 ) -> Outcome:
-    """Run one mutant in the areas that reach its function, for ``budget`` seconds."""
+    """Run one mutant for ``budget`` seconds in the areas that reach the mutated line in the
+    reach pass, or failing that in those that reach its function."""
     outcome = Outcome(mutant.key, mutant.name, mutant.folder, rendered.diff, "survived", "")
-    outcome.areas = reach.areas_reaching(mutant.path, *rendered.function_lines)
-    outcome.line_reached = bool(reach.areas_reaching(mutant.path, *rendered.lines))
+    outcome.auto = mutant.equivalent
+    outcome.areas = reach.areas_reaching(mutant.path, *rendered.lines)
+    outcome.line_reached = bool(outcome.areas)
+    if not outcome.areas:
+        outcome.areas = reach.areas_reaching(mutant.path, *rendered.function_lines)
     if not outcome.areas:
         outcome.kind = "unreached"
         return outcome
@@ -272,115 +224,42 @@ def run_tests(mutant: Mutant | None, source: str, files: list[str], timeout: flo
     return "not killed" if result.get("exit") == 0 else "killed"
 
 
-def load_classified(path: Path = CLASSIFIED) -> dict[str, dict[str, str]]:
-    """The survivors classified by hand, by mutant id."""
-    if not path.exists():
-        return {}
-    with path.open("rb") as file:
-        table = tomllib.load(file)
-    for key, entry in table.items():
-        if entry.get("class") not in ("equivalent", "gap") or not entry.get("why"):
-            raise UsageError(f"{path}: [{key!r}] needs class = equivalent|gap and a why")
-    return table
-
-
-def classify(outcome: Outcome, mutant: Mutant, by_hand: dict[str, dict[str, str]]) -> None:
-    """A survivor's verdict: a classification by hand first, then what is known for sure (a
-    label's text is equivalent; a mutant the tests kill is not)."""
-    if mutant.key in by_hand:
-        outcome.verdict, outcome.why = by_hand[mutant.key]["class"], by_hand[mutant.key]["why"]
-        if outcome.verdict == "equivalent" and outcome.tests == "killed":
-            outcome.verdict, outcome.why = "gap", f"the tests kill it (classified: {outcome.why})"
-    elif mutant.equivalent:
-        outcome.verdict, outcome.why = "equivalent", mutant.equivalent
-    elif outcome.tests in ("killed", "timeout"):
-        outcome.verdict = "gap"
-        outcome.why = f"the fast tests kill it ({outcome.tests}); the campaign does not"
-    else:
-        outcome.verdict = "unclassified"
-        outcome.why = "not killed by the tests either" if outcome.tests else "not classified"
-
-
-@dataclass
-class Tally:
-    """One row of the table."""
-
-    mutants: int = 0
-    killed: dict[str, int] = field(default_factory=dict)
-    survived: int = 0
-    equivalent: int = 0
-    gaps: int = 0
-    unclassified: int = 0
-
-    def add(self, outcome: Outcome) -> None:
-        self.mutants += 1
-        if outcome.status == "killed":
-            self.killed[outcome.kind] = self.killed.get(outcome.kind, 0) + 1
+def survivors_against_tests(
+    outcomes: Sequence[Outcome],
+    sample: Sequence[Mutant],
+    rendered: dict[str, Rendered],
+    args: argparse.Namespace,
+) -> None:
+    """Run the fast tests of its folder on every survivor not equivalent by construction,
+    once the same tests have passed on the unmutated reference."""
+    baseline: dict[str, str] = {}
+    for outcome, mutant in zip(outcomes, sample, strict=True):
+        if outcome.status != "survived" or mutant.equivalent:
+            continue
+        files = test_files(mutant.folder, args.tests_dir)
+        if args.no_tests or not files:
+            outcome.tests = "not run"
         else:
-            self.survived += 1
-            self.equivalent += outcome.verdict == "equivalent"
-            self.gaps += outcome.verdict == "gap"
-            self.unclassified += outcome.verdict == "unclassified"
-
-    @property
-    def score(self) -> tuple[float, float, float]:
-        """The killed share of the non-equivalent mutants, and its 95% interval."""
-        killed, trials = sum(self.killed.values()), self.mutants - self.equivalent
-        low, high = wilson(killed, trials)
-        return (killed / trials if trials else 0.0), low, high
+            if mutant.folder not in baseline:
+                baseline[mutant.folder] = run_tests(None, "", files, args.tests_timeout)
+            if baseline[mutant.folder] != "not killed":
+                outcome.tests = "not run: they fail unmutated"
+            else:
+                source = rendered[mutant.key].source
+                outcome.tests = run_tests(mutant, source, files, args.tests_timeout)
+        if not args.summary_only:
+            print(f"tests: {outcome.tests:<12} {mutant.name}", file=sys.stderr, flush=True)
 
 
-def tally(outcomes: Sequence[Outcome]) -> dict[str, Tally]:
-    rows = {folder: Tally() for folder in (*FOLDERS, "all")}
-    for outcome in outcomes:
-        rows[outcome.folder].add(outcome)
-        rows["all"].add(outcome)
-    return rows
-
-
-def summary_line(rows: dict[str, Tally], population: int) -> str:
-    score, low, high = rows["all"].score
-    total = rows["all"]
-    return (
-        f"Mutation score: {score:.1%} (95% CI {low:.1%}-{high:.1%}) of "
-        f"{total.mutants - total.equivalent} non-equivalent mutants killed, a sample of "
-        f"{total.mutants} of {population} (goal: {GOAL:.0%})"
-    )
-
-
-def print_table(rows: dict[str, Tally], outcomes: Sequence[Outcome], header: str) -> None:
-    print(header)
-    print(
-        f"  {'folder':<8} {'mutants':>7} {'killed':>6} {'(rule':>6} {'exc':>4} {'timeout)':>8}"
-        f" {'survived':>8} {'equiv':>5} {'gap':>4} {'unclass':>7}  score (95% CI)"
-    )
-    for folder, row in rows.items():
-        score, low, high = row.score
-        k = row.killed
-        print(
-            f"  {folder:<8} {row.mutants:>7} {sum(k.values()):>6} {k.get('rule', 0):>6}"
-            f" {k.get('exception', 0):>4} {k.get('timeout', 0):>8} {row.survived:>8}"
-            f" {row.equivalent:>5} {row.gaps:>4} {row.unclassified:>7}"
-            f"  {score:6.1%} ({low:.1%}-{high:.1%})"
-        )
-    survivors = [o for o in outcomes if o.status == "survived"]
-    print(f"Survivors ({len(survivors)}):")
-    for outcome in survivors:
-        line = "line reached" if outcome.line_reached else "line not reached"
-        tests = outcome.tests or "-"
-        print(f"  {outcome.verdict:<12} {outcome.key}  [{outcome.kind}, {line}; tests: {tests}]")
-        print(f"      {outcome.why}")
-        for line in outcome.diff[1:]:
-            print(f"      {line.strip()[:110]}")
-
-
-def measure(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Sample, run every mutant of the sample, run the survivors against the tests: the
+    report, not classified yet."""
     began = time.monotonic()
     progress = not args.summary_only
     mutants = enumerate_mutants(reference_dir(), args.only)
     if not mutants:
         raise UsageError(f"no mutants in {args.only!r} (a module or package of the reference)")
-    by_hand = load_classified()
+    load_classified()  # a broken table is reported before the long run, not after
     sample = random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
     sample.sort(key=lambda m: (str(m.path), m.index))
     rendered = render(sample)
@@ -397,51 +276,14 @@ def measure(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    baseline: dict[str, str] = {}
-    for outcome, mutant in zip(outcomes, sample, strict=True):
-        if outcome.status != "survived" or mutant.equivalent:
-            continue
-        files = test_files(mutant.folder, args.tests_dir)
-        if args.no_tests or not files:
-            outcome.tests = "not run"
-        else:
-            if mutant.folder not in baseline:
-                baseline[mutant.folder] = run_tests(None, "", files, args.tests_timeout)
-            if baseline[mutant.folder] != "not killed":
-                outcome.tests = "not run: they fail unmutated"
-            else:
-                source = rendered[mutant.key].source
-                outcome.tests = run_tests(mutant, source, files, args.tests_timeout)
-        if progress:
-            print(f"tests: {outcome.tests:<12} {mutant.name}", file=sys.stderr, flush=True)
-    for outcome, mutant in zip(outcomes, sample, strict=True):
-        if outcome.status == "survived":
-            classify(outcome, mutant, by_hand)
-    rows = tally(outcomes)
-    elapsed = time.monotonic() - began
-    header = (
-        f"Mutation score of the campaign on reference/ (mutmut 3.3.1's operators): a sample of"
-        f" {len(sample)} of {len(mutants)} mutants (seed {args.seed}), {args.budget:g} s each"
-        f" on one core; {elapsed / 60:.1f} min"
-    )
-    for area, failure in reach.failing.items():
-        print(f"  area left out, it fails unmutated: {area}: {failure}")
-    if args.summary_only:
-        print(summary_line(rows, len(mutants)))
-    else:
-        print_table(rows, outcomes, header)
-        print(summary_line(rows, len(mutants)))
-    report = {
+    survivors_against_tests(outcomes, sample, rendered, args)
+    return {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "population": len(mutants),
-        "elapsed_seconds": elapsed,
+        "elapsed_seconds": time.monotonic() - began,
         "left_out_areas": reach.failing,
-        "folders": {folder: asdict(row) | {"score": row.score} for folder, row in rows.items()},
         "mutants": [asdict(o) for o in outcomes],
     }
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if rows["all"].score[0] >= GOAL else 1
 
 
 def positive(kind: type[int] | type[float]) -> Any:
@@ -464,7 +306,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="python -m kvmspec.fuzz.mutation", description=__doc__.split("\n")[0])
-    parser.add_argument("--sample", type=positive(int), default=200, help="mutants measured")
+    parser.add_argument("--sample", type=positive(int), default=150, help="mutants measured")
     parser.add_argument("--budget", type=positive(float), default=10.0, help="seconds a mutant")
     parser.add_argument("--seed", type=int, default=1, help="the sample's random seed")
     parser.add_argument("--report", type=Path, default=Path("build/mutation/report.json"))
@@ -485,11 +327,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="measure only the modules whose name starts with this",
     )
     parser.add_argument("--summary-only", action="store_true", help="print only the score line")
+    parser.add_argument(
+        "--reclassify",
+        action="store_true",
+        help="run nothing: classify the"
+        " survivors of the --report file again (after editing the table)",
+    )
     try:
         args = parser.parse_args(argv)
         if args.report.is_dir():
             raise UsageError(f"--report {args.report} is a folder")
-        return measure(args)
+        if args.reclassify:
+            try:
+                report = json.loads(args.report.read_text())
+            except (OSError, ValueError) as error:
+                raise UsageError(f"cannot read the report {args.report}: {error}") from None
+        else:
+            report = measure(args)
+        return conclude(report, args.report, args.summary_only)
     except UsageError as error:
         print(f"kvmspec mutation: error: {error}", file=sys.stderr)
         return 2

@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 
 from kvmspec.fuzz import mutation
-from kvmspec.fuzz.mutation import Outcome, Reach, classify, load_classified, run_mutant
+from kvmspec.fuzz.mutation import Reach, run_mutant
 from kvmspec.fuzz.mutation_mutants import Mutant, enumerate_mutants, reference_dir, render
+from kvmspec.fuzz.mutation_report import (
+    Outcome,
+    UsageError,
+    classify,
+    load_classified,
+    wilson,
+)
 
 AREA = "generic/x86_64-linux-6.18-pvm"
 KVM = "kvmspec.reference.kvm"
@@ -64,7 +71,7 @@ def test_an_equivalent_mutant_survives_and_is_classified() -> None:
     assert mutant.equivalent.startswith("label")
     outcome = run_mutant(mutant, render([mutant])[mutant.key], _reach_everywhere(mutant), 2, 1)
     assert (outcome.status, outcome.kind) == ("survived", "undetected")
-    classify(outcome, mutant, {})
+    classify(outcome, {})
     assert outcome.verdict == "equivalent"
 
 
@@ -90,22 +97,21 @@ def _survivor(tests: str) -> Outcome:
 def test_survivors_are_classified_by_hand_first_unless_the_tests_kill_them(
     tmp_path: Path,
 ) -> None:
-    mutant = Mutant("kvmspec.reference.kvm", Path("kvm.py"), 0, "x_f", 1, "k", "")
     table = tmp_path / "survivors.toml"
     table.write_text('["k"]\nclass = "equivalent"\nwhy = "the value is never read"\n')
     by_hand = load_classified(table)
     outcome = _survivor("not killed")
-    classify(outcome, mutant, by_hand)
+    classify(outcome, by_hand)
     assert (outcome.verdict, outcome.why) == ("equivalent", "the value is never read")
     # A mutant the tests kill is not equivalent, whatever the table says.
     outcome = _survivor("killed")
-    classify(outcome, mutant, by_hand)
+    classify(outcome, by_hand)
     assert outcome.verdict == "gap"
     outcome = _survivor("not killed")
-    classify(outcome, mutant, {})
+    classify(outcome, {})
     assert (outcome.verdict, outcome.why) == ("unclassified", "not killed by the tests either")
     table.write_text('["k"]\nclass = "maybe"\n')
-    with pytest.raises(mutation.UsageError, match="needs class"):
+    with pytest.raises(UsageError, match="needs class"):
         load_classified(table)
 
 
@@ -115,9 +121,9 @@ def test_the_hand_classifications_name_known_classes() -> None:
 
 
 def test_wilson_interval() -> None:
-    low, high = mutation.wilson(9, 10)
+    low, high = wilson(9, 10)
     assert (round(low, 3), round(high, 3)) == (0.596, 0.982)
-    assert mutation.wilson(0, 0) == (0.0, 1.0)
+    assert wilson(0, 0) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize(
