@@ -66,6 +66,7 @@ class Outcome:
     auto: str = ""
     """Why the mutant is equivalent by construction, or "" (Mutant.equivalent)."""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     areas: list[str] = field(default_factory=list)
     tests: str = ""
     """For a survivor: ``killed``, ``not killed`` or ``timeout`` by the fast tests, or why

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import FrameType, ModuleType
@@ -50,7 +50,8 @@ SLICE_EXAMPLES = 3
 FUZZ_INPUTS_PER_SLICE = 20
 """Random inputs per fuzzer slice (after its seed corpus)."""
 GRACE_SECONDS = 10.0
-"""How long a slice may run past the budget before the job stops it and looks where it is."""
+"""How long (CPU seconds) a slice may run past the budget before the job stops it and looks
+where it is."""
 
 
 class MutantFinder(importlib.abc.MetaPathFinder):
@@ -198,88 +199,92 @@ def _write(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result) + "\n")
 
 
+def watchdog(seconds: float, handler: Callable[[list[FrameType]], None]) -> None:
+    """Call ``handler`` with the stack once the process has used ``seconds`` of CPU time
+    (a slice cannot be stopped from inside: this is how one that runs on is seen)."""
+
+    def fire(signum: int, frame: FrameType | None) -> None:
+        handler(_frames(frame))
+        os._exit(0)
+
+    signal.signal(signal.SIGPROF, fire)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+
+
+@dataclass
+class Progress:
+    area: str = ""
+    slices: int = 0
+
+
 def kill(job: dict[str, Any], result_path: Path) -> None:
-    """Run the job's areas in turn, a slice each, on the installed mutant until the budget is
-    spent or one fails; write the result."""
+    """Run the job's areas in turn, a slice each, on the installed mutant until the budget
+    (CPU seconds of this process: other work on the machine does not shorten it) is spent
+    or one fails; write the result."""
     origin = str(Path(job["path"]).resolve())
     install(job["module"], job["source"])
-    began = time.monotonic()
     budget = float(job["budget"])
-    current = {"area": ""}
+    progress = Progress()
 
-    def stuck(signum: int, frame: FrameType | None) -> None:
+    def stuck(frames: list[FrameType]) -> None:
         # A slice still running long after the budget: a timeout if the mutated module is on
         # the stack (it loops, or makes a caller loop), else a slow slice of the unmutated
         # code (the dirty-log contract on a huge slot), which kills nothing.
-        frames = _frames(frame)
         inside = any(f.f_code.co_filename == origin for f in frames)
-        _write(
-            result_path,
-            {
-                "status": "killed" if inside else "survived",
-                "kind": "timeout" if inside else "overrun",
-                "area": current["area"],
-                "detail": f"still running {time.monotonic() - began:.0f} s in: {_where(frames)}",
-                "seconds": time.monotonic() - began,
-                "slices": slices,
-            },
-        )
-        os._exit(0)
+        result = {
+            "status": "killed" if inside else "survived",
+            "kind": "timeout" if inside else "overrun",
+            "area": progress.area,
+            "detail": f"still running after {time.process_time():.0f} s in {_where(frames)}",
+        }
+        _write(result_path, {**result, "cpu_seconds": time.process_time(), **asdict(progress)})
 
-    signal.signal(signal.SIGALRM, stuck)
-    signal.setitimer(signal.ITIMER_REAL, budget + GRACE_SECONDS)
-    slices = 0
+    watchdog(budget + GRACE_SECONDS, stuck)
     try:
         areas = campaign_areas(job["areas"])
         rng = random.Random(job["seed"])
-        while time.monotonic() - began < budget:
-            area = areas[slices % len(areas)]
-            current["area"] = area.name
+        while time.process_time() < budget:
+            area = areas[progress.slices % len(areas)]
+            progress.area = area.name
             area.run_slice(rng)
-            slices += 1
+            progress.slices += 1
     except Exception as error:  # the mutant broke a rule or crashed: killed
         kind, detail = describe_failure(error)
-        status = {"status": "killed", "kind": kind, "area": current["area"], "detail": detail}
+        result = {"status": "killed", "kind": kind, "area": progress.area, "detail": detail}
     else:
-        status = {"status": "survived", "kind": "", "area": "", "detail": ""}
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    _write(result_path, {**status, "seconds": time.monotonic() - began, "slices": slices})
+        result = {"status": "survived", "kind": "", "area": "", "detail": ""}
+    signal.setitimer(signal.ITIMER_PROF, 0)
+    _write(result_path, {**result, "cpu_seconds": time.process_time(), **asdict(progress)})
 
 
 def reach(job: dict[str, Any], result_path: Path) -> None:
-    """Run one area of the unmutated reference under coverage for ``job["seconds"]``; write
-    the executed lines of reference/ per file, and the area's failure if it failed."""
+    """Run one area of the unmutated reference under coverage for ``job["seconds"]`` of CPU
+    time; write the executed lines of reference/ per file, and the area's failure if it
+    failed."""
     import coverage
 
     reference = Path(job["reference"]).resolve()
     cov = coverage.Coverage(data_file=None, config_file=False, include=[f"{reference}/*"])
-    began = time.monotonic()
+    seconds = float(job["seconds"])
     failure = ""
 
-    def finish() -> None:
+    def finish(frames: list[FrameType] | None = None) -> None:
+        # Called by the watchdog too: what ran so far is reached; a slow slice is no failure.
         cov.stop()
         data = cov.get_data()
         lines = {path: sorted(data.lines(path) or ()) for path in data.measured_files()}
-        _write(
-            result_path,
-            {"lines": lines, "failure": failure, "seconds": time.monotonic() - began},
-        )
-
-    def stuck(signum: int, frame: FrameType | None) -> None:
-        finish()  # what ran so far is reached; a slow slice is not a failure
-        os._exit(0)
+        _write(result_path, {"lines": lines, "failure": failure})
 
     cov.start()
     (area,) = campaign_areas([job["area"]])
-    signal.signal(signal.SIGALRM, stuck)
-    signal.setitimer(signal.ITIMER_REAL, float(job["seconds"]) + GRACE_SECONDS)
+    watchdog(seconds + GRACE_SECONDS, finish)
     rng = random.Random(job["seed"])
     try:
-        while time.monotonic() - began < float(job["seconds"]):
+        while time.process_time() < seconds:
             area.run_slice(rng)
     except Exception as error:  # the unmutated reference fails in this area
         failure = describe_failure(error)[1]
-    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.setitimer(signal.ITIMER_PROF, 0)
     finish()
 
 
