@@ -6,45 +6,48 @@ argument dropped or replaced by None, ``True`` for ``False``, ``is`` for ``is no
 assignment of None, ``continue`` for ``break``...), inside a top-level function or a method
 of a top-level class (mutmut changes nothing else: not module constants, not decorated
 functions or classes, not docstrings). The score is the share of the non-equivalent mutants
-that the campaign's state machines and fuzzers kill within a per-mutant budget of seconds on
-one core. An equivalent mutant behaves exactly as the reference does, so nothing can kill it;
-every other survivor is a gap in the harness: something the model could get wrong unseen.
+that the campaign's state machines and fuzzers kill within a per-mutant budget of CPU seconds
+on one core. An equivalent mutant behaves exactly as the reference does, so nothing can kill
+it; every other survivor is a gap in the harness: something the model could get wrong unseen.
 
 How a mutant is run. mutmut's own runner (``mutmut run``) copies the sources into
-``mutants/`` and runs pytest there, with trampolines that pick the mutant at run time; it
-cannot work here, because the package maps ``kvmspec.reference`` onto ``reference/``
-(``package-dir`` in pyproject.toml, installed editable), so every ``import
-kvmspec.reference...`` finds the original files, never ``mutants/``. So only mutmut's mutation
-generation is used (:func:`mutmut.file_mutation.create_mutations`, numbered as mutmut names
-its mutants), and each mutant is run by :mod:`kvmspec.fuzz.mutation_run` in a fresh process
-that installs the mutated module through an import hook before the model is imported
-(``reference/`` is never written). The process runs, a slice at a time in turn, the campaign
-areas (kvmspec.fuzz.campaign: the state machines and the Atheris targets) that reach the
-mutated function, until the budget is spent. Killed means a rule broken (an AssertionError:
-an invariant, RulesBroken, SpecViolation), another exception (the mutated model crashed, or
-Hypothesis gave up), or a timeout (a slice still running ten seconds past the budget, inside
-the mutated module; a slice slow elsewhere, such as the dirty-log contract on a huge slot, is
-an overrun and kills nothing).
+``mutants/`` and runs pytest there, with trampolines that pick the mutant at run time. It
+cannot work here: the package maps ``kvmspec.reference`` onto ``reference/`` (``package-dir``
+in pyproject.toml, installed editable, and the editable finder maps the name to the absolute
+path of ``reference/``), so every ``import kvmspec.reference...`` loads the original files,
+never ``mutants/``. So only mutmut's mutation generation is used
+(:func:`mutmut.file_mutation.create_mutations`, numbered as mutmut names its mutants), and
+each mutant is run by :mod:`kvmspec.fuzz.mutation_run` in a fresh process that installs the
+mutated module through an import hook before the model is imported (``reference/`` is never
+written). The process runs, a slice at a time in turn, the campaign areas
+(kvmspec.fuzz.campaign: the state machines, and the Atheris targets on their seeds then on
+random inputs) that reach the mutated line (else its function), until the budget is spent.
+Killed means a rule broken (an AssertionError: an invariant, RulesBroken, SpecViolation),
+another exception (the mutated model crashed, or Hypothesis gave up), or a timeout (a slice
+still running ten CPU seconds past the budget with the mutated module on the stack; a slice
+slow elsewhere, such as the dirty-log contract on a huge slot, is an overrun and kills
+nothing). Budgets count the process's CPU time, so other work on the machine does not
+shorten them.
 
-Which areas reach which function is measured once, by a reach pass: every area runs the
-unmutated reference under coverage for ``--reach-seconds`` (cached in
-``build/mutation/reach.json`` until a source file changes). An area that fails unmutated is
+Which areas reach which line is measured once, by a reach pass: every area runs the unmutated
+reference under coverage for ``--reach-seconds`` (cached in ``build/mutation/reach.json``
+until a source file of reference/, spec/ or fuzz/ changes). An area that fails unmutated is
 left out (it cannot tell a mutant from the reference). A mutant in a function no area reached
-survives without being run ("unreached by the campaign").
+survives without being run (``unreached``).
 
-The full set is about 17,000 mutants, days of work on one core, so a uniform random sample
+The full set is about 16,500 mutants, days of work on one core, so a uniform random sample
 (``--sample``, fixed ``--seed``) is measured and the score given with its 95% Wilson interval,
-overall and per folder (generic, x86, arm64, ppc). Survivors are classified: automatically as
-equivalent when the mutation only changes the text of a label or message (a ``Preempt`` or
-``WaitUntil`` point, a ``warn_on`` message, an exception's message), automatically as a gap
-when the suite's fast tests of the module's folder kill it (the campaign misses what a test
-sees); by hand otherwise, in ``fuzz/mutation_survivors.toml``, keyed by a stable id (module,
-mutmut's function name, a hash of the original and mutated code), which later runs reuse. A
-survivor that no one has classified counts as a gap; one the tests do not kill either is
-reported as "not killed by the tests either".
+overall and per folder (generic, x86, arm64, ppc). Then the survivors are classified
+(:mod:`kvmspec.fuzz.mutation_report`): equivalent by construction when the mutation only
+changes the text of a label or message, or silences a WARN; a gap when the suite's fast tests
+of the module's folder kill it (the campaign misses what a test sees); by hand otherwise, in
+``fuzz/mutation_survivors.toml``, keyed by a stable id (module, mutmut's function name, a
+hash of the original and mutated code) that later runs reuse. A survivor no one has
+classified counts against the score; ``--reclassify`` applies an edited table to the last
+report without running anything.
 
     python -m kvmspec.fuzz.mutation [--sample N] [--budget SECONDS] [--seed S]
-        [--report build/mutation/report.json] [--reach-seconds S] [--no-tests]
+        [--report build/mutation/report.json] [--reach-seconds S] [--no-tests] [--reclassify]
 """
 
 from __future__ import annotations

@@ -6,9 +6,14 @@ mutmut 3.3.1 changes only code inside a top-level function or a method of a top-
 operators (:mod:`mutmut.node_mutation`). :func:`mutmut.file_mutation.create_mutations` lists
 a file's mutations in a fixed order; mutmut numbers them per function
 (``<module>.x_<function>__mutmut_<n>``, ``xǁ<Class>ǁ<method>`` for a method), and so does
-:class:`Mutant`. That number moves when the function is edited, so a mutant's stable id (its
-``key``) is the module, the function and a hash of the original and mutated code instead,
-which a hand classification can outlive an edit elsewhere in the function by.
+:class:`Mutant`. That number moves when anything earlier in the function is edited, so a
+mutant's stable id (its ``key``, what a hand classification is filed under) is the module,
+the function and a hash of the original and mutated code instead.
+
+Some mutants are equivalent by construction (:func:`auto_equivalent`): the text of a label or
+a message changed (a ``Preempt``/``WaitUntil`` point, a WARN's rule or message, an
+exception's or an assert's message), or a WARN's condition replaced by None (the campaign
+checks that no WARN fires on the reference, so its condition is always false there).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ and message: a WARN never fires on the reference, so their text is never seen)."
 
 
 def reference_dir() -> Path:
+    """Where the model's sources are (found, not imported)."""
     spec = importlib.util.find_spec("kvmspec.reference")
     assert spec is not None and spec.origin is not None
     return Path(spec.origin).parent
