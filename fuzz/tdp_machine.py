@@ -3,11 +3,11 @@
 
 The VM has the VMM's memory, one slot of guest RAM that can be moved, deleted and dirty
 logged, and two vCPUs whose guest reads and writes go through the TDP MMU (gpa = gva).
-The machine starts faults, aging walks, dirty-log walks and fast zaps as generators and
-advances any of them one step at a time, in between memslot updates, host munmaps and
-madvises (MMU-notifier invalidations), GET_DIRTY_LOG and plain guest accesses; after every
-step it runs ``check_tdp_mmu`` (X13, X14, X15, X5, N4), with the quiescent checks only
-when nothing is in flight.
+The machine starts faults (each tries the lockless fast path first), aging walks, dirty-log
+walks and fast zaps as generators and advances any of them one step at a time, in between
+memslot updates, host munmaps and madvises (MMU-notifier invalidations), GET_DIRTY_LOG and
+plain guest accesses; after every step it runs ``check_tdp_mmu`` (X13, X14, X15, X16, X5,
+N4), with the quiescent checks only when nothing is in flight.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ from kvmspec.reference.x86.spte import (
     kvm_mmu_set_ept_masks,
 )
 from kvmspec.reference.x86.tdp_arch import TdpMmu, kvm_mmu_zap_all_fast
-from kvmspec.reference.x86.tdp_fault import kvm_tdp_page_fault, tdp_guest_access
+from kvmspec.reference.x86.tdp_fault import (
+    kvm_tdp_page_fault,
+    tdp_guest_access,
+    tdp_hardware_walk,
+)
 from kvmspec.reference.x86.tdp_iter import TdpMmuPage
 from kvmspec.reference.x86.tdp_mmu import (
     kvm_recover_nx_huge_pages,
@@ -119,12 +123,19 @@ class TdpVm:
     # -- kernel operations that can be interleaved -----------------------------------------------
 
     def fault(self, page: int, write: bool, vcpu_id: int = 0) -> KernelOp[object]:
-        """An EPT violation on data page ``page`` (the vCPU's root loaded first)."""
+        """An EPT violation on data page ``page`` (the vCPU's root loaded first), reported
+        as the CPU would now: a permission fault if its walk finds a usable leaf. (If that
+        leaf allows the access, the fault is a stale one: another vCPU fixed the SPTE
+        between the exit and its handling.)"""
         vcpu_mmu = self.mmu.vcpu_mmu(vcpu_id)
         kvm_mmu_load(self.kvm, self.mmu, vcpu_mmu, 0)
-        gpa = self.gfn(page) * PAGE
+        assert vcpu_mmu.root is not None
+        gfn = self.gfn(page)
+        present = tdp_hardware_walk(self.mmu, vcpu_mmu.root, gfn) is not None
         vcpu = self.kvm.vcpus[vcpu_id]
-        return kvm_tdp_page_fault(self.kvm, self.host, self.mmu, vcpu_mmu, vcpu, gpa, write)
+        return kvm_tdp_page_fault(
+            self.kvm, self.host, self.mmu, vcpu_mmu, vcpu, gfn * PAGE, write, present
+        )
 
     def age(self, page: int, npages: int, test_only: bool = False) -> KernelOp[bool]:
         return kvm_tdp_mmu_age_gfn_range(
@@ -261,6 +272,16 @@ class TdpMachine(RuleBasedStateMachine):
         else:
             chosen.waiting = value if isinstance(value, WaitUntil) else None
             assert isinstance(value, Preempt | WaitUntil)
+
+    @precondition(lambda self: bool(self.ops))
+    @rule(which=st.integers(0, 3))
+    def drain(self, which: int) -> None:
+        """Advance the operations in flight until none is left (always the ``which``-th
+        runnable one), checking after every step as after a rule: the guest, the VMM
+        and the host act only when nothing is in flight, so a run needs such moments."""
+        while self.ops:
+            self.advance(which)
+            self.vm.check(quiescent=not self.ops)
 
     @precondition(lambda self: not self.ops)
     @rule(page=st.integers(0, DATA_PAGES - 1), value=st.binary(min_size=8, max_size=8))

@@ -1,176 +1,212 @@
-"""The fast page fault (X16) on the direct pages of the x86 shadow MMU: the 4K pieces of a
-guest 2 MiB page in a dirty-logged slot, write-protected by a harvest (MMU-writable kept).
-The fast path grants W back with a compare-and-exchange and logs the page; a zap between
-its read and its exchange makes the exchange fail, so nothing zapped comes back; a plain
-store in place of the exchange is caught by the rmap and host checks, and W granted on an
-SPTE that is not MMU-writable by the fast path's own WARN."""
+"""The fast page fault (X16) on the TDP MMU: a store to a leaf that dirty logging
+write-protected (MMU-writable kept) gets W back with one compare-and-exchange and is logged;
+an access-tracked leaf (EPT without A/D bits) gets R and X back; a zap between the fast
+path's read and its exchange makes the exchange fail, so nothing zapped comes back, and the
+full fault path maps the page anew. Planted bugs: a plain store in place of the exchange,
+W granted whatever MMU-writable says, and a fix that maps another page, each caught by
+check_fast_page_faults (and the host and compare-and-exchange checks beside it)."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvmspec.fuzz.x86_harness import (
-    DATA_GFN,
-    DATA_GVA,
-    DATA_PAGES,
-    PAGE,
-    PD_B,
-    PML4_B,
-    HugeHarness,
-    ShadowHarness,
-)
+from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.profiles import bug_hunt
+from kvmspec.fuzz.tdp_machine import EPT_WITHOUT_AD_BITS, TdpVm, tdp_machine
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
-from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
-from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.vcpu import KvmVcpu
-from kvmspec.reference.x86 import fast_pf
-from kvmspec.reference.x86.guest_access import Outcome
-from kvmspec.reference.x86.mmu_page import ShadowMmuState, SptePtr
-from kvmspec.reference.x86.paging import (
-    PFERR_PRESENT_MASK,
-    PFERR_USER_MASK,
-    PFERR_WRITE_MASK,
-    PG_LEVEL_4K,
+from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
+from kvmspec.reference.host import PROT_READ
+from kvmspec.reference.page_fault import Fault
+from kvmspec.reference.x86 import tdp_fault
+from kvmspec.reference.x86.paging import PG_LEVEL_4K, PT_WRITABLE_MASK
+from kvmspec.reference.x86.spte import (
+    SHADOW_NONPRESENT_VALUE,
+    is_access_track_spte,
+    is_last_spte,
+    is_mmu_writable_spte,
+    is_shadow_present_pte,
 )
-from kvmspec.reference.x86.paging_tmpl import KvmPageFault, RetPf
-from kvmspec.reference.x86.spte import is_mmu_writable_spte, is_writable_pte
-from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
+from kvmspec.reference.x86.tdp_fault import FAST_PF_ACTOR, RetPf
+from kvmspec.reference.x86.tdp_iter import for_each_tdp_pte_min_level
+from kvmspec.spec.invariants import Violation
+from kvmspec.spec.invariants.x86_tdp import check_fast_page_faults
 
-GFN = 20
-"""A data page of the guest's 2 MiB page (gva = gpa there)."""
-WRITE_FAULT = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK
+PAGE = 4096
+FAST_STEP = "fast page fault: SPTE read"
 
 
-def _logged_and_harvested() -> HugeHarness:
-    """Dirty logging on, the guest wrote page GFN (a 4K leaf in a direct page), and a
-    harvest reported it and write-protected the leaf for the next write."""
-    vm = HugeHarness()
-    vm.toggle_log(True)
-    assert vm.write(GFN * PAGE, b"one").outcome is Outcome.DONE
-    assert run_to_completion(kvm_get_dirty_log_protect(vm.kvm, 0))[1][0] == 1 << GFN
-    leaf = vm.leaf(0, GFN * PAGE)
-    assert leaf is not None and leaf[0] == PG_LEVEL_4K
-    assert not is_writable_pte(leaf[1]) and is_mmu_writable_spte(vm.mmu.masks, leaf[1])
+def leaf(vm: TdpVm, page: int) -> int:
+    """The SPTE mapping data page ``page`` in vCPU 0's root (non-present if none)."""
+    root = vm.mmu.vcpu_mmu(0).root
+    assert root is not None
+    for it in for_each_tdp_pte_min_level(
+        vm.mmu.tables, "test", root, PG_LEVEL_4K, vm.gfn(page), vm.gfn(page) + 1
+    ):
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+            return it.old_spte
+    return SHADOW_NONPRESENT_VALUE
+
+
+def fast_writes(vm: TdpVm) -> int:
+    return sum(w.actor.startswith(FAST_PF_ACTOR) for w in vm.mmu.tables.history.writes)
+
+
+def x16(found: list[Violation]) -> list[str]:
+    return [v.message for v in found if v.rule == "X16"]
+
+
+def logged_and_harvested() -> TdpVm:
+    """Dirty logging on, the guest wrote page 2, and a harvest reported it and
+    write-protected its leaf for the next store (MMU-writable kept)."""
+    vm = TdpVm()
+    assert vm.log_dirty(True) == 0
+    assert vm.access(2, b"one-one!").outcome is Fault.MAPPED
+    assert vm.get_dirty_log() == [1 << 2]
+    spte = leaf(vm, 2)
+    assert not spte & PT_WRITABLE_MASK and is_mmu_writable_spte(vm.mmu.masks, spte)
     assert vm.violations() == []
     return vm
 
 
-def _write_fault(vm: HugeHarness) -> KvmPageFault:
-    fault = KvmPageFault(GFN * PAGE, WRITE_FAULT, GFN)
-    fault.slot = vm.kvm.memslots(0).gfn_to_memslot(GFN)
-    return fault
-
-
-def _fast_page_fault(vm: HugeHarness) -> KernelOp[RetPf]:
-    return fast_pf.fast_page_fault(
-        vm.kvm, vm.mmu, vm.mmu.vcpu_mmu(0), vm.kvm.vcpus[0], _write_fault(vm)
-    )
+def run_to_exchange(op: KernelOp[object]) -> None:
+    """Advance a fault until its fast path has read the leaf and is about to exchange it."""
+    while True:
+        point = next(op)
+        if isinstance(point, Preempt) and FAST_STEP in point.point:
+            return
 
 
 def test_a_dirty_logged_write_fixed_by_the_fast_path_is_logged() -> None:
-    vm = _logged_and_harvested()
-    assert run_to_completion(_fast_page_fault(vm)) is RetPf.FIXED
-    leaf = vm.leaf(0, GFN * PAGE)
-    assert leaf is not None and is_writable_pte(leaf[1])
-    assert vm.mmu.stat["pf_fast"] == 1
+    vm = logged_and_harvested()
+    assert run_to_completion(vm.fault(2, write=True)) is RetPf.FIXED
+    assert leaf(vm, 2) & PT_WRITABLE_MASK
+    assert fast_writes(vm) == 1
     assert vm.violations() == []
-    assert run_to_completion(kvm_get_dirty_log_protect(vm.kvm, 0))[1][0] == 1 << GFN
+    assert vm.get_dirty_log() == [1 << 2]
     # Once fixed, the same fault is spurious: another vCPU got there first.
-    assert vm.write(GFN * PAGE, b"two").outcome is Outcome.DONE
-    assert run_to_completion(_fast_page_fault(vm)) is RetPf.SPURIOUS
+    assert vm.access(2, b"two-two!").outcome is Fault.MAPPED
+    assert run_to_completion(vm.fault(2, write=True, vcpu_id=1)) is RetPf.SPURIOUS
+    assert vm.violations() == []
 
 
-def test_the_fast_path_leaves_indirect_pages_and_read_faults_alone() -> None:
-    """A read fault is never fast with A/D bits. A write-protected leaf of an indirect page
-    (a data page the guest maps with a 4K PTE, write-protected by dirty logging, so still
-    MMU-writable) is left to the slow path: its gfn is only what the guest PTE said."""
-    vm = _logged_and_harvested()
-    read = KvmPageFault(GFN * PAGE, PFERR_PRESENT_MASK | PFERR_USER_MASK, GFN)
-    op = fast_pf.fast_page_fault(vm.kvm, vm.mmu, vm.mmu.vcpu_mmu(0), None, read)
-    assert run_to_completion(op) is RetPf.INVALID
-    shadow = ShadowHarness()
-    assert shadow.write(DATA_GVA, b"one").outcome is Outcome.DONE
-    flags = KVM_MEM_LOG_DIRTY_PAGES
-    assert shadow.set_region(1, flags, DATA_GFN, DATA_PAGES, shadow.data_hva) == 0
-    fault = KvmPageFault(DATA_GVA, WRITE_FAULT, DATA_GFN)
-    fault.slot = shadow.kvm.memslots(0).gfn_to_memslot(DATA_GFN)
-    sptep, spte = fast_pf.fast_pf_get_last_sptep(shadow.mmu, shadow.mmu.vcpu_mmu(0), DATA_GVA)
-    assert sptep is not None and not sptep.sp.role.direct
-    assert not is_writable_pte(spte) and is_mmu_writable_spte(shadow.mmu.masks, spte)
-    op = fast_pf.fast_page_fault(shadow.kvm, shadow.mmu, shadow.mmu.vcpu_mmu(0), None, fault)
-    assert run_to_completion(op) is RetPf.INVALID
-    assert vm.mmu.stat["pf_fast"] == shadow.mmu.stat["pf_fast"] == 0
+def test_the_fast_path_leaves_read_faults_and_read_only_pages_alone() -> None:
+    """With A/D bits a fault that found no leaf is never fast; a store to a leaf that maps a
+    page the host gives read-only (not MMU-writable) goes to the full path, which refuses
+    it (EFAULT) without the fast path writing anything."""
+    vm = TdpVm()
+    assert run_to_completion(vm.fault(1, write=False)) is RetPf.FIXED  # the full path
+    assert vm.host.mprotect(vm.hva + 3 * PAGE, PAGE, PROT_READ) == 0
+    assert vm.access(3, None).outcome is Fault.MAPPED
+    assert not is_mmu_writable_spte(vm.mmu.masks, leaf(vm, 3))
+    assert run_to_completion(vm.fault(3, write=True)) is RetPf.EFAULT
+    assert fast_writes(vm) == 0
+    assert vm.violations() == []
 
 
-def _race_with_a_zap(vm: HugeHarness) -> RetPf:
-    """Run the fast path to its exchange, zap the page's leaf (MADV_DONTNEED: the notifier
-    drops it), then let the exchange happen."""
-    op = _fast_page_fault(vm)
-    assert next(op) == Preempt("fast page fault: SPTE read, compare-and-exchange next")
-    assert vm.host.madvise_dontneed(vm.hva + GFN * PAGE, PAGE) == 0
-    try:
-        while True:
-            next(op)
-    except StopIteration as done:
-        result: RetPf = done.value
+def test_an_access_tracked_leaf_is_restored_by_the_fast_path() -> None:
+    """EPT without A/D bits: aging saves R and X and clears RWX; the next load faults with
+    no usable leaf, and the fast path puts R and X back (W stays clear: only a store, on an
+    MMU-writable leaf, gives it back, again on the fast path)."""
+    vm = TdpVm(EPT_WITHOUT_AD_BITS)
+    assert vm.access(0, b"12345678").outcome is Fault.MAPPED
+    assert run_to_completion(vm.age(0, 1)) is True
+    assert is_access_track_spte(vm.mmu.masks, leaf(vm, 0))
+    vm.kvm.arch.kvm_flush_remote_tlbs(vm.kvm)
+    assert vm.access(0, None).data == b"12345678"
+    spte = leaf(vm, 0)
+    assert not is_access_track_spte(vm.mmu.masks, spte) and not spte & PT_WRITABLE_MASK
+    assert vm.access(0, b"87654321").outcome is Fault.MAPPED
+    assert leaf(vm, 0) & PT_WRITABLE_MASK
+    assert fast_writes(vm) == 2
+    assert vm.violations() == []
+
+
+def race_with_a_zap(vm: TdpVm) -> RetPf:
+    """vCPU 0 stores to page 2: its fast path reads the write-protected leaf; then the host
+    drops the page (MADV_DONTNEED: the notifier zaps the leaf), then the exchange runs."""
+    op = vm.fault(2, write=True)
+    run_to_exchange(op)
+    assert vm.host.madvise_dontneed(vm.hva + 2 * PAGE, PAGE) == 0
+    assert leaf(vm, 2) == SHADOW_NONPRESENT_VALUE
+    result = run_to_completion(op)
+    assert isinstance(result, RetPf)
     return result
 
 
 def test_a_zap_between_the_read_and_the_exchange_is_not_undone() -> None:
-    """X16: the zap changed the SPTE, so the exchange fails; the retry finds no SPTE and
-    hands over to the slow path. Nothing was resurrected, nothing logged."""
-    vm = _logged_and_harvested()
-    assert _race_with_a_zap(vm) is RetPf.INVALID
-    assert vm.leaf(0, GFN * PAGE) is None
+    """X16: the zap changed the SPTE, so the exchange fails; the retried walk finds no leaf
+    and the full path maps the page the host has now (a new, zeroed one)."""
+    vm = logged_and_harvested()
+    old = leaf(vm, 2)
+    assert race_with_a_zap(vm) is RetPf.FIXED
+    assert fast_writes(vm) == 0
+    new = leaf(vm, 2)
+    assert new & PT_WRITABLE_MASK and new >> 12 != old >> 12
     assert vm.violations() == []
-    assert run_to_completion(kvm_get_dirty_log_protect(vm.kvm, 0))[1] == [0] * 16
-    assert vm.write(GFN * PAGE, b"new").outcome is Outcome.DONE  # the slow path maps again
-    assert vm.violations() == []
+    assert vm.access(2, None).data == bytes(8)
+
+
+def store_without_compare(  # type: ignore[no-untyped-def]
+    kvm, mmu, vcpu, fault, sptep, old_spte, new_spte, actor
+) -> bool:
+    """The planted fast_pf_fix_direct_spte: a plain store (recorded as based on the value
+    the walk read), then the dirty marking as the kernel does it."""
+    mmu.tables._store(sptep, new_spte, old_spte, actor)
+    if new_spte & PT_WRITABLE_MASK and not old_spte & PT_WRITABLE_MASK:
+        mark_page_dirty_in_slot(kvm, fault.slot, fault.gfn, vcpu)
+    return True
 
 
 def test_a_fast_path_that_stores_without_compare_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The planted bug: a plain store in place of the compare-and-exchange. It writes the
-    old SPTE, made writable, over the zap: a leaf for a page the host took away, in no
-    rmap (X1), and not the page the host maps now (N4)."""
+    """The planted bug: a plain store in place of the compare-and-exchange writes the old
+    leaf, made writable, over the zap: a mapping of a page the host took away."""
 
-    def store(
-        kvm: Kvm,
-        mmu: ShadowMmuState,
-        vcpu: KvmVcpu | None,
-        fault: KvmPageFault,
-        sptep: SptePtr,
-        old_spte: int,
-        new_spte: int,
-    ) -> bool:
-        sptep.sp.set_spte(sptep.index, new_spte)
-        return True
-
-    monkeypatch.setattr(fast_pf, "fast_pf_fix_direct_spte", store)
-    vm = _logged_and_harvested()
-    assert _race_with_a_zap(vm) is RetPf.FIXED
+    monkeypatch.setattr(tdp_fault, "fast_pf_fix_direct_spte", store_without_compare)
+    vm = logged_and_harvested()
+    assert race_with_a_zap(vm) is RetPf.FIXED
     found = vm.violations()
-    assert any(line.startswith("X1") for line in found)
-    assert any(line.startswith("N4") for line in found)
+    assert any("not a present leaf" in message for message in x16(found))
+    assert {"X15", "N4"} <= {v.rule for v in found}
 
 
 def test_a_fast_path_that_ignores_mmu_writable_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The planted bug: W granted whatever MMU-writable says. Page 4 of the 2 MiB page holds
-    process B's page directory; once B runs, its gfn is write-tracked and its direct leaf
-    loses MMU-writable. The fast path making it writable breaks X16 (and X3, X6)."""
-    monkeypatch.setattr(fast_pf, "is_mmu_writable_spte", lambda masks, spte: True)
-    vm = HugeHarness()
-    vm.toggle_log(True)
-    assert vm.read(PD_B * PAGE).outcome is Outcome.DONE  # a direct 4K leaf for gfn 4
-    vm.set_cr3(1, PML4_B)
-    assert vm.read(0, vcpu_id=1).outcome is Outcome.DONE  # B's PD is shadowed now
-    leaf = vm.leaf(0, PD_B * PAGE)
-    assert leaf is not None and not is_mmu_writable_spte(vm.mmu.masks, leaf[1])
-    fault = KvmPageFault(PD_B * PAGE, WRITE_FAULT, PD_B)
-    fault.slot = vm.kvm.memslots(0).gfn_to_memslot(PD_B)
-    op = fast_pf.fast_page_fault(vm.kvm, vm.mmu, vm.mmu.vcpu_mmu(0), None, fault)
-    assert run_to_completion(op) is RetPf.FIXED
+    """The planted bug: W granted whatever MMU-writable says, over a page the host maps
+    read-only."""
+    monkeypatch.setattr(tdp_fault, "is_mmu_writable_spte", lambda masks, spte: True)
+    vm = TdpVm()
+    assert vm.host.mprotect(vm.hva + 3 * PAGE, PAGE, PROT_READ) == 0
+    assert vm.access(3, None).outcome is Fault.MAPPED
+    assert run_to_completion(vm.fault(3, write=True)) is RetPf.FIXED
     found = vm.violations()
-    assert any(line.startswith("X16: WARN") for line in found)
-    assert any(line.startswith("X6") for line in found)
+    assert any("W without MMU-writable" in message for message in x16(found))
+    assert "N4" in {v.rule for v in found}
+
+
+def test_a_fast_path_that_maps_another_page_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planted bug: the fixed SPTE built from the wrong pfn."""
+    fix = tdp_fault.fast_pf_fix_direct_spte
+
+    def off_by_one(kvm, mmu, vcpu, fault, sptep, old_spte, new_spte, actor):  # type: ignore[no-untyped-def]
+        return fix(kvm, mmu, vcpu, fault, sptep, old_spte, new_spte + PAGE, actor)
+
+    monkeypatch.setattr(tdp_fault, "fast_pf_fix_direct_spte", off_by_one)
+    vm = logged_and_harvested()
+    assert run_to_completion(vm.fault(2, write=True)) is RetPf.FIXED
+    assert any("the mapping changed" in message for message in x16(vm.violations()))
+    assert check_fast_page_faults(vm.mmu) != []
+
+
+@pytest.mark.parametrize("ad_bits", [True, False])
+def test_tdp_machine_finds_a_fast_path_that_ignores_mmu_writable(
+    monkeypatch: pytest.MonkeyPatch, ad_bits: bool
+) -> None:
+    """The campaign's x86-tdp machines reach the fast path: with W granted whatever
+    MMU-writable says, a run that stores to a page mapped read-only fails, by X16 or, when
+    the page is the host's zero page, by the store landing in the zero page itself."""
+    monkeypatch.setattr(tdp_fault, "is_mmu_writable_spte", lambda masks, spte: True)
+    machine = tdp_machine(ad_bits)
+    machine.TestCase.settings = bug_hunt(1000)
+    with pytest.raises((RulesBroken, AssertionError), match=r"X16|write to pfn 0,"):
+        machine.TestCase().runTest()

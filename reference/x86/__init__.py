@@ -10,13 +10,13 @@ hardware does). The shadow MMU on top of them, in reading order:
 their hash), ``rmap`` and ``mmu_spte`` (reverse maps and every SPTE write), ``page_track``
 (write-protecting shadowed guest tables), ``zap`` (two-phase zaps, the fast zap, emulated
 guest page-table writes), ``roots`` and ``tlb`` (each vCPU's roots, requests and TLB),
-``unsync`` (unsync shadow pages and their sync on CR3 loads and INVLPG), ``fast_pf`` (the
-lockless fast page fault) and ``guest_access`` (a guest instruction: the hardware walk, the
-fault, the emulator).
+``unsync`` (unsync shadow pages and their sync on CR3 loads and INVLPG) and
+``guest_access`` (a guest instruction: the hardware walk, the fault, the emulator).
 
 The TDP MMU (a profile option; this machine's KVM runs the shadow MMU), in reading order:
 :mod:`~kvmspec.reference.x86.tdp_arch` (the KvmArch hooks, start here), ``tdp_iter`` (the
 tables and the iterator that walks them, yielding and restarting), ``tdp_mmu_roots`` (roots
 and their reference counts), ``tdp_mmu`` (atomic SPTE updates, FROZEN SPTEs, zap, aging,
-write-protection and dirty clearing) and ``tdp_fault`` (the page fault and the hardware walk).
+write-protection and dirty clearing) and ``tdp_fault`` (the page fault, its lockless fast path,
+and the hardware walk).
 """

@@ -4,9 +4,14 @@ With TDP the hardware translates guest-physical addresses through KVM's tables d
 the guest's own page tables are the hardware's business (the model's TDP guest runs with
 gva = gpa, so it has none). A vCPU's access goes through its TLB, else a walk from its
 root that sets the leaf's A bit (and D on a store: an atomic update KVM may race with) and
-fills the TLB. A miss, or a store through a read-only leaf, is an EPT violation, handled by
-:func:`kvm_tdp_page_fault`:
+fills the TLB. A miss, or a store through a read-only leaf, is an EPT violation, which
+says whether the walk found a leaf giving some access (a permission fault) or none. It is
+handled by :func:`kvm_tdp_page_fault`:
 
+0. the fast path (:func:`fast_page_fault`), without mmu_lock: a store to a leaf that lost
+   W on purpose (dirty logging write-protected it, keeping it MMU-writable) gets W back,
+   and an access to an access-tracked leaf (aged without A/D bits) gets R and X back, each
+   with one compare-and-exchange; anything else goes on to
 1. resolve the pfn with the generic protocol (:func:`kvm_mmu_faultin_pfn`: the notifier
    sequence snapshot, the memslot, the host page);
 2. take mmu_lock for *read*; give up if the root was invalidated or an invalidation
@@ -16,12 +21,13 @@ fills the TLB. A miss, or a store through a read-only leaf, is an EPT violation,
    a fault that loses a race to another (or meets a frozen SPTE) retries from the guest.
 
 Not modelled: huge leaves (the model's TDP faults map 4K; nothing here splits a huge
-SPTE), MMIO SPTEs (an access without a slot is emulated every time), the fast page fault,
+SPTE), MMIO SPTEs (an access without a slot is emulated every time), instruction fetches,
 prefetching and the NX huge page mitigation.
 
 kernel: arch/x86/kvm/mmu/mmu.c:kvm_tdp_page_fault, kvm_tdp_mmu_page_fault,
-is_page_fault_stale; arch/x86/kvm/mmu/tdp_mmu.c:kvm_tdp_mmu_map, tdp_mmu_link_sp,
-tdp_mmu_map_handle_target_level (v6.18)
+is_page_fault_stale, fast_page_fault; arch/x86/kvm/mmu/tdp_mmu.c:kvm_tdp_mmu_map,
+tdp_mmu_link_sp, tdp_mmu_map_handle_target_level; Documentation/virt/kvm/locking.rst,
+"Fast page fault" (v6.18)
 """
 
 from __future__ import annotations
@@ -51,17 +57,24 @@ from kvmspec.reference.x86.paging import (
     ACC_ALL,
     PG_LEVEL_4K,
     PT_PRESENT_MASK,
+    PT_WRITABLE_MASK,
     pt_index,
 )
 from kvmspec.reference.x86.spte import (
+    SHADOW_NONPRESENT_VALUE,
+    SpteMasks,
+    is_access_allowed,
+    is_access_track_spte,
     is_frozen_spte,
     is_large_pte,
     is_last_spte,
+    is_mmu_writable_spte,
     is_shadow_present_pte,
     is_writable_pte,
     leaf_spte_change_needs_tlb_flush,
     make_nonleaf_spte,
     make_spte,
+    restore_acc_track_spte,
     spte_ad_enabled,
     spte_to_pfn,
 )
@@ -90,6 +103,8 @@ class RetPf(enum.Enum):
     SPURIOUS = "spurious"
     """Another vCPU installed the same SPTE first."""
     EFAULT = "efault"
+    INVALID = "invalid"
+    """The fast path could not settle the fault: the full fault path must run."""
 
 
 @dataclass(slots=True)
@@ -98,6 +113,9 @@ class KvmPageFault:
 
     gfn: int
     write: bool
+    present: bool = False
+    """PFERR_PRESENT_MASK: the CPU's walk found a leaf giving some access (a permission
+    fault), rather than none (a missing or access-tracked SPTE)."""
     slot: KvmMemorySlot | None = None
     pfn: int = 0
     map_writable: bool = False
@@ -247,6 +265,115 @@ def is_page_fault_stale(kvm: Kvm, vcpu_mmu: TdpVcpu, fault: KvmPageFault) -> boo
     return fault.slot is not None and mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn)
 
 
+# -- the fast page fault ----------------------------------------------------------------------
+
+FAST_PF_ACTOR = "fast_page_fault"
+"""How the fast path names itself in the TDP tables' history (spec/invariants/x86_tdp.py
+checks its writes: X16)."""
+FAST_PF_RETRIES = 4
+"""How many failed exchanges the fast path retries before it leaves the fault to the full
+path."""
+
+
+def page_fault_can_be_fast(masks: SpteMasks, fault: KvmPageFault) -> bool:
+    """Could the fast path settle this fault? A fault that found no usable leaf only without
+    A/D bits (the leaf may be access-tracked); a permission fault only on a store (W may be
+    restorable). The kernel first turns away reserved-bit faults (MMIO SPTEs) and private
+    memory mismatches, neither of which the model's TDP MMU has.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:page_fault_can_be_fast (v6.18)
+    """
+    if not fault.present:
+        return not masks.ad_enabled
+    return fault.write
+
+
+def kvm_tdp_mmu_fast_pf_get_last_sptep(
+    mmu: TdpMmuState, root: TdpMmuPage, gfn: int, actor: str
+) -> tuple[TdpPtep, int]:
+    """The last SPTE a lockless walk of ``root`` towards ``gfn`` reads, and its value: the
+    4K leaf, or the non-present entry where the walk stopped (the model's TDP leaves are
+    all 4K, and nothing changes the tables during the walk itself).
+
+    kernel: arch/x86/kvm/mmu/tdp_mmu.c:kvm_tdp_mmu_fast_pf_get_last_sptep (v6.18)
+    """
+    last = TdpPtep(root, pt_index(gfn << PAGE_SHIFT, root.level)), SHADOW_NONPRESENT_VALUE
+    for it in for_each_tdp_pte_min_level(mmu.tables, actor, root, PG_LEVEL_4K, gfn, gfn + 1):
+        last = it.sptep, it.old_spte
+    return last
+
+
+def fast_pf_fix_direct_spte(
+    kvm: Kvm,
+    mmu: TdpMmuState,
+    vcpu: KvmVcpu | None,
+    fault: KvmPageFault,
+    sptep: TdpPtep,
+    old_spte: int,
+    new_spte: int,
+    actor: str,
+) -> bool:
+    """Replace ``old_spte`` by ``new_spte`` with a compare-and-exchange: False if the SPTE
+    changed since the walk read it (a zap, the CPU setting A/D, another fix). No
+    bookkeeping (handle_changed_spte): only permission and tracking bits change. Granting W
+    logs the gfn dirty now; D stays clear, so a PML log may record the page again on the
+    store itself, which is harmless.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:fast_pf_fix_direct_spte (v6.18)
+    """
+    if mmu.tables.cmpxchg_spte(sptep, old_spte, new_spte, actor) != old_spte:
+        return False
+    if is_writable_pte(new_spte) and not is_writable_pte(old_spte):
+        mark_page_dirty_in_slot(kvm, fault.slot, fault.gfn, vcpu)
+    return True
+
+
+def fast_page_fault(
+    kvm: Kvm, mmu: TdpMmuState, vcpu_mmu: TdpVcpu, vcpu: KvmVcpu | None, fault: KvmPageFault
+) -> KernelOp[RetPf]:
+    """Try to settle ``fault`` without mmu_lock, inside an RCU read section only (so no
+    table the walk reads is freed under it): FIXED, SPURIOUS (the leaf already allows the
+    access: another vCPU fixed it, or a TLB was flushed lazily), or INVALID (the full path
+    must run). Only a present leaf is fixed, and only in its permission bits: W is given
+    back only to an MMU-writable SPTE (so never over a page the host or a READONLY slot
+    maps read-only), R and X only from the bits access tracking saved. Between the read
+    and the exchange another CPU may run; a zap there makes the exchange fail, and the
+    walk, retried, finds nothing to fix: a zapped SPTE never comes back (X16).
+
+    kernel: arch/x86/kvm/mmu/mmu.c:fast_page_fault, walk_shadow_page_lockless_begin
+    (v6.18)
+    """
+    masks = mmu.masks
+    if not page_fault_can_be_fast(masks, fault):
+        return RetPf.INVALID
+    root = vcpu_mmu.root  # the vCPU holds a reference to it
+    assert root is not None
+    actor = mmu.new_actor(f"{FAST_PF_ACTOR}(vcpu {vcpu_mmu.vcpu_id})")
+    rcu = kvm.rcu.read_lock()
+    try:
+        for _ in range(1 + FAST_PF_RETRIES):
+            sptep, spte = kvm_tdp_mmu_fast_pf_get_last_sptep(mmu, root, fault.gfn, actor)
+            if not is_shadow_present_pte(spte):
+                return RetPf.INVALID
+            if is_access_allowed(masks, spte, write=fault.write, fetch=False):
+                return RetPf.SPURIOUS
+            new_spte = spte
+            if not masks.ad_enabled and is_access_track_spte(masks, spte):
+                new_spte = restore_acc_track_spte(masks, new_spte) | masks.accessed_mask
+            if fault.write and is_mmu_writable_spte(masks, spte):
+                new_spte |= PT_WRITABLE_MASK
+            if new_spte == spte or not is_access_allowed(
+                masks, new_spte, write=fault.write, fetch=False
+            ):
+                return RetPf.INVALID
+            yield Preempt("fast page fault: SPTE read, compare-and-exchange next")
+            if fast_pf_fix_direct_spte(kvm, mmu, vcpu, fault, sptep, spte, new_spte, actor):
+                return RetPf.FIXED
+        return RetPf.INVALID
+    finally:
+        kvm.rcu.read_unlock(rcu)
+
+
 def kvm_tdp_page_fault(
     kvm: Kvm,
     host: HostMm,
@@ -255,8 +382,10 @@ def kvm_tdp_page_fault(
     vcpu: KvmVcpu | None,
     gpa: int,
     write: bool,
+    present: bool = False,
 ) -> KernelOp[RetPf]:
-    """An EPT violation at ``gpa`` (see the module docstring).
+    """An EPT violation at ``gpa``, a permission fault if ``present`` (see the module
+    docstring).
 
     kernel: arch/x86/kvm/mmu/mmu.c:kvm_tdp_mmu_page_fault, kvm_mmu_finish_page_fault
     (v6.18)
@@ -264,11 +393,14 @@ def kvm_tdp_page_fault(
     srcu = kvm.srcu.read_lock()
     try:
         gfn = gpa >> PAGE_SHIFT
-        fault = KvmPageFault(gfn, write)
+        fault = KvmPageFault(gfn, write, present)
         fault.slot = kvm.memslots(0).gfn_to_memslot(gfn)
-        ret = yield from kvm_mmu_faultin_pfn(kvm, host, fault)
-        if ret is not None:
+        ret = yield from fast_page_fault(kvm, mmu, vcpu_mmu, vcpu, fault)
+        if ret is not RetPf.INVALID:
             return ret
+        error = yield from kvm_mmu_faultin_pfn(kvm, host, fault)
+        if error is not None:
+            return error
         ret = RetPf.RETRY
         side = ReadSide(kvm.rcu, kvm.mmu_lock)
         try:
@@ -290,24 +422,20 @@ def kvm_tdp_page_fault(
 # -- the hardware -----------------------------------------------------------------------------
 
 
-def tdp_hardware_translate(
-    kvm: Kvm, mmu: TdpMmuState, vcpu_mmu: TdpVcpu, vcpu: KvmVcpu | None, gfn: int, write: bool
-) -> TlbEntry | None:
-    """The CPU translating ``gfn``: the TLB, else a walk from the vCPU's root that sets A
-    (and D for a store) in the leaf with an atomic OR, if the leaf has A/D bits, and fills
-    the TLB. None is an EPT violation. With PML, a store that sets D in a leaf of a
-    dirty-logged slot logs the gfn (the CPU appends it to the PML buffer, which KVM drains
-    into the dirty log; the model logs at once).
-    """
-    entry = vcpu_mmu.tlb.get(gfn)
-    if entry is not None and (entry.writable or not write):
-        return entry
-    vcpu_mmu.tlb.pop(gfn, None)
-    root = vcpu_mmu.root
-    if root is None:
-        return None
-    sp = root
-    level = root.level
+@dataclass(frozen=True, slots=True)
+class EptViolation:
+    """The VM exit of an access the CPU could not complete. ``present``: its walk found a
+    leaf that gives some access (the exit qualification's R/W/X bits), so a store was
+    refused by a read-only leaf; otherwise the walk found no usable leaf."""
+
+    present: bool
+
+
+def tdp_hardware_walk(mmu: TdpMmuState, root: TdpMmuPage, gfn: int) -> tuple[TdpPtep, int] | None:
+    """The CPU's walk of ``root`` for ``gfn``: the leaf and its SPTE, or None when an entry
+    on the way gives no access (not present, or an access-tracked leaf: R, W and X clear;
+    the upper levels always give all three)."""
+    sp, level = root, root.level
     while True:
         ptep = TdpPtep(sp, pt_index(gfn << PAGE_SHIFT, level))
         spte = mmu.tables.read_spte(ptep, "hardware")
@@ -315,12 +443,33 @@ def tdp_hardware_translate(
         if not is_shadow_present_pte(spte) or not spte & PT_PRESENT_MASK:
             return None
         if is_last_spte(spte, level):
-            break
+            return ptep, spte
         child = mmu.tables.spte_to_child_pt(spte, level)
         assert child is not None
         sp, level = child, level - 1
+
+
+def tdp_hardware_translate(
+    kvm: Kvm, mmu: TdpMmuState, vcpu_mmu: TdpVcpu, vcpu: KvmVcpu | None, gfn: int, write: bool
+) -> TlbEntry | EptViolation:
+    """The CPU translating ``gfn``: the TLB, else a walk from the vCPU's root that sets A
+    (and D for a store) in the leaf with an atomic OR, if the leaf has A/D bits, and fills
+    the TLB; or an EPT violation. With PML, a store that sets D in a leaf of a dirty-logged
+    slot logs the gfn (the CPU appends it to the PML buffer, which KVM drains into the
+    dirty log; the model logs at once).
+    """
+    entry = vcpu_mmu.tlb.get(gfn)
+    if entry is not None and (entry.writable or not write):
+        return entry
+    vcpu_mmu.tlb.pop(gfn, None)
+    root = vcpu_mmu.root
+    assert root is not None  # entering the guest loaded one
+    found = tdp_hardware_walk(mmu, root, gfn)
+    if found is None:
+        return EptViolation(present=False)
+    ptep, spte = found
     if write and not is_writable_pte(spte):
-        return None
+        return EptViolation(present=True)
     dirty = bool(spte & mmu.masks.dirty_mask)
     if spte_ad_enabled(spte):
         bits = mmu.masks.accessed_mask | (mmu.masks.dirty_mask if write else 0)
@@ -369,15 +518,17 @@ def tdp_guest_access(
             return GuestAccess(Fault.DIRTY_RING_FULL)
         kvm_mmu_load(kvm, mmu, vcpu_mmu, 0)
         entries: list[TlbEntry] = []
+        violation = None
         for part_gpa, _start, _length in parts:
-            entry = tdp_hardware_translate(kvm, mmu, vcpu_mmu, vcpu, part_gpa >> PAGE_SHIFT, write)
-            if entry is None:
+            found = tdp_hardware_translate(kvm, mmu, vcpu_mmu, vcpu, part_gpa >> PAGE_SHIFT, write)
+            if isinstance(found, EptViolation):
+                violation = found
                 break
-            entries.append(entry)
-        if len(entries) == len(parts):
+            entries.append(found)
+        if violation is None:
             return _transfer(host, parts, entries, data)
         faulting = parts[len(entries)][0]
-        op = kvm_tdp_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, faulting, write)
+        op = kvm_tdp_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, faulting, write, violation.present)
         ret = run_to_completion(op)
         if ret is RetPf.EFAULT:
             return GuestAccess(Fault.EFAULT)

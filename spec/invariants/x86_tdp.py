@@ -1,4 +1,5 @@
-"""White-box invariants of the x86 TDP MMU (INVENTORY C.4: X13, X14, X15; with X5, N4, D1).
+"""White-box invariants of the x86 TDP MMU (INVENTORY C.4: X13, X14, X15, X16; with X5, N4,
+D1).
 
 Two kinds of check, as for arm64. Over the tables as they are now, once no operation is in
 flight (``quiescent``): no frozen SPTE left in a live table (X13), the roots' reference
@@ -8,9 +9,10 @@ page tables (N4), every TLB entry against the tables (X5), every writable transl
 dirty-logged slot against its bitmap (D1). Over the reference's record
 (:class:`~kvmspec.reference.x86.tdp_iter.TdpMmuHistory`), at any moment: only the thread
 that froze an SPTE writes it next (X13), no compare-and-exchange stored over a value it did
-not expect and the bookkeeping of each SPTE's changes chains up, once per change (X15), no
-table read after it was freed and none freed while a reader that could see it was inside
-(X14). ``check_tdp_mmu`` runs them all.
+not expect and the bookkeeping of each SPTE's changes chains up, once per change (X15), the
+fast page fault only gave back permissions to a present leaf (X16), no table read after it
+was freed and none freed while a reader that could see it was inside (X14).
+``check_tdp_mmu`` runs them all.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kvmspec.reference.x86.spte import (
     is_writable_pte,
     spte_to_pfn,
 )
+from kvmspec.reference.x86.tdp_fault import FAST_PF_ACTOR
 from kvmspec.reference.x86.tdp_iter import TdpMmuPage, kvm_pages_per_hpage
 from kvmspec.reference.x86.tdp_mmu_roots import TdpMmuState
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH
@@ -201,6 +204,34 @@ def check_atomic_updates(mmu: TdpMmuState, quiescent: bool) -> list[Violation]:
     return violations
 
 
+# -- X16 --------------------------------------------------------------------------------------
+
+
+def check_fast_page_faults(mmu: TdpMmuState) -> list[Violation]:
+    """X16: each write of the fast page fault (without mmu_lock, so without bookkeeping)
+    replaced a present leaf by a present leaf of the same pfn (it never brings back a
+    zapped SPTE, never maps another page), and made it writable only if it was
+    MMU-writable (never over a page the host or a READONLY slot maps read-only)."""
+    violations = []
+    for write in mmu.tables.history.writes:
+        if not write.actor.startswith(FAST_PF_ACTOR):
+            continue
+        level = mmu.tables.pages[write.slot[0]].level
+        before, after = _key(write.before, level), _key(write.after, level)
+        where = f"{write.actor} wrote {write.after:#x} over {write.before:#x} in {write.slot}"
+        if before[0] != "leaf":
+            violations.append(Violation("X16", f"{where}: not a present leaf"))
+        elif after != before:
+            violations.append(Violation("X16", f"{where}: the mapping changed"))
+        elif (
+            is_writable_pte(write.after)
+            and not is_writable_pte(write.before)
+            and not is_mmu_writable_spte(mmu.masks, write.before)
+        ):
+            violations.append(Violation("X16", f"{where}: W without MMU-writable"))
+    return violations
+
+
 # -- N4 and X5 --------------------------------------------------------------------------------
 
 
@@ -305,6 +336,7 @@ def check_tdp_mmu(
     violations += check_frozen(mmu, quiescent)
     violations += check_roots(mmu, quiescent)
     violations += check_atomic_updates(mmu, quiescent)
+    violations += check_fast_page_faults(mmu)
     if quiescent:
         # Once the VMM's mm is gone (its notifier released), KVM_RUN cannot run again and
         # kvm_tdp_mmu_zap_all skips the TLB flush on purpose: X5 no longer applies.
