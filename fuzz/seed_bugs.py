@@ -30,7 +30,7 @@ from kvmspec.fuzz import machines
 from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.reference import kvm_main
 from kvmspec.reference.arch import KvmArch
-from kvmspec.reference.arm64.mmu import Arm64Mmu
+from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
 from kvmspec.reference.concurrency import KernelOp, Preempt
 from kvmspec.reference.gfn_to_hva import gfn_to_hva_many
 from kvmspec.reference.kvm import Kvm
@@ -109,6 +109,26 @@ class EmptiedFlushShadowAll(Arm64Mmu):
 
     def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
         KvmArch.kvm_arch_flush_shadow_all(self, kvm)
+
+
+class EmptiedLocklessFlushShadowAll(Arm64MmuLocklessAging):
+    """The same patch on the MMU with seed 001's lockless ager."""
+
+    def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
+        KvmArch.kvm_arch_flush_shadow_all(self, kvm)
+
+
+def _plant_001() -> contextlib.AbstractContextManager[None]:
+    # The arm64 harness takes its MMU from the decoder's table: swap each MMU for its
+    # emptied twin, one for one, so that an input decodes to the same actions as before.
+    from kvmspec.fuzz import arm64_decoder
+
+    emptied = {
+        Arm64Mmu: EmptiedFlushShadowAll,
+        Arm64MmuLocklessAging: EmptiedLocklessFlushShadowAll,
+    }
+    classes = tuple(emptied.get(cls, cls) for cls in arm64_decoder.MMU_CLASSES)
+    return _patched(arm64_decoder, "MMU_CLASSES", classes)
 
 
 def _arm64_machine_emptied() -> type[RuleBasedStateMachine]:
@@ -195,7 +215,7 @@ SEED_BUGS: tuple[SeedBug, ...] = (
         "kvm_arch_flush_shadow_all does nothing",
         "arm64/arm64",
         _arm64_machine_emptied,
-        contextlib.nullcontext,
+        _plant_001,
         r"S001-FLUSH-ALL",
     ),
     SeedBug(

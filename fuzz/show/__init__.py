@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kvmspec.fuzz.seed_bugs import SEED_BUGS
 from kvmspec.fuzz.show.arm64 import draw_arm64
-from kvmspec.fuzz.show.families import family_of, harness_plant, replay_harness
+from kvmspec.fuzz.show.families import family_of, replay_harness
 from kvmspec.fuzz.show.flat import draw_flat
 from kvmspec.fuzz.show.memslots import draw_memslots
 from kvmspec.fuzz.show.ppc import draw_ppc
@@ -122,7 +122,7 @@ def planted(bug: str | None) -> Iterator[None]:
     if chosen is None:
         names = ", ".join(seed.name for seed in SEED_BUGS)
         raise ShowError(f"unknown bug {bug!r} (one of: {names})")
-    with chosen.plant(), harness_plant(bug):
+    with chosen.plant():
         yield
 
 

@@ -13,15 +13,13 @@ stops after the step asked for, and remembers the VM each action started from: a
 that ends the VM (arm64's ``release``: the VMM exits, a new VM starts) leaves the old one
 to be drawn when it is that one a rule speaks about.
 
-Seed 001's bug is a class, not a patch: the arm64 decoder's :data:`MMU_CLASSES` (which
-exist for this) are replaced, for the run, by the same MMUs with
-``kvm_arch_flush_shadow_all`` emptied (:func:`harness_plant`), so every input decodes to the
-same actions as without it.
+A seed bug is planted by its own ``plant`` (seed 001's swaps the arm64 decoder's MMU
+classes for twins with ``kvm_arch_flush_shadow_all`` emptied, one for one, so every input
+decodes to the same actions as without it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,9 +30,6 @@ from kvmspec.fuzz.atheris_support import failure_lines
 from kvmspec.fuzz.decoder import BytesChooser
 from kvmspec.fuzz.harness_fuzzing import Action, Rejected
 from kvmspec.fuzz.show.replay import Replay, ShowError, Step, out_of_range, run_operations
-from kvmspec.reference.arch import KvmArch
-from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
-from kvmspec.reference.kvm import Kvm
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PROFILES, PlatformProfile
 
 FAMILIES = ("x86", "arm64", "ppc", "generic", "memslots")
@@ -240,32 +235,3 @@ def _replay_memslots(path: Path, chooser: BytesChooser, step: int | None) -> Rep
     run_operations(replay, operations(), session.apply)
     out_of_range(step, replay, f"{replay.applied} steps")
     return replay
-
-
-class EmptiedLocklessFlushShadowAll(Arm64MmuLocklessAging):
-    """Seed 001's bug on the lockless ager: kvm_arch_flush_shadow_all does nothing."""
-
-    def kvm_arch_flush_shadow_all(self, kvm: Kvm) -> None:
-        KvmArch.kvm_arch_flush_shadow_all(self, kvm)
-
-
-@contextlib.contextmanager
-def harness_plant(bug: str) -> Iterator[None]:
-    """What a seed bug needs in the harnesses besides its own patch: for seed 001, the
-    arm64 decoder's MMUs with flush_shadow_all emptied, one for one."""
-    if bug != "seed-001-flush-shadow-all-emptied":
-        yield
-        return
-    from kvmspec.fuzz import arm64_decoder
-    from kvmspec.fuzz.seed_bugs import EmptiedFlushShadowAll
-
-    emptied = {
-        Arm64Mmu: EmptiedFlushShadowAll,
-        Arm64MmuLocklessAging: EmptiedLocklessFlushShadowAll,
-    }
-    original = arm64_decoder.MMU_CLASSES
-    arm64_decoder.MMU_CLASSES = tuple(emptied.get(cls, cls) for cls in original)
-    try:
-        yield
-    finally:
-        arm64_decoder.MMU_CLASSES = original
