@@ -123,6 +123,8 @@ KINDS: tuple[Kind, ...] = (
             ("vcpu_id", VCPUS),
         ),
     ),
+    # Added last, so that the seeds written before it decode as they did.
+    Kind("reclaim", params=(("page", HOST_PAGES),)),
 )
 """What one answer chooses between. An action's arguments follow its kind's answer."""
 

@@ -4,10 +4,10 @@ and every check, driven one action at a time by whoever picks the actions.
 Memslot updates, page faults, MADV_DONTNEED and the dirty-log ioctls are actors of a
 :class:`~kvmspec.fuzz.scheduler.Scheduler`: one action starts one, another advances an
 in-flight actor by one step, so the caller explores their interleavings. Other host actions
-(writes, mprotect, munmap, migration, aging) run whole, with KVM's MMU notifier called inside
-them. Guest accesses run at any time, on one of two vCPUs. A run first picks a dirty-logging
-mode: the plain bitmap, manual protection (with or without INITIALLY_SET), the dirty ring, or
-the ring with a backup bitmap where the platform has it.
+(writes, mprotect, munmap, migration, aging, reclaim) run whole, with KVM's MMU notifier
+called inside them. Guest accesses run at any time, on one of two vCPUs. A run first picks a
+dirty-logging mode: the plain bitmap, manual protection (with or without INITIALLY_SET), the
+dirty ring, or the ring with a backup bitmap where the platform has it.
 
 Two drivers choose the actions and their arguments: the Hypothesis state machine
 (:mod:`kvmspec.fuzz.generic_machine`), and the byte decoder of the Atheris fuzzer
@@ -41,6 +41,7 @@ from kvmspec.reference.dirty_log import (
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.guest_memory import vgic_its_save_tables
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.host_reclaim import Reclaim
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.page_fault import Fault, guest_access, kvm_page_fault
@@ -460,6 +461,25 @@ class GenericHarness:
         young = self.host.age(hva, flush)
         self._judge(check_aging_keeps_translations(before, translation_snapshot(self.mmu)))
         self._judge(self.aging.on_age(hva, flush, young))
+
+    def reclaim(self, page: int) -> None:
+        """Reclaim picks one host page. It ages it first, as an aging with a flush: a used
+        page is kept (REFERENCED), and the aging contract judges the answer either way. An
+        idle one is swapped out under a CLEAR invalidation (KVM drops its translations)
+        unless a fault in flight holds it (then it stays in the swap cache); the next
+        access brings the same contents back."""
+        hva = self.base + page * PAGE
+        before = translation_snapshot(self.mmu)
+        outcome = self.host.reclaim(hva)
+        self.log(f"reclaim host page {page} -> {outcome.value}")
+        if outcome is Reclaim.SKIPPED:
+            return  # nothing mapped, or the zero page: nothing was asked
+        young = outcome is Reclaim.REFERENCED
+        if young:
+            self._judge(check_aging_keeps_translations(before, translation_snapshot(self.mmu)))
+        self._judge(self.aging.on_age(hva, True, young))
+        if not young:
+            self.aging.on_invalidate(hva, hva + PAGE)
 
     # -- the guest ----------------------------------------------------------------------------
 

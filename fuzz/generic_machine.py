@@ -149,6 +149,10 @@ class GenericMachine(RuleBasedStateMachine):
     def age(self, page: int, flush: bool) -> None:
         self._do("age", page, flush)
 
+    @rule(page=HOST_PAGE)
+    def reclaim(self, page: int) -> None:
+        self._do("reclaim", page)
+
     # -- the guest ----------------------------------------------------------------------------
 
     @rule(

@@ -129,6 +129,8 @@ HUGE_KINDS: tuple[Kind, ...] = (
     Kind("toggle_log", (("log", BOOLS),)),
     Kind("harvest"),
     Kind("migrate_page", (("i", HUGE_PAGES),)),
+    # Appended, so that older inputs keep their meaning.
+    Kind("reclaim", (("i", HUGE_PAGES),), True),
 )
 """The ``huge`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.HugeHarness`)."""
 

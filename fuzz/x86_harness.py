@@ -45,6 +45,7 @@ from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
+from kvmspec.reference.host_reclaim import Reclaim
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
@@ -387,6 +388,10 @@ HUGE_PAGES = tuple(range(512))
 """The 4K pages of the 2M guest page; :meth:`HugeHarness.is_data_page` says which hold data."""
 HUGE_PML4S = (PML4_A, PML4_B, PML4_C)
 TABLES_IN_THE_HUGE_PAGE = (PD_B, PD_C)
+RECLAIMED = (Reclaim.REFERENCED, Reclaim.SWAPPED_OUT, Reclaim.SKIPPED)
+"""What reclaim may do with a page of the 2M guest page: keep it because it was used, swap
+it out, or skip it (never faulted in). Kept busy or in the swap cache would mean someone,
+KVM say, still holds a reference between guest accesses."""
 
 
 def table_gva(gfn: int) -> int:
@@ -545,6 +550,16 @@ class HugeHarness:
         errno = self.host.migrate_page(self.hva + i * PAGE)
         self.log(f"migrate page {i} -> errno {errno}")
         self._expect(errno == 0, f"migrating page {i}: errno {errno}")
+
+    def reclaim(self, i: int) -> None:
+        """Reclaim picks data page ``i`` of the 2M guest page: kept if it was used since the
+        last look (the guest's use as KVM reports it through aging), else swapped out under
+        a CLEAR invalidation, the whole THP when frame 0 is one, or split first when PTEs
+        map it. Nothing pins the page and no fault holds it, so nothing else may happen;
+        the next access brings the contents back."""
+        outcome = self.host.reclaim(self.hva + i * PAGE)
+        self.log(f"reclaim page {i} -> {outcome.value}")
+        self._expect(outcome in RECLAIMED, f"reclaiming page {i}: {outcome.value}")
 
     def toggle_log(self, log: bool) -> None:
         assert self.set_flags(KVM_MEM_LOG_DIRTY_PAGES if log else 0) == 0

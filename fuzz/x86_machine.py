@@ -209,6 +209,11 @@ class X86Machine(RuleBasedStateMachine):
     def huge_migrate_page(self, i: int) -> None:
         self._do("migrate_page", i)
 
+    @precondition(_huge)
+    @rule(i=HUGE_DATA_PAGE)
+    def huge_reclaim(self, i: int) -> None:
+        self._do("reclaim", i)
+
     # -- the rules, after every step ------------------------------------------------------------
 
     @invariant()

@@ -1,13 +1,18 @@
 """The generic-layer state machine: interleaved memslot updates, faults and host actions on
-the flat MMU keep every rule; and a model whose fault skips the retry check is caught."""
+the flat MMU keep every rule; and a model whose fault skips the retry check is caught.
+Reclaim swaps a guest page out and back, and aging or unmapping bugs under it are caught."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import settings
 
+from kvmspec.fuzz.generic_harness import GenericHarness, RulesBroken
 from kvmspec.fuzz.generic_machine import generic_machine
 from kvmspec.fuzz.profiles import bug_hunt
+from kvmspec.reference.flat_mmu import FlatMmu
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.mmu_notifier import KvmGfnRange
 from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PlatformProfile
 
 
@@ -56,3 +61,58 @@ def test_the_scheduler_refuses_actors_that_cannot_step() -> None:
         scheduler.step("stuck")
     with pytest.raises(AssertionError, match="no actor can run"):
         scheduler.check_progress()
+
+
+# -- reclaim: the host swaps a page out behind the VMM's back ---------------------------------
+
+
+def _reclaim_after_a_guest_store(mmu_class: type[FlatMmu] = FlatMmu) -> GenericHarness:
+    """A guest store to slot 0's first page (the host faults the page in: its own young
+    bit), reclaim looks at it (used), the guest loads it through KVM's translation (only
+    KVM knows), reclaim looks again (used: KVM answers for the guest), and a third time
+    (idle: swapped out)."""
+    harness = GenericHarness(DEFAULT_PROFILE)
+    harness.mmu.__class__ = mmu_class
+    harness.set_up("bitmap", False)
+    harness.guest_access(0, 0, 0, 0x77, 0)
+    harness.reclaim(0)
+    harness.check()
+    harness.guest_access(0, 0, 0, 0, 0)
+    for _ in range(2):
+        harness.reclaim(0)
+    return harness
+
+
+def test_reclaim_swaps_a_used_page_only_on_the_second_look_and_the_guest_gets_it_back() -> None:
+    harness = _reclaim_after_a_guest_store()
+    harness.check()
+    assert harness.host.swap and not harness.mmu.ptes
+    harness.guest_access(0, 0, 0, 0, 1)  # a load: the coherence contract wants 0x77
+    harness.check()
+    assert not harness.host.swap
+
+
+class _HidesGuestUse(FlatMmu):
+    """Planted: aging never reports the guest's accesses."""
+
+    def kvm_age_gfn(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        super().kvm_age_gfn(kvm, gfn_range)
+        return False
+
+
+class _IgnoresClear(FlatMmu):
+    """Planted: a CLEAR invalidation (reclaim, migration) leaves the translations alone."""
+
+    def kvm_unmap_gfn_range(self, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("mmu_class", "rule"), [(_HidesGuestUse, "C-AGING"), (_IgnoresClear, "N4")]
+)
+def test_planted_aging_or_unmap_bug_under_reclaim_is_caught(
+    mmu_class: type[FlatMmu], rule: str
+) -> None:
+    harness = _reclaim_after_a_guest_store(mmu_class)
+    with pytest.raises(RulesBroken, match=rule):
+        harness.check()

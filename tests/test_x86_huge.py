@@ -3,12 +3,14 @@
 (X8); seed 002's large SPTE that is write-protected, not dropped, when a page inside it
 becomes a shadowed guest table, its seven-step scenario, and the planted bugs it names;
 and the state machine of kvmspec.fuzz.x86_machine (huge layout): THP collapse and split, LOG
-toggles and 2M guest mappings, every shadow invariant checked after each step."""
+toggles and 2M guest mappings, every shadow invariant checked after each step; reclaim of
+the THP, whole or split, and a fault that keeps its page reference caught by it."""
 
 from __future__ import annotations
 
 import pytest
 
+from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.x86_harness import (
     HPAGE,
     PAGE,
@@ -19,7 +21,7 @@ from kvmspec.fuzz.x86_harness import (
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
-from kvmspec.reference.x86 import guest_access, mmu_spte, page_track
+from kvmspec.reference.x86 import guest_access, mmu_spte, page_track, paging_tmpl
 from kvmspec.reference.x86.guest_access import Outcome
 from kvmspec.reference.x86.lpage import SlotLpageInfo
 from kvmspec.reference.x86.paging import PG_LEVEL_2M, PG_LEVEL_4K
@@ -188,3 +190,47 @@ def test_seed_002_shadowing_that_forgets_disallow_lpage_is_caught(
 # -- the state machine (kvmspec.fuzz.x86_machine, the huge layout) -----------------------------
 
 TestHugeMachine = x86_machine(DEFAULT_PROFILE, ("huge",)).TestCase
+
+
+# -- reclaim of the THP behind the guest's 2 MiB page -----------------------------------------
+
+
+def test_reclaim_swaps_the_whole_thp_out_once_idle_and_the_guest_refaults_it() -> None:
+    """The guest used the THP, so reclaim's first look keeps it (KVM reports the 2M leaf
+    young); the second swaps the whole THP out under one CLEAR invalidation (the 2M leaf
+    goes); the guest's next load swaps its page back in and gets what it stored."""
+    vm = HugeHarness()
+    assert vm.write(20 * PAGE, b"keep").outcome is Outcome.DONE
+    vm.reclaim(20)
+    assert not vm.host.swap and vm.leaf(0, 20 * PAGE) is not None
+    vm.reclaim(20)
+    assert len(vm.host.swap) == 512 and vm.leaf(0, 20 * PAGE) is None
+    vm.check()
+    vm.guest_read(0, 20, 0)
+    vm.check()
+    assert vm.read(20 * PAGE).data[:4] == b"keep"
+
+
+def test_reclaim_of_a_split_thp_splits_the_folio_first() -> None:
+    vm = HugeHarness()
+    assert vm.write(20 * PAGE, b"keep").outcome is Outcome.DONE
+    assert vm.host.split_huge_pmd(vm.hva)
+    for _ in range(2):
+        vm.reclaim(20)
+    assert list(vm.host.swap) == [vm.hva + 20 * PAGE]
+    vm.guest_read(1, 20, 0)
+    vm.check()
+
+
+def test_planted_fault_that_keeps_its_page_reference_is_caught_by_reclaim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Planted: the shadow MMU's fault never drops the reference it took on the page; a
+    page KVM holds cannot be swapped out, and the harness says so."""
+    monkeypatch.setattr(paging_tmpl, "kvm_release_faultin_page", lambda *args, **kw: None)
+    vm = HugeHarness()
+    assert vm.write(20 * PAGE, b"keep").outcome is Outcome.DONE
+    vm.reclaim(20)
+    vm.reclaim(20)
+    with pytest.raises(RulesBroken, match="reclaiming page 20: busy"):
+        vm.check()
