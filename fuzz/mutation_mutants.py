@@ -35,9 +35,19 @@ from mutmut.file_mutation import (  # type: ignore[import-untyped]
 from mutmut.trampoline_templates import mangle_function_name  # type: ignore[import-untyped]
 
 FOLDERS = ("generic", "x86", "arm64", "ppc")
-LABEL_CALLS = {"Preempt": (0,), "WaitUntil": (0,), "warn_on": (1, 2)}
-"""Calls whose arguments at these positions are only labels or messages (``warn_on``'s rule
-and message: a WARN never fires on the reference, so their text is never seen)."""
+LABEL_CALLS = {
+    "Preempt": (0,),
+    "WaitUntil": (0,),
+    "synchronize": (0,),
+    "warn_on": (1, 2),
+    "Mutex": (0,),
+    "RwLock": (0,),
+    "Srcu": (0,),
+    "Rcu": (0,),
+}
+"""Calls whose arguments at these positions are only labels or messages: a scheduling point's
+name (an SRCU or RCU grace period's too), a lock's name (only ever shown in those), and a
+WARN's rule and message (a WARN never fires on the reference, so their text is never seen)."""
 
 
 def reference_dir() -> Path:
