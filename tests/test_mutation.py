@@ -6,6 +6,8 @@ No test measures a sample: that is ``make mutation``."""
 from __future__ import annotations
 
 import functools
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,31 @@ def test_bad_input_is_one_line_and_status_2(
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1
+
+
+def test_reclassify_reads_a_report_and_applies_todays_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mutant = _find(
+        "kvmspec.reference.kvm_main",
+        "x_kvm_invalidate_memslot",
+        'Preempt("invalidate: mappings dropped',
+        'Preempt("XXinvalidate: mappings dropped',
+    )
+    survivor = Outcome(mutant.key, mutant.name, "generic", [], "survived", "undetected")
+    report = tmp_path / "report.json"
+    report.write_text(
+        json.dumps(
+            {
+                "settings": {"seed": "1", "budget": "10"},
+                "population": 1,
+                "elapsed_seconds": 1.0,
+                "left_out_areas": {},
+                "mutants": [asdict(survivor)],  # written before the label rule existed
+            }
+        )
+    )
+    assert mutation.main(["--reclassify", "--report", str(report)]) == 1  # 0% < 90%
+    (entry,) = json.loads(report.read_text())["mutants"]
+    assert (entry["verdict"], entry["auto"][:5]) == ("equivalent", "label")
+    assert "Mutation score: 0.0%" in capsys.readouterr().out
