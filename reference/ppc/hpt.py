@@ -262,7 +262,7 @@ class Segment:
 def hpt_hash(hpt: KvmHptInfo, segment: Segment, ea: int) -> int:
     """The primary group of effective address ``ea``: the VSID XOR the page number in the
     segment, modulo the group count (a 1 TiB VSID is folded with itself first). The
-    secondary group is this one XOR the mask.
+    secondary group is :func:`hpt_secondary_hash` of this one.
 
     kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_hv_find_lock_hpte (v6.18)
     """
@@ -270,6 +270,16 @@ def hpt_hash(hpt: KvmHptInfo, segment: Segment, ea: int) -> int:
     if segment.segment_1t:
         vsid ^= vsid << 25
     return (vsid ^ ((ea & segment.somask) >> segment.base_shift)) & hpt.mask
+
+
+def hpt_secondary_hash(hpt: KvmHptInfo, group: int) -> int:
+    """The other group an address may sit in: every bit of ``group`` under the mask
+    flipped. The two groups are each other's complement within the table, so they are
+    never the same group, and either one gives back the other.
+
+    kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_hv_find_lock_hpte (v6.18)
+    """
+    return group ^ hpt.mask
 
 
 def hpte_encode_v(segment: Segment, ea: int) -> int:
@@ -305,7 +315,7 @@ def kvmppc_hv_find_lock_hpte(
     for secondary in (False, True):
         if secondary:
             want |= HPTE_V_SECONDARY
-            group ^= hpt.mask
+            group = hpt_secondary_hash(hpt, group)
         for index in range(group * HPTES_PER_GROUP, (group + 1) * HPTES_PER_GROUP):
             v = hpt.v(index) & ~HPTE_V_HVLOCK
             if not v & valid or (v & compare) != want:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from errno import E2BIG, EINVAL, ENOENT, ENXIO
 
 from kvmspec.spec.dbc import checked
-from kvmspec.spec.platforms import PlatformProfile
+from kvmspec.spec.platforms import ARM64, X86_64, PlatformProfile
 from kvmspec.spec.uapi.constants import (
     KVM_DIRTY_GFN_ENTRY_SIZE,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
@@ -97,6 +97,50 @@ def clear_dirty_log_errno(
     if num_pages < slot_npages - first_page and num_pages % BITS_PER_LONG:
         return EINVAL
     return 0
+
+
+def _slot_ok(x86: bool, slot: int) -> bool:
+    """Does the u32 ``slot`` name a user slot of an address space the VM has? x86 has two
+    address spaces (SMM is the second) and 32764 user slots, arm64 one and 32767 (SHRT_MAX)."""
+    as_id, slot_id = slot >> 16, slot & 0xFFFF
+    return as_id < (2 if x86 else 1) and slot_id < (32764 if x86 else 32767)
+
+
+def _fits(first_page: int, num_pages: int, npages: int) -> bool:
+    """Does the range start on a 64-page boundary, end inside a slot of ``npages`` pages,
+    and cover whole 64-page bitmap words except where it ends at the slot's end?"""
+    end = first_page + num_pages
+    return first_page % 64 == 0 and end <= npages and (num_pages % 64 == 0 or end == npages)
+
+
+@checked
+def clear_dirty_log_for_crosshair(
+    x86: bool, uses_bitmap: bool, slot: int, npages: int, first_page: int, num_pages: int
+) -> int:
+    """:func:`clear_dirty_log_errno` with plain arguments, for CrossHair to explore, on x86
+    or arm64; ``npages`` is the slot's size, 0 for a slot missing or not dirty-logged.
+
+    The postconditions are the rule as userspace meets it, in the kernel's order: ENXIO for
+    a VM without bitmaps comes before everything; a bad slot number and a first page off a
+    64-page boundary (EINVAL) come before the slot lookup (ENOENT), which comes before the
+    range check. An accepted range lies inside the slot (so every bitmap word it clears is
+    the slot's) in whole words except at the slot's end. Each errno is given only for its
+    own reasons, so together the lines fix the answer for every input.
+
+    pre: 0 <= slot <= 0xFFFFFFFF and 0 <= num_pages <= 0xFFFFFFFF
+    pre: 0 <= first_page < 2**64 and 0 <= npages < 2**31
+    post: __return__ in (0, ENXIO, EINVAL, ENOENT)
+    post: (__return__ == ENXIO) == (not uses_bitmap)
+    post: not uses_bitmap or _slot_ok(x86, slot) or __return__ == EINVAL
+    post: not uses_bitmap or first_page % 64 == 0 or __return__ == EINVAL
+    post: __return__ != ENOENT or (npages == 0 and first_page % 64 == 0)
+    post: __return__ != 0 or (npages > 0 and _fits(first_page, num_pages, npages))
+    post: __return__ != EINVAL or not (_slot_ok(x86, slot) and _fits(first_page, num_pages, npages))
+
+    kernel: virt/kvm/kvm_main.c:kvm_clear_dirty_log_protect (v6.18)
+    """
+    profile = X86_64 if x86 else ARM64
+    return clear_dirty_log_errno(profile, uses_bitmap, slot, npages or None, first_page, num_pages)
 
 
 def enable_manual_dirty_log_protect_errno(profile: PlatformProfile, flags: int, arg0: int) -> int:
