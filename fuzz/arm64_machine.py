@@ -38,6 +38,7 @@ from kvmspec.fuzz.arm64_harness import (
     DIRTY_MODES,
     DONTNEED_PAGES,
     FRAMES,
+    HPAGE,
     KINDS,
     OFFSETS,
     ORDER_STEPS,
@@ -46,10 +47,12 @@ from kvmspec.fuzz.arm64_harness import (
     READ_KINDS,
     SHIFTED_PLACES,
     SLOT_IDS,
+    THP_SLOT,
     UNBACKED,
     VCPUS,
     Arm64Harness,
 )
+from kvmspec.fuzz.arm64_harness import PAGE as PAGE_SIZE
 from kvmspec.fuzz.harness_fuzzing import Step
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.spec.platforms import ARM64, PlatformProfile
@@ -147,6 +150,26 @@ class Arm64Machine(RuleBasedStateMachine):
     )
     def thp(self, slot: int, frame: int, collapse: bool) -> None:
         self._do("thp", slot, frame, collapse)
+
+    @rule(vcpu=VCPU, frame=st.sampled_from(FRAMES), byte=BYTE)
+    def block_then_toggle_log(self, vcpu: int, frame: int, byte: int) -> None:
+        """Four actions in a row that the rules above rarely line up by chance: the guest
+        stores to a 2 MiB frame of slot 0, the host collapses the frame into a THP, the
+        guest loads from it (a stage-2 block maps it now), and dirty logging is switched
+        (on: the block is write-protected and, with a split chunk, split eagerly; off: the
+        next fault may map a block again). Every rule is checked after each of them."""
+        # The first and the last page of the frame that the decoder can name (PAGES).
+        pages = [p for p in PAGES if p * PAGE_SIZE // HPAGE == frame]
+        stored, loaded = pages[0], pages[-1]
+        steps: tuple[tuple[str, tuple[Argument, ...]], ...] = (
+            ("guest_store", (vcpu, THP_SLOT, stored, byte)),
+            ("thp", (THP_SLOT, frame, True)),
+            ("guest_read", (vcpu, THP_SLOT, loaded, 0, "load")),
+            ("toggle_log", (THP_SLOT,)),
+        )
+        for method, args in steps:
+            self._do(method, *args)
+            self.vm.check()
 
     @rule(slot=SLOT, page=PAGE, how=st.sampled_from(AGING))
     def age(self, slot: int, page: int, how: str) -> None:

@@ -33,7 +33,8 @@ from kvmspec.fuzz.arm64_harness import (
 from kvmspec.fuzz.arm64_machine import arm64_machine
 from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.fuzz.seed_bugs import EmptiedFlushShadowAll
-from kvmspec.reference.arm64 import fault, stage2
+from kvmspec.reference.arm64 import fault, split, stage2
+from kvmspec.reference.arm64.descriptors import KvmPgtableProt
 from kvmspec.reference.arm64.mmu import Arm64Mmu, Arm64MmuLocklessAging
 from kvmspec.reference.arm64.pgtable import KvmPgtableVisitCtx
 from kvmspec.reference.host import PROT_READ
@@ -261,3 +262,20 @@ def test_libfuzzer_runs_fuzz_arm64_on_the_seeds(
     assert "Done 300 runs" in result.stderr
     counted = json.loads(counters.read_text())
     assert counted["executions"] >= 1 and counted["actions"] >= 1
+
+
+def test_the_machine_finds_an_eager_split_that_loses_write_protection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Planted bug: eager splitting rebuilds a write-protected block as writable pages. The
+    machine maps a block, switches logging on with a split chunk, and the guest's stores go
+    unlogged: the dirty log misses them (or a writable leaf of a logged slot is seen)."""
+
+    def writable_prot(pte: int) -> KvmPgtableProt:
+        return stage2.kvm_pgtable_stage2_pte_prot(pte) | KvmPgtableProt.W
+
+    monkeypatch.setattr(split, "kvm_pgtable_stage2_pte_prot", writable_prot)
+    machine = arm64_machine(mmu_classes=(Arm64Mmu,))
+    machine.TestCase.settings = bug_hunt(1000)
+    with pytest.raises(AssertionError, match=r"D1|C-DIRTY"):
+        machine.TestCase().runTest()
