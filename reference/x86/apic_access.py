@@ -75,36 +75,28 @@ def apic_access_page_slot(kvm: Kvm) -> int:
 def __x86_set_memory_region(
     kvm: Kvm, host: HostMm, slot_id: int, gpa: int, size: int
 ) -> tuple[int, int]:
-    """Create (``size`` > 0) or delete (``size`` 0) private slot ``slot_id`` in every
-    address space: (errno, hva). A new slot gets fresh memory mapped into the VMM,
-    MAP_SHARED | MAP_ANONYMOUS (a shmem file nobody else opens, so a fork's copy-on-write
-    never gives the VMM a different page than KVM's). Nothing is faulted in and nothing
-    pinned: the pages come on first use and may move. Creating a slot that exists is EEXIST;
-    deleting one that does not is a no-op. A delete unmaps the memory after the slots go.
+    """Create private slot ``slot_id`` in every address space: (errno, hva). The slot gets
+    fresh memory mapped into the VMM, MAP_SHARED | MAP_ANONYMOUS (a shmem file nobody else
+    opens, so a fork's copy-on-write never gives the VMM a different page than KVM's).
+    Nothing is faulted in and nothing pinned: the pages come on first use and may move.
+    Creating a slot that exists is EEXIST. (The kernel also deletes the slots this way when
+    the VM is destroyed, which the model does not do.)
 
     kernel: arch/x86/kvm/x86.c:__x86_set_memory_region (v6.18)
     """
     slot = kvm.memslots(0).id_to_memslot(slot_id)
-    if size:
-        if slot is not None and slot.npages:
-            return EEXIST, 0
-        shmem = MemFile(f"kvm private slot {slot_id}", size)
-        errno, hva = host.mmap(size, PROT_READ | PROT_WRITE, backing=shmem)
-        if errno:
-            return errno, 0
-        old_npages = 0
-    else:
-        if slot is None or not slot.npages:
-            return 0, 0
-        old_npages, hva = slot.npages, slot.userspace_addr
+    if slot is not None and slot.npages:
+        return EEXIST, 0
+    shmem = MemFile(f"kvm private slot {slot_id}", size)
+    errno, hva = host.mmap(size, PROT_READ | PROT_WRITE, backing=shmem)
+    if errno:
+        return errno, 0
     for as_id in range(kvm.profile.nr_address_spaces):
         errno = run_to_completion(
             kvm_main.kvm_set_internal_memslot(kvm, slot_id | as_id << 16, gpa, size, hva)
         )
         if errno:
             return errno, 0
-    if old_npages:
-        host.munmap(hva, old_npages * PAGE_SIZE)
     return 0, hva
 
 
