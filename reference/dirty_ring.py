@@ -75,6 +75,14 @@ class KvmDirtyRing:
         """kernel: virt/kvm/dirty_ring.c:kvm_dirty_ring_used (v6.18)"""
         return kvm_dirty_ring_used(self.dirty_index, self.reset_index)
 
+    def places_in_use(self) -> list[int]:
+        """The places of the entries pushed and not yet reset, oldest first: the places
+        the kernel visits going from reset_index to dirty_index, across the u32 wrap too."""
+        return [
+            kvm_dirty_ring_slot((self.reset_index + n) & U32_MAX, self.size)
+            for n in range(self.used())
+        ]
+
     def soft_full(self) -> bool:
         """The vCPU must exit to userspace before entering the guest again."""
         return self.used() >= self.soft_limit
@@ -96,8 +104,8 @@ class KvmDirtyRing:
         not taken yet and flag it RESET for the next KVM_RESET_DIRTY_RINGS. Returns copies
         of the entries taken, in ring order."""
         taken = []
-        for n in range(self.used()):
-            entry = self.entries[kvm_dirty_ring_slot((self.reset_index + n) & U32_MAX, self.size)]
+        for place in self.places_in_use():
+            entry = self.entries[place]
             if not entry.flags & KVM_DIRTY_GFN_F_RESET:
                 entry.flags |= KVM_DIRTY_GFN_F_RESET
                 taken.append(KvmDirtyGfn(entry.flags, entry.slot, entry.offset))

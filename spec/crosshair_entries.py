@@ -27,11 +27,7 @@ from kvmspec.reference import dirty_ring
 from kvmspec.reference.arm64 import descriptors
 from kvmspec.reference.ppc import hpt, hpte, resize
 from kvmspec.spec.dbc import checked
-from kvmspec.spec.uapi.constants import (
-    KVM_DIRTY_GFN_F_RESET,
-    KVM_DIRTY_RING_RSVD_ENTRIES,
-    U32_MAX,
-)
+from kvmspec.spec.uapi.constants import KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_RING_RSVD_ENTRIES
 
 # -- the dirty ring (D7, D9) ----------------------------------------------------------------
 
@@ -39,7 +35,7 @@ from kvmspec.spec.uapi.constants import (
 class RingAfterReset(NamedTuple):
     """What a ring looks like after KVM_RESET_DIRTY_RINGS: how many entries it consumed and
     their offsets (in the order it consumed them), both indexes, how many entries are still
-    in use, and the places in the ring where they sit."""
+    in use and the places they sit at, and the places that hold an entry at all."""
 
     reset: int
     offsets: tuple[int, ...]
@@ -47,6 +43,7 @@ class RingAfterReset(NamedTuple):
     reset_index: int
     used: int
     places: tuple[int, ...]
+    stored: tuple[int, ...]
 
 
 @checked
@@ -61,8 +58,9 @@ def dirty_ring_reset_for_crosshair(
 
     The reset consumes exactly the harvested entries at the front of the ring, in ring
     order, and stops at the first one userspace has not flagged (D9); the indexes advance by
-    what was pushed and what was consumed, modulo 2^32, and every entry sits at a place in
-    the ring (D7). The number of pushes is kept small: each is a path for CrossHair.
+    what was pushed and what was consumed, modulo 2^32, and the ring holds an entry exactly
+    at the places of those in use, all inside the ring (D7). The number of pushes is kept
+    small: each is a path for CrossHair.
 
     pre: 8 <= entries_shift <= 16
     pre: 0 <= start <= 0xFFFFFFFF
@@ -74,8 +72,9 @@ def dirty_ring_reset_for_crosshair(
     post: __return__.dirty_index == (start + pushes) % 2**32
     post: __return__.reset_index == (start + __return__.reset) % 2**32
     post: __return__.used == pushes - __return__.reset
-    post: min(__return__.places, default=0) >= 0
-    post: max(__return__.places, default=0) < 2**entries_shift
+    post: sorted(__return__.places) == list(__return__.stored)
+    post: min(__return__.stored, default=0) >= 0
+    post: max(__return__.stored, default=0) < 2**entries_shift
     """
     size = 1 << entries_shift
     ring = dirty_ring.KvmDirtyRing(size, KVM_DIRTY_RING_RSVD_ENTRIES)
@@ -83,9 +82,8 @@ def dirty_ring_reset_for_crosshair(
     for offset in range(pushes):
         ring.push(0, offset)
     # Userspace writes the RESET flags straight into the ring it mmap()ed.
-    for n in range(pushes):
+    for n, place in enumerate(ring.places_in_use()):
         if harvested >> n & 1:
-            place = dirty_ring.kvm_dirty_ring_slot((start + n) & U32_MAX, size)
             ring.entries[place].flags |= KVM_DIRTY_GFN_F_RESET
     consumed = ring.reset()
     return RingAfterReset(
@@ -94,7 +92,8 @@ def dirty_ring_reset_for_crosshair(
         dirty_index=ring.dirty_index,
         reset_index=ring.reset_index,
         used=ring.used(),
-        places=tuple(sorted(ring.entries)),
+        places=tuple(ring.places_in_use()),
+        stored=tuple(sorted(ring.entries)),
     )
 
 

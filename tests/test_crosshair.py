@@ -63,11 +63,12 @@ only ends a run that has gone wrong."""
 
 
 class Planted(NamedTuple):
-    """A wrong variant of the model: ``find`` (one place in ``module``'s source) becomes
-    ``replace``; then ``entry``'s postcondition containing ``breaks`` must fail, found by
-    ``caught_by`` ("crosshair" or "hypothesis")."""
+    """A wrong variant of the model, ``name``, described by ``what``: ``find`` (one place in
+    ``module``'s source) becomes ``replace``; then ``entry``'s postcondition containing
+    ``breaks`` must fail, found by ``caught_by`` ("crosshair" or "hypothesis")."""
 
     name: str
+    what: str
     module: str
     find: str
     replace: str
@@ -85,6 +86,7 @@ _STAGE2 = "kvmspec.reference.arm64.descriptors"
 
 PLANTED = (
     Planted(
+        "memslot-eexist-for-a-forbidden-change",
         "memslot: a forbidden change to an existing slot answered with EEXIST",
         _MEMSLOT,
         'return _reject(EINVAL, "19 forbidden-change")',
@@ -93,6 +95,7 @@ PLANTED = (
         "__return__.errno != 17 or overlap",
     ),
     Planted(
+        "clear-lookup-before-alignment",
         "CLEAR_DIRTY_LOG: the slot lookup before the alignment check",
         _DIRTY_LOG,
         "    if first_page % BITS_PER_LONG:\n        return EINVAL\n"
@@ -103,6 +106,7 @@ PLANTED = (
         "first_page % 64 == 0 or __return__ == EINVAL",
     ),
     Planted(
+        "clear-one-page-past-the-slot",
         "CLEAR_DIRTY_LOG: a range one page past the slot's end",
         _DIRTY_LOG,
         "num_pages > slot_npages - first_page:",
@@ -111,6 +115,7 @@ PLANTED = (
         "first_page + num_pages <= slot_npages",
     ),
     Planted(
+        "ring-used-without-the-wrap",
         "dirty ring: the used count forgets the u32 wrap",
         _RING,
         "return (dirty_index - reset_index) & U32_MAX",
@@ -119,6 +124,7 @@ PLANTED = (
         "0 <= __return__",
     ),
     Planted(
+        "ring-place-masked-with-size",
         "dirty ring: the place in the ring masks with the size, not size - 1",
         _RING,
         "return index & (size - 1)",
@@ -127,6 +133,7 @@ PLANTED = (
         "0 <= __return__ < size",
     ),
     Planted(
+        "ring-index-stops-at-the-wrap",
         "dirty ring: an index that stops at 2^32 instead of wrapping",
         _RING,
         "self.dirty_index = (self.dirty_index + 1) & U32_MAX",
@@ -135,6 +142,7 @@ PLANTED = (
         "__return__.dirty_index == (start + pushes) % 2**32",
     ),
     Planted(
+        "ring-reset-ignores-the-flag",
         "dirty ring: reset consumes entries userspace did not harvest",
         _RING,
         "if entry is None or not entry.flags & KVM_DIRTY_GFN_F_RESET:",
@@ -143,6 +151,7 @@ PLANTED = (
         "harvested % 2**__return__.reset == 2**__return__.reset - 1",
     ),
     Planted(
+        "hpt-secondary-one-bit-short",
         "HPT: the secondary hash flips one bit too few",
         _HPT,
         "return group ^ hpt.mask",
@@ -151,6 +160,7 @@ PLANTED = (
         "__return__.secondary == ~__return__.primary",
     ),
     Planted(
+        "hpt-hash-without-the-mask",
         "HPT: the hash forgets the table mask",
         _HPT,
         "return (vsid ^ ((ea & segment.somask) >> segment.base_shift)) & hpt.mask",
@@ -160,6 +170,7 @@ PLANTED = (
         caught_by="hypothesis",
     ),
     Planted(
+        "hpt-avpn-without-segment-size",
         "HPT: the AVPN leaves out the segment size, so resize rehashes wrongly",
         _HPT,
         "v = (avpn & HPTE_V_AVPN) | (HPTE_V_1TB_SEG if segment.segment_1t else 0)",
@@ -169,6 +180,7 @@ PLANTED = (
         caught_by="hypothesis",
     ),
     Planted(
+        "stage2-levels-without-concatenation",
         "stage 2: the levels ignore the 16-page PGD concatenation",
         _STAGE2,
         "return (ia_bits - 4 - 4) // (page_shift - 3)",
@@ -177,6 +189,7 @@ PLANTED = (
         "_most_bits(page_shift, __return__.levels - 1) < ia_bits",
     ),
     Planted(
+        "stage2-index-mask-off-by-one",
         "stage 2: the table index masks with ptrs_per_pte, not ptrs_per_pte - 1",
         _STAGE2,
         "return (addr >> self.kvm_granule_shift(level)) & (self.ptrs_per_pte - 1)",
@@ -335,6 +348,13 @@ def test_crosshair_catches_the_planted_bug(
     assert found[0]["state"] == "post_fail", found[0]
 
 
+def test_every_entry_meets_a_bug_crosshair_must_catch() -> None:
+    """No entry's check passes only because CrossHair never reaches its postconditions:
+    each has a planted bug that CrossHair itself must find."""
+    caught = {planted.entry for planted in PLANTED if planted.caught_by == "crosshair"}
+    assert set(ENTRIES) <= caught, set(ENTRIES) - caught
+
+
 # -- the same contracts on drawn inputs (Hypothesis) ----------------------------------------
 
 
@@ -465,4 +485,5 @@ def test_hypothesis_catches_the_planted_bug(planted_in_process: Planted) -> None
 
 
 if __name__ == "__main__":
+    os.environ["KVMSPEC_CONTRACTS"] = "off"  # before the model is imported
     _child(sys.argv[1])
