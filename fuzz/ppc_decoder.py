@@ -44,6 +44,7 @@ from kvmspec.fuzz.ppc_harness import (
     EAS,
     GFN_INDEXES,
     GFNS,
+    INVALID_HCALLS,
     MMIO_GFN,
     MOVED_GFN,
     ORDERS,
@@ -208,6 +209,9 @@ KINDS: tuple[Kind, ...] = (
         (("move", BOOLS), ("ea_i", EA_INDEXES), ("reenter_gfn_i", GFN_INDEXES)),
         _slot1,
     ),
+    # Appended, so that older inputs keep their meaning.
+    Kind("h_invalid", (("call", INVALID_HCALLS),)),
+    Kind("h_bulk_remove_cond", (("ea_i", EA_INDEXES), ("how", REMOVE_HOWS))),
 )
 """What one answer chooses between. An action's arguments follow its kind's answer."""
 
@@ -344,6 +348,16 @@ SEED_SCENARIOS: dict[str, tuple[Step, ...]] = {
         ("guest_access_racing", (0, 0, True, 1, "resize")),
         ("resize_commit", (20,)),
         ("h_read", (0, True)),
+    ),
+    "conditional-and-invalid-hcalls": (
+        ("h_enter", (0, _gfn(0), RW, True, False, FIRST_FREE)),
+        ("h_enter", (1, _gfn(1), RW, False, False, FIRST_FREE)),
+        ("guest_access", (0, 0, True)),
+        ("h_bulk_remove_cond", (0, H_ANDCOND)),
+        ("h_bulk_remove_cond", (1, H_AVPN)),
+        ("h_bulk_remove_cond", (0, 0)),
+        ("h_bulk_remove_cond", (2, 0)),
+        *(("h_invalid", (call,)) for call in INVALID_HCALLS),
     ),
 }
 """Seed inputs: each becomes ``corpus/seeds/ppc/<name>.bin``."""

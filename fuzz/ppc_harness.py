@@ -51,10 +51,14 @@ from kvmspec.reference.ppc.fault import (
 from kvmspec.reference.ppc.hcalls import (
     H_ANDCOND,
     H_AVPN,
+    H_BULK_REMOVE_ANDCOND,
+    H_BULK_REMOVE_AVPN,
     H_BULK_REMOVE_END,
+    H_BULK_REMOVE_NOT_FOUND,
     H_BULK_REMOVE_REQUEST,
     H_EXACT,
     H_NOT_FOUND,
+    H_PARAMETER,
     H_PTEG_FULL,
     H_READ_4,
     H_SUCCESS,
@@ -74,6 +78,7 @@ from kvmspec.reference.ppc.hpte import (
     HPTE_R_R,
     HPTE_V_ABSENT,
     HPTE_V_BOLTED,
+    HPTE_V_LARGE,
     HPTE_V_SECONDARY,
     HPTE_V_VALID,
     PP_RWXX,
@@ -123,6 +128,21 @@ KNOWN_KERNEL_FINDINGS = (f"P7: {STALE_MMIO_CACHE}",)
 """Kernel behaviour the checks report and a fuzzing run may be told to let pass: the MMIO
 cache keeps entries the HPT no longer holds (tests/test_ppc_fault.py shows how)."""
 RACERS = ("dontneed", "h_remove", "delete_slot1", "resize")
+INVALID_HCALLS = (
+    "enter_index",
+    "enter_page_size",
+    "enter_16m_page",
+    "remove_index",
+    "bulk_request",
+    "bulk_index",
+    "protect_index",
+    "read_index",
+    "clear_ref_index",
+    "clear_mod_index",
+)
+"""Hypercalls with an argument out of range: an entry index past the HPT, a page size
+encoding KVM does not support, a 16 MiB page that no slot (of four 64 KiB pages) can back,
+an H_BULK_REMOVE request of an unknown type or past the HPT."""
 """What runs while an access is paused: a host invalidation of its page, the guest
 removing the entry, a DELETE of slot 1 or an HPT resize commit (to order 20)."""
 
@@ -364,6 +384,31 @@ class PpcHarness:
             )
             del self.entered[index]
 
+    def h_bulk_remove_cond(self, ea_i: int, how: int) -> None:
+        """H_BULK_REMOVE of one request, for the guest's entry for EAS[ea_i] (or a free slot
+        of its group), with H_REMOVE's condition ``how`` as a bulk condition (absolute,
+        AVPN naming its AVPN, ANDCOND on BOLTED): found exactly when that H_REMOVE would
+        remove it."""
+        ea = EAS[ea_i]
+        index = self.index_of(ea)
+        target = index if index is not None else self._group(ea) * HPTES_PER_GROUP + 7
+        entry = self.entered.get(target)
+        condition = {0: 0, H_AVPN: H_BULK_REMOVE_AVPN, H_ANDCOND: H_BULK_REMOVE_ANDCOND}[how]
+        argument = {0: 0, H_AVPN: entry.v & ~0x7F if entry else 0, H_ANDCOND: HPTE_V_BOLTED}
+        request = H_BULK_REMOVE_REQUEST | condition | target
+        status, out = kvmppc_h_bulk_remove(
+            self.kvm, [request, argument[how]] + [H_BULK_REMOVE_END, 0] * 3
+        )
+        found = not out[0] & H_BULK_REMOVE_NOT_FOUND
+        self.log(f"H_BULK_REMOVE {target:#x} how {how:#x}: {status}, {out[0]:#x}")
+        removes = entry is not None and not (how == H_ANDCOND and entry.v & HPTE_V_BOLTED)
+        self._expect(
+            status == H_SUCCESS and found == removes,
+            f"H_BULK_REMOVE {target:#x} how {how:#x}: {out[0]:#x}, the guest entered {entry}",
+        )
+        if removes:
+            del self.entered[target]
+
     def h_protect(self, ea_i: int, writable: bool) -> None:
         """H_PROTECT of the guest's entry for EAS[ea_i] to read-write or read-only. A valid
         read-only entry stays read-only in hardware (P8)."""
@@ -398,6 +443,44 @@ class PpcHarness:
             status == H_SUCCESS and gr & ~(HPTE_R_R | HPTE_R_C) == self.entered[index].r,
             f"H_CLEAR_{'MOD' if mod else 'REF'} {index:#x}: ({status}, {gr:#x})",
         )
+
+    def h_invalid(self, call: str) -> None:
+        """One of :data:`INVALID_HCALLS`: H_PARAMETER, and the HPT (every entry and the
+        guest's view of it) exactly as it was."""
+        hpt = self.mmu.hpt
+        before = self._hpt_snapshot()
+        past = hpt.npte
+        ea, gfn = EAS[0], GFNS[0]
+        v, r = hpte_encode_v(SEGMENT, ea), ram_r(gfn, PP_RWXX, ea)
+        group = self._group(ea) * HPTES_PER_GROUP
+        status: int
+        if call.startswith("enter"):
+            if call == "enter_page_size":
+                v, r = v | HPTE_V_LARGE, r | 0xF << 12  # LP 0xF: no such size
+            elif call == "enter_16m_page":
+                v, r = v | HPTE_V_LARGE, r & ~0xFF000  # LP 0: 16 MiB
+            index = past if call == "enter_index" else group
+            status, _ = run_to_completion(kvmppc_do_h_enter(self.kvm, self.host, 0, index, v, r))
+        elif call.startswith("bulk"):
+            request = H_BULK_REMOVE_REQUEST | past if call == "bulk_index" else 2 << 62
+            status, _ = kvmppc_h_bulk_remove(self.kvm, [request, 0] + [H_BULK_REMOVE_END, 0] * 3)
+        elif call == "remove_index":
+            status = kvmppc_do_h_remove(self.kvm, 0, past, 0)[0]
+        elif call == "protect_index":
+            status = kvmppc_h_protect(self.kvm, PP_RWXX, past, 0)
+        elif call == "read_index":
+            status = kvmppc_h_read(self.kvm, 0, past)[0]
+        else:
+            clear = kvmppc_h_clear_mod if call == "clear_mod_index" else kvmppc_h_clear_ref
+            status = clear(self.kvm, 0, past)[0]
+        self.log(f"{call}: {status}")
+        self._expect(status == H_PARAMETER, f"{call}: {status}, not H_PARAMETER")
+        self._expect(self._hpt_snapshot() == before, f"{call} changed the HPT")
+
+    def _hpt_snapshot(self) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
+        hpt = self.mmu.hpt
+        entries = {index: (hpt.v(index), hpt.r(index)) for index in sorted(hpt.hptes)}
+        return entries, {index: rev.guest_rpte for index, rev in sorted(hpt.rev.items())}
 
     # -- guest accesses -----------------------------------------------------------------------
 

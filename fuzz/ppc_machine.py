@@ -24,6 +24,7 @@ from kvmspec.fuzz.ppc_harness import (
     BOOLS,
     EA_INDEXES,
     GFN_INDEXES,
+    INVALID_HCALLS,
     KNOWN_KERNEL_FINDINGS,
     ORDERS,
     RACE_STEPS,
@@ -102,6 +103,14 @@ class PpcMachine(RuleBasedStateMachine):
         self._do("h_clear_ref_or_mod", ea, mod)
 
     # -- guest accesses -----------------------------------------------------------------------
+
+    @rule(ea=EA, how=st.sampled_from(REMOVE_HOWS))
+    def h_bulk_remove_cond(self, ea: int, how: int) -> None:
+        self._do("h_bulk_remove_cond", ea, how)
+
+    @rule(call=st.sampled_from(INVALID_HCALLS))
+    def h_invalid(self, call: str) -> None:
+        self._do("h_invalid", call)
 
     @rule(vcpu=VCPU, ea=EA, write=BOOL)
     def guest_access(self, vcpu: int, ea: int, write: bool) -> None:
