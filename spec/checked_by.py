@@ -50,6 +50,10 @@ RADIX = (
     "POWER radix checks of spec/invariants/ppc_radix.py (check_radix: {}), after every step of"
     " kvmspec.fuzz.radix_machine (the campaign's ppc64-hv-radix area)"
 )
+CROSSHAIR = (
+    "CrossHair over the pure contract {} (make crosshair; bounded, with planted bugs, in"
+    " tests/test_crosshair.py)"
+)
 _MEMSLOTS = "tests/test_reference_memslots.py::"
 _X86_SHADOW = "tests/test_x86_shadow_mmu.py::"
 _X86_HUGE = "tests/test_x86_huge.py::"
@@ -81,7 +85,7 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "C-MEMSLOT-ORDER": (MEMSLOT_CONTRACT,),
     "C-MEMSLOT-EEXIST": (MEMSLOT_CONTRACT,),
     "C-GMEM-IMMUTABLE": (MEMSLOT_CONTRACT,),
-    "C-DIRTY-API": (MEMSLOT_CONTRACT,),
+    "C-DIRTY-API": (MEMSLOT_CONTRACT, CROSSHAIR.format("clear_dirty_log_for_crosshair")),
     "C-DIRTY-RING-ENABLE": (MEMSLOT_CONTRACT,),
     "C-COHERENCE": (MEMORY_CONTRACT,),
     "C-MMIO": (MEMORY_CONTRACT,),
@@ -97,6 +101,15 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "D11": (DIRTY_CONTRACT,),
     **{rule_id: (MONITOR,) for rule_id in CHECKED_RULES},
     **{rule_id: (f"scenario test `{test}`",) for rule_id, test in SCENARIO_TESTS.items()},
+    "D7": (
+        MONITOR,
+        CROSSHAIR.format("dirty_ring_reset_for_crosshair: entries only where the ring is live"),
+        _scenario(_MEMSLOTS, "test_the_ring_checks_follow_the_u32_wrap"),
+    ),
+    "D9": (
+        f"scenario test `{SCENARIO_TESTS['D9']}`",
+        CROSSHAIR.format("dirty_ring_reset_for_crosshair: reset consumes the harvested prefix"),
+    ),
     # Monitor rules with a planted bug of their own (the monitor's check cannot pass vacuously).
     "S003-ACTIVE-IMMUTABLE": (
         MONITOR,
@@ -451,6 +464,7 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "P10": (
         "check_hpt_resize of spec/invariants/ppc.py after every resize commit of the POWER"
         " harness, and each bolted entry found again at its new hash",
+        CROSSHAIR.format("hpt_placement_for_crosshair: an entry's groups and its rehash"),
         _scenario(_PPC_FAULT, "test_resize_keeps_exactly_the_bolted_entries"),
         _scenario(_PPC_FAULT, "test_a_resize_that_keeps_a_non_bolted_entry_is_caught"),
         _scenario(_PPC_FAULT, "test_a_resize_that_drops_a_bolted_entry_is_caught"),

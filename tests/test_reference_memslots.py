@@ -20,13 +20,19 @@ from kvmspec.reference.concurrency import (
     run_to_completion,
 )
 from kvmspec.reference.dirty_bitmap import DirtyBitmap
-from kvmspec.reference.dirty_ring import KvmDirtyRing
+from kvmspec.reference.dirty_ring import KvmDirtyGfn, KvmDirtyRing, kvm_dirty_ring_slot
 from kvmspec.reference.hva_index import HvaIndex
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot, kvm_copy_memslot
+from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
 from kvmspec.spec.invariants.memslots import InvariantMonitor
 from kvmspec.spec.platforms import DEFAULT_PROFILE, X86_64
-from kvmspec.spec.uapi.constants import KVM_DIRTY_GFN_F_RESET, KVM_MEM_LOG_DIRTY_PAGES
+from kvmspec.spec.uapi.constants import (
+    KVM_DIRTY_GFN_ENTRY_SIZE,
+    KVM_DIRTY_GFN_F_DIRTY,
+    KVM_DIRTY_GFN_F_RESET,
+    KVM_MEM_LOG_DIRTY_PAGES,
+)
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 HVA = 0x7F00_0000_0000
@@ -223,6 +229,23 @@ def test_ring_reset_consumes_only_the_harvested_prefix() -> None:
     assert [entry.offset for entry in consumed] == [0, 1]
     assert ring.used() == 3 and ring.reset_index == 2
     assert not ring.soft_full()
+
+
+def test_the_ring_checks_follow_the_u32_wrap() -> None:
+    """D7 across the wrap of the u32 indexes: entries pushed on both sides of 2^32 are live
+    (not "stale"), and a stale one is still caught there."""
+    kvm, monitor = monitored_vm()
+    kvm.dirty_ring_size = 8 * KVM_DIRTY_GFN_ENTRY_SIZE
+    assert kvm_vm_ioctl_create_vcpu(kvm, 0) == 0
+    ring = kvm.vcpus[0].dirty_ring
+    assert ring is not None
+    ring.dirty_index = ring.reset_index = (1 << 32) - 2
+    for offset in range(4):
+        ring.push(0, offset)
+    assert ring.dirty_index == 2 and ring.used() == 4
+    assert not [v for v in monitor.check() if v.rule == "D7"]
+    ring.entries[kvm_dirty_ring_slot(5, ring.size)] = KvmDirtyGfn(KVM_DIRTY_GFN_F_DIRTY, 0, 9)
+    assert [v.rule for v in monitor.check() if v.rule == "D7"] == ["D7"]
 
 
 @given(

@@ -24,8 +24,8 @@ def _ring_entries(kvm: Kvm) -> set[tuple[int, int]]:
         ring = vcpu.dirty_ring
         if ring is None:
             continue
-        for index in range(ring.reset_index, ring.dirty_index):
-            entry = ring.entries[index % ring.size]
+        for place in ring.places_in_use():
+            entry = ring.entries[place]
             entries.add((entry.slot, entry.offset))
     return entries
 

@@ -136,7 +136,7 @@ def check_d7_rings(kvm: Kvm, sets: Sets) -> Iterator[Violation]:
         used = ring.used()
         if not 0 <= used <= ring.size:
             yield Violation("D7", f"vcpu {vcpu.vcpu_id}: {used} entries used of {ring.size}")
-        live = {index % ring.size for index in range(ring.reset_index, ring.dirty_index)}
+        live = set(ring.places_in_use())  # the u32 indexes may have wrapped
         for position, entry in ring.entries.items():
             if position not in live:
                 yield Violation("D7", f"vcpu {vcpu.vcpu_id}: stale entry at {position}")
