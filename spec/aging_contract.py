@@ -11,7 +11,9 @@ The kernel is best-effort in two documented places, and the contract is loose ex
 * clear_young (the multi-gen LRU's walk) clears accessed bits without flushing TLBs, so a
   translation still cached in a TLB can be used again without setting any bit. After such an
   aging, the page's guest accesses are not judged until the host invalidates the page
-  (MADV_DONTNEED, mprotect, migration, munmap), which removes every translation of it;
+  (MADV_DONTNEED, mprotect, migration, munmap), which removes every translation of it. The
+  same holds after clear_flush_young found a page old: it flushes only what it found young,
+  so a TLB entry left by an earlier clear without a flush survives it too;
 * when KVM zaps translations (for an invalidation, or a memslot DELETE or MOVE), their
   accessed bits are dropped, not handed to the host (since v6.13 KVM no longer marks pages
   accessed on zap), so guest uses before such a zap are not judged.
@@ -66,6 +68,13 @@ class AgingContract:
     def on_translations_dropped(self) -> None:
         """A memslot DELETE or MOVE succeeded: KVM may have zapped any translation."""
         self.guest_used.clear()
+
+    def on_racing_clear(self, start: int, end: int) -> None:
+        """An ager cleared the accessed bits of [start, end) without a TLB flush, racing
+        the guest's accesses (seed 001's lockless ager stepped between them): its answer is
+        not judged, since the accesses it raced may land on either side of it, but the
+        pages are loose from now on, as after clear_young."""
+        self.loose.update(range(self._page(start), end, self.page_size))
 
     def on_age(self, hva: int, flush: bool, young: bool) -> list[ContractViolation]:
         """Reclaim aged the page at ``hva`` (with a TLB flush or not) and got ``young``."""
