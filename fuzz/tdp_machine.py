@@ -273,16 +273,6 @@ class TdpMachine(RuleBasedStateMachine):
             chosen.waiting = value if isinstance(value, WaitUntil) else None
             assert isinstance(value, Preempt | WaitUntil)
 
-    @precondition(lambda self: bool(self.ops))
-    @rule(which=st.integers(0, 3))
-    def drain(self, which: int) -> None:
-        """Advance the operations in flight until none is left (always the ``which``-th
-        runnable one), checking after every step as after a rule: the guest, the VMM
-        and the host act only when nothing is in flight, so a run needs such moments."""
-        while self.ops:
-            self.advance(which)
-            self.vm.check(quiescent=not self.ops)
-
     @precondition(lambda self: not self.ops)
     @rule(page=st.integers(0, DATA_PAGES - 1), value=st.binary(min_size=8, max_size=8))
     def guest_write(self, page: int, value: bytes) -> None:
