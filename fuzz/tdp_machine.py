@@ -5,7 +5,8 @@ The VM has the VMM's memory, one slot of guest RAM that can be moved, deleted an
 logged, and two vCPUs whose guest reads and writes go through the TDP MMU (gpa = gva).
 The machine starts faults (each tries the lockless fast path first), aging walks, dirty-log
 walks and fast zaps as generators and advances any of them one step at a time, in between
-memslot updates, host munmaps and madvises (MMU-notifier invalidations), GET_DIRTY_LOG and
+memslot updates (with the slot-zap-all quirk, or once it is disabled without), host munmaps
+and madvises (MMU-notifier invalidations), host aging through the notifier, GET_DIRTY_LOG and
 plain guest accesses; after every step it runs ``check_tdp_mmu`` (X13, X14, X15, X16, X5,
 N4), with the quiescent checks only when nothing is in flight.
 """
@@ -311,6 +312,20 @@ class TdpMachine(RuleBasedStateMachine):
             self.vm.host.madvise_dontneed(hva, PAGE)
         else:
             self.vm.host.mprotect(hva, PAGE, prot)
+
+    @rule(page=st.integers(0, DATA_PAGES - 1), flush=st.booleans())
+    def host_age(self, page: int, flush: bool) -> None:
+        """The host's reclaim ages one page through the MMU notifier (clear_flush_young or,
+        for the multi-gen LRU's walk, clear_young): KVM's lockless aging, in one step, even
+        while operations hold the read side of mmu_lock."""
+        self.vm.host.age(self.vm.hva + page * PAGE, flush)
+
+    @precondition(lambda self: self._no_readers() and self.vm.kvm.quirk_slot_zap_all())
+    @rule()
+    def disable_slot_zap_all_quirk(self) -> None:
+        """KVM_CAP_DISABLE_QUIRKS2 with KVM_X86_QUIRK_SLOT_ZAP_ALL (quirks are only ever
+        disabled): from now on a DELETE or MOVE zaps only the slot's own leaves."""
+        self.vm.kvm.disabled_quirks |= KVM_X86_QUIRK_SLOT_ZAP_ALL
 
     @invariant()
     def checked(self) -> None:

@@ -70,18 +70,6 @@ class DirtyBitmap:
         self._store(index, value & ~mask & WORD_MASK)
         return value & mask
 
-    def dirty_pages(self) -> list[int]:
-        """The set bits as page numbers (for readable reports)."""
-        pages = []
-        for index, value in enumerate(self.words()):
-            bit = 0
-            while value:
-                if value & 1:
-                    pages.append(index * WORD_BITS + bit)
-                value >>= 1
-                bit += 1
-        return pages
-
     def stored_words(self) -> int:
         """How many words the sparse representation holds (the memory it costs)."""
         return len(self._words)

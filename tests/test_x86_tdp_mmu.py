@@ -663,3 +663,23 @@ def test_tdp_machine_finds_a_planted_cmpxchg_that_does_not_compare(
     TdpMachine.TestCase.settings = bug_hunt(500)
     with pytest.raises(RulesBroken, match="X15"):
         TdpMachine.TestCase().runTest()
+
+
+class _QuirklessDeleteLeavesLeaves(TdpMmu):
+    """Planted: without KVM_X86_QUIRK_SLOT_ZAP_ALL, a DELETE or MOVE forgets to zap the
+    slot's leaves."""
+
+    def kvm_arch_flush_shadow_memslot(self, kvm, slot):  # type: ignore[no-untyped-def]
+        if kvm.quirk_slot_zap_all():
+            super().kvm_arch_flush_shadow_memslot(kvm, slot)
+
+
+def test_tdp_machine_finds_a_quirkless_delete_that_keeps_the_slots_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        TdpVm, "make_mmu", lambda self, masks, pml: _QuirklessDeleteLeavesLeaves(masks, pml)
+    )
+    TdpMachine.TestCase.settings = bug_hunt(1000)
+    with pytest.raises(RulesBroken, match="N4"):
+        TdpMachine.TestCase().runTest()
