@@ -309,15 +309,15 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_X86_TDP, "test_tdp_machine_finds_a_planted_cmpxchg_that_does_not_compare"),
     ),
     "X16": (
-        SHADOW_WARNS.format(
-            "check_fast_pf_change in fast_pf_fix_direct_spte; the state machines never take the"
-            " fast path (shadow paging does not), only these tests"
-        ),
+        TDP_MMU.format("check_fast_page_faults"),
         _scenario(_X86_FAST, "test_a_dirty_logged_write_fixed_by_the_fast_path_is_logged"),
-        _scenario(_X86_FAST, "test_the_fast_path_leaves_indirect_pages_and_read_faults_alone"),
+        _scenario(_X86_FAST, "test_the_fast_path_leaves_read_faults_and_read_only_pages_alone"),
+        _scenario(_X86_FAST, "test_an_access_tracked_leaf_is_restored_by_the_fast_path"),
         _scenario(_X86_FAST, "test_a_zap_between_the_read_and_the_exchange_is_not_undone"),
         _scenario(_X86_FAST, "test_a_fast_path_that_stores_without_compare_is_caught"),
         _scenario(_X86_FAST, "test_a_fast_path_that_ignores_mmu_writable_is_caught"),
+        _scenario(_X86_FAST, "test_a_fast_path_that_maps_another_page_is_caught"),
+        _scenario(_X86_FAST, "test_tdp_machine_finds_a_fast_path_that_ignores_mmu_writable"),
     ),
     # -- arm64 stage 2 (INVENTORY C.5, seed 001) ---------------------------------------------
     "A1": (

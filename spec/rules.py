@@ -852,11 +852,13 @@ rule(
     "X16",
     "invariant",
     "x86-mmu",
-    """The fast page fault acts only on direct shadow pages, only restores W on an
-    MMU-writable SPTE or undoes access tracking, with a compare-and-exchange, and marks the
-    gfn dirty when it grants W; it never brings back an SPTE that was zapped.""",
+    """The fast page fault (tried first by direct MMUs, here the TDP MMU; never by shadow
+    paging) acts only on a present leaf, keeps its pfn, only restores W on an MMU-writable
+    SPTE or undoes access tracking, with a compare-and-exchange, and marks the gfn dirty when
+    it grants W; it never brings back an SPTE that was zapped.""",
     KernelCitation(X86_MMU, "fast_page_fault"),
     KernelCitation(X86_MMU, "fast_pf_fix_direct_spte"),
+    KernelCitation(TDP_MMU, "kvm_tdp_mmu_fast_pf_get_last_sptep"),
     DocCitation("Documentation/virt/kvm/locking.rst", "Fast page fault"),
 )
 
