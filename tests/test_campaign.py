@@ -18,7 +18,7 @@ from hypothesis import Phase, settings
 from kvmspec.fuzz import campaign
 from kvmspec.fuzz.cli import main
 from kvmspec.fuzz.profiles import FAST, register_profiles
-from kvmspec.fuzz.regressions import check_regression
+from kvmspec.fuzz.regressions import check_regression, write_regression_test
 from kvmspec.fuzz.trace import load
 from kvmspec.reference import kvm_main
 from kvmspec.reference.kvm import Kvm
@@ -242,3 +242,21 @@ def test_a_fuzzer_is_given_its_whole_share_before_it_counts_as_stuck(
     worker = campaign_atheris.AtherisWorker(area, 600, tmp_path, tmp_path / "regressions")
     worker.finish()
     assert waited and waited[0] > 600
+
+
+@pytest.mark.parametrize(
+    "stem",
+    ["arm64-" + "f" * 40, "memslots-x86_64-linux-6.18-pvm-" + "a" * 12 + "b" * 40],
+)
+def test_a_kept_finding_s_test_passes_the_linters(tmp_path: Path, stem: str) -> None:
+    """corpus/regressions is linted with the rest (make lint): the written case must be as
+    ruff check and ruff format want it, whatever the finding's name and summary."""
+    finding = tmp_path / f"{stem}.bin"
+    finding.write_bytes(b"")
+    summary = "C-AGING: host page 0x7effffc01000 used by a guest, aged idle " * 5
+    test = write_regression_test(finding, summary)
+    for command in (["check", "--no-cache"], ["format", "--check", "--no-cache"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, str(test)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
