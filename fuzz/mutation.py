@@ -75,6 +75,8 @@ from kvmspec.fuzz.mutation_mutants import (
 from kvmspec.fuzz.mutation_report import Outcome, UsageError, conclude, load_classified
 from kvmspec.fuzz.mutation_run import GRACE_SECONDS
 
+REACH_ATTEMPTS = 3
+
 
 def wall_clock_limit(cpu_seconds: float) -> float:
     """When to kill a job of ``cpu_seconds`` that does not stop by itself (its watchdog
@@ -141,11 +143,16 @@ def measure_reach(seconds: float, cache: Path, progress: bool) -> Reach:
             return Reach(lines, saved["failing"])
     reach = Reach({}, {})
     for area in (a.name for a in campaign_areas([])):
-        job = {"mode": "reach", "area": area, "seconds": seconds, "seed": 0}
-        job["reference"] = str(reference_dir())
-        result = run_job(job, wall_clock_limit(seconds))
+        for seed in range(REACH_ATTEMPTS):
+            # A slice can block where no signal gets in (one huge integer operation): the
+            # job is then killed with what it had, and the area tried again on other seeds.
+            job = {"mode": "reach", "area": area, "seconds": seconds, "seed": seed}
+            job["reference"] = str(reference_dir())
+            result = run_job(job, wall_clock_limit(seconds))
+            if result is not None and "lines" in result:
+                break
         if result is None or "lines" not in result:
-            reach.failing[area] = "the reach run did not finish"
+            reach.failing[area] = f"the reach run did not finish ({REACH_ATTEMPTS} tries)"
             continue
         reach.lines[area] = {p: set(n) for p, n in result["lines"].items()}
         if result["failure"]:
