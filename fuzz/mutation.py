@@ -55,7 +55,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,7 @@ from kvmspec.fuzz.mutation_mutants import (
     Mutant,
     Rendered,
     enumerate_mutants,
+    modules,
     reference_dir,
     render,
 )
@@ -84,9 +87,62 @@ def wall_clock_limit(cpu_seconds: float) -> float:
     return 4 * (cpu_seconds + GRACE_SECONDS) + 60
 
 
-def run_job(job: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """Run one :mod:`kvmspec.fuzz.mutation_run` job in a fresh process; its result, or None
-    when the process had to be killed (past ``timeout``)."""
+def freeze(repo: Path, tests_dir: Path, tree: Path) -> Path:
+    """Copy what the jobs run into ``tree`` (made afresh) and return it: a copy of the
+    repository's code folders, tests, seed corpora, examples and pyproject.toml (pytest's
+    settings), laid out as the repository is (the code finds its corpora from its own
+    path), and ``site/kvmspec`` linking the package names to the copies. A measurement
+    takes an hour and the repository does not stand still meanwhile: every job runs on
+    this copy (``PYTHONPATH`` puts ``site`` ahead of the editable install), so each mutant
+    is one module changed in an otherwise fixed model."""
+    shutil.rmtree(tree, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", ".hypothesis", "*.pyc")
+    (tree / "site" / "kvmspec").mkdir(parents=True)
+    for package in ("reference", "spec", "fuzz"):
+        shutil.copytree(repo / package, tree / package, ignore=ignore)
+        (tree / "site" / "kvmspec" / package).symlink_to(Path("..", "..", package))
+    shutil.copytree(tests_dir, tree / "tests", ignore=ignore)
+    for extra in ("corpus/seeds", "examples"):
+        if (repo / extra).is_dir():
+            shutil.copytree(repo / extra, tree / extra, ignore=ignore)
+    if (repo / "pyproject.toml").exists():
+        shutil.copy(repo / "pyproject.toml", tree / "pyproject.toml")
+    return tree
+
+
+def frozen_reference(tree: Path | None) -> Path:
+    """The model's sources the jobs run: the frozen copy's, or the installed ones."""
+    return reference_dir() if tree is None else tree / "reference"
+
+
+def commit_of(repo: Path) -> str:
+    """The repository's commit, and whether the code folders differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "reference", "spec", "fuzz"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} with uncommitted changes" if changed else head
+
+
+def run_job(job: dict[str, Any], timeout: float, tree: Path | None = None) -> dict[str, Any] | None:
+    """Run one :mod:`kvmspec.fuzz.mutation_run` job in a fresh process (on the frozen copy
+    ``tree`` when given); its result, or None when the process had to be killed (past
+    ``timeout``)."""
+    env = dict(os.environ)
+    if tree is not None:
+        site = str(tree / "site")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as scratch:
         job_path, result_path = Path(scratch, "job.json"), Path(scratch, "result.json")
         output = Path(scratch, "output.txt")
@@ -95,7 +151,15 @@ def run_job(job: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         command = [sys.executable, "-m", module, str(job_path), str(result_path)]
         try:
             with output.open("w") as log:
-                subprocess.run(command, stdout=log, stderr=log, timeout=timeout, check=False)
+                subprocess.run(
+                    command,
+                    stdout=log,
+                    stderr=log,
+                    timeout=timeout,
+                    check=False,
+                    env=env,
+                    cwd=tree,
+                )
         except subprocess.TimeoutExpired:
             return None
         if not result_path.exists():
@@ -121,34 +185,35 @@ class Reach:
         ]
 
 
-def _fingerprint(reach_seconds: float) -> str:
-    digest = hashlib.sha256(f"{reach_seconds}".encode())
+def _fingerprint(reach_seconds: float, reference: Path) -> str:
+    digest = hashlib.sha256(f"{reach_seconds} {reference}".encode())
     for folder in ("reference", "spec", "fuzz"):
-        root = reference_dir().parent / folder
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted((reference.parent / folder).rglob("*.py")):
             if not path.name.startswith("mutation"):  # what the areas run, not this tool
                 digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def measure_reach(seconds: float, cache: Path, progress: bool) -> Reach:
+def measure_reach(seconds: float, cache: Path, progress: bool, tree: Path | None) -> Reach:
     """Run every area for ``seconds`` under coverage, unmutated (or reuse the cache)."""
-    from kvmspec.fuzz.mutation_run import campaign_areas
-
-    fingerprint = _fingerprint(seconds)
+    reference = frozen_reference(tree)
+    fingerprint = _fingerprint(seconds, reference)
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("fingerprint") == fingerprint:
             lines = {a: {p: set(n) for p, n in f.items()} for a, f in saved["lines"].items()}
             return Reach(lines, saved["failing"])
+    listing = run_job({"mode": "areas"}, wall_clock_limit(0), tree)
+    if listing is None or "areas" not in listing:
+        raise UsageError(f"the campaign's areas cannot be listed: {listing}")
     reach = Reach({}, {})
-    for area in (a.name for a in campaign_areas([])):
+    for area in listing["areas"]:
         for seed in range(REACH_ATTEMPTS):
             # A slice can block where no signal gets in (one huge integer operation): the
             # job is then killed with what it had, and the area tried again on other seeds.
             job = {"mode": "reach", "area": area, "seconds": seconds, "seed": seed}
-            job["reference"] = str(reference_dir())
-            result = run_job(job, wall_clock_limit(seconds))
+            job["reference"] = str(reference)
+            result = run_job(job, wall_clock_limit(seconds), tree)
             if result is not None and "lines" in result:
                 break
         if result is None or "lines" not in result:
@@ -190,10 +255,16 @@ TEST_FILES = {
 
 
 def run_mutant(
-    mutant: Mutant, rendered: Rendered, reach: Reach, budget: float, seed: int
+    mutant: Mutant,
+    rendered: Rendered,
+    reach: Reach,
+    budget: float,
+    seed: int,
+    tree: Path | None = None,
 ) -> Outcome:
     """Run one mutant for ``budget`` seconds in the areas that reach the mutated line in the
-    reach pass, or failing that in those that reach its function."""
+    reach pass, or failing that in those that reach its function (on the frozen copy
+    ``tree``, where ``mutant`` was found, when given)."""
     outcome = Outcome(mutant.key, mutant.name, mutant.folder, rendered.diff, "survived", "")
     outcome.auto = mutant.equivalent
     outcome.areas = reach.areas_reaching(mutant.path, *rendered.lines)
@@ -213,7 +284,7 @@ def run_mutant(
         "seed": seed,
     }
     began = time.monotonic()
-    result = run_job(job, wall_clock_limit(budget))
+    result = run_job(job, wall_clock_limit(budget), tree)
     if result is None:
         result = {"status": "killed", "kind": "timeout", "detail": "the process did not stop"}
     outcome.status = result["status"]
@@ -229,13 +300,15 @@ def test_files(folder: str, tests_dir: Path) -> list[str]:
     return sorted(str(p) for pattern in TEST_FILES[folder] for p in tests_dir.glob(pattern))
 
 
-def run_tests(mutant: Mutant | None, source: str, files: list[str], timeout: float) -> str:
+def run_tests(
+    mutant: Mutant | None, source: str, files: list[str], timeout: float, tree: Path | None
+) -> str:
     """``killed``, ``not killed`` or ``timeout``: the fast tests ``files`` on the mutant (on
     the unmutated reference when ``mutant`` is None)."""
     job: dict[str, Any] = {"mode": "tests", "tests": files}
     if mutant is not None:
         job |= {"module": mutant.module, "source": source}
-    result = run_job(job, timeout)
+    result = run_job(job, timeout, tree)
     if result is None:
         return "timeout"
     return "not killed" if result.get("exit") == 0 else "killed"
@@ -246,24 +319,25 @@ def survivors_against_tests(
     sample: Sequence[Mutant],
     rendered: dict[str, Rendered],
     args: argparse.Namespace,
+    tree: Path,
 ) -> None:
-    """Run the fast tests of its folder on every survivor not equivalent by construction,
-    once the same tests have passed on the unmutated reference."""
+    """Run the fast tests of its folder (in the frozen copy ``tree``) on every survivor not
+    equivalent by construction, once the same tests have passed on the unmutated reference."""
     baseline: dict[str, str] = {}
     for outcome, mutant in zip(outcomes, sample, strict=True):
         if outcome.status != "survived" or mutant.equivalent:
             continue
-        files = test_files(mutant.folder, args.tests_dir)
+        files = test_files(mutant.folder, tree / "tests")
         if args.no_tests or not files:
             outcome.tests = "not run"
         else:
             if mutant.folder not in baseline:
-                baseline[mutant.folder] = run_tests(None, "", files, args.tests_timeout)
+                baseline[mutant.folder] = run_tests(None, "", files, args.tests_timeout, tree)
             if baseline[mutant.folder] != "not killed":
                 outcome.tests = "not run: they fail unmutated"
             else:
                 source = rendered[mutant.key].source
-                outcome.tests = run_tests(mutant, source, files, args.tests_timeout)
+                outcome.tests = run_tests(mutant, source, files, args.tests_timeout, tree)
         if not args.summary_only:
             print(f"tests: {outcome.tests:<12} {mutant.name}", file=sys.stderr, flush=True)
 
@@ -273,18 +347,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     report, not classified yet."""
     began = time.monotonic()
     progress = not args.summary_only
-    mutants = enumerate_mutants(reference_dir(), args.only)
-    if not mutants:
+    if not modules(reference_dir(), args.only):
         raise UsageError(f"no mutants in {args.only!r} (a module or package of the reference)")
+    if not args.tests_dir.is_dir():
+        raise UsageError(f"--tests-dir {args.tests_dir} is not a folder")
     load_classified()  # a broken table is reported before the long run, not after
+    repo = reference_dir().parent
+    commit = commit_of(repo)
+    tree = freeze(repo, args.tests_dir, args.report.parent.resolve() / "tree")
+    mutants = enumerate_mutants(frozen_reference(tree), args.only)
     sample = random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
     sample.sort(key=lambda m: (str(m.path), m.index))
     rendered = render(sample)
-    reach = measure_reach(args.reach_seconds, args.report.parent / "reach.json", progress)
+    cache = args.report.parent / "reach.json"
+    reach = measure_reach(args.reach_seconds, cache, progress, tree)
     rng = random.Random(args.seed)
     outcomes = []
     for n, mutant in enumerate(sample, 1):
-        outcome = run_mutant(mutant, rendered[mutant.key], reach, args.budget, rng.getrandbits(64))
+        seed = rng.getrandbits(64)
+        outcome = run_mutant(mutant, rendered[mutant.key], reach, args.budget, seed, tree)
         outcomes.append(outcome)
         if progress:
             how = f"{outcome.status} ({outcome.kind}{', ' + outcome.area if outcome.area else ''})"
@@ -293,9 +374,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-    survivors_against_tests(outcomes, sample, rendered, args)
+    survivors_against_tests(outcomes, sample, rendered, args, tree)
     return {
         "settings": {k: str(v) for k, v in vars(args).items()},
+        "commit": commit,
         "population": len(mutants),
         "elapsed_seconds": time.monotonic() - began,
         "left_out_areas": reach.failing,

@@ -181,14 +181,17 @@ class FileMutations:
         return str(mangle_function_name(name=function.name.value, class_name=owner))
 
 
+def modules(root: Path, only: str = "") -> list[tuple[str, Path]]:
+    """The modules under ``root`` (only the module or package ``only`` when given), by name."""
+    found = [(_module_name(path, root), path) for path in sorted(root.rglob("*.py"))]
+    return [(m, p) for m, p in found if not only or m == only or m.startswith(only + ".")]
+
+
 def enumerate_mutants(root: Path, only: str = "") -> list[Mutant]:
     """Every mutant mutmut makes of the modules under ``root`` (only the module or package
     ``only`` when given), in file order."""
     mutants = []
-    for path in sorted(root.rglob("*.py")):
-        module = _module_name(path, root)
-        if only and module != only and not module.startswith(only + "."):
-            continue
+    for module, path in modules(root, only):
         found = FileMutations.parse(path)
         parents = _parents(found.module)
         numbers: dict[str, int] = {}

@@ -191,7 +191,8 @@ def conclude(report: dict[str, Any], path: Path, summary_only: bool) -> int:
     header = (
         f"Mutation score of the campaign on reference/ (mutmut 3.3.1's operators): a sample of"
         f" {len(outcomes)} of {report['population']} mutants (seed {settings['seed']}),"
-        f" {settings['budget']} s each on one core; {report['elapsed_seconds'] / 60:.1f} min"
+        f" {settings['budget']} CPU s each on one core; {report['elapsed_seconds'] / 60:.1f} min;"
+        f" commit {report.get('commit', 'unknown')}"
     )
     for area, failure in report["left_out_areas"].items():
         print(f"  area left out, it fails unmutated: {area}: {failure}")

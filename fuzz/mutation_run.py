@@ -167,11 +167,6 @@ def campaign_areas(names: Sequence[str]) -> list[Area]:
     return areas
 
 
-def area_names() -> list[str]:
-    """Every area's name (imports the model: for the parent's reach pass, in a child)."""
-    return [area.name for area in campaign_areas([])]
-
-
 def describe_failure(error: BaseException) -> tuple[str, str]:
     """How a failure kills a mutant: ``rule`` for an AssertionError (every rule check in the
     harness raises one), ``exception`` for anything else; and its first line."""
@@ -230,7 +225,7 @@ def kill(job: dict[str, Any], result_path: Path) -> None:
         # A slice still running long after the budget: a timeout if the mutated module is on
         # the stack (it loops, or makes a caller loop), else a slow slice of the unmutated
         # code (the dirty-log contract on a huge slot), which kills nothing.
-        inside = any(f.f_code.co_filename == origin for f in frames)
+        inside = any(str(Path(f.f_code.co_filename).resolve()) == origin for f in frames)
         result = {
             "status": "killed" if inside else "survived",
             "kind": "timeout" if inside else "overrun",
@@ -302,7 +297,13 @@ def tests(job: dict[str, Any], result_path: Path) -> None:
     _write(result_path, {"exit": int(status)})
 
 
+def areas(job: dict[str, Any], result_path: Path) -> None:
+    """Write the names of the campaign's areas."""
+    _write(result_path, {"areas": [area.name for area in campaign_areas([])]})
+
+
 JOBS: dict[str, Callable[[dict[str, Any], Path], None]] = {
+    "areas": areas,
     "kill": kill,
     "reach": reach,
     "tests": tests,

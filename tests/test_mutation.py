@@ -134,6 +134,7 @@ def test_wilson_interval() -> None:
         (["--sample", "0"], "must be positive"),
         (["--budget", "soon"], "not a number"),
         (["--only", "kvmspec.reference.nothing"], "no mutants"),
+        (["--tests-dir", "/nonexistent"], "not a folder"),
         (["--unknown"], "unrecognized arguments"),
     ],
 )
