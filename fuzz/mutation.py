@@ -39,7 +39,7 @@ The full set is about 16,500 mutants, days of work on one core, so a uniform ran
 (``--sample``, fixed ``--seed``) is measured and the score given with its 95% Wilson interval,
 overall and per folder (generic, x86, arm64, ppc). Then the survivors are classified
 (:mod:`kvmspec.fuzz.mutation_report`): equivalent by construction when the mutation only
-changes the text of a label or message, or silences a WARN; a gap when the suite's fast tests
+changes the text of a label or message, or weakens a WARN; a gap when the suite's fast tests
 of the module's folder kill it (the campaign misses what a test sees); by hand otherwise, in
 ``fuzz/mutation_survivors.toml``, keyed by a stable id (module, mutmut's function name, a
 hash of the original and mutated code) that later runs reuse. A survivor no one has

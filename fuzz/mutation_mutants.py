@@ -12,8 +12,9 @@ the function and a hash of the original and mutated code instead.
 
 Some mutants are equivalent by construction (:func:`auto_equivalent`): the text of a label or
 a message changed (a ``Preempt``/``WaitUntil`` point, a WARN's rule or message, an
-exception's or an assert's message), or a WARN's condition replaced by None (the campaign
-checks that no WARN fires on the reference, so its condition is always false there).
+exception's or an assert's message), or an argument of a WARN replaced by None (the campaign
+checks that no WARN fires on the reference, so its condition is always false there and its
+rule and message are never seen).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ LABEL_CALLS = {
     "WaitUntil": (0,),
     "synchronize": (0,),
     "warn_on": (1, 2),
+    "lockdep_assert_mmu_lock_held_write": (0,),
     "Mutex": (0,),
     "RwLock": (0,),
     "Srcu": (0,),
@@ -47,7 +49,8 @@ LABEL_CALLS = {
 }
 """Calls whose arguments at these positions are only labels or messages: a scheduling point's
 name (an SRCU or RCU grace period's too), a lock's name (only ever shown in those), and a
-WARN's rule and message (a WARN never fires on the reference, so their text is never seen)."""
+WARN's rule and message (a WARN never fires on the reference, so their text is never seen;
+a lockdep assertion's argument is a WARN's message)."""
 
 
 def reference_dir() -> Path:
@@ -125,16 +128,22 @@ def _is_label(node: cst.CSTNode, parents: dict[int, cst.CSTNode]) -> bool:
     )
 
 
-def _silences_warning(original: cst.CSTNode, mutated: cst.CSTNode) -> bool:
-    """Whether the mutation replaces a ``warn_on`` condition by None."""
-    return (
+def _none_in_warning(original: cst.CSTNode, mutated: cst.CSTNode) -> bool:
+    """Whether the mutation replaces an argument of a ``warn_on`` by None: its condition
+    (the WARN is silenced), its rule or its message."""
+    if not (
         isinstance(original, cst.Call)
         and isinstance(mutated, cst.Call)
         and _call_name(original) == "warn_on"
-        and len(original.args) == len(mutated.args) > 0
-        and isinstance(mutated.args[0].value, cst.Name)
-        and mutated.args[0].value.value == "None"
-    )
+        and len(original.args) == len(mutated.args)
+    ):
+        return False
+    changed = [
+        new.value
+        for old, new in zip(original.args, mutated.args, strict=True)
+        if old.value is not new.value
+    ]
+    return len(changed) == 1 and isinstance(changed[0], cst.Name) and changed[0].value == "None"
 
 
 def auto_equivalent(mutation: Any, parents: dict[int, cst.CSTNode]) -> str:
@@ -143,10 +152,10 @@ def auto_equivalent(mutation: Any, parents: dict[int, cst.CSTNode]) -> str:
     original, mutated = mutation.original_node, mutation.mutated_node
     if isinstance(original, cst.SimpleString) and _is_label(original, parents):
         return "label: changes only the text of a label or message"
-    if _silences_warning(original, mutated):
+    if _none_in_warning(original, mutated):
         # The campaign checks that no WARN fires on the reference: its condition is always
-        # false there, so a condition of None changes nothing the reference does.
-        return "self-check: silences a WARN that never fires on the reference"
+        # false there, so a condition of None, or no rule or message, changes nothing.
+        return "self-check: weakens a WARN that never fires on the reference"
     return ""
 
 

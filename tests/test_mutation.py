@@ -85,10 +85,11 @@ def test_a_mutant_no_area_reaches_survives_without_running() -> None:
     assert (outcome.status, outcome.kind, outcome.seconds) == ("survived", "unreached", 0.0)
 
 
-def test_a_warn_condition_of_none_is_equivalent_by_construction() -> None:
-    mutant = _find(
-        "kvmspec.reference.kvm", LOCKDEP, "self.warn_on(not self.mmu_lock", "self.warn_on(None"
-    )
+@pytest.mark.parametrize(
+    "after", ["self.warn_on(None, ", 'self.warn_on(not self.mmu_lock.held_for_write, None, f"']
+)
+def test_none_for_a_warn_condition_or_rule_is_equivalent_by_construction(after: str) -> None:
+    mutant = _find(KVM, LOCKDEP, "self.warn_on(not self.mmu_lock", after)
     assert mutant.equivalent.startswith("self-check")
 
 
