@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MINUTES ?= 1
 
-.PHONY: run test docs lint typecheck bench power fuzz fuzz-generic fuzz-x86 fuzz-ppc fuzz-arm64 crosshair clean \
+.PHONY: run test docs lint typecheck bench power mutation fuzz fuzz-generic fuzz-x86 fuzz-ppc fuzz-arm64 crosshair clean \
 	example-target
 
 $(STAMP): pyproject.toml
@@ -51,7 +51,8 @@ bench: $(STAMP)
 ## power: the harness's power: the branch coverage of reference/ and spec/ that a campaign of
 # POWER_MINUTES (default 10) reaches, per area (HTML with contexts in build/power/html), then
 # how long the campaign's machines and fuzzers take to find each seed thread's bug,
-# re-injected (median of 3 trials, one core; goal: under 60 s each)
+# re-injected (median of 3 trials, one core; goal: under 60 s each), then the mutation score
+# (see mutation below; its report in build/power/mutation.json)
 POWER_MINUTES ?= 10
 power: $(STAMP)
 	@rm -rf build/power && mkdir -p build/power
@@ -63,6 +64,18 @@ power: $(STAMP)
 	@$(VENV)/bin/coverage report --include='*/reference/*' --format=total | sed 's/^/  reference\/: /; s/$$/%/'
 	@$(VENV)/bin/coverage report --include='*/spec/*' --format=total | sed 's/^/  spec\/: /; s/$$/%/'
 	$(PY) -m kvmspec.fuzz.seed_bugs
+	$(PY) -m kvmspec.fuzz.mutation --sample $(MUTATION_SAMPLE) --budget $(MUTATION_BUDGET) \
+		--summary-only --report build/power/mutation.json
+
+## mutation: the harness's mutation score on reference/: a random sample of mutmut's mutants,
+# each run against the campaign areas that reach its line for MUTATION_BUDGET CPU seconds
+# (goal: 90% of the non-equivalent ones killed), then the survivors and why each survives
+MUTATION_SAMPLE ?= 150
+MUTATION_BUDGET ?= 10
+mutation: $(STAMP)
+	@mkdir -p build/mutation
+	$(PY) -m kvmspec.fuzz.mutation --sample $(MUTATION_SAMPLE) --budget $(MUTATION_BUDGET) \
+		--report build/mutation/report.json
 
 ## fuzz: run the memslot Atheris fuzzer for 60 seconds
 fuzz: $(STAMP)
