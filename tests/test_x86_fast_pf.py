@@ -9,6 +9,7 @@ check_fast_page_faults (and the host and compare-and-exchange checks beside it).
 from __future__ import annotations
 
 import pytest
+from test_x86_tdp_mmu import leaf
 
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.profiles import bug_hunt
@@ -18,33 +19,18 @@ from kvmspec.reference.dirty_log import mark_page_dirty_in_slot
 from kvmspec.reference.host import PROT_READ
 from kvmspec.reference.page_fault import Fault
 from kvmspec.reference.x86 import tdp_fault
-from kvmspec.reference.x86.paging import PG_LEVEL_4K, PT_WRITABLE_MASK
+from kvmspec.reference.x86.paging import PT_WRITABLE_MASK
 from kvmspec.reference.x86.spte import (
     SHADOW_NONPRESENT_VALUE,
     is_access_track_spte,
-    is_last_spte,
     is_mmu_writable_spte,
-    is_shadow_present_pte,
 )
 from kvmspec.reference.x86.tdp_fault import FAST_PF_ACTOR, RetPf
-from kvmspec.reference.x86.tdp_iter import for_each_tdp_pte_min_level
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.x86_tdp import check_fast_page_faults
 
 PAGE = 4096
 FAST_STEP = "fast page fault: SPTE read"
-
-
-def leaf(vm: TdpVm, page: int) -> int:
-    """The SPTE mapping data page ``page`` in vCPU 0's root (non-present if none)."""
-    root = vm.mmu.vcpu_mmu(0).root
-    assert root is not None
-    for it in for_each_tdp_pte_min_level(
-        vm.mmu.tables, "test", root, PG_LEVEL_4K, vm.gfn(page), vm.gfn(page) + 1
-    ):
-        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
-            return it.old_spte
-    return SHADOW_NONPRESENT_VALUE
 
 
 def fast_writes(vm: TdpVm) -> int:
