@@ -208,16 +208,15 @@ def enumerate_mutants(root: Path, only: str = "") -> list[Mutant]:
         for index, mutation in enumerate(found.mutations):
             function = found.function_name(mutation)
             numbers[function] = numbers.get(function, 0) + 1
-            change = "\0".join(
-                (
-                    found.module.code_for_node(mutation.original_node),
-                    found.module.code_for_node(mutation.mutated_node),
-                )
-            )
-            digest = hashlib.sha1(f"{function}\0{change}".encode()).hexdigest()[:10]
+            before = found.module.code_for_node(mutation.original_node)
+            after = found.module.code_for_node(mutation.mutated_node)
+            digest = hashlib.sha1(f"{function}\0{before}\0{after}".encode()).hexdigest()[:10]
             seen[digest] = seen.get(digest, 0) + 1
             occurrence = f"#{seen[digest]}" if seen[digest] > 1 else ""
-            equivalent = auto_equivalent(mutation, parents)
+            # mutmut 3.3.1 compares a string's new text with its old one without the prefix,
+            # so it "mutates" b"" (and the like) into itself.
+            equivalent = "no-op: the mutated code is the original" if before == after else ""
+            equivalent = equivalent or auto_equivalent(mutation, parents)
             key = f"{module}:{function}:{digest}{occurrence}"
             mutant = Mutant(module, path, index, function, numbers[function], key, equivalent)
             mutants.append(mutant)
