@@ -27,7 +27,9 @@ another exception (the mutated model crashed, or Hypothesis gave up), or a timeo
 still running ten CPU seconds past the budget with the mutated module on the stack; a slice
 slow elsewhere, such as the dirty-log contract on a huge slot, is an overrun and kills
 nothing). Budgets count the process's CPU time, so other work on the machine does not
-shorten them.
+shorten them. Every job runs on a frozen copy of the repository (``build/mutation/tree``,
+taken when the measurement starts; the report names its commit), so an hour's measurement
+is not mixed with the commits made meanwhile.
 
 Which areas reach which line is measured once, by a reach pass: every area runs the unmutated
 reference under coverage for ``--reach-seconds`` (cached in ``build/mutation/reach.json``
@@ -423,29 +425,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample", type=positive(int), default=150, help="mutants measured")
     parser.add_argument("--budget", type=positive(float), default=10.0, help="CPU seconds a mutant")
     parser.add_argument("--seed", type=int, default=1, help="the sample's random seed")
-    parser.add_argument("--report", type=Path, default=Path("build/mutation/report.json"))
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("build/mutation/report.json"),
+        help="the JSON report (its folder also keeps the reach cache and the frozen copy)",
+    )
     parser.add_argument(
         "--reach-seconds",
         type=positive(float),
         default=10.0,
-        help="seconds each area runs unmutated to learn what it reaches",
+        help="CPU seconds each area runs unmutated, to learn what it reaches",
     )
     parser.add_argument(
         "--no-tests", action="store_true", help="do not run the fast tests on the survivors"
     )
-    parser.add_argument("--tests-timeout", type=positive(float), default=180.0)
-    parser.add_argument("--tests-dir", type=Path, default=Path("tests"))
+    parser.add_argument(
+        "--tests-timeout", type=positive(float), default=180.0, help="seconds per tests run"
+    )
+    parser.add_argument(
+        "--tests-dir", type=Path, default=Path("tests"), help="the fast tests' folder"
+    )
     parser.add_argument(
         "--only",
         default="kvmspec.reference",
-        help="measure only the modules whose name starts with this",
+        help="measure only this module or package",
     )
     parser.add_argument("--summary-only", action="store_true", help="print only the score line")
     parser.add_argument(
         "--reclassify",
         action="store_true",
-        help="run nothing: classify the"
-        " survivors of the --report file again (after editing the table)",
+        help="run nothing: classify the survivors of the --report file again (after editing"
+        " fuzz/mutation_survivors.toml)",
     )
     try:
         args = parser.parse_args(argv)

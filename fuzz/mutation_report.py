@@ -7,6 +7,14 @@ is not equivalent, whatever the table says); then automatically: equivalent by c
 (Mutant.equivalent), a gap when the tests kill it; else it stays unclassified and counts as
 not killed. The score is the killed share of the mutants not equivalent, with the 95% Wilson
 score interval (a sample's proportion near 1 needs it: the normal interval would pass 100%).
+
+Equivalent is judged against the rules, not the bytes: besides mutants that change nothing
+the model does (a label, a dead branch, a value only tested for truth), a mutant whose only
+difference is one every rule allows counts as equivalent, with its why saying so: a TLB
+flush stronger than needed, a page reported dirty that was not written (the dirty log may
+over-report), a different host reclaim choice. No check can kill those without forbidding
+correct kernels. A gap is a survivor some correct check could kill: a path the campaign
+does not reach, or a result nothing compares.
 """
 
 from __future__ import annotations
