@@ -323,8 +323,12 @@ def _current_rss_kib() -> int:
 
 def _worker_start() -> None:
     """Workers leave Ctrl-C to the campaign, which stops them itself, and print nothing: the
-    campaign's live table owns the terminal (a failure's report is in its trace file)."""
+    campaign's live table owns the terminal (a failure's report is in its trace file). The
+    campaign stops a worker with SIGTERM, which must end it at once: a worker is forked with
+    the campaign's own handler, which only takes note (and a handler that raised could do so
+    inside coverage.py's lock of a traced slice, and hang the worker there)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
 
 
@@ -479,8 +483,17 @@ def _grace(budget: float) -> float:
     return max(30.0, budget / 10)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _StopRequest:
+    """Ctrl-C or SIGTERM (a CI job's time limit, `kill`) asks the campaign to stop. The
+    handler only takes note, and the main loop stops at its next turn (within half a
+    second): an exception raised by the signal itself could land inside a fork or a lock of
+    the worker pools and leave the stop waiting on it."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.asked = True
 
 
 def _usable_workers(requested: int | None) -> int:
@@ -533,8 +546,8 @@ def run_campaign(
     everything = results + (fuzzers.results if fuzzers is not None else [])
     rss_timeline: list[tuple[float, float, float]] = []
     interrupted = False
-    # SIGTERM (a CI job's time limit, `kill`) stops the campaign as Ctrl-C does.
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    stop = _StopRequest()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with Live(
             _table(everything, 0, budget, processes),
@@ -543,6 +556,8 @@ def run_campaign(
             transient=True,
         ) as live:
             while True:
+                if stop.asked:
+                    raise KeyboardInterrupt
                 elapsed = time.monotonic() - start
                 if pool is not None:
                     if elapsed < machine_budget:
@@ -582,7 +597,8 @@ def run_campaign(
         if pool is not None:
             pool.close()
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if fuzzers is not None:
         fuzzers.finish()
     scratch.cleanup()
