@@ -27,6 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
+
+from kvmspec.fuzz import machines
+from kvmspec.fuzz.campaign import SLICE_EXAMPLES as SLICE_EXAMPLES
+from kvmspec.fuzz.profiles import THOROUGH, register_profiles
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,3 +59,17 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def machine_steps_per_second(machine: type[RuleBasedStateMachine], seconds: float) -> float:
+    """Rules per second of a state machine, run as the campaign runs it (slices of
+    ``SLICE_EXAMPLES`` examples of the thorough profile) for about ``seconds``."""
+    register_profiles()
+    slice_settings = settings(
+        settings.get_profile(THOROUGH), max_examples=SLICE_EXAMPLES, database=None
+    )
+    before = machines.STATS["steps"]
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run_state_machine_as_test(machine, settings=slice_settings)
+    return (machines.STATS["steps"] - before) / (time.perf_counter() - started)

@@ -13,7 +13,19 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import Figure, arm64, fuzzer, generic, guest, lookup, memory, memslots, ppc, x86
+from bench import (
+    SLICE_EXAMPLES,
+    Figure,
+    arm64,
+    fuzzer,
+    generic,
+    guest,
+    lookup,
+    memory,
+    memslots,
+    ppc,
+    x86,
+)
 from kvmspec.spec import dbc
 from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PPC64_HV, PlatformProfile
 
@@ -258,7 +270,7 @@ def section_x86(profile: PlatformProfile, quick: bool) -> list[Figure]:
         fuzz_row = [label, executions.value, actions, executions.goal, executions.verdict]
     _print_table(
         f"x86 shadow MMU: the campaign's state machine (slices of "
-        f"{x86.SLICE_EXAMPLES} examples, about {seconds:.0f} s) and fuzz_x86.py under "
+        f"{SLICE_EXAMPLES} examples, about {seconds:.0f} s) and fuzz_x86.py under "
         f"libFuzzer (-max_len={x86.FUZZ_X86.max_len}, about {fuzz_seconds} s from "
         f"{x86.FUZZ_X86.seeds})",
         ["figure", "value", "harness actions/s", "goal", ""],
@@ -302,7 +314,7 @@ def section_ppc(profile: PlatformProfile, quick: bool) -> list[Figure]:
     figures.append(hcall)
     rows.append([hcall.name, hcall.value, "", hcall.goal, hcall.verdict])
     _print_table(
-        f"POWER Book3S HV: the campaign's HPT and radix machines (slices of {ppc.SLICE_EXAMPLES}"
+        f"POWER Book3S HV: the campaign's HPT and radix machines (slices of {SLICE_EXAMPLES}"
         f" examples, about {seconds:.0f} s each), fuzz_ppc.py under libFuzzer (-max_len="
         f"{ppc.FUZZ_PPC.max_len}, about {fuzz_seconds} s from {ppc.FUZZ_PPC.seeds}), and "
         "rounds of H_READ, H_PROTECT twice, H_REMOVE and H_ENTER on random entries of a full HPT",
@@ -344,7 +356,7 @@ def section_arm64(profile: PlatformProfile, quick: bool) -> list[Figure]:
         fuzz_row = [label, executions.value, actions, executions.goal, executions.verdict]
     _print_table(
         f"arm64 stage 2: the campaign's state machine (slices of "
-        f"{arm64.SLICE_EXAMPLES} examples, about {seconds:.0f} s) and fuzz_arm64.py under "
+        f"{SLICE_EXAMPLES} examples, about {seconds:.0f} s) and fuzz_arm64.py under "
         f"libFuzzer (-max_len={arm64.FUZZ_ARM64.max_len}, about {fuzz_seconds} s from "
         f"{arm64.FUZZ_ARM64.seeds})",
         ["figure", "value", "harness actions/s", "goal", ""],

@@ -21,17 +21,12 @@ stage-2 walk costs as the mapped pages and the walked range grow.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from hypothesis import settings
-from hypothesis.stateful import run_state_machine_as_test
-
+import bench
 from bench import median_seconds
 from bench.fuzzer import FuzzScript
-from kvmspec.fuzz import machines
 from kvmspec.fuzz.arm64_machine import arm64_machine
-from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.reference.arm64.descriptors import KVM_PGTABLE_PROT_RW
 from kvmspec.reference.arm64.pgtable import KvmMmuMemoryCache, KvmPgtable
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
@@ -44,7 +39,6 @@ from kvmspec.reference.concurrency import Rcu, run_to_completion
 from kvmspec.spec.platforms import ARM64, PlatformProfile
 
 FUZZ_ARM64 = FuzzScript("fuzz/fuzz_arm64.py", "corpus/seeds/arm64", 256)
-SLICE_EXAMPLES = 10
 PAGE = 4096
 IPA_BITS = 40
 TIB = 1 << IPA_BITS
@@ -59,18 +53,8 @@ PA_BASE = 0x10_0000_0000
 
 
 def machine_steps_per_second(profile: PlatformProfile = ARM64, seconds: float = 5.0) -> float:
-    """Rules per second of the arm64 state machine, run in the campaign's slices for about
-    ``seconds``."""
-    register_profiles()
-    machine = arm64_machine(profile)
-    slice_settings = settings(
-        settings.get_profile(THOROUGH), max_examples=SLICE_EXAMPLES, database=None
-    )
-    before = machines.STATS["steps"]
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        run_state_machine_as_test(machine, settings=slice_settings)
-    return (machines.STATS["steps"] - before) / (time.perf_counter() - started)
+    """Rules per second of the arm64 state machine, as the campaign runs it."""
+    return bench.machine_steps_per_second(arm64_machine(profile), seconds)
 
 
 def stage2_with_pages(pages: int, span: int) -> KvmPgtable:

@@ -21,13 +21,9 @@ import random
 import time
 from dataclasses import dataclass
 
-from hypothesis import settings
-from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
-
+import bench
 from bench.fuzzer import FuzzScript
-from kvmspec.fuzz import machines
 from kvmspec.fuzz.ppc_machine import ppc_machine
-from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.fuzz.radix_machine import RadixMachine
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
@@ -47,7 +43,6 @@ from kvmspec.spec.platforms import PPC64_HV, PlatformProfile
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 FUZZ_PPC = FuzzScript("fuzz/fuzz_ppc.py", "corpus/seeds/ppc", 256)
-SLICE_EXAMPLES = 10
 HCALL_ORDER = 24
 VALID_ENTRIES = 100_000
 SLOT_PAGES = 256
@@ -57,28 +52,15 @@ GUEST_PAGES_PER_SEGMENT = 1 << 16
 """4 KiB pages in a 256 MiB segment: the entries span two segments."""
 
 
-def _steps_per_second(machine: type[RuleBasedStateMachine], seconds: float) -> float:
-    """Rules per second of ``machine``, run in the campaign's slices for about ``seconds``."""
-    register_profiles()
-    slice_settings = settings(
-        settings.get_profile(THOROUGH), max_examples=SLICE_EXAMPLES, database=None
-    )
-    before = machines.STATS["steps"]
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        run_state_machine_as_test(machine, settings=slice_settings)
-    return (machines.STATS["steps"] - before) / (time.perf_counter() - started)
-
-
 def machine_steps_per_second(profile: PlatformProfile = PPC64_HV, seconds: float = 5.0) -> float:
     """Rules per second of the HPT state machine (the campaign's, with its tolerance of the
     known kernel finding), for about ``seconds``."""
-    return _steps_per_second(ppc_machine(profile), seconds)
+    return bench.machine_steps_per_second(ppc_machine(profile), seconds)
 
 
 def radix_steps_per_second(seconds: float = 5.0) -> float:
     """Rules per second of the radix state machine, for about ``seconds``."""
-    return _steps_per_second(RadixMachine, seconds)
+    return bench.machine_steps_per_second(RadixMachine, seconds)
 
 
 @dataclass(frozen=True)

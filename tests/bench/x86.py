@@ -12,31 +12,14 @@
 
 from __future__ import annotations
 
-import time
-
-from hypothesis import settings
-from hypothesis.stateful import run_state_machine_as_test
-
+import bench
 from bench.fuzzer import FuzzScript
-from kvmspec.fuzz import machines
-from kvmspec.fuzz.profiles import THOROUGH, register_profiles
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.spec.platforms import PlatformProfile
 
 FUZZ_X86 = FuzzScript("fuzz/fuzz_x86.py", "corpus/seeds/x86", 256)
-SLICE_EXAMPLES = 10
 
 
 def machine_steps_per_second(profile: PlatformProfile, seconds: float = 5.0) -> float:
-    """Rules per second of the x86 state machine, run in the campaign's slices for about
-    ``seconds``."""
-    register_profiles()
-    machine = x86_machine(profile)
-    slice_settings = settings(
-        settings.get_profile(THOROUGH), max_examples=SLICE_EXAMPLES, database=None
-    )
-    before = machines.STATS["steps"]
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        run_state_machine_as_test(machine, settings=slice_settings)
-    return (machines.STATS["steps"] - before) / (time.perf_counter() - started)
+    """Rules per second of the x86 state machine, as the campaign runs it."""
+    return bench.machine_steps_per_second(x86_machine(profile), seconds)
