@@ -46,32 +46,24 @@ def size_text(size: int) -> str:
     return f"{shown} {UNITS[unit]}"
 
 
+_FLAGS = (
+    ("readonly", "READONLY", "readonly"),
+    ("dirty_logging", "LOG_DIRTY_PAGES", "dirty-log"),
+    ("is_gmem", "guest_memfd", "gmem"),
+    ("invalid", "INVALID", "invalid"),
+)
+"""Each flag a slot may show: its KvmMemorySlot property, its name in the uAPI (INVALID is the
+kernel's own), and its CSS class."""
+
+
 def flag_names(slot: KvmMemorySlot) -> list[str]:
-    """The slot's flags as the uAPI names them (INVALID is the kernel's own)."""
-    names = []
-    if slot.readonly:
-        names.append("READONLY")
-    if slot.dirty_logging:
-        names.append("LOG_DIRTY_PAGES")
-    if slot.is_gmem:
-        names.append("guest_memfd")
-    if slot.invalid:
-        names.append("INVALID")
-    return names
+    """The slot's flags as the uAPI names them."""
+    return [name for attribute, name, _ in _FLAGS if getattr(slot, attribute)]
 
 
 def slot_classes(slot: KvmMemorySlot) -> tuple[str, ...]:
     """The CSS classes of a slot's rectangle: ``kvmspec-memslot`` and one per flag."""
-    classes = ["memslot"]
-    if slot.readonly:
-        classes.append("readonly")
-    if slot.dirty_logging:
-        classes.append("dirty-log")
-    if slot.is_gmem:
-        classes.append("gmem")
-    if slot.invalid:
-        classes.append("invalid")
-    return tuple(classes)
+    return ("memslot", *(css for attribute, _, css in _FLAGS if getattr(slot, attribute)))
 
 
 @dataclass(frozen=True)
