@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvmspec.fuzz.seed_bugs import SEED_BUGS
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import (
     Deadlock,
@@ -104,23 +105,15 @@ def test_run_to_completion_reports_a_deadlock() -> None:
         set_region(kvm, 0, 0, PAGE)
 
 
-def test_seed_003_modifying_an_active_slot_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seed_003_modifying_an_active_slot_is_caught() -> None:
     """A variant that updates flags in place on the active slot (the bug seed 003's invariant
-    forbids) must be reported."""
-
-    def in_place_update(
-        kvm: Kvm, old: KvmMemorySlot, new: KvmMemorySlot, owner: object
-    ) -> KernelOp[None]:
-        old.flags = new.flags
-        old.dirty_bitmap = new.dirty_bitmap
-        kvm.slots_arch_lock.unlock(owner)
-        yield Preempt("variant: no swap")
-
+    forbids, planted from kvmspec.fuzz.seed_bugs) must be reported."""
+    (bug,) = [bug for bug in SEED_BUGS if bug.seed == "003"]
     kvm, monitor = monitored_vm()
     assert set_region(kvm, 0, 1 << 20, 16 * PAGE) == 0
     assert monitor.check() == []
-    monkeypatch.setattr(kvm_main, "kvm_update_flags_memslot", in_place_update)
-    assert set_region(kvm, 0, 1 << 20, 16 * PAGE, KVM_MEM_LOG_DIRTY_PAGES) == 0
+    with bug.plant():
+        assert set_region(kvm, 0, 1 << 20, 16 * PAGE, KVM_MEM_LOG_DIRTY_PAGES) == 0
     rules = {violation.rule for violation in monitor.check()}
     assert "S003-ACTIVE-IMMUTABLE" in rules
 
