@@ -14,8 +14,7 @@ Two things can be yielded:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -122,7 +121,8 @@ class Srcu(Readers):
         """Wait out the readers that are inside now (a grace period)."""
         inside = set(self.active)
         yield Preempt(point)
-        if inside & self.active:
+        # Usually nobody was inside; the intersection is then the empty set at no cost.
+        if inside and inside & self.active:
             yield WaitUntil(
                 f"{self.name}: grace period waits for readers",
                 lambda: not inside & self.active,
@@ -142,36 +142,64 @@ class RwLock:
     kernel: include/linux/rwlock.h; virt/kvm/kvm_mm.h:KVM_MMU_LOCK (v6.18)
     """
 
-    __slots__ = ("name", "readers", "writer")
+    __slots__ = ("_read_section", "_write_section", "name", "readers", "writer")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.writer = False
         self.readers = 0
+        # Sections hold no state of their own, so one of each serves every ``with``.
+        self._write_section = _WriteSection(self)
+        self._read_section = _ReadSection(self)
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        if self.writer or self.readers:
-            raise Deadlock(f"{self.name}: taken for write while held (held across a yield?)")
-        self.writer = True
-        try:
-            yield
-        finally:
-            self.writer = False
+    def write(self) -> _WriteSection:
+        """``with lock.write():`` write_lock ... write_unlock."""
+        return self._write_section
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        if self.writer:
-            raise Deadlock(f"{self.name}: taken for read while held for write")
-        self.readers += 1
-        try:
-            yield
-        finally:
-            self.readers -= 1
+    def read(self) -> _ReadSection:
+        """``with lock.read():`` read_lock ... read_unlock."""
+        return self._read_section
 
     @property
     def held_for_write(self) -> bool:
         return self.writer
+
+
+class _WriteSection:
+    """The body of ``with lock.write():``. A class rather than a generator-based context
+    manager: page-table code enters mmu_lock on nearly every operation, and this is cheaper."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: RwLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        lock = self.lock
+        if lock.writer or lock.readers:
+            raise Deadlock(f"{lock.name}: taken for write while held (held across a yield?)")
+        lock.writer = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.writer = False
+
+
+class _ReadSection:
+    """The body of ``with lock.read():`` (see :class:`_WriteSection`)."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: RwLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        lock = self.lock
+        if lock.writer:
+            raise Deadlock(f"{lock.name}: taken for read while held for write")
+        lock.readers += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.readers -= 1
 
 
 class Rcu(Readers):

@@ -43,10 +43,16 @@ class HvaIndex:
         if at not in self._segments:
             self._segments[at] = self._cover_at(at)
 
-    def _merge(self, at: int) -> None:
-        """Drop the segment boundary at ``at`` if it separates equal coverage."""
-        if at in self._segments and self._segments[at] == self._cover_at(at - 1):
-            del self._segments[at]
+    def _starts_within(self, start: int, end: int) -> list[int]:
+        """The segment starts in [start, end), where ``start`` is one of them.
+
+        Most slots alias nothing, so [start, end) is usually a single segment: one floor
+        lookup proves it, cheaper than iterating over a range of the map.
+        """
+        last = floor_item(self._segments, end - 1)
+        if last is not None and last[0] == start:
+            return [start]
+        return list(self._segments.irange(start, end, inclusive=(True, False)))
 
     def insert(self, start: int, end: int, slot_id: int) -> None:
         """Add a slot id (not already present) over [start, end).
@@ -56,14 +62,23 @@ class HvaIndex:
         """
         self._split(start)
         self._split(end)
-        for key in list(self._segments.irange(start, end, inclusive=(True, False))):
-            self._segments[key] = (*self._segments[key], slot_id)
+        segments = self._segments
+        for key in self._starts_within(start, end):
+            segments[key] = (*segments[key], slot_id)
 
     def remove(self, start: int, end: int, slot_id: int) -> None:
-        for key in list(self._segments.irange(start, end, inclusive=(True, False))):
-            self._segments[key] = tuple(i for i in self._segments[key] if i != slot_id)
-        self._merge(end)
-        self._merge(start)
+        """Take a slot id off [start, end), then drop the boundaries at either end that no
+        longer separate different covers."""
+        segments = self._segments
+        inside = self._starts_within(start, end)
+        for key in inside:
+            segments[key] = tuple(i for i in segments[key] if i != slot_id)
+        # At ``end``: the last segment inside against the one that follows (if any).
+        if segments.get(end) == segments[inside[-1]]:
+            del segments[end]
+        # At ``start``: the first segment inside against whatever covers the address below.
+        if segments[start] == self._cover_at(start - 1):
+            del segments[start]
 
     def ids_at(self, hva: int) -> Cover:
         """The id of every slot whose host range contains ``hva``."""

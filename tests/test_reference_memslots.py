@@ -293,8 +293,13 @@ def test_hva_index_matches_brute_force(actions: list[tuple[bool, int, int, int]]
         assert set(index.ids_at(point)) == {k for k, (s, e) in live.items() if s <= point < e}
         expected = {k for k, (s, e) in live.items() if s < point + 3 and point < e}
         assert index.ids_overlapping(point, point + 3) == expected
-    if not live:
-        assert index.segments() == 0
+
+    # The index is canonical: a boundary exactly where the covering set changes, no other.
+    def cover(point: int) -> set[int]:
+        return {k for k, (s, e) in live.items() if s <= point < e}
+
+    changes = [point for point in range(0, 30) if cover(point) != cover(point - 1)]
+    assert index.segments() == len(changes)
 
 
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 20)), max_size=20), st.data())

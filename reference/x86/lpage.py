@@ -65,35 +65,33 @@ def kvm_pages_per_hpage(level: int) -> int:
 class SlotLpageInfo:
     """``slot->arch.lpage_info``: the disallow_lpage count of every frame at 2M and 1G.
 
-    The count is the initial value kvm_alloc_memslot_metadata gives the frame (``initial``)
-    plus what shadowing added since (``added``, only where not zero).
+    The count is the initial value kvm_alloc_memslot_metadata gives the frame (``initial``,
+    a rule over the slot's shape) plus what shadowing added since (``added``, only where not
+    zero).
     """
 
-    __slots__ = ("added", "base_gfn", "incongruent", "lpages", "misaligned_head", "misaligned_tail")
+    __slots__ = ("added", "base_gfn", "npages", "ugfn")
 
     def __init__(self, base_gfn: int, npages: int, userspace_addr: int) -> None:
         self.base_gfn = base_gfn
+        self.npages = npages
+        self.ugfn = userspace_addr >> PAGE_SHIFT
         self.added: dict[tuple[int, int], int] = {}
-        self.lpages: dict[int, int] = {}
-        self.misaligned_head: dict[int, bool] = {}
-        self.misaligned_tail: dict[int, bool] = {}
-        self.incongruent: dict[int, bool] = {}
-        ugfn = userspace_addr >> PAGE_SHIFT
-        for level in range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1):
-            mask = kvm_pages_per_hpage(level) - 1
-            self.lpages[level] = gfn_to_index(base_gfn + npages - 1, base_gfn, level) + 1
-            self.misaligned_head[level] = bool(base_gfn & mask)
-            self.misaligned_tail[level] = bool((base_gfn + npages) & mask)
-            self.incongruent[level] = bool((base_gfn ^ ugfn) & mask)
 
     def initial(self, level: int, index: int) -> int:
-        """What the kernel stores at allocation. It *sets* 1 (it does not add), so a frame
-        that is both a misaligned end and in an incongruent slot still starts at 1."""
-        if self.incongruent[level]:
+        """What the kernel stores at allocation: 1 for every frame when the slot's gpa and
+        hva are incongruent at this size, 1 for the first frame when the slot starts inside
+        it and for the last when the slot ends inside it, else 0. It *sets* 1 (it does not
+        add), so a frame that is both a misaligned end and in an incongruent slot still
+        starts at 1."""
+        mask = kvm_pages_per_hpage(level) - 1
+        end_gfn = self.base_gfn + self.npages
+        if (self.base_gfn ^ self.ugfn) & mask:
             return 1
-        if index == 0 and self.misaligned_head[level]:
+        if index == 0 and self.base_gfn & mask:
             return 1
-        return int(index == self.lpages[level] - 1 and self.misaligned_tail[level])
+        last = gfn_to_index(end_gfn - 1, self.base_gfn, level)
+        return int(index == last and bool(end_gfn & mask))
 
     def disallow_lpage(self, level: int, index: int) -> int:
         return self.initial(level, index) + self.added.get((level, index), 0)

@@ -153,7 +153,7 @@ def slot_rmap_heads(slot: KvmMemorySlot, start: int, end: int) -> list[tuple[int
     """
     rmaps = slot_rmaps(slot)
     start, end = max(start, slot.base_gfn), min(end, slot.end_gfn)
-    if start >= end:
+    if start >= end or not rmaps.heads:
         return []
     # The indexes the range covers at each level: looked up one by one when there are fewer
     # of them than non-empty heads (a notifier invalidating a page), else every head is
