@@ -91,6 +91,7 @@ class HvaIndex:
             found.update(self._segments[key])
         return found
 
-    def segments(self) -> int:
-        """The number of stored boundaries (a measure of the index's memory)."""
-        return len(self._segments)
+    def covers(self) -> list[tuple[int, Cover]]:
+        """Every stored boundary with the ids covering the run it starts, in address order
+        (what the invariants compare against the slots)."""
+        return list(self._segments.items())

@@ -33,6 +33,12 @@ def test_conditions_hold_or_raise() -> None:
         halve(3)
     with pytest.raises(dbc.ContractViolation, match="postcondition failed"):
         halve(7, exact=False)
+    # Every argument given positionally takes the wrapper's fast path; the same conditions.
+    assert halve(8, True) == 4
+    with pytest.raises(dbc.ContractViolation, match="not exact or value % 2 == 0"):
+        halve(5, True)
+    with pytest.raises(dbc.ContractViolation, match="postcondition failed"):
+        halve(7, False)
     assert isinstance(dbc.ContractViolation("x"), AssertionError)
 
 

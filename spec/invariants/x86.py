@@ -82,6 +82,8 @@ def check_rmaps(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
         for (level, index), head in rmaps.heads.items():
             for sptep in head:
                 found[(slot.id, level, index, sptep)] += 1
+    if found == expected:
+        return violations
     for key in sorted(set(expected) | set(found), key=repr):
         if expected[key] != found[key]:
             violations.append(
