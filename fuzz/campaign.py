@@ -55,6 +55,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvmspec.fuzz import machines
+from kvmspec.fuzz.allocator import keep_freed_memory
 from kvmspec.fuzz.arm64_machine import arm64_machine
 from kvmspec.fuzz.campaign_atheris import SPAWN_LOCK, AreaResult, AtherisWorkers, FuzzArea
 from kvmspec.fuzz.campaign_database import CheckedDatabase, open_database
@@ -329,6 +330,7 @@ def _worker_start() -> None:
     inside coverage.py's lock of a traced slice, and hang the worker there)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    keep_freed_memory()  # each example's fresh VM reuses the last one's memory
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
 
 

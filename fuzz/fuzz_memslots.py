@@ -36,6 +36,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 try:
     from kvmspec.fuzz import atheris_support as support
+    from kvmspec.fuzz.allocator import keep_freed_memory
 except ImportError:  # started as ./fuzz/fuzz_memslots.py by a Python without the project
     _VENV_PYTHON = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python"
     if __name__ != "__main__" or not _VENV_PYTHON.exists() or sys.executable == str(_VENV_PYTHON):
@@ -118,6 +119,7 @@ def main() -> None:
     import atheris
 
     support.warn_if_contracts_off()
+    keep_freed_memory()  # each input's fresh VM reuses the last one's memory
     target: Callable[[bytes], None] = TestOneInput
     if os.environ.get("KVMSPEC_FUZZ_DRIVER") == "hypothesis":
         target = support.hypothesis_fuzz_one_input(PROFILE)

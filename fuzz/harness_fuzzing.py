@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from kvmspec.fuzz import atheris_support as support
+from kvmspec.fuzz.allocator import keep_freed_memory
 
 if TYPE_CHECKING:
     from kvmspec.fuzz.decoder import BytesChooser
@@ -207,5 +208,6 @@ class HarnessFuzzTarget(Generic[SetUp]):
         import atheris
 
         support.warn_if_contracts_off()
+        keep_freed_memory()  # each input's fresh VM reuses the last one's memory
         atheris.Setup(sys.argv, self.test_one_input)
         atheris.Fuzz()
