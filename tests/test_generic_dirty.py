@@ -7,9 +7,12 @@ Each mutant test plants one bug of the kind the rule exists for and checks that 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvmspec.fuzz.generic_machine import generic_machine
 from kvmspec.fuzz.profiles import bug_hunt
@@ -24,6 +27,7 @@ from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.page_fault import Fault, guest_access
 from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
+from kvmspec.spec.dirty_contract import _first_unreported
 from kvmspec.spec.invariants.dirty import (
     check_rings_and_bitmaps,
     check_writable_translations_logged,
@@ -217,3 +221,34 @@ def test_the_machine_catches(mutant: str, monkeypatch: pytest.MonkeyPatch) -> No
     target, attribute, replacement, pattern = MUTANTS[mutant]
     monkeypatch.setattr(f"{target}.{attribute}", replacement)
     _machine_finds(DEFAULT_PROFILE, pattern)
+
+
+@given(
+    st.lists(st.integers(0, (1 << 64) - 1) | st.just((1 << 64) - 1), max_size=4),
+    st.integers(0, 300),
+    st.sets(st.integers(0, 300), max_size=40),
+)
+def test_the_first_unreported_page_is_found_word_by_word(
+    bitmap: list[int], npages: int, cleared: set[int]
+) -> None:
+    """D5's search, word by word, finds what a page-by-page search finds."""
+
+    def reported(offset: int) -> bool:
+        word = offset // 64
+        return word < len(bitmap) and bool(bitmap[word] >> offset % 64 & 1)
+
+    naive = next(
+        (offset for offset in range(npages) if offset not in cleared and not reported(offset)),
+        None,
+    )
+    assert _first_unreported(bitmap, npages, cleared) == naive
+
+
+def test_a_terabyte_slot_reported_all_dirty_is_judged_in_proportion_to_its_bitmap() -> None:
+    """The D5 search over an all-ones bitmap of a 1 TiB slot (2^28 pages) looks at each of
+    its 2^22 words once instead of each page."""
+    npages = 1 << 28
+    bitmap = [(1 << 64) - 1] * (npages // 64)
+    started = time.process_time()
+    assert _first_unreported(bitmap, npages, set()) is None
+    assert time.process_time() - started < 30
