@@ -76,6 +76,11 @@ class SptePtr:
     def get(self) -> int:
         return self.sp.spt.get(self.index, SHADOW_NONPRESENT_VALUE)
 
+    def __repr__(self) -> str:
+        # The dataclass's own text, without its recursion guard: WARN messages name SPTEs
+        # on the fault path, whether or not the WARN fires.
+        return f"SptePtr(sp={self.sp!r}, index={self.index})"
+
 
 @dataclass(eq=False)
 class KvmMmuPage:
