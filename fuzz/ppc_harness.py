@@ -124,9 +124,14 @@ SLOT1_PLACES: tuple[int | None, ...] = (None, RAM1_GFN, MOVED_GFN)
 """Where slot 1 may be: deleted, its first place, its second (MOVE)."""
 ORDERS = (18, 19, 20)
 RACE_STEPS = (0, 1, 2, 3)
-KNOWN_KERNEL_FINDINGS = (f"P7: {STALE_MMIO_CACHE}",)
+STALE_ABSENT_RC = "P4: H_READ and the removal disagree on the R and C of absent HPTE"
+"""How P4 violations of an absent entry's R and C begin (a kernel finding: see
+tests/test_ppc_hpt.py)."""
+KNOWN_KERNEL_FINDINGS = (f"P7: {STALE_MMIO_CACHE}", STALE_ABSENT_RC)
 """Kernel behaviour the checks report and a fuzzing run may be told to let pass: the MMIO
-cache keeps entries the HPT no longer holds (tests/test_ppc_fault.py shows how)."""
+cache keeps entries the HPT no longer holds (tests/test_ppc_fault.py shows how), and H_READ
+shows an absent entry's R and C from a hardware word the kernel no longer keeps up to date,
+so a removal can report others (tests/test_ppc_hpt.py)."""
 RACERS = ("dontneed", "h_remove", "delete_slot1", "resize")
 INVALID_HCALLS = (
     "enter_index",
@@ -346,6 +351,7 @@ class PpcHarness:
         target = index if index is not None else self._group(ea) * HPTES_PER_GROUP + 7
         entry = self.entered.get(target)
         argument = {0: 0, H_AVPN: entry.v & ~0x7F if entry else 0, H_ANDCOND: HPTE_V_BOLTED}
+        seen = self._rc_seen(target) if entry is not None else None
         status, v, r = kvmppc_do_h_remove(self.kvm, how, target, argument[how])
         self.log(f"H_REMOVE {target:#x} how {how:#x}: {status}")
         if entry is None:
@@ -360,10 +366,36 @@ class PpcHarness:
             and r & ~(HPTE_R_R | HPTE_R_C) == entry.r,
             f"H_REMOVE {target:#x}: ({status}, {v:#x}, {r:#x}), the guest entered {entry}",
         )
+        if status == H_SUCCESS and seen is not None:
+            self._check_removed_rc("H_REMOVE", target, seen, r & (HPTE_R_R | HPTE_R_C))
         del self.entered[target]
 
     def _group(self, ea: int) -> int:
         return hpt_hash(self.mmu.hpt, SEGMENT, ea)
+
+    def _rc_seen(self, index: int) -> tuple[int, bool]:
+        """The R and C the guest reads for entry ``index`` now (H_READ), and whether the
+        entry is absent (no hardware can add to them before a removal)."""
+        rc = HPTE_R_R | HPTE_R_C
+        absent = bool(self.mmu.hpt.v(index) & HPTE_V_ABSENT)
+        return kvmppc_h_read(self.kvm, 0, index)[1][0][1] & rc, absent
+
+    def _check_removed_rc(self, call: str, index: int, seen: tuple[int, bool], rc: int) -> None:
+        """P4: a removal reports the entry's R and C as the guest's view has them. The
+        hardware may still set bits up to the tlbie (P3), so for a valid entry the report
+        holds at least those the guest read (H_READ) just before. For an absent entry no
+        hardware can add any, so the two must agree; in v6.18 they need not (a known
+        kernel finding, :data:`STALE_ABSENT_RC`)."""
+        seen_rc, absent = seen
+        if absent and rc != seen_rc:
+            self.found.append(
+                f"{STALE_ABSENT_RC} {index:#x}: H_READ showed {seen_rc:#x}, {call} reported {rc:#x}"
+            )
+        elif rc & seen_rc != seen_rc:
+            self.found.append(
+                f"P4: {call} of HPTE {index:#x} reported R/C {rc:#x}, losing some of the "
+                f"{seen_rc:#x} the guest read just before"
+            )
 
     def h_bulk_remove(self, ea_is: tuple[int, ...]) -> None:
         """H_BULK_REMOVE of up to four of the guest's entries (absolute requests)."""
@@ -376,12 +408,15 @@ class PpcHarness:
         for index in picked:
             args += [H_BULK_REMOVE_REQUEST | index, 0]
         args += [H_BULK_REMOVE_END, 0] * (4 - len(picked))
+        seen = [self._rc_seen(index) for index in picked]
         status, out = kvmppc_h_bulk_remove(self.kvm, args)
         self._expect(status == H_SUCCESS, f"H_BULK_REMOVE of {picked}: {status}")
         for n, index in enumerate(picked):
             self._expect(
                 out[2 * n] >> 56 & 0xF0 == 0x80, f"H_BULK_REMOVE {index:#x}: {out[2 * n]:#x}"
             )
+            answered = out[2 * n] >> (56 - 5) & (HPTE_R_R | HPTE_R_C)
+            self._check_removed_rc("H_BULK_REMOVE", index, seen[n], answered)
             del self.entered[index]
 
     def h_bulk_remove_cond(self, ea_i: int, how: int) -> None:
@@ -396,6 +431,7 @@ class PpcHarness:
         condition = {0: 0, H_AVPN: H_BULK_REMOVE_AVPN, H_ANDCOND: H_BULK_REMOVE_ANDCOND}[how]
         argument = {0: 0, H_AVPN: entry.v & ~0x7F if entry else 0, H_ANDCOND: HPTE_V_BOLTED}
         request = H_BULK_REMOVE_REQUEST | condition | target
+        seen = self._rc_seen(target) if entry is not None else None
         status, out = kvmppc_h_bulk_remove(
             self.kvm, [request, argument[how]] + [H_BULK_REMOVE_END, 0] * 3
         )
@@ -406,6 +442,9 @@ class PpcHarness:
             status == H_SUCCESS and found == removes,
             f"H_BULK_REMOVE {target:#x} how {how:#x}: {out[0]:#x}, the guest entered {entry}",
         )
+        if removes and seen is not None and found:
+            answered = out[0] >> (56 - 5) & (HPTE_R_R | HPTE_R_C)
+            self._check_removed_rc("H_BULK_REMOVE", target, seen, answered)
         if removes:
             del self.entered[target]
 

@@ -1050,9 +1050,18 @@ rule(
     """The guest's view: H_READ, H_REMOVE and H_BULK_REMOVE show an entry the guest entered
     as valid even while KVM keeps it absent, with the guest's own real address and the
     hardware's R and C; the hypervisor's software bits (HVLOCK, ABSENT, the reserved guest
-    bits) and host addresses never reach the guest.""",
+    bits) and host addresses never reach the guest. A removal reports at least the R and C
+    H_READ showed just before (exactly those of an absent entry). (Known kernel finding,
+    tests/test_ppc_fault.py: for an absent entry H_READ merges the R and C of the hardware
+    word, which kvmppc_unmap_hpte leaves behind when it harvests them into guest_rpte, while
+    H_REMOVE and H_BULK_REMOVE report guest_rpte's. The two disagree after H_CLEAR_REF on an
+    absent entry, and after an HPT resize, which gives a moved entry the guest_rpte it copied
+    before the unmap harvested R and C: the guest loses a change it never cleared.)""",
     KernelCitation(PPC_RM_MMU, "kvmppc_h_read"),
     KernelCitation(PPC_RM_MMU, "kvmppc_do_h_remove"),
+    KernelCitation(PPC_RM_MMU, "kvmppc_h_bulk_remove"),
+    KernelCitation(PPC_HV_MMU, "kvmppc_unmap_hpte"),
+    KernelCitation(PPC_HV_MMU, "resize_hpt_rehash_hpte"),
 )
 rule(
     "P5",

@@ -5,8 +5,9 @@ The faults: an ABSENT entry becomes valid only if no invalidation ran since the 
 sequence snapshot; an MMIO entry never becomes valid, and its per-vCPU cache follows
 ``mmio_update``; a deleted slot's page is MMIO; a read-only host page gives a read-only
 entry. The resize: exactly the bolted entries move, rehashed; a resize that keeps another
-is caught. Seed 000: a removal path that ignores INVALID slots is caught. And a finding:
-the kernel's MMIO cache can keep an entry the HPT no longer holds.
+is caught. Seed 000: a removal path that ignores INVALID slots is caught. And findings: the
+kernel's MMIO cache can keep an entry the HPT no longer holds, and H_READ and the removals
+disagree on an absent entry's R and C (after H_CLEAR_REF, or after a resize).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kvmspec.fuzz.ppc_harness import (
     RAM0_GFN,
     RAM1_GFN,
     SEGMENT,
+    STALE_ABSENT_RC,
     PpcHarness,
     race,
 )
@@ -40,7 +42,9 @@ from kvmspec.reference.ppc.fault import (
 )
 from kvmspec.reference.ppc.hcalls import kvmppc_do_h_remove, kvmppc_h_read
 from kvmspec.reference.ppc.hpte import (
+    HPTE_R_C,
     HPTE_R_KEY,
+    HPTE_R_R,
     HPTE_V_ABSENT,
     HPTE_V_VALID,
     hpte_is_writable,
@@ -207,6 +211,63 @@ def test_kernel_finding_a_stale_mmio_cache_entry_emulates_ram_as_mmio() -> None:
     tolerant.change_slot1(RAM1_GFN)
     tolerant.guest_access(0, EA2, False)
     tolerant.check()
+
+
+def _r_and_c(h: PpcHarness, index: int) -> int:
+    """The R and C the guest reads for entry ``index`` (H_READ)."""
+    return kvmppc_h_read(h.kvm, 0, index)[1][0][1] & (HPTE_R_R | HPTE_R_C)
+
+
+def test_kernel_finding_a_resize_drops_the_r_and_c_of_a_moved_entry() -> None:
+    """A finding about v6.18, reported by the checks (the fuzzing runs let it pass, see
+    KNOWN_KERNEL_FINDINGS). The guest stores through a bolted entry: the hardware sets R and
+    C. A resize moves the entry: resize_hpt_rehash_hpte copies the entry's guest_rpte, then
+    unmaps it (kvmppc_unmap_hpte folds R and C into the *old* guest_rpte), and gives the new
+    entry the copy taken before. The new entry is absent; its hardware word still has R and C,
+    so H_READ shows them, but H_REMOVE reports the guest_rpte without them: a change the
+    guest never cleared is gone from its view (the host's rmap and dirty log did get it)."""
+    h = harness()
+    h.h_enter(EA0, SLOT0_PAGE, True, True, False, -1)  # bolted, so the resize keeps it
+    h.guest_access(0, EA0, True)
+    h.check()
+    h.resize_prepare(19)
+    h.resize_work()
+    h.resize_commit(19)
+    h.check()
+    index = index_of(h, EA0)
+    assert h.mmu.hpt.v(index) & HPTE_V_ABSENT
+    assert _r_and_c(h, index) == HPTE_R_R | HPTE_R_C
+    assert h.mmu.hpt.rev_entry(index).guest_rpte & (HPTE_R_R | HPTE_R_C) == 0
+    h.h_remove(EA0, 0)
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    assert broken.value.violations == [
+        f"{STALE_ABSENT_RC} {index:#x}: H_READ showed 0x180, H_REMOVE reported 0x0"
+    ]
+
+
+def test_kernel_finding_h_read_shows_the_r_that_h_clear_ref_cleared_on_an_absent_entry() -> None:
+    """The same root, without a resize: the host takes the page of a referenced entry away
+    (kvmppc_unmap_hpte harvests R into guest_rpte but leaves it in the hardware word), the
+    guest clears R with H_CLEAR_REF (in guest_rpte only: the entry is absent, so the kernel
+    leaves the hardware word alone), and H_READ still shows R, from that word. The removal
+    then reports no R: the two calls disagree. A strict harness reports it; a tolerant one
+    (KNOWN_KERNEL_FINDINGS) lets it pass."""
+    for tolerated in ((), KNOWN_KERNEL_FINDINGS):
+        h = harness(tolerated)
+        h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+        h.guest_access(0, EA0, False)  # R, no C
+        h.host_dontneed(0, 0)
+        index = index_of(h, EA0)
+        assert h.mmu.hpt.v(index) & HPTE_V_ABSENT
+        h.h_clear_ref_or_mod(EA0, False)
+        assert _r_and_c(h, index) == HPTE_R_R  # still R, from the stale hardware word
+        h.h_remove(EA0, 0)
+        if tolerated:
+            h.check()
+            continue
+        with pytest.raises(RulesBroken, match=f"{STALE_ABSENT_RC} {index:#x}: H_READ showed 0x100"):
+            h.check()
 
 
 # -- seed 000 and P9 --------------------------------------------------------------------------

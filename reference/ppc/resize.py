@@ -266,6 +266,8 @@ def resize_hpt_rehash_hpte(kvm: Kvm, resize: KvmResizeHpt, idx: int) -> int:
     lock_hpte(old, idx)
     vpte = old.v(idx)
     try:
+        # Copied before the unmap below folds the hardware's R and C into the old entry's
+        # guest_rpte: the moved entry gets the copy without them (a kernel finding, P4).
         guest_rpte = old.rev_entry(idx).guest_rpte
         apsize = kvmppc_actual_pgsz(vpte, guest_rpte)
         if not apsize:
