@@ -442,4 +442,4 @@ def chain_members(hpt: KvmHptInfo, word: int) -> list[int]:
 
 def hpte_valid_in_hardware(hpt: KvmHptInfo, index: int) -> bool:
     """Can the hardware translate through the entry (VALID, neither free nor ABSENT)?"""
-    return bool(hpt.v(index) & HPTE_V_VALID) and not hpt.v(index) & HPTE_V_ABSENT
+    return (hpt.v(index) & (HPTE_V_VALID | HPTE_V_ABSENT)) == HPTE_V_VALID

@@ -32,7 +32,6 @@ from kvmspec.reference.gfn_to_hva import __gfn_to_hva_memslot
 from kvmspec.reference.host import HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
-from kvmspec.reference.ppc.hcalls import kvmppc_h_read
 from kvmspec.reference.ppc.hpt import (
     HPTES_PER_GROUP,
     KVMPPC_RMAP_INDEX,
@@ -59,6 +58,7 @@ from kvmspec.reference.ppc.hpte import (
     HPTE_V_SECONDARY,
     HPTE_V_SOFTWARE,
     HPTE_V_VALID,
+    hpte_guest_view,
     hpte_is_writable,
     hpte_rpn,
     is_mmio_hpte,
@@ -208,12 +208,14 @@ def check_mmio_cache(kvm: Kvm, mmu: HptMmu) -> list[Violation]:
 
 
 def hpt_guest_entries(kvm: Kvm, mmu: HptMmu) -> GuestEntries:
-    """The guest's view (H_READ) of every entry in use in the current table."""
-    entries = {}
-    for index, (v, _) in sorted(mmu.hpt.hptes.items()):
-        if v & (HPTE_V_VALID | HPTE_V_ABSENT):
-            entries[index] = kvmppc_h_read(kvm, 0, index)[1][0]
-    return entries
+    """The guest's view of every entry in use in the current table: what H_READ of each
+    returns (hpte_guest_view is its view of one entry)."""
+    hpt = mmu.hpt
+    return {
+        index: hpte_guest_view(v, r, hpt.rev_entry(index).guest_rpte)
+        for index, (v, r) in sorted(hpt.hptes.items())
+        if v & (HPTE_V_VALID | HPTE_V_ABSENT)
+    }
 
 
 def _without_rc(entries: GuestEntries, bolted_only: bool) -> Counter[tuple[int, int]]:
