@@ -126,12 +126,12 @@ ORDERS = (18, 19, 20)
 RACE_STEPS = (0, 1, 2, 3)
 STALE_ABSENT_RC = "P4: H_READ and the removal disagree on the R and C of absent HPTE"
 """How P4 violations of an absent entry's R and C begin (a kernel finding: see
-tests/test_ppc_hpt.py)."""
+tests/test_ppc_fault.py)."""
 KNOWN_KERNEL_FINDINGS = (f"P7: {STALE_MMIO_CACHE}", STALE_ABSENT_RC)
 """Kernel behaviour the checks report and a fuzzing run may be told to let pass: the MMIO
 cache keeps entries the HPT no longer holds (tests/test_ppc_fault.py shows how), and H_READ
 shows an absent entry's R and C from a hardware word the kernel no longer keeps up to date,
-so a removal can report others (tests/test_ppc_hpt.py)."""
+so a removal can report others (tests/test_ppc_fault.py)."""
 RACERS = ("dontneed", "h_remove", "delete_slot1", "resize")
 INVALID_HCALLS = (
     "enter_index",
@@ -210,6 +210,12 @@ def race(first: KernelOp[Any], steps: int, second: Callable[[], KernelOp[Any] | 
             continue
         raise Deadlock(f"both blocked: {a.waiting}, {b.waiting if b else None}")
     return a.result
+
+
+def _bulk_rc(response: int) -> int:
+    """The R and C an H_BULK_REMOVE response word reports for its entry (bits 58 and 59,
+    the "r" word's R and C shifted up by 51)."""
+    return response >> (56 - 5) & (HPTE_R_R | HPTE_R_C)
 
 
 def ram_r(gfn: int, pp: int, ea: int) -> int:
@@ -415,8 +421,7 @@ class PpcHarness:
             self._expect(
                 out[2 * n] >> 56 & 0xF0 == 0x80, f"H_BULK_REMOVE {index:#x}: {out[2 * n]:#x}"
             )
-            answered = out[2 * n] >> (56 - 5) & (HPTE_R_R | HPTE_R_C)
-            self._check_removed_rc("H_BULK_REMOVE", index, seen[n], answered)
+            self._check_removed_rc("H_BULK_REMOVE", index, seen[n], _bulk_rc(out[2 * n]))
             del self.entered[index]
 
     def h_bulk_remove_cond(self, ea_i: int, how: int) -> None:
@@ -443,8 +448,7 @@ class PpcHarness:
             f"H_BULK_REMOVE {target:#x} how {how:#x}: {out[0]:#x}, the guest entered {entry}",
         )
         if removes and seen is not None and found:
-            answered = out[0] >> (56 - 5) & (HPTE_R_R | HPTE_R_C)
-            self._check_removed_rc("H_BULK_REMOVE", target, seen, answered)
+            self._check_removed_rc("H_BULK_REMOVE", target, seen, _bulk_rc(out[0]))
         if removes:
             del self.entered[target]
 
@@ -709,7 +713,7 @@ class PpcHarness:
             resize_hpt_prepare_work(self.kvm, resize)
 
     def _resize_op(self, order: int) -> KernelOp[int]:
-        before = hpt_guest_entries(self.kvm, self.mmu)
+        before = hpt_guest_entries(self.mmu)
         before_order = self.mmu.hpt.order
         commit = kvm_vm_ioctl_resize_hpt_commit(self.kvm, 0, order)
 
@@ -796,7 +800,7 @@ class PpcHarness:
 
     def violations(self) -> list[str]:
         # One H_READ of every entry in use serves both the table's checks and the guest's.
-        views = hpt_guest_entries(self.kvm, self.mmu)
+        views = hpt_guest_entries(self.mmu)
         found = [str(v) for v in check_hpt(self.kvm, self.mmu, self.host, views)]
         found += [str(v) for v in check_mmio_cache(self.kvm, self.mmu)]
         for index, entry in sorted(self.entered.items()):

@@ -95,7 +95,7 @@ def check_hpt(
     """
     hpt, shift = mmu.hpt, kvm.profile.page_shift
     if views is None:
-        views = hpt_guest_entries(kvm, mmu)
+        views = hpt_guest_entries(mmu)
     found = [Violation(rule, f"WARN: {message}") for rule, message in kvm.warnings]
     chained: dict[int, tuple[KvmMemorySlot, int]] = {}
     for slot in kvm.memslots(0):
@@ -207,7 +207,7 @@ def check_mmio_cache(kvm: Kvm, mmu: HptMmu) -> list[Violation]:
     return found
 
 
-def hpt_guest_entries(kvm: Kvm, mmu: HptMmu) -> GuestEntries:
+def hpt_guest_entries(mmu: HptMmu) -> GuestEntries:
     """The guest's view of every entry in use in the current table: what H_READ of each
     returns (hpte_guest_view is its view of one entry)."""
     hpt = mmu.hpt
@@ -238,7 +238,7 @@ def check_hpt_resize(
     kernel: arch/powerpc/kvm/book3s_64_mmu_hv.c:kvm_vm_ioctl_resize_hpt_commit,
     resize_hpt_rehash_hpte (v6.18)
     """
-    after = _without_rc(hpt_guest_entries(kvm, mmu), bolted_only=False)
+    after = _without_rc(hpt_guest_entries(mmu), bolted_only=False)
     if ret == 0:
         expected = _without_rc(before, bolted_only=True)
         if mmu.hpt.order != order:
