@@ -26,6 +26,7 @@ from kvmspec.reference.dirty_bitmap import DirtyBitmap
 from kvmspec.reference.guest_memfd import GmemFile, kvm_gmem_bind, kvm_gmem_unbind
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot, kvm_copy_memslot
+from kvmspec.reference.ordered import floor_value, replace_value
 from kvmspec.spec.uapi.constants import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_MEM_GUEST_MEMFD,
@@ -70,16 +71,20 @@ def kvm_replace_memslot(kvm: Kvm, old: KvmMemorySlot | None, new: KvmMemorySlot 
         # The gfn tree is keyed by base_gfn; a FLAGS_ONLY or INVALID copy keeps the key and
         # is swapped in place, anything else is an erase and an insert.
         if new is None or new.base_gfn != old.base_gfn:
-            del slots.gfn_tree[old.base_gfn]
+            slots.gfn_tree.remove(old)
 
     if new is not None:
         slots.id_hash[new.id] = new
         if old is None or old.id != new.id:
             start = new.userspace_addr
             slots.hva_tree.insert(start, start + (new.npages << page_shift), new.id)
-        if new.base_gfn in slots.gfn_tree and slots.gfn_tree[new.base_gfn] is not old:
-            raise AssertionError("two slots with one base_gfn: overlap check missed (M1)")
-        slots.gfn_tree[new.base_gfn] = new
+        if old is not None and old.base_gfn == new.base_gfn:
+            replace_value(slots.gfn_tree, old, new)
+        else:
+            below = floor_value(slots.gfn_tree, new.base_gfn)
+            if below is not None and below.base_gfn == new.base_gfn:
+                raise AssertionError("two slots with one base_gfn: overlap check missed (M1)")
+            slots.gfn_tree.add(new)
 
 
 def kvm_swap_active_memslots(kvm: Kvm, as_id: int, owner: object) -> KernelOp[None]:

@@ -12,12 +12,15 @@ kvm_check_memslot_overlap (v6.18)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from operator import attrgetter
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedKeyList
 
 from kvmspec.reference.hva_index import HvaIndex
 from kvmspec.reference.memslot import KvmMemorySlot
-from kvmspec.reference.ordered import floor_item
+from kvmspec.reference.ordered import floor_value
+
+_base_gfn = attrgetter("base_gfn")
 
 
 class KvmMemslots:
@@ -31,7 +34,7 @@ class KvmMemslots:
         # spaces, so two address spaces never share a generation (kvm_create_vm).
         self.generation = as_id
         self.id_hash: dict[int, KvmMemorySlot] = {}
-        self.gfn_tree: SortedDict = SortedDict()  # base_gfn -> slot
+        self.gfn_tree: SortedKeyList = SortedKeyList(key=_base_gfn)  # slots by base_gfn
         self.hva_tree = HvaIndex()
         self.last_used_slot: KvmMemorySlot | None = None
 
@@ -40,7 +43,7 @@ class KvmMemslots:
 
     def __iter__(self) -> Iterator[KvmMemorySlot]:
         """Slots in gfn order (kvm_for_each_memslot)."""
-        return iter(self.gfn_tree.values())
+        return iter(self.gfn_tree)
 
     def id_to_memslot(self, slot_id: int) -> KvmMemorySlot | None:
         """kernel: include/linux/kvm_host.h:id_to_memslot (v6.18)"""
@@ -53,11 +56,9 @@ class KvmMemslots:
         """
         # The last slot starting at or below gfn is the only one that can contain it, since
         # slots never overlap (M1).
-        floor = floor_item(self.gfn_tree, gfn)
-        if floor is not None:
-            slot: KvmMemorySlot = floor[1]
-            if gfn < slot.end_gfn:
-                return slot
+        slot: KvmMemorySlot | None = floor_value(self.gfn_tree, gfn)
+        if slot is not None and gfn < slot.end_gfn:
+            return slot
         return None
 
     def gfn_to_memslot(self, gfn: int) -> KvmMemorySlot | None:
@@ -83,8 +84,7 @@ class KvmMemslots:
         kernel: virt/kvm/kvm_main.c:kvm_check_memslot_overlap (v6.18)
         """
         below = end - 1
-        while (floor := floor_item(self.gfn_tree, below)) is not None:
-            slot: KvmMemorySlot = floor[1]
+        while (slot := floor_value(self.gfn_tree, below)) is not None:
             if slot.end_gfn <= start:
                 return False
             if slot.id != slot_id:

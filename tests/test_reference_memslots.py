@@ -137,6 +137,28 @@ def test_a_damaged_hva_index_is_caught(damage: str) -> None:
     assert any(message.startswith("M4") and "hva index" in message for message in messages)
 
 
+@pytest.mark.parametrize("damage", ["moved in place", "missing from the tree"])
+def test_a_damaged_gfn_tree_is_caught(damage: str) -> None:
+    """M4: every slot of the id index is in the gfn tree, filed under its own base gfn. A slot
+    whose base gfn changes in place (the tree still files it under the old one), or a slot
+    missing from the tree, is reported."""
+    kvm, monitor = monitored_vm()
+    assert set_region(kvm, 0, 1 << 20, 16 * PAGE) == 0
+    assert set_region(kvm, 1, 2 << 20, 16 * PAGE) == 0
+    assert monitor.check() == []
+    slots = kvm.inactive_memslots(0)
+    slot = slots.id_to_memslot(1)
+    assert slot is not None
+    if damage == "moved in place":
+        slot.base_gfn = 0x80  # below slot 0, so the tree's order no longer finds it
+        expected = "not found by its base gfn"
+    else:
+        slots.gfn_tree.remove(slot)
+        expected = "id index and gfn tree disagree"
+    messages = [str(violation) for violation in monitor.check()]
+    assert any(message.startswith("M4") and expected in message for message in messages)
+
+
 def test_flushing_before_the_invalid_copy_is_published_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -375,3 +397,47 @@ def test_fast_floor_lookup_equals_its_definition(keys: list[int], probes: list[i
         tree.pop(key, None)
     for probe in [*probes, *keys]:
         assert floor_item(tree, probe) == floor_item_plain(tree, probe)
+
+
+@given(
+    st.lists(st.integers(-50, 5000), max_size=3000, unique=True), st.lists(st.integers(-60, 5100))
+)
+def test_fast_floor_value_equals_its_definition(keys: list[int], probes: list[int]) -> None:
+    from sortedcontainers import SortedKeyList
+
+    from kvmspec.reference.ordered import floor_value, floor_value_plain, replace_value
+
+    tree = SortedKeyList((KeyedBox(key) for key in keys), key=KeyedBox.key_of)
+    for key in keys[::3]:  # deletions leave sublists of uneven sizes
+        tree.remove(floor_value(tree, key))
+    for key in keys[1::3]:  # a replaced value is found in the old one's place
+        old = floor_value(tree, key)
+        replace_value(tree, old, KeyedBox(key))
+        assert floor_value(tree, key) is not old
+    for probe in [*probes, *keys]:
+        assert floor_value(tree, probe) is floor_value_plain(tree, probe)
+
+
+def test_replace_value_refuses_a_value_that_is_not_there() -> None:
+    from sortedcontainers import SortedKeyList
+
+    from kvmspec.reference.ordered import replace_value
+
+    tree = SortedKeyList([KeyedBox(1), KeyedBox(5)], key=KeyedBox.key_of)
+    with pytest.raises(ValueError, match="not in the list"):
+        replace_value(tree, KeyedBox(5), KeyedBox(5))  # an equal key, another object
+    with pytest.raises(ValueError, match="not in the list"):
+        replace_value(tree, KeyedBox(9), KeyedBox(9))
+    with pytest.raises(ValueError, match="different keys"):
+        replace_value(tree, tree[0], KeyedBox(2))
+
+
+class KeyedBox:
+    """A value kept by identity, ordered by its key (as slots are by base gfn)."""
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+
+    @staticmethod
+    def key_of(box: KeyedBox) -> int:
+        return box.key
