@@ -583,6 +583,26 @@ class HostMm:
         folio_of(page).pins += 1
         return 0, pte.pfn
 
+    def get_user_pages_fast_only(self, hva: int, nr_pages: int) -> list[HostPage]:
+        """Take a reference to each of the ``nr_pages`` pages from ``hva`` that the page tables
+        already map writable, stopping at the first that is not: the pages got, a prefix.
+        Nothing is faulted in and no lock is taken, so a missing, read-only (the zero page)
+        or swapped-out page, or one without a struct page (device memory), ends it.
+
+        kernel: mm/gup.c:get_user_pages_fast_only with FOLL_WRITE (v6.18)
+        """
+        pages: list[HostPage] = []
+        for index in range(nr_pages):
+            pte = self.lookup(hva + index * self.page_size)
+            if pte is None or not pte.writable:
+                break
+            page = self.memory.page(pte.pfn)
+            if page is None:
+                break
+            get_page(page)
+            pages.append(page)
+        return pages
+
     def unpin_user_page(self, pfn: int) -> None:
         """Release a pin taken by :meth:`pin_user_page`.
 

@@ -19,13 +19,7 @@ from kvmspec.spec.platforms import PROFILES
 CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "conformance"
 TRACES = sorted(CORPUS.glob("**/*.jsonl"))
 
-REFERENCE_XFAIL: dict[str, str] = {
-    "x86_64-linux-6.18-pvm/s5-prefetched-neighbour-read-is-not-logged.jsonl": (
-        "the model does not prefetch neighbouring guest PTEs (FNAME(pte_prefetch), see"
-        " reference/x86/paging_tmpl.py), so the read faults and logs the page the kernel"
-        " had already mapped"
-    ),
-}
+REFERENCE_XFAIL: dict[str, str] = {}
 """Traces on which the reference model is known to disagree with the kernel, by pytest id
 (``<profile>/<file>.jsonl``), with the reason. Each is a strict xfail: once the model is
 fixed the entry must go."""

@@ -32,18 +32,14 @@ from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.vcpu import KvmVcpu
-from kvmspec.reference.x86 import guest_access, page_track, paging_tmpl
+from kvmspec.reference.x86 import guest_access, page_track, paging_tmpl, set_spte
 from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess, guest_invlpg
 from kvmspec.reference.x86.mmio_spte import MMIO_SPTE_GEN_MASK, is_noslot_pfn, mark_mmio_spte
 from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr
 from kvmspec.reference.x86.paging import PFERR_USER_MASK
-from kvmspec.reference.x86.paging_tmpl import (
-    KvmGuestMemory,
-    KvmPageFault,
-    RetPf,
-    fname_page_fault,
-)
+from kvmspec.reference.x86.paging_tmpl import KvmGuestMemory, fname_page_fault
 from kvmspec.reference.x86.roots import vcpu_enter_guest
+from kvmspec.reference.x86.set_spte import KvmPageFault, RetPf
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
 from kvmspec.spec.platforms import DEFAULT_PROFILE
@@ -363,7 +359,7 @@ def test_v6_18_mmio_spte_over_a_stale_present_spte_is_caught(
     with guest writes alone: a PTE rewritten in an unsync PT leaves a present read-only
     SPTE; the guest's store through it faults, the walk finds a gfn without a slot, and
     the MMIO SPTE overwrites the present one: the kernel's WARN, and a leaked rmap entry."""
-    fixed = paging_tmpl.mmu_set_spte
+    fixed = set_spte.mmu_set_spte
 
     def v6_18_mmu_set_spte(
         kvm: Kvm,
@@ -372,13 +368,14 @@ def test_v6_18_mmio_spte_over_a_stale_present_spte_is_caught(
         sptep: SptePtr,
         pte_access: int,
         gfn: int,
-        fault: KvmPageFault,
+        pfn: int,
+        fault: KvmPageFault | None,
         vcpu: KvmVcpu | None,
     ) -> RetPf:
-        if is_noslot_pfn(fault.pfn):
+        if is_noslot_pfn(pfn):
             mark_mmio_spte(kvm, mmu, sptep, gfn, pte_access)
             return RetPf.EMULATE
-        return fixed(kvm, mmu, slot, sptep, pte_access, gfn, fault, vcpu)
+        return fixed(kvm, mmu, slot, sptep, pte_access, gfn, pfn, fault, vcpu)
 
     monkeypatch.setattr(paging_tmpl, "mmu_set_spte", v6_18_mmu_set_spte)
     vm = ShadowHarness(mmio_caching=True)

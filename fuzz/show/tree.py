@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from kvmspec.fuzz.show.svg import CHAR, LINE, MARGIN, WIDTH, Canvas, fit
 
-PER_TABLE = 12
+PER_TABLE = 24
 """A table's entries drawn at most; the rest are a "+N more" row."""
 MOST_ROWS = 160
 """Rows drawn at most in one outline."""

@@ -62,13 +62,9 @@ from kvmspec.reference.x86.paging import (
     PT_WRITABLE_MASK,
     pt_index,
 )
-from kvmspec.reference.x86.paging_tmpl import (
-    KvmGuestMemory,
-    PageFaultResult,
-    RetPf,
-    fname_page_fault,
-)
+from kvmspec.reference.x86.paging_tmpl import KvmGuestMemory, PageFaultResult, fname_page_fault
 from kvmspec.reference.x86.roots import vcpu_enter_guest
+from kvmspec.reference.x86.set_spte import RetPf
 from kvmspec.reference.x86.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
 from kvmspec.reference.x86.tlb import TlbEntry, VcpuMmu
 from kvmspec.reference.x86.unsync import kvm_mmu_invlpg

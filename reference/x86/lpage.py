@@ -51,7 +51,7 @@ from kvmspec.spec.uapi.constants import PAGE_SHIFT
 if TYPE_CHECKING:
     from kvmspec.reference.kvm import Kvm
     from kvmspec.reference.memslot import KvmMemorySlot
-    from kvmspec.reference.x86.paging_tmpl import KvmPageFault
+    from kvmspec.reference.x86.set_spte import KvmPageFault
 
 
 def kvm_pages_per_hpage(level: int) -> int:

@@ -14,26 +14,23 @@ guest's own tables, and records the result where the hardware looks:
 4. under mmu_lock: give up if the root became obsolete or an invalidation covered the gfn
    since the snapshot (is_page_fault_stale), else build the shadow pages down to the leaf
    (FNAME(fetch)), each shadowing the guest table the walk read at that level, choose the
-   leaf's size (lpage.kvm_mmu_hugepage_adjust), and set the leaf (mmu_set_spte).
+   leaf's size (lpage.kvm_mmu_hugepage_adjust), and set the leaf (set_spte.mmu_set_spte).
 
 A guest huge page is mapped with a huge leaf when the host backs it with a huge page and
 nothing forbids it (lpage.py); otherwise in smaller pieces through *direct* shadow pages.
 A gfn without a memslot is MMIO: with MMIO caching on, the fault goes on to the leaf and
 installs an MMIO SPTE there (mark_mmio_spte), then asks for emulation; off (as on this
-machine), it asks for emulation at once. Not modelled: prefetching neighbouring guest PTEs
-(FNAME(pte_prefetch); the real kernel's prefetch shows in the dirty log, see the strict xfail
-corpus/conformance/x86_64-linux-6.18-pvm/s5-prefetched-neighbour-read-is-not-logged.jsonl),
-CR0.WP=0 supervisor writes.
+machine), it asks for emulation at once. After the leaf, the fault maps the empty neighbours
+of its 4K leaf ahead of the guest (pte_prefetch.py). Not modelled: CR0.WP=0 supervisor writes.
 
 kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(page_fault), FNAME(fetch),
 FNAME(gpte_changed); arch/x86/kvm/mmu/mmu.c:kvm_mmu_faultin_pfn, __kvm_mmu_faultin_pfn,
 kvm_handle_error_pfn, kvm_handle_noslot_fault, kvm_mmu_max_gfn, is_page_fault_stale,
-page_fault_handle_page_track, mmu_set_spte, kvm_mmu_finish_page_fault (v6.18)
+page_fault_handle_page_track, kvm_mmu_finish_page_fault (v6.18)
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from kvmspec.reference.concurrency import KernelOp, Preempt
@@ -44,9 +41,8 @@ from kvmspec.reference.gfn_to_hva import (
     kvm_is_error_hva,
 )
 from kvmspec.reference.guest_memory import kvm_read_guest_page
-from kvmspec.reference.host import HostMm, HostPage, get_page
+from kvmspec.reference.host import HostMm, get_page
 from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.mmu_notifier import (
     mmu_invalidate_retry_gfn,
     mmu_invalidate_retry_gfn_unsafe,
@@ -63,8 +59,6 @@ from kvmspec.reference.x86.guest_walk import (
 from kvmspec.reference.x86.lpage import kvm_mmu_hugepage_adjust
 from kvmspec.reference.x86.mmio_spte import (
     KVM_PFN_NOSLOT,
-    is_noslot_pfn,
-    mark_mmio_spte,
     vcpu_cache_mmio_info,
 )
 from kvmspec.reference.x86.mmu_page import (
@@ -72,55 +66,23 @@ from kvmspec.reference.x86.mmu_page import (
     SptePtr,
     gfn_round_for_level,
     is_obsolete_sp,
-    kvm_mmu_page_set_translation,
 )
 from kvmspec.reference.x86.mmu_spte import (
-    drop_parent_pte,
-    drop_spte,
     link_shadow_page,
-    mmu_spte_update,
 )
-from kvmspec.reference.x86.page_track import kvm_gfn_is_write_tracked, mmu_try_to_unsync_pages
+from kvmspec.reference.x86.page_track import kvm_gfn_is_write_tracked
 from kvmspec.reference.x86.paging import (
     ACC_ALL,
-    PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
-    PFERR_WRITE_MASK,
     PG_LEVEL_4K,
     pt_index,
 )
-from kvmspec.reference.x86.rmap import rmap_add
+from kvmspec.reference.x86.pte_prefetch import PTE_PREFETCH_NUM, fname_pte_prefetch
 from kvmspec.reference.x86.roots import kvm_mmu_get_child_sp
-from kvmspec.reference.x86.spte import (
-    is_large_pte,
-    is_last_spte,
-    is_shadow_present_pte,
-    is_writable_pte,
-    make_spte,
-    spte_to_pfn,
-)
+from kvmspec.reference.x86.set_spte import KvmPageFault, RetPf, mmu_set_spte
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, VcpuMmu
 from kvmspec.reference.x86.unsync import mmu_sync_children
 from kvmspec.spec.uapi.constants import PAGE_SHIFT, PAGE_SIZE
-
-
-class RetPf(enum.Enum):
-    """enum ret_pf, and the negative errno the kernel returns to KVM_RUN."""
-
-    RETRY = "retry"
-    """Enter the guest again (also after injecting the guest's own #PF)."""
-    EMULATE = "emulate"
-    """No slot (an MMIO SPTE may have been installed on the way), or a write to a READONLY
-    one: emulate (MMIO for the VMM)."""
-    WRITE_PROTECTED = "write_protected"
-    """A write to a gfn KVM keeps read-only (a shadowed guest page table): emulate it."""
-    INVALID = "invalid"
-    """The reserved-bit fast path could not settle the fault (a stale MMIO SPTE): take the
-    normal fault path."""
-    FIXED = "fixed"
-    SPURIOUS = "spurious"
-    EFAULT = "efault"
-    """KVM_RUN fails with EFAULT: the host cannot provide the page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,35 +90,6 @@ class PageFaultResult:
     ret: RetPf
     exception: X86Exception | None = None
     """The guest's own page fault, when its walk failed (injected; ``ret`` is RETRY)."""
-
-
-@dataclass(slots=True)
-class KvmPageFault:
-    """struct kvm_page_fault, the fields the shadow MMU uses."""
-
-    addr: int
-    error_code: int
-    gfn: int = 0
-    slot: KvmMemorySlot | None = None
-    pfn: int = 0
-    map_writable: bool = False
-    mmu_seq: int = 0
-    page: HostPage | None = None
-    """The page's reference held by the fault (the kernel's refcounted_page)."""
-    max_level: int = PG_LEVEL_4K
-    """The largest leaf the fault may install: the guest's page size (walker.level)."""
-    req_level: int = PG_LEVEL_4K
-    """What kvm_mmu_max_mapping_level allowed."""
-    goal_level: int = PG_LEVEL_4K
-    """The level of the leaf FNAME(fetch) installs."""
-
-    @property
-    def write(self) -> bool:
-        return bool(self.error_code & PFERR_WRITE_MASK)
-
-    @property
-    def present(self) -> bool:
-        return bool(self.error_code & PFERR_PRESENT_MASK)
 
 
 class KvmGuestMemory:
@@ -169,10 +102,17 @@ class KvmGuestMemory:
         self.host = host
 
     def read_u64(self, gpa: int) -> int | None:
+        values = self.read_u64s(gpa, 1)
+        return None if values is None else values[0]
+
+    def read_u64s(self, gpa: int, count: int) -> list[int] | None:
+        """``count`` consecutive guest PTEs from ``gpa`` (within one page), in one read."""
         errno, data = kvm_read_guest_page(
-            self.kvm, self.host, 0, gpa >> PAGE_SHIFT, gpa % PAGE_SIZE, PTE_SIZE
+            self.kvm, self.host, 0, gpa >> PAGE_SHIFT, gpa % PAGE_SIZE, count * PTE_SIZE
         )
-        return None if errno else int.from_bytes(data, "little")
+        if errno:
+            return None
+        return [int.from_bytes(data[i : i + PTE_SIZE], "little") for i in range(0, len(data), 8)]
 
     def writable(self, gpa: int) -> bool:
         slot = self.kvm.memslots(0).gfn_to_memslot(gpa >> PAGE_SHIFT)
@@ -201,15 +141,27 @@ def walker_pt_access(walker: GuestWalker, level: int) -> int:
     return access
 
 
-def gpte_changed(mem: KvmGuestMemory, walker: GuestWalker, level: int) -> bool:
+def gpte_changed(
+    mem: KvmGuestMemory, walker: GuestWalker, level: int, prefetch_ptes: list[int]
+) -> bool:
     """Does the guest entry the walk used at ``level`` still hold what it read? Another
-    vCPU may have rewritten it before its table was write-protected.
+    vCPU may have rewritten it before its table was write-protected. At 4K the whole
+    aligned group of PTE_PREFETCH_NUM entries around it is read at once and kept in
+    ``prefetch_ptes``, for prefetching its neighbours (pte_prefetch.py).
 
     kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(gpte_changed) (v6.18)
     """
     for step in walker.steps:
-        if step.level == level:
+        if step.level != level:
+            continue
+        if level != PG_LEVEL_4K:
             return mem.read_u64(step.pte_gpa) != step.pte
+        group_gpa = step.pte_gpa & ~(PTE_PREFETCH_NUM * PTE_SIZE - 1)
+        group = mem.read_u64s(group_gpa, PTE_PREFETCH_NUM)
+        if group is None:
+            return True
+        prefetch_ptes[:] = group
+        return group[(step.pte_gpa - group_gpa) // PTE_SIZE] != step.pte
     return False
 
 
@@ -303,86 +255,6 @@ def is_page_fault_stale(
     return fault.slot is not None and mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn)
 
 
-def mmu_set_spte(
-    kvm: Kvm,
-    mmu: ShadowMmuState,
-    slot: KvmMemorySlot | None,
-    sptep: SptePtr,
-    pte_access: int,
-    gfn: int,
-    fault: KvmPageFault,
-    vcpu: KvmVcpu | None,
-) -> RetPf:
-    """Install the leaf for ``gfn`` at ``sptep``. A leaf for another pfn is dropped first
-    (and the TLBs flushed: X4); then a gfn without a slot gets an MMIO SPTE and the access
-    is emulated. An identical leaf is SPURIOUS; a write the gfn cannot take (a shadowed
-    page table) leaves a read-only leaf and returns WRITE_PROTECTED. A new leaf enters its
-    rmap; a writable one is logged dirty.
-
-    kernel: arch/x86/kvm/mmu/mmu.c:mmu_set_spte (v6.18 with upstream aad885e77496, "Drop/zap
-    existing present SPTE even when creating an MMIO SPTE"); arch/x86/kvm/mmu/spte.c:make_spte
-    (v6.18)
-    """
-    level = sptep.sp.role.level
-    was_rmapped = False
-    flush = False
-    old_spte = sptep.get()
-    if is_shadow_present_pte(old_spte):
-        if level > PG_LEVEL_4K and not is_large_pte(old_spte):
-            drop_parent_pte(kvm, mmu, mmu.spte_to_child_sp(old_spte), sptep)
-            flush = True
-        elif fault.pfn != spte_to_pfn(old_spte):
-            kvm.warn_on(not is_last_spte(old_spte, level), "X2", f"{sptep} is not a leaf")
-            drop_spte(kvm, mmu, sptep)
-            flush = True
-        else:
-            was_rmapped = True
-    # Only after the drop: a stale present SPTE (its guest PTE changed behind KVM's back,
-    # in an unsync table or by the VMM) must leave its rmap first. v6.18 made the MMIO SPTE
-    # before this point; the fix (upstream aad885e77496) is in 6.18's stable releases.
-    if is_noslot_pfn(fault.pfn) or slot is None:
-        mmu.stat["pf_mmio_spte_created"] += 1
-        mark_mmio_spte(kvm, mmu, sptep, gfn, pte_access)
-        if flush:
-            kvm.arch.kvm_flush_remote_tlbs(kvm)
-        return RetPf.EMULATE
-
-    def unsync_hook(*, synchronizing: bool, prefetch: bool) -> bool:
-        return mmu_try_to_unsync_pages(
-            kvm, mmu, slot, gfn, synchronizing=synchronizing, prefetch=prefetch
-        )
-
-    made = make_spte(
-        mmu.masks,
-        level=level,
-        ad_disabled=False,
-        pte_access=pte_access,
-        pfn=fault.pfn,
-        old_spte=sptep.get(),
-        prefetch=False,
-        synchronizing=False,
-        host_writable=fault.map_writable,
-        mmu_try_to_unsync_pages=unsync_hook,
-    )
-    ret = RetPf.FIXED
-    if sptep.get() == made.spte:
-        ret = RetPf.SPURIOUS
-    else:
-        flush |= mmu_spte_update(kvm, mmu, sptep, made.spte)
-    if is_writable_pte(made.spte):
-        mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
-    if made.wrprot and fault.write:
-        ret = RetPf.WRITE_PROTECTED
-    if flush:
-        kvm.arch.kvm_flush_remote_tlbs(kvm)
-    if not was_rmapped:
-        kvm.warn_on(ret is RetPf.SPURIOUS, "X1", f"spurious fault on unmapped {sptep}")
-        rmap_add(kvm, slot, sptep, gfn, pte_access)
-    else:
-        kvm_mmu_page_set_translation(sptep.sp, sptep.index, gfn, pte_access)
-    return ret
-
-
 def fname_fetch(
     kvm: Kvm,
     mmu: ShadowMmuState,
@@ -404,7 +276,8 @@ def fname_fetch(
     """
     root = vcpu_mmu.root.sp
     top_level = vcpu_mmu.mode.root_level
-    if gpte_changed(mem, walker, top_level):
+    prefetch_ptes: list[int] = []
+    if gpte_changed(mem, walker, top_level, prefetch_ptes):
         return RetPf.RETRY
     if root is None:
         return RetPf.RETRY
@@ -433,7 +306,7 @@ def fname_fetch(
         # to make a non-present entry present, so what is below must be current now.
         if child is not None and child.unsync_children:
             mmu_sync_children(kvm, mmu, mem, vcpu_mmu.mode, child)
-        if gpte_changed(mem, walker, level - 1):
+        if gpte_changed(mem, walker, level - 1, prefetch_ptes):
             return RetPf.RETRY
         if child is not None:
             link_shadow_page(kvm, mmu, sptep, child)
@@ -454,7 +327,13 @@ def fname_fetch(
         level -= 1
         sptep = SptePtr(sp, pt_index(fault.addr, level))
     base_gfn = gfn_round_for_level(fault.gfn, level)
-    return mmu_set_spte(kvm, mmu, fault.slot, sptep, walker.pte_access, base_gfn, fault, vcpu)
+    ret = mmu_set_spte(
+        kvm, mmu, fault.slot, sptep, walker.pte_access, base_gfn, fault.pfn, fault, vcpu
+    )
+    if ret is RetPf.SPURIOUS:
+        return ret
+    fname_pte_prefetch(kvm, mmu, mem.host, vcpu_mmu.mode, sptep, prefetch_ptes, vcpu)
+    return ret
 
 
 def fname_page_fault(
