@@ -105,6 +105,10 @@ SHADOW_KINDS: tuple[Kind, ...] = (
     Kind("migrate_apic_page"),
     Kind("guest_read_apic", (("vcpu", VCPUS), ("offset", OFFSETS))),
     Kind("guest_write_apic", (("vcpu", VCPUS), ("byte", BYTES))),
+    Kind(
+        "guest_read_alias",
+        (("vcpu", VCPUS), ("entry", UNUSED_ENTRIES), ("i", DATA_PAGE_INDEXES), ("offset", OFFSETS)),
+    ),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -248,6 +252,19 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_write", (0, 0, 5)),
             ("switch_cr3", (0, PML4)),
             ("guest_read", (1, 0, 0)),
+        ),
+    ),
+    "shadow-unsync-alias": (
+        "shadow",
+        (
+            ("host_write", (0, 0x11, 8)),
+            ("host_write", (1, 0x22, 8)),
+            ("guest_read", (0, 0, 0)),
+            ("guest_remap", (0, 0, DATA_GFN + 1, False)),  # the PT goes unsync
+            ("guest_read_alias", (0, 100, 7, 0)),  # a new path to it syncs it first
+            ("guest_remap", (1, 2, NO_SLOT_GFN, True)),
+            ("guest_read_alias", (0, 101, 2, 8)),
+            ("guest_read", (0, 0, 0)),
         ),
     ),
     "huge-seed-002": (

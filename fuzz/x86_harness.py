@@ -249,8 +249,31 @@ class ShadowHarness:
         """An 8-byte load at ``offset`` of data page ``i``."""
         access = self.read(DATA_GVA + i * PAGE + offset, 8, vcpu)
         self.log(f"vcpu {vcpu} load data page {i} + {offset:#x} -> {access}")
+        self._expect_load(access, self.allowed_gfns(vcpu, i), offset)
+
+    def guest_read_alias(self, vcpu: int, entry: int, i: int, offset: int) -> None:
+        """The guest points the unused PD entry ``entry`` at its PT as well (an emulated
+        write: the PD is shadowed), flushes the addresses of data pages ``i`` and ``i + 1``
+        through that alias (INVLPG), and loads 8 bytes from each. The first load reaches a
+        guest table that already has a shadow page: KVM links that same page
+        (kvm_mmu_find_shadow_page), syncing it first if it is unsync, so the second load,
+        which may not fault at all, sees the PT's current entry too. Since the guest
+        flushed both, only what the PT holds now may be seen: no older entry."""
+        pde = (PT * PAGE | PTE).to_bytes(8, "little")
+        written = self.write(PD * PAGE + 8 * entry, pde, vcpu)
+        self._expect(written.outcome is Outcome.DONE, f"PD entry {entry}: {written}")
+        pages = (i, (i + 1) % DATA_PAGES)
+        for page in pages:
+            guest_invlpg(self.kvm, self.host, vcpu, entry * HPAGE + DATA_GVA + page * PAGE)
+        for page in pages:
+            access = self.read(entry * HPAGE + DATA_GVA + page * PAGE + offset, 8, vcpu)
+            self.log(f"vcpu {vcpu} load data page {page} + {offset:#x} via PD {entry}: {access}")
+            self._expect_load(access, [self.expected_gfn(page)], offset)
+
+    def _expect_load(self, access: ShadowAccess, gfns: list[int | None], offset: int) -> None:
+        """The load at ``offset`` must have read one of ``gfns`` (None: not present)."""
         expected = []
-        for gfn in self.allowed_gfns(vcpu, i):
+        for gfn in gfns:
             hva = self.expected_hva(gfn) if gfn is not None else None
             if gfn is None:
                 expected.append(ShadowAccess(Outcome.SHUTDOWN))

@@ -32,7 +32,7 @@ from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.vcpu import KvmVcpu
-from kvmspec.reference.x86 import guest_access, page_track, paging_tmpl, set_spte
+from kvmspec.reference.x86 import guest_access, page_track, paging_tmpl, roots, set_spte
 from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess, guest_invlpg
 from kvmspec.reference.x86.mmio_spte import MMIO_SPTE_GEN_MASK, is_noslot_pfn, mark_mmio_spte
 from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr
@@ -385,3 +385,41 @@ def test_v6_18_mmio_spte_over_a_stale_present_spte_is_caught(
     found = vm.violations()
     assert any(line.startswith("X4: WARN: mmu_spte_set over present") for line in found)
     assert any(line.startswith("X1") for line in found)
+
+
+def test_a_new_path_to_an_unsync_table_sees_its_current_entries() -> None:
+    """guest_read_alias: the guest points another PD entry at its (unsync) PT, flushes the
+    alias address and loads through it. KVM links the PT's existing shadow page and syncs
+    it first (kvm_mmu_find_shadow_page), so the load sees the PT's new entry."""
+    vm = ShadowHarness()
+    vm.host_write(0, 0x11, 8)
+    vm.host_write(1, 0x22, 8)
+    vm.guest_read(0, 0, 0)
+    vm.guest_remap(0, 0, DATA_GFN + 1, False)  # straight to memory: the PT is unsync
+    (pt_sp,) = vm.mmu.shadow_pages(PT)
+    assert pt_sp.unsync
+    vm.guest_read_alias(0, 100, DATA_PAGES - 1, 0)
+    assert pt_sp.unsync  # synced for the fault's sake, not write-protected again
+    assert vm.mmu.shadow_pages(PT) == [pt_sp]  # the same shadow page, linked twice
+    assert len(pt_sp.parent_ptes) == 2
+    vm.check()
+
+
+def test_linking_an_unsync_table_without_syncing_it_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: kvm_mmu_find_shadow_page hands out an unsync page as it is. The
+    alias load then reads the old entry's page, which the flush forbids."""
+
+    def no_sync(*args: object) -> int:
+        return 0
+
+    monkeypatch.setattr(roots, "kvm_sync_page", no_sync)
+    vm = ShadowHarness()
+    vm.host_write(0, 0x11, 8)
+    vm.host_write(1, 0x22, 8)
+    vm.guest_read(0, 0, 0)
+    vm.guest_remap(0, 0, DATA_GFN + 1, False)
+    vm.guest_read_alias(0, 100, DATA_PAGES - 1, 0)  # links the PT, then loads page 0
+    with pytest.raises(RulesBroken, match="COHERENCE"):
+        vm.check()
