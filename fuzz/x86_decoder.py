@@ -109,6 +109,10 @@ SHADOW_KINDS: tuple[Kind, ...] = (
         "guest_read_alias",
         (("vcpu", VCPUS), ("entry", UNUSED_ENTRIES), ("i", DATA_PAGE_INDEXES), ("offset", OFFSETS)),
     ),
+    Kind(
+        "guest_read_pt_as_pd",
+        (("vcpu", VCPUS), ("entry", UNUSED_ENTRIES), ("i", DATA_PAGE_INDEXES), ("offset", OFFSETS)),
+    ),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -265,6 +269,9 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_remap", (1, 2, NO_SLOT_GFN, True)),
             ("guest_read_alias", (0, 101, 2, 8)),
             ("guest_read", (0, 0, 0)),
+            ("guest_remap", (0, 1, DATA_GFN + 3, False)),
+            ("guest_read_pt_as_pd", (0, 102, 1, 16)),  # the PT as a PD: its unsync page goes
+            ("guest_read", (1, 1, 0)),
         ),
     ),
     "huge-seed-002": (

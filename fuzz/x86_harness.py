@@ -77,6 +77,8 @@ from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 PAGE = 4096
 HPAGE = 512 * PAGE
+PDPT_SPAN = 512 * HPAGE
+"""What one PDPT entry maps: 1 GiB."""
 RW = PROT_READ | PROT_WRITE
 P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 PTE = P | W | U | A | D
@@ -269,6 +271,22 @@ class ShadowHarness:
             access = self.read(entry * HPAGE + DATA_GVA + page * PAGE + offset, 8, vcpu)
             self.log(f"vcpu {vcpu} load data page {page} + {offset:#x} via PD {entry}: {access}")
             self._expect_load(access, [self.expected_gfn(page)], offset)
+
+    def guest_read_pt_as_pd(self, vcpu: int, entry: int, i: int, offset: int) -> None:
+        """The guest points the unused PDPT entry ``entry`` at its PT, which is thereby
+        also a page directory, flushes and loads data page ``i`` through it: the PT, as a
+        PD, maps gva 2M * PT with its own entry PT, that is, with the PT again as a page
+        table. Making the PD-level shadow page of the PT's gfn zaps the PT's unsync shadow
+        page (kvm_mmu_find_shadow_page): the gfn is now write-tracked, so an unsync page of
+        it would never be synced again. The load must see what the PT holds now."""
+        pdpte = (PT * PAGE | PTE).to_bytes(8, "little")
+        written = self.write(PDPT * PAGE + 8 * entry, pdpte, vcpu)
+        self._expect(written.outcome is Outcome.DONE, f"PDPT entry {entry}: {written}")
+        gva = entry * PDPT_SPAN + PT * HPAGE + DATA_GVA + i * PAGE
+        guest_invlpg(self.kvm, self.host, vcpu, gva)
+        access = self.read(gva + offset, 8, vcpu)
+        self.log(f"vcpu {vcpu} load data page {i} + {offset:#x} via PDPT {entry}: {access}")
+        self._expect_load(access, [self.expected_gfn(i)], offset)
 
     def _expect_load(self, access: ShadowAccess, gfns: list[int | None], offset: int) -> None:
         """The load at ``offset`` must have read one of ``gfns`` (None: not present)."""

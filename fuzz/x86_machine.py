@@ -101,6 +101,11 @@ class X86Machine(RuleBasedStateMachine):
         self._do("guest_read_alias", vcpu, entry, i, offset)
 
     @precondition(_shadow)
+    @rule(vcpu=VCPU, entry=st.sampled_from(UNUSED_ENTRIES), i=DATA_PAGE, offset=OFFSET)
+    def guest_read_pt_as_pd(self, vcpu: int, entry: int, i: int, offset: int) -> None:
+        self._do("guest_read_pt_as_pd", vcpu, entry, i, offset)
+
+    @precondition(_shadow)
     @rule(vcpu=VCPU, i=DATA_PAGE, to=st.sampled_from(REMAP_TARGETS), clean=st.booleans())
     def guest_remap(self, vcpu: int, i: int, to: int | None, clean: bool) -> None:
         self._do("guest_remap", vcpu, i, to, clean)

@@ -695,9 +695,12 @@ rule(
     "x86-mmu",
     """Only last-level (4K) shadow pages become unsync; every unsync page, and every page
     with unsync children, has its bit set in each parent's unsync_child_bitmap, and
-    unsync_children counts the set bits.""",
+    unsync_children counts the set bits. No valid unsync page shares its gfn with a valid
+    upper-level page of guest PTEs: making such a page zaps the gfn's unsync pages, and
+    then its write-tracking keeps them from going unsync again.""",
     KernelCitation(X86_MMU, "mark_unsync"),
     KernelCitation(X86_MMU, "clear_unsync_child_bit"),
+    KernelCitation(X86_MMU, "kvm_mmu_find_shadow_page"),
 )
 rule(
     "X8",

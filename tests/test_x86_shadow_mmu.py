@@ -423,3 +423,35 @@ def test_linking_an_unsync_table_without_syncing_it_is_caught(
     vm.guest_read_alias(0, 100, DATA_PAGES - 1, 0)  # links the PT, then loads page 0
     with pytest.raises(RulesBroken, match="COHERENCE"):
         vm.check()
+
+
+def test_a_table_used_as_an_upper_level_table_loses_its_unsync_page() -> None:
+    """guest_read_pt_as_pd: the guest's PT is unsync when a PDPT entry makes it a page
+    directory too. The PD-level shadow page of its gfn zaps the unsync one, and the load
+    through the new path (the PT as PD, then as PT) sees the PT's current entry."""
+    vm = ShadowHarness()
+    vm.host_write(0, 0x11, 8)
+    vm.host_write(1, 0x22, 8)
+    vm.guest_read(0, 0, 0)
+    vm.guest_remap(0, 0, DATA_GFN + 1, False)
+    (unsync_sp,) = vm.mmu.shadow_pages(PT)
+    assert unsync_sp.unsync
+    vm.guest_read_pt_as_pd(0, 100, 0, 0)
+    assert unsync_sp.role.invalid or unsync_sp not in vm.mmu.shadow_pages(PT)
+    assert {sp.role.level for sp in vm.mmu.shadow_pages(PT)} == {1, 2}
+    vm.check()
+
+
+def test_an_unsync_page_kept_under_an_upper_level_page_of_its_gfn_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: kvm_mmu_find_shadow_page does not zap the gfn's unsync pages when
+    it is looked up as an upper-level table. X7 reports the unsync page left behind."""
+    monkeypatch.setattr(roots, "kvm_mmu_prepare_zap_page", lambda *args: False)
+    vm = ShadowHarness()
+    vm.host_write(0, 0x11, 8)
+    vm.guest_read(0, 0, 0)
+    vm.guest_remap(0, 0, DATA_GFN + 1, False)
+    vm.guest_read_pt_as_pd(0, 100, 0, 0)
+    with pytest.raises(RulesBroken, match=r"X7: .* is unsync, its gfn an upper-level table"):
+        vm.check()

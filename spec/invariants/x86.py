@@ -372,11 +372,21 @@ def check_unsync(mmu: ShadowMmu) -> list[Violation]:
     unsync_children counts its bitmap's bits, and a last-level page has none; and every
     present link to a page that is unsync or has unsync children has its bit set, so that a
     walk from any root reaches every unsync page below it (a set bit with no reason left is
-    allowed: walks clear those as they meet them)."""
+    allowed: walks clear those as they meet them). An unsync page's gfn is not also an
+    upper-level table of a valid page: making a page for a gfn as an upper-level table zaps
+    the gfn's unsync pages (kvm_mmu_find_shadow_page), and such a page write-tracks its gfn,
+    so none of the gfn's pages can go unsync after it (mmu_try_to_unsync_pages)."""
     violations = []
+    upper_tables = {
+        sp.gfn
+        for sp in mmu.sp_by_pfn.values()
+        if sp_has_gptes(sp) and sp.role.level > PG_LEVEL_4K and not is_obsolete_sp(mmu, sp)
+    }
     for sp in mmu.sp_by_pfn.values():
         if sp.unsync and (sp.role.level != PG_LEVEL_4K or not sp_has_gptes(sp)):
             violations.append(Violation("X7", f"{sp} is unsync"))
+        if sp.unsync and sp.gfn in upper_tables and not is_obsolete_sp(mmu, sp):
+            violations.append(Violation("X7", f"{sp} is unsync, its gfn an upper-level table"))
         if sp.unsync and sp.role.invalid:
             violations.append(Violation("X7", f"zapped {sp} is still unsync"))
         if sp.unsync_children != len(sp.unsync_child_bitmap):
