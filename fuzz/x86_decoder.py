@@ -113,6 +113,10 @@ SHADOW_KINDS: tuple[Kind, ...] = (
         "guest_read_pt_as_pd",
         (("vcpu", VCPUS), ("entry", UNUSED_ENTRIES), ("i", DATA_PAGE_INDEXES), ("offset", OFFSETS)),
     ),
+    Kind(
+        "guest_remap_misaligned",
+        (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("to", REMAP_TARGETS)),
+    ),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -272,6 +276,9 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_remap", (0, 1, DATA_GFN + 3, False)),
             ("guest_read_pt_as_pd", (0, 102, 1, 16)),  # the PT as a PD: its unsync page goes
             ("guest_read", (1, 1, 0)),
+            ("guest_remap_misaligned", (1, 0, DATA_GFN + 4)),  # emulated: zaps the PT's pages
+            ("invlpg", (0, 1)),
+            ("guest_read", (0, 1, 0)),
         ),
     ),
     "huge-seed-002": (

@@ -331,6 +331,27 @@ class ShadowHarness:
         for pages in self.stale.values():  # no vCPU has flushed the old entry yet
             pages.setdefault(i, set()).add(old)
 
+    def guest_remap_misaligned(self, vcpu: int, i: int, to: int | None) -> None:
+        """The guest points data page ``i + 1`` at gfn ``to`` (None: not present) with one
+        8-byte store that straddles two PTEs: the upper half of page ``i``'s PTE (rewritten
+        as it is) and the lower half of page ``i + 1``'s (every gfn here fits below 4 GiB,
+        so the upper halves are 0). The store is emulated when the PT's gfn is write-tracked
+        (the PT is also an upper-level table, after :meth:`guest_read_pt_as_pd`); KVM then
+        cannot tell which PTEs it changed and zaps the gfn's whole shadow pages
+        (detect_write_misaligned). Otherwise the PT goes unsync and the store lands as it
+        is. Either way the old entry may live on only until the guest flushes it."""
+        if i + 1 >= DATA_PAGES:
+            return
+        new = 0 if to is None else to * PAGE | PTE
+        old = self.expected_gfn(i + 1)
+        entry_gva = PT * PAGE + 8 * (DATA_GFN + i)
+        _, current = self.host.host_read(self.tables_hva + PT * PAGE + 8 * (DATA_GFN + i), 8)
+        data = current[4:] + new.to_bytes(8, "little")[:4]
+        access = self.write(entry_gva + 4, data, vcpu)
+        self._expect(access.outcome is Outcome.DONE, f"PT store for data page {i + 1}: {access}")
+        for pages in self.stale.values():
+            pages.setdefault(i + 1, set()).add(old)
+
     def invlpg(self, vcpu: int, i: int) -> None:
         """The guest flushes data page ``i`` from the vCPU's TLB (INVLPG)."""
         guest_invlpg(self.kvm, self.host, vcpu, DATA_GVA + i * PAGE)

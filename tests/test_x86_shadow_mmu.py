@@ -32,7 +32,7 @@ from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.vcpu import KvmVcpu
-from kvmspec.reference.x86 import guest_access, page_track, paging_tmpl, roots, set_spte
+from kvmspec.reference.x86 import guest_access, page_track, paging_tmpl, roots, set_spte, zap
 from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess, guest_invlpg
 from kvmspec.reference.x86.mmio_spte import MMIO_SPTE_GEN_MASK, is_noslot_pfn, mark_mmio_spte
 from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr
@@ -454,4 +454,45 @@ def test_an_unsync_page_kept_under_an_upper_level_page_of_its_gfn_is_caught(
     vm.guest_remap(0, 0, DATA_GFN + 1, False)
     vm.guest_read_pt_as_pd(0, 100, 0, 0)
     with pytest.raises(RulesBroken, match=r"X7: .* is unsync, its gfn an upper-level table"):
+        vm.check()
+
+
+def test_a_store_straddling_two_guest_ptes_zaps_the_shadow_page() -> None:
+    """guest_remap_misaligned: one 8-byte store rewrites halves of two PTEs of the PT,
+    which is also a page directory (so its gfn is write-tracked and the store emulated).
+    KVM zaps the gfn's shadow pages (detect_write_misaligned); after the guest's INVLPG the
+    second page reads its new gfn."""
+    vm = ShadowHarness()
+    vm.host_write(1, 0x22, 8)
+    vm.host_write(4, 0x44, 8)
+    vm.guest_read(0, 1, 0)
+    vm.guest_read_pt_as_pd(0, 100, 1, 0)
+    pages = vm.mmu.shadow_pages(PT)
+    assert {sp.role.level for sp in pages} == {1, 2} and not any(sp.unsync for sp in pages)
+    emulated = vm.mmu.stat["pf_emulate"]
+    vm.guest_remap_misaligned(0, 0, DATA_GFN + 4)
+    assert vm.mmu.stat["pf_emulate"] == emulated + 1
+    assert all(sp.role.invalid or sp not in vm.mmu.shadow_pages(PT) for sp in pages)
+    vm.invlpg(0, 1)
+    vm.guest_read(0, 1, 0)
+    vm.check()
+
+
+def test_a_straddling_store_taken_for_an_aligned_one_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: detect_write_misaligned says no. Only the PTE where the store starts
+    loses its SPTE; the second keeps the old gfn, which the guest's INVLPG does not touch
+    (the page is not unsync: KVM trusts it saw every write), so the load after the flush
+    reads the old page."""
+    monkeypatch.setattr(zap, "detect_write_misaligned", lambda gpa, nbytes: False)
+    vm = ShadowHarness()
+    vm.host_write(1, 0x22, 8)
+    vm.host_write(4, 0x44, 8)
+    vm.guest_read(0, 1, 0)
+    vm.guest_read_pt_as_pd(0, 100, 1, 0)
+    vm.guest_remap_misaligned(0, 0, DATA_GFN + 4)
+    vm.invlpg(0, 1)
+    vm.guest_read(0, 1, 0)
+    with pytest.raises(RulesBroken, match="COHERENCE"):
         vm.check()
