@@ -38,7 +38,8 @@ left out (it cannot tell a mutant from the reference). A mutant in a function no
 survives without being run (``unreached``).
 
 The full set is about 16,500 mutants, days of work on one core, so a uniform random sample
-(``--sample``, fixed ``--seed``) is measured and the score given with its 95% Wilson interval,
+(``--sample``, fixed ``--seed``; :func:`stable_sample`, which keeps a mutant in the sample as
+long as its stable id does not change) is measured and the score given with its 95% Wilson interval,
 overall and per folder (generic, x86, arm64, ppc). Then the survivors are classified
 (:mod:`kvmspec.fuzz.mutation_report`): equivalent by construction when the mutation only
 changes the text of a label or message, or weakens a WARN; a gap when the suite's fast tests
@@ -344,6 +345,21 @@ def survivors_against_tests(
             print(f"tests: {outcome.tests:<12} {mutant.name}", file=sys.stderr, flush=True)
 
 
+def stable_sample(mutants: Sequence[Mutant], size: int, seed: int) -> list[Mutant]:
+    """A uniform random sample of ``size`` mutants (all, if there are fewer), in file order:
+    the ones whose stable ids hash lowest under ``seed`` (bottom-k sampling). The draw
+    depends on each mutant's own id, not on its position in the population, so code added
+    elsewhere changes the sample only by the few new mutants that hash low enough to
+    enter it; the survivors already classified are measured again, not reshuffled away."""
+
+    def rank(mutant: Mutant) -> bytes:
+        return hashlib.sha256(f"{seed}\0{mutant.key}".encode()).digest()
+
+    sample = sorted(mutants, key=rank)[:size]
+    sample.sort(key=lambda m: (str(m.path), m.index))
+    return sample
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Sample, run every mutant of the sample, run the survivors against the tests: the
     report, not classified yet."""
@@ -358,8 +374,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     commit = commit_of(repo)
     tree = freeze(repo, args.tests_dir, args.report.parent.resolve() / "tree")
     mutants = enumerate_mutants(frozen_reference(tree), args.only)
-    sample = random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
-    sample.sort(key=lambda m: (str(m.path), m.index))
+    sample = stable_sample(mutants, args.sample, args.seed)
     rendered = render(sample)
     cache = args.report.parent / "reach.json"
     reach = measure_reach(args.reach_seconds, cache, progress, tree)

@@ -183,3 +183,21 @@ def test_a_mutant_identical_to_the_original_is_equivalent_by_construction() -> N
     no_ops = [m for m in no_ops if m.equivalent.startswith("no-op")]
     assert no_ops
     assert all(render([m])[m.key].diff == [] for m in no_ops)
+
+
+def test_the_sample_is_uniform_and_stable_when_code_is_added() -> None:
+    """stable_sample draws by each mutant's own id: the same seed gives the same sample,
+    another seed another one, and mutants added to the population displace only the few
+    members they outrank (here, 200 added to 2,000: the expected share is 10%)."""
+    mutants = enumerate_mutants(reference_dir(), "kvmspec.reference.x86")
+    population, added = mutants[:2000], mutants[2000:2200]
+    assert len(added) == 200
+    sample = mutation.stable_sample(population, 150, seed=1)
+    assert len(sample) == 150 == len({m.key for m in sample})
+    assert sample == sorted(sample, key=lambda m: (str(m.path), m.index))
+    assert mutation.stable_sample(population, 150, seed=1) == sample
+    assert len(set(mutation.stable_sample(population, 150, seed=2)) & set(sample)) < 40
+    grown = mutation.stable_sample([*population, *added], 150, seed=1)
+    kept = len(set(grown) & set(sample))
+    assert 120 <= kept < 150, kept  # about 150 * 2000 / 2200 = 136
+    assert set(grown) - set(sample) <= set(added)
