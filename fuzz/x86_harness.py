@@ -44,6 +44,7 @@ from kvmspec.fuzz.generic_harness import Log, RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
+from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.host_reclaim import Reclaim
 from kvmspec.reference.kvm import Kvm
@@ -60,19 +61,40 @@ from kvmspec.reference.x86.guest_access import (
     guest_instruction,
     guest_invlpg,
 )
-from kvmspec.reference.x86.mmu_page import KvmMmuPage
-from kvmspec.reference.x86.paging import PG_LEVEL_4K
+from kvmspec.reference.x86.guest_walk import gpte_access, protect_clean_gpte
+from kvmspec.reference.x86.lpage import kvm_pages_per_hpage
+from kvmspec.reference.x86.mmu_page import (
+    KvmMmuPage,
+    SptePtr,
+    is_obsolete_sp,
+    kvm_mmu_page_get_gfn,
+    sp_has_gptes,
+)
+from kvmspec.reference.x86.paging import (
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    PG_LEVEL_4K,
+    PT64_BASE_ADDR_MASK,
+)
 from kvmspec.reference.x86.roots import kvm_set_cr3
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.spte import (
     LEGACY_MASKS_HERE,
+    is_executable_pte,
     is_large_pte,
+    is_last_spte,
     is_shadow_present_pte,
+    is_writable_pte,
     kvm_mmu_reset_all_pte_masks,
 )
 from kvmspec.spec.invariants.x86 import check_shadow_mmu
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
-from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_X86_QUIRK_SLOT_ZAP_ALL
+from kvmspec.spec.uapi.constants import (
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_X86_QUIRK_SLOT_ZAP_ALL,
+    PAGE_SHIFT,
+)
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 PAGE = 4096
@@ -136,6 +158,47 @@ HOST_WRITE_SIZES = tuple(range(1, 9))
 DONTNEED_PAGES = (1, 2, 3)
 DATA_SLOT_PLACES: tuple[int | None, ...] = (DATA_GFN, 64, None)
 """Where the data slot may be: its first place, a second (MOVE), or deleted."""
+
+
+def leaves_follow_guest_ptes(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[str]:
+    """What X6 is for, checked leaf by leaf: every leaf of a valid, synced shadow page of a
+    guest table maps the gfn its guest entry names now, and grants no right the guest's
+    entries deny (W also needs the entry's D: protect_clean_gpte). KVM sees every guest
+    write to such a table (it is write-protected: X6), so it can keep its shadow exact. An
+    unsync page may lag until the guest flushes; a VMM write to a guest table is not seen
+    at all (FINDINGS 5.6), which is why this is a check of these harnesses, whose VMM never
+    writes a table once the guest runs, and not an invariant of every VM."""
+    problems = []
+    for sp in mmu.sp_by_pfn.values():
+        if not sp_has_gptes(sp) or sp.unsync or is_obsolete_sp(mmu, sp):
+            continue
+        slot = kvm.memslots(0).gfn_to_memslot(sp.gfn)
+        hva, _ = gfn_to_hva_many(slot, sp.gfn, False, PAGE_SHIFT)
+        table = None if kvm_is_error_hva(hva) else host.lookup(hva)
+        if table is None:
+            continue  # swapped out, or its slot going away: nothing to compare with now
+        for index, spte in sorted(sp.spt.items()):
+            if not is_shadow_present_pte(spte) or not is_last_spte(spte, sp.role.level):
+                continue
+            gpte = int.from_bytes(host.memory.read(table.pfn, 8 * index, 8), "little")
+            frame = kvm_pages_per_hpage(sp.role.level)
+            gfn = (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
+            where = f"{SptePtr(sp, index)}"
+            if not gpte & P or kvm_mmu_page_get_gfn(sp, index) != gfn - gfn % frame:
+                problems.append(
+                    f"X6: {where} maps gfn {kvm_mmu_page_get_gfn(sp, index):#x}, "
+                    f"the guest entry is {gpte:#x}"
+                )
+                continue
+            allowed = protect_clean_gpte(sp.role.access & gpte_access(gpte), gpte)
+            granted = (
+                (ACC_WRITE_MASK if is_writable_pte(spte) else 0)
+                | (ACC_USER_MASK if spte & mmu.masks.user_mask else 0)
+                | (ACC_EXEC_MASK if is_executable_pte(mmu.masks, spte) else 0)
+            )
+            if granted & ~allowed:
+                problems.append(f"X6: {where} grants {granted:#x}, the guest allows {allowed:#x}")
+    return problems
 
 
 class ShadowHarness:
@@ -210,7 +273,10 @@ class ShadowHarness:
         return self.write(PT * PAGE + 8 * index, value.to_bytes(8, "little"), vcpu_id)
 
     def violations(self) -> list[str]:
-        return [str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)]
+        return [
+            *(str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)),
+            *leaves_follow_guest_ptes(self.kvm, self.mmu, self.host),
+        ]
 
     # -- what the guest's tables and the slots say an access must do ----------------------------
 
@@ -536,7 +602,10 @@ class HugeHarness:
         return None
 
     def violations(self) -> list[str]:
-        return [str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)]
+        return [
+            *(str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)),
+            *leaves_follow_guest_ptes(self.kvm, self.mmu, self.host),
+        ]
 
     def _expect(self, holds: bool, what: str) -> None:
         if not holds:

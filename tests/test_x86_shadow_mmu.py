@@ -496,3 +496,20 @@ def test_a_straddling_store_taken_for_an_aligned_one_is_caught(
     vm.guest_read(0, 1, 0)
     with pytest.raises(RulesBroken, match="COHERENCE"):
         vm.check()
+
+
+def test_a_synced_leaf_that_no_longer_follows_its_guest_pte_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """leaves_follow_guest_ptes: the planted bug is kvm_mmu_track_write forgetting to drop
+    the SPTE of an emulated guest PTE write. The PT is write-tracked (it is also a page
+    directory), so KVM must see the write; the leaf still maps the old gfn, reported at
+    once, before any guest access could show it."""
+    vm = ShadowHarness()
+    vm.host_write(1, 0x22, 8)
+    vm.guest_read(0, 1, 0)
+    vm.guest_read_pt_as_pd(0, 100, 1, 0)
+    vm.check()
+    monkeypatch.setattr(zap, "mmu_page_zap_pte", lambda *args: False)
+    vm.guest_remap(0, 1, DATA_GFN + 5, False)
+    assert any(line.startswith("X6: ") and "the guest entry is" in line for line in vm.violations())
