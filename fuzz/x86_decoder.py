@@ -42,6 +42,7 @@ from kvmspec.fuzz.x86_harness import (
     HUGE_PML4S,
     LAYOUTS,
     NO_SLOT_GFN,
+    NX,
     OFFSETS,
     PD,
     PD_B,
@@ -53,12 +54,15 @@ from kvmspec.fuzz.x86_harness import (
     PML4_C,
     PML4S,
     REMAP_TARGETS,
+    RESTRICTIONS,
     SHADOW_LAYOUTS,
     TABLES_IN_THE_HUGE_PAGE,
     UNUSED_ENTRIES,
     UPPER_TABLES,
     VCPUS,
     HugeHarness,
+    U,
+    W,
 )
 
 Argument = int | None
@@ -117,6 +121,7 @@ SHADOW_KINDS: tuple[Kind, ...] = (
         "guest_remap_misaligned",
         (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("to", REMAP_TARGETS)),
     ),
+    Kind("guest_restrict", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("bit", RESTRICTIONS))),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -279,6 +284,13 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_remap_misaligned", (1, 0, DATA_GFN + 4)),  # emulated: zaps the PT's pages
             ("invlpg", (0, 1)),
             ("guest_read", (0, 1, 0)),
+            ("guest_restrict", (0, 2, W)),
+            ("guest_write", (0, 2, 9)),  # the guest's own page fault (kept: no flush yet)
+            ("guest_restrict", (1, 3, U)),
+            ("switch_cr3", (1, PML4)),
+            ("guest_read", (1, 3, 0)),
+            ("guest_restrict", (0, 4, NX)),
+            ("guest_read", (0, 4, 8)),
         ),
     ),
     "huge-seed-002": (

@@ -40,6 +40,8 @@ report as a finding.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from kvmspec.fuzz.generic_harness import Log, RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
@@ -103,6 +105,21 @@ PDPT_SPAN = 512 * HPAGE
 """What one PDPT entry maps: 1 GiB."""
 RW = PROT_READ | PROT_WRITE
 P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
+NX = 1 << 63
+RESTRICTIONS = (W, U, NX)
+"""The PTE bits :meth:`ShadowHarness.guest_restrict` may change to take a right away: W or U
+cleared, NX set."""
+
+
+class GuestMapping(NamedTuple):
+    """What a guest PTE of a data page says: the gfn (None: not present), and whether user
+    code may write the page and use it at all."""
+
+    gfn: int | None
+    writable: bool
+    user: bool
+
+
 PTE = P | W | U | A | D
 LAYOUTS = ("shadow", "huge")
 """The VM layouts a run may start from: :class:`ShadowHarness` and :class:`HugeHarness`.
@@ -246,7 +263,7 @@ class ShadowHarness:
         self.checks = 0
         # vCPU -> data page -> the gfns (None: not present) its PTE held since the vCPU
         # last flushed that page: translations the vCPU may still use.
-        self.stale: dict[int, dict[int, set[int | None]]] = {vcpu: {} for vcpu in VCPUS}
+        self.stale: dict[int, dict[int, set[GuestMapping]]] = {vcpu: {} for vcpu in VCPUS}
 
     # -- the VMM and the guest, as scenarios use them --------------------------------------------
 
@@ -282,9 +299,16 @@ class ShadowHarness:
 
     def expected_gfn(self, i: int) -> int | None:
         """The gfn the guest's PT maps gva page 16 + i to (None: not present)."""
+        return self.expected_mapping(i).gfn
+
+    def expected_mapping(self, i: int) -> GuestMapping:
+        """What the guest's PT says of gva page 16 + i: its gfn (None: not present) and
+        whether user code may write it and use it at all."""
         _, raw = self.host.host_read(self.tables_hva + PT * PAGE + 8 * (DATA_GFN + i), 8)
         pte = int.from_bytes(raw, "little")
-        return (pte >> 12) & ((1 << 40) - 1) if pte & P else None
+        if not pte & P:
+            return GuestMapping(None, False, False)
+        return GuestMapping((pte >> 12) & ((1 << 40) - 1), bool(pte & W), bool(pte & U))
 
     def expected_hva(self, gfn: int) -> int | None:
         """Where the host holds ``gfn`` (None: no slot holds it)."""
@@ -297,11 +321,11 @@ class ShadowHarness:
         if not holds:
             self.found.append(f"COHERENCE: {what}")
 
-    def allowed_gfns(self, vcpu: int, i: int) -> list[int | None]:
-        """What vCPU ``vcpu`` may translate data page ``i`` to: what the PT says now, or
-        an older value it has not flushed yet."""
-        current = self.expected_gfn(i)
-        older = sorted(self.stale[vcpu].get(i, set()) - {current}, key=lambda gfn: gfn or 0)
+    def allowed_mappings(self, vcpu: int, i: int) -> list[GuestMapping]:
+        """What vCPU ``vcpu`` may translate data page ``i`` with: what the PT says now, or
+        an older entry it has not flushed yet."""
+        current = self.expected_mapping(i)
+        older = sorted(self.stale[vcpu].get(i, set()) - {current}, key=lambda m: m.gfn or 0)
         return [current, *older]
 
     # -- the actions --------------------------------------------------------------------------
@@ -317,7 +341,7 @@ class ShadowHarness:
         """An 8-byte load at ``offset`` of data page ``i``."""
         access = self.read(DATA_GVA + i * PAGE + offset, 8, vcpu)
         self.log(f"vcpu {vcpu} load data page {i} + {offset:#x} -> {access}")
-        self._expect_load(access, self.allowed_gfns(vcpu, i), offset)
+        self._expect_load(access, self.allowed_mappings(vcpu, i), offset)
 
     def guest_read_alias(self, vcpu: int, entry: int, i: int, offset: int) -> None:
         """The guest points the unused PD entry ``entry`` at its PT as well (an emulated
@@ -336,7 +360,7 @@ class ShadowHarness:
         for page in pages:
             access = self.read(entry * HPAGE + DATA_GVA + page * PAGE + offset, 8, vcpu)
             self.log(f"vcpu {vcpu} load data page {page} + {offset:#x} via PD {entry}: {access}")
-            self._expect_load(access, [self.expected_gfn(page)], offset)
+            self._expect_load(access, [self.expected_mapping(page)], offset)
 
     def guest_read_pt_as_pd(self, vcpu: int, entry: int, i: int, offset: int) -> None:
         """The guest points the unused PDPT entry ``entry`` at its PT, which is thereby
@@ -352,14 +376,16 @@ class ShadowHarness:
         guest_invlpg(self.kvm, self.host, vcpu, gva)
         access = self.read(gva + offset, 8, vcpu)
         self.log(f"vcpu {vcpu} load data page {i} + {offset:#x} via PDPT {entry}: {access}")
-        self._expect_load(access, [self.expected_gfn(i)], offset)
+        self._expect_load(access, [self.expected_mapping(i)], offset)
 
-    def _expect_load(self, access: ShadowAccess, gfns: list[int | None], offset: int) -> None:
-        """The load at ``offset`` must have read one of ``gfns`` (None: not present)."""
+    def _expect_load(self, access: ShadowAccess, mappings: list[GuestMapping], offset: int) -> None:
+        """The load at ``offset`` must have gone through one of ``mappings``: the guest's
+        own page fault (no handler: a shutdown) where the entry is not present or not a
+        user page, else the page's bytes, or an MMIO exit for a gfn without a slot."""
         expected = []
-        for gfn in gfns:
+        for gfn, _writable, user in mappings:
             hva = self.expected_hva(gfn) if gfn is not None else None
-            if gfn is None:
+            if gfn is None or not user:
                 expected.append(ShadowAccess(Outcome.SHUTDOWN))
             elif hva is None:
                 expected.append(ShadowAccess(Outcome.MMIO))
@@ -375,9 +401,9 @@ class ShadowHarness:
         access = self.write(DATA_GVA + i * PAGE + byte, bytes([byte]), vcpu)
         self.log(f"vcpu {vcpu} store {byte} to data page {i} -> {access}")
         landed = []  # where the store may have gone, and how it would end
-        for gfn in self.allowed_gfns(vcpu, i):
+        for gfn, writable, user in self.allowed_mappings(vcpu, i):
             hva = self.expected_hva(gfn) if gfn is not None else None
-            if gfn is None:
+            if gfn is None or not user or not writable:
                 landed.append(access.outcome is Outcome.SHUTDOWN)
             elif hva is None:
                 landed.append(access.outcome is Outcome.MMIO)
@@ -391,11 +417,26 @@ class ShadowHarness:
         accessed and dirty bits clear if ``clean``: an emulated write to its shadowed PT."""
         flags = PTE & ~(A | D) if clean else PTE
         value = 0 if to is None else to * PAGE | flags
-        old = self.expected_gfn(i)
+        old = self.expected_mapping(i)
         access = self.guest_set_pte(DATA_GFN + i, value, vcpu)
         self._expect(access.outcome is Outcome.DONE, f"PT write for data page {i}: {access}")
         for pages in self.stale.values():  # no vCPU has flushed the old entry yet
             pages.setdefault(i, set()).add(old)
+
+    def guest_restrict(self, vcpu: int, i: int, bit: int) -> None:
+        """The guest takes a right away from data page ``i`` (same gfn): it clears W (the
+        page is read-only) or U (a supervisor page), or sets NX (no execution), with an
+        emulated or unsync write to its PT like :meth:`guest_remap`. The old entry may live
+        on until the guest flushes it; KVM's shadow must never grant more than either."""
+        current = self.expected_mapping(i)
+        if current.gfn is None:
+            return
+        value = current.gfn * PAGE | PTE
+        value = value | NX if bit == NX else value & ~bit
+        access = self.guest_set_pte(DATA_GFN + i, value, vcpu)
+        self._expect(access.outcome is Outcome.DONE, f"PT write for data page {i}: {access}")
+        for pages in self.stale.values():
+            pages.setdefault(i, set()).add(current)
 
     def guest_remap_misaligned(self, vcpu: int, i: int, to: int | None) -> None:
         """The guest points data page ``i + 1`` at gfn ``to`` (None: not present) with one
@@ -409,7 +450,7 @@ class ShadowHarness:
         if i + 1 >= DATA_PAGES:
             return
         new = 0 if to is None else to * PAGE | PTE
-        old = self.expected_gfn(i + 1)
+        old = self.expected_mapping(i + 1)
         entry_gva = PT * PAGE + 8 * (DATA_GFN + i)
         _, current = self.host.host_read(self.tables_hva + PT * PAGE + 8 * (DATA_GFN + i), 8)
         data = current[4:] + new.to_bytes(8, "little")[:4]

@@ -33,6 +33,7 @@ from kvmspec.fuzz.x86_harness import (
     OFFSETS,
     PML4S,
     REMAP_TARGETS,
+    RESTRICTIONS,
     SHADOW_LAYOUTS,
     TABLES_IN_THE_HUGE_PAGE,
     UNUSED_ENTRIES,
@@ -109,6 +110,11 @@ class X86Machine(RuleBasedStateMachine):
     @rule(vcpu=VCPU, i=DATA_PAGE, to=st.sampled_from(REMAP_TARGETS), clean=st.booleans())
     def guest_remap(self, vcpu: int, i: int, to: int | None, clean: bool) -> None:
         self._do("guest_remap", vcpu, i, to, clean)
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, i=DATA_PAGE, bit=st.sampled_from(RESTRICTIONS))
+    def guest_restrict(self, vcpu: int, i: int, bit: int) -> None:
+        self._do("guest_restrict", vcpu, i, bit)
 
     @precondition(_shadow)
     @rule(vcpu=VCPU, i=DATA_PAGE, to=st.sampled_from(REMAP_TARGETS))

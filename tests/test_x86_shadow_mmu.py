@@ -15,6 +15,7 @@ from kvmspec.fuzz.x86_harness import (
     DATA_GVA,
     DATA_PAGES,
     NO_SLOT_GFN,
+    NX,
     PAGE,
     PD,
     PML4,
@@ -24,6 +25,8 @@ from kvmspec.fuzz.x86_harness import (
     RW,
     TABLE_PAGES,
     ShadowHarness,
+    U,
+    W,
 )
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference.arch import KvmArch
@@ -32,11 +35,19 @@ from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.vcpu import KvmVcpu
-from kvmspec.reference.x86 import guest_access, page_track, paging_tmpl, roots, set_spte, zap
+from kvmspec.reference.x86 import (
+    guest_access,
+    page_track,
+    paging_tmpl,
+    roots,
+    set_spte,
+    unsync,
+    zap,
+)
 from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess, guest_invlpg
 from kvmspec.reference.x86.mmio_spte import MMIO_SPTE_GEN_MASK, is_noslot_pfn, mark_mmio_spte
 from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr
-from kvmspec.reference.x86.paging import PFERR_USER_MASK
+from kvmspec.reference.x86.paging import ACC_ALL, PFERR_USER_MASK
 from kvmspec.reference.x86.paging_tmpl import KvmGuestMemory, fname_page_fault
 from kvmspec.reference.x86.roots import vcpu_enter_guest
 from kvmspec.reference.x86.set_spte import KvmPageFault, RetPf
@@ -513,3 +524,41 @@ def test_a_synced_leaf_that_no_longer_follows_its_guest_pte_is_caught(
     monkeypatch.setattr(zap, "mmu_page_zap_pte", lambda *args: False)
     vm.guest_remap(0, 1, DATA_GFN + 5, False)
     assert any(line.startswith("X6: ") and "the guest entry is" in line for line in vm.violations())
+
+
+def test_a_right_the_guest_takes_away_is_gone_once_it_flushes() -> None:
+    """guest_restrict: the guest makes data page 2 read-only (the PT goes unsync, so the
+    old writable entry may live on until the guest flushes); after its CR3 load the sync
+    has made the SPTE read-only, and the guest's store is its own page fault."""
+    vm = ShadowHarness()
+    vm.host_write(2, 0x33, 8)
+    vm.guest_write(0, 2, 1)
+    vm.guest_restrict(0, 2, W)
+    vm.guest_write(0, 2, 2)  # may still go through: not flushed yet
+    vm.switch_cr3(0, PML4)
+    assert vm.write(DATA_GVA + 2 * PAGE + 3, b"x").outcome is Outcome.SHUTDOWN
+    vm.guest_restrict(0, 3, U)
+    vm.guest_restrict(1, 4, NX)
+    vm.switch_cr3(0, PML4)
+    assert vm.read(DATA_GVA + 3 * PAGE).outcome is Outcome.SHUTDOWN
+    vm.guest_read(0, 4, 0)
+    vm.check()
+
+
+def test_a_sync_that_keeps_a_right_the_guest_took_away_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: FNAME(sync_spte) keeps the rights of the shadow page's role and
+    ignores the guest PTE's own. After the CR3 load the SPTE of the read-only page is
+    still writable: leaves_follow_guest_ptes reports it, and the guest's store lands."""
+    monkeypatch.setattr(unsync, "gpte_access", lambda gpte: ACC_ALL)
+    vm = ShadowHarness()
+    vm.host_write(2, 0x33, 8)
+    vm.guest_write(0, 2, 1)
+    vm.guest_restrict(0, 2, W)
+    vm.switch_cr3(0, PML4)  # the sync is done when the vCPU next enters the guest
+    vm.guest_read(0, 0, 0)
+    assert any(line.startswith("X6: ") and "grants" in line for line in vm.violations())
+    vm.guest_write(0, 2, 2)
+    with pytest.raises(RulesBroken, match="COHERENCE"):
+        vm.check()
