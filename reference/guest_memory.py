@@ -66,6 +66,27 @@ def kvm_read_guest_page(
     return (EFAULT, b"") if errno else (0, data)
 
 
+def kvm_read_guest_atomic(
+    kvm: Kvm, host: HostMm, as_id: int, gpa: int, size: int
+) -> tuple[int, bytes]:
+    """Read ``size`` bytes at ``gpa`` (within one page) without sleeping, as code holding
+    a spinlock must: page faults are disabled, so a page the host does not map right now
+    (never touched, swapped out, being migrated) is EFAULT rather than faulted in.
+
+    kernel: virt/kvm/kvm_main.c:kvm_vcpu_read_guest_atomic, __kvm_read_guest_atomic (v6.18)
+    """
+    shift = kvm.profile.page_shift
+    gfn, offset = gpa >> shift, gpa % (1 << shift)
+    slot = kvm.memslots(as_id).gfn_to_memslot(gfn)
+    hva, _ = gfn_to_hva_many(slot, gfn, write=False, page_shift=shift)
+    if kvm_is_error_hva(hva):
+        return EFAULT, b""
+    pte = host.lookup(hva)
+    if pte is None:
+        return EFAULT, b""
+    return 0, host.memory.read(pte.pfn, offset, size)
+
+
 def vgic_its_save_tables(kvm: Kvm, host: HostMm, writes: list[tuple[int, bytes]]) -> int:
     """KVM_DEV_ARM_ITS_SAVE_TABLES: the arm64 vgic writes its ITS tables (``writes``: gpa and
     bytes, each within a page) into guest RAM from an ioctl, with no vCPU running. The

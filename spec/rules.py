@@ -682,9 +682,14 @@ rule(
     "x86-mmu",
     """A guest page table that a valid, synced shadow page shadows is mapped writable by no
     SPTE, including a huge leaf whose frame contains it, so every guest write to it traps
-    and keeps the shadow coherent.""",
+    and keeps the shadow coherent. (Known kernel finding, tests/test_x86_shadow_mmu.py,
+    with MMIO caching on: an MMIO SPTE keeps the guest's write right in the writable bit,
+    and make_spte skips mmu_try_to_unsync_pages when it replaces a writable 4K SPTE, so a
+    stale MMIO SPTE replaced after its gfn got a slot and became a shadowed guest table
+    yields a writable leaf over that table.)""",
     KernelCitation(X86_MMU, "account_shadowed"),
     KernelCitation(X86_MMU, "mmu_try_to_unsync_pages"),
+    KernelCitation("arch/x86/kvm/mmu/spte.c", "make_spte"),
     SeedCitation(
         SEED_002, "The spte become read-only which can ensure the shadow gfn can not be changed."
     ),

@@ -14,6 +14,7 @@ from kvmspec.fuzz.x86_harness import (
     DATA_GFN,
     DATA_GVA,
     DATA_PAGES,
+    HPAGE,
     NO_SLOT_GFN,
     NX,
     PAGE,
@@ -360,6 +361,33 @@ def test_finding_a_sync_gives_a_stale_mmio_spte_the_current_generation() -> None
     access = vm.read(DATA_GVA)
     assert access.outcome is Outcome.MMIO and access.mmio is not None
     assert access.mmio.gpa == NO_SLOT_GFN * PAGE  # not b"slot": the VMM gets the access
+
+
+def test_finding_a_stale_mmio_spte_passes_for_a_writable_leaf() -> None:
+    """A finding of this model (v6.18, MMIO caching on; found by review of the prefetch
+    model): with legacy SPTEs an MMIO SPTE keeps the guest's write right in bit 1, the
+    writable bit. make_spte skips mmu_try_to_unsync_pages when the SPTE it replaces is a
+    writable leaf, and at 4K any SPTE counts as a leaf (is_last_spte), so a stale MMIO SPTE
+    passes for one. When its gfn has meanwhile got a slot and become a guest page table
+    (shadowed, so write-protected: X6), the fault that replaces the MMIO SPTE maps that
+    table writable; the guest's writes to it are then never seen, and the table's shadow
+    page keeps translations the guest removed (leaves_follow_guest_ptes)."""
+    vm = ShadowHarness(mmio_caching=True)
+    vm.guest_remap(0, 0, NO_SLOT_GFN, False)
+    vm.switch_cr3(0, PML4)
+    assert vm.read(DATA_GVA).outcome is Outcome.MMIO  # an MMIO SPTE for gfn 40, W in bit 1
+    _, hva = vm.host.mmap(PAGE, RW)  # gfn 40 gets a slot, holding a guest PT
+    assert vm.host.host_write(hva, (DATA_GFN * PAGE | PTE).to_bytes(8, "little")) == 0
+    assert vm.set_region(2, 0, NO_SLOT_GFN, 1, hva) == 0
+    pde = (NO_SLOT_GFN * PAGE | PTE).to_bytes(8, "little")
+    assert vm.write(PD * PAGE + 8 * 101, pde).outcome is Outcome.DONE
+    assert vm.read(101 * HPAGE).outcome is Outcome.DONE  # gfn 40 is now a shadowed PT
+    assert vm.violations() == []
+    assert vm.read(DATA_GVA).outcome is Outcome.DONE  # replaces the stale MMIO SPTE
+    assert any("maps shadowed guest table gfn 0x28 writable" in v for v in vm.violations())
+    unmap = (0x1234 * PAGE | PTE).to_bytes(8, "little")
+    assert vm.write(DATA_GVA, unmap).outcome is Outcome.DONE  # no exit: KVM never sees it
+    assert any("the guest entry is 0x1234067" in v for v in vm.violations())
 
 
 def test_v6_18_mmio_spte_over_a_stale_present_spte_is_caught(

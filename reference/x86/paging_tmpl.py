@@ -40,7 +40,7 @@ from kvmspec.reference.gfn_to_hva import (
     gfn_to_hva_memslot_prot,
     kvm_is_error_hva,
 )
-from kvmspec.reference.guest_memory import kvm_read_guest_page
+from kvmspec.reference.guest_memory import kvm_read_guest_atomic, kvm_read_guest_page
 from kvmspec.reference.host import HostMm, get_page
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import (
@@ -102,14 +102,15 @@ class KvmGuestMemory:
         self.host = host
 
     def read_u64(self, gpa: int) -> int | None:
-        values = self.read_u64s(gpa, 1)
-        return None if values is None else values[0]
-
-    def read_u64s(self, gpa: int, count: int) -> list[int] | None:
-        """``count`` consecutive guest PTEs from ``gpa`` (within one page), in one read."""
         errno, data = kvm_read_guest_page(
-            self.kvm, self.host, 0, gpa >> PAGE_SHIFT, gpa % PAGE_SIZE, count * PTE_SIZE
+            self.kvm, self.host, 0, gpa >> PAGE_SHIFT, gpa % PAGE_SIZE, PTE_SIZE
         )
+        return None if errno else int.from_bytes(data, "little")
+
+    def read_u64s_atomic(self, gpa: int, count: int) -> list[int] | None:
+        """``count`` consecutive guest PTEs from ``gpa`` (within one page), in one read that
+        faults nothing in (under mmu_lock): None if the page is not mapped right now."""
+        errno, data = kvm_read_guest_atomic(self.kvm, self.host, 0, gpa, count * PTE_SIZE)
         if errno:
             return None
         return [int.from_bytes(data[i : i + PTE_SIZE], "little") for i in range(0, len(data), 8)]
@@ -145,9 +146,11 @@ def gpte_changed(
     mem: KvmGuestMemory, walker: GuestWalker, level: int, prefetch_ptes: list[int]
 ) -> bool:
     """Does the guest entry the walk used at ``level`` still hold what it read? Another
-    vCPU may have rewritten it before its table was write-protected. At 4K the whole
-    aligned group of PTE_PREFETCH_NUM entries around it is read at once and kept in
-    ``prefetch_ptes``, for prefetching its neighbours (pte_prefetch.py).
+    vCPU may have rewritten it before its table was write-protected. The read faults
+    nothing in (the caller holds mmu_lock): a table page the host dropped since the walk
+    counts as changed, and the fault is retried. At 4K the whole aligned group of
+    PTE_PREFETCH_NUM entries around it is read at once and kept in ``prefetch_ptes``, for
+    prefetching its neighbours (pte_prefetch.py).
 
     kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(gpte_changed) (v6.18)
     """
@@ -155,9 +158,10 @@ def gpte_changed(
         if step.level != level:
             continue
         if level != PG_LEVEL_4K:
-            return mem.read_u64(step.pte_gpa) != step.pte
+            entry = mem.read_u64s_atomic(step.pte_gpa, 1)
+            return entry is None or entry[0] != step.pte
         group_gpa = step.pte_gpa & ~(PTE_PREFETCH_NUM * PTE_SIZE - 1)
-        group = mem.read_u64s(group_gpa, PTE_PREFETCH_NUM)
+        group = mem.read_u64s_atomic(group_gpa, PTE_PREFETCH_NUM)
         if group is None:
             return True
         prefetch_ptes[:] = group
