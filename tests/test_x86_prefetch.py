@@ -12,7 +12,9 @@ from kvmspec.fuzz.x86_harness import (
     DATA_GVA,
     DATA_PAGES,
     HPAGE,
+    NO_SLOT_GFN,
     PAGE,
+    PML4,
     PT,
     PTE,
     HugeHarness,
@@ -25,12 +27,13 @@ from kvmspec.reference.x86.guest_access import Outcome
 from kvmspec.reference.x86.mmu_page import SptePtr
 from kvmspec.reference.x86.paging import PT_ACCESSED_MASK, PT_DIRTY_MASK
 from kvmspec.reference.x86.spte import (
+    SHADOW_NONPRESENT_VALUE,
     is_accessed_spte,
     is_shadow_present_pte,
     is_writable_pte,
     spte_to_pfn,
 )
-from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
+from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 
 def data_sptes(vm: ShadowHarness) -> dict[int, int]:
@@ -158,4 +161,38 @@ def test_a_guest_huge_page_mapped_in_4k_prefetches_runs_of_empty_entries() -> No
         assert is_accessed_spte(vm.mmu.masks, leaf[1]) == (i == 2)
     assert vm.leaf(0, gva + 8 * PAGE) is None  # the next group is left alone
     assert gva + 8 * PAGE < HPAGE
+    assert vm.violations() == []
+
+
+def test_an_unusable_guest_pte_drops_its_mmio_neighbour_and_stops_the_prefetch() -> None:
+    """With MMIO caching on, a neighbour may hold an MMIO SPTE, which is not present: the
+    prefetch looks at its guest PTE. Now not present, it drops the MMIO SPTE (the guest no
+    longer uses that translation) and ends the prefetch there."""
+    vm = ShadowHarness(mmio_caching=True)
+    for i in range(2, DATA_PAGES):
+        assert vm.host.host_write(vm.data_hva + i * PAGE, b"x") == 0
+    vm.guest_remap(0, 1, NO_SLOT_GFN, False)
+    vm.switch_cr3(0, PML4)
+    # An MMIO fault prefetches too; page 0 is not in the host yet, so that stops at once.
+    assert vm.read(DATA_GVA + PAGE).outcome is Outcome.MMIO
+    assert data_sptes(vm) == {}
+    assert vm.host.host_write(vm.data_hva, b"x") == 0
+    (pt_sp,) = vm.mmu.shadow_pages(PT)
+    mmio = SptePtr(pt_sp, DATA_GFN + 1)
+    assert mmio.get() and not is_shadow_present_pte(mmio.get())
+    vm.guest_remap(0, 1, None, False)  # the PT is unsync: straight to memory
+    assert vm.read(DATA_GVA).outcome is Outcome.DONE  # page 0 faults; page 1 is next to it
+    assert mmio.get() == SHADOW_NONPRESENT_VALUE  # dropped
+    assert sorted(data_sptes(vm)) == [0]  # the prefetch stopped at page 1
+    assert vm.violations() == []
+
+
+def test_nothing_is_prefetched_from_a_readonly_slot() -> None:
+    """A prefetch takes its pages writable from the host: a READONLY slot gives it no
+    host address (kvm_prefetch_pages fails), even for a read-only leaf."""
+    vm = touched_vm()
+    assert vm.set_region(1, 0, DATA_GFN, 0, vm.data_hva) == 0  # flags cannot change: again
+    assert vm.set_region(1, KVM_MEM_READONLY, DATA_GFN, DATA_PAGES, vm.data_hva) == 0
+    assert vm.read(DATA_GVA).outcome is Outcome.DONE
+    assert sorted(data_sptes(vm)) == [0]
     assert vm.violations() == []
