@@ -203,10 +203,15 @@ rule(
     reported by the next KVM_GET_DIRTY_LOG (by every GET until a CLEAR covers it, with manual
     protection), or, for a vCPU's store in a VM with rings, by the rings harvested before the
     next KVM_RESET_DIRTY_RINGS once every ring was harvested after the store. Reporting pages
-    that were not written is allowed.""",
+    that were not written is allowed. (Known kernel finding, corpus/conformance/
+    x86_64-linux-6.18-pvm/s4-dirty-ring-initially-set-loses-a-write.jsonl, measured on this
+    machine: in a VM with rings under KVM_DIRTY_LOG_INITIALLY_SET, turning logging on
+    write-protects nothing, so a page mapped writable before logging is written without a
+    ring entry; the contract does not require those stores.)""",
     KernelCitation(KVM_MAIN, "mark_page_dirty_in_slot"),
     KernelCitation(KVM_MAIN, "kvm_get_dirty_log_protect"),
     DocCitation("virt/kvm/api.rst", "8.29 KVM_CAP_DIRTY_LOG_RING"),
+    KernelCitation("arch/x86/kvm/x86.c", "kvm_mmu_slot_apply_flags"),
 )
 rule(
     "D5",
@@ -539,7 +544,8 @@ rule(
     """In a dirty-logged slot, every gfn with a writable translation (in the table or in any
     vCPU's TLB) is recorded as dirty: its bitmap bit is set or a ring entry for it has not been
     reset. A guest writes without KVM noticing only through such a translation, so this is
-    what makes every write reach a report.""",
+    what makes every write reach a report. (Not in a VM with rings under
+    KVM_DIRTY_LOG_INITIALLY_SET: the known kernel finding of C-DIRTY-COMPLETE.)""",
     KernelCitation(KVM_MAIN, "mark_page_dirty_in_slot"),
     KernelCitation(KVM_MAIN, "kvm_get_dirty_log_protect"),
 )
