@@ -50,8 +50,12 @@ from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_T
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SHIFT, PAGE_SIZE
 
+Leaves = list[tuple[SptePtr, int]]
+"""Every shadow-present leaf of every page not freed, with its SPTE: what several checks
+walk, gathered once per check of the whole MMU (:func:`_leaves`)."""
 
-def _leaves(mmu: ShadowMmu) -> list[tuple[SptePtr, int]]:
+
+def _leaves(mmu: ShadowMmu) -> Leaves:
     """Every shadow-present leaf of every page not freed, with its SPTE."""
     leaves = []
     for sp in mmu.sp_by_pfn.values():
@@ -61,12 +65,12 @@ def _leaves(mmu: ShadowMmu) -> list[tuple[SptePtr, int]]:
     return leaves
 
 
-def check_rmaps(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
+def check_rmaps(kvm: Kvm, mmu: ShadowMmu, leaves: Leaves) -> list[Violation]:
     """X1: every shadow-present leaf is exactly once in the rmap of its slot, level and
     gfn, and every rmap entry is such a leaf."""
     expected: Counter[tuple[int, int, int, SptePtr]] = Counter()
     violations = []
-    for sptep, _spte in _leaves(mmu):
+    for sptep, _spte in leaves:
         gfn = kvm_mmu_page_get_gfn(sptep.sp, sptep.index)
         slot = kvm.memslots(0).gfn_to_memslot(gfn)
         if slot is None:
@@ -129,10 +133,10 @@ def check_parent_ptes(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
     return violations
 
 
-def check_leaf_writability(mmu: ShadowMmu) -> list[Violation]:
+def check_leaf_writability(mmu: ShadowMmu, leaves: Leaves) -> list[Violation]:
     """X3 as a state: every present leaf is in one of the legal H/M/W states."""
     violations = []
-    for sptep, spte in _leaves(mmu):
+    for sptep, spte in leaves:
         problem = check_spte_writable_invariants(mmu.masks, spte)
         if problem is not None:
             violations.append(Violation("X3", f"{sptep}: {problem}"))
@@ -154,12 +158,12 @@ def _frame(sptep: SptePtr) -> range:
     return range(gfn, gfn + kvm_pages_per_hpage(sptep.sp.role.level))
 
 
-def check_shadowed_tables_write_protected(mmu: ShadowMmu) -> list[Violation]:
+def check_shadowed_tables_write_protected(mmu: ShadowMmu, leaves: Leaves) -> list[Violation]:
     """X6: no writable leaf maps a gfn that a valid, synced page shadows as a guest table
     (a huge leaf maps every gfn of its frame: seed 002's write-protected large SPTE)."""
     shadowed = sorted(_shadowed_gfns(mmu))
     violations = []
-    for sptep, spte in _leaves(mmu):
+    for sptep, spte in leaves:
         if not is_writable_pte(spte):
             continue
         frame = _frame(sptep)
@@ -212,7 +216,7 @@ def check_lpage_info(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
     return violations
 
 
-def check_huge_leaves(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
+def check_huge_leaves(kvm: Kvm, mmu: ShadowMmu, host: HostMm, leaves: Leaves) -> list[Violation]:
     """X9 and D4 for every huge leaf: its frame lies wholly in one slot, the slot's gpa and
     hva agree modulo the size, and (once no invalidation is open) the host maps the frame
     with one huge page at the leaf's pfn. A writable huge leaf also needs a frame whose
@@ -221,7 +225,7 @@ def check_huge_leaves(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]
     when logging starts and then maps 4K; INITIALLY_SET slots are exempt until the first
     CLEAR reaches the frame, D5)."""
     violations = []
-    for sptep, spte in _leaves(mmu):
+    for sptep, spte in leaves:
         level = sptep.sp.role.level
         if level == PG_LEVEL_4K:
             continue
@@ -318,13 +322,15 @@ def check_tlbs(mmu: ShadowMmu) -> list[Violation]:
     return violations
 
 
-def check_leaves_match_host(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
+def check_leaves_match_host(
+    kvm: Kvm, mmu: ShadowMmu, host: HostMm, leaves: Leaves
+) -> list[Violation]:
     """N4 for the shadow MMU: once no invalidation is open, every leaf maps the page the
     host maps at its gfn's hva, and is writable only if the host PTE is."""
     if kvm.mmu_invalidate_in_progress:
         return []
     violations = []
-    for sptep, spte in _leaves(mmu):
+    for sptep, spte in leaves:
         if sptep.sp.role.level > PG_LEVEL_4K:
             continue  # check_huge_leaves compares the whole frame with the host's huge page
         gfn = kvm_mmu_page_get_gfn(sptep.sp, sptep.index)
@@ -463,16 +469,17 @@ def check_apic_access_addr(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Viola
 
 def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
     """Every shadow-MMU invariant above, and the VM's WARNs."""
+    leaves = _leaves(mmu)
     return [
-        *check_rmaps(kvm, mmu),
+        *check_rmaps(kvm, mmu, leaves),
         *check_parent_ptes(kvm, mmu),
-        *check_leaf_writability(mmu),
-        *check_shadowed_tables_write_protected(mmu),
+        *check_leaf_writability(mmu, leaves),
+        *check_shadowed_tables_write_protected(mmu, leaves),
         *check_obsolete(mmu),
         *check_tlbs(mmu),
-        *check_leaves_match_host(kvm, mmu, host),
+        *check_leaves_match_host(kvm, mmu, host, leaves),
         *check_lpage_info(kvm, mmu),
-        *check_huge_leaves(kvm, mmu, host),
+        *check_huge_leaves(kvm, mmu, host, leaves),
         *check_mmio_sptes(kvm, mmu),
         *check_unsync(mmu),
         *check_apic_access_addr(kvm, mmu, host),
