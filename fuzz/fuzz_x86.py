@@ -50,7 +50,7 @@ with support.instrumentation(enabled=__name__ == "__main__"):
     from kvmspec.fuzz.decoder import BytesChooser
     from kvmspec.fuzz.generic_harness import Log
     from kvmspec.fuzz.x86_decoder import decode_action, decode_layout
-    from kvmspec.fuzz.x86_harness import make_harness
+    from kvmspec.fuzz.x86_layouts import make_harness
     from kvmspec.spec.platforms import DEFAULT_PROFILE
 
 MAX_ACTIONS = 60

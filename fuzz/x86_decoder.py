@@ -2,10 +2,11 @@
 
 A :class:`~kvmspec.fuzz.decoder.Chooser` (raw bytes through
 :class:`~kvmspec.fuzz.decoder.BytesChooser`) answers every question. The first answer picks
-the VM's layout (:data:`~kvmspec.fuzz.x86_harness.LAYOUTS`); then each action is one answer
+the VM's layout (:data:`~kvmspec.fuzz.x86_layouts.LAYOUTS`); then each action is one answer
 for its kind, from the layout's fixed table (:data:`KINDS`), and one answer per argument,
-each from that argument's fixed tuple of values in :mod:`kvmspec.fuzz.x86_harness`: a byte
-means the same whatever the state, so a mutation of one byte changes one decision.
+each from that argument's fixed tuple of values in :mod:`kvmspec.fuzz.x86_harness` (or
+:mod:`kvmspec.fuzz.x86_huge_harness`): a byte means the same whatever the state, so a
+mutation of one byte changes one decision.
 
 New kinds of action go at the end of their table (and new values at the end of their
 tuple): an answer is taken modulo the number of choices, so older inputs, the seeds
@@ -13,7 +14,7 @@ included, keep their meaning.
 
 The decoder rejects (never calls) an action the state does not allow, after reading all of
 its arguments: in the ``huge`` layout, a data access or MADV_DONTNEED naming a page that is a
-guest page table (:meth:`~kvmspec.fuzz.x86_harness.HugeHarness.is_data_page`).
+guest page table (:meth:`~kvmspec.fuzz.x86_huge_harness.HugeHarness.is_data_page`).
 :attr:`Rejected.why` says which rule rejected it, and the driver counts them.
 
 ``python -m kvmspec.fuzz.x86_decoder seeds`` rebuilds ``corpus/seeds/x86/`` from
@@ -38,32 +39,33 @@ from kvmspec.fuzz.x86_harness import (
     DATA_SLOT_PLACES,
     DONTNEED_PAGES,
     HOST_WRITE_SIZES,
-    HUGE_PAGES,
-    HUGE_PML4S,
-    LAYOUTS,
     NO_SLOT_GFN,
     NX,
     OFFSETS,
     PD,
-    PD_B,
-    PD_C,
     PDPT,
     PML4,
     PML4_2,
-    PML4_B,
-    PML4_C,
     PML4S,
     REMAP_TARGETS,
     RESTRICTIONS,
-    SHADOW_LAYOUTS,
-    TABLES_IN_THE_HUGE_PAGE,
     UNUSED_ENTRIES,
     UPPER_TABLES,
     VCPUS,
-    HugeHarness,
     U,
     W,
 )
+from kvmspec.fuzz.x86_huge_harness import (
+    HUGE_PAGES,
+    HUGE_PML4S,
+    PD_B,
+    PD_C,
+    PML4_B,
+    PML4_C,
+    TABLES_IN_THE_HUGE_PAGE,
+    HugeHarness,
+)
+from kvmspec.fuzz.x86_layouts import LAYOUTS, SHADOW_LAYOUTS
 
 Argument = int | None
 SEEDS = Path(__file__).resolve().parents[1] / "corpus" / "seeds" / "x86"
@@ -149,7 +151,7 @@ HUGE_KINDS: tuple[Kind, ...] = (
     # Appended, so that older inputs keep their meaning.
     Kind("reclaim", (("i", HUGE_PAGES),), True),
 )
-"""The ``huge`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.HugeHarness`)."""
+"""The ``huge`` layout's actions (:class:`~kvmspec.fuzz.x86_huge_harness.HugeHarness`)."""
 
 KINDS = {"shadow": SHADOW_KINDS, "huge": HUGE_KINDS}
 """What one answer chooses between, by harness class. An action's arguments follow its kind's

@@ -1,5 +1,5 @@
 """The x86 shadow-MMU state machine: Hypothesis drives the harnesses of
-:mod:`kvmspec.fuzz.x86_harness`.
+:mod:`kvmspec.fuzz.x86_harness` and :mod:`kvmspec.fuzz.x86_huge_harness`.
 
 The machine first picks a layout (``shadow``, ``mmio`` or ``huge``, of those it was built for), then
 each rule draws the arguments of one of that layout's harness actions, from the same tuples
@@ -27,22 +27,21 @@ from kvmspec.fuzz.x86_harness import (
     DATA_SLOT_PLACES,
     DONTNEED_PAGES,
     HOST_WRITE_SIZES,
-    HUGE_PAGES,
-    HUGE_PML4S,
-    LAYOUTS,
     OFFSETS,
     PML4S,
     REMAP_TARGETS,
     RESTRICTIONS,
-    SHADOW_LAYOUTS,
-    TABLES_IN_THE_HUGE_PAGE,
     UNUSED_ENTRIES,
     UPPER_TABLES,
     VCPUS,
-    HugeHarness,
-    X86Harness,
-    make_harness,
 )
+from kvmspec.fuzz.x86_huge_harness import (
+    HUGE_PAGES,
+    HUGE_PML4S,
+    TABLES_IN_THE_HUGE_PAGE,
+    HugeHarness,
+)
+from kvmspec.fuzz.x86_layouts import LAYOUTS, SHADOW_LAYOUTS, X86Harness, make_harness
 from kvmspec.spec.platforms import PlatformProfile
 
 VCPU = st.sampled_from(VCPUS)

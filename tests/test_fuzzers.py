@@ -43,7 +43,8 @@ from kvmspec.fuzz.session import Session
 from kvmspec.fuzz.targets import Target
 from kvmspec.fuzz.targets.reference import ReferenceTarget
 from kvmspec.fuzz.trace import TraceError, load, parse_lines
-from kvmspec.fuzz.x86_harness import PD_B, PD_C, HugeHarness, ShadowHarness
+from kvmspec.fuzz.x86_harness import ShadowHarness
+from kvmspec.fuzz.x86_huge_harness import PD_B, PD_C, HugeHarness
 from kvmspec.reference import kvm_main
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.kvm import Kvm

@@ -24,11 +24,11 @@ from kvmspec.fuzz.x86_harness import (
     APIC_GVA,
     DATA_GFN,
     DATA_GVA,
-    LAYOUTS,
     PAGE,
     PTE,
     ShadowHarness,
 )
+from kvmspec.fuzz.x86_layouts import LAYOUTS
 from kvmspec.reference.concurrency import Preempt
 from kvmspec.reference.host_notifier import MmuNotifierEvent
 from kvmspec.reference.x86 import roots

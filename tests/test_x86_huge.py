@@ -11,13 +11,8 @@ from __future__ import annotations
 import pytest
 
 from kvmspec.fuzz.generic_harness import RulesBroken
-from kvmspec.fuzz.x86_harness import (
-    HPAGE,
-    PAGE,
-    PML4_B,
-    PML4_C,
-    HugeHarness,
-)
+from kvmspec.fuzz.x86_harness import HPAGE, PAGE
+from kvmspec.fuzz.x86_huge_harness import PML4_B, PML4_C, HugeHarness
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect

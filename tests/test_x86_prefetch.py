@@ -17,9 +17,9 @@ from kvmspec.fuzz.x86_harness import (
     PML4,
     PT,
     PTE,
-    HugeHarness,
     ShadowHarness,
 )
+from kvmspec.fuzz.x86_huge_harness import HugeHarness
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
 from kvmspec.reference.host_notifier import MmuNotifierEvent

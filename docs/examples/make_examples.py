@@ -51,7 +51,7 @@ from kvmspec.fuzz.ops import (
 from kvmspec.fuzz.ppc_harness import GFNS, MMIO_GFN, RAM0_GFN, RAM1_GFN
 from kvmspec.fuzz.targets.reference import ReferenceTarget
 from kvmspec.fuzz.trace import dump
-from kvmspec.fuzz.x86_harness import PML4_B
+from kvmspec.fuzz.x86_huge_harness import PML4_B
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.spec.platforms import DEFAULT_PROFILE
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY

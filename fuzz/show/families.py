@@ -86,7 +86,7 @@ def _start(family: str, chooser: BytesChooser, stem: str) -> Started:
     if family == "x86":
         from kvmspec.fuzz.fuzz_x86 import MAX_ACTIONS as X86_ACTIONS
         from kvmspec.fuzz.x86_decoder import decode_action, decode_layout
-        from kvmspec.fuzz.x86_harness import make_harness
+        from kvmspec.fuzz.x86_layouts import make_harness
 
         layout = decode_layout(chooser)
         harness = make_harness(layout, DEFAULT_PROFILE)
