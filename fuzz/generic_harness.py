@@ -364,10 +364,11 @@ class GenericHarness:
         name = self._name("reset_dirty_rings")
 
         def done(result: tuple[int, int]) -> None:
-            errno, _cleared = result
+            errno, cleared = result
             self._judge(self.memslots.on_reset_dirty_rings(errno))
             if not errno:
-                self._judge(self.dirty.on_reset_dirty_rings())
+                settled = not self._in_flight("reset")  # (this actor has left the list)
+                self._judge(self.dirty.on_reset_dirty_rings(cleared, settled))
 
         self.scheduler.start(name, kvm_vm_ioctl_reset_dirty_pages(self.kvm), done)
 

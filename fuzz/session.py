@@ -203,7 +203,9 @@ class Session:
             contract.on_create_vcpu(op.id, errno)
         elif isinstance(op, ResetDirtyRings):
             reset: list[object] = [*contract.on_reset_dirty_rings(errno)]
-            return reset + (list(self.dirty.on_reset_dirty_rings()) if not errno else [])
+            if errno:
+                return reset
+            return reset + list(self.dirty.on_reset_dirty_rings(observed["result"]))
         elif isinstance(op, HarvestDirtyRing) and not errno:
             entries = [(slot, offset) for slot, offset in observed["entries"]]
             return list(self.dirty.on_harvest_ring(op.vcpu, entries))

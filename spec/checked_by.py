@@ -108,6 +108,10 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     ),
     "D9": (
         f"scenario test `{SCENARIO_TESTS['D9']}`",
+        "DirtyLogContract (the generic machine and every session): the count"
+        " KVM_RESET_DIRTY_RINGS returns is the entries harvested since the last reset",
+        "scenario test `tests/test_generic_machine.py::"
+        "test_a_ring_reset_must_return_the_entries_it_consumed`",
         CROSSHAIR.format("dirty_ring_reset_for_crosshair: reset consumes the harvested prefix"),
     ),
     # Monitor rules with a planted bug of their own (the monitor's check cannot pass vacuously).

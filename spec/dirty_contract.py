@@ -84,6 +84,8 @@ class DirtyLogContract:
     stays in the ring, however long ago its slot changed.)"""
     not_cleared: dict[SlotKey, set[int]] = field(default_factory=dict)
     """For bitmaps allocated all ones (INITIALLY_SET): the offsets cleared since."""
+    ring_unreset: int = 0
+    """Ring entries harvested (flagged RESET by userspace) and not consumed by a reset yet."""
     ring_unprotected: set[SlotKey] = field(default_factory=set)
     """Logged slots whose logging started in a ring VM under INITIALLY_SET: KVM protected
     nothing, so their ring stores are not owed (the known kernel finding above)."""
@@ -220,6 +222,7 @@ class DirtyLogContract:
     def on_harvest_ring(self, vcpu: int, entries: list[tuple[int, int]]) -> list[ContractViolation]:
         """Userspace read vCPU ``vcpu``'s ring: ``entries`` are (slot, offset) pairs."""
         self.last_harvest[vcpu] = self._tick()
+        self.ring_unreset += len(entries)
         violations = []
         for slot, offset in entries:
             key = (slot >> 16, slot & 0xFFFF)
@@ -235,10 +238,24 @@ class DirtyLogContract:
             self.ring_harvested.setdefault(key, set()).add(offset)
         return violations
 
-    def on_reset_dirty_rings(self) -> list[ContractViolation]:
-        """A KVM_RESET_DIRTY_RINGS that succeeded: every write older than the oldest harvest
-        must have been harvested by now; what was harvested is owed no more."""
+    def on_reset_dirty_rings(self, cleared: int, settled: bool = True) -> list[ContractViolation]:
+        """A KVM_RESET_DIRTY_RINGS that succeeded and returned ``cleared``: every write older
+        than the oldest harvest must have been harvested by now; what was harvested is owed no
+        more. The count is the entries the reset consumed, which are the harvested ones (D9):
+        never more than were harvested, and all of them once no other reset is in flight
+        (``settled``; overlapping resets share them, and nothing harvests meanwhile)."""
         self._tick()
+        self.ring_unreset -= cleared
+        counted = []
+        if self.ring_unreset < 0 or (settled and self.ring_unreset):
+            counted.append(
+                ContractViolation(
+                    "D9",
+                    f"KVM_RESET_DIRTY_RINGS returned {cleared}; harvested and not reset before "
+                    f"it: {self.ring_unreset + cleared}",
+                )
+            )
+            self.ring_unreset = 0
         vcpus = self.memslots.vcpus
         horizon = min((self.last_harvest.get(v, 0) for v in vcpus), default=0)
         violations = [
@@ -255,4 +272,4 @@ class DirtyLogContract:
             for offset in offsets:
                 pending.pop(offset, None)
         self.ring_harvested.clear()
-        return violations
+        return counted + violations

@@ -7,9 +7,12 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 
+from kvmspec.fuzz import generic_harness
 from kvmspec.fuzz.generic_harness import GenericHarness, RulesBroken
 from kvmspec.fuzz.generic_machine import generic_machine
 from kvmspec.fuzz.profiles import bug_hunt
+from kvmspec.reference import dirty_log
+from kvmspec.reference.concurrency import KernelOp
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmGfnRange
@@ -48,7 +51,7 @@ def test_a_fault_without_the_retry_check_is_caught(monkeypatch: pytest.MonkeyPat
 
 def test_the_scheduler_refuses_actors_that_cannot_step() -> None:
     from kvmspec.fuzz.scheduler import Scheduler
-    from kvmspec.reference.concurrency import KernelOp, WaitUntil
+    from kvmspec.reference.concurrency import WaitUntil
 
     def waits_forever() -> KernelOp[None]:
         yield WaitUntil("never", lambda: False)
@@ -115,4 +118,36 @@ def test_planted_aging_or_unmap_bug_under_reclaim_is_caught(
 ) -> None:
     harness = _reclaim_after_a_guest_store(mmu_class)
     with pytest.raises(RulesBroken, match=rule):
+        harness.check()
+
+
+# -- KVM_RESET_DIRTY_RINGS: its count is the harvested entries -------------------------------
+
+
+@pytest.mark.parametrize("off_by", [0, 1, -1])
+def test_a_ring_reset_must_return_the_entries_it_consumed(
+    monkeypatch: pytest.MonkeyPatch, off_by: int
+) -> None:
+    """D9 from outside: KVM_RESET_DIRTY_RINGS returns how many harvested entries it
+    consumed, and with no other reset in flight that is every entry harvested before it.
+    A model that miscounts (the planted ``off_by``) is reported."""
+    original = dirty_log.kvm_vm_ioctl_reset_dirty_pages
+
+    def miscounted(kvm: Kvm) -> KernelOp[tuple[int, int]]:
+        errno, cleared = yield from original(kvm)
+        return errno, cleared + off_by
+
+    monkeypatch.setattr(generic_harness, "kvm_vm_ioctl_reset_dirty_pages", miscounted)
+    harness = GenericHarness(DEFAULT_PROFILE)
+    harness.set_up("ring", True)
+    harness.guest_access(0, 0, 0, 0x11, 0)  # two stores to two pages of slot 0
+    harness.guest_access(0, 0, 1, 0x22, 0)
+    harness.harvest_ring(0)
+    harness.start_reset_dirty_rings()
+    for name in list(harness.scheduler.actors):
+        harness.finish_actor(name)
+    if off_by:
+        with pytest.raises(RulesBroken, match=r"D9: KVM_RESET_DIRTY_RINGS returned"):
+            harness.check()
+    else:
         harness.check()
