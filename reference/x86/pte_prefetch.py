@@ -15,9 +15,10 @@ walks through its memory then takes one fault per group instead of one per page.
 * A direct shadow page (a guest huge page mapped with 4K leaves) maps runs of empty entries,
   whose gfns are contiguous, with the rights of the page's role.
 * A page is mapped only if the host already maps it writable (no host fault is taken: the
-  fault's caller holds mmu_lock), in a slot that is not INVALID. A writable leaf never goes
-  into a dirty-logged slot, since it would be written without being logged. A clean guest
-  PTE gives a read-only leaf (protect_clean_gpte), which may.
+  fault's caller holds mmu_lock), in a slot that is neither INVALID nor READONLY (the page
+  is asked for writable), with every page of the run inside the slot. A writable leaf
+  never goes into a dirty-logged slot, since it would be written without being logged. A
+  clean guest PTE gives a read-only leaf (protect_clean_gpte), which may.
 * The leaf is born old (A clear): aging must not count an access that never happened.
 
 The effect shows through the uAPI: a page prefetched before dirty logging starts keeps a
