@@ -274,7 +274,8 @@ def fname_fetch(
     Only then is the leaf's size chosen, since shadowing those tables may have forbidden
     a huge leaf over them. Below a guest huge leaf, direct pages cover its range down to
     that size (replacing a huge leaf found on the way); then the leaf, for the first gfn
-    of its frame.
+    of its frame; then, unless the fault was spurious, the leaf's empty neighbours
+    (pte_prefetch.py).
 
     kernel: arch/x86/kvm/mmu/paging_tmpl.h:FNAME(fetch) (v6.18)
     """
