@@ -49,7 +49,7 @@ from typing import NamedTuple
 from kvmspec.fuzz.generic_harness import Log, RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
-from kvmspec.reference.gfn_to_hva import gfn_to_hva_many, kvm_is_error_hva
+from kvmspec.reference.guest_memory import kvm_read_guest_atomic
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
@@ -181,16 +181,14 @@ def leaves_follow_guest_ptes(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[str
     for sp in mmu.sp_by_pfn.values():
         if not sp_has_gptes(sp) or sp.unsync or is_obsolete_sp(mmu, sp):
             continue
-        slot = kvm.memslots(0).gfn_to_memslot(sp.gfn)
-        hva, _ = gfn_to_hva_many(slot, sp.gfn, False, PAGE_SHIFT)
-        table = None if kvm_is_error_hva(hva) else host.lookup(hva)
-        if table is None:
+        errno, table = kvm_read_guest_atomic(kvm, host, 0, sp.gfn << PAGE_SHIFT, PAGE)
+        if errno:
             continue  # swapped out, or its slot going away: nothing to compare with now
+        frame = kvm_pages_per_hpage(sp.role.level)
         for index, spte in sorted(sp.spt.items()):
             if not is_shadow_present_pte(spte) or not is_last_spte(spte, sp.role.level):
                 continue
-            gpte = int.from_bytes(host.memory.read(table.pfn, 8 * index, 8), "little")
-            frame = kvm_pages_per_hpage(sp.role.level)
+            gpte = int.from_bytes(table[8 * index : 8 * index + 8], "little")
             gfn = (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
             where = f"{SptePtr(sp, index)}"
             if not gpte & P or kvm_mmu_page_get_gfn(sp, index) != gfn - gfn % frame:
@@ -296,11 +294,28 @@ class ShadowHarness:
     def expected_mapping(self, i: int) -> GuestMapping:
         """What the guest's PT says of gva page 16 + i: its gfn (None: not present) and
         whether user code may write it and use it at all."""
-        _, raw = self.host.host_read(self.tables_hva + PT * PAGE + 8 * (DATA_GFN + i), 8)
-        pte = int.from_bytes(raw, "little")
+        pte = int.from_bytes(self._data_pte_bytes(i), "little")
         if not pte & P:
             return GuestMapping(None, False, False)
         return GuestMapping((pte >> 12) & ((1 << 40) - 1), bool(pte & W), bool(pte & U))
+
+    def _data_pte_bytes(self, i: int) -> bytes:
+        """The 8 bytes of data page ``i``'s PTE in the guest's PT, as the VMM reads them."""
+        return self.host.host_read(self.tables_hva + PT * PAGE + 8 * (DATA_GFN + i), 8)[1]
+
+    def _unflushed(self, i: int, old: GuestMapping) -> None:
+        """Data page ``i``'s PTE changed from ``old``: every vCPU may go on using the old
+        entry until it flushes the page."""
+        for pages in self.stale.values():
+            pages.setdefault(i, set()).add(old)
+
+    def _rewrite_data_pte(self, vcpu: int, i: int, value: int) -> None:
+        """The guest writes ``value`` to data page ``i``'s PTE through its own mapping of the
+        PT: an emulated write while the PT is shadowed and synced, else straight to memory."""
+        old = self.expected_mapping(i)
+        access = self.guest_set_pte(DATA_GFN + i, value, vcpu)
+        self._expect(access.outcome is Outcome.DONE, f"PT write for data page {i}: {access}")
+        self._unflushed(i, old)
 
     def expected_hva(self, gfn: int) -> int | None:
         """Where the host holds ``gfn`` (None: no slot holds it)."""
@@ -408,12 +423,7 @@ class ShadowHarness:
         """The guest points data page ``i`` at gfn ``to`` (None: not present), with the
         accessed and dirty bits clear if ``clean``: an emulated write to its shadowed PT."""
         flags = PTE & ~(A | D) if clean else PTE
-        value = 0 if to is None else to * PAGE | flags
-        old = self.expected_mapping(i)
-        access = self.guest_set_pte(DATA_GFN + i, value, vcpu)
-        self._expect(access.outcome is Outcome.DONE, f"PT write for data page {i}: {access}")
-        for pages in self.stale.values():  # no vCPU has flushed the old entry yet
-            pages.setdefault(i, set()).add(old)
+        self._rewrite_data_pte(vcpu, i, 0 if to is None else to * PAGE | flags)
 
     def guest_restrict(self, vcpu: int, i: int, bit: int) -> None:
         """The guest takes a right away from data page ``i`` (same gfn): it clears W (the
@@ -424,11 +434,7 @@ class ShadowHarness:
         if current.gfn is None:
             return
         value = current.gfn * PAGE | PTE
-        value = value | NX if bit == NX else value & ~bit
-        access = self.guest_set_pte(DATA_GFN + i, value, vcpu)
-        self._expect(access.outcome is Outcome.DONE, f"PT write for data page {i}: {access}")
-        for pages in self.stale.values():
-            pages.setdefault(i, set()).add(current)
+        self._rewrite_data_pte(vcpu, i, value | NX if bit == NX else value & ~bit)
 
     def guest_remap_misaligned(self, vcpu: int, i: int, to: int | None) -> None:
         """The guest points data page ``i + 1`` at gfn ``to`` (None: not present) with one
@@ -443,13 +449,10 @@ class ShadowHarness:
             return
         new = 0 if to is None else to * PAGE | PTE
         old = self.expected_mapping(i + 1)
-        entry_gva = PT * PAGE + 8 * (DATA_GFN + i)
-        _, current = self.host.host_read(self.tables_hva + PT * PAGE + 8 * (DATA_GFN + i), 8)
-        data = current[4:] + new.to_bytes(8, "little")[:4]
-        access = self.write(entry_gva + 4, data, vcpu)
+        data = self._data_pte_bytes(i)[4:] + new.to_bytes(8, "little")[:4]
+        access = self.write(PT * PAGE + 8 * (DATA_GFN + i) + 4, data, vcpu)
         self._expect(access.outcome is Outcome.DONE, f"PT store for data page {i + 1}: {access}")
-        for pages in self.stale.values():
-            pages.setdefault(i + 1, set()).add(old)
+        self._unflushed(i + 1, old)
 
     def invlpg(self, vcpu: int, i: int) -> None:
         """The guest flushes data page ``i`` from the vCPU's TLB (INVLPG)."""

@@ -113,7 +113,9 @@ class KvmGuestMemory:
         errno, data = kvm_read_guest_atomic(self.kvm, self.host, 0, gpa, count * PTE_SIZE)
         if errno:
             return None
-        return [int.from_bytes(data[i : i + PTE_SIZE], "little") for i in range(0, len(data), 8)]
+        return [
+            int.from_bytes(data[i : i + PTE_SIZE], "little") for i in range(0, len(data), PTE_SIZE)
+        ]
 
     def writable(self, gpa: int) -> bool:
         slot = self.kvm.memslots(0).gfn_to_memslot(gpa >> PAGE_SHIFT)
