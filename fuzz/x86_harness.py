@@ -358,9 +358,7 @@ class ShadowHarness:
         (kvm_mmu_find_shadow_page), syncing it first if it is unsync, so the second load,
         which may not fault at all, sees the PT's current entry too. Since the guest
         flushed both, only what the PT holds now may be seen: no older entry."""
-        pde = (PT * PAGE | PTE).to_bytes(8, "little")
-        written = self.write(PD * PAGE + 8 * entry, pde, vcpu)
-        self._expect(written.outcome is Outcome.DONE, f"PD entry {entry}: {written}")
+        self._point_entry_at_pt(vcpu, PD, entry)
         pages = (i, (i + 1) % DATA_PAGES)
         for page in pages:
             guest_invlpg(self.kvm, self.host, vcpu, entry * HPAGE + DATA_GVA + page * PAGE)
@@ -376,14 +374,19 @@ class ShadowHarness:
         table. Making the PD-level shadow page of the PT's gfn zaps the PT's unsync shadow
         page (kvm_mmu_find_shadow_page): the gfn is now write-tracked, so an unsync page of
         it would never be synced again. The load must see what the PT holds now."""
-        pdpte = (PT * PAGE | PTE).to_bytes(8, "little")
-        written = self.write(PDPT * PAGE + 8 * entry, pdpte, vcpu)
-        self._expect(written.outcome is Outcome.DONE, f"PDPT entry {entry}: {written}")
+        self._point_entry_at_pt(vcpu, PDPT, entry)
         gva = entry * PDPT_SPAN + PT * HPAGE + DATA_GVA + i * PAGE
         guest_invlpg(self.kvm, self.host, vcpu, gva)
         access = self.read(gva + offset, 8, vcpu)
         self.log(f"vcpu {vcpu} load data page {i} + {offset:#x} via PDPT {entry}: {access}")
         self._expect_load(access, [self.expected_mapping(i)], offset)
+
+    def _point_entry_at_pt(self, vcpu: int, table: int, entry: int) -> None:
+        """The guest points ``entry`` of its upper-level ``table`` at its PT: an emulated
+        write, since KVM shadows (and write-protects) every upper-level table."""
+        value = (PT * PAGE | PTE).to_bytes(8, "little")
+        written = self.write(table * PAGE + 8 * entry, value, vcpu)
+        self._expect(written.outcome is Outcome.DONE, f"table {table} entry {entry}: {written}")
 
     def _expect_load(self, access: ShadowAccess, mappings: list[GuestMapping], offset: int) -> None:
         """The load at ``offset`` must have gone through one of ``mappings``: the guest's
