@@ -339,12 +339,16 @@ def _in_region(op: Any) -> bool:
     return isinstance(op.userspace_addr, RegionAddr)
 
 
-def _new_slot(flags: int | None = None) -> Match:
-    """A one-region request for a slot that does not exist yet (flags as given, if given)."""
+def _new_slot(flags: int | None = None, min_pages: int = 0) -> Match:
+    """A one-region request for a slot that does not exist yet (flags as given, if given) of
+    at least ``min_pages`` pages."""
     return _is(
         "set_user_memory_region",
         lambda op, s: (
-            _known(op, s) is None and _in_region(op) and (flags is None or op.flags == flags)
+            _known(op, s) is None
+            and _in_region(op)
+            and (flags is None or op.flags == flags)
+            and op.memory_size >= min_pages * 4096
         ),
     )
 
@@ -460,6 +464,12 @@ MEMSLOT_SCENARIOS: dict[str, tuple[Want, ...]] = {
         Want(_new_slot(LOG)),
         Want(_is("clear_dirty_log", lambda op, s: op.num_pages > 0)),
         Want(_is("get_dirty_log")),
+    ),
+    "clear-short-bitmap": (
+        Want(_cap("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", (1,))),
+        _MMAP,
+        Want(_new_slot(LOG, min_pages=128)),
+        Want(_is("clear_dirty_log", lambda op, s: op.num_pages > 64 and len(op.bitmap) == 1)),
     ),
     "clear-without-manual-protect": (
         _MMAP,

@@ -248,7 +248,10 @@ def decode_operation(chooser: Chooser, view: SessionView) -> Operation:
     if kind == "get_dirty_log":
         return GetDirtyLog(_known_or_new_slot(chooser, view))
     if kind == "clear_dirty_log":
-        words = tuple(pick(chooser, (0, 1, 0x5555_5555_5555_5555, (1 << 64) - 1)) for _ in range(2))
+        # One word or two: a bitmap shorter than num_pages spans reads as zeros beyond its end.
+        nr_words = 1 + chooser.below(2)
+        masks = (0, 1, 0x5555_5555_5555_5555, (1 << 64) - 1)
+        words = tuple(pick(chooser, masks) for _ in range(nr_words))
         return ClearDirtyLog(
             _known_or_new_slot(chooser, view),
             pick(chooser, b.FIRST_PAGES),

@@ -16,6 +16,7 @@ from kvmspec.fuzz.guest_layout import PRIVATE_GPA, PRIVATE_SIZE, private_slot_id
 from kvmspec.fuzz.ops import (
     GUEST_OPERATIONS,
     HOST_OPERATIONS,
+    CheckExtension,
     ClearDirtyLog,
     CreateGuestMemfd,
     CreateVcpu,
@@ -199,6 +200,8 @@ class Session:
             return []
         if isinstance(op, EnableCap):
             return list(contract.on_enable_cap(op.cap, op.flags, op.args, errno))
+        if isinstance(op, CheckExtension) and not errno:
+            return list(contract.on_check_extension(op.cap, observed["result"]))
         if isinstance(op, CreateVcpu):
             contract.on_create_vcpu(op.id, errno)
         elif isinstance(op, ResetDirtyRings):

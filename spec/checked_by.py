@@ -87,6 +87,10 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
     "C-GMEM-IMMUTABLE": (MEMSLOT_CONTRACT,),
     "C-DIRTY-API": (MEMSLOT_CONTRACT, CROSSHAIR.format("clear_dirty_log_for_crosshair")),
     "C-DIRTY-RING-ENABLE": (MEMSLOT_CONTRACT,),
+    "C-CAPABILITIES": (
+        MEMSLOT_CONTRACT,
+        _scenario("tests/test_machines.py::", "test_a_wrong_capability_answer_is_reported"),
+    ),
     "C-COHERENCE": (MEMORY_CONTRACT,),
     "C-MMIO": (MEMORY_CONTRACT,),
     "C-EFAULT": (MEMORY_CONTRACT,),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from errno import EEXIST, EINVAL
 
 from kvmspec.spec.platforms import PlatformProfile
+from kvmspec.spec.uapi.capability_rules import check_extension_answer
 from kvmspec.spec.uapi.constants import (
     CAPABILITIES,
     KVM_MEM_GUEST_MEMFD,
@@ -261,6 +262,18 @@ class MemslotUapiContract:
         if not observed and not expected and apply is not None:
             apply()
         return _mismatch(rule, f"enable_cap {cap} {list(args)}", expected, observed)
+
+    def on_check_extension(self, cap: str, observed: int) -> list[ContractViolation]:
+        """KVM_CHECK_EXTENSION answers what the platform supports (C-CAPABILITIES); it
+        changes nothing, so the view stays as it is."""
+        expected = check_extension_answer(self.profile, cap)
+        if observed == expected:
+            return []
+        return [
+            ContractViolation(
+                "C-CAPABILITIES", f"check_extension {cap}: expected {expected}, observed {observed}"
+            )
+        ]
 
     def on_create_vcpu(self, vcpu_id: int, observed: int) -> None:
         """vCPU creation is outside the memory rules; the contract only records that a vCPU

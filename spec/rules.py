@@ -134,6 +134,19 @@ rule(
     MeasuredCitation(FINDINGS, "4. Dirty ring"),
 )
 
+rule(
+    "C-CAPABILITIES",
+    "contract",
+    "memslots",
+    """KVM_CHECK_EXTENSION on the VM fd answers for each memory capability what the platform
+    supports: 1 for the memslot ioctls, JOIN_MEMORY_REGIONS_WORKS and SYNC_MMU; the number of
+    user slots for NR_MEMSLOTS; the largest ring in bytes for each dirty ring flavour it has;
+    the accepted flags for MANUAL_DIRTY_LOG_PROTECT2 and GUEST_MEMFD_FLAGS; 0 for what it
+    lacks (kvmspec.spec.uapi.capability_rules).""",
+    KernelCitation(KVM_MAIN, "kvm_vm_ioctl_check_extension_generic"),
+    MeasuredCitation(FINDINGS, "2. Capabilities"),
+)
+
 # --- Contracts: guest memory -----------------------------------------------------------------
 
 rule(
