@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmspec.fuzz.arm64_harness import (
+    BLOCK_DEVICE_PAGES,
     BOOLS,
     BYTES,
     CLEAR_MASKS,
@@ -239,6 +240,11 @@ KINDS: tuple[Kind, ...] = (
         "clear_dirty_log",
         (("slot_id", SLOT_IDS), ("word", CLEAR_WORDS), ("mask", CLEAR_MASKS)),
         _clearable,
+    ),
+    Kind("collapse_after_logging", (("vcpu", VCPUS), ("frame", FRAMES), ("byte", BYTES))),
+    Kind(
+        "device_block_access",
+        (("vcpu", VCPUS), ("page", BLOCK_DEVICE_PAGES), ("kind", ACCESS_KINDS)),
     ),
 )
 """What one answer chooses between. An action's arguments follow its kind's answer."""
@@ -443,6 +449,20 @@ SEED_SCENARIOS: dict[str, tuple[Setup, tuple[Step, ...]]] = {
             ("interleave", ((3, 3, 3, 0, 1, 2) * 6, 510, 1, False)),
             ("get_dirty_log", (THP_SLOT,)),
             ("age", (THP_SLOT, 2, "clear_flush_young")),
+        ),
+    ),
+    "blocks-over-tables-and-device-blocks": (
+        Setup(Arm64Mmu, hardware_af=True, split_chunk_size=WITH_SPLIT),
+        (
+            ("collapse_after_logging", (0, 0, 0x41)),
+            ("guest_store", (1, THP_SLOT, 2, 0x42)),
+            ("collapse_after_logging", (1, 1, 0x43)),
+            ("device_block_access", (0, 1, "load")),
+            ("device_block_access", (1, 512, "store")),
+            ("device_block_access", (0, BLOCK_DEVICE_PAGES[-1], "store")),
+            ("device_block_access", (1, BLOCK_DEVICE_PAGES[-1], "fetch")),
+            ("release", ()),
+            ("device_block_access", (0, BLOCK_DEVICE_PAGES[4], "s1ptw")),
         ),
     ),
     "seed-001-release": (

@@ -12,12 +12,18 @@ The VM (:class:`Arm64Harness`) has two vCPUs and three slots:
   re-created, READONLY or not;
 * slot 2 (``DEVICE_SLOT``): four pages of device memory (a VM_PFNMAP mapping): mapped
   execute-never, an instruction fetch there gets an abort (A6), and dirty logging is
-  refused.
+  refused;
+* slot 3 (``BLOCK_DEVICE_SLOT``): 1 GiB and 4 MiB of device memory, its gpa, hva and
+  physical address all 1 GiB aligned, so that a fault maps a 1 GiB block in its first
+  gigabyte and 2 MiB blocks after it (see :mod:`kvmspec.fuzz.arm64_blocks`). Only its own
+  action touches it.
 
 Actions: guest loads, stores, instruction fetches and stage-1 walk reads; accesses with no
 slot or beyond the IPA space; host writes, MADV_DONTNEED, mprotect, munmap, THP collapse
 and split (each a notifier invalidation); dirty logging switched on and off, harvested, and
-cleared (manual protection, the bitmap starting clear or all set); aging (clear_young,
+cleared (manual protection, the bitmap starting clear or all set); a THP frame mapped with
+pages while logging, then, logging stopped, by a block over their table; accesses to the
+block-sized device memory; aging (clear_young,
 clear_flush_young, test_young through the notifier); a fault racing an MADV_DONTNEED of its
 page (the notifier retry check); two faults, the hardware and the lockless ager stepped in a
 drawn order; and the VMM exiting (the notifier's release, ``kvm_arch_flush_shadow_all``),
@@ -27,7 +33,8 @@ after which a new VM starts.
 :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with every rule broken:
 
 * the stage-2 checks of :func:`~kvmspec.spec.invariants.arm64.check_stage2` (A1, A3, A4's
-  alignment, A6, S001-NO-LOST-UPDATE, S001-RCU-TABLES, the library's WARNs);
+  alignment, A6, S001-NO-LOST-UPDATE, S001-RCU-TABLES, the library's WARNs), told which
+  stretches of the record :meth:`Arm64Harness.interleave` ran walkers at once in;
 * the memslot :class:`~kvmspec.spec.invariants.memslots.InvariantMonitor`;
 * the stage 2 against the memslots and the host (:func:`check_stage2_translations`: M13,
   A4's memslot half, N4, D1, stale TLB entries);
@@ -36,7 +43,9 @@ after which a new VM starts.
   (C-COHERENCE), every completed store to a logged slot is in the next harvest
   (C-DIRTY-COMPLETE), aging changes no translation (N7) and finds every page used since
   its last aging young (C-AGING, loose where the kernel drops access flags), and after the
-  release no translation survives (S001-FLUSH-ALL).
+  release no translation survives (S001-FLUSH-ALL);
+* a fault on the block-sized device memory maps the largest leaf the VMA and the slot
+  allow (A4, :func:`~kvmspec.spec.invariants.arm64.device_block_size`).
 
 A harness may be told to let known kernel findings pass (``tolerated``): the machine and the
 fuzzer let :data:`KNOWN_KERNEL_FINDINGS` pass, so that they look for new problems; a harness
@@ -48,6 +57,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from errno import EINVAL
 
+from kvmspec.fuzz import arm64_blocks
 from kvmspec.fuzz.generic_harness import Log, RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.arm64.fault import (
@@ -73,6 +83,7 @@ from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
 from kvmspec.spec.aging_contract import AgingContract
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.arm64 import (
+    UnlinkedTables,
     check_stage2,
     check_stage2_translations,
     stage2_leaves,
@@ -97,14 +108,26 @@ FLUSH_ALL = "S001-FLUSH-ALL"
 """Seed 001's "kvm_arch_flush_shadow_all emptied": after the notifier's release no stage-2
 translation of guest memory may survive (the host frees every page next)."""
 
-THP_SLOT, SHIFTED_SLOT, DEVICE_SLOT = 0, 1, 2
+THP_SLOT, SHIFTED_SLOT, DEVICE_SLOT, BLOCK_DEVICE_SLOT = 0, 1, 2, 3
 SLOT_IDS = (THP_SLOT, SHIFTED_SLOT, DEVICE_SLOT)
-SLOT_PAGES = {THP_SLOT: 1024, SHIFTED_SLOT: 512, DEVICE_SLOT: 4}
+"""The slots every action may touch (slot 3 has its own action)."""
+GPAGE = 512 * HPAGE
+SLOT_PAGES = {
+    THP_SLOT: 1024,
+    SHIFTED_SLOT: 512,
+    DEVICE_SLOT: 4,
+    BLOCK_DEVICE_SLOT: (GPAGE + 2 * HPAGE) // PAGE,
+}
 THP_GPA = 0x4000_0000
 SHIFTED_GPAS = (0x8000_0000, 0x9000_1000)
 """Slot 1's two places: its hva is one page past a 2 MiB boundary, so the first gpa is
 incongruent with it and the second congruent, but with no whole 2 MiB block inside."""
 DEVICE_GPA = 0xC000_0000
+BLOCK_DEVICE_GPA = 0x1_0000_0000
+DEVICE_SLOTS = (DEVICE_SLOT, BLOCK_DEVICE_SLOT)
+BLOCK_DEVICE_PAGES = (0, 1, 512, GPAGE // PAGE - 1, GPAGE // PAGE, GPAGE // PAGE + 513)
+"""Pages of slot 3 its action picks from: in its first gigabyte (a 1 GiB block), and after
+it (2 MiB blocks: the slot ends 4 MiB later)."""
 HOLE_GPA = 0xA000_0000
 UNBACKED = {"hole": HOLE_GPA, "beyond_ipa": (1 << 40) + PAGE, "beyond_pa": 1 << 48}
 """IPAs no slot holds: a hole, one beyond the VM's 40-bit IPA space, one beyond PARange."""
@@ -139,7 +162,12 @@ KNOWN_KERNEL_FINDINGS = (f"A8: WARN: {EMPTY_MEMCACHE.partition(': ')[2]}",)
 fault on a write-protected block of a dirty-logged slot takes a table page from the vCPU's
 memory cache without filling it first (tests/test_arm64_memcache.py shows it)."""
 
-NOMINAL_GPA = {THP_SLOT: THP_GPA, SHIFTED_SLOT: SHIFTED_GPAS[0], DEVICE_SLOT: DEVICE_GPA}
+NOMINAL_GPA = {
+    THP_SLOT: THP_GPA,
+    SHIFTED_SLOT: SHIFTED_GPAS[0],
+    DEVICE_SLOT: DEVICE_GPA,
+    BLOCK_DEVICE_SLOT: BLOCK_DEVICE_GPA,
+}
 
 
 def _ignore(line: str) -> None:
@@ -230,6 +258,12 @@ class Arm64Harness:
         self.hvas = {THP_SLOT: self.thp_hva, SHIFTED_SLOT: self.shifted_hva}
         device = self.host.memory.add_device("bar0", SLOT_PAGES[DEVICE_SLOT] * PAGE)
         _, self.hvas[DEVICE_SLOT] = self.host.mmap(SLOT_PAGES[DEVICE_SLOT] * PAGE, RW, device)
+        size = SLOT_PAGES[BLOCK_DEVICE_SLOT] * PAGE
+        self.hvas[BLOCK_DEVICE_SLOT] = arm64_blocks.mmap_aligned_device(self.host, size, GPAGE)
+        # The stretches of the record where walkers ran at once ([first event, end)).
+        self.concurrent: list[tuple[int, int]] = []
+        assert self.mmu.pgt is not None
+        self.unlinked = UnlinkedTables(self.mmu.pgt)
         for vcpu_id in VCPUS:
             assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
         self.views: dict[int, SlotView] = {}
@@ -282,16 +316,20 @@ class Arm64Harness:
         need = PROT_WRITE if kind == "store" else PROT_READ
         if vma is None or not vma.prot & need:
             return AbortOutcome.EFAULT
-        if kind == "fetch" and slot_id == DEVICE_SLOT:
+        if kind == "fetch" and slot_id in DEVICE_SLOTS:
             return AbortOutcome.INJECT_PABT
         return None
 
     def host_holds(self, hva: int, size: int) -> bytes:
         """What the VMM would read at ``hva``, without touching it."""
         pte = self.host.lookup(hva)
-        if pte is None:
-            return bytes(size)
-        return self.host.memory.read(pte.pfn, hva % PAGE, size)
+        if pte is not None:
+            return self.host.memory.read(pte.pfn, hva % PAGE, size)
+        vma = self.host.find_vma(hva)
+        if vma is not None and isinstance(vma.backing, Device):  # its PTE comes on first touch
+            pfn = vma.backing.first_pfn + vma.index(hva, PAGE)
+            return self.host.memory.read(pfn, hva % PAGE, size)
+        return bytes(size)
 
     def _expect(self, rule: str, holds: bool, what: str) -> None:
         if not holds:
@@ -513,6 +551,7 @@ class Arm64Harness:
             # It clears access flags and flushes nothing (A7): a TLB entry may outlive it.
             self.aging.on_racing_clear(view.hva, view.hva + size)
         results: dict[str, object] = {}
+        first = len(pgt.mm_ops.history.events)
         for step in order:
             if not actors:
                 break
@@ -527,6 +566,7 @@ class Arm64Harness:
             while not finished:
                 finished, result = _advance(name, actors[name])
             results[name] = result
+        self.concurrent.append((first, len(pgt.mm_ops.history.events)))
         self.log(f"interleaved {order}: {results}")
         hardware = results["hardware"]
         assert isinstance(hardware, GuestAccessResult)
@@ -539,6 +579,16 @@ class Arm64Harness:
             )
             if self.views[THP_SLOT].logging:
                 self.dirtied[THP_SLOT].add(page % SLOT_PAGES[THP_SLOT])
+
+    def collapse_after_logging(self, vcpu: int, frame: int, byte: int) -> None:
+        """A fault maps a block over a live table (see
+        :func:`~kvmspec.fuzz.arm64_blocks.collapse_after_logging`)."""
+        arm64_blocks.collapse_after_logging(self, THP_SLOT, vcpu, frame, byte)
+
+    def device_block_access(self, vcpu: int, page: int, kind: str) -> None:
+        """An access of ``kind`` to a page of slot 3, whose fault must map the largest leaf
+        allowed (see :func:`~kvmspec.fuzz.arm64_blocks.device_block_access`)."""
+        arm64_blocks.device_block_access(self, BLOCK_DEVICE_SLOT, vcpu, page, kind)
 
     # -- memslots and dirty logging -----------------------------------------------------------
 
@@ -629,7 +679,7 @@ class Arm64Harness:
     def _violations(self) -> list[Violation]:
         found = list(self.monitor.check())
         if self.mmu.pgt is not None:
-            found += check_stage2(self.mmu.pgt)
+            found += check_stage2(self.mmu.pgt, self.concurrent, self.unlinked)
         if self.host.notifier is not None:
             found += check_stage2_translations(self.kvm, self.mmu, self.host)
         return found

@@ -31,6 +31,7 @@ from kvmspec.fuzz.arm64_decoder import (
     encode,
 )
 from kvmspec.fuzz.arm64_harness import (
+    BLOCK_DEVICE_PAGES,
     BOOLS,
     BYTES,
     CLEAR_MASKS,
@@ -170,6 +171,14 @@ class Arm64Machine(RuleBasedStateMachine):
         for method, args in steps:
             self._do(method, *args)
             self.vm.check()
+
+    @rule(vcpu=VCPU, frame=st.sampled_from(FRAMES), byte=BYTE)
+    def collapse_after_logging(self, vcpu: int, frame: int, byte: int) -> None:
+        self._do("collapse_after_logging", vcpu, frame, byte)
+
+    @rule(vcpu=VCPU, page=st.sampled_from(BLOCK_DEVICE_PAGES), kind=st.sampled_from(KINDS))
+    def device_block_access(self, vcpu: int, page: int, kind: str) -> None:
+        self._do("device_block_access", vcpu, page, kind)
 
     @rule(slot=SLOT, page=PAGE, how=st.sampled_from(AGING))
     def age(self, slot: int, page: int, how: str) -> None:

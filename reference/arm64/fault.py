@@ -314,7 +314,7 @@ def user_mem_abort(
         if mmu_invalidate_retry(kvm, mmu_seq):
             ret = -errno.EAGAIN
         else:
-            fault_ipa = abort.ipa
+            fault_ipa = ipa  # aligned to the block, as the pfn is
             if vma_pagesize == page_size and not (force_pte or device):
                 if fault_is_perm and fault_granule > page_size:
                     vma_pagesize = fault_granule

@@ -6,22 +6,26 @@ device memory, its execute permission (A6). Over the reference's record of what 
 (:class:`~kvmspec.reference.arm64.history.Stage2History`, every descriptor write, TLBI and
 cache maintenance operation in order): break-before-make (A1), no hardware access-flag or
 dirty update lost to a software write built from an older snapshot (seed 001), no table
-page read after it was freed (seed 001's RCU half), and the library's WARN_ONs.
+page read after it was freed (seed 001's RCU half), no entry of an unlinked table written
+by a walker that entered it after the unlink (A3, :class:`UnlinkedTables`), and the
+library's WARN_ONs.
 
 The record is the reference's own state, so these checks take it as an argument; the
 reference never imports this module. ``check_stage2`` runs them all.
 
 A third kind needs the VM around the tables: :func:`check_stage2_translations` holds the
 leaves against the memslots and the host's page tables (M13, A4's memslot half, N4, D1)
-and the vCPUs' TLBs against the leaves (A1, A7), between actions of the arm64 harness.
+and the vCPUs' TLBs against the leaves (A1, A7), between actions of the arm64 harness;
+:func:`device_block_size` says which leaf a fault on device memory must install (A4).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kvmspec.reference.arm64.descriptors import (
+    KVM_PGTABLE_LAST_LEVEL,
     KVM_PTE_LEAF_ATTR_HI_S2_XN,
     KVM_PTE_LEAF_ATTR_LO_S2_AF,
     KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR,
@@ -39,7 +43,7 @@ from kvmspec.reference.arm64.descriptors import (
 from kvmspec.reference.arm64.history import PteWrite, Slot, Stage2History, Tlbi
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.reference.arm64.pgtable import KvmPgtable, TablePage
-from kvmspec.reference.host import HostMm
+from kvmspec.reference.host import Device, HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.spec.invariants import Violation
@@ -155,6 +159,78 @@ def check_no_reads_after_free(history: Stage2History) -> list[Violation]:
     kernel: arch/arm64/kvm/mmu.c:stage2_free_unlinked_table (v6.18)
     """
     return [Violation(RCU_TABLES, message) for message in history.reads_after_free]
+
+
+Window = tuple[int, int]
+"""A stretch of the record, [first event, end), during which several walkers ran at once."""
+
+
+class UnlinkedTables:
+    """A3's walker half: once an entry pointing at a table is overwritten, that table (and
+    every table below it) is out of the tree, waiting for RCU to free it. A walker that
+    replaced a table by a block steps over the new block; it never goes on into the table
+    it unlinked, so nothing writes to an unlinked table. The one exception is a shared
+    walker that was already inside the table when another walker unlinked it: its writes
+    land in the dead table, harmlessly. So a write to an unlinked table is allowed only
+    when the unlink and the write both fall in one of the ``concurrent`` windows of the
+    record, where several walkers were interleaved; everywhere else walkers ran one at a
+    time. :meth:`check` reads the record from where its last call stopped.
+
+    kernel: arch/arm64/kvm/hyp/pgtable.c:__kvm_pgtable_visit, stage2_map_walk_table_pre
+    (v6.18)
+    """
+
+    def __init__(self, pgt: KvmPgtable) -> None:
+        geometry = pgt.geometry
+        self.page_shift = geometry.page_shift
+        self.levels = {
+            geometry.kvm_granule_size(level): level
+            for level in range(geometry.start_level, KVM_PGTABLE_LAST_LEVEL)
+        }
+        self.children: dict[int, set[int]] = {}
+        self.unlinked: dict[int, int] = {}  # table page -> the event that took it out
+        self.read = 0
+        self.found: list[Violation] = []
+
+    def _linked(self, pte: int, size: int) -> int | None:
+        level = self.levels.get(size)
+        if level is None or not kvm_pte_table(pte, level):
+            return None
+        return kvm_pte_to_phys(pte, self.page_shift)
+
+    def check(self, history: Stage2History, concurrent: Sequence[Window]) -> list[Violation]:
+        events = history.events
+        for index in range(self.read, len(events)):
+            event = events[index]
+            if isinstance(event, PteWrite):
+                self._write(index, event, concurrent)
+        self.read = len(events)
+        return list(self.found)
+
+    def _write(self, index: int, event: PteWrite, concurrent: Sequence[Window]) -> None:
+        table = event.slot[0]
+        when = self.unlinked.get(table)
+        if when is not None and not any(start <= when < index < end for start, end in concurrent):
+            self.found.append(
+                Violation(
+                    "A3",
+                    f"{_where(event.slot)} (IPA {event.ipa:#x}) was written ({event.before:#x}"
+                    f" -> {event.after:#x}) after its table was unlinked",
+                )
+            )
+        old = self._linked(event.before, event.size)
+        new = self._linked(event.after, event.size)
+        if old == new:
+            return
+        if new is not None:
+            self.children.setdefault(table, set()).add(new)
+        if old is not None:
+            self.children.get(table, set()).discard(old)
+            todo = [old]
+            while todo:
+                gone = todo.pop()
+                self.unlinked.setdefault(gone, index)
+                todo += self.children.get(gone, ())
 
 
 _UNNUMBERED_WARNINGS = {
@@ -384,6 +460,16 @@ def _against_host(
             found.append(Violation("D1", f"{where} is writable, page {first + clean[0]} clean"))
     if kvm.mmu_invalidate_in_progress:
         return found
+    vma = host.find_vma(hva)
+    if vma is not None and isinstance(vma.backing, Device) and hva + leaf.size <= vma.end:
+        # Device memory is mapped linearly across its VMA, whether or not the model's host
+        # has filled a PTE for each page yet (it does so on first touch).
+        pfn = vma.backing.first_pfn + vma.index(hva, page_size)
+        if leaf.pa // page_size != pfn:
+            found.append(Violation("N4", f"{where} maps {leaf.pa:#x}, the VMA maps pfn {pfn:#x}"))
+        elif writable(leaf.pte) and not host.writable(vma, pfn):
+            found.append(Violation("N4", f"{where} is writable over a read-only device VMA"))
+        return found
     # A block exactly over a host huge page that no small page of the host shadows: the
     # PMD maps the pages in order, so its first page answers for all of them (looking up
     # each would copy the PMD once per page).
@@ -402,13 +488,68 @@ def _against_host(
     return found
 
 
-def check_stage2(pgt: KvmPgtable) -> list[Violation]:
-    """Every stage-2 invariant above, over the tables and their history."""
+def device_block_size(host: HostMm, slot: KvmMemorySlot, gpa: int) -> int:
+    """A4 for device memory (a VM_PFNMAP VMA) in a slot that does not log dirty pages: the
+    size of the leaf a fault at ``gpa`` installs. It is the largest block (a PUD's 1 GiB,
+    else a PMD's 2 MiB) whose aligned range around the address lies wholly inside the slot
+    and inside the VMA, with the gpa, the hva and the physical address agreeing modulo its
+    size; else a page. (The kernel checks the VMA's end against the address rounded up to
+    the block, which says the same whenever, as here, the slot lies inside the VMA.)
+
+    kernel: arch/arm64/kvm/mmu.c:get_vma_page_shift, fault_supports_stage2_huge_mapping,
+    user_mem_abort (v6.18)
+    """
+    page_size = host.page_size
+    shift = page_size.bit_length() - 1
+    gpa -= gpa % page_size
+    hva = slot.userspace_addr + gpa - (slot.base_gfn << shift)
+    vma = host.find_vma(hva)
+    assert vma is not None and isinstance(vma.backing, Device), f"no device at {hva:#x}"
+    pa = (vma.backing.first_pfn + vma.index(hva, page_size)) * page_size
+    slot_start = slot.base_gfn << shift
+    slot_end = slot.end_gfn << shift
+    for size in (host.hpage_size * host.hpage_nr, host.hpage_size):
+        block, block_hva = gpa - gpa % size, hva - hva % size
+        if (gpa - hva) % size or (hva - pa) % size:
+            continue
+        in_slot = slot_start <= block and block + size <= slot_end
+        if in_slot and vma.start <= block_hva and block_hva + size <= vma.end:
+            return size
+    return page_size
+
+
+def installed_leaves(pgt: KvmPgtable, since: int, ipa: int) -> list[int]:
+    """The sizes of the leaves covering ``ipa`` that were installed (written valid over an
+    invalid entry) from event ``since`` of the record on, oldest first."""
+    geometry = pgt.geometry
+    sizes = []
+    for event in pgt.mm_ops.history.events[since:]:
+        if not isinstance(event, PteWrite) or not event.ipa <= ipa < event.ipa + event.size:
+            continue
+        if kvm_pte_valid(event.before) or not kvm_pte_valid(event.after):
+            continue
+        level = KVM_PGTABLE_LAST_LEVEL
+        while geometry.kvm_granule_size(level) < event.size:
+            level -= 1
+        if not kvm_pte_table(event.after, level):
+            sizes.append(event.size)
+    return sizes
+
+
+def check_stage2(
+    pgt: KvmPgtable, concurrent: Sequence[Window] = (), unlinked: UnlinkedTables | None = None
+) -> list[Violation]:
+    """Every stage-2 invariant above, over the tables and their history (``concurrent``:
+    the windows of the record where walkers were interleaved; ``unlinked``: the tracker a
+    caller checking the same tables again and again keeps, so that it reads each event
+    once)."""
     history = pgt.mm_ops.history
+    tracker = unlinked if unlinked is not None else UnlinkedTables(pgt)
     return [
         *check_break_before_make(history),
         *check_no_lost_hardware_updates(history),
         *check_no_reads_after_free(history),
+        *tracker.check(history, concurrent),
         *check_warnings(history),
         *check_table_refcounts(pgt),
         *check_no_freed_table_reachable(pgt),
