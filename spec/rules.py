@@ -936,9 +936,16 @@ rule(
     "arm64-stage2",
     """A block mapping sits only at a level that allows blocks, with its IPA and output
     address aligned to its size, wholly inside one memslot whose gpa and hva agree modulo
-    that size; a dirty-logged slot is mapped with pages only.""",
+    that size; a dirty-logged slot is mapped with pages only. On device memory (a VM_PFNMAP
+    VMA) a fault maps the largest block that also lies wholly inside the VMA, its physical
+    address agreeing with the hva modulo the block. (Kernel finding of the model,
+    tests/test_arm64_blocks.py: get_vma_page_shift tests the block's end as ALIGN(hva) <=
+    vm_end, which holds for any hva on a block boundary, so a device VMA smaller than a
+    block that starts on the boundary, in a slot spanning the block, gets the whole block:
+    the guest reaches physical memory past what the VMM mapped.)""",
     KernelCitation(ARM64_PGTABLE, "kvm_block_mapping_supported"),
     KernelCitation(ARM64_MMU, "fault_supports_stage2_huge_mapping"),
+    KernelCitation(ARM64_MMU, "get_vma_page_shift"),
     KernelCitation(ARM64_MMU, "user_mem_abort"),
 )
 rule(
