@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Atheris fuzz target: bytes -> x86 shadow-MMU actions (guest loads and stores through
 shadow pages, guest page-table rewrites, CR3 switches, host writes, MADV_DONTNEED, THP and
-page migration (the APIC-access page's included), memslot changes and dirty logging), with
-every check of the x86 state machine.
+page migration (the APIC-access page's included), memslot changes, dirty logging and the VMM
+exiting), with every check of the x86 state machine.
 
 Each input is decoded by :mod:`kvmspec.fuzz.x86_decoder` into a layout and at most
 :data:`MAX_ACTIONS` actions, which a fresh harness of that layout
 (:mod:`kvmspec.fuzz.x86_harness`) applies on the default profile (the only x86 profile on
-the shadow MMU), checking every rule after each one. Actions the state does not allow are
+the shadow MMU), checking every rule after each one; the known kernel findings pass
+(:data:`~kvmspec.fuzz.x86_harness.KNOWN_KERNEL_FINDINGS`). Actions the state does not allow are
 rejected by the decoder and skipped. A broken rule is a finding: the input is replayed with
 its log on, the report (the broken rules and each action with what the harness saw) is
 printed and written to ``corpus/regressions/x86-<sha1 of the input>.txt`` next to the input

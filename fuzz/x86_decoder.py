@@ -124,6 +124,7 @@ SHADOW_KINDS: tuple[Kind, ...] = (
         (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("to", REMAP_TARGETS)),
     ),
     Kind("guest_restrict", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("bit", RESTRICTIONS))),
+    Kind("release"),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -358,6 +359,39 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("migrate_page", (PD_B,)),
             ("switch_cr3", (0, PML4_B)),
             ("guest_read", (0, 21, 6)),
+        ),
+    ),
+    "mmio-caching-and-release": (
+        "mmio",
+        (
+            ("guest_remap", (0, 0, NO_SLOT_GFN, False)),
+            ("guest_read", (0, 0, 0)),  # an MMIO SPTE for the gfn without a slot
+            ("guest_read", (0, 0, 8)),  # the fast path: handle_mmio_page_fault
+            ("guest_write", (1, 0, 5)),
+            ("change_data_slot", (None,)),  # the fast zap drops the MMIO SPTE with its page
+            ("guest_read", (0, 1, 0)),
+            ("guest_write", (1, 1, 3)),
+            ("change_data_slot", (DATA_GFN,)),  # CREATE: the MMIO SPTE is stale
+            ("guest_read", (0, 1, 0)),  # faulted into the slot
+            ("guest_read", (1, 0, 16)),
+            ("release", ()),  # kvm_mmu_zap_all, then a new VM
+            ("guest_read", (0, 0, 0)),
+        ),
+    ),
+    "mmio-sync-finding-let-pass": (
+        "mmio",
+        (
+            ("change_data_slot", (None,)),
+            ("guest_write", (0, 0, 9)),  # an MMIO SPTE for the data gfn
+            ("change_data_slot", (DATA_GFN,)),  # stale now
+            ("guest_remap_misaligned", (1, 0, DATA_GFN)),  # the PT goes unsync
+            ("invlpg", (0, 0)),  # FNAME(sync_spte) remakes it current: the known finding
+            ("guest_read", (0, 0, 0)),  # the VMM gets the load, let pass
+            ("guest_write", (1, 0, 7)),
+            ("switch_cr3", (1, PML4_2)),
+            ("guest_read", (1, 0, 8)),
+            ("change_data_slot", (64,)),  # MOVE: the zap ends it
+            ("guest_read", (0, 0, 0)),
         ),
     ),
 }

@@ -1,7 +1,7 @@
 """The x86 shadow-MMU harnesses: one VM on the shadow MMU with guest page tables in guest
 memory, its host, and every check, driven one action at a time by whoever picks the actions.
 
-Three layouts (the fuzzers use the first two, :mod:`kvmspec.fuzz.x86_layouts`), plain classes
+Three layouts (:mod:`kvmspec.fuzz.x86_layouts`), plain classes
 with one method per action and :meth:`check` after every one. This module holds the shared
 values and checks and the ``shadow`` layout (and ``mmio``); :mod:`kvmspec.fuzz.x86_huge_harness`
 holds ``huge``:
@@ -14,7 +14,9 @@ holds ``huge``:
   MADV_DONTNEED (notifier invalidations), DELETE, re-CREATE and MOVE of the data slot,
   with or without the zap-all quirk. The VM also has KVM's APIC-access page (a private slot
   at 0xfee00000, which the PT maps at gva page 32): guest loads and stores to it, and host
-  migration of it and of the data pages (seed 004). The ``mmio`` layout is the same VM
+  migration of it and of the data pages (seed 004), and the VMM exiting (the MMU
+  notifier's release zaps every shadow page: nothing may be left that maps the memory the
+  host frees, X5), after which a new VM starts. The ``mmio`` layout is the same VM
   with MMIO caching on (this machine has it off): an access to a gfn without a slot
   installs an MMIO SPTE, which must never be trusted once a slot covers the gfn (X11).
 * :class:`~kvmspec.fuzz.x86_huge_harness.HugeHarness` (``huge``): one THP-capable slot of two
@@ -39,7 +41,8 @@ access ends as those tables and the slots say (done, MMIO, or the guest's own #P
 a PTE rewrite, the vCPU may also use the entry's older values until it flushes that page
 (INVLPG) or its whole TLB (a CR3 load), as a real TLB may. A guest access that faults
 without end fails the model's own assertion (S002-LARGE-SPTE-PROGRESS), which drivers
-report as a finding.
+report as a finding. The fuzzers' harnesses let the known kernel findings pass
+(:data:`KNOWN_KERNEL_FINDINGS`); a harness built by a test reports everything.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from typing import NamedTuple
 from kvmspec.fuzz.generic_harness import Log, RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
-from kvmspec.reference.guest_memory import kvm_read_guest_atomic
+from kvmspec.reference.guest_memory import MmioExit, kvm_read_guest_atomic
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import KvmMmuNotifier
@@ -67,6 +70,12 @@ from kvmspec.reference.x86.guest_access import (
 )
 from kvmspec.reference.x86.guest_walk import gpte_access, protect_clean_gpte
 from kvmspec.reference.x86.lpage import kvm_pages_per_hpage
+from kvmspec.reference.x86.mmio_spte import (
+    check_mmio_spte,
+    get_mmio_spte,
+    get_mmio_spte_gfn,
+    is_mmio_spte,
+)
 from kvmspec.reference.x86.mmu_page import (
     SptePtr,
     is_obsolete_sp,
@@ -89,7 +98,12 @@ from kvmspec.reference.x86.spte import (
     is_writable_pte,
     kvm_mmu_reset_all_pte_masks,
 )
-from kvmspec.spec.invariants.x86 import check_shadow_mmu
+from kvmspec.spec.invariants.x86 import (
+    check_released,
+    check_shadow_mmu,
+    mmio_spte_name,
+    trusted_mmio_spte,
+)
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.constants import (
     KVM_X86_QUIRK_SLOT_ZAP_ALL,
@@ -121,6 +135,23 @@ class GuestMapping(NamedTuple):
 PTE = P | W | U | A | D
 MMIO_CACHING_MASKS = kvm_mmu_reset_all_pte_masks(48)
 """This machine's legacy SPTE format with the kvm module's mmio_caching on."""
+SYNCED_STALE_MMIO = "a sync remade a stale MMIO SPTE in the current generation"
+"""A kernel finding (tests/test_x86_shadow_mmu.py,
+test_finding_a_sync_gives_a_stale_mmio_spte_the_current_generation): an MMIO SPTE in an
+unsync page outlives the creation of a slot over its gfn, stale as it should be, but the
+guest's next flush of it (INVLPG, or a CR3 load that syncs the whole page) runs
+FNAME(sync_spte), which remakes the SPTE in the current generation when the guest PTE still
+names that gfn. X11 then reports the SPTE as trusted over the slot, and the guest's accesses
+through it exit to the VMM as MMIO instead of reaching the slot's memory (COHERENCE). Let
+pass, exactly that SPTE passes both: one that was stale in an unsync page at the last check
+and is now, in the same place and for the same gfn, trusted, for as long as it stays a
+trusted MMIO SPTE of that gfn (a later sync may remake it with the guest PTE's new rights)."""
+KNOWN_KERNEL_FINDINGS = (SYNCED_STALE_MMIO,)
+"""Kernel behaviour the checks report and a fuzzing run lets pass (the x86 state machine and
+fuzz_x86.py, through :func:`~kvmspec.fuzz.x86_layouts.make_harness`), so that it looks for
+new problems."""
+APIC_RELOAD = "S004-APIC-ACCESS-RELOAD"
+"""The one rule that no longer applies once the VMM has exited (:meth:`ShadowHarness.release`)."""
 
 VCPUS = (0, 1)
 BOOLS = (False, True)
@@ -211,7 +242,9 @@ def leaves_follow_guest_ptes(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[str
 class ShadowHarness:
     """One VM on the shadow MMU with the VMM's memory, two slots and two vCPUs (the
     ``shadow`` layout, or ``mmio`` with ``mmio_caching``); ``log`` receives one line per
-    access worth reading in a report."""
+    access worth reading in a report. The known kernel findings named in ``tolerated`` (of
+    :data:`KNOWN_KERNEL_FINDINGS`) pass :meth:`check`; a harness built by a test reports
+    everything."""
 
     def __init__(
         self,
@@ -219,14 +252,25 @@ class ShadowHarness:
         zap_all_quirk: bool = True,
         log: Log = _ignore,
         mmio_caching: bool = False,
+        tolerated: tuple[str, ...] = (),
     ) -> None:
         self.profile = _x86_shadow(profile)
+        self.zap_all_quirk = zap_all_quirk
         self.log = log
-        self.mmu = ShadowMmu(MMIO_CACHING_MASKS if mmio_caching else LEGACY_MASKS_HERE)
-        self.kvm = Kvm(profile, self.mmu)
-        if not zap_all_quirk:
+        self.mmio_caching = mmio_caching
+        self.tolerated = tolerated
+        self.found: list[str] = []
+        self.checks = 0
+        self._start_vm()
+
+    def _start_vm(self) -> None:
+        """A fresh VMM process: its address space, the VM with its two slots and two vCPUs,
+        and the guest's page tables."""
+        self.mmu = ShadowMmu(MMIO_CACHING_MASKS if self.mmio_caching else LEGACY_MASKS_HERE)
+        self.kvm = Kvm(self.profile, self.mmu)
+        if not self.zap_all_quirk:
             self.kvm.disabled_quirks |= KVM_X86_QUIRK_SLOT_ZAP_ALL
-        self.host = HostMm(PAGE, profile.user_address_limit)
+        self.host = HostMm(PAGE, self.profile.user_address_limit)
         self.host.notifier = KvmMmuNotifier(self.kvm)
         _, self.tables_hva = self.host.mmap(TABLE_PAGES * PAGE, RW)
         _, self.data_hva = self.host.mmap(DATA_PAGES * PAGE, RW)
@@ -249,11 +293,13 @@ class ShadowHarness:
         apic_slot = self.kvm.memslots(0).id_to_memslot(apic_access_page_slot(self.kvm))
         assert apic_slot is not None
         self.apic_hva = apic_slot.userspace_addr
-        self.found: list[str] = []
-        self.checks = 0
         # vCPU -> data page -> the gfns (None: not present) its PTE held since the vCPU
         # last flushed that page: translations the vCPU may still use.
         self.stale: dict[int, dict[int, set[GuestMapping]]] = {vcpu: {} for vcpu in VCPUS}
+        # SYNCED_STALE_MMIO: the stale MMIO SPTEs of unsync pages at the last check (what a
+        # sync may remake), and the SPTEs a sync had remade then, with their gfns.
+        self.unsync_stale_mmio: dict[SptePtr, int] = {}
+        self.synced_stale_mmio: dict[SptePtr, int] = {}
 
     # -- the VMM and the guest, as scenarios use them --------------------------------------------
 
@@ -284,6 +330,65 @@ class ShadowHarness:
             *(str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)),
             *leaves_follow_guest_ptes(self.kvm, self.mmu, self.host),
         ]
+
+    # -- the known kernel findings ---------------------------------------------------------------
+
+    def _unsync_stale_mmio(self) -> dict[SptePtr, int]:
+        """Where the MMIO SPTEs of unsync pages that cannot be trusted now are, with their
+        gfns: the SPTEs a sync may remake (:data:`SYNCED_STALE_MMIO`), if this harness lets
+        that pass (else none)."""
+        if SYNCED_STALE_MMIO not in self.tolerated:
+            return {}
+        generation = self.kvm.memslots(0).generation
+        masks = self.mmu.masks
+        return {
+            SptePtr(sp, index): get_mmio_spte_gfn(masks, spte)
+            for sp in self.mmu.sp_by_pfn.values()
+            if sp.unsync
+            for index, spte in sp.spt.items()
+            if is_mmio_spte(masks, spte) and not check_mmio_spte(generation, spte)
+        }
+
+    def synced_stale_mmio_sptes(self) -> dict[SptePtr, int]:
+        """The MMIO SPTEs that show :data:`SYNCED_STALE_MMIO` now, if this harness lets it
+        pass (else none), by where they are: each was stale in an unsync page at the last
+        check, or showed the finding then, and is now, in the same place and for the same
+        gfn, a trusted MMIO SPTE (the guest's flush synced it, again perhaps, with the guest
+        PTE's current rights: no fault makes an MMIO SPTE for a gfn a slot holds)."""
+        if SYNCED_STALE_MMIO not in self.tolerated:
+            return {}
+        generation = self.kvm.memslots(0).generation
+        masks = self.mmu.masks
+        remade = {}
+        for sptep, gfn in {**self.unsync_stale_mmio, **self.synced_stale_mmio}.items():
+            spte = sptep.get()
+            if (
+                is_mmio_spte(masks, spte)
+                and get_mmio_spte_gfn(masks, spte) == gfn
+                and check_mmio_spte(generation, spte)
+            ):
+                remade[sptep] = spte
+        return remade
+
+    def _synced_stale_mmio_gfn(self, vcpu: int, gva: int) -> int | None:
+        """The gfn of the SPTE that shows :data:`SYNCED_STALE_MMIO` where vCPU ``vcpu``'s
+        shadow walk of ``gva`` ends, if it ends at one (else None): an access there exits
+        to the VMM although a slot holds the gfn."""
+        root = self.mmu.vcpu_mmu(vcpu).root.sp
+        if root is None:
+            return None
+        spte = get_mmio_spte(self.mmu, root, gva)
+        if spte not in self.synced_stale_mmio_sptes().values():
+            return None
+        return get_mmio_spte_gfn(self.mmu.masks, spte)
+
+    def _unexplained(self, lines: list[str]) -> list[str]:
+        """``lines`` but the X11 reports of the SPTEs that show :data:`SYNCED_STALE_MMIO`."""
+        known = tuple(
+            f"X11: {trusted_mmio_spte(mmio_spte_name(self.mmu, sptep, spte))} "
+            for sptep, spte in self.synced_stale_mmio_sptes().items()
+        )
+        return [line for line in lines if not line.startswith(known)]
 
     # -- what the guest's tables and the slots say an access must do ----------------------------
 
@@ -346,9 +451,10 @@ class ShadowHarness:
 
     def guest_read(self, vcpu: int, i: int, offset: int) -> None:
         """An 8-byte load at ``offset`` of data page ``i``."""
-        access = self.read(DATA_GVA + i * PAGE + offset, 8, vcpu)
+        gva = DATA_GVA + i * PAGE + offset
+        access = self.read(gva, 8, vcpu)
         self.log(f"vcpu {vcpu} load data page {i} + {offset:#x} -> {access}")
-        self._expect_load(access, self.allowed_mappings(vcpu, i), offset)
+        self._expect_load(access, vcpu, gva, self.allowed_mappings(vcpu, i))
 
     def guest_read_alias(self, vcpu: int, entry: int, i: int, offset: int) -> None:
         """The guest points the unused PD entry ``entry`` at its PT as well (an emulated
@@ -363,9 +469,10 @@ class ShadowHarness:
         for page in pages:
             guest_invlpg(self.kvm, self.host, vcpu, entry * HPAGE + DATA_GVA + page * PAGE)
         for page in pages:
-            access = self.read(entry * HPAGE + DATA_GVA + page * PAGE + offset, 8, vcpu)
+            gva = entry * HPAGE + DATA_GVA + page * PAGE + offset
+            access = self.read(gva, 8, vcpu)
             self.log(f"vcpu {vcpu} load data page {page} + {offset:#x} via PD {entry}: {access}")
-            self._expect_load(access, [self.expected_mapping(page)], offset)
+            self._expect_load(access, vcpu, gva, [self.expected_mapping(page)])
 
     def guest_read_pt_as_pd(self, vcpu: int, entry: int, i: int, offset: int) -> None:
         """The guest points the unused PDPT entry ``entry`` at its PT, which is thereby
@@ -379,7 +486,7 @@ class ShadowHarness:
         guest_invlpg(self.kvm, self.host, vcpu, gva)
         access = self.read(gva + offset, 8, vcpu)
         self.log(f"vcpu {vcpu} load data page {i} + {offset:#x} via PDPT {entry}: {access}")
-        self._expect_load(access, [self.expected_mapping(i)], offset)
+        self._expect_load(access, vcpu, gva + offset, [self.expected_mapping(i)])
 
     def _point_entry_at_pt(self, vcpu: int, table: int, entry: int) -> None:
         """The guest points ``entry`` of its upper-level ``table`` at its PT: an emulated
@@ -388,10 +495,16 @@ class ShadowHarness:
         written = self.write(table * PAGE + 8 * entry, value, vcpu)
         self._expect(written.outcome is Outcome.DONE, f"table {table} entry {entry}: {written}")
 
-    def _expect_load(self, access: ShadowAccess, mappings: list[GuestMapping], offset: int) -> None:
-        """The load at ``offset`` must have gone through one of ``mappings``: the guest's
-        own page fault (no handler: a shutdown) where the entry is not present or not a
-        user page, else the page's bytes, or an MMIO exit for a gfn without a slot."""
+    def _expect_load(
+        self, access: ShadowAccess, vcpu: int, gva: int, mappings: list[GuestMapping]
+    ) -> None:
+        """vCPU ``vcpu``'s load at ``gva`` must have gone through one of ``mappings``: the
+        guest's own page fault (no handler: a shutdown) where the entry is not present or
+        not a user page, else the page's bytes, or an MMIO exit for a gfn without a slot (or
+        one the walk's SPTE shows :data:`SYNCED_STALE_MMIO` for, if this harness lets it
+        pass)."""
+        offset = gva % PAGE
+        synced_mmio = self._synced_stale_mmio_gfn(vcpu, gva)
         expected = []
         for gfn, _writable, user in mappings:
             hva = self.expected_hva(gfn) if gfn is not None else None
@@ -401,16 +514,26 @@ class ShadowHarness:
                 expected.append(ShadowAccess(Outcome.MMIO))
             else:
                 expected.append(ShadowAccess(Outcome.DONE, self.host.host_read(hva + offset, 8)[1]))
+                if gfn == synced_mmio:  # SYNCED_STALE_MMIO: the VMM gets the load
+                    vmm_exit = MmioExit(gfn * PAGE + offset, 8, None)
+                    expected.append(ShadowAccess(Outcome.MMIO, mmio=vmm_exit))
         self._expect(
-            any(access.outcome is want.outcome and access.data == want.data for want in expected),
+            any(
+                access.outcome is want.outcome
+                and access.data == want.data
+                and want.mmio in (None, access.mmio)
+                for want in expected
+            ),
             f"{access}: expected one of {[(w.outcome.value, w.data) for w in expected]}",
         )
 
     def guest_write(self, vcpu: int, i: int, byte: int) -> None:
         """A one-byte store of ``byte`` at offset ``byte`` of data page ``i``."""
-        access = self.write(DATA_GVA + i * PAGE + byte, bytes([byte]), vcpu)
+        gva = DATA_GVA + i * PAGE + byte
+        access = self.write(gva, bytes([byte]), vcpu)
         self.log(f"vcpu {vcpu} store {byte} to data page {i} -> {access}")
         landed = []  # where the store may have gone, and how it would end
+        synced_mmio = self._synced_stale_mmio_gfn(vcpu, gva)
         for gfn, writable, user in self.allowed_mappings(vcpu, i):
             hva = self.expected_hva(gfn) if gfn is not None else None
             if gfn is None or not user or not writable:
@@ -420,6 +543,9 @@ class ShadowHarness:
             else:
                 held = self.host.host_read(hva + byte, 1)[1]
                 landed.append(access.outcome is Outcome.DONE and held == bytes([byte]))
+                if gfn == synced_mmio:  # SYNCED_STALE_MMIO: the VMM gets the store
+                    vmm_exit = MmioExit(gfn * PAGE + byte, 1, bytes([byte]))
+                    landed.append(access == ShadowAccess(Outcome.MMIO, mmio=vmm_exit))
         self._expect(any(landed), f"{access}: store of {byte} to data page {i}")
 
     def guest_remap(self, vcpu: int, i: int, to: int | None, clean: bool) -> None:
@@ -528,9 +654,37 @@ class ShadowHarness:
         if errno == 0:
             self.data_base = where
 
+    def release(self) -> None:
+        """The VMM exits: the host tears its address space down, and the MMU notifier's
+        release zaps every shadow page first (kvm_mmu_zap_all). Nothing may be left that
+        maps the memory the host frees next (:func:`check_released`: X5), and the VM's
+        other rules still hold but one: no vCPU can enter the guest again (KVM refuses the
+        ioctls of any other process), so its APIC-access address no longer matters
+        (S004-APIC-ACCESS-RELOAD). Then a new VMM starts a new VM, as at the start."""
+        self.host.exit_mmap()
+        self.log("the VMM exits")
+        self.found += [str(v) for v in check_released(self.mmu)]
+        self.found += [
+            line
+            for line in self._unexplained(self.violations())
+            if not line.startswith(APIC_RELOAD)
+        ]
+        self._start_vm()
+
     def check(self) -> None:
-        """Raise :class:`RulesBroken` if the actions so far broke a rule."""
+        """Raise :class:`RulesBroken` if the actions so far broke a rule (but for the known
+        kernel findings this harness lets pass)."""
         self.checks += 1
-        found = self.found + self.violations()
+        remade = self.synced_stale_mmio_sptes()
+        for sptep, spte in remade.items():
+            if sptep not in self.synced_stale_mmio:
+                name = mmio_spte_name(self.mmu, sptep, spte)
+                self.log(f"known kernel finding, let pass: {SYNCED_STALE_MMIO}: {name}")
+        found = self._unexplained(self.found + self.violations())
+        masks = self.mmu.masks
+        self.synced_stale_mmio = {
+            sptep: get_mmio_spte_gfn(masks, spte) for sptep, spte in remade.items()
+        }
+        self.unsync_stale_mmio = self._unsync_stale_mmio()
         if found:
             raise RulesBroken(found)

@@ -170,6 +170,11 @@ class X86Machine(RuleBasedStateMachine):
     def guest_write_apic(self, vcpu: int, byte: int) -> None:
         self._do("guest_write_apic", vcpu, byte)
 
+    @precondition(_shadow)
+    @rule()
+    def release(self) -> None:
+        self._do("release")
+
     # -- the huge layout ----------------------------------------------------------------------
 
     @precondition(_huge)
@@ -244,15 +249,13 @@ class X86Machine(RuleBasedStateMachine):
         if not self.layout:
             return  # the run stopped before its set-up
         # A failure keeps the actions and, beside them, the whole run as an input of
-        # fuzz/fuzz_x86.py, which replays it with its report (not the mmio layout: the
-        # fuzzer has no byte for it).
+        # fuzz/fuzz_x86.py, which replays it with its report.
         actions = (f"{method}{args!r}" for method, args in self.calls)
-        replayable = self.layout in LAYOUTS
         machines.record_run(
             self.harness.checks,
             [f"layout {self.layout}", *actions],
             ".actions.txt",
-            encode(self.layout, self.calls) if replayable else None,
+            encode(self.layout, self.calls),
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.fuzz.x86_harness import (
     DATA_GFN,
     DATA_GVA,
@@ -24,11 +25,13 @@ from kvmspec.fuzz.x86_harness import (
     PT,
     PTE,
     RW,
+    SYNCED_STALE_MMIO,
     TABLE_PAGES,
     ShadowHarness,
     U,
     W,
 )
+from kvmspec.fuzz.x86_layouts import make_harness
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.concurrency import Preempt, run_to_completion
@@ -47,7 +50,12 @@ from kvmspec.reference.x86 import (
 )
 from kvmspec.reference.x86.guest_access import Outcome, ShadowAccess, guest_invlpg
 from kvmspec.reference.x86.mmio_spte import MMIO_SPTE_GEN_MASK, is_noslot_pfn, mark_mmio_spte
-from kvmspec.reference.x86.mmu_page import KvmMmuPage, ShadowMmuState, SptePtr
+from kvmspec.reference.x86.mmu_page import (
+    KvmMmuPage,
+    ShadowMmuState,
+    SptePtr,
+    kvm_mmu_page_set_access,
+)
 from kvmspec.reference.x86.paging import ACC_ALL, PFERR_USER_MASK
 from kvmspec.reference.x86.paging_tmpl import KvmGuestMemory, fname_page_fault
 from kvmspec.reference.x86.roots import vcpu_enter_guest
@@ -260,6 +268,8 @@ def test_a_fault_that_races_an_invalidation_installs_nothing() -> None:
 # -- the state machine (kvmspec.fuzz.x86_machine, the shadow layout) ---------------------------
 
 TestShadowMmuMachine = x86_machine(DEFAULT_PROFILE, ("shadow",)).TestCase
+TestMmioMachine = x86_machine(DEFAULT_PROFILE, ("mmio",)).TestCase
+"""The mmio layout, as the campaign runs it: the known kernel finding passes, nothing else."""
 
 
 # -- MMIO SPTEs (X11), with the kvm module's mmio_caching on ------------------------------------
@@ -388,6 +398,98 @@ def test_finding_a_stale_mmio_spte_passes_for_a_writable_leaf() -> None:
     unmap = (0x1234 * PAGE | PTE).to_bytes(8, "little")
     assert vm.write(DATA_GVA, unmap).outcome is Outcome.DONE  # no exit: KVM never sees it
     assert any("the guest entry is 0x1234067" in v for v in vm.violations())
+
+
+SYNC_FINDING_STEPS = (
+    ("change_data_slot", (None,)),
+    ("guest_write", (0, 0, 9)),  # an MMIO SPTE for gfn DATA_GFN
+    ("change_data_slot", (DATA_GFN,)),  # stale now
+    ("guest_remap_misaligned", (1, 0, DATA_GFN)),  # the PT goes unsync
+    ("invlpg", (0, 0)),  # FNAME(sync_spte) remakes the MMIO SPTE in the current generation
+    ("guest_read", (0, 0, 0)),  # the VMM gets the load
+    ("guest_write", (1, 0, 7)),
+)
+"""test_finding_a_sync_gives_a_stale_mmio_spte_the_current_generation with the harness's
+actions (the seed mmio-sync-finding-let-pass begins so)."""
+
+
+def _fuzzers_mmio_harness(lines: list[str]) -> ShadowHarness:
+    """The mmio layout's VM as the fuzzers build it (make_harness: the known findings pass),
+    logging to ``lines``."""
+    vm = make_harness("mmio", DEFAULT_PROFILE, lines.append)
+    assert isinstance(vm, ShadowHarness)
+    return vm
+
+
+def _apply(vm: ShadowHarness, steps: tuple[tuple[str, tuple[int | None, ...]], ...]) -> None:
+    for method, args in steps:
+        getattr(vm, method)(*args)
+        vm.check()
+
+
+def test_the_fuzzers_let_the_sync_finding_pass() -> None:
+    """The fuzzers' harness (make_harness) lets SYNCED_STALE_MMIO pass: the remade SPTE's
+    X11 report, and the accesses through it that exit to the VMM, also once a later sync
+    remakes it with the guest's new rights, until a MOVE zaps it. A harness built by a test
+    reports both."""
+    lines: list[str] = []
+    vm = _fuzzers_mmio_harness(lines)
+    _apply(vm, SYNC_FINDING_STEPS)
+    assert any(
+        line.startswith(f"known kernel finding, let pass: {SYNCED_STALE_MMIO}") for line in lines
+    )
+    assert any("is trusted over" in line for line in vm.violations())  # reported, let pass
+    (remade,) = vm.synced_stale_mmio_sptes().items()
+    _apply(vm, (("guest_restrict", (0, 0, W)), ("invlpg", (0, 0)), ("guest_read", (1, 0, 8))))
+    (again,) = vm.synced_stale_mmio_sptes().items()
+    assert again[0] == remade[0] and again[1] != remade[1]  # remade without the write right
+    vm.change_data_slot(64)
+    vm.check()
+    assert vm.synced_stale_mmio_sptes() == {}
+    strict = ShadowHarness(mmio_caching=True)
+    for method, args in SYNC_FINDING_STEPS:
+        getattr(strict, method)(*args)
+    with pytest.raises(RulesBroken) as broken:
+        strict.check()
+    assert "X11" in str(broken.value)
+    assert "COHERENCE" in str(broken.value)
+
+
+def test_letting_the_sync_finding_pass_hides_no_trusted_stale_mmio_spte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug of test_an_mmu_that_trusts_every_mmio_spte_is_caught, on the fuzzers'
+    harness: the stale MMIO SPTE was never in an unsync page, so it is no sync's doing and
+    the load that exits to the VMM is reported."""
+    monkeypatch.setattr(guest_access, "check_mmio_spte", lambda generation, spte: True)
+    vm = _fuzzers_mmio_harness([])
+    _apply(vm, (("change_data_slot", (None,)), ("guest_read", (0, 1, 0))))
+    vm.change_data_slot(DATA_GFN)
+    vm.guest_read(0, 1, 0)
+    with pytest.raises(RulesBroken, match="COHERENCE"):
+        vm.check()
+
+
+def test_an_mmio_fast_path_that_caches_every_right_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: handle_mmio_page_fault caches all rights for the emulator instead of
+    the MMIO SPTE's own. A store to a read-only page of a gfn without a slot then exits to
+    the VMM; the guest's page tables make it the guest's own #PF."""
+    monkeypatch.setattr(guest_access, "get_mmio_spte_access", lambda masks, spte: ACC_ALL)
+    vm = _fuzzers_mmio_harness([])
+    _apply(
+        vm,
+        (
+            ("guest_remap", (0, 0, NO_SLOT_GFN, False)),
+            ("guest_restrict", (0, 0, W)),
+            ("invlpg", (0, 0)),
+            ("guest_read", (0, 0, 0)),  # an MMIO SPTE without the write right
+        ),
+    )
+    vm.guest_write(0, 0, 5)  # the fast path: the emulator checks the cached rights
+    with pytest.raises(RulesBroken, match="COHERENCE"):
+        vm.check()
 
 
 def test_v6_18_mmio_spte_over_a_stale_present_spte_is_caught(
@@ -554,6 +656,37 @@ def test_a_synced_leaf_that_no_longer_follows_its_guest_pte_is_caught(
     assert any(line.startswith("X6: ") and "the guest entry is" in line for line in vm.violations())
 
 
+def test_a_leaf_reset_in_place_keeps_the_gfn_of_its_rmap_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mmu_set_spte on a present leaf with the same pfn keeps its rmap entry, and so keeps
+    the gfn the leaf answers for (kvm_mmu_page_set_access updates only the access). Data
+    pages 0 and 1 (gfns 16 and 17) are both the host's zero page; the guest makes page 1 a
+    supervisor page and then points it at gfn 16 in its unsync PT, and a user load from page
+    1 refaults the present leaf: same pfn, new gfn in the guest entry. The model recorded the
+    new gfn while the rmap kept the old one (X1), until the campaign found it (x86 machine,
+    shadow layout)."""
+    kept: list[tuple[int, int]] = []
+    set_access = kvm_mmu_page_set_access
+
+    def recording(sp: KvmMmuPage, index: int, access: int) -> None:
+        set_access(sp, index, access)
+        kept.append((sp.gfn, sp.shadowed_translation[index][0]))
+
+    monkeypatch.setattr(set_spte, "kvm_mmu_page_set_access", recording)
+    vm = ShadowHarness()
+    vm.guest_read_alias(0, 100, 0, 0)
+    vm.guest_restrict(0, 1, U)
+    vm.guest_read_alias(0, 100, 0, 0)
+    vm.guest_remap(0, 1, DATA_GFN, False)
+    vm.guest_read(0, 1, 0)
+    vm.check()
+    assert DATA_GFN + 1 in [gfn for _, gfn in kept]
+    vm.switch_cr3(0, PML4)  # the sync compares the gfns and drops the leaf
+    vm.guest_read(0, 1, 0)
+    vm.check()
+
+
 def test_a_right_the_guest_takes_away_is_gone_once_it_flushes() -> None:
     """guest_restrict: the guest makes data page 2 read-only (the PT goes unsync, so the
     old writable entry may live on until the guest flushes); after its CR3 load the sync
@@ -590,3 +723,65 @@ def test_a_sync_that_keeps_a_right_the_guest_took_away_is_caught(
     vm.guest_write(0, 2, 2)
     with pytest.raises(RulesBroken, match="COHERENCE"):
         vm.check()
+
+
+# -- the VMM exiting: the MMU notifier's release (kvm_mmu_zap_all) -----------------------------
+
+
+def test_the_vmm_exiting_zaps_every_shadow_page_and_a_new_vm_starts() -> None:
+    """The release zaps every page and commits: the TLBs are flushed, every page is freed
+    but the zapped roots the vCPUs still hold, and no SPTE is left. Then a new VM runs."""
+    vm = ShadowHarness(mmio_caching=True)
+    vm.guest_remap(1, 1, NO_SLOT_GFN, False)
+    vm.switch_cr3(1, PML4_2)
+    vm.guest_read(1, 1, 0)  # an MMIO SPTE
+    vm.guest_write(0, 0, 1)
+    vm.check()
+    mmu = vm.mmu
+    assert mmu.vcpu_mmu(0).tlb and len(mmu.sp_by_pfn) > 2
+    vm.release()
+    vm.check()
+    assert all(sp.role.invalid and sp.root_count and not sp.spt for sp in mmu.sp_by_pfn.values())
+    assert not any(vcpu_mmu.tlb for vcpu_mmu in mmu.vcpus.values())
+    assert vm.mmu is not mmu and vm.mmu.sp_by_pfn == {}
+    vm.guest_write(0, 0, 2)
+    vm.check()
+
+
+def test_a_release_that_zaps_nothing_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planted bug: the shadow MMU's kvm_arch_flush_shadow_all leaves every page."""
+    monkeypatch.setattr(ShadowMmu, "kvm_arch_flush_shadow_all", KvmArch.kvm_arch_flush_shadow_all)
+    vm = ShadowHarness()
+    vm.guest_read(0, 0, 0)
+    vm.release()
+    with pytest.raises(RulesBroken, match=r"X5: after the release .* was not zapped"):
+        vm.check()
+
+
+def zap_all_without_commit(mmu: ShadowMmu, kvm: Kvm) -> None:
+    """kvm_mmu_zap_all that prepares the zap of every page but never commits it: no TLB
+    flush, and no page freed."""
+    invalid_list: list[KvmMmuPage] = []
+    with kvm.mmu_lock.write():
+        for sp in list(mmu.active_mmu_pages):
+            if not sp.role.invalid:
+                zap.kvm_mmu_prepare_zap_page(kvm, mmu, sp, invalid_list)
+
+
+def test_a_zap_all_that_never_commits_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ShadowMmu, "kvm_arch_flush_shadow_all", zap_all_without_commit)
+    vm = ShadowHarness()
+    vm.guest_read(0, 0, 0)
+    vm.release()
+    with pytest.raises(RulesBroken) as broken:
+        vm.check()
+    assert "X5: after the release vcpu 0 TLB maps gva page 0x10" in str(broken.value)
+    assert "X5: after the release zapped <sp shadow L1 gfn 0x4" in str(broken.value)
+
+
+def test_the_machine_finds_a_zap_all_that_never_commits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ShadowMmu, "kvm_arch_flush_shadow_all", zap_all_without_commit)
+    machine = x86_machine(DEFAULT_PROFILE, ("shadow",))
+    machine.TestCase.settings = bug_hunt(200)
+    with pytest.raises(AssertionError, match="X5: after the release"):
+        machine.TestCase().runTest()

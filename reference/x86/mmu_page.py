@@ -152,6 +152,18 @@ def kvm_mmu_page_set_translation(sp: KvmMmuPage, index: int, gfn: int, access: i
     sp.shadowed_translation[index] = (gfn, access)
 
 
+def kvm_mmu_page_set_access(sp: KvmMmuPage, index: int, access: int) -> None:
+    """Update only the access a leaf of an indirect page remembers; its gfn stays the one the
+    leaf was rmapped under. mmu_set_spte uses it for a leaf it re-sets in place (same pfn),
+    whose rmap entry it keeps: should the guest PTE now name another gfn backed by the same
+    page (the zero page, a KSM page), the leaf still answers for the old gfn, as its rmap
+    entry does, until a sync compares the gfns and drops it.
+
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_set_access (v6.18)
+    """
+    kvm_mmu_page_set_translation(sp, index, kvm_mmu_page_get_gfn(sp, index), access)
+
+
 class ShadowMmuState:
     """The shadow MMU's VM-wide state (the MMU fields of struct kvm_arch), and its vCPUs.
     The KvmArch subclass (shadow_mmu.ShadowMmu) inherits it: this is ``kvm->arch``."""

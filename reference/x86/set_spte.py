@@ -22,7 +22,7 @@ from kvmspec.reference.x86.mmio_spte import is_noslot_pfn, mark_mmio_spte
 from kvmspec.reference.x86.mmu_page import (
     ShadowMmuState,
     SptePtr,
-    kvm_mmu_page_set_translation,
+    kvm_mmu_page_set_access,
 )
 from kvmspec.reference.x86.mmu_spte import drop_parent_pte, drop_spte, mmu_spte_update
 from kvmspec.reference.x86.page_track import mmu_try_to_unsync_pages
@@ -165,5 +165,7 @@ def mmu_set_spte(
         kvm.warn_on(ret is RetPf.SPURIOUS, "X1", f"spurious fault on unmapped {sptep}")
         rmap_add(kvm, slot, sptep, gfn, pte_access)
     else:
-        kvm_mmu_page_set_translation(sptep.sp, sptep.index, gfn, pte_access)
+        # Already rmapped (same pfn): only the access may have changed; the gfn stays the
+        # rmap's.
+        kvm_mmu_page_set_access(sptep.sp, sptep.index, pte_access)
     return ret
