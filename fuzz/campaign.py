@@ -47,7 +47,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 from rich.console import Console
 from rich.live import Live
@@ -334,9 +334,11 @@ def _worker_start() -> None:
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
 
 
-def run_slice(name: str, examples: int, trace: bool = False) -> SliceResult:
+def run_slice(name: str, examples: int, trace: bool = False, replay: bool = False) -> SliceResult:
     """Run ``examples`` examples of one area's state machine (in a worker process), traced
-    by coverage.py if ``trace`` (and no outer tracer runs)."""
+    by coverage.py if ``trace`` (and no outer tracer runs). With ``replay``, run only the
+    examples the database holds for the area, as they are (no shrinking), and ``examples``
+    new ones only if it holds none."""
     area = _WORKER_AREAS[name]
     (database,) = _DATABASE
     traced = trace and not _outer_coverage(name)
@@ -347,12 +349,12 @@ def run_slice(name: str, examples: int, trace: bool = False) -> SliceResult:
     arcs = None
 
     def run() -> None:
-        run_state_machine_as_test(
-            area.machine,
-            settings=settings(
-                settings.get_profile(THOROUGH), max_examples=examples, database=database
-            ),
-        )
+        chosen = settings(settings.get_profile(THOROUGH), max_examples=examples, database=database)
+        if replay:
+            # What the database holds comes first; without it, one new example runs (a
+            # run of no examples at all is an error to Hypothesis).
+            chosen = settings(chosen, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+        run_state_machine_as_test(area.machine, settings=chosen)
 
     try:
         if traced:
@@ -459,6 +461,16 @@ class MachinePool:
             if outcome.failure is not None:
                 result.failures.append(outcome.failure)
 
+    def replay(self, names: Sequence[str]) -> None:
+        """Replay, without shrinking, what the database holds for each area (one slice each,
+        the workers in turn): a slice cut short while Hypothesis was shrinking a failure
+        has saved that failure there, and this reports it."""
+        for turn, name in enumerate(names):
+            index = turn % len(self.workers)
+            with SPAWN_LOCK:
+                future = self.workers[index].submit(run_slice, name, 1, False, True)
+            self.pending[future] = (name, index)
+
     def cut_short(self) -> list[str]:
         """End the slices still running: their workers are replaced; the areas they ran."""
         names = [name for name, _ in self.pending.values()]
@@ -548,6 +560,8 @@ def run_campaign(
     everything = results + (fuzzers.results if fuzzers is not None else [])
     rss_timeline: list[tuple[float, float, float]] = []
     interrupted = False
+    cut_at = machine_budget + _grace(budget)  # when slices still running are cut short
+    replayed = False  # whether the areas of cut slices were replayed already
     stop = _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -575,15 +589,22 @@ def run_campaign(
                 else:
                     time.sleep(0.5)
                 live.update(_table(everything, time.monotonic() - start, budget, processes))
-                if pool is not None and pool.pending and elapsed >= machine_budget + _grace(budget):
-                    # A slice that runs on long past the budget (a long shrink) is cut short:
-                    # Hypothesis has already saved what it found in the example database,
-                    # where the next campaign starts from it.
-                    for name in pool.cut_short():
+                if pool is not None and pool.pending and elapsed >= cut_at:
+                    # A slice that runs on long past the budget (a long shrink) is cut short.
+                    # Hypothesis has already saved what it found in the example database: a
+                    # replay of each such area, without shrinking, reports it now (and the
+                    # next campaign starts from it). A replay that runs on too is cut short.
+                    names = pool.cut_short()
+                    for name in names:
+                        what = "the replay" if replayed else "a slice"
                         console.print(
-                            f"[yellow]cut short[/] a slice of {name} still running"
+                            f"[yellow]cut short[/] {what} of {name} still running"
                             f" {elapsed - machine_budget:.0f} s after the budget"
                         )
+                    if not replayed:
+                        pool.replay(names)
+                        replayed = True
+                        cut_at = elapsed + _grace(budget)
                 machines_done = pool is None or (elapsed >= machine_budget and not pool.pending)
                 fuzzers_done = fuzzers is None or not fuzzers.thread.is_alive()
                 if machines_done and fuzzers_done:

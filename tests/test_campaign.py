@@ -216,6 +216,33 @@ def test_a_slice_running_long_past_the_budget_is_cut_short(
     assert "cut short" in capsys.readouterr().out
 
 
+def test_a_failure_still_shrinking_when_its_slice_is_cut_short_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slice cut short while Hypothesis shrinks a failure does not lose it: Hypothesis
+    saved the failing example in the database, and the campaign replays it (no shrinking)
+    and reports it. The planted bug makes every memslot commit slow and then fail, so the
+    shrink outlasts the grace period."""
+
+    def slow_failure(*args: object) -> None:
+        time.sleep(0.3)
+        raise RuntimeError("planted: the commit failed")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no Atheris
+    monkeypatch.setattr(campaign, "_grace", lambda budget: 1.0)
+    monkeypatch.setattr(kvm_main, "kvm_commit_memory_region", slow_failure)
+    report = tmp_path / "report.json"
+    began = time.monotonic()
+    status = campaign.run_campaign(["memslots/arm64"], 0.02, "reference", str(report), workers=1)
+    assert time.monotonic() - began < 60
+    out = capsys.readouterr().out
+    assert "cut short" in out
+    assert status != 0
+    (area,) = json.loads(report.read_text())["areas"]
+    assert any("planted: the commit failed" in failure for failure in area["failures"]), area
+
+
 def test_a_fuzzer_is_given_its_whole_share_before_it_counts_as_stuck(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
