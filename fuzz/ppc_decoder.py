@@ -39,6 +39,7 @@ from kvmspec.fuzz.atheris_support import seeds_command, write_seed_inputs
 from kvmspec.fuzz.decoder import Chooser, pick
 from kvmspec.fuzz.harness_fuzzing import Action, Rejected, Step, encode_steps
 from kvmspec.fuzz.ppc_harness import (
+    AGINGS,
     BOOLS,
     EA_INDEXES,
     EAS,
@@ -212,6 +213,7 @@ KINDS: tuple[Kind, ...] = (
     # Appended, so that older inputs keep their meaning.
     Kind("h_invalid", (("call", INVALID_HCALLS),)),
     Kind("h_bulk_remove_cond", (("ea_i", EA_INDEXES), ("how", REMOVE_HOWS))),
+    Kind("host_ages_page", (("slot", SLOTS), ("page", SLOT_PAGE_INDEXES), ("how", AGINGS))),
 )
 """What one answer chooses between. An action's arguments follow its kind's answer."""
 
@@ -358,6 +360,25 @@ SEED_SCENARIOS: dict[str, tuple[Step, ...]] = {
         ("h_bulk_remove_cond", (0, 0)),
         ("h_bulk_remove_cond", (2, 0)),
         *(("h_invalid", (call,)) for call in INVALID_HCALLS),
+    ),
+    "aging": (
+        ("h_enter", (0, _gfn(0), RW, False, False, FIRST_FREE)),
+        ("h_enter", (1, _gfn(1), RW, False, False, FIRST_FREE)),
+        ("h_enter", (2, _gfn(RAM1_GFN), RW, False, False, FIRST_FREE)),
+        ("guest_access", (0, 0, False)),
+        ("guest_access", (1, 1, True)),
+        ("host_ages_page", (0, 1, "test")),
+        ("host_ages_page", (0, 1, "clear")),
+        ("host_ages_page", (0, 0, "clear_flush")),
+        ("guest_access", (0, 0, True)),
+        ("h_clear_ref_or_mod", (0, False)),
+        ("host_ages_page", (0, 0, "test")),
+        ("host_ages_page", (0, 0, "clear")),
+        ("guest_access", (1, 2, True)),
+        ("host_mprotect", (1, 0, RO)),
+        ("host_ages_page", (1, 0, "test")),
+        ("host_ages", (1,)),
+        ("h_bulk_remove", ((0, 1, 2),)),
     ),
 }
 """Seed inputs: each becomes ``corpus/seeds/ppc/<name>.bin``."""

@@ -13,17 +13,23 @@ makes bolted entries collide).
 The actions are the guest's hypercalls (H_ENTER with H_EXACT and BOLTED, H_REMOVE with its
 conditions, H_BULK_REMOVE, H_PROTECT, H_READ, H_CLEAR_REF/MOD), guest loads and stores
 through the fault path, the host's MADV_DONTNEED, munmap, mprotect and writes (MMU
-notifiers), aging, memslot changes, dirty-log harvests, HPT resize prepare and commit, and
+notifiers), aging (of a whole slot, or of one page as reclaim's clear_young,
+clear_flush_young or test_young), memslot changes, dirty-log harvests, HPT resize prepare
+and commit, and
 races: a hypercall or an access paused where another CPU may run while a host
 invalidation, a hypercall, a slot deletion or a resize commit runs; hypercalls made while
 slot 1 is INVALID, between a DELETE or MOVE's first step and its flush (seed 000).
 
 :meth:`PpcHarness.check` raises :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with
 every broken rule: the HPT invariants (:func:`~kvmspec.spec.invariants.ppc.check_hpt`: P1,
-P2, P4-P7, P9, seed 000, the WARNs), the MMIO cache (P7), the guest's view of each entry
-against what it entered (P4), each access ending as the guest's entries, the slots and the
-host say (``COHERENCE``), every page the guest stored to reported by the next harvest (P3),
-and after a resize commit exactly the bolted entries, found again by their hash (P10).
+P2, P4-P7, P9, seed 000, the WARNs), the MMIO cache (P7, and no cached translation of an
+MMIO entry the guest removed or changed), the guest's view of each entry against what it
+entered (P4: R and C only where the guest accessed and stored through it), each access
+ending as the guest's entries, the slots and the host say, and each hypercall answering as
+PAPR says, H_BULK_REMOVE's response words included (``COHERENCE``), every page the guest
+stored to reported by the next harvest (P3), every page the guest used since its last aging
+reported young (C-AGING), and after a resize commit exactly the bolted entries, found again
+by their hash (P10).
 """
 
 from __future__ import annotations
@@ -38,7 +44,12 @@ from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import Deadlock, KernelOp, WaitUntil, run_to_completion
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.mmu_notifier import KvmMmuNotifier, kvm_mmu_notifier_clear_young
+from kvmspec.reference.mmu_notifier import (
+    KvmMmuNotifier,
+    kvm_mmu_notifier_clear_flush_young,
+    kvm_mmu_notifier_clear_young,
+    kvm_mmu_notifier_test_young,
+)
 from kvmspec.reference.ppc.fault import (
     DSISR_NOHPTE,
     DSISR_PROTFAULT,
@@ -55,7 +66,12 @@ from kvmspec.reference.ppc.hcalls import (
     H_BULK_REMOVE_AVPN,
     H_BULK_REMOVE_END,
     H_BULK_REMOVE_NOT_FOUND,
+    H_BULK_REMOVE_PARM,
+    H_BULK_REMOVE_PTEX,
+    H_BULK_REMOVE_RC,
     H_BULK_REMOVE_REQUEST,
+    H_BULK_REMOVE_RESPONSE,
+    H_BULK_REMOVE_SUCCESS,
     H_EXACT,
     H_NOT_FOUND,
     H_PARAMETER,
@@ -84,12 +100,14 @@ from kvmspec.reference.ppc.hpte import (
     PP_RWXX,
     PP_RXRX,
     hpte_is_writable,
+    is_mmio_hpte,
 )
 from kvmspec.reference.ppc.resize import (
     kvm_vm_ioctl_resize_hpt_commit,
     kvm_vm_ioctl_resize_hpt_prepare,
     resize_hpt_prepare_work,
 )
+from kvmspec.spec.aging_contract import AgingContract
 from kvmspec.spec.invariants.ppc import (
     STALE_MMIO_CACHE,
     check_hpt,
@@ -150,6 +168,9 @@ encoding KVM does not support, a 16 MiB page that no slot (of four 64 KiB pages)
 an H_BULK_REMOVE request of an unknown type or past the HPT."""
 """What runs while an access is paused: a host invalidation of its page, the guest
 removing the entry, a DELETE of slot 1 or an HPT resize commit (to order 20)."""
+AGINGS = ("clear", "clear_flush", "test")
+"""How reclaim asks about one page: clear_young (the multi-gen LRU), clear_flush_young
+(classic reclaim), or test_young, which clears nothing."""
 
 
 def _ignore(line: str) -> None:
@@ -254,6 +275,11 @@ class PpcHarness:
         self.unmapped: set[int] = set()  # hvas of slot 0 pages the VMM munmap()ed
         self.readonly: set[int] = set()  # hvas the VMM mprotect()ed read-only
         self.written: set[int] = set()  # slot 1 pages stored to since the last harvest
+        # The eas the guest accessed (stored to) since entering their entry: where the
+        # hardware may have set R (C) in it.
+        self.referenced: set[int] = set()
+        self.stored: set[int] = set()
+        self.aging = AgingContract(PAGE)  # host pages the guest used since their last aging
         self.found: list[str] = []
         self.tolerated = tolerated
         self.checks = 0
@@ -319,7 +345,13 @@ class PpcHarness:
         else:
             self._expect(status == H_PTEG_FULL, f"H_ENTER in a full group: {status}")
         if status == H_SUCCESS:
-            self.entered[index] = entry
+            self._record(index, entry)
+
+    def _record(self, index: int, entry: Entered) -> None:
+        """The guest entered ``entry`` at ``index``: a new entry, R and C clear."""
+        self.entered[index] = entry
+        self.referenced.discard(entry.ea)
+        self.stored.discard(entry.ea)
 
     def h_enter(
         self, ea_i: int, gfn_i: int, writable: bool, bolted: bool, secondary: bool, exact: int
@@ -347,7 +379,9 @@ class PpcHarness:
         place = self.slot_of(gfn)
         if place is None or self.hvas[place[0]] + place[1] * PAGE in self.unmapped:
             return None
-        return self.host.madvise_dontneed_op(self.hvas[place[0]] + place[1] * PAGE, PAGE)
+        hva = self.hvas[place[0]] + place[1] * PAGE
+        self.aging.on_host_drop(hva, hva + PAGE)
+        return self.host.madvise_dontneed_op(hva, PAGE)
 
     def h_remove(self, ea_i: int, how: int) -> None:
         """H_REMOVE of the guest's entry for EAS[ea_i] (or of a free slot of its group),
@@ -358,6 +392,7 @@ class PpcHarness:
         entry = self.entered.get(target)
         argument = {0: 0, H_AVPN: entry.v & ~0x7F if entry else 0, H_ANDCOND: HPTE_V_BOLTED}
         seen = self._rc_seen(target) if entry is not None else None
+        cached = self._mmio_cached(target, ea)
         status, v, r = kvmppc_do_h_remove(self.kvm, how, target, argument[how])
         self.log(f"H_REMOVE {target:#x} how {how:#x}: {status}")
         if entry is None:
@@ -374,10 +409,62 @@ class PpcHarness:
         )
         if status == H_SUCCESS and seen is not None:
             self._check_removed_rc("H_REMOVE", target, seen, r & (HPTE_R_R | HPTE_R_C))
+        if status == H_SUCCESS:
+            self._check_mmio_cache_voided("H_REMOVE", target, ea, cached)
         del self.entered[target]
 
     def _group(self, ea: int) -> int:
         return hpt_hash(self.mmu.hpt, SEGMENT, ea)
+
+    def _mmio_cached(self, index: int, ea: int) -> set[int]:
+        """If entry ``index`` (the guest's for ``ea``) is one KVM keeps for emulated MMIO
+        (absent, key 31): the vCPUs whose MMIO cache answers for ``ea`` now."""
+        if not is_mmio_hpte(self.mmu.hpt.v(index), self.mmu.hpt.r(index)):
+            return set()
+        return {
+            vcpu_id
+            for vcpu_id, vcpu in self.mmu.vcpu_arch.items()
+            if mmio_cache_search(vcpu, ea, SEGMENT, self.mmu.mmio_update) is not None
+        }
+
+    def _check_mmio_cache_voided(self, call: str, index: int, ea: int, cached: set[int]) -> None:
+        """P7: the guest removed or changed the MMIO entry ``index`` for ``ea``, which the
+        ``cached`` vCPUs' MMIO caches answered for: the kernel moves ``mmio_update`` on,
+        so none of them answers for ``ea`` any more. (An HPT resize starts the count
+        again, so an older cache entry may become current again: that is the known
+        finding of :data:`KNOWN_KERNEL_FINDINGS`, which check_mmio_cache reports.)
+
+        kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_do_h_remove,
+        kvmppc_h_bulk_remove, kvmppc_h_protect (v6.18)
+        """
+        for vcpu_id in sorted(cached):
+            vcpu = self.mmu.vcpu_arch[vcpu_id]
+            if mmio_cache_search(vcpu, ea, SEGMENT, self.mmu.mmio_update) is not None:
+                self.found.append(
+                    f"P7: {call} of MMIO HPTE {index:#x} left vCPU {vcpu_id}'s MMIO cache "
+                    f"entry for ea {ea:#x} current"
+                )
+
+    def _unearned_rc(self, call: str, index: int, rc: int) -> str | None:
+        """P4: the R and C the guest is shown for its entry at ``index`` are the hardware's,
+        set by the guest's own accesses (R) and stores (C) through that entry since it was
+        entered; KVM only ever moves them between the hardware word, the guest's view and
+        its rmap, never makes them up.
+
+        kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_h_read, kvmppc_do_h_remove;
+        arch/powerpc/kvm/book3s_64_mmu_hv.c:kvmppc_unmap_hpte (v6.18)
+        """
+        ea = self.entered[index].ea
+        earned = (HPTE_R_R if ea in self.referenced else 0) | (HPTE_R_C if ea in self.stored else 0)
+        if not rc & ~earned:
+            return None
+        did = "stored to" if earned & HPTE_R_C else "loaded from" if earned else "entered"
+        return f"P4: {call} of HPTE {index:#x} shows R/C {rc:#x}, the guest only {did} ea {ea:#x}"
+
+    def _check_rc_earned(self, call: str, index: int, rc: int) -> None:
+        unearned = self._unearned_rc(call, index, rc)
+        if unearned is not None:
+            self.found.append(unearned)
 
     def _rc_seen(self, index: int) -> tuple[int, bool]:
         """The R and C the guest reads for entry ``index`` now (H_READ), and whether the
@@ -391,7 +478,8 @@ class PpcHarness:
         hardware may still set bits up to the tlbie (P3), so for a valid entry the report
         holds at least those the guest read (H_READ) just before. For an absent entry no
         hardware can add any, so the two must agree; in v6.18 they need not (a known
-        kernel finding, :data:`STALE_ABSENT_RC`)."""
+        kernel finding, :data:`STALE_ABSENT_RC`). And never any the guest did not earn."""
+        self._check_rc_earned(call, index, rc)
         seen_rc, absent = seen
         if absent and rc != seen_rc:
             self.found.append(
@@ -415,14 +503,32 @@ class PpcHarness:
             args += [H_BULK_REMOVE_REQUEST | index, 0]
         args += [H_BULK_REMOVE_END, 0] * (4 - len(picked))
         seen = [self._rc_seen(index) for index in picked]
+        cached = [self._mmio_cached(index, self.entered[index].ea) for index in picked]
         status, out = kvmppc_h_bulk_remove(self.kvm, args)
         self._expect(status == H_SUCCESS, f"H_BULK_REMOVE of {picked}: {status}")
         for n, index in enumerate(picked):
-            self._expect(
-                out[2 * n] >> 56 & 0xF0 == 0x80, f"H_BULK_REMOVE {index:#x}: {out[2 * n]:#x}"
-            )
+            self._check_bulk_response(args[2 * n], out[2 * n], H_BULK_REMOVE_SUCCESS)
             self._check_removed_rc("H_BULK_REMOVE", index, seen[n], _bulk_rc(out[2 * n]))
+            ea = self.entered[index].ea
+            self._check_mmio_cache_voided("H_BULK_REMOVE", index, ea, cached[n])
             del self.entered[index]
+
+    def _check_bulk_response(self, request: int, response: int, code: int) -> None:
+        """An H_BULK_REMOVE request is answered in place by a response word (type 2) with
+        its completion ``code``, the request's condition flags and entry index echoed, and
+        for a removal the entry's R and C in their own field; nothing else.
+
+        kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_h_bulk_remove;
+        arch/powerpc/include/asm/hvcall.h (v6.18)
+        """
+        echoed = request & (H_BULK_REMOVE_ANDCOND | H_BULK_REMOVE_AVPN | H_BULK_REMOVE_PTEX)
+        expected = H_BULK_REMOVE_RESPONSE | code | echoed
+        rc_field = H_BULK_REMOVE_RC if code == H_BULK_REMOVE_SUCCESS else 0
+        self._expect(
+            response & ~rc_field == expected,
+            f"H_BULK_REMOVE answered request {request:#x} with {response:#x}, not "
+            f"{expected:#x}{' and R/C' if rc_field else ''}",
+        )
 
     def h_bulk_remove_cond(self, ea_i: int, how: int) -> None:
         """H_BULK_REMOVE of one request, for the guest's entry for EAS[ea_i] (or a free slot
@@ -437,6 +543,7 @@ class PpcHarness:
         argument = {0: 0, H_AVPN: entry.v & ~0x7F if entry else 0, H_ANDCOND: HPTE_V_BOLTED}
         request = H_BULK_REMOVE_REQUEST | condition | target
         seen = self._rc_seen(target) if entry is not None else None
+        cached = self._mmio_cached(target, ea)
         status, out = kvmppc_h_bulk_remove(
             self.kvm, [request, argument[how]] + [H_BULK_REMOVE_END, 0] * 3
         )
@@ -447,22 +554,29 @@ class PpcHarness:
             status == H_SUCCESS and found == removes,
             f"H_BULK_REMOVE {target:#x} how {how:#x}: {out[0]:#x}, the guest entered {entry}",
         )
+        code = H_BULK_REMOVE_SUCCESS if removes else H_BULK_REMOVE_NOT_FOUND
+        self._check_bulk_response(request, out[0], code)
         if removes and seen is not None and found:
             self._check_removed_rc("H_BULK_REMOVE", target, seen, _bulk_rc(out[0]))
+            self._check_mmio_cache_voided("H_BULK_REMOVE", target, ea, cached)
         if removes:
             del self.entered[target]
 
     def h_protect(self, ea_i: int, writable: bool) -> None:
         """H_PROTECT of the guest's entry for EAS[ea_i] to read-write or read-only. A valid
-        read-only entry stays read-only in hardware (P8)."""
+        read-only entry stays read-only in hardware (P8); a changed MMIO entry is cached by
+        no vCPU any more (P7)."""
         index = self.index_of(EAS[ea_i])
         if index is None:
             return
         hpt = self.mmu.hpt
         was_ro = hpt.v(index) & HPTE_V_VALID and not hpte_is_writable(hpt.r(index))
+        cached = self._mmio_cached(index, EAS[ea_i])
         pp = PP_RWXX if writable else PP_RXRX
         status = kvmppc_h_protect(self.kvm, pp, index, 0)
         self._expect(status == H_SUCCESS, f"H_PROTECT {index:#x}: {status}")
+        if status == H_SUCCESS:
+            self._check_mmio_cache_voided("H_PROTECT", index, EAS[ea_i], cached)
         entry = self.entered[index]
         self.entered[index] = Entered(entry.ea, entry.v, (entry.r & ~3) | pp)
         if was_ro and hpt.v(index) & HPTE_V_VALID and hpte_is_writable(hpt.r(index)):
@@ -482,10 +596,12 @@ class PpcHarness:
             return
         clear = kvmppc_h_clear_mod if mod else kvmppc_h_clear_ref
         status, gr = clear(self.kvm, 0, index)
+        call = f"H_CLEAR_{'MOD' if mod else 'REF'}"
         self._expect(
             status == H_SUCCESS and gr & ~(HPTE_R_R | HPTE_R_C) == self.entered[index].r,
-            f"H_CLEAR_{'MOD' if mod else 'REF'} {index:#x}: ({status}, {gr:#x})",
+            f"{call} {index:#x}: ({status}, {gr:#x})",
         )
+        self._check_rc_earned(call, index, gr & (HPTE_R_R | HPTE_R_C))
 
     def h_invalid(self, call: str) -> None:
         """One of :data:`INVALID_HCALLS`: H_PARAMETER, and the HPT (every entry and the
@@ -506,7 +622,8 @@ class PpcHarness:
             status, _ = run_to_completion(kvmppc_do_h_enter(self.kvm, self.host, 0, index, v, r))
         elif call.startswith("bulk"):
             request = H_BULK_REMOVE_REQUEST | past if call == "bulk_index" else 2 << 62
-            status, _ = kvmppc_h_bulk_remove(self.kvm, [request, 0] + [H_BULK_REMOVE_END, 0] * 3)
+            status, out = kvmppc_h_bulk_remove(self.kvm, [request, 0] + [H_BULK_REMOVE_END, 0] * 3)
+            self._check_bulk_response(request, out[0], H_BULK_REMOVE_PARM)
         elif call == "remove_index":
             status = kvmppc_do_h_remove(self.kvm, 0, past, 0)[0]
         elif call == "protect_index":
@@ -527,15 +644,23 @@ class PpcHarness:
 
     # -- guest accesses -----------------------------------------------------------------------
 
+    def guest_access_op(self, vcpu: int, ea_i: int, write: bool) -> KernelOp[HptAccess]:
+        """A guest load or store at EAS[ea_i] as an operation, for a caller that interleaves
+        it with others. The guest tries it now: the hardware may set R (and C for a store)
+        in the guest's entry for the address even if the access then traps."""
+        ea = EAS[ea_i]
+        self.referenced.add(ea)
+        if write:
+            self.stored.add(ea)
+        return kvmppc_hpt_guest_access(self.kvm, self.host, vcpu, SEGMENT, ea, write)
+
     def guest_access(self, vcpu: int, ea_i: int, write: bool) -> None:
         """A guest load or store at EAS[ea_i], through the hardware and the fault path."""
         ea = EAS[ea_i]
         cached = mmio_cache_search(
             kvmppc_hv_vcpu(self.kvm, vcpu), ea, SEGMENT, self.mmu.mmio_update
         )
-        access = run_to_completion(
-            kvmppc_hpt_guest_access(self.kvm, self.host, vcpu, SEGMENT, ea, write)
-        )
+        access = run_to_completion(self.guest_access_op(vcpu, ea_i, write))
         self.log(f"vcpu {vcpu} {'store' if write else 'load'} {ea:#x} -> {access}")
         wrong = self._judge(ea, write, access)
         if wrong is not None:
@@ -577,6 +702,7 @@ class PpcHarness:
             return f"{access}: gpa {gpa:#x} is RAM, through entry {index:#x}"
         if write and place[0] == 1 and self.slot1_logged:
             self.written.add(place[1])
+        self.aging.on_guest_access(hva)
         return None
 
     def guest_access_racing(
@@ -585,7 +711,7 @@ class PpcHarness:
         """A guest access paused after ``steps`` steps while ``racer`` runs (see RACERS);
         any outcome the interleaving allows is fine, the checks judge the state."""
         ea = EAS[ea_i]
-        access_op = kvmppc_hpt_guest_access(self.kvm, self.host, vcpu, SEGMENT, ea, write)
+        access_op = self.guest_access_op(vcpu, ea_i, write)
         index = self.index_of(ea)
         entry = self.entered.get(index) if index is not None else None
 
@@ -617,6 +743,7 @@ class PpcHarness:
         hva = self.hvas[slot] + page * PAGE
         if hva not in self.unmapped:
             assert self.host.madvise_dontneed(hva, PAGE) == 0
+            self.aging.on_host_drop(hva, hva + PAGE)
 
     def host_write(self, slot: int, page: int) -> None:
         hva = self.hvas[slot] + page * PAGE
@@ -630,6 +757,7 @@ class PpcHarness:
         if hva in self.unmapped:
             return
         assert self.host.mprotect(hva, PAGE, RW if writable else PROT_READ) == 0
+        self.aging.on_invalidate(hva, hva + PAGE)
         if writable:
             self.readonly.discard(hva)
         else:
@@ -639,14 +767,52 @@ class PpcHarness:
         """munmap of one page of slot 0, for good: accesses to it fail with EFAULT."""
         hva = self.hvas[0] + page * PAGE
         assert self.host.munmap(hva, PAGE) == 0
+        self.aging.on_host_drop(hva, hva + PAGE)
         self.unmapped.add(hva)
         self.readonly.discard(hva)
 
     def host_ages(self, slot: int) -> None:
+        """The host ages the whole of one slot's memory with clear_young (C-AGING: one
+        answer for the range, young if any page was used), then tests its first page."""
         hva = self.hvas[slot]
-        kvm_mmu_notifier_clear_young(self.kvm, hva, hva + SLOT_PAGES * PAGE)
+        young = kvm_mmu_notifier_clear_young(self.kvm, hva, hva + SLOT_PAGES * PAGE)
+        self._judge_aging(hva, SLOT_PAGES, young)
         assert self.host.notifier is not None
         self.host.notifier.test_young(hva)
+
+    def host_ages_page(self, slot: int, page: int, how: str) -> None:
+        """Reclaim asks about one page of a slot, as ``how`` (one of :data:`AGINGS`) says
+        (C-AGING). An aging clears the accessed state of that page only: test_young, which
+        clears nothing, still finds every other page the guest used young."""
+        hva = self.hvas[slot] + page * PAGE
+        if how == "test":
+            self._judge_test_young(hva, kvm_mmu_notifier_test_young(self.kvm, hva))
+            return
+        age = kvm_mmu_notifier_clear_young if how == "clear" else kvm_mmu_notifier_clear_flush_young
+        self._judge_aging(hva, 1, age(self.kvm, hva, hva + PAGE))
+        for other in sorted(self.aging.guest_used):
+            self._judge_test_young(other, kvm_mmu_notifier_test_young(self.kvm, other))
+
+    def _judge_aging(self, hva: int, pages: int, young: bool) -> None:
+        """C-AGING for an aging of ``pages`` host pages from ``hva`` that answered ``young``.
+        On an HPT guest the aging is exact, flush or not: kvm_age_rmapp clears each R with
+        kvmppc_clear_ref_hpte, whose tlbie makes the next access set R again.
+
+        kernel: arch/powerpc/kvm/book3s_64_mmu_hv.c:kvm_age_rmapp;
+        arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_clear_ref_hpte (v6.18)
+        """
+        for page in range(pages):
+            self.found += map(str, self.aging.on_age(hva + page * PAGE, True, young))
+
+    def _judge_test_young(self, hva: int, young: bool) -> None:
+        """C-AGING for test_young, which clears nothing: a page the guest used since its
+        last aging is young.
+
+        kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_test_young;
+        arch/powerpc/kvm/book3s_64_mmu_hv.c:kvm_test_age_rmapp (v6.18)
+        """
+        if not young and hva in self.aging.guest_used:
+            self.found.append(f"C-AGING: host page {hva:#x} used by the guest, tested idle")
 
     # -- the VMM: memslots, dirty log, resize ---------------------------------------------------
 
@@ -669,6 +835,8 @@ class PpcHarness:
     def _slot1_moved(self, where: int | None) -> None:
         if where is None or self.slot1_gfn is None:
             self.written.clear()  # a new slot starts a new log
+        if self.slot1_gfn is not None:
+            self.aging.on_translations_dropped()  # DELETE or MOVE: its entries were flushed
         self.slot1_gfn = where
 
     def change_slot1(self, where: int | None) -> None:
@@ -789,7 +957,7 @@ class PpcHarness:
             status, used = run_to_completion(enter)
             self._expect(status == H_SUCCESS, f"H_ENTER {index:#x} in the window: {status}")
             if status == H_SUCCESS:
-                self.entered[used] = Entered(ea, entry.v, r)
+                self._record(used, Entered(ea, entry.v, r))
         self.log(f"slot 1 {'MOVE' if move else 'DELETE'} with hcalls inside: {update.run()}")
 
     # -- the rules ------------------------------------------------------------------------------
@@ -808,6 +976,8 @@ class PpcHarness:
             v, r = view if view is not None else kvmppc_h_read(self.kvm, 0, index)[1][0]
             if v != entry.v | HPTE_V_VALID or r & ~(HPTE_R_R | HPTE_R_C) != entry.r:
                 found.append(f"P4: H_READ {index:#x} gives ({v:#x}, {r:#x}), entered {entry}")
+            unearned = self._unearned_rc("H_READ", index, r & (HPTE_R_R | HPTE_R_C))
+            found += [unearned] if unearned is not None else []
         return found
 
     def check(self) -> None:

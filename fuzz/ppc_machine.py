@@ -21,6 +21,7 @@ from kvmspec.fuzz import machines
 from kvmspec.fuzz.harness_fuzzing import Step
 from kvmspec.fuzz.ppc_decoder import EXACTS, SLOTS, Argument, encode
 from kvmspec.fuzz.ppc_harness import (
+    AGINGS,
     BOOLS,
     EA_INDEXES,
     GFN_INDEXES,
@@ -147,6 +148,10 @@ class PpcMachine(RuleBasedStateMachine):
     @rule(slot=SLOT)
     def host_ages(self, slot: int) -> None:
         self._do("host_ages", slot)
+
+    @rule(slot=SLOT, page=PAGE_INDEX, how=st.sampled_from(AGINGS))
+    def host_ages_page(self, slot: int, page: int, how: str) -> None:
+        self._do("host_ages_page", slot, page, how)
 
     # -- the VMM ----------------------------------------------------------------------------------
 

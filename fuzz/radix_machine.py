@@ -1,6 +1,7 @@
 """A Hypothesis state machine over the POWER radix MMU: guest accesses (the hardware setting R
 and C and faulting), faults interleaved with host events, memslot changes, aging and dirty
-harvests, with ``check_radix`` and dirty-log completeness checked after every step.
+harvests, with ``check_radix``, dirty-log completeness and the aging contract checked after
+every step.
 
 ``RadixHarness`` is the model and its actors, one method per action; ``RadixMachine`` draws
 the actions. The layout keeps every slot aligned to 2 MiB and a whole number of 2 MiB long:
@@ -8,7 +9,12 @@ the kernel does not keep a huge leaf inside its slot (see radix_fault.py), and t
 is about everything else.
 
 Dirty-log completeness (C-DIRTY-COMPLETE): every page the guest stored to in a logged slot
-since the last harvest is reported by the next one, unless the slot changed in between.
+since the last harvest is reported by the next one, unless the slot stopped logging or was
+deleted in between; a MOVE keeps the slot's bitmap, and with it what the slot owes.
+
+Aging (C-AGING, :class:`~kvmspec.spec.aging_contract.AgingContract`): a page the guest used
+since its last aging is reported young, loose after an aging without a TLB flush (radix
+aging flushes nothing itself) and across the zaps of host invalidations and slot flushes.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import KernelOp, run_to_completion
 from kvmspec.reference.host import PROT_READ, PROT_WRITE
+from kvmspec.reference.host_notifier import MmuNotifierEvent
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.mmu_notifier import (
     KvmMmuNotifier,
@@ -33,6 +40,7 @@ from kvmspec.reference.page_fault import Fault
 from kvmspec.reference.ppc.radix_fault import kvmppc_book3s_radix_page_fault, radix_guest_access
 from kvmspec.reference.ppc.radix_mmu import RadixMmu, kvm_vm_ioctl_get_dirty_log_hv
 from kvmspec.reference.ppc.radix_pgtable import PMD_SHIFT, radix_host_mm
+from kvmspec.spec.aging_contract import AgingContract
 from kvmspec.spec.invariants.ppc_radix import check_radix
 from kvmspec.spec.platforms import PPC64_HV_RADIX as PPC64_RADIX
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
@@ -49,6 +57,20 @@ PAGES = (0, 1, 17, 31)
 HOST_EVENTS = ("dontneed", "migrate", "collapse", "split", "mprotect_ro", "mprotect_rw")
 
 
+class AgingNotifier(KvmMmuNotifier):
+    """KVM's MMU notifier, which also tells the aging contract of every range the host
+    invalidates: KVM zaps the leaves there, their accessed bits and their TLB entries with
+    them (the contract's looseness)."""
+
+    def __init__(self, kvm: Kvm, aging: AgingContract) -> None:
+        super().__init__(kvm)
+        self.aging = aging
+
+    def invalidate_range_start(self, start: int, end: int, event: MmuNotifierEvent) -> None:
+        self.aging.on_invalidate(start, end)
+        super().invalidate_range_start(start, end, event)
+
+
 class RadixHarness:
     """A radix guest, the VMM's memory behind two slots, and the actions on them."""
 
@@ -56,7 +78,8 @@ class RadixHarness:
         self.mmu = mmu if mmu is not None else RadixMmu(PPC64_RADIX.page_shift)
         self.kvm = Kvm(PPC64_RADIX, self.mmu)
         self.host = radix_host_mm(PAGE, PPC64_RADIX.user_address_limit)
-        self.host.notifier = KvmMmuNotifier(self.kvm)
+        self.aging = AgingContract(PAGE)
+        self.host.notifier = AgingNotifier(self.kvm, self.aging)
         self.hvas: list[int] = []
         self.places = [0, 0]
         self.flags = [0, KVM_MEM_LOG_DIRTY_PAGES]
@@ -74,12 +97,15 @@ class RadixHarness:
     # -- helpers ----------------------------------------------------------------------------------
 
     def _set_region(self, slot: int) -> None:
+        """Create, delete, move or change the flags of ``slot`` as ``present``, ``places``
+        and ``flags`` say. Every such change except a creation flushes the slot, dropping
+        the accessed bits of its leaves (C-AGING's looseness)."""
         size = SLOT_BLOCKS[slot] * HUGE if self.present[slot] else 0
         gpa = SLOT_PLACES[slot][self.places[slot]]
         region = MemoryRegion(slot, self.flags[slot], gpa, size, self.hvas[slot])
         op = kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1)
         assert run_to_completion(op) == 0
-        self.written[slot].clear()  # completeness is promised from the change on
+        self.aging.on_translations_dropped()
 
     def gpa(self, slot: int, block: int, page: int) -> int:
         return (
@@ -102,21 +128,27 @@ class RadixHarness:
             raise RulesBroken([f"C-COHERENCE: access to {gpa:#x} ended {outcome}"])
         if write and outcome is Fault.MAPPED and self.flags[slot]:
             self.written[slot].add(gpa // PAGE - SLOT_PLACES[slot][self.places[slot]] // PAGE)
+        if outcome is Fault.MAPPED:
+            self.aging.on_guest_access(self.hva(slot, block, page))
         return outcome
 
     def racing_fault(self, slot: int, block: int, page: int, steps: int, event: str) -> Fault:
         """A fault stopped after ``steps`` of its preemption points, a host event on its
-        page, then the rest of the fault."""
+        page, then the rest of the fault. A fault that maps the page is the guest's use of
+        it: the access that raised it runs again through the new leaf, which the kernel
+        creates referenced (C-AGING)."""
         gpa = self.gpa(slot, block, page)
         fault: KernelOp[Fault] = kvmppc_book3s_radix_page_fault(self.kvm, self.host, gpa, True)
         try:
             for _ in range(steps):
                 next(fault)
+            self.host_event(slot, block, page, event)
+            outcome = run_to_completion(fault)
         except StopIteration as done:
-            finished: Fault = done.value
-            return finished
-        self.host_event(slot, block, page, event)
-        return run_to_completion(fault)
+            outcome = done.value
+        if outcome is Fault.MAPPED:
+            self.aging.on_guest_access(self.hva(slot, block, page))
+        return outcome
 
     def host_event(self, slot: int, block: int, page: int, event: str) -> None:
         hva = self.hva(slot, block, page)
@@ -135,27 +167,54 @@ class RadixHarness:
             self.host.mprotect(block_hva, HUGE, PROT_READ | PROT_WRITE)
 
     def toggle_logging(self, slot: int) -> None:
+        """Dirty logging on or off: the slot gets a new bitmap, or loses it, and owes
+        nothing from before (C-DIRTY-COMPLETE is promised from the change on)."""
         if self.present[slot]:
             self.flags[slot] ^= KVM_MEM_LOG_DIRTY_PAGES
             self._set_region(slot)
+            self.written[slot].clear()
 
     def delete_or_recreate(self, slot: int) -> None:
         self.present[slot] = not self.present[slot]
         self._set_region(slot)
+        self.written[slot].clear()  # a deleted slot's bitmap is gone; a new one owes nothing
 
     def move(self, slot: int) -> None:
+        """MOVE the slot to its other place. Its dirty bitmap moves with it, so the next
+        harvest still owes every page stored to before, C bits that the slot's flush
+        folded into the bitmap included.
+
+        kernel: virt/kvm/kvm_main.c:kvm_prepare_memory_region;
+        arch/powerpc/kvm/book3s_64_mmu_radix.c:kvmppc_radix_flush_memslot (v6.18)
+        """
         if self.present[slot]:
             self.places[slot] ^= 1
             self._set_region(slot)
 
     def age(self, slot: int, block: int, page: int, how: str) -> None:
+        """Reclaim asks about the host page behind a guest page: clear_young or
+        clear_flush_young of the whole host page (its 2 MiB block while the host maps it
+        huge, as reclaim ages a huge page whole), or test_young. C-AGING judges the
+        answer."""
         hva = self.hva(slot, block, page)
-        if how == "clear":
-            kvm_mmu_notifier_clear_young(self.kvm, hva, hva + PAGE)
-        elif how == "clear_flush":
-            kvm_mmu_notifier_clear_flush_young(self.kvm, hva, hva + PAGE)
-        else:
-            kvm_mmu_notifier_test_young(self.kvm, hva)
+        if how == "test":
+            young = kvm_mmu_notifier_test_young(self.kvm, hva)
+            if not young and hva in self.aging.guest_used and hva not in self.aging.loose:
+                raise RulesBroken([f"C-AGING: host page {hva:#x} used by the guest, tested idle"])
+            return
+        start, size = hva, PAGE
+        if hva - hva % HUGE in self.host.pmds:
+            start, size = hva - hva % HUGE, HUGE
+        flush = how == "clear_flush"
+        age = kvm_mmu_notifier_clear_flush_young if flush else kvm_mmu_notifier_clear_young
+        young = age(self.kvm, start, start + size)
+        violations = [
+            str(violation)
+            for each in range(start, start + size, PAGE)
+            for violation in self.aging.on_age(each, flush, young)
+        ]
+        if violations:
+            raise RulesBroken(violations)
 
     def logged_slots(self) -> list[int]:
         return [slot for slot in (0, 1) if self.present[slot] and self.flags[slot]]

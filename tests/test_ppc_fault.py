@@ -7,15 +7,21 @@ sequence snapshot; an MMIO entry never becomes valid, and its per-vCPU cache fol
 entry. The resize: exactly the bolted entries move, rehashed; a resize that keeps another
 is caught. Seed 000: a removal path that ignores INVALID slots is caught. And findings: the
 kernel's MMIO cache can keep an entry the HPT no longer holds, and H_READ and the removals
-disagree on an absent entry's R and C (after H_CLEAR_REF, or after a resize).
+disagree on an absent entry's R and C (after H_CLEAR_REF, or after a resize). Then what the
+guest and the host are told, each with a planted bug the harness reports: R and C only where
+the guest accessed and stored (P4), H_BULK_REMOVE's response words, no MMIO cache entry
+surviving the removal of its entry (P7), and aging answers (C-AGING).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from errno import EBUSY, EINVAL, ENOSPC, ENXIO
 
 import pytest
 
+from kvmspec.fuzz import ppc_harness
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.ppc_harness import (
     EAS,
@@ -25,22 +31,32 @@ from kvmspec.fuzz.ppc_harness import (
     PAGE,
     RAM0_GFN,
     RAM1_GFN,
-    SEGMENT,
     STALE_ABSENT_RC,
     PpcHarness,
     race,
 )
 from kvmspec.fuzz.seed_bugs import revmap_for_usable_slots_only
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
-from kvmspec.reference.ppc import fault, hpt, resize
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
+from kvmspec.reference.mmu_notifier import KvmGfnRange
+from kvmspec.reference.ppc import fault, hcalls, hpt, hpt_mmu, resize, rmap_walk
 from kvmspec.reference.ppc.fault import (
     DSISR_NOHPTE,
     Access,
     HptAccess,
-    kvmppc_hpt_guest_access,
     kvmppc_hv_vcpu,
 )
-from kvmspec.reference.ppc.hcalls import kvmppc_do_h_remove, kvmppc_h_read
+from kvmspec.reference.ppc.hcalls import (
+    H_ANDCOND,
+    H_BULK_REMOVE_PTEX,
+    H_BULK_REMOVE_RC,
+    H_BULK_REMOVE_REQUEST,
+    kvmppc_do_h_remove,
+    kvmppc_h_read,
+)
+from kvmspec.reference.ppc.hpt import KvmHptInfo, chain_members, slot_rmap
+from kvmspec.reference.ppc.hpt_mmu import HptMmu
 from kvmspec.reference.ppc.hpte import (
     HPTE_R_C,
     HPTE_R_KEY,
@@ -68,8 +84,7 @@ def harness(tolerated: tuple[str, ...] = ()) -> PpcHarness:
 
 
 def access(h: PpcHarness, ea_i: int, write: bool, vcpu: int = 0) -> HptAccess:
-    op = kvmppc_hpt_guest_access(h.kvm, h.host, vcpu, SEGMENT, EAS[ea_i], write)
-    return run_to_completion(op)
+    return run_to_completion(h.guest_access_op(vcpu, ea_i, write))
 
 
 def index_of(h: PpcHarness, ea_i: int) -> int:
@@ -102,7 +117,7 @@ def test_an_absent_hpte_becomes_valid_only_after_the_retry_check() -> None:
     h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
     index = index_of(h, EA0)
     assert h.mmu.hpt.v(index) & HPTE_V_ABSENT
-    op = kvmppc_hpt_guest_access(h.kvm, h.host, 0, SEGMENT, EAS[EA0], True)
+    op = h.guest_access_op(0, EA0, True)
     steps(op, 4)  # real mode, snapshot, page resolved, host PTE read: about to install
     seq = h.kvm.mmu_invalidate_seq
     h.host_dontneed(0, 0)
@@ -124,7 +139,7 @@ def test_without_the_retry_check_the_fault_installs_a_page_the_host_dropped(
     h = harness()
     h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
     h.host_dontneed(0, 0)
-    op = kvmppc_hpt_guest_access(h.kvm, h.host, 0, SEGMENT, EAS[EA0], False)
+    op = h.guest_access_op(0, EA0, False)
     steps(op, 4)
     h.host_dontneed(0, 0)
     assert run_to_completion(op).outcome is Access.DONE
@@ -458,7 +473,7 @@ def test_a_fault_racing_a_resize_commit_retries_on_the_new_table() -> None:
     h.host_dontneed(0, 0)
     h.resize_prepare(20)
     h.resize_work()
-    op = kvmppc_hpt_guest_access(h.kvm, h.host, 0, SEGMENT, EAS[EA0], True)
+    op = h.guest_access_op(0, EA0, True)
     outcome = race(op, 4, lambda: h._resize_op(20))
     assert h.mmu.hpt.order == 20
     assert outcome == HptAccess(Access.DONE, index=index_of(h, EA0))
@@ -473,3 +488,218 @@ def test_a_missing_hpte_reaches_the_guest() -> None:
     assert not h.mmu.hpt.hptes
     assert check_hpt(h.kvm, h.mmu, h.host) == []
     assert GFNS[SLOT0_PAGE] == RAM0_GFN and GFNS[MMIO] == MMIO_GFN
+
+
+# -- what the guest and the host are told: R and C, H_BULK_REMOVE's answers, the MMIO cache
+# after a removal, aging (C-AGING); each with a planted bug the harness reports -------------------
+
+
+def test_r_and_c_are_only_the_guests_own() -> None:
+    """The guest loads through one entry and stores through another; a third it never
+    uses. The host takes all three pages away, so KVM harvests the hardware's R and C into
+    the guest's view: each entry shows exactly what the guest did through it."""
+    h = harness()
+    for ea_i, gfn_i in ((EA0, SLOT0_PAGE), (EA1, SLOT0_PAGE3), (EA2, SLOT1_PAGE)):
+        h.h_enter(ea_i, gfn_i, True, False, False, -1)
+    h.guest_access(0, EA0, False)
+    h.guest_access(0, EA1, True)
+    for slot, page in ((0, 0), (0, 3), (1, 0)):
+        h.host_dontneed(slot, page)
+    assert [_r_and_c(h, index_of(h, ea_i)) for ea_i in (EA0, EA1, EA2)] == [
+        HPTE_R_R,
+        HPTE_R_R | HPTE_R_C,
+        0,
+    ]
+    h.check()
+
+
+def test_an_invalidation_that_makes_up_r_and_c_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planted bug: the unmap of an entry writes garbage into its hardware word before
+    it harvests R and C, so the guest reads R and C it never set (P4)."""
+    unmap = rmap_walk.kvmppc_unmap_hpte
+
+    def garbling(kvm, hpt, tlbs, index, slot, rmap, gfn):  # type: ignore[no-untyped-def]
+        hpt.store(index, hpt.v(index), hpt.r(index) | HPTE_R_R | HPTE_R_C)
+        unmap(kvm, hpt, tlbs, index, slot, rmap, gfn)
+
+    monkeypatch.setattr(rmap_walk, "kvmppc_unmap_hpte", garbling)
+    h = harness(KNOWN_KERNEL_FINDINGS)
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    h.guest_access(0, EA0, False)
+    h.host_dontneed(0, 0)
+    index = index_of(h, EA0)
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    assert broken.value.violations == [
+        f"P4: H_READ of HPTE {index:#x} shows R/C 0x180, the guest only loaded from ea 0x0"
+    ]
+
+
+def _bulk_remove_answering(monkeypatch: pytest.MonkeyPatch, answer: Callable[[int], int]) -> None:
+    """Plant a bug in H_BULK_REMOVE: each response word becomes ``answer`` of it."""
+    bulk_remove = hcalls.kvmppc_h_bulk_remove
+
+    def planted(kvm: Kvm, args: list[int]) -> tuple[int, list[int]]:
+        status, out = bulk_remove(kvm, args)
+        return status, [answer(word) if n % 2 == 0 else word for n, word in enumerate(out)]
+
+    monkeypatch.setattr(ppc_harness, "kvmppc_h_bulk_remove", planted)
+
+
+def test_a_bulk_remove_response_without_its_index_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """H_BULK_REMOVE answers each request with its index and condition echoed; the
+    planted bug drops the index of every answer."""
+    h = harness(KNOWN_KERNEL_FINDINGS)
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    h.h_enter(EA1, SLOT0_PAGE3, True, True, False, -1)
+    h.h_bulk_remove_cond(EA1, H_ANDCOND)  # BOLTED: not found
+    h.h_bulk_remove((EA0,))
+    h.check()
+    _bulk_remove_answering(monkeypatch, lambda word: word & ~H_BULK_REMOVE_PTEX)
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    request = H_BULK_REMOVE_REQUEST | index_of(h, EA0)
+    h.h_bulk_remove((EA0,))
+    with pytest.raises(RulesBroken, match=f"H_BULK_REMOVE answered request {request:#x} with"):
+        h.check()
+
+
+def test_a_bulk_remove_that_misplaces_an_absent_entrys_r_and_c_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The entry is absent (the host took its page) with R in the guest's view. The planted
+    bug shifts R and C out of their field in the response: that is caught by the response's
+    format, even where the tolerated finding about absent entries' R and C
+    (STALE_ABSENT_RC) lets a mere disagreement with H_READ pass."""
+
+    def misplaced(word: int) -> int:
+        return word & ~H_BULK_REMOVE_RC | (word & H_BULK_REMOVE_RC) << 10
+
+    _bulk_remove_answering(monkeypatch, misplaced)
+    h = harness(KNOWN_KERNEL_FINDINGS)
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    h.guest_access(0, EA0, False)
+    h.host_dontneed(0, 0)
+    request = H_BULK_REMOVE_REQUEST | index_of(h, EA0)
+    h.h_bulk_remove((EA0,))
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    assert broken.value.violations == [
+        f"COHERENCE: H_BULK_REMOVE answered request {request:#x} with "
+        f"{0x8000 << 48 | HPTE_R_R << 61 | request & H_BULK_REMOVE_PTEX:#x}, "
+        f"not {0x8000 << 48 | request & H_BULK_REMOVE_PTEX:#x} and R/C"
+    ]
+
+
+def test_a_bulk_remove_of_an_mmio_entry_that_keeps_its_cache_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vCPU 0 caches the guest's MMIO entry; the guest removes it with H_BULK_REMOVE. The
+    planted bug leaves ``mmio_update`` where it was, so the cache still answers for the
+    address (P7). The tolerated stale-cache finding does not cover it: this removal
+    promised to void the cache."""
+    bulk_remove = hcalls.kvmppc_h_bulk_remove
+
+    def without_bump(kvm: Kvm, args: list[int]) -> tuple[int, list[int]]:
+        mmu = kvm.arch
+        assert isinstance(mmu, HptMmu)
+        stamp = mmu.mmio_update
+        answer = bulk_remove(kvm, args)
+        mmu.mmio_update = stamp
+        return answer
+
+    h = harness(KNOWN_KERNEL_FINDINGS)
+    h.h_enter(EA1, MMIO, True, False, False, -1)
+    assert access(h, EA1, False).outcome is Access.MMIO
+    index = index_of(h, EA1)
+    h.h_bulk_remove((EA1,))
+    h.check()  # the unplanted removal voids the cache
+    monkeypatch.setattr(ppc_harness, "kvmppc_h_bulk_remove", without_bump)
+    h.h_enter(EA1, MMIO, True, False, False, -1)
+    assert access(h, EA1, False).outcome is Access.MMIO
+    h.h_bulk_remove((EA1,))
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    assert broken.value.violations == [
+        f"P7: H_BULK_REMOVE of MMIO HPTE {index:#x} left vCPU 0's MMIO cache entry for ea "
+        "0x1000 current"
+    ]
+
+
+def test_aging_answers_for_the_pages_the_guest_used() -> None:
+    """The guest loads from slot 0's page 0 and stores to its page 3. Aging page 3 finds it
+    young and leaves page 0 alone; after H_CLEAR_REF the page's R lives on in the rmap word,
+    and test_young and clear_young both still report it; then every page is idle."""
+    h = harness()
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    h.h_enter(EA1, SLOT0_PAGE3, True, False, False, -1)
+    h.guest_access(0, EA0, False)
+    h.guest_access(1, EA1, True)
+    h.host_ages_page(0, 3, "clear")
+    h.h_clear_ref_or_mod(EA0, False)
+    for how in ("test", "clear_flush", "test"):
+        h.host_ages_page(0, 0, how)
+    h.host_ages(0)
+    h.check()
+    assert h.aging.guest_used == set()
+
+
+def _never_young(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: clear_young ages the range but never answers young."""
+    age_gfn = HptMmu.kvm_age_gfn
+
+    def planted(mmu: HptMmu, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        age_gfn(mmu, kvm, gfn_range)
+        return False
+
+    monkeypatch.setattr(HptMmu, "kvm_age_gfn", planted)
+
+
+def _ages_from_the_slot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: clear_young ages every page from the slot's start, not only the range."""
+    age_gfn = HptMmu.kvm_age_gfn
+
+    def planted(mmu: HptMmu, kvm: Kvm, gfn_range: KvmGfnRange) -> bool:
+        return age_gfn(mmu, kvm, replace(gfn_range, start=gfn_range.slot.base_gfn))
+
+    monkeypatch.setattr(HptMmu, "kvm_age_gfn", planted)
+
+
+def _tests_the_chain_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: test_young ignores the REFERENCED bit the page's rmap word keeps."""
+
+    def planted(kvm: Kvm, hpt: KvmHptInfo, slot: KvmMemorySlot, gfn: int) -> bool:
+        word = slot_rmap(slot).get(gfn - slot.base_gfn)
+        return any(hpt.r(index) & HPTE_R_R for index in chain_members(hpt, word))
+
+    monkeypatch.setattr(hpt_mmu, "kvm_test_age_rmapp", planted)
+
+
+@pytest.mark.parametrize(
+    ("plant", "how", "page", "why"),
+    [
+        (_never_young, "clear", 0, "used by a guest, aged idle"),
+        (_ages_from_the_slot_start, "clear", 2, "used by the guest, tested idle"),
+        (_tests_the_chain_only, "test", 0, "used by the guest, tested idle"),
+    ],
+)
+def test_wrong_aging_answers_are_caught(
+    monkeypatch: pytest.MonkeyPatch,
+    plant: Callable[[pytest.MonkeyPatch], None],
+    how: str,
+    page: int,
+    why: str,
+) -> None:
+    """The guest loads from slot 0's page 0 and clears its R with H_CLEAR_REF (the rmap
+    word keeps it as REFERENCED); the host asks about one page of slot 0 as ``how``. Each
+    planted bug in aging an HPT guest gives a wrong answer about page 0 (C-AGING)."""
+    plant(monkeypatch)
+    h = harness()
+    h.h_enter(EA0, SLOT0_PAGE, True, False, False, -1)
+    h.guest_access(0, EA0, False)
+    h.h_clear_ref_or_mod(EA0, False)
+    h.host_ages_page(0, page, how)
+    with pytest.raises(RulesBroken) as broken:
+        h.check()
+    assert broken.value.violations == [f"C-AGING: host page {h.hvas[0]:#x} {why}"]

@@ -1,7 +1,9 @@
 """POWER radix MMU: the leaf level a fault chooses (R1), the dirty harvest's order (C cleared,
 tlbie, reported: R1), a fault racing an invalidation (N4), slot deletion and moves (M13),
 aging, dirty logging switching huge leaves off and on, and, for every check of
-``kvmspec.spec.invariants.ppc_radix.check_radix``, a planted bug that it catches.
+``kvmspec.spec.invariants.ppc_radix.check_radix``, a planted bug that it catches. The radix
+machine's harness: a MOVE keeps what the dirty log owes (C-DIRTY-COMPLETE) and a page a fault
+maps is young (C-AGING), each with a planted bug it catches.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from hypothesis import Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from kvmspec.fuzz.generic_harness import RulesBroken
-from kvmspec.fuzz.radix_machine import RadixMachine
+from kvmspec.fuzz.radix_machine import RadixHarness, RadixMachine
 from kvmspec.reference import kvm_main
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
@@ -472,6 +474,65 @@ def test_a_fault_during_an_open_invalidation_is_caught(monkeypatch: pytest.Monke
         "N5: TLB entry for gfn 0x100 survives an invalidation",
     ]
     assert run_to_completion(zap) == 0
+
+
+# -- what the harness promises across faults, moves and aging ------------------------------------
+
+
+def test_a_page_stored_to_before_a_move_is_reported_after_it() -> None:
+    """A MOVE keeps the slot's dirty bitmap: the C bits the slot's flush folds into it are
+    reported by the next harvest, at the same page offsets (C-DIRTY-COMPLETE)."""
+    h = RadixHarness()
+    assert h.guest_access(1, 0, 17, True) is Fault.MAPPED
+    h.move(1)
+    h.harvest(1)
+    h.check()
+
+
+def test_a_flush_that_folds_c_into_the_wrong_page_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: unmapping a leaf marks the slot's first page dirty instead of the
+    leaf's, so the store before the MOVE is lost."""
+    unmap = radix_pgtable.kvmppc_unmap_pte
+
+    def first_page(
+        kvm: Kvm, pgt: RadixPgtable, leaf: RadixLeaf, gpa: int, memslot: KvmMemorySlot | None
+    ) -> None:
+        assert memslot is not None  # the slot flush always names its slot
+        unmap(kvm, pgt, leaf, memslot.base_gfn << pgt.page_shift, memslot)
+
+    monkeypatch.setattr(radix_mmu, "kvmppc_unmap_pte", first_page)
+    h = RadixHarness()
+    assert h.guest_access(1, 0, 17, True) is Fault.MAPPED
+    h.move(1)
+    with pytest.raises(RulesBroken, match=r"C-DIRTY-COMPLETE: slot 1 pages \[17\] lost"):
+        h.harvest(1)
+
+
+def test_a_page_a_fault_maps_is_young() -> None:
+    """A fault maps the page the guest's access needs, and the kernel creates the leaf
+    referenced: aging right after the fault finds the page young (C-AGING)."""
+    h = RadixHarness()
+    assert h.racing_fault(0, 1, 17, 1, "mprotect_rw") is Fault.MAPPED  # a no-op: no race
+    h.age(0, 1, 17, "test")
+    h.age(0, 1, 17, "clear_flush")
+    h.check()
+
+
+def test_a_fault_that_maps_a_leaf_unreferenced_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planted bug: the fault builds its leaf without R."""
+    create_pte = radix_pgtable.kvmppc_create_pte
+
+    def unreferenced(kvm: Kvm, pgt: RadixPgtable, pte: int, gpa: int, level: int) -> None:
+        create_pte(kvm, pgt, pte & ~_PAGE_ACCESSED, gpa, level)
+
+    monkeypatch.setattr(radix_fault, "kvmppc_create_pte", unreferenced)
+    h = RadixHarness()
+    assert h.racing_fault(0, 1, 17, 1, "mprotect_rw") is Fault.MAPPED
+    hva = h.hva(0, 1, 17)
+    with pytest.raises(RulesBroken, match=f"C-AGING: host page {hva:#x} used by the guest"):
+        h.age(0, 1, 17, "test")
 
 
 # -- the state machine ----------------------------------------------------------------------------
