@@ -67,6 +67,7 @@ _PPC = "tests/test_ppc_hpt.py::"
 _PPC_FAULT = "tests/test_ppc_fault.py::"
 _PPC_FUZZ = "tests/test_ppc_fuzz.py::"
 _RADIX = "tests/test_ppc_radix.py::"
+_ARM64_BLOCKS = "tests/test_arm64_blocks.py::"
 _X86_FAST = "tests/test_x86_fast_pf.py::"
 _X86_APIC = "tests/test_x86_apic_migration.py::"
 TDP_MMU = (
@@ -99,8 +100,23 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         AGING_CONTRACT,
         "the arm64 harness's aging expectations, after every action",
         _scenario(_ARM64_MMU, "test_an_ager_that_reports_every_page_idle_is_caught"),
+        "the POWER HPT harness's aging answers (kvmspec.fuzz.ppc_machine and fuzz_ppc.py:"
+        " clear_young judged strictly, since kvm_age_rmapp flushes; test_young after"
+        " H_CLEAR_REF moved R into the rmap; one page aged, the others stay young)",
+        _scenario(_PPC_FAULT, "test_aging_answers_for_the_pages_the_guest_used"),
+        _scenario(_PPC_FAULT, "test_wrong_aging_answers_are_caught"),
+        "the radix machine's aging answers (a fault that maps a page is the guest's use; the"
+        " contract's looseness from the notifier's invalidations)",
+        _scenario(_RADIX, "test_a_page_a_fault_maps_is_young"),
+        _scenario(_RADIX, "test_a_fault_that_maps_a_leaf_unreferenced_is_caught"),
     ),
-    "C-DIRTY-COMPLETE": (DIRTY_CONTRACT,),
+    "C-DIRTY-COMPLETE": (
+        DIRTY_CONTRACT,
+        "the radix machine's harvests: a page stored to before a MOVE is owed by the next"
+        " harvest (the bitmap moves with the slot)",
+        _scenario(_RADIX, "test_a_page_stored_to_before_a_move_is_reported_after_it"),
+        _scenario(_RADIX, "test_a_flush_that_folds_c_into_the_wrong_page_is_caught"),
+    ),
     "D5": (DIRTY_CONTRACT, f"scenario test `{_GENERIC_TESTS}test_d5_initially_set`"),
     "D11": (DIRTY_CONTRACT,),
     **{rule_id: (MONITOR,) for rule_id in CHECKED_RULES},
@@ -366,6 +382,11 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         STAGE2.format("check_table_refcounts, check_no_freed_table_reachable"),
         _scenario(_ARM64_WALKER, "test_table_refcounts_after_maps_and_unmaps") + " (Hypothesis:"
         " after every map and unmap)",
+        "UnlinkedTables of spec/invariants/arm64.py (the walker half), after every action of"
+        " the arm64 harness: no entry of a table is written after the table was unlinked,"
+        " outside a window of interleaved walkers",
+        _scenario(_ARM64_BLOCKS, "test_a_fault_maps_a_block_over_the_pages_mapped_while_logging"),
+        _scenario(_ARM64_BLOCKS, "test_a_walker_descending_into_the_table_it_unlinked_is_caught"),
     ),
     "A4": (
         STAGE2.format("check_leaves: block level and alignment"),
@@ -377,6 +398,17 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_ARM64_MMU, "test_a_slot_incongruent_or_without_a_whole_block_never_gets_one"),
         _scenario(_ARM64_MMU, "test_logging_maps_pages_and_blocks_come_back_when_it_stops"),
         _scenario(_ARM64_MMU, "test_a_fault_path_ignoring_the_slot_layout_is_caught"),
+        "device_block_size of spec/invariants/arm64.py (the device half), for every access"
+        " of the arm64 harness's device_block_access action (slot 3: device memory 1 GiB"
+        " aligned): the leaf a device fault installs",
+        _scenario(_ARM64_BLOCKS, "test_device_memory_is_mapped_with_the_largest_block_that_fits"),
+        _scenario(_ARM64_BLOCKS, "test_a_device_fault_mapping_a_smaller_block_is_caught"),
+        _scenario(
+            _ARM64_BLOCKS,
+            "test_finding_a_device_vma_starting_on_a_block_boundary_gets_a_block_past_its_end",
+        )
+        + ": a kernel finding (get_vma_page_shift's end test passes for any hva on a block"
+        " boundary)",
     ),
     "A5": (
         _scenario(_ARM64, "test_unmap_cleans_cacheable_memory_without_fwb") + ": counts the"
@@ -457,6 +489,16 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
             "test_kernel_finding_h_read_shows_the_r_that_h_clear_ref_cleared_on_an_absent_entry",
         )
         + ": a kernel finding (H_READ merges an absent entry's stale hardware R and C)",
+        "every hypercall of the POWER harness that reports R and C (H_READ, the removals,"
+        " H_CLEAR_REF and H_CLEAR_MOD): set only where the guest used that entry since"
+        " entering it; H_BULK_REMOVE's response words (type, code, the request's flags and"
+        " index, R and C in their field)",
+        _scenario(_PPC_FAULT, "test_r_and_c_are_only_the_guests_own"),
+        _scenario(_PPC_FAULT, "test_an_invalidation_that_makes_up_r_and_c_is_caught"),
+        _scenario(_PPC_FAULT, "test_a_bulk_remove_response_without_its_index_is_caught"),
+        _scenario(
+            _PPC_FAULT, "test_a_bulk_remove_that_misplaces_an_absent_entrys_r_and_c_is_caught"
+        ),
     ),
     "P5": (
         HPT.format("a valid HPTE maps the host's page at its gfn"),
@@ -485,6 +527,9 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
             _PPC_FAULT, "test_an_mmio_hpte_never_becomes_valid_and_its_cache_follows_mmio_update"
         ),
         _scenario(_PPC_FAULT, "test_an_mmio_cache_entry_the_hpt_no_longer_holds_is_caught"),
+        "every removal or change of an MMIO HPTE by the POWER harness: a vCPU cache entry"
+        " that answered for its address just before is void after it",
+        _scenario(_PPC_FAULT, "test_a_bulk_remove_of_an_mmio_entry_that_keeps_its_cache_is_caught"),
         _scenario(_PPC_FAULT, "test_kernel_finding_a_stale_mmio_cache_entry_emulates_ram_as_mmio")
         + ": a kernel finding (the cache outlives the MMIO entry it describes)",
     ),
