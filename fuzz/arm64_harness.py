@@ -47,6 +47,11 @@ after which a new VM starts.
 * a fault on the block-sized device memory maps the largest leaf the VMA and the slot
   allow (A4, :func:`~kvmspec.spec.invariants.arm64.device_block_size`).
 
+The class keeps one method per action (the decoders call them by name); the bodies of some
+live with their concept: :mod:`kvmspec.fuzz.arm64_blocks` the block mappings the ordinary
+actions rarely line up, :mod:`kvmspec.fuzz.arm64_interleave` the walkers and the hardware
+stepped at once.
+
 A harness may be told to let known kernel findings pass (``tolerated``): the machine and the
 fuzzer let :data:`KNOWN_KERNEL_FINDINGS` pass, so that they look for new problems; a harness
 built by a test reports everything.
@@ -57,7 +62,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from errno import EINVAL
 
-from kvmspec.fuzz import arm64_blocks
+from kvmspec.fuzz import arm64_blocks, arm64_interleave
 from kvmspec.fuzz.generic_harness import Log, RulesBroken
 from kvmspec.reference import kvm_main
 from kvmspec.reference.arm64.fault import (
@@ -67,14 +72,12 @@ from kvmspec.reference.arm64.fault import (
     guest_access,
     kvm_handle_guest_abort,
 )
-from kvmspec.reference.arm64.hw_access import GuestAccessResult
 from kvmspec.reference.arm64.hw_access import guest_access as hw_guest_access
 from kvmspec.reference.arm64.mmu import Arm64Mmu
-from kvmspec.reference.arm64.pgtable import EMPTY_MEMCACHE, KvmPgtableWalkFlags
+from kvmspec.reference.arm64.pgtable import EMPTY_MEMCACHE
 from kvmspec.reference.arm64.s2_mmu import Stage2Features
-from kvmspec.reference.arm64.stage2 import kvm_pgtable_stage2_test_clear_young
 from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
-from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
+from kvmspec.reference.concurrency import Preempt, run_to_completion
 from kvmspec.reference.dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
 from kvmspec.reference.host import LEVEL_PMD, PROT_READ, PROT_WRITE, Device, HostMm
 from kvmspec.reference.kvm import Kvm
@@ -102,7 +105,6 @@ from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
 PAGE = 4096
 HPAGE = 512 * PAGE
-SHARED = KvmPgtableWalkFlags.SHARED
 RW = PROT_READ | PROT_WRITE
 FLUSH_ALL = "S001-FLUSH-ALL"
 """Seed 001's "kvm_arch_flush_shadow_all emptied": after the notifier's release no stage-2
@@ -172,18 +174,6 @@ NOMINAL_GPA = {
 
 def _ignore(line: str) -> None:
     """The default log: say nothing."""
-
-
-def _advance(name: str, op: KernelOp[object]) -> tuple[bool, object]:
-    """One step of an actor of :meth:`Arm64Harness.interleave`: (True, its result) when it
-    finished, else (False, None). It may only be preempted, never wait: the faults hold
-    the read side of mmu_lock, a spinlock."""
-    try:
-        step = next(op)
-    except StopIteration as done:
-        return True, done.value
-    assert isinstance(step, Preempt), f"{name} waits in a spinlock section"
-    return False, None
 
 
 @dataclass(slots=True)
@@ -518,67 +508,9 @@ class Arm64Harness:
         self.guest_read(vcpu, slot_id, page, 0, "load")
 
     def interleave(self, order: tuple[int, ...], page: int, other: int, store: bool) -> None:
-        """Software walkers and the hardware on the THP slot at once, one step at a time:
-        vCPU 0 faults on ``page`` (a store or a load), vCPU 1 faults storing to ``other``,
-        vCPU 1's hardware stores to ``page`` + 8, and, with seed 001's lockless ager, the
-        whole slot is aged without mmu_lock. ``order`` names who runs next at each step
-        (modulo the actors left); when it runs out, the rest finish in turn. Faults hold
-        the read side of mmu_lock, so nothing that needs it for write runs among them."""
-        gpa, hva = self.address(THP_SLOT, page)
-        other_gpa, other_hva = self.address(THP_SLOT, other)
-        pgt = self.mmu.pgt
-        if hva is None or other_hva is None or pgt is None:
-            return
-        if self.expected(THP_SLOT, hva, "store") or self.expected(THP_SLOT, other_hva, "store"):
-            return
-        # The VMM touched both pages first: resolving them then needs no host invalidation,
-        # which would wait for mmu_lock while a fault holds its read side (the model's
-        # spinlock cannot wait, it reports a deadlock).
-        for touched in (hva, other_hva):
-            assert self.host.fault_in(touched, write=True)[0] == 0
-        actors: dict[str, KernelOp[object]] = {}
-        for name, vcpu, ipa, write in (("fault0", 0, gpa, store), ("fault1", 1, other_gpa, True)):
-            walk = run_to_completion(hw_guest_access(pgt, vcpu, ipa, write))
-            if walk.fault is not None:
-                abort = GuestAbort(ipa, walk.fault, walk.level, write)
-                vcpu_ = self.kvm.vcpus[vcpu]
-                actors[name] = kvm_handle_guest_abort(self.kvm, self.mmu, self.host, vcpu_, abort)
-        actors["hardware"] = hw_guest_access(pgt, 1, gpa + 8, True)
-        if self.mmu.lockless_aging:
-            view = self.views[THP_SLOT]
-            start, size = view.base_gfn * PAGE, view.npages * PAGE
-            actors["age"] = kvm_pgtable_stage2_test_clear_young(pgt, start, size, True, SHARED)
-            # It clears access flags and flushes nothing (A7): a TLB entry may outlive it.
-            self.aging.on_racing_clear(view.hva, view.hva + size)
-        results: dict[str, object] = {}
-        first = len(pgt.mm_ops.history.events)
-        for step in order:
-            if not actors:
-                break
-            names = sorted(actors)
-            name = names[step % len(names)]
-            finished, result = _advance(name, actors[name])
-            if finished:
-                results[name] = result
-                del actors[name]
-        for name in sorted(actors):  # the order ran out: each of the rest to its end
-            finished = False
-            while not finished:
-                finished, result = _advance(name, actors[name])
-            results[name] = result
-        self.concurrent.append((first, len(pgt.mm_ops.history.events)))
-        self.log(f"interleaved {order}: {results}")
-        hardware = results["hardware"]
-        assert isinstance(hardware, GuestAccessResult)
-        if hardware.pa is not None:
-            self.host.memory.write(hardware.pa // PAGE, hardware.pa % PAGE, b"\x77")
-            self.aging.on_guest_access(hva)
-            held = self.host_holds(hva + 8, 1)
-            self._expect(
-                "C-COHERENCE", held == b"\x77", f"hardware store at {gpa + 8:#x}: {held!r}"
-            )
-            if self.views[THP_SLOT].logging:
-                self.dirtied[THP_SLOT].add(page % SLOT_PAGES[THP_SLOT])
+        """Software walkers and the hardware on the THP slot at once, one step at a time, in
+        ``order`` (see :func:`~kvmspec.fuzz.arm64_interleave.interleave`)."""
+        arm64_interleave.interleave(self, THP_SLOT, order, page, other, store)
 
     def collapse_after_logging(self, vcpu: int, frame: int, byte: int) -> None:
         """A fault maps a block over a live table (see

@@ -8,9 +8,9 @@ Each input is decoded by :mod:`kvmspec.fuzz.x86_decoder` into a layout and at mo
 :data:`MAX_ACTIONS` actions, which a fresh harness of that layout
 (:mod:`kvmspec.fuzz.x86_harness`) applies on the default profile (the only x86 profile on
 the shadow MMU), checking every rule after each one; the known kernel findings pass
-(:data:`~kvmspec.fuzz.x86_harness.KNOWN_KERNEL_FINDINGS`). Actions the state does not allow are
-rejected by the decoder and skipped. A broken rule is a finding: the input is replayed with
-its log on, the report (the broken rules and each action with what the harness saw) is
+(:data:`~kvmspec.fuzz.x86_known_findings.KNOWN_KERNEL_FINDINGS`). Actions the state does not
+allow are rejected by the decoder and skipped. A broken rule is a finding: the input is
+replayed with its log on, the report (the broken rules and each action with what the harness saw) is
 printed and written to ``corpus/regressions/x86-<sha1 of the input>.txt`` next to the input
 itself (``.bin``, which ``./fuzz/fuzz_x86.py FILE`` replays), and a
 :class:`~kvmspec.fuzz.atheris_support.SpecViolation` naming the rules is raised for libFuzzer

@@ -30,26 +30,29 @@ PAPR says, H_BULK_REMOVE's response words included (``COHERENCE``), every page t
 stored to reported by the next harvest (P3), every page the guest used since its last aging
 reported young (C-AGING), and after a resize commit exactly the bolted entries, found again
 by their hash (P10).
+
+The class keeps one method per action (the decoders call them by name); three modules hold
+the bodies of those that are concepts of their own: :mod:`kvmspec.fuzz.ppc_hcalls` the
+hypercalls and what PAPR says each answers (the R and C the guest sees, H_BULK_REMOVE's
+response words, the MMIO cache after a removal), :mod:`kvmspec.fuzz.ppc_aging` the aging
+and its answers, :mod:`kvmspec.fuzz.ppc_resize` the HPT resize and P10. The races step
+their operations with :func:`~kvmspec.fuzz.scheduler.race`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from errno import EBUSY
 from typing import Any
 
+from kvmspec.fuzz import ppc_aging, ppc_hcalls, ppc_resize
 from kvmspec.fuzz.generic_harness import Log, RulesBroken
+from kvmspec.fuzz.ppc_hcalls import STALE_ABSENT_RC
+from kvmspec.fuzz.scheduler import SteppedOp, race
 from kvmspec.reference import kvm_main
-from kvmspec.reference.concurrency import Deadlock, KernelOp, WaitUntil, run_to_completion
+from kvmspec.reference.concurrency import KernelOp, run_to_completion
 from kvmspec.reference.host import PROT_READ, PROT_WRITE, HostMm
 from kvmspec.reference.kvm import Kvm
-from kvmspec.reference.mmu_notifier import (
-    KvmMmuNotifier,
-    kvm_mmu_notifier_clear_flush_young,
-    kvm_mmu_notifier_clear_young,
-    kvm_mmu_notifier_test_young,
-)
+from kvmspec.reference.mmu_notifier import KvmMmuNotifier
 from kvmspec.reference.ppc.fault import (
     DSISR_NOHPTE,
     DSISR_PROTFAULT,
@@ -62,28 +65,10 @@ from kvmspec.reference.ppc.fault import (
 from kvmspec.reference.ppc.hcalls import (
     H_ANDCOND,
     H_AVPN,
-    H_BULK_REMOVE_ANDCOND,
-    H_BULK_REMOVE_AVPN,
-    H_BULK_REMOVE_END,
-    H_BULK_REMOVE_NOT_FOUND,
-    H_BULK_REMOVE_PARM,
-    H_BULK_REMOVE_PTEX,
-    H_BULK_REMOVE_RC,
-    H_BULK_REMOVE_REQUEST,
-    H_BULK_REMOVE_RESPONSE,
-    H_BULK_REMOVE_SUCCESS,
     H_EXACT,
-    H_NOT_FOUND,
-    H_PARAMETER,
-    H_PTEG_FULL,
-    H_READ_4,
     H_SUCCESS,
     kvmppc_do_h_enter,
     kvmppc_do_h_remove,
-    kvmppc_h_bulk_remove,
-    kvmppc_h_clear_mod,
-    kvmppc_h_clear_ref,
-    kvmppc_h_protect,
     kvmppc_h_read,
 )
 from kvmspec.reference.ppc.hpt import HPTES_PER_GROUP, Segment, hpt_hash, hpte_encode_v
@@ -92,26 +77,17 @@ from kvmspec.reference.ppc.hpte import (
     HPTE_R_C,
     HPTE_R_M,
     HPTE_R_R,
-    HPTE_V_ABSENT,
     HPTE_V_BOLTED,
-    HPTE_V_LARGE,
     HPTE_V_SECONDARY,
     HPTE_V_VALID,
     PP_RWXX,
     PP_RXRX,
     hpte_is_writable,
-    is_mmio_hpte,
-)
-from kvmspec.reference.ppc.resize import (
-    kvm_vm_ioctl_resize_hpt_commit,
-    kvm_vm_ioctl_resize_hpt_prepare,
-    resize_hpt_prepare_work,
 )
 from kvmspec.spec.aging_contract import AgingContract
 from kvmspec.spec.invariants.ppc import (
     STALE_MMIO_CACHE,
     check_hpt,
-    check_hpt_resize,
     check_mmio_cache,
     hpt_guest_entries,
 )
@@ -142,9 +118,6 @@ SLOT1_PLACES: tuple[int | None, ...] = (None, RAM1_GFN, MOVED_GFN)
 """Where slot 1 may be: deleted, its first place, its second (MOVE)."""
 ORDERS = (18, 19, 20)
 RACE_STEPS = (0, 1, 2, 3)
-STALE_ABSENT_RC = "P4: H_READ and the removal disagree on the R and C of absent HPTE"
-"""How P4 violations of an absent entry's R and C begin (a kernel finding: see
-tests/test_ppc_fault.py)."""
 KNOWN_KERNEL_FINDINGS = (f"P7: {STALE_MMIO_CACHE}", STALE_ABSENT_RC)
 """Kernel behaviour the checks report and a fuzzing run may be told to let pass: the MMIO
 cache keeps entries the HPT no longer holds (tests/test_ppc_fault.py shows how), and H_READ
@@ -185,58 +158,6 @@ class Entered:
     ea: int
     v: int
     r: int
-
-
-class _Op:
-    """A kernel operation advanced one step at a time (for races inside one action)."""
-
-    def __init__(self, op: KernelOp[Any]) -> None:
-        self.op = op
-        self.done = False
-        self.result: Any = None
-        self.waiting: WaitUntil | None = None
-
-    def step(self) -> bool:
-        """Advance to the next yield; False if finished or asleep on a false condition."""
-        if self.done or (self.waiting is not None and not self.waiting.ready()):
-            return False
-        try:
-            point = self.op.send(None)
-        except StopIteration as finished:
-            self.done, self.result = True, finished.value
-            return True
-        self.waiting = point if isinstance(point, WaitUntil) else None
-        return True
-
-    def run(self) -> Any:
-        while not self.done:
-            if not self.step():
-                raise Deadlock(f"blocked forever at {self.waiting}")
-        return self.result
-
-
-def race(first: KernelOp[Any], steps: int, second: Callable[[], KernelOp[Any] | None]) -> Any:
-    """Run ``first`` for ``steps`` yields, then start ``second()`` and run both to their
-    ends, ``second`` until it ends or sleeps, then ``first`` whenever it can step, ``second``
-    whenever ``first`` sleeps. Returns ``first``'s result."""
-    a = _Op(first)
-    for _ in range(steps):
-        a.step()
-    started = second()
-    b = _Op(started) if started is not None else None
-    while b is not None and b.step():
-        pass
-    while not a.done or (b is not None and not b.done):
-        if a.step() or (b is not None and b.step()):
-            continue
-        raise Deadlock(f"both blocked: {a.waiting}, {b.waiting if b else None}")
-    return a.result
-
-
-def _bulk_rc(response: int) -> int:
-    """The R and C an H_BULK_REMOVE response word reports for its entry (bits 58 and 59,
-    the "r" word's R and C shifted up by 51)."""
-    return response >> (56 - 5) & (HPTE_R_R | HPTE_R_C)
 
 
 def ram_r(gfn: int, pp: int, ea: int) -> int:
@@ -309,6 +230,14 @@ class PpcHarness:
             return 1, gfn - base
         return None
 
+    def _group(self, ea: int) -> int:
+        return hpt_hash(self.mmu.hpt, SEGMENT, ea)
+
+    @property
+    def segment(self) -> Segment:
+        """The segment the guest translates its addresses through (:data:`SEGMENT`)."""
+        return SEGMENT
+
     def _expect(self, holds: bool, what: str) -> None:
         if not holds:
             self.found.append(f"COHERENCE: {what}")
@@ -333,20 +262,6 @@ class PpcHarness:
         flags = H_EXACT if exact >= 0 else 0
         return kvmppc_do_h_enter(self.kvm, self.host, flags, index, v, r), Entered(ea, v, r), index
 
-    def _entered(self, status: int, index: int, entry: Entered, asked: int, exact: bool) -> None:
-        group = asked // HPTES_PER_GROUP
-        candidates = [asked] if exact else [group * 8 + i for i in range(HPTES_PER_GROUP)]
-        free = [i for i in candidates if i not in self.entered]
-        if free:
-            self._expect(
-                (status, index) == (H_SUCCESS, free[0]),
-                f"H_ENTER at {asked:#x}: ({status}, {index:#x}), slot {free[0]:#x} was free",
-            )
-        else:
-            self._expect(status == H_PTEG_FULL, f"H_ENTER in a full group: {status}")
-        if status == H_SUCCESS:
-            self._record(index, entry)
-
     def _record(self, index: int, entry: Entered) -> None:
         """The guest entered ``entry`` at ``index``: a new entry, R and C clear."""
         self.entered[index] = entry
@@ -364,7 +279,7 @@ class PpcHarness:
         op, entry, asked = self.h_enter_op(ea, GFNS[gfn_i], writable, bolted, secondary, exact)
         status, index = run_to_completion(op)
         self.log(f"H_ENTER ea {ea:#x} -> gfn {GFNS[gfn_i]} at {asked:#x}: {status}, {index:#x}")
-        self._entered(status, index, entry, asked, exact >= 0)
+        ppc_hcalls.check_entered(self, status, index, entry, asked, exact >= 0)
 
     def h_enter_racing_dontneed(self, ea_i: int, gfn_i: int) -> None:
         """H_ENTER paused after reading the host PTE while the VMM drops the page (P5)."""
@@ -373,7 +288,7 @@ class PpcHarness:
             return
         op, entry, asked = self.h_enter_op(ea, gfn, True, False, False, -1)
         status, index = race(op, 1, lambda: self._dontneed_op(gfn))
-        self._entered(status, index, entry, asked, False)
+        ppc_hcalls.check_entered(self, status, index, entry, asked, False)
 
     def _dontneed_op(self, gfn: int) -> KernelOp[int] | None:
         place = self.slot_of(gfn)
@@ -384,263 +299,39 @@ class PpcHarness:
         return self.host.madvise_dontneed_op(hva, PAGE)
 
     def h_remove(self, ea_i: int, how: int) -> None:
-        """H_REMOVE of the guest's entry for EAS[ea_i] (or of a free slot of its group),
-        unconditionally, with H_AVPN naming its AVPN, or with H_ANDCOND on BOLTED."""
-        ea = EAS[ea_i]
-        index = self.index_of(ea)
-        target = index if index is not None else self._group(ea) * HPTES_PER_GROUP + 7
-        entry = self.entered.get(target)
-        argument = {0: 0, H_AVPN: entry.v & ~0x7F if entry else 0, H_ANDCOND: HPTE_V_BOLTED}
-        seen = self._rc_seen(target) if entry is not None else None
-        cached = self._mmio_cached(target, ea)
-        status, v, r = kvmppc_do_h_remove(self.kvm, how, target, argument[how])
-        self.log(f"H_REMOVE {target:#x} how {how:#x}: {status}")
-        if entry is None:
-            self._expect(status == H_NOT_FOUND, f"H_REMOVE of free {target:#x}: {status}")
-            return
-        if how == H_ANDCOND and entry.v & HPTE_V_BOLTED:
-            self._expect(status == H_NOT_FOUND, f"H_ANDCOND BOLTED removed {target:#x}")
-            return
-        self._expect(
-            status == H_SUCCESS
-            and v == entry.v | HPTE_V_VALID
-            and r & ~(HPTE_R_R | HPTE_R_C) == entry.r,
-            f"H_REMOVE {target:#x}: ({status}, {v:#x}, {r:#x}), the guest entered {entry}",
-        )
-        if status == H_SUCCESS and seen is not None:
-            self._check_removed_rc("H_REMOVE", target, seen, r & (HPTE_R_R | HPTE_R_C))
-        if status == H_SUCCESS:
-            self._check_mmio_cache_voided("H_REMOVE", target, ea, cached)
-        del self.entered[target]
-
-    def _group(self, ea: int) -> int:
-        return hpt_hash(self.mmu.hpt, SEGMENT, ea)
-
-    def _mmio_cached(self, index: int, ea: int) -> set[int]:
-        """If entry ``index`` (the guest's for ``ea``) is one KVM keeps for emulated MMIO
-        (absent, key 31): the vCPUs whose MMIO cache answers for ``ea`` now."""
-        if not is_mmio_hpte(self.mmu.hpt.v(index), self.mmu.hpt.r(index)):
-            return set()
-        return {
-            vcpu_id
-            for vcpu_id, vcpu in self.mmu.vcpu_arch.items()
-            if mmio_cache_search(vcpu, ea, SEGMENT, self.mmu.mmio_update) is not None
-        }
-
-    def _check_mmio_cache_voided(self, call: str, index: int, ea: int, cached: set[int]) -> None:
-        """P7: the guest removed or changed the MMIO entry ``index`` for ``ea``, which the
-        ``cached`` vCPUs' MMIO caches answered for: the kernel moves ``mmio_update`` on,
-        so none of them answers for ``ea`` any more. (An HPT resize starts the count
-        again, so an older cache entry may become current again: that is the known
-        finding of :data:`KNOWN_KERNEL_FINDINGS`, which check_mmio_cache reports.)
-
-        kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_do_h_remove,
-        kvmppc_h_bulk_remove, kvmppc_h_protect (v6.18)
-        """
-        for vcpu_id in sorted(cached):
-            vcpu = self.mmu.vcpu_arch[vcpu_id]
-            if mmio_cache_search(vcpu, ea, SEGMENT, self.mmu.mmio_update) is not None:
-                self.found.append(
-                    f"P7: {call} of MMIO HPTE {index:#x} left vCPU {vcpu_id}'s MMIO cache "
-                    f"entry for ea {ea:#x} current"
-                )
-
-    def _unearned_rc(self, call: str, index: int, rc: int) -> str | None:
-        """P4: the R and C the guest is shown for its entry at ``index`` are the hardware's,
-        set by the guest's own accesses (R) and stores (C) through that entry since it was
-        entered; KVM only ever moves them between the hardware word, the guest's view and
-        its rmap, never makes them up.
-
-        kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_h_read, kvmppc_do_h_remove;
-        arch/powerpc/kvm/book3s_64_mmu_hv.c:kvmppc_unmap_hpte (v6.18)
-        """
-        ea = self.entered[index].ea
-        earned = (HPTE_R_R if ea in self.referenced else 0) | (HPTE_R_C if ea in self.stored else 0)
-        if not rc & ~earned:
-            return None
-        did = "stored to" if earned & HPTE_R_C else "loaded from" if earned else "entered"
-        return f"P4: {call} of HPTE {index:#x} shows R/C {rc:#x}, the guest only {did} ea {ea:#x}"
-
-    def _check_rc_earned(self, call: str, index: int, rc: int) -> None:
-        unearned = self._unearned_rc(call, index, rc)
-        if unearned is not None:
-            self.found.append(unearned)
-
-    def _rc_seen(self, index: int) -> tuple[int, bool]:
-        """The R and C the guest reads for entry ``index`` now (H_READ), and whether the
-        entry is absent (no hardware can add to them before a removal)."""
-        rc = HPTE_R_R | HPTE_R_C
-        absent = bool(self.mmu.hpt.v(index) & HPTE_V_ABSENT)
-        return kvmppc_h_read(self.kvm, 0, index)[1][0][1] & rc, absent
-
-    def _check_removed_rc(self, call: str, index: int, seen: tuple[int, bool], rc: int) -> None:
-        """P4: a removal reports the entry's R and C as the guest's view has them. The
-        hardware may still set bits up to the tlbie (P3), so for a valid entry the report
-        holds at least those the guest read (H_READ) just before. For an absent entry no
-        hardware can add any, so the two must agree; in v6.18 they need not (a known
-        kernel finding, :data:`STALE_ABSENT_RC`). And never any the guest did not earn."""
-        self._check_rc_earned(call, index, rc)
-        seen_rc, absent = seen
-        if absent and rc != seen_rc:
-            self.found.append(
-                f"{STALE_ABSENT_RC} {index:#x}: H_READ showed {seen_rc:#x}, {call} reported {rc:#x}"
-            )
-        elif rc & seen_rc != seen_rc:
-            self.found.append(
-                f"P4: {call} of HPTE {index:#x} reported R/C {rc:#x}, losing some of the "
-                f"{seen_rc:#x} the guest read just before"
-            )
+        """H_REMOVE of the guest's entry for EAS[ea_i], with condition ``how`` (see
+        :func:`~kvmspec.fuzz.ppc_hcalls.h_remove`)."""
+        ppc_hcalls.h_remove(self, EAS[ea_i], how)
 
     def h_bulk_remove(self, ea_is: tuple[int, ...]) -> None:
-        """H_BULK_REMOVE of up to four of the guest's entries (absolute requests)."""
-        picked = []
-        for ea_i in ea_is[:4]:
-            index = self.index_of(EAS[ea_i])
-            if index is not None and index not in picked:
-                picked.append(index)
-        args = []
-        for index in picked:
-            args += [H_BULK_REMOVE_REQUEST | index, 0]
-        args += [H_BULK_REMOVE_END, 0] * (4 - len(picked))
-        seen = [self._rc_seen(index) for index in picked]
-        cached = [self._mmio_cached(index, self.entered[index].ea) for index in picked]
-        status, out = kvmppc_h_bulk_remove(self.kvm, args)
-        self._expect(status == H_SUCCESS, f"H_BULK_REMOVE of {picked}: {status}")
-        for n, index in enumerate(picked):
-            self._check_bulk_response(args[2 * n], out[2 * n], H_BULK_REMOVE_SUCCESS)
-            self._check_removed_rc("H_BULK_REMOVE", index, seen[n], _bulk_rc(out[2 * n]))
-            ea = self.entered[index].ea
-            self._check_mmio_cache_voided("H_BULK_REMOVE", index, ea, cached[n])
-            del self.entered[index]
-
-    def _check_bulk_response(self, request: int, response: int, code: int) -> None:
-        """An H_BULK_REMOVE request is answered in place by a response word (type 2) with
-        its completion ``code``, the request's condition flags and entry index echoed, and
-        for a removal the entry's R and C in their own field; nothing else.
-
-        kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_h_bulk_remove;
-        arch/powerpc/include/asm/hvcall.h (v6.18)
-        """
-        echoed = request & (H_BULK_REMOVE_ANDCOND | H_BULK_REMOVE_AVPN | H_BULK_REMOVE_PTEX)
-        expected = H_BULK_REMOVE_RESPONSE | code | echoed
-        rc_field = H_BULK_REMOVE_RC if code == H_BULK_REMOVE_SUCCESS else 0
-        self._expect(
-            response & ~rc_field == expected,
-            f"H_BULK_REMOVE answered request {request:#x} with {response:#x}, not "
-            f"{expected:#x}{' and R/C' if rc_field else ''}",
-        )
+        """H_BULK_REMOVE of up to four of the guest's entries (absolute requests: see
+        :func:`~kvmspec.fuzz.ppc_hcalls.h_bulk_remove`)."""
+        ppc_hcalls.h_bulk_remove(self, tuple(EAS[ea_i] for ea_i in ea_is[:4]))
 
     def h_bulk_remove_cond(self, ea_i: int, how: int) -> None:
-        """H_BULK_REMOVE of one request, for the guest's entry for EAS[ea_i] (or a free slot
-        of its group), with H_REMOVE's condition ``how`` as a bulk condition (absolute,
-        AVPN naming its AVPN, ANDCOND on BOLTED): found exactly when that H_REMOVE would
-        remove it."""
-        ea = EAS[ea_i]
-        index = self.index_of(ea)
-        target = index if index is not None else self._group(ea) * HPTES_PER_GROUP + 7
-        entry = self.entered.get(target)
-        condition = {0: 0, H_AVPN: H_BULK_REMOVE_AVPN, H_ANDCOND: H_BULK_REMOVE_ANDCOND}[how]
-        argument = {0: 0, H_AVPN: entry.v & ~0x7F if entry else 0, H_ANDCOND: HPTE_V_BOLTED}
-        request = H_BULK_REMOVE_REQUEST | condition | target
-        seen = self._rc_seen(target) if entry is not None else None
-        cached = self._mmio_cached(target, ea)
-        status, out = kvmppc_h_bulk_remove(
-            self.kvm, [request, argument[how]] + [H_BULK_REMOVE_END, 0] * 3
-        )
-        found = not out[0] & H_BULK_REMOVE_NOT_FOUND
-        self.log(f"H_BULK_REMOVE {target:#x} how {how:#x}: {status}, {out[0]:#x}")
-        removes = entry is not None and not (how == H_ANDCOND and entry.v & HPTE_V_BOLTED)
-        self._expect(
-            status == H_SUCCESS and found == removes,
-            f"H_BULK_REMOVE {target:#x} how {how:#x}: {out[0]:#x}, the guest entered {entry}",
-        )
-        code = H_BULK_REMOVE_SUCCESS if removes else H_BULK_REMOVE_NOT_FOUND
-        self._check_bulk_response(request, out[0], code)
-        if removes and seen is not None and found:
-            self._check_removed_rc("H_BULK_REMOVE", target, seen, _bulk_rc(out[0]))
-            self._check_mmio_cache_voided("H_BULK_REMOVE", target, ea, cached)
-        if removes:
-            del self.entered[target]
+        """H_BULK_REMOVE of one request, for the guest's entry for EAS[ea_i], with H_REMOVE's
+        condition ``how`` (see :func:`~kvmspec.fuzz.ppc_hcalls.h_bulk_remove_cond`)."""
+        ppc_hcalls.h_bulk_remove_cond(self, EAS[ea_i], how)
 
     def h_protect(self, ea_i: int, writable: bool) -> None:
-        """H_PROTECT of the guest's entry for EAS[ea_i] to read-write or read-only. A valid
-        read-only entry stays read-only in hardware (P8); a changed MMIO entry is cached by
-        no vCPU any more (P7)."""
-        index = self.index_of(EAS[ea_i])
-        if index is None:
-            return
-        hpt = self.mmu.hpt
-        was_ro = hpt.v(index) & HPTE_V_VALID and not hpte_is_writable(hpt.r(index))
-        cached = self._mmio_cached(index, EAS[ea_i])
-        pp = PP_RWXX if writable else PP_RXRX
-        status = kvmppc_h_protect(self.kvm, pp, index, 0)
-        self._expect(status == H_SUCCESS, f"H_PROTECT {index:#x}: {status}")
-        if status == H_SUCCESS:
-            self._check_mmio_cache_voided("H_PROTECT", index, EAS[ea_i], cached)
-        entry = self.entered[index]
-        self.entered[index] = Entered(entry.ea, entry.v, (entry.r & ~3) | pp)
-        if was_ro and hpt.v(index) & HPTE_V_VALID and hpte_is_writable(hpt.r(index)):
-            self.found.append(f"P8: H_PROTECT made valid read-only HPTE {index:#x} writable")
+        """H_PROTECT of the guest's entry for EAS[ea_i] to read-write or read-only (see
+        :func:`~kvmspec.fuzz.ppc_hcalls.h_protect`)."""
+        ppc_hcalls.h_protect(self, EAS[ea_i], writable)
 
     def h_read(self, ea_i: int, four: bool) -> None:
         """H_READ of the guest's entry for EAS[ea_i] (of its quad with H_READ_4)."""
-        index = self.index_of(EAS[ea_i])
-        target = index if index is not None else self._group(EAS[ea_i]) * HPTES_PER_GROUP
-        status, entries = kvmppc_h_read(self.kvm, H_READ_4 if four else 0, target)
-        self._expect(status == H_SUCCESS and len(entries) == (4 if four else 1), "H_READ")
+        ppc_hcalls.h_read(self, EAS[ea_i], four)
 
     def h_clear_ref_or_mod(self, ea_i: int, mod: bool) -> None:
         """H_CLEAR_MOD or H_CLEAR_REF of the guest's entry for EAS[ea_i]."""
-        index = self.index_of(EAS[ea_i])
-        if index is None:
-            return
-        clear = kvmppc_h_clear_mod if mod else kvmppc_h_clear_ref
-        status, gr = clear(self.kvm, 0, index)
-        call = f"H_CLEAR_{'MOD' if mod else 'REF'}"
-        self._expect(
-            status == H_SUCCESS and gr & ~(HPTE_R_R | HPTE_R_C) == self.entered[index].r,
-            f"{call} {index:#x}: ({status}, {gr:#x})",
-        )
-        self._check_rc_earned(call, index, gr & (HPTE_R_R | HPTE_R_C))
+        ppc_hcalls.h_clear_ref_or_mod(self, EAS[ea_i], mod)
 
     def h_invalid(self, call: str) -> None:
-        """One of :data:`INVALID_HCALLS`: H_PARAMETER, and the HPT (every entry and the
-        guest's view of it) exactly as it was."""
-        hpt = self.mmu.hpt
-        before = self._hpt_snapshot()
-        past = hpt.npte
-        ea, gfn = EAS[0], GFNS[0]
-        v, r = hpte_encode_v(SEGMENT, ea), ram_r(gfn, PP_RWXX, ea)
-        group = self._group(ea) * HPTES_PER_GROUP
-        status: int
-        if call.startswith("enter"):
-            if call == "enter_page_size":
-                v, r = v | HPTE_V_LARGE, r | 0xF << 12  # LP 0xF: no such size
-            elif call == "enter_16m_page":
-                v, r = v | HPTE_V_LARGE, r & ~0xFF000  # LP 0: 16 MiB
-            index = past if call == "enter_index" else group
-            status, _ = run_to_completion(kvmppc_do_h_enter(self.kvm, self.host, 0, index, v, r))
-        elif call.startswith("bulk"):
-            request = H_BULK_REMOVE_REQUEST | past if call == "bulk_index" else 2 << 62
-            status, out = kvmppc_h_bulk_remove(self.kvm, [request, 0] + [H_BULK_REMOVE_END, 0] * 3)
-            self._check_bulk_response(request, out[0], H_BULK_REMOVE_PARM)
-        elif call == "remove_index":
-            status = kvmppc_do_h_remove(self.kvm, 0, past, 0)[0]
-        elif call == "protect_index":
-            status = kvmppc_h_protect(self.kvm, PP_RWXX, past, 0)
-        elif call == "read_index":
-            status = kvmppc_h_read(self.kvm, 0, past)[0]
-        else:
-            clear = kvmppc_h_clear_mod if call == "clear_mod_index" else kvmppc_h_clear_ref
-            status = clear(self.kvm, 0, past)[0]
-        self.log(f"{call}: {status}")
-        self._expect(status == H_PARAMETER, f"{call}: {status}, not H_PARAMETER")
-        self._expect(self._hpt_snapshot() == before, f"{call} changed the HPT")
-
-    def _hpt_snapshot(self) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
-        hpt = self.mmu.hpt
-        entries = {index: (hpt.v(index), hpt.r(index)) for index in sorted(hpt.hptes)}
-        return entries, {index: rev.guest_rpte for index, rev in sorted(hpt.rev.items())}
+        """One of :data:`INVALID_HCALLS`, its words those of a valid entry for EAS[0] to
+        GFNS[0] (see :func:`~kvmspec.fuzz.ppc_hcalls.h_invalid`)."""
+        ea = EAS[0]
+        v, r = hpte_encode_v(SEGMENT, ea), ram_r(GFNS[0], PP_RWXX, ea)
+        ppc_hcalls.h_invalid(self, call, v, r, self._group(ea) * HPTES_PER_GROUP)
 
     # -- guest accesses -----------------------------------------------------------------------
 
@@ -728,7 +419,7 @@ class PpcHarness:
                 return self._slot1_op(None)
             self.resize_prepare(20)
             self.resize_work()
-            return self._resize_op(20)
+            return ppc_resize.commit_op(self, 20)
 
         access = race(access_op, steps, start)
         self.log(f"racing {racer} after {steps} steps: {access}")
@@ -772,47 +463,14 @@ class PpcHarness:
         self.readonly.discard(hva)
 
     def host_ages(self, slot: int) -> None:
-        """The host ages the whole of one slot's memory with clear_young (C-AGING: one
-        answer for the range, young if any page was used), then tests its first page."""
-        hva = self.hvas[slot]
-        young = kvm_mmu_notifier_clear_young(self.kvm, hva, hva + SLOT_PAGES * PAGE)
-        self._judge_aging(hva, SLOT_PAGES, young)
-        assert self.host.notifier is not None
-        self.host.notifier.test_young(hva)
+        """The host ages the whole of one slot's memory with clear_young, then tests its first
+        page (see :func:`~kvmspec.fuzz.ppc_aging.host_ages`)."""
+        ppc_aging.host_ages(self, self.hvas[slot], SLOT_PAGES)
 
     def host_ages_page(self, slot: int, page: int, how: str) -> None:
         """Reclaim asks about one page of a slot, as ``how`` (one of :data:`AGINGS`) says
-        (C-AGING). An aging clears the accessed state of that page only: test_young, which
-        clears nothing, still finds every other page the guest used young."""
-        hva = self.hvas[slot] + page * PAGE
-        if how == "test":
-            self._judge_test_young(hva, kvm_mmu_notifier_test_young(self.kvm, hva))
-            return
-        age = kvm_mmu_notifier_clear_young if how == "clear" else kvm_mmu_notifier_clear_flush_young
-        self._judge_aging(hva, 1, age(self.kvm, hva, hva + PAGE))
-        for other in sorted(self.aging.guest_used):
-            self._judge_test_young(other, kvm_mmu_notifier_test_young(self.kvm, other))
-
-    def _judge_aging(self, hva: int, pages: int, young: bool) -> None:
-        """C-AGING for an aging of ``pages`` host pages from ``hva`` that answered ``young``.
-        On an HPT guest the aging is exact, flush or not: kvm_age_rmapp clears each R with
-        kvmppc_clear_ref_hpte, whose tlbie makes the next access set R again.
-
-        kernel: arch/powerpc/kvm/book3s_64_mmu_hv.c:kvm_age_rmapp;
-        arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_clear_ref_hpte (v6.18)
-        """
-        for page in range(pages):
-            self.found += map(str, self.aging.on_age(hva + page * PAGE, True, young))
-
-    def _judge_test_young(self, hva: int, young: bool) -> None:
-        """C-AGING for test_young, which clears nothing: a page the guest used since its
-        last aging is young.
-
-        kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_test_young;
-        arch/powerpc/kvm/book3s_64_mmu_hv.c:kvm_test_age_rmapp (v6.18)
-        """
-        if not young and hva in self.aging.guest_used:
-            self.found.append(f"C-AGING: host page {hva:#x} used by the guest, tested idle")
+        (see :func:`~kvmspec.fuzz.ppc_aging.host_ages_page`)."""
+        ppc_aging.host_ages_page(self, self.hvas[slot] + page * PAGE, how)
 
     # -- the VMM: memslots, dirty log, resize ---------------------------------------------------
 
@@ -871,63 +529,16 @@ class PpcHarness:
         self.written.clear()
 
     def resize_prepare(self, order: int) -> None:
-        ret = kvm_vm_ioctl_resize_hpt_prepare(self.kvm, 0, order)
-        self.log(f"RESIZE_HPT_PREPARE {order}: {ret}")
+        """KVM_PPC_RESIZE_HPT_PREPARE (see :mod:`kvmspec.fuzz.ppc_resize`)."""
+        ppc_resize.prepare(self, order)
 
     def resize_work(self) -> None:
         """The prepare work item runs (allocates the new table)."""
-        resize = self.mmu.resize_hpt
-        if resize is not None and resize.error == -EBUSY and resize.hpt is None:
-            resize_hpt_prepare_work(self.kvm, resize)
-
-    def _resize_op(self, order: int) -> KernelOp[int]:
-        before = hpt_guest_entries(self.mmu)
-        before_order = self.mmu.hpt.order
-        commit = kvm_vm_ioctl_resize_hpt_commit(self.kvm, 0, order)
-
-        def checked() -> KernelOp[int]:
-            ret = yield from commit
-            self.log(f"RESIZE_HPT_COMMIT {order}: {ret}")
-            self.found += [
-                str(v)
-                for v in check_hpt_resize(before, before_order, order, ret, self.kvm, self.mmu)
-            ]
-            if ret == 0:
-                self._rehashed()
-            return ret
-
-        return checked()
+        ppc_resize.work(self)
 
     def resize_commit(self, order: int) -> None:
-        run_to_completion(self._resize_op(order))
-
-    def _rehashed(self) -> None:
-        """After a resize: only the bolted entries remain, each where its hash leads (P10)."""
-        kept = {}
-        for entry in self.entered.values():
-            if not entry.v & HPTE_V_BOLTED:
-                continue
-            index = self._find(entry)
-            if index is None:
-                self.found.append(f"P10: bolted entry for ea {entry.ea:#x} not at its hash")
-            else:
-                kept[index] = entry
-        self.entered = kept
-
-    def _find(self, entry: Entered) -> int | None:
-        """Where the table holds ``entry`` (its group, primary or secondary as it says)."""
-        hpt = self.mmu.hpt
-        group = hpt_hash(hpt, SEGMENT, entry.ea)
-        if entry.v & HPTE_V_SECONDARY:
-            group ^= hpt.mask
-        for index in range(group * HPTES_PER_GROUP, (group + 1) * HPTES_PER_GROUP):
-            v = hpt.v(index)
-            if (
-                v & (HPTE_V_VALID | HPTE_V_ABSENT)
-                and v & ~(HPTE_V_ABSENT | HPTE_V_VALID) == entry.v
-            ):
-                return index
-        return None
+        """KVM_PPC_RESIZE_HPT_COMMIT, then P10 (see :func:`~kvmspec.fuzz.ppc_resize.commit_op`)."""
+        run_to_completion(ppc_resize.commit_op(self, order))
 
     # -- seed 000 -------------------------------------------------------------------------------
 
@@ -940,7 +551,7 @@ class PpcHarness:
         where = None if not move else (MOVED_GFN if self.slot1_gfn == RAM1_GFN else RAM1_GFN)
         op = self._slot1_op(where)
         assert op is not None
-        update = _Op(op)
+        update = SteppedOp(op)
         while not update.done:
             slot = self.kvm.memslots(0).id_to_memslot(1)
             if slot is not None and slot.invalid:
@@ -976,7 +587,7 @@ class PpcHarness:
             v, r = view if view is not None else kvmppc_h_read(self.kvm, 0, index)[1][0]
             if v != entry.v | HPTE_V_VALID or r & ~(HPTE_R_R | HPTE_R_C) != entry.r:
                 found.append(f"P4: H_READ {index:#x} gives ({v:#x}, {r:#x}), entered {entry}")
-            unearned = self._unearned_rc("H_READ", index, r & (HPTE_R_R | HPTE_R_C))
+            unearned = ppc_hcalls.unearned_rc(self, "H_READ", index, r & (HPTE_R_R | HPTE_R_C))
             found += [unearned] if unearned is not None else []
         return found
 

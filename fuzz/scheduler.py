@@ -5,6 +5,10 @@ Each racy kernel path in the reference is a generator that yields where another 
 the operations that have started and not finished, runs the step a state machine chooses,
 and records the schedule so a failure prints which actor ran which step. No runnable actor
 while some are in flight is a deadlock, and a finding.
+
+For a race inside one action, :func:`race` steps two operations in a fixed pattern: the
+first paused after some steps, the second run while it is (the POWER harness's races of a
+hypercall or an access with a host invalidation, a hypercall, a slot deletion or a resize).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmspec.reference.concurrency import KernelOp, Preempt, WaitUntil, Yielded
+from kvmspec.reference.concurrency import Deadlock, KernelOp, Preempt, WaitUntil, Yielded
 
 
 class DeadlockFound(AssertionError):
@@ -70,3 +74,50 @@ class Scheduler:
             return
         point = actor.pending.point if isinstance(actor.pending, Preempt | WaitUntil) else "?"
         self.schedule.append(f"{actor.name}: {point}")
+
+
+class SteppedOp:
+    """A kernel operation advanced one step at a time, for a race inside one action (the
+    POWER harness's: see :func:`race`)."""
+
+    def __init__(self, op: KernelOp[Any]) -> None:
+        self.op = op
+        self.done = False
+        self.result: Any = None
+        self.waiting: WaitUntil | None = None
+
+    def step(self) -> bool:
+        """Advance to the next yield; False if finished or asleep on a false condition."""
+        if self.done or (self.waiting is not None and not self.waiting.ready()):
+            return False
+        try:
+            point = self.op.send(None)
+        except StopIteration as finished:
+            self.done, self.result = True, finished.value
+            return True
+        self.waiting = point if isinstance(point, WaitUntil) else None
+        return True
+
+    def run(self) -> Any:
+        while not self.done:
+            if not self.step():
+                raise Deadlock(f"blocked forever at {self.waiting}")
+        return self.result
+
+
+def race(first: KernelOp[Any], steps: int, second: Callable[[], KernelOp[Any] | None]) -> Any:
+    """Run ``first`` for ``steps`` yields, then start ``second()`` and run both to their
+    ends, ``second`` until it ends or sleeps, then ``first`` whenever it can step, ``second``
+    whenever ``first`` sleeps. Returns ``first``'s result."""
+    a = SteppedOp(first)
+    for _ in range(steps):
+        a.step()
+    started = second()
+    b = SteppedOp(started) if started is not None else None
+    while b is not None and b.step():
+        pass
+    while not a.done or (b is not None and not b.done):
+        if a.step() or (b is not None and b.step()):
+            continue
+        raise Deadlock(f"both blocked: {a.waiting}, {b.waiting if b else None}")
+    return a.result

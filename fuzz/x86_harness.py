@@ -42,7 +42,9 @@ a PTE rewrite, the vCPU may also use the entry's older values until it flushes t
 (INVLPG) or its whole TLB (a CR3 load), as a real TLB may. A guest access that faults
 without end fails the model's own assertion (S002-LARGE-SPTE-PROGRESS), which drivers
 report as a finding. The fuzzers' harnesses let the known kernel findings pass
-(:data:`KNOWN_KERNEL_FINDINGS`); a harness built by a test reports everything.
+(:data:`~kvmspec.fuzz.x86_known_findings.KNOWN_KERNEL_FINDINGS`: exactly what each covers is
+:class:`~kvmspec.fuzz.x86_known_findings.KnownFindings`, which the harness holds for each VM
+it starts); a harness built by a test reports everything.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from kvmspec.fuzz.generic_harness import Log, RulesBroken
+from kvmspec.fuzz.x86_known_findings import KnownFindings
 from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.guest_memory import MmioExit, kvm_read_guest_atomic
@@ -70,12 +73,6 @@ from kvmspec.reference.x86.guest_access import (
 )
 from kvmspec.reference.x86.guest_walk import gpte_access, protect_clean_gpte
 from kvmspec.reference.x86.lpage import kvm_pages_per_hpage
-from kvmspec.reference.x86.mmio_spte import (
-    check_mmio_spte,
-    get_mmio_spte,
-    get_mmio_spte_gfn,
-    is_mmio_spte,
-)
 from kvmspec.reference.x86.mmu_page import (
     SptePtr,
     is_obsolete_sp,
@@ -101,8 +98,6 @@ from kvmspec.reference.x86.spte import (
 from kvmspec.spec.invariants.x86 import (
     check_released,
     check_shadow_mmu,
-    mmio_spte_name,
-    trusted_mmio_spte,
 )
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.constants import (
@@ -135,21 +130,6 @@ class GuestMapping(NamedTuple):
 PTE = P | W | U | A | D
 MMIO_CACHING_MASKS = kvm_mmu_reset_all_pte_masks(48)
 """This machine's legacy SPTE format with the kvm module's mmio_caching on."""
-SYNCED_STALE_MMIO = "a sync remade a stale MMIO SPTE in the current generation"
-"""A kernel finding (tests/test_x86_shadow_mmu.py,
-test_finding_a_sync_gives_a_stale_mmio_spte_the_current_generation): an MMIO SPTE in an
-unsync page outlives the creation of a slot over its gfn, stale as it should be, but the
-guest's next flush of it (INVLPG, or a CR3 load that syncs the whole page) runs
-FNAME(sync_spte), which remakes the SPTE in the current generation when the guest PTE still
-names that gfn. X11 then reports the SPTE as trusted over the slot, and the guest's accesses
-through it exit to the VMM as MMIO instead of reaching the slot's memory (COHERENCE). Let
-pass, exactly that SPTE passes both: one that was stale in an unsync page at the last check
-and is now, in the same place and for the same gfn, trusted, for as long as it stays a
-trusted MMIO SPTE of that gfn (a later sync may remake it with the guest PTE's new rights)."""
-KNOWN_KERNEL_FINDINGS = (SYNCED_STALE_MMIO,)
-"""Kernel behaviour the checks report and a fuzzing run lets pass (the x86 state machine and
-fuzz_x86.py, through :func:`~kvmspec.fuzz.x86_layouts.make_harness`), so that it looks for
-new problems."""
 APIC_RELOAD = "S004-APIC-ACCESS-RELOAD"
 """The one rule that no longer applies once the VMM has exited (:meth:`ShadowHarness.release`)."""
 
@@ -243,8 +223,8 @@ class ShadowHarness:
     """One VM on the shadow MMU with the VMM's memory, two slots and two vCPUs (the
     ``shadow`` layout, or ``mmio`` with ``mmio_caching``); ``log`` receives one line per
     access worth reading in a report. The known kernel findings named in ``tolerated`` (of
-    :data:`KNOWN_KERNEL_FINDINGS`) pass :meth:`check`; a harness built by a test reports
-    everything."""
+    :data:`~kvmspec.fuzz.x86_known_findings.KNOWN_KERNEL_FINDINGS`) pass :meth:`check`, as
+    :attr:`known_findings` says; a harness built by a test reports everything."""
 
     def __init__(
         self,
@@ -296,10 +276,7 @@ class ShadowHarness:
         # vCPU -> data page -> the gfns (None: not present) its PTE held since the vCPU
         # last flushed that page: translations the vCPU may still use.
         self.stale: dict[int, dict[int, set[GuestMapping]]] = {vcpu: {} for vcpu in VCPUS}
-        # SYNCED_STALE_MMIO: the stale MMIO SPTEs of unsync pages at the last check (what a
-        # sync may remake), and the SPTEs a sync had remade then, with their gfns.
-        self.unsync_stale_mmio: dict[SptePtr, int] = {}
-        self.synced_stale_mmio: dict[SptePtr, int] = {}
+        self.known_findings = KnownFindings(self.kvm, self.mmu, self.tolerated)
 
     # -- the VMM and the guest, as scenarios use them --------------------------------------------
 
@@ -330,65 +307,6 @@ class ShadowHarness:
             *(str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)),
             *leaves_follow_guest_ptes(self.kvm, self.mmu, self.host),
         ]
-
-    # -- the known kernel findings ---------------------------------------------------------------
-
-    def _unsync_stale_mmio(self) -> dict[SptePtr, int]:
-        """Where the MMIO SPTEs of unsync pages that cannot be trusted now are, with their
-        gfns: the SPTEs a sync may remake (:data:`SYNCED_STALE_MMIO`), if this harness lets
-        that pass (else none)."""
-        if SYNCED_STALE_MMIO not in self.tolerated:
-            return {}
-        generation = self.kvm.memslots(0).generation
-        masks = self.mmu.masks
-        return {
-            SptePtr(sp, index): get_mmio_spte_gfn(masks, spte)
-            for sp in self.mmu.sp_by_pfn.values()
-            if sp.unsync
-            for index, spte in sp.spt.items()
-            if is_mmio_spte(masks, spte) and not check_mmio_spte(generation, spte)
-        }
-
-    def synced_stale_mmio_sptes(self) -> dict[SptePtr, int]:
-        """The MMIO SPTEs that show :data:`SYNCED_STALE_MMIO` now, if this harness lets it
-        pass (else none), by where they are: each was stale in an unsync page at the last
-        check, or showed the finding then, and is now, in the same place and for the same
-        gfn, a trusted MMIO SPTE (the guest's flush synced it, again perhaps, with the guest
-        PTE's current rights: no fault makes an MMIO SPTE for a gfn a slot holds)."""
-        if SYNCED_STALE_MMIO not in self.tolerated:
-            return {}
-        generation = self.kvm.memslots(0).generation
-        masks = self.mmu.masks
-        remade = {}
-        for sptep, gfn in {**self.unsync_stale_mmio, **self.synced_stale_mmio}.items():
-            spte = sptep.get()
-            if (
-                is_mmio_spte(masks, spte)
-                and get_mmio_spte_gfn(masks, spte) == gfn
-                and check_mmio_spte(generation, spte)
-            ):
-                remade[sptep] = spte
-        return remade
-
-    def _synced_stale_mmio_gfn(self, vcpu: int, gva: int) -> int | None:
-        """The gfn of the SPTE that shows :data:`SYNCED_STALE_MMIO` where vCPU ``vcpu``'s
-        shadow walk of ``gva`` ends, if it ends at one (else None): an access there exits
-        to the VMM although a slot holds the gfn."""
-        root = self.mmu.vcpu_mmu(vcpu).root.sp
-        if root is None:
-            return None
-        spte = get_mmio_spte(self.mmu, root, gva)
-        if spte not in self.synced_stale_mmio_sptes().values():
-            return None
-        return get_mmio_spte_gfn(self.mmu.masks, spte)
-
-    def _unexplained(self, lines: list[str]) -> list[str]:
-        """``lines`` but the X11 reports of the SPTEs that show :data:`SYNCED_STALE_MMIO`."""
-        known = tuple(
-            f"X11: {trusted_mmio_spte(mmio_spte_name(self.mmu, sptep, spte))} "
-            for sptep, spte in self.synced_stale_mmio_sptes().items()
-        )
-        return [line for line in lines if not line.startswith(known)]
 
     # -- what the guest's tables and the slots say an access must do ----------------------------
 
@@ -501,10 +419,10 @@ class ShadowHarness:
         """vCPU ``vcpu``'s load at ``gva`` must have gone through one of ``mappings``: the
         guest's own page fault (no handler: a shutdown) where the entry is not present or
         not a user page, else the page's bytes, or an MMIO exit for a gfn without a slot (or
-        one the walk's SPTE shows :data:`SYNCED_STALE_MMIO` for, if this harness lets it
-        pass)."""
+        one the walk's SPTE shows :data:`~kvmspec.fuzz.x86_known_findings.SYNCED_STALE_MMIO`
+        for, if this harness lets it pass)."""
         offset = gva % PAGE
-        synced_mmio = self._synced_stale_mmio_gfn(vcpu, gva)
+        synced_mmio = self.known_findings.synced_stale_mmio_gfn(vcpu, gva)
         expected = []
         for gfn, _writable, user in mappings:
             hva = self.expected_hva(gfn) if gfn is not None else None
@@ -533,7 +451,7 @@ class ShadowHarness:
         access = self.write(gva, bytes([byte]), vcpu)
         self.log(f"vcpu {vcpu} store {byte} to data page {i} -> {access}")
         landed = []  # where the store may have gone, and how it would end
-        synced_mmio = self._synced_stale_mmio_gfn(vcpu, gva)
+        synced_mmio = self.known_findings.synced_stale_mmio_gfn(vcpu, gva)
         for gfn, writable, user in self.allowed_mappings(vcpu, i):
             hva = self.expected_hva(gfn) if gfn is not None else None
             if gfn is None or not user or not writable:
@@ -666,7 +584,7 @@ class ShadowHarness:
         self.found += [str(v) for v in check_released(self.mmu)]
         self.found += [
             line
-            for line in self._unexplained(self.violations())
+            for line in self.known_findings.unexplained(self.violations())
             if not line.startswith(APIC_RELOAD)
         ]
         self._start_vm()
@@ -675,16 +593,8 @@ class ShadowHarness:
         """Raise :class:`RulesBroken` if the actions so far broke a rule (but for the known
         kernel findings this harness lets pass)."""
         self.checks += 1
-        remade = self.synced_stale_mmio_sptes()
-        for sptep, spte in remade.items():
-            if sptep not in self.synced_stale_mmio:
-                name = mmio_spte_name(self.mmu, sptep, spte)
-                self.log(f"known kernel finding, let pass: {SYNCED_STALE_MMIO}: {name}")
-        found = self._unexplained(self.found + self.violations())
-        masks = self.mmu.masks
-        self.synced_stale_mmio = {
-            sptep: get_mmio_spte_gfn(masks, spte) for sptep, spte in remade.items()
-        }
-        self.unsync_stale_mmio = self._unsync_stale_mmio()
+        remade = self.known_findings.announce(self.log)
+        found = self.known_findings.unexplained(self.found + self.violations())
+        self.known_findings.remember(remade)
         if found:
             raise RulesBroken(found)

@@ -8,8 +8,9 @@ Atheris decoder start every run from one of :data:`LAYOUTS`.
 from __future__ import annotations
 
 from kvmspec.fuzz.generic_harness import Log
-from kvmspec.fuzz.x86_harness import KNOWN_KERNEL_FINDINGS, ShadowHarness, _ignore
+from kvmspec.fuzz.x86_harness import ShadowHarness, _ignore
 from kvmspec.fuzz.x86_huge_harness import HugeHarness
+from kvmspec.fuzz.x86_known_findings import KNOWN_KERNEL_FINDINGS
 from kvmspec.spec.platforms import PlatformProfile
 
 LAYOUTS = ("shadow", "huge", "mmio")
@@ -18,7 +19,7 @@ LAYOUTS = ("shadow", "huge", "mmio")
 decoder's first answer picks one, modulo their number), so older inputs keep their meaning.
 Fuzzing the mmio layout finds a known kernel finding within seconds (FNAME(sync_spte) gives
 a stale MMIO SPTE the current generation: tests/test_x86_shadow_mmu.py), which
-:func:`make_harness` lets pass (:data:`~kvmspec.fuzz.x86_harness.KNOWN_KERNEL_FINDINGS`)."""
+:func:`make_harness` lets pass (:data:`~kvmspec.fuzz.x86_known_findings.KNOWN_KERNEL_FINDINGS`)."""
 SHADOW_LAYOUTS = ("shadow", "mmio")
 
 X86Harness = ShadowHarness | HugeHarness

@@ -303,7 +303,7 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_X86_SPTE, "test_mmio_generation_wrap_forces_a_zap"),
         SHADOW_MMU.format(
             "check_mmio_sptes; MMIO caching is on only in the harness's mmio layout, where the"
-            " fuzzers let the finding below pass (SYNCED_STALE_MMIO of fuzz/x86_harness.py:"
+            " fuzzers let the finding below pass (SYNCED_STALE_MMIO of fuzz/x86_known_findings.py:"
             " exactly the MMIO SPTEs a sync remade, and the accesses through them)"
         ),
         _scenario(_X86_SHADOW, "test_a_slot_created_over_a_cached_mmio_gfn_is_faulted_into"),

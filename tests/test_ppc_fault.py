@@ -21,7 +21,7 @@ from errno import EBUSY, EINVAL, ENOSPC, ENXIO
 
 import pytest
 
-from kvmspec.fuzz import ppc_harness
+from kvmspec.fuzz import ppc_hcalls, ppc_resize
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.ppc_harness import (
     EAS,
@@ -31,10 +31,10 @@ from kvmspec.fuzz.ppc_harness import (
     PAGE,
     RAM0_GFN,
     RAM1_GFN,
-    STALE_ABSENT_RC,
     PpcHarness,
-    race,
 )
+from kvmspec.fuzz.ppc_hcalls import STALE_ABSENT_RC
+from kvmspec.fuzz.scheduler import race
 from kvmspec.fuzz.seed_bugs import revmap_for_usable_slots_only
 from kvmspec.reference.concurrency import KernelOp, Preempt, run_to_completion
 from kvmspec.reference.kvm import Kvm
@@ -377,7 +377,7 @@ def resized(h: PpcHarness, order: int) -> int:
     assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 0, order) == RESIZE_HPT_ESTIMATE_MS
     h.resize_work()
     assert kvm_vm_ioctl_resize_hpt_prepare(h.kvm, 0, order) == 0
-    commit: int = run_to_completion(h._resize_op(order))
+    commit: int = run_to_completion(ppc_resize.commit_op(h, order))
     return commit
 
 
@@ -474,7 +474,7 @@ def test_a_fault_racing_a_resize_commit_retries_on_the_new_table() -> None:
     h.resize_prepare(20)
     h.resize_work()
     op = h.guest_access_op(0, EA0, True)
-    outcome = race(op, 4, lambda: h._resize_op(20))
+    outcome = race(op, 4, lambda: ppc_resize.commit_op(h, 20))
     assert h.mmu.hpt.order == 20
     assert outcome == HptAccess(Access.DONE, index=index_of(h, EA0))
     h.check()
@@ -543,7 +543,7 @@ def _bulk_remove_answering(monkeypatch: pytest.MonkeyPatch, answer: Callable[[in
         status, out = bulk_remove(kvm, args)
         return status, [answer(word) if n % 2 == 0 else word for n, word in enumerate(out)]
 
-    monkeypatch.setattr(ppc_harness, "kvmppc_h_bulk_remove", planted)
+    monkeypatch.setattr(ppc_hcalls, "kvmppc_h_bulk_remove", planted)
 
 
 def test_a_bulk_remove_response_without_its_index_is_caught(
@@ -615,7 +615,7 @@ def test_a_bulk_remove_of_an_mmio_entry_that_keeps_its_cache_is_caught(
     index = index_of(h, EA1)
     h.h_bulk_remove((EA1,))
     h.check()  # the unplanted removal voids the cache
-    monkeypatch.setattr(ppc_harness, "kvmppc_h_bulk_remove", without_bump)
+    monkeypatch.setattr(ppc_hcalls, "kvmppc_h_bulk_remove", without_bump)
     h.h_enter(EA1, MMIO, True, False, False, -1)
     assert access(h, EA1, False).outcome is Access.MMIO
     h.h_bulk_remove((EA1,))

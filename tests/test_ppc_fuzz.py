@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmspec.fuzz import atheris_support as support
-from kvmspec.fuzz import fuzz_ppc, harness_fuzzing, machines, ppc_decoder, ppc_harness
+from kvmspec.fuzz import fuzz_ppc, harness_fuzzing, machines, ppc_decoder, ppc_harness, ppc_hcalls
 from kvmspec.fuzz.decoder import BytesChooser
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.ppc_harness import EAS, INVALID_HCALLS, PpcHarness
@@ -297,7 +297,7 @@ def test_bulk_remove_conditions_remove_what_h_remove_would() -> None:
 
 
 def test_planted_h_read_without_its_bound_check_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ppc_harness, "kvmppc_h_read", lambda kvm, flags, index: (H_SUCCESS, []))
+    monkeypatch.setattr(ppc_hcalls, "kvmppc_h_read", lambda kvm, flags, index: (H_SUCCESS, []))
     vm = _harness_with_two_entries()
     vm.h_invalid("read_index")
     with pytest.raises(RulesBroken, match="read_index: 0, not H_PARAMETER"):
@@ -312,7 +312,7 @@ def test_planted_bulk_remove_that_ignores_its_condition_is_caught(
     def absolute(kvm, args):  # type: ignore[no-untyped-def]
         return hcalls.kvmppc_h_bulk_remove(kvm, [args[0] & ~(3 << 56), *args[1:]])
 
-    monkeypatch.setattr(ppc_harness, "kvmppc_h_bulk_remove", absolute)
+    monkeypatch.setattr(ppc_hcalls, "kvmppc_h_bulk_remove", absolute)
     vm = _harness_with_two_entries()
     vm.h_bulk_remove_cond(0, H_ANDCOND)
     with pytest.raises(RulesBroken, match="H_BULK_REMOVE"):

@@ -25,12 +25,12 @@ from kvmspec.fuzz.x86_harness import (
     PT,
     PTE,
     RW,
-    SYNCED_STALE_MMIO,
     TABLE_PAGES,
     ShadowHarness,
     U,
     W,
 )
+from kvmspec.fuzz.x86_known_findings import SYNCED_STALE_MMIO
 from kvmspec.fuzz.x86_layouts import make_harness
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference.arch import KvmArch
@@ -439,13 +439,13 @@ def test_the_fuzzers_let_the_sync_finding_pass() -> None:
         line.startswith(f"known kernel finding, let pass: {SYNCED_STALE_MMIO}") for line in lines
     )
     assert any("is trusted over" in line for line in vm.violations())  # reported, let pass
-    (remade,) = vm.synced_stale_mmio_sptes().items()
+    (remade,) = vm.known_findings.synced_stale_mmio_sptes().items()
     _apply(vm, (("guest_restrict", (0, 0, W)), ("invlpg", (0, 0)), ("guest_read", (1, 0, 8))))
-    (again,) = vm.synced_stale_mmio_sptes().items()
+    (again,) = vm.known_findings.synced_stale_mmio_sptes().items()
     assert again[0] == remade[0] and again[1] != remade[1]  # remade without the write right
     vm.change_data_slot(64)
     vm.check()
-    assert vm.synced_stale_mmio_sptes() == {}
+    assert vm.known_findings.synced_stale_mmio_sptes() == {}
     strict = ShadowHarness(mmio_caching=True)
     for method, args in SYNC_FINDING_STEPS:
         getattr(strict, method)(*args)

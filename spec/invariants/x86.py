@@ -356,7 +356,7 @@ def check_mmio_sptes(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
     Every MMIO SPTE is checked. One known kernel finding breaks X11: the sync of an unsync
     page remakes a stale MMIO SPTE in the current generation when its guest PTE still names
     the same gfn (FNAME(sync_spte), tests/test_x86_shadow_mmu.py). The fuzzing harness lets
-    exactly those SPTEs pass (kvmspec.fuzz.x86_harness.SYNCED_STALE_MMIO); this check and
+    exactly those SPTEs pass (kvmspec.fuzz.x86_known_findings.SYNCED_STALE_MMIO); this check and
     the tests report them."""
     if not mmu.masks.enable_mmio_caching:
         return []  # no SPTE is an MMIO one
