@@ -280,18 +280,19 @@ class GenericHarness:
         self.log(f"{name}: start set_user_memory_region {region}")
         self.updating[name] = region
         self.dirty.on_memslot_update_start((0, slot_id), region.memory_size // PAGE, region.flags)
+        self.aging.on_memslot_update_start()
 
         def done(errno: int) -> None:
             # Updates hold slots_lock, so they finish in the order they took effect.
             del self.updating[name]
             old = self.memslots.slots.get((0, slot_id))
             self._judge(self.memslots.on_set_memory_region(region, 1, None, errno))
+            new = self.memslots.slots.get((0, slot_id))
+            moved = old is not None and (new is None or new.base_gfn != old.base_gfn)
+            self.aging.on_memslot_update_end(zapped=bool(errno) or moved)  # DELETE, MOVE zap
             if errno:
                 return
             self.dirty.on_memslots_changed()
-            new = self.memslots.slots.get((0, slot_id))
-            if old is not None and (new is None or new.base_gfn != old.base_gfn):
-                self.aging.on_translations_dropped()  # DELETE or MOVE zaps
             self._sync_updates()
 
         op = kvm_main.kvm_vm_ioctl_set_memory_region(self.kvm, region, 1)

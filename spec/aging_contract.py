@@ -16,7 +16,10 @@ The kernel is best-effort in two documented places, and the contract is loose ex
   so a TLB entry left by an earlier clear without a flush survives it too;
 * when KVM zaps translations (for an invalidation, or a memslot DELETE or MOVE), their
   accessed bits are dropped, not handed to the host (since v6.13 KVM no longer marks pages
-  accessed on zap), so guest uses before such a zap are not judged.
+  accessed on zap), so guest uses before such a zap are not judged. A memslot update zaps
+  at one of its steps (kvm_invalidate_memslot), before it returns, and a VMM that ages while
+  one is under way cannot tell whether that step has run: guest uses are not judged while
+  any update is in flight.
 
 Stated over operations and observations only, by host page address.
 
@@ -42,6 +45,8 @@ class AgingContract:
     """Pages a guest used since their last aging."""
     loose: set[int] = field(default_factory=set)
     """Pages aged without a TLB flush since the host last took them away."""
+    updates_in_flight: int = 0
+    """Memslot updates started and not yet returned: any may zap translations meanwhile."""
 
     def _page(self, hva: int) -> int:
         return hva - hva % self.page_size
@@ -66,8 +71,20 @@ class AgingContract:
             pages.difference_update([page for page in pages if start <= page < end])
 
     def on_translations_dropped(self) -> None:
-        """A memslot DELETE or MOVE succeeded: KVM may have zapped any translation."""
+        """A memslot DELETE or MOVE returned: KVM may have zapped any translation."""
         self.guest_used.clear()
+
+    def on_memslot_update_start(self) -> None:
+        """A KVM_SET_USER_MEMORY_REGION started, among actors stepped in turn (the generic
+        harness); until it returns, it may zap."""
+        self.updates_in_flight += 1
+
+    def on_memslot_update_end(self, zapped: bool) -> None:
+        """It returned; ``zapped``: it was a DELETE or MOVE (or failed, perhaps after its
+        INVALID step had zapped), so KVM may have zapped any translation."""
+        self.updates_in_flight -= 1
+        if zapped:
+            self.on_translations_dropped()
 
     def on_racing_clear(self, start: int, end: int) -> None:
         """An ager cleared the accessed bits of [start, end) without a TLB flush, racing
@@ -84,7 +101,12 @@ class AgingContract:
             violations.append(
                 ContractViolation("C-AGING", f"host page {page:#x} used by the VMM, aged idle")
             )
-        elif not young and page in self.guest_used and page not in self.loose:
+        elif (
+            not young
+            and page in self.guest_used
+            and page not in self.loose
+            and not self.updates_in_flight
+        ):
             violations.append(
                 ContractViolation("C-AGING", f"host page {page:#x} used by a guest, aged idle")
             )

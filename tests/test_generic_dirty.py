@@ -169,7 +169,7 @@ def test_d10_write_without_vcpu() -> None:
 # --- the machine catches planted bugs --------------------------------------------------------
 
 
-def _machine_finds(profile: PlatformProfile, pattern: str, examples: int = 2000) -> None:
+def _machine_finds(profile: PlatformProfile, pattern: str, examples: int = 6000) -> None:
     machine = generic_machine(profile)
     # Finding the bug is the point; shrinking it would only cost time.
     machine.TestCase.settings = bug_hunt(examples)

@@ -151,3 +151,24 @@ def test_a_ring_reset_must_return_the_entries_it_consumed(
             harness.check()
     else:
         harness.check()
+
+
+def test_an_aging_while_a_move_is_under_way_does_not_judge_earlier_guest_uses() -> None:
+    """C-AGING's looseness for zaps, as the campaign found it: a MOVE zaps the slot's
+    translations at its INVALID step, before it returns, and with them the accessed bit of
+    the guest's last use. Reclaim aging the page between that step and the MOVE's return
+    may find it idle; the contract must not call that a lost use (it once did, judging
+    guest uses until the update returned). Uses after the update returned are judged."""
+    harness = GenericHarness(DEFAULT_PROFILE)
+    harness.set_up("manual", True)
+    harness.guest_access(0, 0, 0, 0x21, 0)  # a store maps page 0 ...
+    harness.reclaim(0)  # ... reclaim ages it (the VMM's own use is judged and cleared)
+    harness.guest_access(0, 0, 0, 0, 1)  # a load through the mapping: a guest use
+    harness.start_memslot_update(0, 1, 0)  # MOVE slot 0
+    harness.step_actor(next(iter(harness.scheduler.actors)))  # up to its zap
+    harness.reclaim(0)  # finds the page idle: the zap took the accessed bit
+    harness.check()
+    for name in list(harness.scheduler.actors):
+        harness.finish_actor(name)
+    harness.check()
+    assert harness.aging.updates_in_flight == 0
