@@ -21,9 +21,9 @@ TRACES = sorted(CORPUS.glob("**/*.jsonl"))
 
 REFERENCE_XFAIL: dict[str, str] = {
     "x86_64-linux-6.18-pvm/s4-dirty-ring-second-vcpu-store-logged-again.jsonl": (
-        "the kernel logs vCPU 1's store to a page vCPU 0 just dirtied (a second ring entry)"
-        " once vCPU 1 ran before vCPU 0 existed; the model's vCPU 1 stores through vCPU 0's"
-        " writable SPTE; cause not found"
+        "the pvm backend: vCPU 1 does not see a top-level entry vCPU 0's fault added to the"
+        " shared root, so its store takes a spurious fault that logs the page a second time;"
+        " the model has no such per-vCPU view of the root"
     ),
 }
 """Traces on which the reference model is known to disagree with the kernel, by pytest id
