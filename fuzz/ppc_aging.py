@@ -72,5 +72,4 @@ def judge_test_young(harness: PpcHarness, hva: int, young: bool) -> None:
     kernel: virt/kvm/kvm_main.c:kvm_mmu_notifier_test_young;
     arch/powerpc/kvm/book3s_64_mmu_hv.c:kvm_test_age_rmapp (v6.18)
     """
-    if not young and hva in harness.aging.guest_used:
-        harness.found.append(f"C-AGING: host page {hva:#x} used by the guest, tested idle")
+    harness.found += map(str, harness.aging.on_test_young(hva, young))

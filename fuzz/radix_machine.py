@@ -198,9 +198,9 @@ class RadixHarness:
         answer."""
         hva = self.hva(slot, block, page)
         if how == "test":
-            young = kvm_mmu_notifier_test_young(self.kvm, hva)
-            if not young and hva in self.aging.guest_used and hva not in self.aging.loose:
-                raise RulesBroken([f"C-AGING: host page {hva:#x} used by the guest, tested idle"])
+            tested = self.aging.on_test_young(hva, kvm_mmu_notifier_test_young(self.kvm, hva))
+            if tested:
+                raise RulesBroken([str(violation) for violation in tested])
             return
         start, size = hva, PAGE
         if hva - hva % HUGE in self.host.pmds:

@@ -93,6 +93,17 @@ class AgingContract:
         pages are loose from now on, as after clear_young."""
         self.loose.update(range(self._page(start), end, self.page_size))
 
+    def on_test_young(self, hva: int, young: bool) -> list[ContractViolation]:
+        """KVM's test_young for the page at ``hva`` answered ``young``. It clears nothing, so
+        nothing is forgotten; a page a guest used since its last aging is young (loose where
+        :meth:`on_age` is). Only KVM's answer is judged: the VMM's own uses show in the
+        host's page tables, which test_young through the notifier does not read."""
+        page = self._page(hva)
+        strict = page not in self.loose and not self.updates_in_flight
+        if young or page not in self.guest_used or not strict:
+            return []
+        return [ContractViolation("C-AGING", f"host page {page:#x} used by the guest, tested idle")]
+
     def on_age(self, hva: int, flush: bool, young: bool) -> list[ContractViolation]:
         """Reclaim aged the page at ``hva`` (with a TLB flush or not) and got ``young``."""
         page = self._page(hva)
