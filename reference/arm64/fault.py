@@ -314,7 +314,9 @@ def user_mem_abort(
         if mmu_invalidate_retry(kvm, mmu_seq):
             ret = -errno.EAGAIN
         else:
-            fault_ipa = ipa  # aligned to the block, as the pfn is
+            # The kernel aligns fault_ipa down to the mapping size as it did ipa, so the
+            # leaf goes where the pfn resolved for ipa belongs.
+            fault_ipa = ipa
             if vma_pagesize == page_size and not (force_pte or device):
                 if fault_is_perm and fault_granule > page_size:
                     vma_pagesize = fault_granule
