@@ -88,6 +88,9 @@ class Area:
     machine: type[RuleBasedStateMachine]
 
 
+_LINUX_KVM_AREAS = ("memslots/linux-kvm", "differential/linux-kvm", "guest/linux-kvm")
+"""The areas that run on the real KVM (built below when /dev/kvm opens)."""
+
 FUZZ_AREAS = (
     FuzzArea(
         "atheris/memslots",
@@ -160,7 +163,12 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
         areas.append(Area(f"arm64/{ARM64.name}", "reference", arm64_machine(ARM64)))
         areas.append(Area(f"ppc/{PPC64_HV.name}", "reference", ppc_machine(PPC64_HV)))
         areas.append(Area(f"ppc/{PPC64_HV_RADIX.name}", "reference", RadixMachine))
-    kvm_wanted = target == "linux-kvm" or (target is None and (not wanted or "linux-kvm" in wanted))
+    # The linux-kvm areas open /dev/kvm: only when everything is wanted, or the target, one
+    # of its areas, or a family only it has (guest, differential) is named.
+    kvm_names = {"linux-kvm", "guest", "differential", *_LINUX_KVM_AREAS}
+    kvm_wanted = target == "linux-kvm" or (
+        target is None and (not wanted or any(w in kvm_names for w in wanted))
+    )
     if kvm_wanted:
         try:
             make_target("linux-kvm", DEFAULT_PROFILE).close()

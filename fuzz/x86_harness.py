@@ -246,7 +246,10 @@ class ShadowHarness:
     def _start_vm(self) -> None:
         """A fresh VMM process: its address space, the VM with its two slots and two vCPUs,
         and the guest's page tables."""
-        self.mmu = ShadowMmu(MMIO_CACHING_MASKS if self.mmio_caching else LEGACY_MASKS_HERE)
+        self.mmu = ShadowMmu(
+            MMIO_CACHING_MASKS if self.mmio_caching else LEGACY_MASKS_HERE,
+            pvm_top_level_copy=self.profile.pvm_top_level_copy,
+        )
         self.kvm = Kvm(self.profile, self.mmu)
         if not self.zap_all_quirk:
             self.kvm.disabled_quirks |= KVM_X86_QUIRK_SLOT_ZAP_ALL

@@ -66,6 +66,10 @@ class PlatformProfile:
     """How a fault on an INVALID slot is handled: ``retry`` (x86) or ``mmio`` (arm64, POWER)."""
     extra_capabilities: dict[str, int] = field(default_factory=dict)
     """KVM_CHECK_EXTENSION answers that are not derived from the fields above."""
+    pvm_top_level_copy: bool = False
+    """x86 shadow MMU under this machine's PVM backend: a vCPU that runs beside another one
+    walks its own copy of the root's top-level entries, filled lazily and renewed by TLB
+    flushes (reference/x86/pvm_top_level.py; measured, not architectural)."""
 
     @property
     def page_size(self) -> int:
@@ -113,6 +117,7 @@ X86_64_LINUX_6_18_PVM = PlatformProfile(
     quirk_slot_zap_all=True,
     invalid_slot_fault="retry",
     extra_capabilities={"KVM_CAP_DISABLE_QUIRKS2": 0x5FF},
+    pvm_top_level_copy=True,
 )
 
 X86_64 = PlatformProfile(

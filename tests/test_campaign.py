@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import Phase, settings
+from rich.console import Console
 
 from kvmspec.fuzz import campaign
 from kvmspec.fuzz.cli import main
@@ -104,6 +105,21 @@ def test_a_broken_model_is_reported_with_a_trace(
 def test_no_matching_area_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["campaign", "--minutes", "0.01", "--target", "reference", "nothing-here"]) == 2
     assert "no area matches" in capsys.readouterr().out
+
+
+@pytest.mark.kvm
+def test_a_linux_kvm_area_can_be_named_alone() -> None:
+    """Naming ``guest/linux-kvm`` picks that area and nothing else: a user chasing a
+    divergence of the real kernel reruns just it. Its family ``guest`` includes it."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm")
+    console = Console(quiet=True)
+    assert [a.name for a in campaign._areas(["guest/linux-kvm"], None, console)] == [
+        "guest/linux-kvm"
+    ]
+    assert "guest/linux-kvm" in {a.name for a in campaign._areas(["guest"], None, console)}
+    names = {a.name for a in campaign._areas(["linux-kvm"], None, console)}
+    assert names == {"memslots/linux-kvm", "differential/linux-kvm", "guest/linux-kvm"}
 
 
 def test_the_campaign_runs_the_x86_shadow_mmu_machine(

@@ -19,13 +19,7 @@ from kvmspec.spec.platforms import PROFILES
 CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "conformance"
 TRACES = sorted(CORPUS.glob("**/*.jsonl"))
 
-REFERENCE_XFAIL: dict[str, str] = {
-    "x86_64-linux-6.18-pvm/s4-dirty-ring-second-vcpu-store-logged-again.jsonl": (
-        "the pvm backend: vCPU 1 does not see a top-level entry vCPU 0's fault added to the"
-        " shared root, so its store takes a spurious fault that logs the page a second time;"
-        " the model has no such per-vCPU view of the root"
-    ),
-}
+REFERENCE_XFAIL: dict[str, str] = {}
 """Traces on which the reference model is known to disagree with the kernel, by pytest id
 (``<profile>/<file>.jsonl``), with the reason. Each is a strict xfail: once the model is
 fixed the entry must go."""

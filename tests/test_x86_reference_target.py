@@ -95,10 +95,11 @@ def test_guest_accesses_go_through_shadow_pages_of_the_guests_tables() -> None:
     assert vcpu_mmu.cr3 == PRIVATE_GPA + PML4_OFFSET
     root = vcpu_mmu.root.sp
     assert root is not None and root.gfn == (PRIVATE_GPA + PML4_OFFSET) // PAGE
-    # Shadows of the PML4, a PDPT and a PD (indirect), and direct pages below the guest's
-    # 2 MiB page.
+    # Shadows of the PML4, and of a PDPT and a PD on each path the vCPU took: to the code
+    # page it fetches the instruction from, and to the data (indirect); direct pages below
+    # the guest's 2 MiB pages.
     indirect = [sp for sp in mmu.sp_by_pfn.values() if not sp.role.direct]
-    assert sorted(sp.role.level for sp in indirect) == [2, 3, 4]
+    assert sorted(sp.role.level for sp in indirect) == [2, 2, 3, 3, 4]
     assert any(sp.role.direct for sp in mmu.sp_by_pfn.values())
     assert mmu.stat["pf_fixed"] >= 1
     mmio = {"errno": 0, "exit": "mmio", "gpa": 0x40000000, "len": 4, "write": False, "data": ""}

@@ -80,7 +80,9 @@ def make_arch(profile: PlatformProfile) -> KvmArch:
     """The MMU of a model VM for ``profile``: the shadow MMU where the profile's KVM uses
     shadow paging, else the flat MMU (the TDP, stage-2 and HPT MMUs are not modelled yet)."""
     if profile.mmu == "shadow":
-        return ShadowMmu(spte_masks_for_profile(profile))
+        return ShadowMmu(
+            spte_masks_for_profile(profile), pvm_top_level_copy=profile.pvm_top_level_copy
+        )
     return FlatMmu()
 
 

@@ -24,13 +24,20 @@ linux-kvm guest does with KVM_SET_SREGS before its first KVM_RUN; the paging mod
 linux-kvm guest's (4-level long mode, CR0.WP, EFER.NXE, CPL 3: the default
 :class:`~kvmspec.reference.x86.guest_walk.PagingMode`).
 
-What the model leaves out: the instruction fetch of the stub (it maps the code page, in the
-private slot that nothing observes), and the port write that ends a stub.
+Each access is the instruction of its stub (:data:`~kvmspec.fuzz.targets.kvm_guest.STUBS`),
+fetched from the code page before the data moves: the fetch's fault maps the code page and
+prefetches its neighbours in the private slot, the guest's page tables among them. That
+shows through the uAPI: when KVM later shadows one of those tables it write-protects a
+writable SPTE, which flushes every vCPU's TLB, and under PVM renews each vCPU's copy of
+the root's top level (reference/x86/pvm_top_level.py), so a store that would otherwise
+fault and be logged again does not. What the model leaves out: the port write that ends a
+stub.
 """
 
 from __future__ import annotations
 
 from kvmspec.fuzz.guest_layout import PRIVATE_GPA, PRIVATE_SIZE
+from kvmspec.fuzz.targets.kvm_guest import STUBS
 from kvmspec.reference.host import HostMm
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.x86.guest_access import ShadowAccess, guest_instruction
@@ -123,4 +130,5 @@ class ShadowGuest:
             vcpu_mmu = self.mmu.vcpu_mmu(vcpu_id)
             kvm_set_cr3(self.kvm, self.mmu, vcpu_mmu, PRIVATE_GPA + PML4_OFFSET)
             self._running.add(vcpu_id)
-        return guest_instruction(self.kvm, self.host, vcpu_id, gpa, data, size)
+        rip = PRIVATE_GPA + STUBS[(data is not None, size)]
+        return guest_instruction(self.kvm, self.host, vcpu_id, gpa, data, size, rip=rip, fetch=True)

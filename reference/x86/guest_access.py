@@ -63,6 +63,7 @@ from kvmspec.reference.x86.paging import (
     pt_index,
 )
 from kvmspec.reference.x86.paging_tmpl import KvmGuestMemory, PageFaultResult, fname_page_fault
+from kvmspec.reference.x86.pvm_top_level import pvm_sync_faulting_entry
 from kvmspec.reference.x86.roots import vcpu_enter_guest
 from kvmspec.reference.x86.set_spte import RetPf
 from kvmspec.reference.x86.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
@@ -116,9 +117,11 @@ def hardware_translate(
     if sp is None:
         return error_code
     rights = PT_WRITABLE_MASK | PT_USER_MASK
+    # Under PVM the top level may come from the vCPU's own copy (pvm_top_level.py).
+    table = sp.spt if vcpu_mmu.top_level is None else vcpu_mmu.top_level
     while True:
         index = pt_index(gva, sp.role.level)
-        spte = sp.spt.get(index, 0)
+        spte = table.get(index, 0)
         if is_mmio_spte(mmu.masks, spte):
             # Present, with a reserved address bit: a reserved-bit fault.
             return error_code | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
@@ -128,6 +131,7 @@ def hardware_translate(
         if is_last_spte(spte, sp.role.level):
             break
         sp = mmu.sp_by_pfn[spte_to_pfn(spte)]
+        table = sp.spt
     if not rights & PT_USER_MASK or (write and not rights & PT_WRITABLE_MASK):
         return error_code | PFERR_PRESENT_MASK
     # The hardware sets A (and D for a store) in the leaf, atomically, outside mmu_lock.
@@ -242,14 +246,17 @@ def guest_instruction(
     size: int = 1,
     *,
     rip: int = 0,
+    fetch: bool = False,
     emulatable: bool = True,
 ) -> ShadowAccess:
     """One guest instruction at ``rip`` that loads ``size`` bytes at ``gva`` (``data``
     None) or stores ``data`` there (up to 8 bytes, possibly across a page boundary). Every
     page is translated before any byte moves; each fault is handled and the guest entered
-    again. ``emulatable`` False is an instruction KVM's emulator fails on: a fault that
-    needs emulation then unprotects and retries once (stores to write-protected pages)
-    or ends in EMULATION_FAILED.
+    again. ``fetch`` makes the CPU fetch the instruction first, translating ``rip``'s page
+    through the same shadow tables: a fault there maps the code page (and prefetches its
+    neighbours) like any read. ``emulatable`` False is an instruction KVM's emulator fails
+    on: a fault that needs emulation then unprotects and retries once (stores to
+    write-protected pages) or ends in EMULATION_FAILED.
 
     kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, x86_emulate_instruction;
     arch/x86/kvm/mmu/mmu.c:kvm_mmu_page_fault (v6.18)
@@ -266,7 +273,13 @@ def guest_instruction(
             continue  # a request came in on the way: serve it first
         entries: list[TlbEntry] = []
         fault: tuple[int, int] | None = None
-        for part_gva, _start, _length in parts:
+        if fetch:
+            # Modelled as the read it is to the shadow MMU: the guest's code is executable,
+            # and the SPTE a fetch fault makes for it is the one a read fault makes.
+            code = hardware_translate(mmu, vcpu_mmu, rip, False)
+            if isinstance(code, int):
+                fault = (rip, code)
+        for part_gva, _start, _length in [] if fault else parts:
             found = hardware_translate(mmu, vcpu_mmu, part_gva, write)
             if isinstance(found, int):
                 fault = (part_gva, found)
@@ -276,6 +289,7 @@ def guest_instruction(
             return _transfer(host, parts, entries, data)
         op = kvm_mmu_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, fault[0], fault[1])
         result = run_to_completion(op)
+        pvm_sync_faulting_entry(vcpu_mmu, fault[0])
         if result.exception is not None:
             return ShadowAccess(Outcome.SHUTDOWN, exception=result.exception)
         if result.ret is RetPf.EFAULT:

@@ -168,8 +168,11 @@ class ShadowMmuState:
     """The shadow MMU's VM-wide state (the MMU fields of struct kvm_arch), and its vCPUs.
     The KvmArch subclass (shadow_mmu.ShadowMmu) inherits it: this is ``kvm->arch``."""
 
-    def __init__(self, masks: SpteMasks) -> None:
+    def __init__(self, masks: SpteMasks, *, pvm_top_level_copy: bool = False) -> None:
         self.masks = masks
+        # This machine's PVM backend: vCPUs walk their own copy of the root's top level
+        # once the VM has two vCPUs (pvm_top_level.py; the profile's field of that name).
+        self.pvm_top_level_copy = pvm_top_level_copy
         # gfn -> the shadow pages of that gfn, newest first (the kernel hashes gfns into
         # buckets; lookups only need "the pages of this gfn"). Zapped pages stay until freed.
         self.mmu_page_hash: dict[int, list[KvmMmuPage]] = {}

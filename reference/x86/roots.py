@@ -42,6 +42,7 @@ from kvmspec.reference.x86.mmu_page import (
 )
 from kvmspec.reference.x86.page_track import account_shadowed
 from kvmspec.reference.x86.paging import ACC_ALL, PG_LEVEL_4K, PT64_BASE_ADDR_MASK
+from kvmspec.reference.x86.pvm_top_level import pvm_enter_guest
 from kvmspec.reference.x86.spte import is_large_pte, is_shadow_present_pte
 from kvmspec.reference.x86.tlb import (
     KVM_MMU_NUM_PREV_ROOTS,
@@ -323,7 +324,8 @@ def vcpu_enter_guest(
 ) -> bool:
     """What the vCPU does about the MMU before entering the guest: serve its requests
     (drop obsolete roots, sync unsync pages, flush the TLB, reload the APIC-access page's
-    address), then load a root if it has none. ``mem`` is guest memory as KVM reads it (the
+    address), then load a root if it has none (and, under PVM, take the vCPU's copy of its
+    top level: pvm_top_level.py). ``mem`` is guest memory as KVM reads it (the
     guest PTEs a sync compares), ``host`` the VMM's memory (where the APIC-access page is
     looked up). Returns whether the vCPU entered: a request made while serving the others
     (an APIC-access reload that met an invalidation asks for itself again) cancels the
@@ -346,4 +348,5 @@ def vcpu_enter_guest(
         kvm_vcpu_reload_apic_access_page(kvm, host, vcpu_mmu)
     if vcpu_mmu.root.sp is None:
         kvm_mmu_load(kvm, mmu, mem, vcpu_mmu)
+    pvm_enter_guest(kvm, mmu, vcpu_mmu)
     return KVM_REQ_APIC_PAGE_RELOAD not in vcpu_mmu.requests

@@ -71,9 +71,11 @@ class ShadowMmu(ShadowMmuState, KvmArch):
     tables tell which pages the host maps huge; without it (a VM whose host is not
     modelled) no 4K leaf is ever found collapsible when dirty logging stops."""
 
-    def __init__(self, masks: SpteMasks, mm: HostMm | None = None) -> None:
+    def __init__(
+        self, masks: SpteMasks, mm: HostMm | None = None, *, pvm_top_level_copy: bool = False
+    ) -> None:
         KvmArch.__init__(self)
-        ShadowMmuState.__init__(self, masks)
+        ShadowMmuState.__init__(self, masks, pvm_top_level_copy=pvm_top_level_copy)
         self.mm = mm
         # Whether the private slots of apic_access.py exist (kvm->arch flags of those names).
         self.apic_access_memslot_enabled = False

@@ -76,8 +76,16 @@ class VcpuMmu:
     last_retry_addr: int = 0
     """The instruction (rip) and address of the last unprotect-and-retry: the same fault
     again is emulated, never retried, so a vCPU cannot loop between the two (seed 002)."""
+    top_level: dict[int, int] | None = None
+    """On this machine's PVM backend (pvm_top_level.py): the vCPU's copy of its root's
+    top-level entries, index -> SPTE, which the hardware reads instead of the root's own.
+    None: the vCPU walks the root itself."""
+    top_level_stale: bool = False
+    """A flush came since the copy was taken: it is taken again at the next entry."""
 
     def flush_tlb(self) -> None:
         """The hardware TLB flush (kvm_vcpu_flush_tlb_all / flush_tlb_current: with shadow
-        paging and no PCID they drop the same entries)."""
+        paging and no PCID they drop the same entries). Under PVM the flush also renews
+        the vCPU's copy of the root's top level, when it next enters the guest."""
         self.tlb.clear()
+        self.top_level_stale = self.top_level is not None

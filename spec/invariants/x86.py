@@ -305,12 +305,24 @@ def check_tlbs(mmu: ShadowMmu) -> list[Violation]:
     """X5: at a point where the kernel has done its flushes (after an ioctl, a notifier or
     a guest access returns), every TLB entry is what the vCPU's root translates now, and
     no more writable. A vCPU with a flush or a root reload pending is exempt: it flushes
-    before it next runs guest code."""
+    before it next runs guest code. Under PVM the vCPU's copy of the root's top level is
+    such a cache too (reference/x86/pvm_top_level.py): unless a flush has marked it stale,
+    every entry it holds is the root's entry (it may lack some: those fault and are copied)."""
     violations = []
     for vcpu_id, vcpu_mmu in mmu.vcpus.items():
         if vcpu_mmu.requests & {KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS}:
             continue
         root = vcpu_mmu.root.sp
+        if root is not None and vcpu_mmu.top_level is not None and not vcpu_mmu.top_level_stale:
+            for index, spte in sorted(vcpu_mmu.top_level.items()):
+                if root.spt.get(index, 0) != spte:
+                    violations.append(
+                        Violation(
+                            "X5",
+                            f"vcpu {vcpu_id} PVM top-level copy: entry {index} is {spte:#x},"
+                            f" the root's {root.spt.get(index, 0):#x}, and no flush is due",
+                        )
+                    )
         for vpn, entry in vcpu_mmu.tlb.items():
             now = _walk(mmu, root, vpn << 12) if root is not None else None
             if now is None or now[0] != entry.pfn or (entry.writable and not now[1]):
