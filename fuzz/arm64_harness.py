@@ -86,7 +86,7 @@ from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
 from kvmspec.spec.aging_contract import AgingContract
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.arm64 import (
-    UnlinkedTables,
+    Stage2Readers,
     check_stage2,
     check_stage2_translations,
     stage2_leaves,
@@ -253,7 +253,7 @@ class Arm64Harness:
         # The stretches of the record where walkers ran at once ([first event, end)).
         self.concurrent: list[tuple[int, int]] = []
         assert self.mmu.pgt is not None
-        self.unlinked = UnlinkedTables(self.mmu.pgt)
+        self.readers = Stage2Readers(self.mmu.pgt)
         for vcpu_id in VCPUS:
             assert kvm_vm_ioctl_create_vcpu(self.kvm, vcpu_id) == 0
         self.views: dict[int, SlotView] = {}
@@ -421,9 +421,7 @@ class Arm64Harness:
         else:
             done = self.host.split_huge_pmd(haddr)
         self.log(f"thp slot {slot_id} frame {frame} collapse {collapse} -> {done}")
-        # The host's young bits of a collapsed or split page are not modelled precisely:
-        # forget what the frame was used for.
-        self.aging.on_host_drop(haddr, haddr + HPAGE)
+        self.aging.on_host_remap(haddr, haddr + HPAGE)
 
     def age(self, slot_id: int, page: int, how: str) -> None:
         """Aging through the notifier: ``clear_flush_young``, ``clear_young`` or
@@ -611,7 +609,7 @@ class Arm64Harness:
     def _violations(self) -> list[Violation]:
         found = list(self.monitor.check())
         if self.mmu.pgt is not None:
-            found += check_stage2(self.mmu.pgt, self.concurrent, self.unlinked)
+            found += check_stage2(self.mmu.pgt, self.concurrent, self.readers)
         if self.host.notifier is not None:
             found += check_stage2_translations(self.kvm, self.mmu, self.host)
         return found

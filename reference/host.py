@@ -174,6 +174,19 @@ class HostMm:
             return None
         return replace(pmd, pfn=pmd.pfn + (page_hva - haddr) // self.page_size)
 
+    def translate(self, hva: int) -> tuple[int, bool] | None:
+        """What :meth:`lookup` says about ``hva``, as (pfn, writable), without copying the
+        PMD of a huge page (the invariants ask this for every page of every leaf)."""
+        page_hva = hva - hva % self.page_size
+        pte: HostPte | None = self.ptes.get(page_hva)
+        if pte is not None:
+            return pte.pfn, pte.writable
+        haddr = hva - hva % self.hpage_size
+        pmd: HostPte | None = self.pmds.get(haddr)
+        if pmd is None:
+            return None
+        return pmd.pfn + (page_hva - haddr) // self.page_size, pmd.writable
+
     def mapping_level(self, hva: int) -> int:
         """LEVEL_PMD, LEVEL_PTE or LEVEL_NONE: the size of the host mapping of ``hva``, which
         bounds the size of the mapping KVM may create for it.

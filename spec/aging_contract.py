@@ -70,6 +70,16 @@ class AgingContract:
         for pages in (self.loose, self.guest_used):
             pages.difference_update([page for page in pages if start <= page < end])
 
+    def on_host_remap(self, start: int, end: int) -> None:
+        """The host collapsed [start, end) into a huge page or split one (MADV_COLLAPSE, a
+        PMD split). The host's own accessed bits of a remapped page are not stated
+        precisely, so the uses so far are forgotten. KVM's translations are another matter:
+        a remap that took them away invalidated the range (:meth:`on_invalidate`), and one
+        that did not (collapsing a page that is huge already) left every TLB entry, so
+        loose pages stay loose."""
+        for pages in (self.used, self.guest_used):
+            pages.difference_update([page for page in pages if start <= page < end])
+
     def on_translations_dropped(self) -> None:
         """A memslot DELETE or MOVE returned: KVM may have zapped any translation."""
         self.guest_used.clear()

@@ -493,6 +493,24 @@ def test_a_page_the_guest_used_since_its_last_aging_is_young(mmu_class: type[Arm
     vm.check()
 
 
+def test_collapsing_a_huge_page_again_keeps_a_clear_without_flush_loose() -> None:
+    """A false C-AGING report the arm64 machine found (bench run, this session): without
+    hardware AF, clear_young cleared the block's AF but left the vCPU's TLB entry; a second
+    MADV_COLLAPSE of the frame, already huge, changed nothing, yet the harness told the
+    contract to forget the frame altogether, so the guest's load through the cached entry
+    (no access-flag fault, AF stays clear) was judged by the next clear_flush_young."""
+    vm = Arm64Harness(features=Stage2Features(ha=False))
+    last = HPAGE // PAGE - 1  # the last page of frame 0
+    vm.guest_store(0, THP_SLOT, 0, 1)
+    vm.thp(THP_SLOT, 0, True)
+    vm.guest_read(0, THP_SLOT, last, 0, "load")  # a 2 MiB block now maps the frame
+    vm.age(THP_SLOT, 0, "clear_young")
+    vm.thp(THP_SLOT, 0, True)  # huge already: no invalidation
+    vm.guest_read(0, THP_SLOT, last, 0, "load")  # through the TLB
+    vm.age(THP_SLOT, 0, "clear_flush_young")
+    vm.check()
+
+
 def test_an_ager_that_reports_every_page_idle_is_caught() -> None:
     vm = Arm64Harness(mmu_class=AgingReportsNothing)
     _use_age_use_age(vm)

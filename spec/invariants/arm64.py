@@ -22,7 +22,7 @@ and the vCPUs' TLBs against the leaves (A1, A7), between actions of the arm64 ha
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmspec.reference.arm64.descriptors import (
     KVM_PGTABLE_LAST_LEVEL,
@@ -73,83 +73,123 @@ def _where(slot: Slot) -> str:
 # -- the history ------------------------------------------------------------------------------
 
 
-def check_break_before_make(history: Stage2History) -> list[Violation]:
+class BreakBeforeMake:
     """A1: for each entry, a valid value is replaced by a valid one that needs a break only
     if, in between, the entry was made invalid and then a TLBI covering it completed.
+    :meth:`check` reads the record from where its last call stopped, so a caller checking
+    the same tables after every step reads each event once.
 
     kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_try_break_pte, stage2_make_pte (v6.18)
     """
-    last_valid: dict[Slot, int] = {}
-    # Entries made invalid after being valid, not yet covered by a TLBI since.
-    pending: dict[Slot, PteWrite] = {}
-    broken: set[Slot] = set()
-    found = []
-    for event in history.events:
-        if isinstance(event, Tlbi):
-            for slot, write in list(pending.items()):
-                if event.covers(write.ipa, write.size):
-                    broken.add(slot)
-                    del pending[slot]
-            continue
-        if not isinstance(event, PteWrite):
-            continue
+
+    def __init__(self) -> None:
+        self.last_valid: dict[Slot, int] = {}
+        # Entries made invalid after being valid, not yet covered by a TLBI since.
+        self.pending: dict[Slot, PteWrite] = {}
+        self.broken: set[Slot] = set()
+        self.read = 0
+        self.found: list[Violation] = []
+
+    def check(self, history: Stage2History) -> list[Violation]:
+        events = history.events
+        for index in range(self.read, len(events)):
+            event = events[index]
+            if isinstance(event, Tlbi):
+                self._tlbi(event)
+            elif isinstance(event, PteWrite):
+                self._write(event)
+        self.read = len(events)
+        return list(self.found)
+
+    def _tlbi(self, event: Tlbi) -> None:
+        for slot, write in list(self.pending.items()):
+            if event.covers(write.ipa, write.size):
+                self.broken.add(slot)
+                del self.pending[slot]
+
+    def _write(self, event: PteWrite) -> None:
         slot = event.slot
         if not kvm_pte_valid(event.after):
-            if slot in last_valid and slot not in broken:
-                pending.setdefault(slot, event)
-            continue
-        old = last_valid.get(slot)
-        if old is not None and slot not in broken and _needs_break(old, event.after):
-            why = "no invalid entry" if slot not in pending else "no TLBI after the invalid entry"
-            found.append(
+            if slot in self.last_valid and slot not in self.broken:
+                self.pending.setdefault(slot, event)
+            return
+        old = self.last_valid.get(slot)
+        if old is not None and slot not in self.broken and _needs_break(old, event.after):
+            why = (
+                "no invalid entry"
+                if slot not in self.pending
+                else "no TLBI after the invalid entry"
+            )
+            self.found.append(
                 Violation(
                     "A1",
                     f"{_where(slot)} (IPA {event.ipa:#x}) went from {old:#x} to "
                     f"{event.after:#x} with {why} in between",
                 )
             )
-        last_valid[slot] = event.after
-        pending.pop(slot, None)
-        broken.discard(slot)
-    return found
+        self.last_valid[slot] = event.after
+        self.pending.pop(slot, None)
+        self.broken.discard(slot)
 
 
-def check_no_lost_hardware_updates(history: Stage2History) -> list[Violation]:
+def check_break_before_make(history: Stage2History) -> list[Violation]:
+    """A1 over the whole record (:class:`BreakBeforeMake`, read once)."""
+    return BreakBeforeMake().check(history)
+
+
+class LostHardwareUpdates:
     """Seed 001: a software write computed from a snapshot of the entry must not undo what
     the hardware set after the snapshot. Losing the dirty state of a DBM descriptor is
     always a bug (a write would go unlogged). Losing an access flag is what the kernel
     accepts from walkers that hold mmu_lock for write (stage2_attr_walker's comment: the
     worst case is a lost access flag update); a shared walker must not, which is why it
     uses cmpxchg (seed 001: RCU and cmpxchg make the lockless test-and-clear safe "against
-    both the hardware and other software page table walkers").
+    both the hardware and other software page table walkers"). :meth:`check` reads the
+    record from where its last call stopped.
 
     kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_try_set_pte, stage2_attr_walker (v6.18)
     """
-    found = []
-    for event in history.events:
-        if not isinstance(event, PteWrite) or event.actor != "software":
-            continue
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.found: list[Violation] = []
+
+    def check(self, history: Stage2History) -> list[Violation]:
+        events = history.events
+        for index in range(self.read, len(events)):
+            event = events[index]
+            if isinstance(event, PteWrite) and event.actor == "software":
+                self._write(event)
+        self.read = len(events)
+        return list(self.found)
+
+    def _write(self, event: PteWrite) -> None:
         if not kvm_pte_valid(event.before) or event.before == event.based_on:
-            continue
+            return
         set_since = event.before & ~event.based_on & HARDWARE_MANAGED
         lost = set_since & ~event.after
         if not event.shared:
             lost &= ~KVM_PTE_LEAF_ATTR_LO_S2_AF
-        if lost:
-            names = []
-            if lost & KVM_PTE_LEAF_ATTR_LO_S2_AF:
-                names.append("AF")
-            if lost & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W:
-                names.append("dirty (S2AP W of a DBM descriptor)")
-            found.append(
-                Violation(
-                    NO_LOST_UPDATE,
-                    f"a software write to {_where(event.slot)} (IPA {event.ipa:#x}) built "
-                    f"from {event.based_on:#x} overwrote {event.before:#x} with "
-                    f"{event.after:#x}, dropping {' and '.join(names)}",
-                )
+        if not lost:
+            return
+        names = []
+        if lost & KVM_PTE_LEAF_ATTR_LO_S2_AF:
+            names.append("AF")
+        if lost & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W:
+            names.append("dirty (S2AP W of a DBM descriptor)")
+        self.found.append(
+            Violation(
+                NO_LOST_UPDATE,
+                f"a software write to {_where(event.slot)} (IPA {event.ipa:#x}) built "
+                f"from {event.based_on:#x} overwrote {event.before:#x} with "
+                f"{event.after:#x}, dropping {' and '.join(names)}",
             )
-    return found
+        )
+
+
+def check_no_lost_hardware_updates(history: Stage2History) -> list[Violation]:
+    """Seed 001's rule over the whole record (:class:`LostHardwareUpdates`, read once)."""
+    return LostHardwareUpdates().check(history)
 
 
 def check_no_reads_after_free(history: Stage2History) -> list[Violation]:
@@ -354,9 +394,9 @@ def check_leaves(pgt: KvmPgtable) -> list[Violation]:
 # -- the tables against the memslots and the host ---------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Leaf:
-    """A valid stage-2 leaf: [ipa, ipa + size) -> pa, with its descriptor."""
+class Leaf(NamedTuple):
+    """A valid stage-2 leaf: [ipa, ipa + size) -> pa, with its descriptor. (A named tuple:
+    the checks list every leaf after every step.)"""
 
     ipa: int
     size: int
@@ -406,9 +446,12 @@ def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Vio
     found = []
     leaves = {leaf.ipa: leaf for leaf in stage2_leaves(pgt)}
     initially_set = bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
+    memslots = kvm.memslots(0)
+    slot: KvmMemorySlot | None = None
     for leaf in leaves.values():
         gfn = leaf.ipa >> shift
-        slot = kvm.memslots(0).gfn_to_memslot(gfn)
+        if slot is None or not slot.base_gfn <= gfn < slot.end_gfn:
+            slot = memslots.gfn_to_memslot(gfn)
         where = f"IPA {leaf.ipa:#x} (size {leaf.size:#x})"
         if slot is None or slot.invalid:
             found.append(Violation("M13", f"{where} is mapped without a usable slot"))
@@ -476,13 +519,13 @@ def _against_host(
     huge = leaf.size == host.hpage_size and hva % host.hpage_size == 0
     whole = huge and hva in host.pmds and not host.keys_in(host.ptes, hva, hva + leaf.size)
     for offset in range(0, page_size if whole else leaf.size, page_size):
-        host_pte = host.lookup(hva + offset)
+        host_pte = host.translate(hva + offset)
         pfn = (leaf.pa + offset) // page_size
-        if host_pte is None or host_pte.pfn != pfn:
-            held = host_pte.pfn if host_pte is not None else None
+        if host_pte is None or host_pte[0] != pfn:
+            held = host_pte[0] if host_pte is not None else None
             found.append(Violation("N4", f"{where} maps pfn {pfn:#x}, the host maps {held}"))
             break
-        if writable(leaf.pte) and not host_pte.writable:
+        if writable(leaf.pte) and not host_pte[1]:
             found.append(Violation("N4", f"{where} is writable over a read-only host page"))
             break
     return found
@@ -536,20 +579,35 @@ def installed_leaves(pgt: KvmPgtable, since: int, ipa: int) -> list[int]:
     return sizes
 
 
+class Stage2Readers:
+    """The checks that read the record incrementally (A1, seed 001's lost updates, A3's
+    unlinked tables), kept by a caller that checks the same tables after every step so that
+    each event is read once, not once per step."""
+
+    def __init__(self, pgt: KvmPgtable) -> None:
+        self.break_before_make = BreakBeforeMake()
+        self.lost_updates = LostHardwareUpdates()
+        self.unlinked = UnlinkedTables(pgt)
+
+    def check(self, history: Stage2History, concurrent: Sequence[Window]) -> list[Violation]:
+        return [
+            *self.break_before_make.check(history),
+            *self.lost_updates.check(history),
+            *self.unlinked.check(history, concurrent),
+        ]
+
+
 def check_stage2(
-    pgt: KvmPgtable, concurrent: Sequence[Window] = (), unlinked: UnlinkedTables | None = None
+    pgt: KvmPgtable, concurrent: Sequence[Window] = (), readers: Stage2Readers | None = None
 ) -> list[Violation]:
     """Every stage-2 invariant above, over the tables and their history (``concurrent``:
-    the windows of the record where walkers were interleaved; ``unlinked``: the tracker a
-    caller checking the same tables again and again keeps, so that it reads each event
-    once)."""
+    the windows of the record where walkers were interleaved; ``readers``: the incremental
+    checks a caller checking the same tables again and again keeps)."""
     history = pgt.mm_ops.history
-    tracker = unlinked if unlinked is not None else UnlinkedTables(pgt)
+    readers = readers if readers is not None else Stage2Readers(pgt)
     return [
-        *check_break_before_make(history),
-        *check_no_lost_hardware_updates(history),
+        *readers.check(history, concurrent),
         *check_no_reads_after_free(history),
-        *tracker.check(history, concurrent),
         *check_warnings(history),
         *check_table_refcounts(pgt),
         *check_no_freed_table_reachable(pgt),
