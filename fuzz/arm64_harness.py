@@ -86,6 +86,7 @@ from kvmspec.reference.vcpu import kvm_vm_ioctl_create_vcpu
 from kvmspec.spec.aging_contract import AgingContract
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.arm64 import (
+    Leaf,
     Stage2Readers,
     check_stage2,
     check_stage2_translations,
@@ -448,16 +449,20 @@ class Arm64Harness:
             "N7", before == after, f"{how} changed {set(before.items()) ^ set(after.items())}"
         )
 
-    def note_dropped_translations(self) -> None:
+    def note_dropped_translations(self, leaves: list[Leaf] | None = None) -> None:
         """Tell the aging contract which translations KVM dropped since the last look (an
         invalidation, a slot's flush, a block replaced by a table on a write fault while
-        logging): their access flags went with them, which the kernel accepts."""
+        logging): their access flags went with them, which the kernel accepts. ``leaves``:
+        the stage 2's leaves now, when the caller has listed them already."""
         now: dict[int, tuple[int, int]] = {}
         pgt = self.mmu.pgt
-        if pgt is not None:
+        if leaves is None:
+            leaves = list(stage2_leaves(pgt)) if pgt is not None else []
+        if leaves:
             shift = self.profile.page_shift
-            for leaf in stage2_leaves(pgt):
-                slot = self.kvm.memslots(0).gfn_to_memslot(leaf.ipa >> shift)
+            memslots = self.kvm.memslots(0)
+            for leaf in leaves:
+                slot = memslots.gfn_to_memslot(leaf.ipa >> shift)
                 if slot is not None:
                     offset = leaf.ipa - (slot.base_gfn << shift)
                     now[leaf.ipa] = (leaf.size, slot.userspace_addr + offset)
@@ -606,21 +611,23 @@ class Arm64Harness:
 
     # -- the rules, after every action ----------------------------------------------------------
 
-    def _violations(self) -> list[Violation]:
+    def _violations(self, leaves: list[Leaf] | None = None) -> list[Violation]:
         found = list(self.monitor.check())
         if self.mmu.pgt is not None:
             found += check_stage2(self.mmu.pgt, self.concurrent, self.readers)
         if self.host.notifier is not None:
-            found += check_stage2_translations(self.kvm, self.mmu, self.host)
+            found += check_stage2_translations(self.kvm, self.mmu, self.host, leaves)
         return found
 
     def check(self) -> None:
         """Raise :class:`RulesBroken` if the actions so far broke a rule."""
         self.checks += 1
-        self.note_dropped_translations()
+        # One listing of the leaves serves the aging bookkeeping and the checks.
+        leaves = list(stage2_leaves(self.mmu.pgt)) if self.mmu.pgt is not None else []
+        self.note_dropped_translations(leaves)
         found = [
             line
-            for line in self.found + [str(v) for v in self._violations()]
+            for line in self.found + [str(v) for v in self._violations(leaves)]
             if not line.startswith(self.tolerated)
         ]
         if found:

@@ -206,9 +206,13 @@ def kvm_s2_memattr(memtype: str, fwb: bool) -> int:
     return field_prep(KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR, table[memtype][1 if fwb else 0])
 
 
+_ADDR_MASKS = {shift: genmask(47, shift) for shift in (12, 14, 16)}
+
+
 def kvm_pte_addr_mask(page_shift: int) -> int:
-    """KVM_PTE_ADDR_MASK: output address bits 47 down to the granule."""
-    return genmask(47, page_shift)
+    """KVM_PTE_ADDR_MASK: output address bits 47 down to the granule (4K, 16K or 64K;
+    computed once, since every walk asks)."""
+    return _ADDR_MASKS[page_shift]
 
 
 def kvm_phys_to_pte(pa: int, page_shift: int) -> int:

@@ -302,12 +302,16 @@ def check_warnings(history: Stage2History) -> list[Violation]:
 # -- the tables -------------------------------------------------------------------------------
 
 
-def _reachable(pgt: KvmPgtable) -> list[tuple[TablePage, int, int]]:
+Tables = list[tuple[TablePage, int, int]]
+"""Table pages reachable from the PGD: (page, level, IPA of its first entry)."""
+
+
+def _reachable(pgt: KvmPgtable) -> Tables:
     """Every table page reachable from the PGD, with its level and the IPA its first entry
     translates, read without recording."""
     geometry = pgt.geometry
     pgd_span = geometry.ptrs_per_pte * geometry.kvm_granule_size(geometry.start_level)
-    found: list[tuple[TablePage, int, int]] = []
+    found: Tables = []
     todo = [(page, geometry.start_level, n * pgd_span) for n, page in enumerate(pgt.pgd or [])]
     while todo:
         page, level, base = todo.pop()
@@ -320,7 +324,7 @@ def _reachable(pgt: KvmPgtable) -> list[tuple[TablePage, int, int]]:
     return found
 
 
-def check_table_refcounts(pgt: KvmPgtable) -> list[Violation]:
+def check_table_refcounts(pgt: KvmPgtable, tables: Tables | None = None) -> list[Violation]:
     """A3: every live table page's count is 1 + its counted entries (a LOCKED entry is
     not counted: its old value's reference was dropped when it was locked).
 
@@ -328,7 +332,7 @@ def check_table_refcounts(pgt: KvmPgtable) -> list[Violation]:
     stage2_make_pte (v6.18)
     """
     found = []
-    for page, level, _ in _reachable(pgt):
+    for page, level, _ in _reachable(pgt) if tables is None else tables:
         counted = sum(
             1
             for pte in page.entries.values()
@@ -345,7 +349,9 @@ def check_table_refcounts(pgt: KvmPgtable) -> list[Violation]:
     return found
 
 
-def check_no_freed_table_reachable(pgt: KvmPgtable) -> list[Violation]:
+def check_no_freed_table_reachable(
+    pgt: KvmPgtable, tables: Tables | None = None
+) -> list[Violation]:
     """A3's consequence: a table is freed only once its count fell to 1 and it was
     unlinked, so a freed table page is never linked from the tree.
 
@@ -353,12 +359,12 @@ def check_no_freed_table_reachable(pgt: KvmPgtable) -> list[Violation]:
     """
     return [
         Violation("A3", f"table {page.pa:#x} (level {level}) is reachable but freed")
-        for page, level, _ in _reachable(pgt)
+        for page, level, _ in (_reachable(pgt) if tables is None else tables)
         if page.freed
     ]
 
 
-def check_leaves(pgt: KvmPgtable) -> list[Violation]:
+def check_leaves(pgt: KvmPgtable, tables: Tables | None = None) -> list[Violation]:
     """A4 and A6 for every valid leaf: a block sits only at a level that allows blocks,
     with its IPA and its output address aligned to its size; a leaf of device memory is
     never executable.
@@ -368,7 +374,7 @@ def check_leaves(pgt: KvmPgtable) -> list[Violation]:
     """
     geometry = pgt.geometry
     found = []
-    for page, level, base in _reachable(pgt):
+    for page, level, base in _reachable(pgt) if tables is None else tables:
         granule = geometry.kvm_granule_size(level)
         for index, pte in sorted(page.entries.items()):
             if not kvm_pte_valid(pte) or kvm_pte_table(pte, level):
@@ -420,7 +426,9 @@ def writable(pte: int) -> bool:
     return bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
 
 
-def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Violation]:
+def check_stage2_translations(
+    kvm: Kvm, mmu: Arm64Mmu, host: HostMm, leaves: Sequence[Leaf] | None = None
+) -> list[Violation]:
     """The stage 2 against the memslots and the host, between actions (no fault, update or
     invalidation in flight):
 
@@ -436,6 +444,8 @@ def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Vio
       descriptor means a change without its TLBI), and writable only if the leaf is (A7:
       the write-protecting caller flushed).
 
+    ``leaves``: :func:`stage2_leaves` of the tables now, when the caller has them.
+
     kernel: arch/arm64/kvm/mmu.c:user_mem_abort, kvm_arch_flush_shadow_memslot,
     kvm_mmu_wp_memory_region; virt/kvm/kvm_main.c:mark_page_dirty_in_slot (v6.18)
     """
@@ -444,11 +454,11 @@ def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Vio
         return []
     shift = kvm.profile.page_shift
     found = []
-    leaves = {leaf.ipa: leaf for leaf in stage2_leaves(pgt)}
+    by_ipa = {leaf.ipa: leaf for leaf in (stage2_leaves(pgt) if leaves is None else leaves)}
     initially_set = bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
     memslots = kvm.memslots(0)
     slot: KvmMemorySlot | None = None
-    for leaf in leaves.values():
+    for leaf in by_ipa.values():
         gfn = leaf.ipa >> shift
         if slot is None or not slot.base_gfn <= gfn < slot.end_gfn:
             slot = memslots.gfn_to_memslot(gfn)
@@ -469,7 +479,7 @@ def check_stage2_translations(kvm: Kvm, mmu: Arm64Mmu, host: HostMm) -> list[Vio
         found += _against_host(kvm, host, leaf, slot, hva, where)
     for vcpu_id, tlb in pgt.mmu.tlbs.items():
         for entry in tlb.values():
-            cached = leaves.get(entry.ipa)
+            cached = by_ipa.get(entry.ipa)
             if cached is None or cached.pa != entry.pa or cached.size != entry.size:
                 found.append(
                     Violation(
@@ -605,11 +615,12 @@ def check_stage2(
     checks a caller checking the same tables again and again keeps)."""
     history = pgt.mm_ops.history
     readers = readers if readers is not None else Stage2Readers(pgt)
+    tables = _reachable(pgt)
     return [
         *readers.check(history, concurrent),
         *check_no_reads_after_free(history),
         *check_warnings(history),
-        *check_table_refcounts(pgt),
-        *check_no_freed_table_reachable(pgt),
-        *check_leaves(pgt),
+        *check_table_refcounts(pgt, tables),
+        *check_no_freed_table_reachable(pgt, tables),
+        *check_leaves(pgt, tables),
     ]
