@@ -462,21 +462,22 @@ def check_stage2_translations(
         gfn = leaf.ipa >> shift
         if slot is None or not slot.base_gfn <= gfn < slot.end_gfn:
             slot = memslots.gfn_to_memslot(gfn)
-        where = f"IPA {leaf.ipa:#x} (size {leaf.size:#x})"
         if slot is None or slot.invalid:
-            found.append(Violation("M13", f"{where} is mapped without a usable slot"))
+            found.append(Violation("M13", f"{_named(leaf)} is mapped without a usable slot"))
             continue
         hva = slot.userspace_addr + ((gfn - slot.base_gfn) << shift)
         if leaf.size > kvm.profile.page_size:
             if leaf.ipa + leaf.size > slot.end_gfn << shift:
-                found.append(Violation("A4", f"block {where} reaches beyond {slot}"))
+                found.append(Violation("A4", f"block {_named(leaf)} reaches beyond {slot}"))
             if hva % leaf.size:
-                found.append(Violation("A4", f"block {where} is not congruent with hva {hva:#x}"))
+                found.append(
+                    Violation("A4", f"block {_named(leaf)} is not congruent with hva {hva:#x}")
+                )
             if slot.dirty_logging and writable(leaf.pte) and not initially_set:
-                found.append(Violation("A4", f"writable block {where} in logged {slot}"))
+                found.append(Violation("A4", f"writable block {_named(leaf)} in logged {slot}"))
         if writable(leaf.pte) and slot.readonly:
-            found.append(Violation("C-MMIO", f"{where} is writable in READONLY {slot}"))
-        found += _against_host(kvm, host, leaf, slot, hva, where)
+            found.append(Violation("C-MMIO", f"{_named(leaf)} is writable in READONLY {slot}"))
+        found += _against_host(kvm, host, leaf, slot, hva)
     for vcpu_id, tlb in pgt.mmu.tlbs.items():
         for entry in tlb.values():
             cached = by_ipa.get(entry.ipa)
@@ -499,8 +500,13 @@ def check_stage2_translations(
     return found
 
 
+def _named(leaf: Leaf) -> str:
+    """How a violation names a leaf (built only when there is one to report)."""
+    return f"IPA {leaf.ipa:#x} (size {leaf.size:#x})"
+
+
 def _against_host(
-    kvm: Kvm, host: HostMm, leaf: Leaf, slot: KvmMemorySlot, hva: int, where: str
+    kvm: Kvm, host: HostMm, leaf: Leaf, slot: KvmMemorySlot, hva: int
 ) -> list[Violation]:
     """N4 and D1 for each page of one leaf."""
     found = []
@@ -510,7 +516,9 @@ def _against_host(
         first = (leaf.ipa >> kvm.profile.page_shift) - slot.base_gfn
         clean = [n for n in range(leaf.size // page_size) if not bitmap.test_bit(first + n)]
         if clean:
-            found.append(Violation("D1", f"{where} is writable, page {first + clean[0]} clean"))
+            found.append(
+                Violation("D1", f"{_named(leaf)} is writable, page {first + clean[0]} clean")
+            )
     if kvm.mmu_invalidate_in_progress:
         return found
     vma = host.find_vma(hva)
@@ -519,9 +527,11 @@ def _against_host(
         # has filled a PTE for each page yet (it does so on first touch).
         pfn = vma.backing.first_pfn + vma.index(hva, page_size)
         if leaf.pa // page_size != pfn:
-            found.append(Violation("N4", f"{where} maps {leaf.pa:#x}, the VMA maps pfn {pfn:#x}"))
+            found.append(
+                Violation("N4", f"{_named(leaf)} maps {leaf.pa:#x}, the VMA maps pfn {pfn:#x}")
+            )
         elif writable(leaf.pte) and not host.writable(vma, pfn):
-            found.append(Violation("N4", f"{where} is writable over a read-only device VMA"))
+            found.append(Violation("N4", f"{_named(leaf)} is writable over a read-only device VMA"))
         return found
     # A block exactly over a host huge page that no small page of the host shadows: the
     # PMD maps the pages in order, so its first page answers for all of them (looking up
@@ -533,10 +543,10 @@ def _against_host(
         pfn = (leaf.pa + offset) // page_size
         if host_pte is None or host_pte[0] != pfn:
             held = host_pte[0] if host_pte is not None else None
-            found.append(Violation("N4", f"{where} maps pfn {pfn:#x}, the host maps {held}"))
+            found.append(Violation("N4", f"{_named(leaf)} maps pfn {pfn:#x}, the host maps {held}"))
             break
         if writable(leaf.pte) and not host_pte[1]:
-            found.append(Violation("N4", f"{where} is writable over a read-only host page"))
+            found.append(Violation("N4", f"{_named(leaf)} is writable over a read-only host page"))
             break
     return found
 
