@@ -40,7 +40,7 @@ from kvmspec.reference.arm64.descriptors import (
     stage2_pte_is_counted,
     stage2_pte_is_locked,
 )
-from kvmspec.reference.arm64.history import PteWrite, Slot, Stage2History, Tlbi
+from kvmspec.reference.arm64.history import Event, PteWrite, Slot, Stage2History, Tlbi
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.reference.arm64.pgtable import KvmPgtable, TablePage
 from kvmspec.reference.host import Device, HostMm
@@ -73,32 +73,43 @@ def _where(slot: Slot) -> str:
 # -- the history ------------------------------------------------------------------------------
 
 
-class BreakBeforeMake:
+class RecordReader:
+    """A check that reads the stage-2 record incrementally: each :meth:`_unread` hands out
+    the events added since the last one, so a caller checking the same tables after every
+    step reads each event once. ``found`` keeps every violation seen so far."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.found: list[Violation] = []
+
+    def _unread(self, history: Stage2History) -> Iterator[tuple[int, Event]]:
+        """(index, event) for each event of the record not read yet."""
+        events = history.events
+        start, self.read = self.read, len(events)
+        return enumerate(events[start:], start)
+
+
+class BreakBeforeMake(RecordReader):
     """A1: for each entry, a valid value is replaced by a valid one that needs a break only
     if, in between, the entry was made invalid and then a TLBI covering it completed.
-    :meth:`check` reads the record from where its last call stopped, so a caller checking
-    the same tables after every step reads each event once.
+    The record is read incrementally (:class:`RecordReader`).
 
     kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_try_break_pte, stage2_make_pte (v6.18)
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.last_valid: dict[Slot, int] = {}
         # Entries made invalid after being valid, not yet covered by a TLBI since.
         self.pending: dict[Slot, PteWrite] = {}
         self.broken: set[Slot] = set()
-        self.read = 0
-        self.found: list[Violation] = []
 
     def check(self, history: Stage2History) -> list[Violation]:
-        events = history.events
-        for index in range(self.read, len(events)):
-            event = events[index]
+        for _, event in self._unread(history):
             if isinstance(event, Tlbi):
                 self._tlbi(event)
             elif isinstance(event, PteWrite):
                 self._write(event)
-        self.read = len(events)
         return list(self.found)
 
     def _tlbi(self, event: Tlbi) -> None:
@@ -137,30 +148,23 @@ def check_break_before_make(history: Stage2History) -> list[Violation]:
     return BreakBeforeMake().check(history)
 
 
-class LostHardwareUpdates:
+class LostHardwareUpdates(RecordReader):
     """Seed 001: a software write computed from a snapshot of the entry must not undo what
     the hardware set after the snapshot. Losing the dirty state of a DBM descriptor is
     always a bug (a write would go unlogged). Losing an access flag is what the kernel
     accepts from walkers that hold mmu_lock for write (stage2_attr_walker's comment: the
     worst case is a lost access flag update); a shared walker must not, which is why it
     uses cmpxchg (seed 001: RCU and cmpxchg make the lockless test-and-clear safe "against
-    both the hardware and other software page table walkers"). :meth:`check` reads the
-    record from where its last call stopped.
+    both the hardware and other software page table walkers"). The record is read
+    incrementally (:class:`RecordReader`).
 
     kernel: arch/arm64/kvm/hyp/pgtable.c:stage2_try_set_pte, stage2_attr_walker (v6.18)
     """
 
-    def __init__(self) -> None:
-        self.read = 0
-        self.found: list[Violation] = []
-
     def check(self, history: Stage2History) -> list[Violation]:
-        events = history.events
-        for index in range(self.read, len(events)):
-            event = events[index]
+        for _, event in self._unread(history):
             if isinstance(event, PteWrite) and event.actor == "software":
                 self._write(event)
-        self.read = len(events)
         return list(self.found)
 
     def _write(self, event: PteWrite) -> None:
@@ -205,7 +209,7 @@ Window = tuple[int, int]
 """A stretch of the record, [first event, end), during which several walkers ran at once."""
 
 
-class UnlinkedTables:
+class UnlinkedTables(RecordReader):
     """A3's walker half: once an entry pointing at a table is overwritten, that table (and
     every table below it) is out of the tree, waiting for RCU to free it. A walker that
     replaced a table by a block steps over the new block; it never goes on into the table
@@ -214,13 +218,14 @@ class UnlinkedTables:
     land in the dead table, harmlessly. So a write to an unlinked table is allowed only
     when the unlink and the write both fall in one of the ``concurrent`` windows of the
     record, where several walkers were interleaved; everywhere else walkers ran one at a
-    time. :meth:`check` reads the record from where its last call stopped.
+    time. The record is read incrementally (:class:`RecordReader`).
 
     kernel: arch/arm64/kvm/hyp/pgtable.c:__kvm_pgtable_visit, stage2_map_walk_table_pre
     (v6.18)
     """
 
     def __init__(self, pgt: KvmPgtable) -> None:
+        super().__init__()
         geometry = pgt.geometry
         self.page_shift = geometry.page_shift
         self.levels = {
@@ -229,8 +234,6 @@ class UnlinkedTables:
         }
         self.children: dict[int, set[int]] = {}
         self.unlinked: dict[int, int] = {}  # table page -> the event that took it out
-        self.read = 0
-        self.found: list[Violation] = []
 
     def _linked(self, pte: int, size: int) -> int | None:
         level = self.levels.get(size)
@@ -239,12 +242,9 @@ class UnlinkedTables:
         return kvm_pte_to_phys(pte, self.page_shift)
 
     def check(self, history: Stage2History, concurrent: Sequence[Window]) -> list[Violation]:
-        events = history.events
-        for index in range(self.read, len(events)):
-            event = events[index]
+        for index, event in self._unread(history):
             if isinstance(event, PteWrite):
                 self._write(index, event, concurrent)
-        self.read = len(events)
         return list(self.found)
 
     def _write(self, index: int, event: PteWrite, concurrent: Sequence[Window]) -> None:
