@@ -279,7 +279,8 @@ def guest_instruction(
             code = hardware_translate(mmu, vcpu_mmu, rip, False)
             if isinstance(code, int):
                 fault = (rip, code)
-        for part_gva, _start, _length in [] if fault else parts:
+        # The data's pages, once the instruction is in hand.
+        for part_gva, _start, _length in parts if fault is None else []:
             found = hardware_translate(mmu, vcpu_mmu, part_gva, write)
             if isinstance(found, int):
                 fault = (part_gva, found)
@@ -289,6 +290,7 @@ def guest_instruction(
             return _transfer(host, parts, entries, data)
         op = kvm_mmu_page_fault(kvm, host, mmu, vcpu_mmu, vcpu, fault[0], fault[1])
         result = run_to_completion(op)
+        # Under PVM the fault also copies its top-level entry (pvm_top_level.py).
         pvm_sync_faulting_entry(vcpu_mmu, fault[0])
         if result.exception is not None:
             return ShadowAccess(Outcome.SHUTDOWN, exception=result.exception)
