@@ -51,6 +51,12 @@ class AgingContract:
     def _page(self, hva: int) -> int:
         return hva - hva % self.page_size
 
+    @staticmethod
+    def _forget(start: int, end: int, *sets: set[int]) -> None:
+        """Take the pages in [start, end) out of each of ``sets``."""
+        for pages in sets:
+            pages.difference_update([page for page in pages if start <= page < end])
+
     def on_host_access(self, hva: int) -> None:
         self.used.add(self._page(hva))
 
@@ -60,15 +66,13 @@ class AgingContract:
 
     def on_host_drop(self, start: int, end: int) -> None:
         """MADV_DONTNEED or munmap: the pages are gone, and so is what they were used for."""
-        for pages in (self.loose, self.used, self.guest_used):
-            pages.difference_update([page for page in pages if start <= page < end])
+        self._forget(start, end, self.loose, self.used, self.guest_used)
 
     def on_invalidate(self, start: int, end: int) -> None:
         """The host invalidated [start, end) (MADV_DONTNEED, mprotect, migration, munmap):
         KVM dropped every translation of it, and their accessed bits with them; no TLB
         holds a stale one any more."""
-        for pages in (self.loose, self.guest_used):
-            pages.difference_update([page for page in pages if start <= page < end])
+        self._forget(start, end, self.loose, self.guest_used)
 
     def on_host_remap(self, start: int, end: int) -> None:
         """The host collapsed [start, end) into a huge page or split one (MADV_COLLAPSE, a
@@ -77,8 +81,7 @@ class AgingContract:
         a remap that took them away invalidated the range (:meth:`on_invalidate`), and one
         that did not (collapsing a page that is huge already) left every TLB entry, so
         loose pages stay loose."""
-        for pages in (self.used, self.guest_used):
-            pages.difference_update([page for page in pages if start <= page < end])
+        self._forget(start, end, self.used, self.guest_used)
 
     def on_translations_dropped(self) -> None:
         """A memslot DELETE or MOVE returned: KVM may have zapped any translation."""
