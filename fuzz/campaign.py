@@ -164,7 +164,7 @@ def _areas(wanted: Sequence[str], target: str | None, console: Console) -> list[
         areas.append(Area(f"ppc/{PPC64_HV.name}", "reference", ppc_machine(PPC64_HV)))
         areas.append(Area(f"ppc/{PPC64_HV_RADIX.name}", "reference", RadixMachine))
     # The linux-kvm areas open /dev/kvm: only when everything is wanted, or the target, one
-    # of its areas, or a family only it has (guest, differential) is named.
+    # of its areas, or a family that includes them (guest, differential) is named.
     kvm_names = {"linux-kvm", "guest", "differential", *_LINUX_KVM_AREAS}
     kvm_wanted = target == "linux-kvm" or (
         target is None and (not wanted or any(w in kvm_names for w in wanted))

@@ -314,13 +314,14 @@ def check_tlbs(mmu: ShadowMmu) -> list[Violation]:
             continue
         root = vcpu_mmu.root.sp
         if root is not None and vcpu_mmu.top_level is not None and not vcpu_mmu.top_level_stale:
-            for index, spte in sorted(vcpu_mmu.top_level.items()):
-                if root.spt.get(index, 0) != spte:
+            for index, copied in sorted(vcpu_mmu.top_level.items()):
+                held = root.spt.get(index, 0)
+                if held != copied:
                     violations.append(
                         Violation(
                             "X5",
-                            f"vcpu {vcpu_id} PVM top-level copy: entry {index} is {spte:#x},"
-                            f" the root's {root.spt.get(index, 0):#x}, and no flush is due",
+                            f"vcpu {vcpu_id} PVM top-level copy: entry {index} is {copied:#x},"
+                            f" the root's {held:#x}, and no flush is due",
                         )
                     )
         for vpn, entry in vcpu_mmu.tlb.items():
