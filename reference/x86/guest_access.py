@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from errno import ENOSPC
 
 from kvmspec.reference.concurrency import KernelOp, run_to_completion
 from kvmspec.reference.guest_memory import MmioExit, emulator_read_write
@@ -82,6 +83,9 @@ class Outcome(enum.Enum):
     MMIO = "mmio"
     EFAULT = "efault"
     """KVM_RUN fails with EFAULT (the host cannot provide the page)."""
+    ENOSPC = "enospc"
+    """KVM_RUN fails with ENOSPC: the VM is at its shadow-page limit and every page it holds
+    is a root in use (mmu_pages.py)."""
     SHUTDOWN = "shutdown"
     """The guest's walk failed: its #PF has no handler (FINDINGS 5.1)."""
     RETRY = "retry"
@@ -269,7 +273,10 @@ def guest_instruction(
     for _ in range(MAX_FAULTS_PER_ACCESS):
         if vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
             return ShadowAccess(Outcome.DIRTY_RING_FULL)
-        if not vcpu_enter_guest(kvm, host, mmu, vcpu_mmu, KvmGuestMemory(kvm, host)):
+        entered = vcpu_enter_guest(kvm, host, mmu, vcpu_mmu, KvmGuestMemory(kvm, host))
+        if entered == -ENOSPC:
+            return ShadowAccess(Outcome.ENOSPC)
+        if not entered:
             continue  # a request came in on the way: serve it first
         entries: list[TlbEntry] = []
         fault: tuple[int, int] | None = None
@@ -296,6 +303,8 @@ def guest_instruction(
             return ShadowAccess(Outcome.SHUTDOWN, exception=result.exception)
         if result.ret is RetPf.EFAULT:
             return ShadowAccess(Outcome.EFAULT)
+        if result.ret is RetPf.ENOSPC:
+            return ShadowAccess(Outcome.ENOSPC)
         if result.ret in (RetPf.EMULATE, RetPf.WRITE_PROTECTED):
             mmu.stat["pf_emulate"] += 1
             allow_retry = result.ret is RetPf.WRITE_PROTECTED and kvm_mmu_write_protect_fault(

@@ -164,11 +164,29 @@ def kvm_mmu_page_set_access(sp: KvmMmuPage, index: int, access: int) -> None:
     kvm_mmu_page_set_translation(sp, index, kvm_mmu_page_get_gfn(sp, index), access)
 
 
-class ShadowMmuState:
+class MmuPageCounts:
+    """The shadow-page limit's counters of kvm->arch (mmu_pages.py): how many shadow pages
+    are accounted (allocated and not yet zapped for good), how many may be, and what the
+    VMM asked for with KVM_SET_NR_MMU_PAGES (0: never, so the limit follows the memslots).
+    A VM on the TDP MMU keeps them too (the ioctl works there), but accounts no page.
+
+    kernel: arch/x86/include/asm/kvm_host.h:struct kvm_arch (n_used_mmu_pages,
+    n_requested_mmu_pages, n_max_mmu_pages) (v6.18)
+    """
+
+    def __init__(self) -> None:
+        self.n_used_mmu_pages = 0
+        self.n_requested_mmu_pages = 0
+        # No memslot yet: no page may be allocated (the first CREATE sets the default).
+        self.n_max_mmu_pages = 0
+
+
+class ShadowMmuState(MmuPageCounts):
     """The shadow MMU's VM-wide state (the MMU fields of struct kvm_arch), and its vCPUs.
     The KvmArch subclass (shadow_mmu.ShadowMmu) inherits it: this is ``kvm->arch``."""
 
     def __init__(self, masks: SpteMasks, *, pvm_top_level_copy: bool = False) -> None:
+        super().__init__()
         self.masks = masks
         # This machine's PVM backend: vCPUs walk their own copy of the root's top level
         # once the VM has two vCPUs (pvm_top_level.py; the profile's field of that name).

@@ -12,9 +12,11 @@ guest's own tables, and records the result where the hardware looks:
    mmu_invalidate_seq, look up the memslot (none or a write to a READONLY one: emulate;
    INVALID: retry), get the page from the host (EFAULT if it cannot);
 4. under mmu_lock: give up if the root became obsolete or an invalidation covered the gfn
-   since the snapshot (is_page_fault_stale), else build the shadow pages down to the leaf
-   (FNAME(fetch)), each shadowing the guest table the walk read at that level, choose the
-   leaf's size (lpage.kvm_mmu_hugepage_adjust), and set the leaf (set_spte.mmu_set_spte).
+   since the snapshot (is_page_fault_stale); make sure a shadow page is left, recycling old
+   ones if few are (mmu_pages.py: ENOSPC if none can be); then build the shadow pages down
+   to the leaf (FNAME(fetch)), each shadowing the guest table the walk read at that level,
+   choose the leaf's size (lpage.kvm_mmu_hugepage_adjust), and set the leaf
+   (set_spte.mmu_set_spte).
 
 A guest huge page is mapped with a huge leaf when the host backs it with a huge page and
 nothing forbids it (lpage.py); otherwise in smaller pieces through *direct* shadow pages.
@@ -67,6 +69,7 @@ from kvmspec.reference.x86.mmu_page import (
     gfn_round_for_level,
     is_obsolete_sp,
 )
+from kvmspec.reference.x86.mmu_pages import make_mmu_pages_available
 from kvmspec.reference.x86.mmu_spte import (
     link_shadow_page,
 )
@@ -379,7 +382,11 @@ def fname_page_fault(
         try:
             with kvm.mmu_lock.write():
                 if not is_page_fault_stale(kvm, mmu, vcpu_mmu, fault):
-                    ret = fname_fetch(kvm, mmu, mem, vcpu_mmu, fault, walk, vcpu)
+                    # Few pages left: recycle old ones first; none at all fails the fault.
+                    if make_mmu_pages_available(kvm, mmu):
+                        ret = RetPf.ENOSPC
+                    else:
+                        ret = fname_fetch(kvm, mmu, mem, vcpu_mmu, fault, walk, vcpu)
         finally:
             # kvm_mmu_finish_page_fault: release the page, dirty if it may be written.
             if fault.page is not None:

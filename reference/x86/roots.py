@@ -40,6 +40,7 @@ from kvmspec.reference.x86.mmu_page import (
     kvm_mmu_child_role,
     sp_has_gptes,
 )
+from kvmspec.reference.x86.mmu_pages import make_mmu_pages_available
 from kvmspec.reference.x86.page_track import account_shadowed
 from kvmspec.reference.x86.paging import ACC_ALL, PG_LEVEL_4K, PT64_BASE_ADDR_MASK
 from kvmspec.reference.x86.pvm_top_level import pvm_enter_guest
@@ -105,16 +106,17 @@ def kvm_mmu_alloc_shadow_page(
     kvm: Kvm, mmu: ShadowMmuState, gfn: int, role: KvmMmuPageRole
 ) -> KvmMmuPage:
     """A new, empty page at the head of active_mmu_pages and of its gfn's hash list, of the
-    current generation. A page that shadows a guest table protects that table's gfn
-    (account_shadowed).
+    current generation, accounted against the shadow-page limit. A page that shadows a
+    guest table protects that table's gfn (account_shadowed).
 
-    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_alloc_shadow_page (v6.18)
+    kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_alloc_shadow_page, kvm_account_mmu_page (v6.18)
     """
     sp = KvmMmuPage(gfn, role, mmu.next_pfn, mmu.mmu_valid_gen)
     mmu.next_pfn += 1
     mmu.sp_by_pfn[sp.pfn] = sp
     mmu.active_mmu_pages.insert(0, sp)
     mmu.mmu_page_hash.setdefault(gfn, []).insert(0, sp)
+    mmu.n_used_mmu_pages += 1  # kvm_account_mmu_page: counted against the limit (mmu_pages.py)
     if sp_has_gptes(sp):
         account_shadowed(kvm, mmu, sp)
     return sp
@@ -164,10 +166,11 @@ def kvm_mmu_get_child_sp(
 
 def mmu_alloc_shadow_roots(
     kvm: Kvm, mmu: ShadowMmuState, mem: GuestMemory, vcpu_mmu: VcpuMmu
-) -> None:
+) -> int:
     """Load the root for the vCPU's CR3: the level-4 page of the CR3's gfn, pinned by one
     more root_count. A CR3 outside every visible memslot gets the dummy root (every
-    access faults, and the guest's walk then fails).
+    access faults, and the guest's walk then fails). Returns 0, or -ENOSPC when no shadow
+    page is left for the root (mmu_pages.py), the vCPU staying without one.
 
     kernel: arch/x86/kvm/mmu/mmu.c:mmu_alloc_shadow_roots, mmu_alloc_root (v6.18)
     """
@@ -176,23 +179,31 @@ def mmu_alloc_shadow_roots(
     slot = kvm.memslots(0).gfn_to_memslot(root_gfn)
     if not kvm_is_visible_memslot(slot, kvm.profile.user_mem_slots):
         vcpu_mmu.root = KvmMmuRootInfo(0, mmu.dummy_root)
-        return
+        return 0
     with kvm.mmu_lock.write():
+        r = make_mmu_pages_available(kvm, mmu)
+        if r:
+            return r
         role = KvmMmuPageRole(vcpu_mmu.mode.root_level, direct=False, access=ACC_ALL)
         sp = kvm_mmu_get_shadow_page(kvm, mmu, mem, vcpu_mmu, root_gfn, role)
         sp.root_count += 1
         vcpu_mmu.root = KvmMmuRootInfo(root_pgd, sp)
+    return 0
 
 
-def kvm_mmu_load(kvm: Kvm, mmu: ShadowMmuState, mem: GuestMemory, vcpu_mmu: VcpuMmu) -> None:
+def kvm_mmu_load(kvm: Kvm, mmu: ShadowMmuState, mem: GuestMemory, vcpu_mmu: VcpuMmu) -> int:
     """Allocate the root, sync what is unsync below it (an existing page may have been
-    found), then flush the vCPU's TLB: whatever it held came from another root.
+    found), then flush the vCPU's TLB: whatever it held came from another root. Returns 0
+    or the root allocation's negative errno.
 
     kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_load (v6.18)
     """
-    mmu_alloc_shadow_roots(kvm, mmu, mem, vcpu_mmu)
+    r = mmu_alloc_shadow_roots(kvm, mmu, mem, vcpu_mmu)
+    if r:
+        return r
     kvm_mmu_sync_roots(kvm, mmu, mem, vcpu_mmu)
     vcpu_mmu.flush_tlb()
+    return 0
 
 
 def mmu_free_root_page(
@@ -321,15 +332,16 @@ def kvm_set_cr3(kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, cr3: int) -> N
 
 def vcpu_enter_guest(
     kvm: Kvm, host: HostMm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, mem: GuestMemory
-) -> bool:
+) -> int:
     """What the vCPU does about the MMU before entering the guest: serve its requests
     (drop obsolete roots, sync unsync pages, flush the TLB, reload the APIC-access page's
     address), then load a root if it has none (and, under PVM, take the vCPU's copy of its
     top level: pvm_top_level.py). ``mem`` is guest memory as KVM reads it (the
     guest PTEs a sync compares), ``host`` the VMM's memory (where the APIC-access page is
-    looked up). Returns whether the vCPU entered: a request made while serving the others
-    (an APIC-access reload that met an invalidation asks for itself again) cancels the
-    entry, and the caller comes back here first.
+    looked up). Returns 1 when the vCPU entered; 0 when a request made while serving the
+    others (an APIC-access reload that met an invalidation asks for itself again) cancelled
+    the entry, and the caller comes back here first; a negative errno when KVM_RUN fails
+    (-ENOSPC: no shadow page was left for the root).
 
     kernel: arch/x86/kvm/x86.c:vcpu_enter_guest, kvm_vcpu_exit_request;
     arch/x86/kvm/mmu.h:kvm_mmu_reload (v6.18)
@@ -347,6 +359,8 @@ def vcpu_enter_guest(
         vcpu_mmu.requests.discard(KVM_REQ_APIC_PAGE_RELOAD)
         kvm_vcpu_reload_apic_access_page(kvm, host, vcpu_mmu)
     if vcpu_mmu.root.sp is None:
-        kvm_mmu_load(kvm, mmu, mem, vcpu_mmu)
+        r = kvm_mmu_load(kvm, mmu, mem, vcpu_mmu)
+        if r:
+            return r
     pvm_enter_guest(kvm, mmu, vcpu_mmu)
-    return KVM_REQ_APIC_PAGE_RELOAD not in vcpu_mmu.requests
+    return int(KVM_REQ_APIC_PAGE_RELOAD not in vcpu_mmu.requests)

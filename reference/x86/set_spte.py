@@ -55,6 +55,9 @@ class RetPf(enum.Enum):
     SPURIOUS = "spurious"
     EFAULT = "efault"
     """KVM_RUN fails with EFAULT: the host cannot provide the page."""
+    ENOSPC = "enospc"
+    """KVM_RUN fails with ENOSPC: no shadow page could be recycled for the fault
+    (mmu_pages.py)."""
 
 
 @dataclass(slots=True)

@@ -40,6 +40,7 @@ from kvmspec.reference.x86.apic_access import KVM_REQ_APIC_PAGE_RELOAD, apic_acc
 from kvmspec.reference.x86.lpage import kvm_alloc_memslot_lpage_info, kvm_mmu_max_mapping_level
 from kvmspec.reference.x86.mmio_spte import kvm_mmu_invalidate_mmio_sptes
 from kvmspec.reference.x86.mmu_page import ShadowMmuState
+from kvmspec.reference.x86.mmu_pages import kvm_mmu_commit_default_mmu_pages
 from kvmspec.reference.x86.mmu_spte import (
     drop_spte,
     kvm_mmu_slot_gfn_write_protect,
@@ -110,6 +111,7 @@ class ShadowMmu(ShadowMmuState, KvmArch):
         change: MrChange,
     ) -> None:
         super().kvm_arch_commit_memory_region(kvm, old, new, change)
+        kvm_mmu_commit_default_mmu_pages(kvm, self, change)
         if new is not None and change is MrChange.FLAGS_ONLY and old is not None:
             self.kvm_mmu_slot_apply_flags(kvm, old, new)
         if change is MrChange.MOVE and old is not None:

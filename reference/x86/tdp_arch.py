@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from kvmspec.reference.arch import KvmArch
 from kvmspec.reference.concurrency import KernelOp, WaitUntil, run_to_completion
 from kvmspec.reference.mmu_notifier import KvmGfnRange
+from kvmspec.reference.x86.mmu_pages import kvm_mmu_commit_default_mmu_pages
 from kvmspec.reference.x86.paging import PG_LEVEL_2M, PG_LEVEL_4K
 from kvmspec.reference.x86.spte import SpteMasks
 from kvmspec.reference.x86.tdp_mmu import (
@@ -95,6 +96,7 @@ class TdpMmu(TdpMmuState, KvmArch):
         change: MrChange,
     ) -> None:
         super().kvm_arch_commit_memory_region(kvm, old, new, change)
+        kvm_mmu_commit_default_mmu_pages(kvm, self, change)
         if new is not None and old is not None and change is MrChange.FLAGS_ONLY:
             self.kvm_mmu_slot_apply_flags(kvm, old, new)
 

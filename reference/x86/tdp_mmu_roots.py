@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvmspec.reference.x86.mmu_page import MmuPageCounts
 from kvmspec.reference.x86.paging import PT64_ROOT_4LEVEL
 from kvmspec.reference.x86.spte import SpteMasks
 from kvmspec.reference.x86.tdp_iter import TdpMmuPage, TdpTables
@@ -53,7 +54,7 @@ class TdpVcpu:
         self.tlb.clear()
 
 
-class TdpMmuState:
+class TdpMmuState(MmuPageCounts):
     """kvm->arch for a VM on the TDP MMU: the SPTE format, the tables, the root list
     (newest first, as list_add_rcu puts them), the page statistics (leaf SPTEs per level,
     kvm->stat.pages), the count of non-root page tables in use (tdp_mmu_pages), and the
@@ -62,6 +63,7 @@ class TdpMmuState:
     write-protecting."""
 
     def __init__(self, masks: SpteMasks, pml: bool = False) -> None:
+        super().__init__()
         self.masks = masks
         self.pml = pml
         self.tables = TdpTables()

@@ -141,6 +141,8 @@ def kvm_mmu_prepare_zap_page(
         if not sp.role.invalid:
             mmu.active_mmu_pages.remove(sp)
         invalid_list.append(sp)
+        # kvm_unaccount_mmu_page: a root in use stays counted until its last user puts it.
+        mmu.n_used_mmu_pages -= 1
     else:
         if not sp.role.invalid:
             mmu.active_mmu_pages.remove(sp)
