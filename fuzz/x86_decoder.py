@@ -39,6 +39,7 @@ from kvmspec.fuzz.x86_harness import (
     DATA_SLOT_PLACES,
     DONTNEED_PAGES,
     HOST_WRITE_SIZES,
+    MMU_PAGE_LIMITS,
     NO_SLOT_GFN,
     NX,
     OFFSETS,
@@ -125,6 +126,7 @@ SHADOW_KINDS: tuple[Kind, ...] = (
     ),
     Kind("guest_restrict", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("bit", RESTRICTIONS))),
     Kind("release"),
+    Kind("set_mmu_page_limit", (("pages", MMU_PAGE_LIMITS),)),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -209,6 +211,22 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_read", (0, 0, 0)),
             ("guest_remap", (1, 0, None, False)),
             ("guest_read", (0, 0, 0)),
+        ),
+    ),
+    "shadow-page-limit": (
+        "shadow",
+        (
+            ("guest_read", (0, 0, 0)),
+            ("switch_cr3", (1, PML4_2)),
+            ("guest_read", (1, 1, 0)),
+            ("set_mmu_page_limit", (MMU_PAGE_LIMITS[0],)),  # the oldest non-roots go now
+            ("guest_write", (0, 2, 5)),  # each fault recycles: fewer than 5 pages are left
+            ("guest_read", (1, 2, 5)),
+            ("guest_read_apic", (0, 0)),
+            ("set_mmu_page_limit", (MMU_PAGE_LIMITS[1],)),
+            ("guest_write", (1, 3, 7)),
+            ("change_data_slot", (None,)),  # a DELETE sets the memslot default again
+            ("guest_read", (0, 3, 0)),
         ),
     ),
     "shadow-fast-zap": (

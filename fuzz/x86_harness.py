@@ -79,6 +79,7 @@ from kvmspec.reference.x86.mmu_page import (
     kvm_mmu_page_get_gfn,
     sp_has_gptes,
 )
+from kvmspec.reference.x86.mmu_pages import kvm_mmu_change_mmu_pages
 from kvmspec.reference.x86.paging import (
     ACC_EXEC_MASK,
     ACC_USER_MASK,
@@ -99,6 +100,7 @@ from kvmspec.spec.invariants.x86 import (
     check_released,
     check_shadow_mmu,
 )
+from kvmspec.spec.invariants.x86_page_limit import check_enospc
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.constants import (
     KVM_X86_QUIRK_SLOT_ZAP_ALL,
@@ -178,6 +180,11 @@ HOST_WRITE_SIZES = tuple(range(1, 9))
 DONTNEED_PAGES = (1, 2, 3)
 DATA_SLOT_PLACES: tuple[int | None, ...] = (DATA_GFN, 64, None)
 """Where the data slot may be: its first place, a second (MOVE), or deleted."""
+MMU_PAGE_LIMITS = (len(PML4S) + 1, 6, 64)
+"""Shadow-page limits for :meth:`ShadowHarness.set_mmu_page_limit`: one page more than the
+guest has PML4s (every root is the shadow of one, so recycling always finds a page to take,
+and no access may fail with ENOSPC), one that some faults must recycle for, and the
+default."""
 
 
 def leaves_follow_guest_ptes(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[str]:
@@ -296,10 +303,18 @@ class ShadowHarness:
         kvm_set_cr3(self.kvm, self.mmu, self.mmu.vcpu_mmu(vcpu_id), pml4 * PAGE)
 
     def read(self, gva: int, size: int = 4, vcpu_id: int = 0) -> ShadowAccess:
-        return guest_instruction(self.kvm, self.host, vcpu_id, gva, None, size)
+        return self._enospc_judged(guest_instruction(self.kvm, self.host, vcpu_id, gva, None, size))
 
     def write(self, gva: int, data: bytes, vcpu_id: int = 0) -> ShadowAccess:
-        return guest_instruction(self.kvm, self.host, vcpu_id, gva, data)
+        return self._enospc_judged(guest_instruction(self.kvm, self.host, vcpu_id, gva, data))
+
+    def _enospc_judged(self, access: ShadowAccess) -> ShadowAccess:
+        """An access KVM_RUN failed with ENOSPC for must have had no page left to recycle
+        (X12). The harness's limits always leave one (MMU_PAGE_LIMITS), so the access's own
+        expectation reports it too."""
+        if access.outcome is Outcome.ENOSPC:
+            self.found += [str(v) for v in check_enospc(self.mmu)]
+        return access
 
     def guest_set_pte(self, index: int, value: int, vcpu_id: int = 0) -> ShadowAccess:
         """The guest rewrites entry ``index`` of its PT through its own mapping of it."""
@@ -574,6 +589,16 @@ class ShadowHarness:
         self.log(f"data slot to {where} -> errno {errno}")
         if errno == 0:
             self.data_base = where
+
+    def set_mmu_page_limit(self, pages: int) -> None:
+        """The VM's shadow-page limit becomes ``pages`` (kvm_mmu_change_mmu_pages): the
+        oldest pages above it are zapped now, and later faults recycle old pages whenever
+        fewer than 5 are left. This VM holds a dozen shadow pages at most, far below the
+        smallest limit KVM_SET_NR_MMU_PAGES accepts (64), so the harness sets the limit
+        through the kernel function the ioctl and the memslot default both call. The next
+        memslot CREATE or DELETE sets the default again, as no VMM asked for a limit."""
+        kvm_mmu_change_mmu_pages(self.kvm, self.mmu, pages)
+        self.log(f"shadow-page limit {pages}: {self.mmu.n_used_mmu_pages} pages held")
 
     def release(self) -> None:
         """The VMM exits: the host tears its address space down, and the MMU notifier's

@@ -27,6 +27,7 @@ from kvmspec.fuzz.x86_harness import (
     DATA_SLOT_PLACES,
     DONTNEED_PAGES,
     HOST_WRITE_SIZES,
+    MMU_PAGE_LIMITS,
     OFFSETS,
     PML4S,
     REMAP_TARGETS,
@@ -174,6 +175,11 @@ class X86Machine(RuleBasedStateMachine):
     @rule()
     def release(self) -> None:
         self._do("release")
+
+    @precondition(_shadow)
+    @rule(pages=st.sampled_from(MMU_PAGE_LIMITS))
+    def set_mmu_page_limit(self, pages: int) -> None:
+        self._do("set_mmu_page_limit", pages)
 
     # -- the huge layout ----------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ CROSSHAIR = (
 )
 _MEMSLOTS = "tests/test_reference_memslots.py::"
 _X86_SHADOW = "tests/test_x86_shadow_mmu.py::"
+_X86_PAGES = "tests/test_x86_mmu_pages.py::"
 _X86_HUGE = "tests/test_x86_huge.py::"
 _X86_SPTE = "tests/test_x86_spte.py::"
 _ARM64 = "tests/test_arm64_stage2.py::"
@@ -320,8 +321,21 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         " with the current generation), not yet settled as kernel bug or allowed looseness",
     ),
     "X12": (
-        f"{NOT_CHECKED}: the shadow-page limit (KVM_SET_NR_MMU_PAGES, make_mmu_pages_available,"
-        " the shrinker) is not modelled",
+        SHADOW_MMU.format(
+            "check_mmu_page_limit of spec/invariants/x86_page_limit.py: the count is the pages"
+            " held, and within the limit's overshoot; the harness's set_mmu_page_limit action"
+            " makes faults recycle, and check_enospc judges any access that fails with ENOSPC"
+        ),
+        _scenario(_X86_PAGES, "test_a_lower_limit_recycles_the_oldest_pages_that_are_no_root"),
+        _scenario(
+            _X86_PAGES, "test_a_limit_no_larger_than_the_roots_in_use_fails_kvm_run_with_enospc"
+        ),
+        _scenario(_X86_PAGES, "test_a_fault_that_never_recycles_is_caught"),
+        _scenario(_X86_PAGES, "test_an_allocation_left_uncounted_is_caught"),
+        _scenario(_X86_PAGES, "test_the_x86_machine_finds_a_limit_that_recycling_ignores"),
+        _scenario(
+            _X86_PAGES, "test_create_and_delete_recompute_the_default_move_and_flags_only_do_not"
+        ),
     ),
     "X13": (
         TDP_MMU.format("check_frozen"),

@@ -839,11 +839,18 @@ rule(
     "X12",
     "invariant",
     "x86-mmu",
-    """The number of shadow pages stays within n_max_mmu_pages once the next
-    make_mmu_pages_available has run: the oldest non-root pages are zapped, or the fault
-    fails with ENOSPC.""",
+    """KVM counts every shadow page it holds (n_used_mmu_pages), and the count stays within
+    n_max_mmu_pages but for what one fault may add after the soft check (a page per level
+    below the root): before a fault or a root load allocates, the oldest pages that are no
+    vCPU's root are recycled when fewer than 5 are free, and KVM_RUN fails with ENOSPC only
+    when every page held is a root in use. The limit follows the memslots (a shadow page per
+    50 guest pages, at least 64) until KVM_SET_NR_MMU_PAGES sets it (at least 64, else
+    EINVAL).""",
     KernelCitation(X86_MMU, "make_mmu_pages_available"),
     KernelCitation(X86_MMU, "kvm_mmu_zap_oldest_mmu_pages"),
+    KernelCitation(X86_MMU, "kvm_mmu_change_mmu_pages"),
+    KernelCitation("arch/x86/kvm/x86.c", "kvm_vm_ioctl_set_nr_mmu_pages"),
+    KernelCitation("arch/x86/kvm/x86.c", "kvm_arch_commit_memory_region"),
 )
 rule(
     "X13",

@@ -6,7 +6,8 @@ writable-bit states of every leaf (X3), the write protection of shadowed guest p
 tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' TLBs (X5), the
 leaves against the host's page tables (N4), the huge-page counts (X8), every huge leaf
 (X9), dirty-logged slots mapping nothing writable larger than 4K (D4), the MMIO SPTEs'
-generations (X11), the unsync pages and their parents' bitmaps (X7), and seed 004's
+generations (X11), the unsync pages and their parents' bitmaps (X7), the shadow-page limit (X12,
+x86_page_limit.py), and seed 004's
 private pages: never pinned, and the vCPUs' APIC-access address current.
 ``check_shadow_mmu`` runs them all; ``check_released`` is what must hold once the VMM's
 address space is gone (X5).
@@ -49,6 +50,7 @@ from kvmspec.reference.x86.spte import (
 )
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH
 from kvmspec.spec.invariants import Violation
+from kvmspec.spec.invariants.x86_page_limit import check_mmu_page_limit
 from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SHIFT, PAGE_SIZE
 
 Leaves = list[tuple[SptePtr, int]]
@@ -536,6 +538,7 @@ def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
         *check_tlbs(mmu),
         *check_lpage_info(kvm, mmu),
         *check_apic_access_addr(kvm, mmu, host),
+        *check_mmu_page_limit(mmu),
         *(Violation(rule, f"WARN: {message}") for rule, message in kvm.warnings),
     ]
     if mmu.sp_by_pfn:
