@@ -133,6 +133,15 @@ class CheckExtension(Operation):
 
 
 @dataclass(frozen=True, slots=True)
+class SetNrMmuPages(Operation):
+    """KVM_SET_NR_MMU_PAGES on the VM fd: x86's shadow-page limit, passed as the ioctl's
+    argument itself (at least 64)."""
+
+    NAME: ClassVar[str] = "set_nr_mmu_pages"
+    nr_mmu_pages: int
+
+
+@dataclass(frozen=True, slots=True)
 class CreateVcpu(Operation):
     """KVM_CREATE_VCPU."""
 
@@ -273,6 +282,7 @@ OPERATIONS: dict[str, type[Operation]] = {
         ClearDirtyLog,
         EnableCap,
         CheckExtension,
+        SetNrMmuPages,
         CreateVcpu,
         ResetDirtyRings,
         GuestWrite,

@@ -39,6 +39,8 @@ def kvm_vm_ioctl_check_extension(kvm: Kvm, cap: int) -> int:
         "KVM_CAP_USER_MEMORY": 1,
         "KVM_CAP_JOIN_MEMORY_REGIONS_WORKS": 1,
         "KVM_CAP_SYNC_MMU": 1,
+        # x86 answers it in kvm_vm_ioctl_check_extension: KVM_SET_NR_MMU_PAGES exists.
+        "KVM_CAP_MMU_SHADOW_CACHE_CONTROL": int(profile.arch == "x86_64"),
         "KVM_CAP_NR_MEMSLOTS": profile.user_mem_slots,
         "KVM_CAP_READONLY_MEM": int(profile.has_readonly_mem),
         # With one address space the capability is not compiled in, so it answers 0.

@@ -1,6 +1,7 @@
 """The shadow-page limit (reference/x86/mmu_pages.py) and X12 (spec/invariants/x86_page_limit.py):
 accounting, recycling oldest first, ENOSPC only when every page held is a root in use,
-KVM_SET_NR_MMU_PAGES, the memslot default, and planted bugs the checks catch."""
+KVM_SET_NR_MMU_PAGES (and its trace operation on every architecture), the memslot default,
+and planted bugs the checks catch."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
 from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.ops import CheckExtension, SetNrMmuPages
 from kvmspec.fuzz.profiles import bug_hunt
+from kvmspec.fuzz.targets.reference import ReferenceTarget
 from kvmspec.fuzz.x86_harness import DATA_GFN, DATA_PAGES, MMU_PAGE_LIMITS, PML4_2, ShadowHarness
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference import kvm_main
@@ -28,7 +31,7 @@ from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.spte import LEGACY_MASKS_HERE
 from kvmspec.reference.x86.tdp_arch import TdpMmu
 from kvmspec.spec.invariants.x86_page_limit import check_enospc, check_mmu_page_limit, held_pages
-from kvmspec.spec.platforms import DEFAULT_PROFILE, X86_64
+from kvmspec.spec.platforms import ARM64, DEFAULT_PROFILE, PPC64_HV, X86_64, PlatformProfile
 from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
@@ -191,3 +194,25 @@ def test_the_x86_machine_finds_a_limit_that_recycling_ignores(
     machine.TestCase.settings = bug_hunt(400)
     with pytest.raises(RulesBroken, match="X12"):
         run_state_machine_as_test(machine, settings=bug_hunt(400))
+
+
+@pytest.mark.parametrize(
+    ("profile", "small", "large", "capability"),
+    [
+        (DEFAULT_PROFILE, "EINVAL", 0, 1),
+        (X86_64, "EINVAL", 0, 1),
+        (ARM64, "EINVAL", "EINVAL", 0),
+        (PPC64_HV, "ENOTTY", "ENOTTY", 0),
+    ],
+)
+def test_the_trace_operation_answers_as_each_architecture_does(
+    profile: PlatformProfile, small: str, large: str | int, capability: int
+) -> None:
+    """x86 has the ioctl (the shadow MMU's VM keeps the limit; the flat MMU standing in for
+    the TDP MMU only checks it); arm64 and POWER answer an unknown VM ioctl."""
+    target = ReferenceTarget(profile)
+    assert target.apply(SetNrMmuPages(63)) == {"errno": small}
+    assert target.apply(SetNrMmuPages(1 << 20)) == {"errno": large}
+    assert target.apply(CheckExtension("KVM_CAP_MMU_SHADOW_CACHE_CONTROL"))["result"] == capability
+    if isinstance(target.kvm.arch, ShadowMmu):
+        assert target.kvm.arch.n_max_mmu_pages == target.kvm.arch.n_requested_mmu_pages == 1 << 20

@@ -58,6 +58,7 @@ from kvmspec.fuzz.ops import (
     Operation,
     RegionAddr,
     ResetDirtyRings,
+    SetNrMmuPages,
     SetUserMemoryRegion,
     SetUserMemoryRegion2,
 )
@@ -159,6 +160,7 @@ KVM_GET_API_VERSION = ioc(_NONE, 0x00, 0)
 KVM_CREATE_VM = ioc(_NONE, 0x01, 0)
 KVM_CHECK_EXTENSION = ioc(_NONE, 0x03, 0)
 KVM_CREATE_VCPU = ioc(_NONE, 0x41, 0)
+KVM_SET_NR_MMU_PAGES = ioc(_NONE, 0x44, 0)
 KVM_GET_DIRTY_LOG = ioc(_W, 0x42, _DIRTY_LOG.size)
 KVM_SET_USER_MEMORY_REGION = ioc(_W, 0x46, _REGION_SIZE)
 KVM_SET_USER_MEMORY_REGION2 = ioc(_W, 0x49, _REGION2_SIZE)
@@ -301,6 +303,7 @@ class LinuxKvmTarget:
             ClearDirtyLog: self._clear_dirty_log,
             EnableCap: self._enable_cap,
             CheckExtension: self._check_extension,
+            SetNrMmuPages: self._set_nr_mmu_pages,
             CreateVcpu: self._create_vcpu,
             ResetDirtyRings: self._reset_dirty_rings,
             GuestWrite: self._guest_access,
@@ -479,6 +482,11 @@ class LinuxKvmTarget:
         if code:
             return _result(code)
         return {"errno": 0, "result": result}
+
+    def _set_nr_mmu_pages(self, op: SetNrMmuPages) -> Observation:
+        # The limit is the argument itself, not a pointer to it.
+        code, _ = ioctl_errno(self.vm_fd, KVM_SET_NR_MMU_PAGES, ctypes.c_ulong(op.nr_mmu_pages))
+        return _result(code)
 
     def _create_vcpu(self, op: CreateVcpu) -> Observation:
         code, fd = ioctl_errno(self.vm_fd, KVM_CREATE_VCPU, ctypes.c_ulong(op.id))

@@ -40,11 +40,13 @@ from kvmspec.fuzz.ops import (
     Operation,
     RegionAddr,
     ResetDirtyRings,
+    SetNrMmuPages,
     SetUserMemoryRegion,
     SetUserMemoryRegion2,
 )
 from kvmspec.fuzz.targets.shadow_guest import ShadowGuest
 from kvmspec.reference.arch import KvmArch
+from kvmspec.reference.arch_vm_ioctl import kvm_arch_vm_ioctl_set_nr_mmu_pages
 from kvmspec.reference.capabilities import kvm_vm_ioctl_check_extension, kvm_vm_ioctl_enable_cap
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.dirty_log import (
@@ -78,7 +80,8 @@ def _result(errno: int, **extra: object) -> Observation:
 
 def make_arch(profile: PlatformProfile) -> KvmArch:
     """The MMU of a model VM for ``profile``: the shadow MMU where the profile's KVM uses
-    shadow paging, else the flat MMU (the TDP, stage-2 and HPT MMUs are not modelled yet)."""
+    shadow paging, else the flat MMU (the TDP, stage-2 and HPT models run in their own
+    harnesses, not behind traces yet)."""
     if profile.mmu == "shadow":
         return ShadowMmu(
             spte_masks_for_profile(profile), pvm_top_level_copy=profile.pvm_top_level_copy
@@ -140,6 +143,10 @@ class ReferenceTarget:
             return _result(kvm_vm_ioctl_enable_cap(kvm, CAPABILITIES[op.cap], op.flags, op.args))
         if isinstance(op, CheckExtension):
             return _result(0, result=kvm_vm_ioctl_check_extension(kvm, CAPABILITIES[op.cap]))
+        if isinstance(op, SetNrMmuPages):
+            return _result(
+                run_to_completion(kvm_arch_vm_ioctl_set_nr_mmu_pages(kvm, op.nr_mmu_pages))
+            )
         if isinstance(op, CreateVcpu):
             return _result(kvm_vm_ioctl_create_vcpu(kvm, op.id))
         if isinstance(op, ResetDirtyRings):

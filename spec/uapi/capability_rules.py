@@ -36,6 +36,9 @@ def check_extension_answer(profile: PlatformProfile, name: str) -> int:
         return 1
     if name == "KVM_CAP_NR_MEMSLOTS":
         return profile.user_mem_slots
+    if name == "KVM_CAP_MMU_SHADOW_CACHE_CONTROL":
+        # The shadow-page limit (KVM_SET_NR_MMU_PAGES) is x86's alone.
+        return 1 if profile.arch == "x86_64" else 0
     if name == "KVM_CAP_READONLY_MEM":
         return 1 if profile.has_readonly_mem else 0
     if name == "KVM_CAP_MULTI_ADDRESS_SPACE":

@@ -53,6 +53,7 @@ KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
 
 # Capability numbers (uapi/linux/kvm.h). Only the ones the memory subsystem answers.
 CAPABILITIES: dict[str, int] = {
+    "KVM_CAP_MMU_SHADOW_CACHE_CONTROL": 2,
     "KVM_CAP_USER_MEMORY": 3,
     "KVM_CAP_JOIN_MEMORY_REGIONS_WORKS": 30,
     "KVM_CAP_NR_MEMSLOTS": 10,

@@ -9,7 +9,7 @@
  *
  * It drives one real VM through /dev/kvm, the way any VMM would, for a subset of the
  * operations: mmap, set_user_memory_region, set_user_memory_region2, create_guest_memfd,
- * get_dirty_log, clear_dirty_log, check_extension, enable_cap
+ * get_dirty_log, clear_dirty_log, check_extension, set_nr_mmu_pages, enable_cap
  * (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 only), create_vcpu and reset_dirty_rings. Every other
  * operation is answered {"unsupported": "<op>"}, which kvmspec reports as skipped, not
  * failed. An input it cannot read ends the program with status 2 and one line on standard
@@ -99,6 +99,7 @@ struct kvm_enable_cap {
 #define KVM_ENABLE_CAP _IOW(KVMIO, 0xa3, struct kvm_enable_cap)
 #define KVM_CLEAR_DIRTY_LOG _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)
 #define KVM_RESET_DIRTY_RINGS _IO(KVMIO, 0xc7)
+#define KVM_SET_NR_MMU_PAGES _IO(KVMIO, 0x44)
 #define KVM_CREATE_GUEST_MEMFD _IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)
 
 /* The capabilities a trace can name (the `cap` field kind), with their numbers. */
@@ -106,6 +107,7 @@ static const struct {
 	const char *name;
 	unsigned long number;
 } capabilities[] = {
+	{"KVM_CAP_MMU_SHADOW_CACHE_CONTROL", 2},
 	{"KVM_CAP_USER_MEMORY", 3},
 	{"KVM_CAP_NR_MEMSLOTS", 10},
 	{"KVM_CAP_SYNC_MMU", 16},
@@ -804,6 +806,14 @@ static void op_check_extension(const struct object *o)
 		printf("{\"errno\": 0, \"result\": %d}\n", result);
 }
 
+/* KVM_SET_NR_MMU_PAGES: the limit is the ioctl's argument itself, not a pointer. */
+static void op_set_nr_mmu_pages(const struct object *o)
+{
+	unsigned long pages = (unsigned long)get_u64(o, "nr_mmu_pages");
+
+	answer_errno(ioctl(vmm.vm_fd, KVM_SET_NR_MMU_PAGES, pages) < 0 ? errno : 0);
+}
+
 /* KVM_ENABLE_CAP, for KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 only: the dirty-ring capabilities
  * would need the ring mapped from each vCPU, which this example does not do. */
 static void op_enable_cap(const struct object *o)
@@ -836,6 +846,7 @@ static const struct {
 	{"get_dirty_log", op_get_dirty_log},
 	{"clear_dirty_log", op_clear_dirty_log},
 	{"check_extension", op_check_extension},
+	{"set_nr_mmu_pages", op_set_nr_mmu_pages},
 	{"enable_cap", op_enable_cap},
 };
 
