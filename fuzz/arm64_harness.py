@@ -614,7 +614,7 @@ class Arm64Harness:
     def _violations(self, leaves: list[Leaf] | None = None) -> list[Violation]:
         found = list(self.monitor.check())
         if self.mmu.pgt is not None:
-            found += check_stage2(self.mmu.pgt, self.concurrent, self.readers)
+            found += check_stage2(self.mmu.pgt, self.concurrent, self.readers, leaves)
         if self.host.notifier is not None:
             found += check_stage2_translations(self.kvm, self.mmu, self.host, leaves)
         return found

@@ -21,7 +21,7 @@ and the vCPUs' TLBs against the leaves (A1, A7), between actions of the arm64 ha
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from kvmspec.reference.arm64.descriptors import (
@@ -43,7 +43,7 @@ from kvmspec.reference.arm64.descriptors import (
 from kvmspec.reference.arm64.history import Event, PteWrite, Slot, Stage2History, Tlbi
 from kvmspec.reference.arm64.mmu import Arm64Mmu
 from kvmspec.reference.arm64.pgtable import KvmPgtable, TablePage
-from kvmspec.reference.host import Device, HostMm
+from kvmspec.reference.host import Device, HostMm, Vma
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.spec.invariants import Violation
@@ -364,36 +364,30 @@ def check_no_freed_table_reachable(
     ]
 
 
-def check_leaves(pgt: KvmPgtable, tables: Tables | None = None) -> list[Violation]:
+def check_leaves(pgt: KvmPgtable, leaves: Iterable[Leaf] | None = None) -> list[Violation]:
     """A4 and A6 for every valid leaf: a block sits only at a level that allows blocks,
     with its IPA and its output address aligned to its size; a leaf of device memory is
-    never executable.
+    never executable. ``leaves``: :func:`stage2_leaves` of the tables now, when the caller
+    has them.
 
     kernel: arch/arm64/kvm/hyp/pgtable.c:kvm_block_mapping_supported,
     stage2_set_prot_attr (v6.18)
     """
     geometry = pgt.geometry
     found = []
-    for page, level, base in _reachable(pgt) if tables is None else tables:
-        granule = geometry.kvm_granule_size(level)
-        for index, pte in sorted(page.entries.items()):
-            if not kvm_pte_valid(pte) or kvm_pte_table(pte, level):
-                continue
-            ipa = base + index * granule
-            pa = kvm_pte_to_phys(pte, geometry.page_shift)
-            if not geometry.kvm_level_supports_block_mapping(level):
-                found.append(Violation("A4", f"a block at level {level} (IPA {ipa:#x})"))
-            if ipa % granule or pa % granule:
-                found.append(
-                    Violation(
-                        "A4",
-                        f"level {level} leaf IPA {ipa:#x} -> PA {pa:#x} is not aligned to "
-                        f"{granule:#x}",
-                    )
+    for ipa, size, pa, pte, level in stage2_leaves(pgt) if leaves is None else leaves:
+        if not geometry.kvm_level_supports_block_mapping(level):
+            found.append(Violation("A4", f"a block at level {level} (IPA {ipa:#x})"))
+        if ipa % size or pa % size:
+            found.append(
+                Violation(
+                    "A4",
+                    f"level {level} leaf IPA {ipa:#x} -> PA {pa:#x} is not aligned to {size:#x}",
                 )
-            device = field_get(KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR, pte) == MT_S2_DEVICE_nGnRE
-            if device and not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN:
-                found.append(Violation("A6", f"device memory at IPA {ipa:#x} is executable"))
+            )
+        device = field_get(KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR, pte) == MT_S2_DEVICE_nGnRE
+        if device and not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN:
+            found.append(Violation("A6", f"device memory at IPA {ipa:#x} is executable"))
     return found
 
 
@@ -401,13 +395,14 @@ def check_leaves(pgt: KvmPgtable, tables: Tables | None = None) -> list[Violatio
 
 
 class Leaf(NamedTuple):
-    """A valid stage-2 leaf: [ipa, ipa + size) -> pa, with its descriptor. (A named tuple:
-    the checks list every leaf after every step.)"""
+    """A valid stage-2 leaf: [ipa, ipa + size) -> pa, with its descriptor and the level of
+    its table. (A named tuple: the checks list every leaf after every step.)"""
 
     ipa: int
     size: int
     pa: int
     pte: int
+    level: int
 
 
 def stage2_leaves(pgt: KvmPgtable) -> Iterator[Leaf]:
@@ -418,7 +413,7 @@ def stage2_leaves(pgt: KvmPgtable) -> Iterator[Leaf]:
         for index, pte in page.entries.items():
             if kvm_pte_valid(pte) and not kvm_pte_table(pte, level):
                 pa = kvm_pte_to_phys(pte, geometry.page_shift)
-                yield Leaf(base + index * granule, granule, pa, pte)
+                yield Leaf(base + index * granule, granule, pa, pte, level)
 
 
 def writable(pte: int) -> bool:
@@ -458,6 +453,8 @@ def check_stage2_translations(
     initially_set = bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
     memslots = kvm.memslots(0)
     slot: KvmMemorySlot | None = None
+    # Leaves come in IPA order: most lie in the slot and the VMA of the leaf before.
+    vma: Vma | None = None
     for leaf in by_ipa.values():
         gfn = leaf.ipa >> shift
         if slot is None or not slot.base_gfn <= gfn < slot.end_gfn:
@@ -477,7 +474,9 @@ def check_stage2_translations(
                 found.append(Violation("A4", f"writable block {_named(leaf)} in logged {slot}"))
         if writable(leaf.pte) and slot.readonly:
             found.append(Violation("C-MMIO", f"{_named(leaf)} is writable in READONLY {slot}"))
-        found += _against_host(kvm, host, leaf, slot, hva)
+        if vma is None or not vma.start <= hva < vma.end:
+            vma = host.find_vma(hva)
+        _against_host(kvm, host, leaf, slot, hva, vma, found)
     for vcpu_id, tlb in pgt.mmu.tlbs.items():
         for entry in tlb.values():
             cached = by_ipa.get(entry.ipa)
@@ -506,10 +505,16 @@ def _named(leaf: Leaf) -> str:
 
 
 def _against_host(
-    kvm: Kvm, host: HostMm, leaf: Leaf, slot: KvmMemorySlot, hva: int
-) -> list[Violation]:
-    """N4 and D1 for each page of one leaf."""
-    found = []
+    kvm: Kvm,
+    host: HostMm,
+    leaf: Leaf,
+    slot: KvmMemorySlot,
+    hva: int,
+    vma: Vma | None,
+    found: list[Violation],
+) -> None:
+    """N4 and D1 for each page of one leaf (``vma``: the VMA holding ``hva``, or None),
+    appended to ``found``."""
     page_size = kvm.profile.page_size
     bitmap = slot.dirty_bitmap
     if writable(leaf.pte) and slot.dirty_logging and bitmap is not None:
@@ -520,8 +525,7 @@ def _against_host(
                 Violation("D1", f"{_named(leaf)} is writable, page {first + clean[0]} clean")
             )
     if kvm.mmu_invalidate_in_progress:
-        return found
-    vma = host.find_vma(hva)
+        return
     if vma is not None and isinstance(vma.backing, Device) and hva + leaf.size <= vma.end:
         # Device memory is mapped linearly across its VMA, whether or not the model's host
         # has filled a PTE for each page yet (it does so on first touch).
@@ -532,7 +536,7 @@ def _against_host(
             )
         elif writable(leaf.pte) and not host.writable(vma, pfn):
             found.append(Violation("N4", f"{_named(leaf)} is writable over a read-only device VMA"))
-        return found
+        return
     # A block exactly over a host huge page that no small page of the host shadows: the
     # PMD maps the pages in order, so its first page answers for all of them (looking up
     # each would copy the PMD once per page).
@@ -548,7 +552,6 @@ def _against_host(
         if writable(leaf.pte) and not host_pte[1]:
             found.append(Violation("N4", f"{_named(leaf)} is writable over a read-only host page"))
             break
-    return found
 
 
 def device_block_size(host: HostMm, slot: KvmMemorySlot, gpa: int) -> int:
@@ -618,11 +621,15 @@ class Stage2Readers:
 
 
 def check_stage2(
-    pgt: KvmPgtable, concurrent: Sequence[Window] = (), readers: Stage2Readers | None = None
+    pgt: KvmPgtable,
+    concurrent: Sequence[Window] = (),
+    readers: Stage2Readers | None = None,
+    leaves: Sequence[Leaf] | None = None,
 ) -> list[Violation]:
     """Every stage-2 invariant above, over the tables and their history (``concurrent``:
     the windows of the record where walkers were interleaved; ``readers``: the incremental
-    checks a caller checking the same tables again and again keeps)."""
+    checks a caller checking the same tables again and again keeps; ``leaves``: the
+    tables' leaves now, when the caller has listed them)."""
     history = pgt.mm_ops.history
     readers = readers if readers is not None else Stage2Readers(pgt)
     tables = _reachable(pgt)
@@ -632,5 +639,5 @@ def check_stage2(
         *check_warnings(history),
         *check_table_refcounts(pgt, tables),
         *check_no_freed_table_reachable(pgt, tables),
-        *check_leaves(pgt, tables),
+        *check_leaves(pgt, leaves),
     ]
