@@ -159,7 +159,7 @@ class HugeHarness:
     def violations(self) -> list[str]:
         return [
             *(str(v) for v in check_shadow_mmu(self.kvm, self.mmu, self.host)),
-            *leaves_follow_guest_ptes(self.kvm, self.mmu, self.host),
+            *(str(v) for v in leaves_follow_guest_ptes(self.kvm, self.mmu, self.host)),
         ]
 
     def _expect(self, holds: bool, what: str) -> None:

@@ -27,7 +27,8 @@ from kvmspec.reference.x86.mmio_spte import (
 )
 from kvmspec.reference.x86.mmu_page import SptePtr
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
-from kvmspec.spec.invariants.x86 import mmio_spte_name, trusted_mmio_spte
+from kvmspec.spec.invariants import Violation
+from kvmspec.spec.invariants.x86 import TrustedMmioSpte, mmio_spte_name
 
 SYNCED_STALE_MMIO = "a sync remade a stale MMIO SPTE in the current generation"
 """A kernel finding (tests/test_x86_shadow_mmu.py,
@@ -109,13 +110,13 @@ class KnownFindings:
             return None
         return get_mmio_spte_gfn(self.mmu.masks, spte)
 
-    def unexplained(self, lines: list[str]) -> list[str]:
-        """``lines`` but the X11 reports of the SPTEs that show :data:`SYNCED_STALE_MMIO`."""
-        known = tuple(
-            f"X11: {trusted_mmio_spte(mmio_spte_name(self.mmu, sptep, spte))} "
-            for sptep, spte in self.synced_stale_mmio_sptes().items()
-        )
-        return [line for line in lines if not line.startswith(known)]
+    def unexplained(self, violations: list[Violation]) -> list[Violation]:
+        """``violations`` but the X11 reports of the SPTEs that show
+        :data:`SYNCED_STALE_MMIO`, recognised by what they are about."""
+        known = {
+            TrustedMmioSpte(sptep, spte) for sptep, spte in self.synced_stale_mmio_sptes().items()
+        }
+        return [v for v in violations if not (v.rule == "X11" and v.about in known)]
 
     def announce(self, log: Log) -> dict[SptePtr, int]:
         """The SPTEs that show :data:`SYNCED_STALE_MMIO` now; each that did not at the last

@@ -20,7 +20,7 @@ from kvmspec.reference import kvm_main
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.x86 import mmu_pages, paging_tmpl, roots
-from kvmspec.reference.x86.guest_access import Outcome
+from kvmspec.reference.x86.guest_access import Outcome, guest_instruction
 from kvmspec.reference.x86.mmu_pages import (
     KVM_MIN_ALLOC_MMU_PAGES,
     kvm_mmu_available_pages,
@@ -93,13 +93,31 @@ def test_a_limit_no_larger_than_the_roots_in_use_fails_kvm_run_with_enospc() -> 
     kvm_mmu_change_mmu_pages(vm.kvm, vm.mmu, 1)
     # Two roots are in use, and recycling may not take them: the limit stays at 2.
     assert vm.mmu.n_used_mmu_pages == vm.mmu.n_max_mmu_pages == 2
-    access = vm.read(DATA_GFN * PAGE, 8, 0)
+    access = guest_instruction(vm.kvm, vm.host, 0, DATA_GFN * PAGE, None, 8)
     assert access.outcome is Outcome.ENOSPC
     assert check_enospc(vm.mmu) == []
     assert vm.mmu.n_used_mmu_pages == 2  # nothing was allocated
     # More room, and the same access goes through.
     kvm_mmu_change_mmu_pages(vm.kvm, vm.mmu, 3)
-    assert vm.read(DATA_GFN * PAGE, 8, 0).outcome is Outcome.DONE
+    assert guest_instruction(vm.kvm, vm.host, 0, DATA_GFN * PAGE, None, 8).outcome is Outcome.DONE
+    vm.check()
+
+
+def test_a_lower_limit_can_end_below_the_goal_and_the_harness_runs_again_after_enospc() -> None:
+    """The campaign's first finding on the limit (corpus/regressions, digest 6d3e5de50685),
+    a false report of the harness: kvm_mmu_change_mmu_pages zaps at least the excess, and a
+    zap takes the page's unsync children with it, so the limit is set to the count left, here
+    2 for a goal of 3. With a vCPU's previous root still cached, both pages are roots in use
+    and the next fault fails KVM_RUN with ENOSPC. The harness, as a VMM can, raises the limit
+    and runs the vCPU again."""
+    vm = ShadowHarness()
+    vm.guest_remap(0, 0, DATA_GFN, False)  # the PT goes unsync under the PD
+    assert vm.mmu.n_used_mmu_pages == 4
+    vm.set_mmu_page_limit(3)
+    assert vm.mmu.n_max_mmu_pages == vm.mmu.n_used_mmu_pages == 2
+    vm.switch_cr3(0, PML4_2)  # vCPU 0 caches its root and loads the other PML4's
+    vm.guest_read_pt_as_pd(0, 100, 0, 0)
+    assert vm.mmu.n_max_mmu_pages == MMU_PAGE_LIMITS[-1]  # raised after the ENOSPC
     vm.check()
 
 

@@ -16,6 +16,7 @@ address space is gone (X5).
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 from kvmspec.reference.gfn_to_hva import __gfn_to_hva_memslot, gfn_to_hva_many, kvm_is_error_hva
 from kvmspec.reference.host import LEVEL_PMD, HostMm
@@ -391,8 +392,22 @@ def check_mmio_sptes(kvm: Kvm, mmu: ShadowMmu) -> list[Violation]:
                 )
             slot = kvm.memslots(0).gfn_to_memslot(gfn)
             if slot is not None and not slot.invalid and check_mmio_spte(generation, spte):
-                violations.append(Violation("X11", f"{trusted_mmio_spte(where)} {slot}"))
+                violations.append(
+                    Violation(
+                        "X11",
+                        f"{where} is trusted over {slot}",
+                        TrustedMmioSpte(SptePtr(sp, index), spte),
+                    )
+                )
     return violations
+
+
+class TrustedMmioSpte(NamedTuple):
+    """What an X11 report of an MMIO SPTE trusted over a slot is about: the SPTE's place
+    and value."""
+
+    sptep: SptePtr
+    spte: int
 
 
 def mmio_spte_name(mmu: ShadowMmu, sptep: SptePtr, spte: int) -> str:
@@ -400,12 +415,6 @@ def mmio_spte_name(mmu: ShadowMmu, sptep: SptePtr, spte: int) -> str:
     generation it was made in."""
     gfn = get_mmio_spte_gfn(mmu.masks, spte)
     return f"{sptep} (MMIO gfn {gfn:#x}, generation {get_mmio_spte_generation(spte):#x})"
-
-
-def trusted_mmio_spte(name: str) -> str:
-    """The message of X11 for a trusted MMIO SPTE, up to the slot that covers its gfn;
-    ``name`` is the SPTE's :func:`mmio_spte_name`."""
-    return f"{name} is trusted over"
 
 
 def check_released(mmu: ShadowMmu) -> list[Violation]:
