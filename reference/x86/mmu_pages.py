@@ -61,10 +61,11 @@ def kvm_mmu_available_pages(arch: MmuPageCounts) -> int:
 
 
 def kvm_mmu_zap_oldest_mmu_pages(kvm: Kvm, mmu: ShadowMmuState, nr_to_zap: int) -> int:
-    """Zap at least ``nr_to_zap`` pages, oldest first (from the tail of active_mmu_pages),
-    skipping every vCPU's root, then flush and free them. A page's zap may take its unsync
-    children with it, which counts them too (the total can pass ``nr_to_zap``) and changes
-    the list, so the walk starts again from the tail. Returns how many were zapped.
+    """Zap pages oldest first (from the tail of active_mmu_pages), skipping every vCPU's
+    root, until ``nr_to_zap`` are gone or none is left to take; then flush and free them. A
+    page's zap may take its unsync children with it, which counts them too (the total can
+    pass ``nr_to_zap``) and changes the list, so the walk starts again from the tail.
+    Returns how many were zapped.
 
     kernel: arch/x86/kvm/mmu/mmu.c:kvm_mmu_zap_oldest_mmu_pages (v6.18)
     """
