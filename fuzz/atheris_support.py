@@ -515,6 +515,10 @@ MEMSLOT_SCENARIOS: dict[str, tuple[Want, ...]] = {
         Want(_change("gpa")),
     ),
     "check-extension": (Want(_is("check_extension")), Want(_is("check_extension"))),
+    "set-nr-mmu-pages": (
+        Want(_is("set_nr_mmu_pages", lambda op, s: op.nr_mmu_pages < 64), "EINVAL"),
+        Want(_is("set_nr_mmu_pages", lambda op, s: op.nr_mmu_pages >= 64), 0),
+    ),
 }
 """Seed scenarios: each becomes ``corpus/seeds/memslots/<name>.bin``, the shortest bytes
 found (by a seeded search) that decode to operations matching these, with these results."""

@@ -55,4 +55,6 @@ RING_SIZES = (0, 16, 2048, 4096, 4112, 65536, 1 << 20, 2 << 20)
 FIRST_PAGES = (0, 1, 64, 128, 1 << 31)
 NUM_PAGES = (0, 1, 16, 36, 64, 100, 101, 128)
 VCPU_IDS = (0, 1, 4095, 4096)
+NR_MMU_PAGES = (0, 63, 64, 65, 1 << 20, (1 << 64) - 1)
+"""KVM_SET_NR_MMU_PAGES limits: around its minimum of 64, and the largest a u64 holds."""
 MMAP_SIZES = (16 * MiB, 64 * MiB, PAGE, 4 * MiB)

@@ -25,6 +25,7 @@ from kvmspec.fuzz.ops import (
     Operation,
     RegionAddr,
     ResetDirtyRings,
+    SetNrMmuPages,
     SetUserMemoryRegion,
     SetUserMemoryRegion2,
 )
@@ -109,6 +110,7 @@ _KINDS = (
     "create_vcpu",
     "reset_dirty_rings",
     "mmap",
+    "set_nr_mmu_pages",
 )
 
 
@@ -266,4 +268,6 @@ def decode_operation(chooser: Chooser, view: SessionView) -> Operation:
         return CheckExtension(pick(chooser, sorted(CAPABILITIES)))
     if kind == "create_vcpu":
         return CreateVcpu(pick(chooser, b.VCPU_IDS))
+    if kind == "set_nr_mmu_pages":
+        return SetNrMmuPages(pick(chooser, b.NR_MMU_PAGES))
     return ResetDirtyRings()

@@ -37,6 +37,7 @@ from kvmspec.fuzz.ops import (
     Operation,
     RegionAddr,
     ResetDirtyRings,
+    SetNrMmuPages,
     SetUserMemoryRegion,
     SetUserMemoryRegion2,
 )
@@ -202,6 +203,8 @@ class Session:
             return list(contract.on_enable_cap(op.cap, op.flags, op.args, errno))
         if isinstance(op, CheckExtension) and not errno:
             return list(contract.on_check_extension(op.cap, observed["result"]))
+        if isinstance(op, SetNrMmuPages):
+            return list(contract.on_set_nr_mmu_pages(op.nr_mmu_pages, errno))
         if isinstance(op, CreateVcpu):
             contract.on_create_vcpu(op.id, errno)
         elif isinstance(op, ResetDirtyRings):

@@ -336,6 +336,10 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(
             _X86_PAGES, "test_create_and_delete_recompute_the_default_move_and_flags_only_do_not"
         ),
+        MEMSLOT_CONTRACT + ": the answer of KVM_SET_NR_MMU_PAGES (spec/uapi/vm_ioctl_rules.py),"
+        " which the memslot machines and fuzz_memslots.py send, the differential machine to"
+        " /dev/kvm too",
+        _scenario(_X86_PAGES, "test_a_wrong_kvm_set_nr_mmu_pages_answer_is_reported"),
     ),
     "X13": (
         TDP_MMU.format("check_frozen"),

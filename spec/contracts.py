@@ -52,6 +52,7 @@ from kvmspec.spec.uapi.memslot_rules import (
     decide_set_memory_region,
     kvm_arch_prepare_memory_region_errno,
 )
+from kvmspec.spec.uapi.vm_ioctl_rules import set_nr_mmu_pages_errno
 
 
 @dataclass
@@ -274,6 +275,13 @@ class MemslotUapiContract:
                 "C-CAPABILITIES", f"check_extension {cap}: expected {expected}, observed {observed}"
             )
         ]
+
+    def on_set_nr_mmu_pages(self, nr_mmu_pages: int, observed: int) -> list[ContractViolation]:
+        """KVM_SET_NR_MMU_PAGES accepts a shadow-page limit of 64 or more on x86 and refuses
+        a smaller one (X12); elsewhere it is an ioctl the architecture does not know. The
+        limit is not part of the memslot view: nothing here reads it back."""
+        expected = set_nr_mmu_pages_errno(self.profile, nr_mmu_pages)
+        return _mismatch("X12", f"set_nr_mmu_pages {nr_mmu_pages}", expected, observed)
 
     def on_create_vcpu(self, vcpu_id: int, observed: int) -> None:
         """vCPU creation is outside the memory rules; the contract only records that a vCPU

@@ -13,11 +13,12 @@ from hypothesis.stateful import run_state_machine_as_test
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.ops import CheckExtension, SetNrMmuPages
 from kvmspec.fuzz.profiles import bug_hunt
+from kvmspec.fuzz.session import Session
 from kvmspec.fuzz.targets.reference import ReferenceTarget
 from kvmspec.fuzz.x86_harness import DATA_GFN, DATA_PAGES, MMU_PAGE_LIMITS, PML4_2, ShadowHarness
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference import kvm_main
-from kvmspec.reference.concurrency import run_to_completion
+from kvmspec.reference.concurrency import KernelOp, run_to_completion
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.x86 import mmu_pages, paging_tmpl, roots
 from kvmspec.reference.x86.guest_access import Outcome, guest_instruction
@@ -234,3 +235,25 @@ def test_the_trace_operation_answers_as_each_architecture_does(
     assert target.apply(CheckExtension("KVM_CAP_MMU_SHADOW_CACHE_CONTROL"))["result"] == capability
     if isinstance(target.kvm.arch, ShadowMmu):
         assert target.kvm.arch.n_max_mmu_pages == target.kvm.arch.n_requested_mmu_pages == 1 << 20
+
+
+def test_a_wrong_kvm_set_nr_mmu_pages_answer_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: a kernel that accepts any limit. The memslot contract, which judges every
+    session's operations on any target, reports the 63 it should have refused (X12)."""
+
+    def planted(kvm: Kvm, nr_mmu_pages: int) -> KernelOp[int]:
+        yield from ()
+        return 0
+
+    monkeypatch.setattr(
+        "kvmspec.fuzz.targets.reference.kvm_arch_vm_ioctl_set_nr_mmu_pages", planted
+    )
+    session = Session(DEFAULT_PROFILE, "reference")
+    assert session.apply(SetNrMmuPages(63))[1] == [
+        "X12: set_nr_mmu_pages 63: expected EINVAL, observed 0"
+    ]
+    assert session.apply(SetNrMmuPages(64))[1] == []
+    arm64 = Session(ARM64, "reference")
+    assert arm64.apply(SetNrMmuPages(64))[1] == [
+        "X12: set_nr_mmu_pages 64: expected EINVAL, observed 0"
+    ]
