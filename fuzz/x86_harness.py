@@ -183,10 +183,12 @@ DATA_SLOT_PLACES: tuple[int | None, ...] = (DATA_GFN, 64, None)
 """Where the data slot may be: its first place, a second (MOVE), or deleted."""
 MMU_PAGE_LIMITS = (len(PML4S) + 1, 6, 64)
 """Shadow-page limits for :meth:`ShadowHarness.set_mmu_page_limit`: one page more than the
-guest has PML4s (every current root shadows one), one that some faults must recycle for, and
-the default. Even the smallest leaves recycling a page to take unless vCPUs still hold roots
-a zap made obsolete (each drops its own at its next entry): then KVM_RUN fails with ENOSPC
-(see :meth:`ShadowHarness.read`)."""
+guest has PML4s (every root shadows one), one that some faults must recycle for, and the
+default. Recycling usually finds a page to take even under the smallest, but not always: the
+limit can end below the one asked for (zapping a page takes its unsync children along, and
+the limit becomes the count left), and the roots in use include the vCPUs' cached previous
+roots and roots a zap made obsolete. KVM_RUN then fails with ENOSPC (see
+:meth:`ShadowHarness.run`)."""
 
 
 def leaves_follow_guest_ptes(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:

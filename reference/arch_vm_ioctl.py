@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from kvmspec.reference.concurrency import KernelOp
     from kvmspec.reference.kvm import Kvm
 
-UNKNOWN_VM_IOCTL_ERRNO = {"x86_64": ENOTTY, "arm64": EINVAL, "ppc64": ENOTTY}
-"""The errno of each architecture's kvm_arch_vm_ioctl for a VM ioctl it does not handle."""
+UNKNOWN_VM_IOCTL_ERRNO = {"arm64": EINVAL, "ppc64": ENOTTY}
+"""The errno of kvm_arch_vm_ioctl for a VM ioctl the architecture does not handle, where
+KVM_SET_NR_MMU_PAGES is one (x86 answers ENOTTY to the others)."""
 
 
 def kvm_arch_vm_ioctl_set_nr_mmu_pages(kvm: Kvm, nr_mmu_pages: int) -> KernelOp[int]:

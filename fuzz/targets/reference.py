@@ -14,7 +14,7 @@ MMU, the generic page-fault path with guest virtual == guest physical
 
 from __future__ import annotations
 
-from errno import EBADF, EFAULT, EINVAL, ENOMEM
+from errno import EBADF, EFAULT, EINVAL, ENOMEM, ENOSPC
 
 from kvmspec.fuzz.guest_layout import PRIVATE_GPA, PRIVATE_SIZE, private_slot_id
 from kvmspec.fuzz.ops import (
@@ -268,6 +268,8 @@ def _shadow_observation(access: ShadowAccess, loaded: bool) -> Observation:
     linux-kvm reports as the shutdown exit; no access a trace may make should end so."""
     if access.outcome is Outcome.EFAULT:
         return _result(EFAULT)  # KVM_RUN failed
+    if access.outcome is Outcome.ENOSPC:
+        return _result(ENOSPC)  # KVM_RUN failed: no shadow page left to recycle
     if access.outcome is Outcome.DIRTY_RING_FULL:
         return {"errno": 0, "exit": "dirty_ring_full"}
     if access.outcome is Outcome.SHUTDOWN:

@@ -274,7 +274,9 @@ def guest_instruction(
         if vcpu.dirty_ring is not None and vcpu.dirty_ring.soft_full():
             return ShadowAccess(Outcome.DIRTY_RING_FULL)
         entered = vcpu_enter_guest(kvm, host, mmu, vcpu_mmu, KvmGuestMemory(kvm, host))
-        if entered == -ENOSPC:
+        if entered < 0:
+            # The only way the entry fails: no shadow page was left for the root.
+            assert entered == -ENOSPC, entered
             return ShadowAccess(Outcome.ENOSPC)
         if not entered:
             continue  # a request came in on the way: serve it first

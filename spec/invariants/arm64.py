@@ -405,10 +405,11 @@ class Leaf(NamedTuple):
     level: int
 
 
-def stage2_leaves(pgt: KvmPgtable) -> Iterator[Leaf]:
-    """Every valid leaf reachable from the PGD, read without recording."""
+def stage2_leaves(pgt: KvmPgtable, tables: Tables | None = None) -> Iterator[Leaf]:
+    """Every valid leaf reachable from the PGD, read without recording (``tables``: the
+    reachable tables, when the caller has them)."""
     geometry = pgt.geometry
-    for page, level, base in _reachable(pgt):
+    for page, level, base in _reachable(pgt) if tables is None else tables:
         granule = geometry.kvm_granule_size(level)
         for index, pte in page.entries.items():
             if kvm_pte_valid(pte) and not kvm_pte_table(pte, level):
@@ -453,7 +454,8 @@ def check_stage2_translations(
     initially_set = bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
     memslots = kvm.memslots(0)
     slot: KvmMemorySlot | None = None
-    # Leaves come in IPA order: most lie in the slot and the VMA of the leaf before.
+    # A table's leaves come one after another: most lie in the slot and the VMA of the leaf
+    # before.
     vma: Vma | None = None
     for leaf in by_ipa.values():
         gfn = leaf.ipa >> shift
@@ -639,5 +641,5 @@ def check_stage2(
         *check_warnings(history),
         *check_table_refcounts(pgt, tables),
         *check_no_freed_table_reachable(pgt, tables),
-        *check_leaves(pgt, leaves),
+        *check_leaves(pgt, stage2_leaves(pgt, tables) if leaves is None else leaves),
     ]

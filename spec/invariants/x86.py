@@ -6,9 +6,9 @@ writable-bit states of every leaf (X3), the write protection of shadowed guest p
 tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' TLBs (X5), the
 leaves against the host's page tables (N4), the huge-page counts (X8), every huge leaf
 (X9), dirty-logged slots mapping nothing writable larger than 4K (D4), the MMIO SPTEs'
-generations (X11), the unsync pages and their parents' bitmaps (X7), the shadow-page limit (X12,
-x86_page_limit.py), and seed 004's
-private pages: never pinned, and the vCPUs' APIC-access address current.
+generations (X11), the unsync pages and their parents' bitmaps (X7), the shadow-page limit
+(X12, x86_page_limit.py), and seed 004's private pages: never pinned, and the vCPUs'
+APIC-access address current.
 ``check_shadow_mmu`` runs them all; ``check_released`` is what must hold once the VMM's
 address space is gone (X5).
 """
