@@ -50,6 +50,7 @@ from kvmspec.fuzz.x86_harness import (
     PML4S,
     REMAP_TARGETS,
     RESTRICTIONS,
+    STRADDLED_PAGES,
     UNUSED_ENTRIES,
     UPPER_TABLES,
     VCPUS,
@@ -127,6 +128,10 @@ SHADOW_KINDS: tuple[Kind, ...] = (
     Kind("guest_restrict", (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("bit", RESTRICTIONS))),
     Kind("release"),
     Kind("set_mmu_page_limit", (("pages", MMU_PAGE_LIMITS),)),
+    Kind(
+        "guest_remap_straddling",
+        (("vcpu", VCPUS), ("i", STRADDLED_PAGES), ("to", DATA_PAGE_INDEXES)),
+    ),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 

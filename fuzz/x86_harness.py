@@ -179,6 +179,8 @@ UNUSED_ENTRIES = (100, 101, 102, 103)
 PML4S = (PML4, PML4_2)
 HOST_WRITE_SIZES = tuple(range(1, 9))
 DONTNEED_PAGES = (1, 2, 3)
+STRADDLED_PAGES = tuple(range(DATA_PAGES - 1))
+"""Data pages whose PTE a store may straddle into the next one's."""
 DATA_SLOT_PLACES: tuple[int | None, ...] = (DATA_GFN, 64, None)
 """Where the data slot may be: its first place, a second (MOVE), or deleted."""
 MMU_PAGE_LIMITS = (len(PML4S) + 1, 6, 64)
@@ -508,6 +510,29 @@ class ShadowHarness:
         accessed and dirty bits clear if ``clean``: an emulated write to its shadowed PT."""
         flags = PTE & ~(A | D) if clean else PTE
         self._rewrite_data_pte(vcpu, i, 0 if to is None else to * PAGE | flags)
+
+    def guest_remap_straddling(self, vcpu: int, i: int, to: int) -> None:
+        """The guest points data page ``i + 1`` at data gfn ``DATA_GFN + to`` with a 4-byte
+        store that starts 6 bytes into page ``i``'s PTE (code that writes PTEs in pieces):
+        its first two bytes are the top of page ``i``'s PTE, written back unchanged, and the
+        last two are the low bits of page ``i + 1``'s (flags and the gfn's lowest 4 bits).
+        KVM emulates it when the PT is write-tracked (also shadowed as a directory, after
+        :meth:`guest_read_pt_as_pd`; an unsync PT takes the store directly): a write across
+        two guest PTEs makes it zap the whole shadow page (detect_write_misaligned), since
+        dropping one SPTE would leave the other stale (X6). Page ``i + 1``'s PTE is first
+        made a data mapping (an aligned rewrite) if the store alone cannot make it one."""
+        nxt = i + 1
+        assert nxt < DATA_PAGES, f"data page {i} has no next page (STRADDLED_PAGES)"
+        target = (DATA_GFN + to) * PAGE | PTE
+        current = int.from_bytes(self._data_pte_bytes(nxt), "little")
+        if current >> 16 != target >> 16:
+            self._rewrite_data_pte(vcpu, nxt, (DATA_GFN + (to ^ 1)) * PAGE | PTE)
+        old = self.expected_mapping(nxt)
+        data = self._data_pte_bytes(i)[6:] + target.to_bytes(8, "little")[:2]
+        access = self.write(PT * PAGE + 8 * (DATA_GFN + i) + 6, data, vcpu)
+        self.log(f"vcpu {vcpu} store across the PTEs of data pages {i} and {nxt}: {access}")
+        self._expect(access.outcome is Outcome.DONE, f"PT write across pages {i}, {nxt}: {access}")
+        self._unflushed(nxt, old)
 
     def guest_restrict(self, vcpu: int, i: int, bit: int) -> None:
         """The guest takes a right away from data page ``i`` (same gfn): it clears W (the

@@ -32,6 +32,7 @@ from kvmspec.fuzz.x86_harness import (
     PML4S,
     REMAP_TARGETS,
     RESTRICTIONS,
+    STRADDLED_PAGES,
     UNUSED_ENTRIES,
     UPPER_TABLES,
     VCPUS,
@@ -175,6 +176,11 @@ class X86Machine(RuleBasedStateMachine):
     @rule()
     def release(self) -> None:
         self._do("release")
+
+    @precondition(_shadow)
+    @rule(vcpu=VCPU, i=st.sampled_from(STRADDLED_PAGES), to=DATA_PAGE)
+    def guest_remap_straddling(self, vcpu: int, i: int, to: int) -> None:
+        self._do("guest_remap_straddling", vcpu, i, to)
 
     @precondition(_shadow)
     @rule(pages=st.sampled_from(MMU_PAGE_LIMITS))

@@ -270,6 +270,8 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(
             _X86_HUGE, "test_seed_002_a_large_spte_left_writable_over_a_shadowed_gfn_is_caught"
         ),
+        _scenario(_X86_SHADOW, "test_a_store_across_two_guest_ptes_zaps_the_shadow_page"),
+        _scenario(_X86_SHADOW, "test_the_machine_finds_a_store_across_two_ptes_taken_for_one"),
     ),
     "X7": (
         SHADOW_MMU.format(

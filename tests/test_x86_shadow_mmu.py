@@ -167,6 +167,48 @@ def test_an_unsync_page_its_parents_do_not_know_of_is_caught(
     assert any(line.startswith("COHERENCE") for line in vm.found)
 
 
+def _straddling_store(vm: ShadowHarness) -> None:
+    """The PT made write-tracked (also shadowed as a directory), then a 4-byte store across
+    the PTEs of data pages 2 and 3 that points page 3 at gfn DATA_GFN + 5."""
+    for i in range(DATA_PAGES):
+        vm.guest_read(0, i, 0)
+    vm.guest_read_pt_as_pd(0, 100, 0, 0)
+    vm.check()
+    vm.guest_remap_straddling(0, 2, 5)
+
+
+def test_a_store_across_two_guest_ptes_zaps_the_shadow_page() -> None:
+    """detect_write_misaligned: KVM emulates the store (the PT is write-tracked) and, since it
+    changes two guest PTEs, zaps every shadow page of the PT instead of one SPTE."""
+    vm = ShadowHarness()
+    _straddling_store(vm)
+    assert vm.mmu.stat["mmu_flooded"] == 2  # the PT's page-table and directory shadows
+    assert vm.expected_gfn(3) == DATA_GFN + 5
+    vm.guest_read(1, 3, 0)
+    vm.check()
+
+
+def _misalignment_that_subtracts(gpa: int, nbytes: int) -> bool:
+    """A planted detect_write_misaligned (a mutant mutmut makes): it subtracts the length,
+    so a 4-byte store at offset 6 of a PTE looks aligned."""
+    offset = gpa % PAGE
+    if offset % 8 == 0 and nbytes == 1:
+        return False
+    return bool((offset ^ (offset - nbytes - 1)) & ~7) or nbytes < 4
+
+
+def test_a_store_across_two_guest_ptes_taken_for_one_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the planted misalignment test KVM drops the first PTE's SPTE only, and the
+    second page's SPTE still maps the old gfn: X6."""
+    monkeypatch.setattr(zap, "detect_write_misaligned", _misalignment_that_subtracts)
+    vm = ShadowHarness()
+    _straddling_store(vm)
+    with pytest.raises(RulesBroken, match=r"X6: .* maps gfn 0x13, the guest entry is 0x15067"):
+        vm.check()
+
+
 def test_a_host_write_to_a_guest_page_table_is_not_noticed() -> None:
     """FINDINGS 5.6: shadow coherence only covers guest writes. The VMM rewriting the PTE
     through its mapping leaves the shadow page, and the guest's translation, stale."""
@@ -785,6 +827,16 @@ def test_a_zap_all_that_never_commits_is_caught(monkeypatch: pytest.MonkeyPatch)
         vm.check()
     assert "X5: after the release vcpu 0 TLB maps gva page 0x10" in str(broken.value)
     assert "X5: after the release zapped <sp shadow L1 gfn 0x4" in str(broken.value)
+
+
+def test_the_machine_finds_a_store_across_two_ptes_taken_for_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(zap, "detect_write_misaligned", _misalignment_that_subtracts)
+    machine = x86_machine(DEFAULT_PROFILE, ("shadow",))
+    machine.TestCase.settings = bug_hunt(2000)
+    with pytest.raises(AssertionError, match="X6: "):
+        machine.TestCase().runTest()
 
 
 def test_the_machine_finds_a_zap_all_that_never_commits(monkeypatch: pytest.MonkeyPatch) -> None:
