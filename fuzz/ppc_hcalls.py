@@ -31,7 +31,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from kvmspec.reference.concurrency import run_to_completion
-from kvmspec.reference.ppc.fault import mmio_cache_search
+from kvmspec.reference.ppc.fault import MmioHpteCacheEntry, mmio_cache_search
 from kvmspec.reference.ppc.hcalls import (
     H_ANDCOND,
     H_AVPN,
@@ -358,36 +358,42 @@ def check_removed_rc(
 # -- the MMIO cache after a removal or change ----------------------------------------------------
 
 
-def mmio_cached(harness: PpcHarness, index: int, ea: int) -> set[int]:
+Cached = dict[int, MmioHpteCacheEntry]
+"""The MMIO cache entry each vCPU answers ``ea`` with, by vCPU id."""
+
+
+def mmio_cached(harness: PpcHarness, index: int, ea: int) -> Cached:
     """If entry ``index`` (the guest's for ``ea``) is one KVM keeps for emulated MMIO
-    (absent, key 31): the vCPUs whose MMIO cache answers for ``ea`` now."""
+    (absent, key 31): the vCPUs whose MMIO cache answers for ``ea`` now, with the cache
+    entry that answers."""
     mmu = harness.mmu
     if not is_mmio_hpte(mmu.hpt.v(index), mmu.hpt.r(index)):
-        return set()
-    return {
-        vcpu_id
-        for vcpu_id, vcpu in mmu.vcpu_arch.items()
-        if mmio_cache_search(vcpu, ea, harness.segment, mmu.mmio_update) is not None
-    }
+        return {}
+    cached = {}
+    for vcpu_id, vcpu in mmu.vcpu_arch.items():
+        entry = mmio_cache_search(vcpu, ea, harness.segment, mmu.mmio_update)
+        if entry is not None:
+            cached[vcpu_id] = entry
+    return cached
 
 
 def check_mmio_cache_voided(
-    harness: PpcHarness, call: str, index: int, ea: int, cached: set[int]
+    harness: PpcHarness, call: str, index: int, ea: int, cached: Cached
 ) -> None:
     """P7: the guest removed or changed the MMIO entry ``index`` for ``ea``, which the
-    ``cached`` vCPUs' MMIO caches answered for: the kernel moves ``mmio_update`` on,
-    so none of them answers for ``ea`` any more. (An HPT resize starts the count
-    again, so an older cache entry may become current again: that is the known
-    finding of :data:`~kvmspec.fuzz.ppc_harness.KNOWN_KERNEL_FINDINGS`, which
-    check_mmio_cache reports.)
+    ``cached`` entries of vCPUs' MMIO caches answered for: the kernel moves
+    ``mmio_update`` on, so none of those entries answers any more. (Another, older entry
+    may answer now: an HPT resize starts the count again, so an entry stamped before it
+    can become current again. That is the known finding of
+    :data:`~kvmspec.fuzz.ppc_harness.KNOWN_KERNEL_FINDINGS`, which check_mmio_cache
+    reports; regression ppc-39861bb19d17 is such a run.)
 
     kernel: arch/powerpc/kvm/book3s_hv_rm_mmu.c:kvmppc_do_h_remove,
     kvmppc_h_bulk_remove, kvmppc_h_protect (v6.18)
     """
     mmu = harness.mmu
-    for vcpu_id in sorted(cached):
-        vcpu = mmu.vcpu_arch[vcpu_id]
-        if mmio_cache_search(vcpu, ea, harness.segment, mmu.mmio_update) is not None:
+    for vcpu_id, entry in sorted(cached.items()):
+        if entry.mmio_update == mmu.mmio_update:
             harness.found.append(
                 f"P7: {call} of MMIO HPTE {index:#x} left vCPU {vcpu_id}'s MMIO cache "
                 f"entry for ea {ea:#x} current"

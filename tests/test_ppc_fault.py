@@ -18,11 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from errno import EBUSY, EINVAL, ENOSPC, ENXIO
+from pathlib import Path
 
 import pytest
 
-from kvmspec.fuzz import ppc_hcalls, ppc_resize
+from kvmspec.fuzz import fuzz_ppc, harness_fuzzing, ppc_hcalls, ppc_resize
+from kvmspec.fuzz.decoder import BytesChooser
 from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.ppc_decoder import decode_action
 from kvmspec.fuzz.ppc_harness import (
     EAS,
     GFNS,
@@ -71,7 +74,8 @@ from kvmspec.reference.ppc.resize import (
     kvm_vm_ioctl_resize_hpt_commit,
     kvm_vm_ioctl_resize_hpt_prepare,
 )
-from kvmspec.spec.invariants.ppc import check_hpt, check_mmio_cache
+from kvmspec.spec.invariants.ppc import STALE_MMIO_CACHE, check_hpt, check_mmio_cache
+from kvmspec.spec.platforms import PPC64_HV
 
 EA0, EA1, EA2, EA_HIGH0 = 0, 1, 2, 8
 """Indexes into EAS: 0x0, 0x1000, 0x2000, and 0x80_0000 (EA0's group at order 18)."""
@@ -703,3 +707,30 @@ def test_wrong_aging_answers_are_caught(
     with pytest.raises(RulesBroken) as broken:
         h.check()
     assert broken.value.violations == [f"C-AGING: host page {h.hvas[0]:#x} {why}"]
+
+
+REVIVED_BY_RESIZE = (
+    Path(__file__).parents[1]
+    / "corpus/regressions/ppc-39861bb19d17778a718393e036f53074f6aaac81.bin"
+)
+
+
+def test_a_cache_entry_revived_by_a_resize_is_the_known_finding_not_a_missed_void() -> None:
+    """fuzz_ppc's finding: an HPT resize started mmio_update's count again, so a vCPU's
+    MMIO cache entry stamped before it became current again when H_REMOVE moved the count
+    on. The entry the vCPU answered with before the H_REMOVE was voided, as P7 requires;
+    the one answering after is the stale cache the kernel is known to leave. A harness
+    that lets that pass finds nothing; a strict one reports only that."""
+    data = REVIVED_BY_RESIZE.read_bytes()
+    assert fuzz_ppc.run_input(data).violations == []
+    chooser = BytesChooser(data)
+    strict = harness_fuzzing.drive(
+        harness_fuzzing.Run("set_up()"),
+        chooser,
+        lambda log: PpcHarness(PPC64_HV, log),
+        lambda harness: decode_action(chooser, harness),
+        None,
+        fuzz_ppc.MAX_ACTIONS,
+    )
+    assert strict.violations
+    assert all(line.startswith(f"P7: {STALE_MMIO_CACHE}") for line in strict.violations)
