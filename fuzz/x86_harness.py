@@ -342,6 +342,7 @@ class ShadowHarness:
         return [str(v) for v in self.rule_violations()]
 
     def rule_violations(self) -> list[Violation]:
+        """Every rule the VM breaks now (the known kernel findings included)."""
         return [
             *check_shadow_mmu(self.kvm, self.mmu, self.host),
             *leaves_follow_guest_ptes(self.kvm, self.mmu, self.host),

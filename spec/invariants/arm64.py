@@ -540,8 +540,7 @@ def _against_host(
             found.append(Violation("N4", f"{_named(leaf)} is writable over a read-only device VMA"))
         return
     # A block exactly over a host huge page that no small page of the host shadows: the
-    # PMD maps the pages in order, so its first page answers for all of them (looking up
-    # each would copy the PMD once per page).
+    # PMD maps the pages in order, so its first page answers for all of them.
     huge = leaf.size == host.hpage_size and hva % host.hpage_size == 0
     whole = huge and hva in host.pmds and not host.keys_in(host.ptes, hva, hva + leaf.size)
     for offset in range(0, page_size if whole else leaf.size, page_size):

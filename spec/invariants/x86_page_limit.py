@@ -55,12 +55,12 @@ def check_enospc(mmu: ShadowMmuState) -> list[Violation]:
     kvm_mmu_zap_oldest_mmu_pages (v6.18)
     """
     found = []
-    if kvm_mmu_available_pages(mmu):
+    available = kvm_mmu_available_pages(mmu)
+    if available:
         found.append(
             Violation(
                 "X12",
-                f"ENOSPC with {kvm_mmu_available_pages(mmu)} of {mmu.n_max_mmu_pages} "
-                "shadow pages available",
+                f"ENOSPC with {available} of {mmu.n_max_mmu_pages} shadow pages available",
             )
         )
     recyclable = [sp for sp in mmu.active_mmu_pages if not sp.root_count]
