@@ -132,6 +132,7 @@ SHADOW_KINDS: tuple[Kind, ...] = (
         "guest_remap_straddling",
         (("vcpu", VCPUS), ("i", STRADDLED_PAGES), ("to", DATA_PAGE_INDEXES)),
     ),
+    Kind("guest_context_switch", (("vcpu", VCPUS), ("pml4", PML4S), ("i", DATA_PAGE_INDEXES))),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -232,6 +233,16 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_write", (1, 3, 7)),
             ("change_data_slot", (None,)),  # a DELETE sets the memslot default again
             ("guest_read", (0, 3, 0)),
+        ),
+    ),
+    "shadow-five-processes": (
+        "shadow",
+        (
+            ("guest_read", (0, 0, 0)),
+            *(("guest_context_switch", (0, pml4, i)) for i, pml4 in enumerate(PML4S[1:])),
+            ("guest_context_switch", (0, PML4, 4)),  # no cached root fits: one is put
+            ("guest_context_switch", (1, PML4S[-1], 5)),
+            ("guest_context_switch", (0, PML4S[-1], 6)),  # the other vCPU's root, shared
         ),
     ),
     "shadow-fast-zap": (

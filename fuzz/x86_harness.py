@@ -159,10 +159,15 @@ def _x86_shadow(profile: PlatformProfile) -> PlatformProfile:
 # ---------------------------------------------------------------------------------------------
 
 PML4, PML4_2, PDPT, PD, PT = 1, 5, 2, 3, 4
-"""Table gfns in slot 0: two PML4s (two processes) sharing one PDPT, PD and PT."""
-TABLE_PAGES = 8
+"""Table gfns in slot 0: two processes' PML4s, their one PDPT, PD and PT."""
+PML4S = (PML4, PML4_2, 6, 7, 8)
+"""Every process's PML4, each linking the one PDPT. Five: one more than the roots a vCPU
+keeps (its current root and KVM_MMU_NUM_PREV_ROOTS cached ones), so that switching among
+them makes KVM drop a root for good, not only rotate its cache (X17). Gfns 9 to 11 are
+spare table pages for tests."""
+TABLE_PAGES = 12
 DATA_GFN, DATA_PAGES = 16, 8
-"""Slot 1: the data pages. The PT maps gva page i to gfn i for i < 8 (the tables
+"""Slot 1: the data pages. The PT maps gva page i to gfn i for i < 12 (the tables
 themselves, so the guest can write them) and gva page 16 + i to gfn 16 + i."""
 NO_SLOT_GFN = 40
 DATA_GVA = DATA_GFN * PAGE
@@ -176,21 +181,19 @@ REMAP_TARGETS: tuple[int | None, ...] = (*range(DATA_GFN, DATA_GFN + DATA_PAGES)
 """Where the guest may point a data PTE: a data gfn, a gfn no slot holds, or nowhere."""
 UPPER_TABLES = (PML4, PDPT, PD)
 UNUSED_ENTRIES = (100, 101, 102, 103)
-PML4S = (PML4, PML4_2)
 HOST_WRITE_SIZES = tuple(range(1, 9))
 DONTNEED_PAGES = (1, 2, 3)
 STRADDLED_PAGES = tuple(range(DATA_PAGES - 1))
 """Data pages whose PTE a store may straddle into the next one's."""
 DATA_SLOT_PLACES: tuple[int | None, ...] = (DATA_GFN, 64, None)
 """Where the data slot may be: its first place, a second (MOVE), or deleted."""
-MMU_PAGE_LIMITS = (len(PML4S) + 1, 6, 64)
+MMU_PAGE_LIMITS = (len(VCPUS) + 1, 6, 64)
 """Shadow-page limits for :meth:`ShadowHarness.set_mmu_page_limit`: one page more than the
-guest has PML4s (every root shadows one), one that some faults must recycle for, and the
-default. Recycling usually finds a page to take even under the smallest, but not always: the
-limit can end below the one asked for (zapping a page takes its unsync children along, and
-the limit becomes the count left), and the roots in use include the vCPUs' cached previous
-roots and roots a zap made obsolete. KVM_RUN then fails with ENOSPC (see
-:meth:`ShadowHarness.run`)."""
+vCPUs' current roots, one that some faults must recycle for, and the default. Recycling
+usually finds a page to take even under the smallest, but not always: the limit can end
+below the one asked for (zapping a page takes its unsync children along, and the limit
+becomes the count left), and the roots in use include the vCPUs' cached previous roots and
+roots a zap made obsolete. KVM_RUN then fails with ENOSPC (see :meth:`ShadowHarness.run`)."""
 
 
 def leaves_follow_guest_ptes(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
@@ -581,6 +584,13 @@ class ShadowHarness:
         """A CR3 load: a new (or the same) process, and a flush of the vCPU's whole TLB."""
         self.set_cr3(vcpu, pml4)
         self.stale[vcpu].clear()
+
+    def guest_context_switch(self, vcpu: int, pml4: int, i: int) -> None:
+        """The guest loads CR3 and goes on at once, loading from data page ``i`` under the
+        new process's tables: KVM handles the CR3 write and enters the guest again, which
+        loads the process's root first (a cached one, or a new one)."""
+        self.switch_cr3(vcpu, pml4)
+        self.guest_read(vcpu, i, 0)
 
     def host_write(self, i: int, value: int, size: int) -> None:
         """The VMM writes ``size`` bytes of ``value`` at the start of data page ``i``."""

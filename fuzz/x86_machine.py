@@ -133,6 +133,11 @@ class X86Machine(RuleBasedStateMachine):
         self._do("switch_cr3", vcpu, pml4)
 
     @precondition(_shadow)
+    @rule(vcpu=VCPU, pml4=st.sampled_from(PML4S), i=DATA_PAGE)
+    def guest_context_switch(self, vcpu: int, pml4: int, i: int) -> None:
+        self._do("guest_context_switch", vcpu, pml4, i)
+
+    @precondition(_shadow)
     @rule(i=DATA_PAGE, value=BYTE, size=st.sampled_from(HOST_WRITE_SIZES))
     def host_write(self, i: int, value: int, size: int) -> None:
         self._do("host_write", i, value, size)

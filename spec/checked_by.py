@@ -57,6 +57,7 @@ CROSSHAIR = (
 _MEMSLOTS = "tests/test_reference_memslots.py::"
 _X86_SHADOW = "tests/test_x86_shadow_mmu.py::"
 _X86_PAGES = "tests/test_x86_mmu_pages.py::"
+_X86_ROOTS = "tests/test_x86_roots.py::"
 _X86_HUGE = "tests/test_x86_huge.py::"
 _X86_SPTE = "tests/test_x86_spte.py::"
 _ARM64 = "tests/test_arm64_stage2.py::"
@@ -382,6 +383,16 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_X86_FAST, "test_a_fast_path_that_ignores_mmu_writable_is_caught"),
         _scenario(_X86_FAST, "test_a_fast_path_that_maps_another_page_is_caught"),
         _scenario(_X86_FAST, "test_tdp_machine_finds_a_fast_path_that_ignores_mmu_writable"),
+    ),
+    "X17": (
+        SHADOW_MMU.format(
+            "check_roots_follow_cr3; the harness's guest has five PML4s, one more than the"
+            " roots a vCPU keeps, so its CR3 switches drop roots as well as rotate the cache"
+        ),
+        _scenario(_X86_ROOTS, "test_cr3_switches_among_five_processes_rotate_and_drop_roots"),
+        _scenario(_X86_ROOTS, "test_a_cr3_switch_that_keeps_the_evicted_root_is_caught"),
+        _scenario(_X86_ROOTS, "test_a_cached_root_for_another_cr3_is_caught"),
+        _scenario(_X86_ROOTS, "test_the_x86_machine_finds_a_cr3_switch_that_keeps_the_old_root"),
     ),
     # -- arm64 stage 2 (INVENTORY C.5, seed 001) ---------------------------------------------
     "A1": (

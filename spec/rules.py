@@ -896,6 +896,21 @@ rule(
     DocCitation("Documentation/virt/kvm/locking.rst", "Fast page fault"),
 )
 
+rule(
+    "X17",
+    "invariant",
+    "x86-mmu",
+    """On shadow paging a vCPU translates through the shadow of the CR3 it loaded: its
+    current root, unless it is the dummy root of a CR3 outside every visible slot, records
+    the vCPU's CR3 and is the top-level shadow page of that CR3's gfn, in the vCPU's paging
+    mode; each cached previous root records the CR3 it shadows. A CR3 load reuses the
+    current or a cached root only for the same CR3 and role, and otherwise puts the root
+    that falls out of the cache, so the next entry loads a new one.""",
+    KernelCitation(X86_MMU, "kvm_mmu_new_pgd"),
+    KernelCitation(X86_MMU, "cached_root_find_and_keep_current"),
+    KernelCitation(X86_MMU, "mmu_alloc_shadow_roots"),
+)
+
 # --- Invariants: arm64 stage 2 (INVENTORY C.5, seed 001) ---------------------------------------
 
 ARM64_PGTABLE = "arch/arm64/kvm/hyp/pgtable.c"

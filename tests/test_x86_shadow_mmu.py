@@ -91,7 +91,7 @@ def test_guest_page_table_write_is_emulated_and_takes_effect() -> None:
     vm = ShadowHarness()
     vm.host.host_write(vm.data_hva, b"1111")
     vm.host.host_write(vm.data_hva + PAGE, b"2222")
-    spare_pt, mmio_pt = 6, 7  # two more PTs, as the PT but for data page 0
+    spare_pt, mmio_pt = 9, 10  # two more PTs, as the PT but for data page 0
     for table, target in ((spare_pt, DATA_GFN + 1), (mmio_pt, NO_SLOT_GFN)):
         for i in range(TABLE_PAGES):
             vm.write_table(table, i, i * PAGE | PTE)

@@ -1,0 +1,124 @@
+"""The vCPUs' roots on CR3 switches (X17): a vCPU keeps its current root and three cached
+ones (KVM_MMU_NUM_PREV_ROOTS); a CR3 load reuses a root only for the same CR3, rotating
+the cache, and puts the root that falls out of it. The harness's guest has five processes
+(PML4s), one more than a vCPU keeps roots for, so that its switches do both."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis.stateful import run_state_machine_as_test
+
+from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.profiles import bug_hunt
+from kvmspec.fuzz.x86_harness import DATA_GVA, PAGE, PML4S, ShadowHarness
+from kvmspec.fuzz.x86_machine import x86_machine
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.x86 import roots
+from kvmspec.reference.x86.guest_access import Outcome
+from kvmspec.reference.x86.mmu_page import KvmMmuPageRole, ShadowMmuState
+from kvmspec.reference.x86.tlb import KVM_MMU_NUM_PREV_ROOTS, KvmMmuRootInfo, VcpuMmu
+from kvmspec.spec.invariants.x86 import check_roots_follow_cr3
+from kvmspec.spec.platforms import DEFAULT_PROFILE
+
+
+def _held_pgds(vm: ShadowHarness, vcpu_id: int) -> list[int]:
+    """The CR3s of the roots a vCPU holds: its current one first, then the cached ones."""
+    vcpu_mmu = vm.mmu.vcpu_mmu(vcpu_id)
+    return [r.pgd for r in (vcpu_mmu.root, *vcpu_mmu.prev_roots) if r.sp is not None]
+
+
+def test_the_guest_has_one_process_more_than_a_vcpu_keeps_roots_for() -> None:
+    assert len(set(PML4S)) == KVM_MMU_NUM_PREV_ROOTS + 2
+
+
+def test_cr3_switches_among_five_processes_rotate_and_drop_roots() -> None:
+    """vCPU 0 runs each process in turn. The first four switches keep every root (the cache
+    has room); the fifth puts the oldest, whose page stays hashed with no root count, and
+    switching back to that process loads a root again, finding the same page by its gfn."""
+    vm = ShadowHarness()
+    pml4_pgds = [pml4 * PAGE for pml4 in PML4S]
+    for n, pml4 in enumerate(PML4S):
+        vm.switch_cr3(0, pml4)
+        assert vm.read(DATA_GVA).outcome is Outcome.DONE
+        vm.check()
+        held = pml4_pgds[max(0, n - KVM_MMU_NUM_PREV_ROOTS) : n + 1]
+        assert _held_pgds(vm, 0) == held[::-1]  # the newest first
+    first = vm.mmu.sp_by_pfn
+    oldest = [sp for sp in first.values() if sp.gfn == PML4S[0] and sp.role.level == 4]
+    assert len(oldest) == 1 and oldest[0].root_count == 0  # put, still hashed
+    # No cached root fits: the current root goes to the cache, the oldest cached one (the
+    # second process's) is put, and the vCPU has no current root until it enters.
+    vm.switch_cr3(0, PML4S[0])
+    assert vm.mmu.vcpu_mmu(0).root.sp is None
+    assert _held_pgds(vm, 0) == pml4_pgds[2:][::-1]
+    assert vm.read(DATA_GVA).outcome is Outcome.DONE
+    assert vm.mmu.vcpu_mmu(0).root.sp is oldest[0] and oldest[0].root_count == 1
+    assert _held_pgds(vm, 0) == [pml4_pgds[0], *pml4_pgds[2:][::-1]]
+    assert vm.violations() == []
+
+
+def _keeps_the_evicted_root(
+    kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, new_pgd: int, role: KvmMmuPageRole
+) -> bool:
+    """Planted: fast_pgd_switch without the put of the root that falls out of the cache. The
+    vCPU keeps that root as its current one, and the next entry, finding a root, runs the
+    guest on another process's tables."""
+    prev = vcpu_mmu.prev_roots
+    if vcpu_mmu.root.sp is not None:
+        if roots.is_root_usable(vcpu_mmu.root, new_pgd, role):
+            return True
+        for i in range(KVM_MMU_NUM_PREV_ROOTS):
+            vcpu_mmu.root, prev[i] = prev[i], vcpu_mmu.root
+            if roots.is_root_usable(vcpu_mmu.root, new_pgd, role):
+                return True
+        return False
+    for i in range(KVM_MMU_NUM_PREV_ROOTS):
+        if roots.is_root_usable(prev[i], new_pgd, role):
+            vcpu_mmu.root, prev[i] = prev[i], vcpu_mmu.root
+            prev[i:] = [*prev[i + 1 :], KvmMmuRootInfo(0, None)]
+            return True
+    return False
+
+
+def test_a_cr3_switch_that_keeps_the_evicted_root_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted switch goes unnoticed while the cache has room. At the fifth process the
+    vCPU is left on the first process's root with the fifth's CR3 (X17); every translation
+    still looks right, since the processes share their lower tables."""
+    monkeypatch.setattr(roots, "fast_pgd_switch", _keeps_the_evicted_root)
+    vm = ShadowHarness()
+    for pml4 in PML4S[:-1]:
+        vm.switch_cr3(0, pml4)
+        assert vm.read(DATA_GVA).outcome is Outcome.DONE
+        vm.check()
+    vm.switch_cr3(0, PML4S[-1])
+    found = check_roots_follow_cr3(vm.mmu)
+    assert [v.rule for v in found] == ["X17"]
+    assert f"with CR3 {PML4S[-1] * PAGE:#x} runs on" in found[0].message
+    assert vm.read(DATA_GVA).outcome is Outcome.DONE  # nothing the guest sees
+    with pytest.raises(RulesBroken, match="X17"):
+        vm.check()
+
+
+def test_a_cached_root_for_another_cr3_is_caught() -> None:
+    """The check of the cache: a cached root must be the page of the CR3 it records."""
+    vm = ShadowHarness()
+    assert vm.read(DATA_GVA).outcome is Outcome.DONE
+    vm.switch_cr3(0, PML4S[1])
+    cached = vm.mmu.vcpu_mmu(0).prev_roots[0]
+    assert cached.sp is not None and cached.pgd == PML4S[0] * PAGE
+    cached.pgd = PML4S[2] * PAGE
+    found = check_roots_follow_cr3(vm.mmu)
+    assert [v.rule for v in found] == ["X17"] and "as previous root 0" in found[0].message
+
+
+def test_the_x86_machine_finds_a_cr3_switch_that_keeps_the_old_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The state machine reaches the planted switch on its own: one vCPU must load five
+    different CR3s."""
+    monkeypatch.setattr(roots, "fast_pgd_switch", _keeps_the_evicted_root)
+    machine = x86_machine(DEFAULT_PROFILE, ("shadow",))
+    with pytest.raises(RulesBroken, match="X17"):
+        run_state_machine_as_test(machine, settings=bug_hunt(400))
