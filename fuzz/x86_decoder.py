@@ -159,6 +159,8 @@ HUGE_KINDS: tuple[Kind, ...] = (
     Kind("migrate_page", (("i", HUGE_PAGES),)),
     # Appended, so that older inputs keep their meaning.
     Kind("reclaim", (("i", HUGE_PAGES),), True),
+    Kind("manual_protect_initially_set"),
+    Kind("clear_dirty_log", (("i", HUGE_PAGES),)),
 )
 """The ``huge`` layout's actions (:class:`~kvmspec.fuzz.x86_huge_harness.HugeHarness`)."""
 

@@ -4,9 +4,10 @@ with one 2M page (B's and C's directories live inside that page: seed 002), and 
 
 The actions: guest loads and stores in the 2M page, emulated and failing stores to the
 shadowed tables inside it, the guest switching its PD entry between the 2M page and a 4K
-table, THP collapse and split, khugepaged, MADV_DONTNEED, reclaim, LOG toggles and harvests,
-and host migration of a page (the whole THP when frame 0 is one). The checks and the
-drivers are those of :mod:`kvmspec.fuzz.x86_harness`, which holds the ``shadow`` layout.
+table, THP collapse and split, khugepaged, MADV_DONTNEED, reclaim, LOG toggles, harvests and
+clears (with INITIALLY_SET or without), and host migration of a page (the whole THP when
+frame 0 is one). The checks and the drivers are those of :mod:`kvmspec.fuzz.x86_harness`,
+which holds the ``shadow`` layout.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from kvmspec.fuzz.x86_harness import (
     leaves_follow_guest_ptes,
 )
 from kvmspec.reference import kvm_main
+from kvmspec.reference.capabilities import kvm_vm_ioctl_enable_cap
 from kvmspec.reference.concurrency import run_to_completion
-from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
+from kvmspec.reference.dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
 from kvmspec.reference.host import HostMm
 from kvmspec.reference.host_reclaim import Reclaim
 from kvmspec.reference.kvm import Kvm
@@ -52,7 +54,10 @@ from kvmspec.reference.x86.spte import (
 from kvmspec.spec.invariants.x86 import check_shadow_mmu
 from kvmspec.spec.platforms import DEFAULT_PROFILE, PlatformProfile
 from kvmspec.spec.uapi.constants import (
+    CAPABILITIES,
+    KVM_DIRTY_LOG_MANUAL_CAPS,
     KVM_MEM_LOG_DIRTY_PAGES,
+    U64_MAX,
 )
 from kvmspec.spec.uapi.memslot_rules import MemoryRegion
 
@@ -253,6 +258,24 @@ class HugeHarness:
     def harvest(self) -> None:
         """KVM_GET_DIRTY_LOG of the slot."""
         run_to_completion(kvm_get_dirty_log_protect(self.kvm, 0))
+
+    def manual_protect_initially_set(self) -> None:
+        """The VMM turns on manual protection with KVM_DIRTY_LOG_INITIALLY_SET: logging
+        started from now on reports every page until the VMM clears it, and protects
+        nothing when it starts, so the 2M leaf may stay writable while the slot is logged
+        (D1, D5). The VMM never turns it off again: a GET without manual protection would
+        clear bits and write-protect only 4K leaves, and the 2M one could keep writing
+        unreported (a kernel corner this harness does not explore)."""
+        cap = CAPABILITIES["KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"]
+        assert kvm_vm_ioctl_enable_cap(self.kvm, cap, 0, (KVM_DIRTY_LOG_MANUAL_CAPS,)) == 0
+
+    def clear_dirty_log(self, i: int) -> None:
+        """KVM_CLEAR_DIRTY_LOG of the 64 pages around page ``i``: their bits cleared and
+        their leaves write-protected, the huge ones over them too under INITIALLY_SET.
+        Refused while the slot is not logged."""
+        first = i - i % 64
+        errno = run_to_completion(kvm_clear_dirty_log_protect(self.kvm, 0, first, 64, [U64_MAX]))
+        self.log(f"clear dirty log of pages {first}..{first + 63} -> errno {errno}")
 
     def check(self) -> None:
         """Raise :class:`RulesBroken` if the actions so far broke a rule."""

@@ -247,6 +247,16 @@ class X86Machine(RuleBasedStateMachine):
         self._do("harvest")
 
     @precondition(_huge)
+    @rule()
+    def manual_protect_initially_set(self) -> None:
+        self._do("manual_protect_initially_set")
+
+    @precondition(_huge)
+    @rule(i=st.sampled_from(HUGE_PAGES))
+    def clear_dirty_log(self, i: int) -> None:
+        self._do("clear_dirty_log", i)
+
+    @precondition(_huge)
     @rule(i=st.sampled_from(HUGE_PAGES))
     def huge_migrate_page(self, i: int) -> None:
         self._do("migrate_page", i)

@@ -119,7 +119,13 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_RADIX, "test_a_page_stored_to_before_a_move_is_reported_after_it"),
         _scenario(_RADIX, "test_a_flush_that_folds_c_into_the_wrong_page_is_caught"),
     ),
-    "D5": (DIRTY_CONTRACT, f"scenario test `{_GENERIC_TESTS}test_d5_initially_set`"),
+    "D5": (
+        DIRTY_CONTRACT,
+        f"scenario test `{_GENERIC_TESTS}test_d5_initially_set`",
+        _scenario(
+            _X86_HUGE, "test_initially_set_keeps_the_2m_leaf_writable_until_a_clear_reaches_it"
+        ),
+    ),
     "D11": (DIRTY_CONTRACT,),
     **{rule_id: (MONITOR,) for rule_id in CHECKED_RULES},
     **{rule_id: (f"scenario test `{test}`",) for rule_id, test in SCENARIO_TESTS.items()},
@@ -186,6 +192,17 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_ARM64_MMU, "test_a_harvest_that_reprotects_nothing_is_caught"),
         TDP_MMU.format("check_dirty_logging"),
         _scenario(_X86_TDP, "test_planted_harvest_without_reprotection_is_caught"),
+        SHADOW_MMU.format(
+            "check_writable_leaves_logged: every gfn under a writable leaf, a huge leaf's whole"
+            " frame; the huge layout's INITIALLY_SET and CLEAR actions reach a 2M leaf left"
+            " writable while logging"
+        ),
+        _scenario(_X86_HUGE, "test_a_clear_that_leaves_the_2m_leaf_writable_is_caught"),
+        _scenario(_X86_HUGE, "test_the_x86_machine_finds_a_clear_that_leaves_the_2m_leaf_writable"),
+        _scenario(
+            "tests/test_guest_machines.py::",
+            "test_the_shadow_mmu_checks_catch_a_harvest_that_forgets_to_reprotect",
+        ),
     ),
     "D2": (DIRTY_CHECKS, f"scenario test `{_GENERIC_TESTS}test_d2_write_after_get_is_logged`"),
     "D3": (f"scenario test `{_GENERIC_TESTS}test_d3_clear_reprotects_exactly`",),

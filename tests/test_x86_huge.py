@@ -9,17 +9,23 @@ the THP, whole or split, and a fault that keeps its page reference caught by it.
 from __future__ import annotations
 
 import pytest
+from hypothesis.stateful import run_state_machine_as_test
 
 from kvmspec.fuzz.generic_harness import RulesBroken
+from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.fuzz.x86_harness import HPAGE, PAGE
 from kvmspec.fuzz.x86_huge_harness import PML4_B, PML4_C, HugeHarness
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference.concurrency import run_to_completion
 from kvmspec.reference.dirty_log import kvm_get_dirty_log_protect
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.x86 import guest_access, mmu_spte, page_track, paging_tmpl
 from kvmspec.reference.x86.guest_access import Outcome
 from kvmspec.reference.x86.lpage import SlotLpageInfo
+from kvmspec.reference.x86.mmu_spte import rmap_write_protect
 from kvmspec.reference.x86.paging import PG_LEVEL_2M, PG_LEVEL_4K
+from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.spte import (
     LEGACY_MASKS_HERE,
     is_mmu_writable_spte,
@@ -229,3 +235,73 @@ def test_planted_fault_that_keeps_its_page_reference_is_caught_by_reclaim(
     vm.reclaim(20)
     with pytest.raises(RulesBroken, match="reclaiming page 20: busy"):
         vm.check()
+
+
+def _clear_without_the_huge_leaves(
+    self: ShadowMmu, kvm: Kvm, slot: KvmMemorySlot, gfn_offset: int, mask: int
+) -> None:
+    """Planted: CLEAR_DIRTY_LOG write-protects the 4K leaves of the pages it clears but, under
+    INITIALLY_SET, not the huge leaves over them."""
+    bit = 0
+    while mask >> bit:
+        if mask >> bit & 1:
+            gfn = slot.base_gfn + gfn_offset + bit
+            rmap_write_protect(kvm, self, slot, gfn, PG_LEVEL_4K, pt_protect=False)
+        bit += 1
+
+
+def _log_with_initially_set(vm: HugeHarness) -> None:
+    """The guest writes in its 2M page, then the VMM logs the slot under INITIALLY_SET: the
+    2M leaf stays writable, which D1 allows while all 512 of its pages are reported."""
+    vm.guest_write(0, 20, 7)
+    vm.manual_protect_initially_set()
+    vm.toggle_log(True)
+    leaf = vm.leaf(0, 20 * PAGE)
+    assert leaf is not None and leaf[0] == PG_LEVEL_2M and is_writable_pte(leaf[1])
+    vm.check()
+
+
+def test_initially_set_keeps_the_2m_leaf_writable_until_a_clear_reaches_it() -> None:
+    """D5 and D1: under INITIALLY_SET enabling logging protects nothing; the first CLEAR of
+    pages in the 2M page write-protects its leaf, so the next write there faults, maps 4K
+    and is logged. A GET reports it; the pages never cleared are still reported too."""
+    vm = HugeHarness()
+    _log_with_initially_set(vm)
+    vm.clear_dirty_log(20)  # pages 0..63
+    leaf = vm.leaf(0, 20 * PAGE)
+    assert leaf is not None and not is_writable_pte(leaf[1])
+    vm.check()
+    vm.guest_write(0, 30, 9)
+    leaf = vm.leaf(0, 30 * PAGE)
+    assert leaf is not None and leaf[0] == PG_LEVEL_4K and is_writable_pte(leaf[1])
+    vm.check()
+    errno, bitmap = run_to_completion(kvm_get_dirty_log_protect(vm.kvm, 0))
+    assert errno == 0 and bitmap[0] == 1 << 30 and bitmap[1] == (1 << 64) - 1
+
+
+def test_a_clear_that_leaves_the_2m_leaf_writable_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """D1 reports the pages the CLEAR made clean under a leaf that still lets the guest write
+    them without a fault: the writes would never be reported."""
+    monkeypatch.setattr(
+        ShadowMmu, "kvm_arch_mmu_enable_log_dirty_pt_masked", _clear_without_the_huge_leaves
+    )
+    vm = HugeHarness()
+    _log_with_initially_set(vm)
+    vm.clear_dirty_log(20)
+    with pytest.raises(RulesBroken, match="D1: gfn 0x0 of logged slot 0 writable, not recorded"):
+        vm.check()
+
+
+def test_the_x86_machine_finds_a_clear_that_leaves_the_2m_leaf_writable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The state machine reaches the planted CLEAR on its own: INITIALLY_SET, logging on
+    over a writable 2M leaf, then a CLEAR of pages under it."""
+    monkeypatch.setattr(
+        ShadowMmu, "kvm_arch_mmu_enable_log_dirty_pt_masked", _clear_without_the_huge_leaves
+    )
+    machine = x86_machine(DEFAULT_PROFILE, ("huge",))
+    with pytest.raises(RulesBroken, match="D1"):
+        run_state_machine_as_test(machine, settings=bug_hunt(4000))

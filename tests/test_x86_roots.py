@@ -121,4 +121,4 @@ def test_the_x86_machine_finds_a_cr3_switch_that_keeps_the_old_root(
     monkeypatch.setattr(roots, "fast_pgd_switch", _keeps_the_evicted_root)
     machine = x86_machine(DEFAULT_PROFILE, ("shadow",))
     with pytest.raises(RulesBroken, match="X17"):
-        run_state_machine_as_test(machine, settings=bug_hunt(400))
+        run_state_machine_as_test(machine, settings=bug_hunt(3000))

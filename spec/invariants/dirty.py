@@ -10,7 +10,7 @@ place, a writable translation without a record appears, and this check finds it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from kvmspec.reference.flat_mmu import FlatMmu
 from kvmspec.reference.kvm import Kvm
@@ -31,22 +31,19 @@ def _ring_entries(kvm: Kvm) -> set[tuple[int, int]]:
     return entries
 
 
-def check_writable_translations_logged(kvm: Kvm, mmu: FlatMmu) -> Iterator[Violation]:
-    """D1: in a dirty-logged slot, a gfn with a writable translation (in the table, or in
-    any vCPU's TLB, which the hardware writes through without looking at the table) is
-    recorded as dirty. It holds whenever no memslot update is in flight: switching logging
-    on publishes the logged slot first and write-protects it at commit, before the ioctl
-    returns (kvm_mmu_slot_apply_flags); the VMM cannot harvest in between. Except in a VM
-    with rings under KVM_DIRTY_LOG_INITIALLY_SET, where switching logging on protects
-    nothing and a ring has no "initially set" bitmap to stand in: a known kernel finding
+def writable_gfns_recorded(kvm: Kvm, writable: Iterable[tuple[int, int]]) -> Iterator[Violation]:
+    """D1 for any MMU: each (address space, gfn) given, a gfn the guest can write through a
+    translation, is recorded as dirty if its slot is logged. It holds whenever no memslot
+    update is in flight: switching logging on publishes the logged slot first and
+    write-protects it at commit, before the ioctl returns (kvm_mmu_slot_apply_flags); the
+    VMM cannot harvest in between. Except in a VM with rings under
+    KVM_DIRTY_LOG_INITIALLY_SET, where switching logging on protects nothing and a ring has
+    no "initially set" bitmap to stand in: a known kernel finding
     (corpus/conformance/x86_64-linux-6.18-pvm/s4-dirty-ring-initially-set-loses-a-write.jsonl),
     which this check lets pass."""
     if kvm.dirty_ring_size and kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
         return
     ring_entries: set[tuple[int, int]] | None = None
-    writable = {key: None for key, pte in mmu.ptes.items() if pte.writable}
-    for tlb in mmu.tlbs.values():
-        writable.update((key, None) for key, pte in tlb.items() if pte.writable)
     for as_id, gfn in writable:
         slot = kvm.memslots(as_id).gfn_to_memslot(gfn)
         if slot is None or not slot.dirty_logging:
@@ -59,6 +56,15 @@ def check_writable_translations_logged(kvm: Kvm, mmu: FlatMmu) -> Iterator[Viola
         if (as_id << 16 | slot.id, offset) in ring_entries:
             continue
         yield Violation("D1", f"gfn {gfn:#x} of logged slot {slot.id} writable, not recorded")
+
+
+def check_writable_translations_logged(kvm: Kvm, mmu: FlatMmu) -> Iterator[Violation]:
+    """D1 on the flat MMU: a gfn with a writable translation, in the table or in any vCPU's
+    TLB (which the hardware writes through without looking at the table)."""
+    writable = {key: None for key, pte in mmu.ptes.items() if pte.writable}
+    for tlb in mmu.tlbs.values():
+        writable.update((key, None) for key, pte in tlb.items() if pte.writable)
+    yield from writable_gfns_recorded(kvm, writable)
 
 
 def check_ring_full_keeps_vcpu_out(

@@ -6,9 +6,10 @@ writable-bit states of every leaf (X3), the write protection of shadowed guest p
 tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' roots against
 their CR3s (X17), the vCPUs' TLBs (X5), the leaves against the host's page tables (N4),
 the huge-page counts (X8), every huge leaf (X9), dirty-logged slots mapping nothing
-writable larger than 4K (D4), the MMIO SPTEs' generations (X11), the unsync pages and
-their parents' bitmaps (X7), the shadow-page limit (X12, x86_page_limit.py), and seed
-004's private pages: never pinned, and the vCPUs' APIC-access address current.
+writable larger than 4K (D4) and nothing writable that is not reported dirty (D1), the
+MMIO SPTEs' generations (X11), the unsync pages and their parents' bitmaps (X7), the
+shadow-page limit (X12, x86_page_limit.py), and seed 004's private pages: never pinned,
+and the vCPUs' APIC-access address current.
 ``check_shadow_mmu`` runs them all; ``check_released`` is what must hold once the VMM's
 address space is gone (X5).
 """
@@ -56,6 +57,7 @@ from kvmspec.reference.x86.spte import (
 )
 from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH
 from kvmspec.spec.invariants import Violation
+from kvmspec.spec.invariants.dirty import writable_gfns_recorded
 from kvmspec.spec.invariants.x86_page_limit import check_mmu_page_limit
 from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SHIFT, PAGE_SIZE
 
@@ -167,6 +169,23 @@ def _frame(sptep: SptePtr) -> range:
     return range(gfn, gfn + kvm_pages_per_hpage(sptep.sp.role.level))
 
 
+def check_writable_leaves_logged(kvm: Kvm, leaves: Leaves) -> list[Violation]:
+    """D1 on the shadow MMU: every gfn a writable leaf maps (a huge leaf's whole frame) is
+    recorded as dirty when its slot is logged. Under INITIALLY_SET a huge leaf may stay
+    writable while logging, but only as long as every page of its frame is still reported:
+    CLEAR_DIRTY_LOG write-protects the huge leaves over the pages it clears. The TLBs need
+    no look of their own: X5 holds them to the tables unless a flush is due first."""
+    writable: list[tuple[int, int]] = []
+    for sptep, spte in leaves:
+        if not is_writable_pte(spte):
+            continue
+        frame = _frame(sptep)
+        slot = kvm.memslots(0).gfn_to_memslot(frame.start)
+        if slot is not None and slot.dirty_logging:
+            writable.extend((0, gfn) for gfn in frame)
+    return list(writable_gfns_recorded(kvm, writable))
+
+
 def check_shadowed_tables_write_protected(mmu: ShadowMmu, leaves: Leaves) -> list[Violation]:
     """X6: no writable leaf maps a gfn that a valid, synced page shadows as a guest table
     (a huge leaf maps every gfn of its frame: seed 002's write-protected large SPTE)."""
@@ -231,8 +250,8 @@ def check_huge_leaves(kvm: Kvm, mmu: ShadowMmu, host: HostMm, leaves: Leaves) ->
     with one huge page at the leaf's pfn. A writable huge leaf also needs a frame whose
     disallow_lpage count is 0 (a read-only one may outlive the count: seed 002 keeps it
     for reads), and a slot that is not dirty-logged (D4: a logged slot is write-protected
-    when logging starts and then maps 4K; INITIALLY_SET slots are exempt until the first
-    CLEAR reaches the frame, D5)."""
+    when logging starts and then maps 4K; an INITIALLY_SET slot is exempt, D5, as long as
+    every page of the frame is still reported, which D1 checks)."""
     violations = []
     for sptep, spte in leaves:
         level = sptep.sp.role.level
@@ -601,6 +620,7 @@ def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
             *check_parent_ptes(kvm, mmu),
             *check_leaf_writability(mmu, leaves),
             *check_shadowed_tables_write_protected(mmu, leaves),
+            *check_writable_leaves_logged(kvm, leaves),
             *check_leaves_match_host(kvm, mmu, host, leaves),
             *check_huge_leaves(kvm, mmu, host, leaves),
             *check_mmio_sptes(kvm, mmu),
