@@ -349,7 +349,37 @@ class ShadowHarness:
         return [
             *check_shadow_mmu(self.kvm, self.mmu, self.host),
             *leaves_follow_guest_ptes(self.kvm, self.mmu, self.host),
+            *self.mmio_caches_follow_guest_ptes(),
         ]
+
+    def mmio_caches_follow_guest_ptes(self) -> list[Violation]:
+        """X5 for the vCPUs' caches of their last MMIO translation (vcpu->arch.mmio_gva and
+        mmio_gfn, which the emulator uses instead of walking the guest's tables): like a TLB
+        entry, a data page's cached translation is one the vCPU may still use, what the
+        page's entry says now or an entry the vCPU has not flushed since. A CR3 load or an
+        INVLPG that left the cache alone would send a later access to the VMM as MMIO
+        after the guest had mapped RAM there."""
+        if self.host.host_read(self.tables_hva + PT * PAGE, 8)[0]:
+            return []  # the VMM has exited: no guest tables left to compare with
+        problems = []
+        generation = self.kvm.memslots(0).generation
+        for vcpu in VCPUS:
+            info = self.mmu.mmio_info.get(vcpu)
+            if info is None or info.generation != generation:
+                continue  # nothing cached, or an entry no lookup matches any more
+            i = (info.gva - DATA_GVA) // PAGE
+            if i not in DATA_PAGE_INDEXES:
+                continue  # not a data page: the APIC page, or an alias through an upper table
+            allowed = [mapping.gfn for mapping in self.allowed_mappings(vcpu, i)]
+            if info.gfn not in allowed:
+                problems.append(
+                    Violation(
+                        "X5",
+                        f"vcpu {vcpu} caches MMIO gfn {info.gfn:#x} for data page {i}; "
+                        f"its entries since the last flush map {allowed}",
+                    )
+                )
+        return problems
 
     # -- what the guest's tables and the slots say an access must do ----------------------------
 

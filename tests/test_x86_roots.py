@@ -10,7 +10,14 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.profiles import bug_hunt
-from kvmspec.fuzz.x86_harness import DATA_GVA, PAGE, PML4S, ShadowHarness
+from kvmspec.fuzz.x86_harness import (
+    DATA_GFN,
+    DATA_GVA,
+    NO_SLOT_GFN,
+    PAGE,
+    PML4S,
+    ShadowHarness,
+)
 from kvmspec.fuzz.x86_machine import x86_machine
 from kvmspec.reference.kvm import Kvm
 from kvmspec.reference.x86 import roots
@@ -122,3 +129,51 @@ def test_the_x86_machine_finds_a_cr3_switch_that_keeps_the_old_root(
     machine = x86_machine(DEFAULT_PROFILE, ("shadow",))
     with pytest.raises(RulesBroken, match="X17"):
         run_state_machine_as_test(machine, settings=bug_hunt(3000))
+
+
+def _mmio_cache_then_switch_back(vm: ShadowHarness) -> None:
+    """vCPU 0 holds the first process's root in its cache and runs the second. Its data page
+    0 leads to no slot (an MMIO read caches the translation); the guest then maps RAM there
+    without a flush and switches back to the first process, a cache hit."""
+    vm.guest_read(0, 0, 0)
+    vm.guest_context_switch(0, PML4S[1], 0)
+    vm.guest_remap(0, 0, NO_SLOT_GFN, False)
+    vm.invlpg(0, 0)
+    vm.guest_read(0, 0, 0)
+    vm.check()
+    assert vm.mmu.mmio_info[0].gfn == NO_SLOT_GFN
+    vm.guest_remap(0, 0, DATA_GFN + 1, False)
+    vm.check()  # the cached translation is one the vCPU has not flushed: allowed
+    vm.switch_cr3(0, PML4S[0])
+
+
+def test_a_cr3_switch_to_a_cached_root_drops_the_mmio_cache() -> None:
+    vm = ShadowHarness()
+    _mmio_cache_then_switch_back(vm)
+    assert 0 not in vm.mmu.mmio_info
+    vm.guest_read(0, 0, 0)  # RAM now, as the guest's entry says
+    vm.check()
+
+
+def test_a_cr3_switch_that_keeps_the_mmio_cache_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Planted: a cache hit in the rotation reports no switch, so kvm_mmu_new_pgd skips the
+    rest of its work, the MMIO cache's reset among it. The check of the caches sees the
+    translation the CR3 load flushed: an instruction KVM emulates next would take it and
+    send its access of the page to the VMM, not to the RAM the guest mapped there."""
+    real = roots.fast_pgd_switch
+
+    def hit_unreported(
+        kvm: Kvm, mmu: ShadowMmuState, vcpu_mmu: VcpuMmu, new_pgd: int, role: KvmMmuPageRole
+    ) -> bool:
+        had_root = vcpu_mmu.root.sp is not None
+        switched = real(kvm, mmu, vcpu_mmu, new_pgd, role)
+        return switched and not (had_root and vcpu_mmu.prev_roots[0].sp is not None)
+
+    monkeypatch.setattr(roots, "fast_pgd_switch", hit_unreported)
+    vm = ShadowHarness()
+    _mmio_cache_then_switch_back(vm)
+    assert vm.mmu.mmio_info[0].gfn == NO_SLOT_GFN
+    with pytest.raises(RulesBroken, match=r"X5: vcpu 0 caches MMIO gfn 0x28 for data page 0"):
+        vm.check()
