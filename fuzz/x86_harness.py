@@ -96,6 +96,7 @@ from kvmspec.reference.x86.spte import (
     is_writable_pte,
     kvm_mmu_reset_all_pte_masks,
 )
+from kvmspec.reference.x86.unsync import KVM_REQ_MMU_SYNC
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.x86 import (
     check_released,
@@ -356,9 +357,12 @@ class ShadowHarness:
         """X5 for the vCPUs' caches of their last MMIO translation (vcpu->arch.mmio_gva and
         mmio_gfn, which the emulator uses instead of walking the guest's tables): like a TLB
         entry, a data page's cached translation is one the vCPU may still use, what the
-        page's entry says now or an entry the vCPU has not flushed since. A CR3 load or an
-        INVLPG that left the cache alone would send a later access to the VMM as MMIO
-        after the guest had mapped RAM there."""
+        page's entry says now or an entry the vCPU has not flushed since. An INVLPG that
+        left the cache alone would send a later emulated access to the VMM as MMIO after
+        the guest had mapped RAM there. A vCPU with a sync of its roots pending, or no
+        root, is exempt: the sync (kvm_mmu_sync_roots, also part of loading a root) drops
+        the whole cache before the vCPU runs guest code again; every CR3 load asks for
+        one."""
         if self.host.host_read(self.tables_hva + PT * PAGE, 8)[0]:
             return []  # the VMM has exited: no guest tables left to compare with
         problems = []
@@ -367,6 +371,9 @@ class ShadowHarness:
             info = self.mmu.mmio_info.get(vcpu)
             if info is None or info.generation != generation:
                 continue  # nothing cached, or an entry no lookup matches any more
+            vcpu_mmu = self.mmu.vcpu_mmu(vcpu)
+            if KVM_REQ_MMU_SYNC in vcpu_mmu.requests or vcpu_mmu.root.sp is None:
+                continue  # dropped before the vCPU runs guest code again
             i = (info.gva - DATA_GVA) // PAGE
             if i not in DATA_PAGE_INDEXES:
                 continue  # not a data page: the APIC page, or an alias through an upper table
