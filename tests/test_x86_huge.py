@@ -23,7 +23,6 @@ from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.x86 import guest_access, mmu_spte, page_track, paging_tmpl
 from kvmspec.reference.x86.guest_access import Outcome
 from kvmspec.reference.x86.lpage import SlotLpageInfo
-from kvmspec.reference.x86.mmu_spte import rmap_write_protect
 from kvmspec.reference.x86.paging import PG_LEVEL_2M, PG_LEVEL_4K
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.spte import (
@@ -32,7 +31,7 @@ from kvmspec.reference.x86.spte import (
     is_writable_pte,
 )
 from kvmspec.spec.platforms import DEFAULT_PROFILE
-from kvmspec.spec.uapi.constants import KVM_MEM_LOG_DIRTY_PAGES
+from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM_LOG_DIRTY_PAGES
 
 
 def test_a_guest_2m_page_over_a_thp_gets_a_2m_spte() -> None:
@@ -237,17 +236,20 @@ def test_planted_fault_that_keeps_its_page_reference_is_caught_by_reclaim(
         vm.check()
 
 
+_REAL_ENABLE_LOG_DIRTY_PT_MASKED = ShadowMmu.kvm_arch_mmu_enable_log_dirty_pt_masked
+
+
 def _clear_without_the_huge_leaves(
     self: ShadowMmu, kvm: Kvm, slot: KvmMemorySlot, gfn_offset: int, mask: int
 ) -> None:
     """Planted: CLEAR_DIRTY_LOG write-protects the 4K leaves of the pages it clears but, under
-    INITIALLY_SET, not the huge leaves over them."""
-    bit = 0
-    while mask >> bit:
-        if mask >> bit & 1:
-            gfn = slot.base_gfn + gfn_offset + bit
-            rmap_write_protect(kvm, self, slot, gfn, PG_LEVEL_4K, pt_protect=False)
-        bit += 1
+    INITIALLY_SET, not the huge leaves over them (the real code, told INITIALLY_SET is off)."""
+    saved = kvm.manual_dirty_log_protect
+    kvm.manual_dirty_log_protect = saved & ~KVM_DIRTY_LOG_INITIALLY_SET
+    try:
+        _REAL_ENABLE_LOG_DIRTY_PT_MASKED(self, kvm, slot, gfn_offset, mask)
+    finally:
+        kvm.manual_dirty_log_protect = saved
 
 
 def _log_with_initially_set(vm: HugeHarness) -> None:
