@@ -375,6 +375,11 @@ SEED_SCENARIOS: dict[str, tuple[Step, ...]] = {
         ("host_ages_page", (0, 0, "test")),
         ("host_ages_page", (0, 0, "clear")),
         ("guest_access", (1, 2, True)),
+        # Slot 1 starts at gfn 8: H_CLEAR_REF must keep R in the rmap word of the page's
+        # offset in the slot, or the host's aging finds the page idle.
+        ("h_clear_ref_or_mod", (2, False)),
+        ("host_ages_page", (1, 0, "clear")),
+        ("guest_access", (1, 2, True)),
         ("host_mprotect", (1, 0, RO)),
         ("host_ages_page", (1, 0, "test")),
         ("host_ages", (1,)),

@@ -30,6 +30,8 @@ from kvmspec.fuzz.ppc_harness import EAS, INVALID_HCALLS, PpcHarness
 from kvmspec.fuzz.ppc_machine import ppc_machine
 from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.fuzz.seed_bugs import revmap_for_usable_slots_only
+from kvmspec.reference.kvm import Kvm
+from kvmspec.reference.memslot import KvmMemorySlot
 from kvmspec.reference.ppc import hcalls, hpt
 from kvmspec.reference.ppc.hcalls import H_ANDCOND, H_AVPN, H_SUCCESS
 from kvmspec.spec.platforms import PPC64_HV
@@ -317,3 +319,21 @@ def test_planted_bulk_remove_that_ignores_its_condition_is_caught(
     vm.h_bulk_remove_cond(0, H_ANDCOND)
     with pytest.raises(RulesBroken, match="H_BULK_REMOVE"):
         vm.check()
+
+
+def test_h_clear_ref_that_loses_r_outside_slot_0_is_caught_by_the_aging_seed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Planted: H_CLEAR_REF (and H_CLEAR_MOD, which make the same lookup) finds the page's
+    rmap word by its gfn counted from 0, not from the slot's base. Slot 0 starts at gfn 0,
+    so only slot 1 shows it: the aging seed clears the R of a slot-1 page the guest used,
+    and the host's aging of that page finds it idle (C-AGING)."""
+    real = hcalls.revmap_for_hpte
+
+    def from_gfn_0(kvm: Kvm, v: int, r: int) -> tuple[KvmMemorySlot | None, int]:
+        slot, gfn = real(kvm, v, r)
+        return slot, gfn if slot is None else gfn + slot.base_gfn
+
+    monkeypatch.setattr(hcalls, "revmap_for_hpte", from_gfn_0)
+    violations = fuzz_ppc.run_input((ppc_decoder.SEEDS / "aging.bin").read_bytes()).violations
+    assert any(line.startswith("C-AGING: host page") for line in violations), violations
