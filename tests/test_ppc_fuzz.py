@@ -328,7 +328,7 @@ def test_h_clear_ref_that_loses_r_outside_slot_0_is_caught_by_the_aging_seed(
     rmap word by its gfn counted from 0, not from the slot's base. Slot 0 starts at gfn 0,
     so only slot 1 shows it: the aging seed clears the R of a slot-1 page the guest used,
     and the host's aging of that page finds it idle (C-AGING)."""
-    real = hcalls.revmap_for_hpte
+    real = hpt.revmap_for_hpte
 
     def from_gfn_0(kvm: Kvm, v: int, r: int) -> tuple[KvmMemorySlot | None, int]:
         slot, gfn = real(kvm, v, r)
