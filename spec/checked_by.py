@@ -401,6 +401,10 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_X86_FAST, "test_a_fast_path_that_maps_another_page_is_caught"),
         _scenario(_X86_FAST, "test_tdp_machine_finds_a_fast_path_that_ignores_mmu_writable"),
     ),
+    "X18": (
+        SHADOW_MMU.format("check_one_page_per_gfn_and_role"),
+        _scenario(_X86_ROOTS, "test_a_lookup_that_never_finds_a_page_is_caught"),
+    ),
     "X17": (
         SHADOW_MMU.format(
             "check_roots_follow_cr3; the harness's guest has five PML4s, one more than the"

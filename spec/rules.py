@@ -911,6 +911,18 @@ rule(
     KernelCitation(X86_MMU, "mmu_alloc_shadow_roots"),
 )
 
+rule(
+    "X18",
+    "invariant",
+    "x86-mmu",
+    """A shadow page is looked up in the hash before one is made: among the pages that are
+    not obsolete, no two shadow the same gfn with the same role. The parents, the rmaps and
+    the write-tracking of one guest table all refer to its one shadow, which a sync or a
+    zap of the gfn then finds.""",
+    KernelCitation(X86_MMU, "kvm_mmu_find_shadow_page"),
+    KernelCitation(X86_MMU, "__kvm_mmu_get_shadow_page"),
+)
+
 # --- Invariants: arm64 stage 2 (INVENTORY C.5, seed 001) ---------------------------------------
 
 ARM64_PGTABLE = "arch/arm64/kvm/hyp/pgtable.c"

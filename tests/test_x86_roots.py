@@ -178,3 +178,15 @@ def test_an_invlpg_that_keeps_the_mmio_cache_is_caught(monkeypatch: pytest.Monke
     vm.invlpg(0, 0)
     with pytest.raises(RulesBroken, match=r"X5: vcpu 0 caches MMIO gfn 0x28 for data page 0"):
         vm.check()
+
+
+def test_a_lookup_that_never_finds_a_page_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """X18, planted: kvm_mmu_find_shadow_page finds nothing, so every fault makes new shadow
+    pages. The second process's root walk makes a second shadow of the shared PDPT."""
+    monkeypatch.setattr(roots, "kvm_mmu_find_shadow_page", lambda *args: None)
+    vm = ShadowHarness()
+    vm.guest_read(0, 0, 0)
+    vm.check()
+    vm.guest_context_switch(0, PML4S[1], 0)
+    with pytest.raises(RulesBroken, match=r"X18: <sp shadow L3 gfn 0x2 .* shadow gfn 0x2 alike"):
+        vm.check()

@@ -3,13 +3,13 @@
 Each check rebuilds what the MMU's bookkeeping should say from the shadow page tables
 themselves and compares: the rmaps (X1), the parent links and root counts (X2), the
 writable-bit states of every leaf (X3), the write protection of shadowed guest page
-tables (X6), obsolete pages and roots after a fast zap (X10), the vCPUs' roots against
-their CR3s (X17), the vCPUs' TLBs (X5), the leaves against the host's page tables (N4),
-the huge-page counts (X8), every huge leaf (X9), dirty-logged slots mapping nothing
-writable larger than 4K (D4) and nothing writable that is not reported dirty (D1), the
-MMIO SPTEs' generations (X11), the unsync pages and their parents' bitmaps (X7), the
-shadow-page limit (X12, x86_page_limit.py), and seed 004's private pages: never pinned,
-and the vCPUs' APIC-access address current.
+tables (X6), obsolete pages and roots after a fast zap (X10), one page per gfn and role
+(X18), the vCPUs' roots against their CR3s (X17), the vCPUs' TLBs (X5), the leaves
+against the host's page tables (N4), the huge-page counts (X8), every huge leaf (X9),
+dirty-logged slots mapping nothing writable larger than 4K (D4) and nothing writable that
+is not reported dirty (D1), the MMIO SPTEs' generations (X11), the unsync pages and their
+parents' bitmaps (X7), the shadow-page limit (X12, x86_page_limit.py), and seed 004's
+private pages: never pinned, and the vCPUs' APIC-access address current.
 ``check_shadow_mmu`` runs them all; ``check_released`` is what must hold once the VMM's
 address space is gone (X5).
 """
@@ -34,6 +34,7 @@ from kvmspec.reference.x86.mmio_spte import (
 )
 from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
+    KvmMmuPageRole,
     SptePtr,
     is_obsolete_sp,
     kvm_mmu_page_get_gfn,
@@ -306,6 +307,23 @@ def check_obsolete(mmu: ShadowMmu) -> list[Violation]:
             continue
         if KVM_REQ_MMU_FREE_OBSOLETE_ROOTS not in vcpu_mmu.requests:
             violations.append(Violation("X10", f"vcpu {vcpu_id} keeps obsolete root {root}"))
+    return violations
+
+
+def check_one_page_per_gfn_and_role(mmu: ShadowMmu) -> list[Violation]:
+    """X18: a shadow page is looked up before one is made, so among the pages that are not
+    obsolete no two shadow the same gfn with the same role. A second one would split the
+    parents, rmaps and write-tracking of one guest table between two copies, of which a
+    sync or a zap finds only the first."""
+    violations = []
+    for gfn, pages in sorted(mmu.mmu_page_hash.items()):
+        seen: dict[KvmMmuPageRole, KvmMmuPage] = {}
+        for sp in pages:
+            if is_obsolete_sp(mmu, sp):
+                continue
+            first = seen.setdefault(sp.role, sp)
+            if first is not sp:
+                violations.append(Violation("X18", f"{sp} and {first} shadow gfn {gfn:#x} alike"))
     return violations
 
 
@@ -608,6 +626,7 @@ def check_shadow_mmu(kvm: Kvm, mmu: ShadowMmu, host: HostMm) -> list[Violation]:
     found = [
         *check_rmaps(kvm, mmu, leaves),
         *check_obsolete(mmu),
+        *check_one_page_per_gfn_and_role(mmu),
         *check_roots_follow_cr3(mmu),
         *check_tlbs(mmu),
         *check_lpage_info(kvm, mmu),
