@@ -247,6 +247,20 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_context_switch", (0, PML4S[-1], 6)),  # the other vCPU's root, shared
         ),
     ),
+    "shadow-unsync-met-on-the-way": (
+        "shadow",
+        (
+            ("guest_write", (0, 1, 5)),
+            ("guest_restrict", (0, 1, W)),  # the PT goes unsync; W cleared
+            ("invlpg", (0, 1)),  # the sync takes W from the SPTE
+            ("guest_read", (0, 1, 0)),
+            ("guest_remap", (0, 1, DATA_GFN + 1, False)),  # W given back
+            ("invlpg", (0, 1)),  # FNAME(sync_spte) remakes a writable SPTE
+            ("guest_remap", (0, 2, DATA_GFN + 3, False)),
+            ("guest_read_alias", (0, 100, 0, 0)),  # a lookup meets the unsync PT: synced
+            ("guest_read_pt_as_pd", (0, 101, 0, 0)),  # as a directory: zapped in the lookup
+        ),
+    ),
     "shadow-fast-zap": (
         "shadow",
         (

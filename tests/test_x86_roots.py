@@ -1,13 +1,18 @@
 """The vCPUs' roots on CR3 switches (X17): a vCPU keeps its current root and three cached
 ones (KVM_MMU_NUM_PREV_ROOTS); a CR3 load reuses a root only for the same CR3, rotating
 the cache, and puts the root that falls out of it. The harness's guest has five processes
-(PML4s), one more than a vCPU keeps roots for, so that its switches do both."""
+(PML4s), one more than a vCPU keeps roots for, so that its switches do both. Also the
+vCPUs' MMIO caches (X5), and the lookup of shadow pages: one per gfn and role (X18), and
+the unsync pages a lookup meets."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
+from kvmspec.fuzz import fuzz_x86, x86_decoder
 from kvmspec.fuzz.generic_harness import RulesBroken
 from kvmspec.fuzz.profiles import bug_hunt
 from kvmspec.fuzz.x86_harness import (
@@ -190,3 +195,34 @@ def test_a_lookup_that_never_finds_a_page_is_caught(monkeypatch: pytest.MonkeyPa
     vm.guest_context_switch(0, PML4S[1], 0)
     with pytest.raises(RulesBroken, match=r"X18: <sp shadow L3 gfn 0x2 .* shadow gfn 0x2 alike"):
         vm.check()
+
+
+def test_the_unsync_seed_meets_the_unsync_pt_in_a_sync_and_in_two_lookups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fuzz_x86 seed shadow-unsync-met-on-the-way reaches three rare paths within its
+    nine actions, so that every fuzzing run starts with them: FNAME(sync_spte) remaking a
+    writable SPTE (it asks whether the gfn may stay unsync), a lookup of the PT's gfn with
+    the PT's role that syncs the unsync page it finds, and one with a directory's role that
+    zaps it."""
+    reached: list[tuple[str, str]] = []
+
+    def spy(module: object, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapped(*args: object, **kwargs: object) -> object:
+            reached.append((name, sys._getframe(1).f_code.co_name))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(roots, "kvm_mmu_prepare_zap_page")
+    spy(roots, "kvm_sync_page")
+    spy(unsync, "mmu_try_to_unsync_pages")
+    seed = (x86_decoder.SEEDS / "shadow-unsync-met-on-the-way.bin").read_bytes()
+    assert fuzz_x86.run_input(seed).violations == []
+    assert {
+        ("mmu_try_to_unsync_pages", "unsync_hook"),
+        ("kvm_sync_page", "kvm_mmu_find_shadow_page"),
+        ("kvm_mmu_prepare_zap_page", "kvm_mmu_find_shadow_page"),
+    } <= set(reached)
