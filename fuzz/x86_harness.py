@@ -7,7 +7,7 @@ values and checks and the ``shadow`` layout (and ``mmio``); :mod:`kvmspec.fuzz.x
 holds ``huge``:
 
 * :class:`ShadowHarness` (``shadow``): two slots (the guest's 4-level tables, and its data
-  pages), two processes (PML4s) sharing one PDPT, PD and PT, two vCPUs. Guest loads and
+  pages), five processes (PML4s) sharing one PDPT, PD and PT, two vCPUs. Guest loads and
   stores, guest PTE rewrites (straight to memory once the PT is unsync) and writes to
   upper-level tables (emulated writes to write-protected tables, flooding), INVLPG and CR3
   switches (the guest's TLB flushes, which sync unsync pages), host writes and
@@ -33,9 +33,9 @@ Two drivers choose the actions and their arguments: the Hypothesis state machine
 and an action on a page that
 :meth:`~kvmspec.fuzz.x86_huge_harness.HugeHarness.is_data_page` refuses must not be called.
 :meth:`check` raises :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with what it found:
-every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X11,
-seed 004's unpinned private pages and reloaded APIC-access address, the WARNs), that a
-migration succeeds (nothing pins the page), and ``COHERENCE``: every guest load returns
+every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X12,
+X17, X18, D1, D4, seed 004's unpinned private pages and reloaded APIC-access address, the
+WARNs), the vCPUs' MMIO caches against the guest's entries (X5), that a migration succeeds (nothing pins the page), and ``COHERENCE``: every guest load returns
 what the host holds at the gfn the guest's page tables name, a store reaches it, and an
 access ends as those tables and the slots say (done, MMIO, or the guest's own #PF). After
 a PTE rewrite, the vCPU may also use the entry's older values until it flushes that page
