@@ -35,9 +35,10 @@ and an action on a page that
 :meth:`check` raises :class:`~kvmspec.fuzz.generic_harness.RulesBroken` with what it found:
 every shadow invariant (:func:`~kvmspec.spec.invariants.x86.check_shadow_mmu`: X1-X12,
 X17, X18, D1, D4, seed 004's unpinned private pages and reloaded APIC-access address, the
-WARNs), the vCPUs' MMIO caches against the guest's entries (X5), that a migration succeeds (nothing pins the page), and ``COHERENCE``: every guest load returns
-what the host holds at the gfn the guest's page tables name, a store reaches it, and an
-access ends as those tables and the slots say (done, MMIO, or the guest's own #PF). After
+WARNs), the vCPUs' MMIO caches against the guest's entries (X5), that a migration
+succeeds (nothing pins the page), and ``COHERENCE``: every guest load returns what the
+host holds at the gfn the guest's page tables name, a store reaches it, and an access
+ends as those tables and the slots say (done, MMIO, or the guest's own #PF). After
 a PTE rewrite, the vCPU may also use the entry's older values until it flushes that page
 (INVLPG) or its whole TLB (a CR3 load), as a real TLB may. A guest access that faults
 without end fails the model's own assertion (S002-LARGE-SPTE-PROGRESS), which drivers
