@@ -133,6 +133,10 @@ SHADOW_KINDS: tuple[Kind, ...] = (
         (("vcpu", VCPUS), ("i", STRADDLED_PAGES), ("to", DATA_PAGE_INDEXES)),
     ),
     Kind("guest_context_switch", (("vcpu", VCPUS), ("pml4", PML4S), ("i", DATA_PAGE_INDEXES))),
+    Kind(
+        "guest_remap_off_by_one",
+        (("vcpu", VCPUS), ("i", DATA_PAGE_INDEXES), ("to", REMAP_TARGETS)),
+    ),
 )
 """The ``shadow`` layout's actions (:class:`~kvmspec.fuzz.x86_harness.ShadowHarness`)."""
 
@@ -259,6 +263,9 @@ SEED_SCENARIOS: dict[str, tuple[str, tuple[Step, ...]]] = {
             ("guest_remap", (0, 2, DATA_GFN + 3, False)),
             ("guest_read_alias", (0, 100, 0, 0)),  # a lookup meets the unsync PT: synced
             ("guest_read_pt_as_pd", (0, 101, 0, 0)),  # as a directory: zapped in the lookup
+            ("guest_read", (0, 1, 0)),
+            ("guest_remap_off_by_one", (0, 0, DATA_GFN + 5)),  # emulated: the PT is tracked
+            ("guest_read", (0, 1, 0)),
         ),
     ),
     "shadow-fast-zap": (

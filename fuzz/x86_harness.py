@@ -596,12 +596,25 @@ class ShadowHarness:
         cannot tell which PTEs it changed and zaps the gfn's whole shadow pages
         (detect_write_misaligned). Otherwise the PT goes unsync and the store lands as it
         is. Either way the old entry may live on only until the guest flushes it."""
+        self._store_across_ptes(vcpu, i, to, 4)
+
+    def guest_remap_off_by_one(self, vcpu: int, i: int, to: int | None) -> None:
+        """As :meth:`guest_remap_misaligned`, but the 8-byte store starts one byte before
+        page ``i + 1``'s PTE: the top byte of page ``i``'s (rewritten as it is) and the low
+        seven of page ``i + 1``'s. Its first and last bytes (offsets 7 and 14 of the pair)
+        differ in bit 3 and in no lower bit: the straddle detect_write_misaligned's mask
+        must see without any help from the low bits."""
+        self._store_across_ptes(vcpu, i, to, 7)
+
+    def _store_across_ptes(self, vcpu: int, i: int, to: int | None, start: int) -> None:
+        """One 8-byte guest store from byte ``start`` of data page ``i``'s PTE: the rest of
+        that PTE as it is, then the first bytes of page ``i + 1``'s new PTE (to ``to``)."""
         if i + 1 >= DATA_PAGES:
             return
         new = 0 if to is None else to * PAGE | PTE
         old = self.expected_mapping(i + 1)
-        data = self._data_pte_bytes(i)[4:] + new.to_bytes(8, "little")[:4]
-        access = self.write(PT * PAGE + 8 * (DATA_GFN + i) + 4, data, vcpu)
+        data = self._data_pte_bytes(i)[start:] + new.to_bytes(8, "little")[:start]
+        access = self.write(PT * PAGE + 8 * (DATA_GFN + i) + start, data, vcpu)
         self._expect(access.outcome is Outcome.DONE, f"PT store for data page {i + 1}: {access}")
         self._unflushed(i + 1, old)
 

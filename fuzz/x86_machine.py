@@ -123,6 +123,11 @@ class X86Machine(RuleBasedStateMachine):
         self._do("guest_remap_misaligned", vcpu, i, to)
 
     @precondition(_shadow)
+    @rule(vcpu=VCPU, i=DATA_PAGE, to=st.sampled_from(REMAP_TARGETS))
+    def guest_remap_off_by_one(self, vcpu: int, i: int, to: int | None) -> None:
+        self._do("guest_remap_off_by_one", vcpu, i, to)
+
+    @precondition(_shadow)
     @rule(vcpu=VCPU, table=st.sampled_from(UPPER_TABLES), index=st.sampled_from(UNUSED_ENTRIES))
     def guest_clear_unused_upper_entries(self, vcpu: int, table: int, index: int) -> None:
         self._do("guest_clear_unused_upper_entries", vcpu, table, index)

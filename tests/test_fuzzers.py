@@ -532,8 +532,10 @@ def test_a_notifier_that_unmaps_nothing_is_found_by_fuzzing_the_x86_decoder(
     with pytest.raises(support.SpecViolation) as raised:
         fuzz_x86.TestOneInput(found)
     finding = raised.value
-    # N4 for a 4K leaf, X9 for a huge one (the host moved or split the page under it).
-    assert set(finding.rules) & {"N4", "X9", "COHERENCE"}, finding.violations
+    # N4 for a 4K leaf, X9 for a huge one (the host moved or split the page under it), or
+    # seed 004's reload of the APIC-access address, which the same notifier requests.
+    rules = {"N4", "X9", "COHERENCE", "S004-APIC-ACCESS-RELOAD"}
+    assert set(finding.rules) & rules, finding.violations
     report = finding.trace.read_text()
     assert finding.trace.parent == regressions and finding.trace.name.startswith("x86-")
     assert "actions, each followed by what the harness saw:" in report

@@ -692,6 +692,44 @@ def test_a_straddling_store_taken_for_an_aligned_one_is_caught(
         vm.check()
 
 
+def _mask_blind_to_bit_3(gpa: int, nbytes: int) -> bool:
+    """detect_write_misaligned with the PTE mask one off (~(PTE_SIZE + 1), not ~(PTE_SIZE -
+    1)): blind to a store whose first and last bytes differ in bit 3 alone."""
+    offset = gpa % PAGE
+    if offset % 8 == 0 and nbytes == 1:
+        return False
+    return bool((offset ^ (offset + nbytes - 1)) & ~9) or nbytes < 4
+
+
+def test_a_store_one_byte_before_a_pte_zaps_the_shadow_page() -> None:
+    """guest_remap_off_by_one: the 8-byte store from the last byte of data page 0's PTE
+    rewrites page 1's PTE but its top byte. Emulated (the PT is also a directory), it zaps
+    the shadow page, and the next load of page 1 reads its new gfn."""
+    vm = ShadowHarness()
+    vm.host_write(5, 0x55, 8)
+    vm.guest_read(0, 1, 0)
+    vm.guest_read_pt_as_pd(0, 100, 1, 0)
+    vm.guest_remap_off_by_one(0, 0, DATA_GFN + 5)
+    assert not any(sp.role.level == 1 for sp in vm.mmu.shadow_pages(PT))
+    vm.invlpg(0, 1)
+    vm.guest_read(0, 1, 0)
+    assert vm.read(DATA_GVA + PAGE).data == bytes([0x55]) * 4
+    vm.check()
+
+
+def test_a_misaligned_mask_blind_to_bit_3_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: the mask misses that straddle (though not guest_remap_misaligned's), so only
+    page 0's SPTE is dropped and page 1's keeps its old gfn (X6, at once)."""
+    monkeypatch.setattr(zap, "detect_write_misaligned", _mask_blind_to_bit_3)
+    vm = ShadowHarness()
+    assert _mask_blind_to_bit_3(PT * PAGE + 8 * DATA_GFN + 4, 8)  # guest_remap_misaligned's
+    vm.guest_read(0, 1, 0)
+    vm.guest_read_pt_as_pd(0, 100, 1, 0)
+    vm.guest_remap_off_by_one(0, 0, DATA_GFN + 5)
+    with pytest.raises(RulesBroken, match=r"X6: SptePtr\(sp=<sp shadow L1 gfn 0x4"):
+        vm.check()
+
+
 def test_a_synced_leaf_that_no_longer_follows_its_guest_pte_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
