@@ -402,13 +402,14 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_X86_FAST, "test_tdp_machine_finds_a_fast_path_that_ignores_mmu_writable"),
     ),
     "X18": (
-        SHADOW_MMU.format("check_one_page_per_gfn_and_role"),
+        SHADOW_MMU.format("check_one_page_per_gfn_and_role of spec/invariants/x86_roots.py"),
         _scenario(_X86_ROOTS, "test_a_lookup_that_never_finds_a_page_is_caught"),
     ),
     "X17": (
         SHADOW_MMU.format(
-            "check_roots_follow_cr3; the harness's guest has five PML4s, one more than the"
-            " roots a vCPU keeps, so its CR3 switches drop roots as well as rotate the cache"
+            "check_roots_follow_cr3 of spec/invariants/x86_roots.py; the harness's guest has"
+            " five PML4s, one more than the roots a vCPU keeps, so its CR3 switches drop"
+            " roots as well as rotate the cache"
         ),
         _scenario(_X86_ROOTS, "test_cr3_switches_among_five_processes_rotate_and_drop_roots"),
         _scenario(_X86_ROOTS, "test_a_cr3_switch_that_keeps_the_evicted_root_is_caught"),

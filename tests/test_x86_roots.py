@@ -30,7 +30,7 @@ from kvmspec.reference.x86.guest_access import Outcome
 from kvmspec.reference.x86.mmu_page import KvmMmuPageRole, ShadowMmuState
 from kvmspec.reference.x86.tlb import KVM_MMU_NUM_PREV_ROOTS, KvmMmuRootInfo, VcpuMmu
 from kvmspec.reference.x86.unsync import KVM_REQ_MMU_SYNC
-from kvmspec.spec.invariants.x86 import check_roots_follow_cr3
+from kvmspec.spec.invariants.x86_roots import check_roots_follow_cr3
 from kvmspec.spec.platforms import DEFAULT_PROFILE
 
 

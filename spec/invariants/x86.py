@@ -4,12 +4,12 @@ Each check rebuilds what the MMU's bookkeeping should say from the shadow page t
 themselves and compares: the rmaps (X1), the parent links and root counts (X2), the
 writable-bit states of every leaf (X3), the write protection of shadowed guest page
 tables (X6), obsolete pages and roots after a fast zap (X10), one page per gfn and role
-(X18), the vCPUs' roots against their CR3s (X17), the vCPUs' TLBs (X5), the leaves
-against the host's page tables (N4), the huge-page counts (X8), every huge leaf (X9),
-dirty-logged slots mapping nothing writable larger than 4K (D4) and nothing writable that
-is not reported dirty (D1), the MMIO SPTEs' generations (X11), the unsync pages and their
-parents' bitmaps (X7), the shadow-page limit (X12, x86_page_limit.py), and seed 004's
-private pages: never pinned, and the vCPUs' APIC-access address current.
+and the vCPUs' roots against their CR3s (X18, X17: x86_roots.py), the vCPUs' TLBs (X5),
+the leaves against the host's page tables (N4), the huge-page counts (X8), every huge
+leaf (X9), dirty-logged slots mapping nothing writable larger than 4K (D4) and nothing
+writable that is not reported dirty (D1), the MMIO SPTEs' generations (X11), the unsync
+pages and their parents' bitmaps (X7), the shadow-page limit (X12, x86_page_limit.py),
+and seed 004's private pages: never pinned, and the vCPUs' APIC-access address current.
 ``check_shadow_mmu`` runs them all; ``check_released`` is what must hold once the VMM's
 address space is gone (X5).
 """
@@ -34,19 +34,13 @@ from kvmspec.reference.x86.mmio_spte import (
 )
 from kvmspec.reference.x86.mmu_page import (
     KvmMmuPage,
-    KvmMmuPageRole,
     SptePtr,
     is_obsolete_sp,
     kvm_mmu_page_get_gfn,
     sp_has_gptes,
 )
 from kvmspec.reference.x86.page_track import slot_write_track
-from kvmspec.reference.x86.paging import (
-    KVM_MAX_HUGEPAGE_LEVEL,
-    PG_LEVEL_2M,
-    PG_LEVEL_4K,
-    PT64_BASE_ADDR_MASK,
-)
+from kvmspec.reference.x86.paging import KVM_MAX_HUGEPAGE_LEVEL, PG_LEVEL_2M, PG_LEVEL_4K
 from kvmspec.reference.x86.rmap import gfn_to_index, slot_rmaps
 from kvmspec.reference.x86.shadow_mmu import ShadowMmu
 from kvmspec.reference.x86.spte import (
@@ -60,6 +54,10 @@ from kvmspec.reference.x86.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_T
 from kvmspec.spec.invariants import Violation
 from kvmspec.spec.invariants.dirty import writable_gfns_recorded
 from kvmspec.spec.invariants.x86_page_limit import check_mmu_page_limit
+from kvmspec.spec.invariants.x86_roots import (
+    check_one_page_per_gfn_and_role,
+    check_roots_follow_cr3,
+)
 from kvmspec.spec.uapi.constants import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SHIFT, PAGE_SIZE
 
 Leaves = list[tuple[SptePtr, int]]
@@ -314,63 +312,6 @@ def check_obsolete(mmu: ShadowMmu) -> list[Violation]:
             continue
         if KVM_REQ_MMU_FREE_OBSOLETE_ROOTS not in vcpu_mmu.requests:
             violations.append(Violation("X10", f"vcpu {vcpu_id} keeps obsolete root {root}"))
-    return violations
-
-
-def check_one_page_per_gfn_and_role(mmu: ShadowMmu) -> list[Violation]:
-    """X18: a shadow page is looked up before one is made, so among the pages that are not
-    obsolete no two shadow the same gfn with the same role. A second one would split the
-    parents, rmaps and write-tracking of one guest table between two copies, of which a
-    sync or a zap finds only the first."""
-    violations = []
-    for gfn, pages in sorted(mmu.mmu_page_hash.items()):
-        seen: dict[KvmMmuPageRole, KvmMmuPage] = {}
-        for sp in pages:
-            if is_obsolete_sp(mmu, sp):
-                continue
-            first = seen.setdefault(sp.role, sp)
-            if first is not sp:
-                violations.append(Violation("X18", f"{sp} and {first} shadow gfn {gfn:#x} alike"))
-    return violations
-
-
-def check_roots_follow_cr3(mmu: ShadowMmu) -> list[Violation]:
-    """X17: a vCPU runs on the shadow of the CR3 it loaded. Its current root, unless it is
-    the dummy root (the CR3's gfn was in no visible slot), records the vCPU's CR3 and is
-    the top-level page of that CR3's gfn in the vCPU's paging mode; each cached previous
-    root records the CR3 whose top-level page it is. A CR3 load that keeps the old root
-    when no cached one fits would let the guest translate through another process's
-    tables."""
-    violations = []
-    for vcpu_id, vcpu_mmu in sorted(mmu.vcpus.items()):
-        current = vcpu_mmu.root
-        if current.sp is not None and current.sp is not mmu.dummy_root:
-            sp, cr3 = current.sp, vcpu_mmu.cr3
-            if (
-                current.pgd != cr3
-                or sp.gfn != (cr3 & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
-                or sp.role.direct
-                or sp.role.level != vcpu_mmu.mode.root_level
-            ):
-                violations.append(
-                    Violation(
-                        "X17",
-                        f"vcpu {vcpu_id} with CR3 {cr3:#x} runs on {sp}, "
-                        f"the root loaded for CR3 {current.pgd:#x}",
-                    )
-                )
-        for i, cached in enumerate(vcpu_mmu.prev_roots):
-            if cached.sp is None:
-                continue
-            gfn = (cached.pgd & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
-            if cached.sp is mmu.dummy_root or cached.sp.gfn != gfn:
-                violations.append(
-                    Violation(
-                        "X17",
-                        f"vcpu {vcpu_id} caches {cached.sp} as previous root {i}, "
-                        f"for CR3 {cached.pgd:#x}",
-                    )
-                )
     return violations
 
 
