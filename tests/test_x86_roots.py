@@ -56,8 +56,8 @@ def test_cr3_switches_among_five_processes_rotate_and_drop_roots() -> None:
         vm.check()
         held = pml4_pgds[max(0, n - KVM_MMU_NUM_PREV_ROOTS) : n + 1]
         assert _held_pgds(vm, 0) == held[::-1]  # the newest first
-    first = vm.mmu.sp_by_pfn
-    oldest = [sp for sp in first.values() if sp.gfn == PML4S[0] and sp.role.level == 4]
+    pages = vm.mmu.sp_by_pfn.values()
+    oldest = [sp for sp in pages if sp.gfn == PML4S[0] and sp.role.level == 4]
     assert len(oldest) == 1 and oldest[0].root_count == 0  # put, still hashed
     # No cached root fits: the current root goes to the cache, the oldest cached one (the
     # second process's) is put, and the vCPU has no current root until it enters.
