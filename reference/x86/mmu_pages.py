@@ -8,11 +8,12 @@ KVM_SET_NR_MMU_PAGES, after which memslot changes leave it alone.
 
 The check is deliberately soft. Before a fault (or a root load) allocates, it makes sure
 that at least one page is left: if fewer than 5 are, it zaps the oldest pages that are no
-vCPU's root, as many as would make 25 free, and only if not even one is free afterwards does
-the fault fail, with ENOSPC for KVM_RUN. A fault may then allocate up to one page per level
-below the root, so the count can overshoot the limit by a few pages; the next fault's check
-brings it back (X12). Roots in use are never recycled: a limit below the pages vCPUs have loaded as
-roots leaves every fault failing until roots are dropped or the limit grows.
+vCPU's root, as many as would make 25 free, and only if not even one is free afterwards
+does the fault fail, with ENOSPC for KVM_RUN. A fault may then allocate up to one page per
+level below the root, so the count can overshoot the limit by a few pages; the next
+fault's check brings it back (X12). Roots in use are never recycled: a limit below the
+pages vCPUs have loaded as roots leaves every fault failing until roots are dropped or the
+limit grows.
 
 Not modelled: the shadow MMU's huge-page splitting (its -ENOSPC below 5 free pages), since
 the model's shadow MMU never splits eagerly; v6.18 has no shrinker any more.
