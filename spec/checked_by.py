@@ -401,10 +401,6 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_X86_FAST, "test_a_fast_path_that_maps_another_page_is_caught"),
         _scenario(_X86_FAST, "test_tdp_machine_finds_a_fast_path_that_ignores_mmu_writable"),
     ),
-    "X18": (
-        SHADOW_MMU.format("check_one_page_per_gfn_and_role of spec/invariants/x86_roots.py"),
-        _scenario(_X86_ROOTS, "test_a_lookup_that_never_finds_a_page_is_caught"),
-    ),
     "X17": (
         SHADOW_MMU.format(
             "check_roots_follow_cr3 of spec/invariants/x86_roots.py; the harness's guest has"
@@ -415,6 +411,10 @@ CHECKED_BY: dict[str, tuple[str, ...]] = {
         _scenario(_X86_ROOTS, "test_a_cr3_switch_that_keeps_the_evicted_root_is_caught"),
         _scenario(_X86_ROOTS, "test_a_cached_root_for_another_cr3_is_caught"),
         _scenario(_X86_ROOTS, "test_the_x86_machine_finds_a_cr3_switch_that_keeps_the_old_root"),
+    ),
+    "X18": (
+        SHADOW_MMU.format("check_one_page_per_gfn_and_role of spec/invariants/x86_roots.py"),
+        _scenario(_X86_ROOTS, "test_a_lookup_that_never_finds_a_page_is_caught"),
     ),
     # -- arm64 stage 2 (INVENTORY C.5, seed 001) ---------------------------------------------
     "A1": (

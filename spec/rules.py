@@ -910,7 +910,6 @@ rule(
     KernelCitation(X86_MMU, "cached_root_find_and_keep_current"),
     KernelCitation(X86_MMU, "mmu_alloc_shadow_roots"),
 )
-
 rule(
     "X18",
     "invariant",
